@@ -1,0 +1,42 @@
+//! The maps, declared with BTF so `bpftool map dump` prints field names. The agent pins each one
+//! under its own name; see `lb_common::map_names`.
+use aya_ebpf::{
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, BackendId, CtEntry, CtKey, ServiceInfo, ServiceKey, SlotKey, Stat, capacity,
+};
+
+/// Frontend (ClusterIP:port/proto) → service.
+#[btf_map]
+pub static SB_SERVICES: HashMap<ServiceKey, ServiceInfo, { capacity::SERVICES as usize }> =
+    HashMap::new();
+
+/// (service id, slot) → backend id; slots `0..backend_count` are valid.
+#[btf_map]
+pub static SB_BACKEND_SLOTS: HashMap<SlotKey, BackendId, { capacity::BACKEND_SLOTS as usize }> =
+    HashMap::new();
+
+/// Backend id → address, port and owning service.
+#[btf_map]
+pub static SB_BACKENDS: HashMap<BackendId, Backend, { capacity::BACKENDS as usize }> =
+    HashMap::new();
+
+/// Both directions of every service flow. LRU: when full, the least recently used flow is
+/// forgotten instead of refusing a new one.
+#[btf_map]
+pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
+
+/// Per-CPU datapath counters, indexed by `Stat`.
+#[btf_map]
+pub static SB_STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(counter) = SB_STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot; nothing else on this CPU runs while this program does.
+        unsafe { *counter += 1 };
+    }
+}

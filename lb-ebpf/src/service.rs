@@ -1,0 +1,38 @@
+//! Service lookup and backend choice.
+use aya_ebpf::helpers::bpf_get_prandom_u32;
+use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey};
+
+use crate::maps::{SB_BACKEND_SLOTS, SB_BACKENDS, SB_SERVICES};
+
+#[inline(always)]
+pub fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {
+    // SAFETY: copied out at once; the agent replaces entries whole.
+    unsafe { SB_SERVICES.get(frontend).copied() }
+}
+
+/// The backend behind `id` if it still belongs to `service`. Ids are per service and recycled
+/// only after wrapping, so the owner check catches a flow whose backend was removed.
+#[inline(always)]
+pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    let backend = unsafe { SB_BACKENDS.get(id).copied() }?;
+    (backend.service_id == service.id).then_some(backend)
+}
+
+/// A backend chosen at random among the service's slots. Random rather than round-robin: a
+/// shared cursor would race across CPUs and cost an atomic per new flow.
+#[inline(always)]
+pub fn choose_backend(service: &ServiceInfo) -> Option<(BackendId, Backend)> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    // SAFETY: a plain helper call without arguments.
+    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let key = SlotKey {
+        service_id: service.id,
+        slot,
+    };
+    // SAFETY: copied out at once.
+    let id = unsafe { SB_BACKEND_SLOTS.get(key).copied() }?;
+    Some((id, backend(service, id)?))
+}

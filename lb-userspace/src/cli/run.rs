@@ -1,0 +1,116 @@
+//! `switchboard run`: the agent.
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{Notify, watch},
+};
+
+use super::PinDir;
+use crate::{
+    datapath::{Datapath, attach::{self, Attacher}},
+    model,
+    reconcile::{self, Reconciler},
+    source::{Snapshot, manifests::{self, ManifestDir}},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Directory of Service and Pod manifests (YAML or JSON, as given to `kubectl apply`);
+    /// re-read whenever a file in it changes.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// Glob matching the host-side interfaces of pods, e.g. 'veth*' or 'cali*'. Interfaces that
+    /// appear later are attached too.
+    #[arg(long, value_name = "PATTERN")]
+    pub interfaces: String,
+    #[command(flatten)]
+    pub pin_dir: PinDir,
+}
+
+/// Interfaces are re-listed this often even without a netlink event, as a safety net.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.manifests.is_dir() {
+        anyhow::bail!("--manifests {}: not a directory", args.manifests.display());
+    }
+    let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
+    let mut maps = datapath.maps()?;
+    let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
+    tracing::info!(
+        services = reconciler.programmed().services.len(),
+        "recovered the programmed state from the pinned maps"
+    );
+    let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces)?;
+    let links_changed = Arc::new(Notify::new());
+    attach::watch_links(links_changed.clone())?;
+    attacher.sync(&mut datapath.ebpf)?;
+
+    let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
+    let source = tokio::spawn(manifests::watch(ManifestDir::new(&args.manifests), snapshots_tx));
+    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    // The source ended; its error says why.
+                    return source.await?.context("the manifest source stopped");
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                sync(&snapshot, &mut reconciler, &mut maps);
+            }
+            () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
+            _ = rescan.tick() => attacher.sync(&mut datapath.ebpf)?,
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    let interfaces = attacher.interfaces().len();
+    drop(attacher);
+    tracing::info!(interfaces, "detached; maps stay pinned in {}", args.pin_dir.pin_dir.display());
+    Ok(())
+}
+
+/// One pass of source → model → plan → maps.
+fn sync(snapshot: &Snapshot, reconciler: &mut Reconciler, maps: &mut crate::datapath::maps::ServiceMaps) {
+    let model = model::build(&snapshot.services, &snapshot.pods);
+    for warning in &model.warnings {
+        tracing::warn!("{warning}");
+    }
+    for frontend in model.frontends.iter().filter(|f| f.backends.is_empty()) {
+        tracing::warn!(
+            "Service {} {}:{}/{} has no endpoints; connections to it are dropped",
+            frontend.service,
+            frontend.address,
+            frontend.port,
+            frontend.protocol.as_str()
+        );
+    }
+    let desired = reconcile::plan(&model);
+    let started = std::time::Instant::now();
+    let report = reconciler.apply(&desired, maps);
+    for (service, error) in &report.failed {
+        tracing::error!("cannot program {service}: {error}; its previous state stays in effect");
+    }
+    tracing::info!(
+        frontends = desired.len(),
+        writes = report.writes,
+        deletes = report.deletes,
+        failed = report.failed.len(),
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "maps in sync"
+    );
+}

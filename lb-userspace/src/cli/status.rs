@@ -1,0 +1,47 @@
+//! `switchboard status`: what the kernel is programmed with, read from the pinned maps.
+use std::{collections::BTreeMap, net::Ipv4Addr, process::ExitCode};
+
+use lb_common::{IPPROTO_TCP, Stat, ct_direction};
+
+use super::PinDir;
+use crate::datapath::maps::ServiceMaps;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub pin_dir: PinDir,
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let maps = ServiceMaps::open(&args.pin_dir.pin_dir)?;
+    let programmed = maps.read_programmed()?;
+    let mut flows: BTreeMap<u32, usize> = BTreeMap::new();
+    for entry in maps.conntrack.iter() {
+        let (key, entry) = entry?;
+        if key.direction == ct_direction::FORWARD {
+            *flows.entry(entry.service_id).or_default() += 1;
+        }
+    }
+    println!("{:<24} {:>4} {:>8} {:>6}  BACKENDS", "FRONTEND", "ID", "BACKENDS", "FLOWS");
+    for (key, info) in &programmed.services {
+        let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+        let frontend = format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port);
+        let backends: Vec<String> = (0..info.backend_count)
+            .filter_map(|slot| programmed.slots.get(&lb_common::SlotKey { service_id: info.id, slot }))
+            .filter_map(|id| programmed.backends.get(id))
+            .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
+            .collect();
+        let backends = if backends.is_empty() { "NO ENDPOINTS (connections dropped)".to_owned() } else { backends.join(", ") };
+        println!(
+            "{frontend:<24} {:>4} {:>8} {:>6}  {backends}",
+            info.id,
+            info.backend_count,
+            flows.get(&info.id).copied().unwrap_or(0)
+        );
+    }
+    println!();
+    for stat in Stat::ALL {
+        println!("{:<28} {}", stat.name(), maps.stat(stat)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,147 @@
+//! What runs in lab pods: a tiny HTTP server and a UDP responder that both answer with the pod's
+//! name, and the client calls that talk to them.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use super::NetNs;
+
+/// A server running in a pod; counts what it answered. Stops when dropped.
+pub struct Server {
+    pub pod: String,
+    answered: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// How often a server loop checks whether it was stopped.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Serves `{"pod":"<name>"}` over HTTP/1.1 on `port` in `ns`.
+pub fn http_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    listener.set_nonblocking(true)?;
+    let server = Server {
+        pod: pod.to_owned(),
+        answered: Arc::default(),
+        stop: Arc::default(),
+    };
+    let (answered, stop) = (server.answered.clone(), server.stop.clone());
+    let body = format!("{{\"pod\":\"{pod}\"}}");
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if answer_http(stream, &body).is_ok() {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    });
+    Ok(server)
+}
+
+fn answer_http(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        request.extend_from_slice(&buffer[..n]);
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())
+}
+
+/// Answers every datagram on `port` in `ns` with the pod's name.
+pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    let socket = ns.run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    socket.set_read_timeout(Some(POLL))?;
+    let server = Server {
+        pod: pod.to_owned(),
+        answered: Arc::default(),
+        stop: Arc::default(),
+    };
+    let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 1500];
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buffer)
+                && socket.send_to(name.as_bytes(), peer).is_ok()
+            {
+                answered.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    Ok(server)
+}
+
+/// What a client saw of one exchange.
+#[derive(Debug)]
+pub struct Reply {
+    /// The pod that answered.
+    pub pod: String,
+    /// The address the answer came from, as the client's socket saw it.
+    pub from: SocketAddr,
+}
+
+/// `GET /` to `addr:port` from `ns`; the pod name from the JSON body.
+pub fn http_get(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<Reply> {
+    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+    let mut stream = ns.run(move || TcpStream::connect_timeout(&target, timeout))?
+        .with_context(|| format!("connect to {target}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).with_context(|| format!("read reply from {target}"))?;
+    let from = stream.peer_addr()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let pod = body
+        .strip_prefix("{\"pod\":\"")
+        .and_then(|rest| rest.strip_suffix("\"}"))
+        .with_context(|| format!("unexpected reply from {target}: {response:?}"))?;
+    Ok(Reply { pod: pod.to_owned(), from })
+}
+
+/// One datagram to `addr:port` from `ns`, and the answer.
+pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<Reply> {
+    let socket = ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"who are you?", (addr, port))?;
+    let mut buffer = [0u8; 256];
+    let (n, from) = socket.recv_from(&mut buffer).with_context(|| format!("no UDP answer from {addr}:{port}"))?;
+    let pod = std::str::from_utf8(&buffer[..n])?.to_owned();
+    if pod.is_empty() {
+        bail!("empty UDP answer from {from}");
+    }
+    Ok(Reply { pod, from })
+}

@@ -1,0 +1,229 @@
+//! From the model to map contents: [`plan`] says what the maps should hold, [`Reconciler`] writes
+//! only the difference, in an order that never shows a packet a half-written service.
+mod plan;
+
+use std::collections::{BTreeMap, HashMap};
+
+use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey};
+
+pub use self::plan::{DesiredService, plan};
+
+/// The writes the reconciler makes. Implemented over the pinned BPF maps by the datapath, and by
+/// a recorder in tests.
+pub trait MapWriter {
+    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapError>;
+    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError>;
+    fn put_service(&mut self, key: ServiceKey, info: ServiceInfo) -> Result<(), MapError>;
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError>;
+    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{map}: {message}")]
+pub struct MapError {
+    pub map: &'static str,
+    pub message: String,
+}
+
+/// What the maps hold, as read back from the pinned maps at start-up and kept in step since.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub services: BTreeMap<ServiceKey, ServiceInfo>,
+    pub slots: BTreeMap<SlotKey, BackendId>,
+    pub backends: BTreeMap<BackendId, Backend>,
+}
+
+/// What one [`Reconciler::apply`] did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub writes: usize,
+    pub deletes: usize,
+    /// Services that could not be (fully) programmed, with why. Their previous state stays.
+    pub failed: Vec<(String, MapError)>,
+}
+
+pub struct Reconciler {
+    programmed: Programmed,
+    next_service_id: u32,
+    next_backend_id: u32,
+}
+
+impl Reconciler {
+    /// Starts from what the maps already hold, so ids stay stable across agent restarts and
+    /// unchanged entries are not rewritten.
+    pub fn new(programmed: Programmed) -> Self {
+        let next_service_id = programmed.services.values().map(|s| s.id).max().unwrap_or(0).wrapping_add(1);
+        let next_backend_id = programmed.backends.keys().copied().max().unwrap_or(0).wrapping_add(1);
+        Self {
+            programmed,
+            next_service_id,
+            next_backend_id,
+        }
+    }
+
+    pub fn programmed(&self) -> &Programmed {
+        &self.programmed
+    }
+
+    /// Makes the maps hold `desired`. Per service: backends, then slots, then the service entry;
+    /// then stale slots and backends. Removed services: the service entry first.
+    pub fn apply(&mut self, desired: &BTreeMap<ServiceKey, DesiredService>, maps: &mut impl MapWriter) -> Report {
+        let mut report = Report::default();
+        let mut backends_by_owner: HashMap<(u32, [u8; 4], u16), BackendId> = HashMap::new();
+        for (&id, backend) in &self.programmed.backends {
+            backends_by_owner.insert((backend.service_id, backend.addr, backend.port), id);
+        }
+        for (key, service) in desired {
+            if let Err(error) = self.apply_service(*key, service, &backends_by_owner, maps, &mut report) {
+                report.failed.push((service.name.clone(), error));
+            }
+        }
+        let removed: Vec<ServiceKey> = self
+            .programmed
+            .services
+            .keys()
+            .filter(|key| !desired.contains_key(key))
+            .copied()
+            .collect();
+        for key in removed {
+            if let Err(error) = self.remove_service(key, maps, &mut report) {
+                report.failed.push((format!("removed frontend {key:?}"), error));
+            }
+        }
+        report
+    }
+
+    fn apply_service(
+        &mut self,
+        key: ServiceKey,
+        service: &DesiredService,
+        backends_by_owner: &HashMap<(u32, [u8; 4], u16), BackendId>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        let old = self.programmed.services.get(&key).copied();
+        let service_id = match old {
+            Some(info) => info.id,
+            None => self.allocate_service_id(),
+        };
+        let mut ids = Vec::with_capacity(service.backends.len());
+        for &(addr, port) in &service.backends {
+            let backend = Backend {
+                addr,
+                port,
+                proto: key.proto,
+                flags: 0,
+                service_id,
+            };
+            let id = match backends_by_owner.get(&(service_id, addr, port)) {
+                Some(&id) => id,
+                None => self.allocate_backend_id(),
+            };
+            if self.programmed.backends.get(&id) != Some(&backend) {
+                maps.put_backend(id, &backend)?;
+                self.programmed.backends.insert(id, backend);
+                report.writes += 1;
+            }
+            ids.push(id);
+        }
+        for (slot, &id) in ids.iter().enumerate() {
+            let slot_key = SlotKey {
+                service_id,
+                slot: slot as u32,
+            };
+            if self.programmed.slots.get(&slot_key) != Some(&id) {
+                maps.put_slot(slot_key, id)?;
+                self.programmed.slots.insert(slot_key, id);
+                report.writes += 1;
+            }
+        }
+        let info = ServiceInfo {
+            id: service_id,
+            backend_count: ids.len() as u32,
+            flags: 0,
+        };
+        if old != Some(info) {
+            maps.put_service(key, info)?;
+            self.programmed.services.insert(key, info);
+            report.writes += 1;
+        }
+        let old_count = old.map_or(0, |o| o.backend_count);
+        self.delete_slots(service_id, ids.len() as u32..old_count, maps, report)?;
+        let stale: Vec<BackendId> = self
+            .programmed
+            .backends
+            .iter()
+            .filter(|(id, b)| b.service_id == service_id && !ids.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        self.delete_backends(stale, maps, report)
+    }
+
+    fn remove_service(&mut self, key: ServiceKey, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
+        let Some(info) = self.programmed.services.get(&key).copied() else { return Ok(()) };
+        maps.delete_service(key)?;
+        self.programmed.services.remove(&key);
+        report.deletes += 1;
+        self.delete_slots(info.id, 0..info.backend_count, maps, report)?;
+        let owned: Vec<BackendId> = self
+            .programmed
+            .backends
+            .iter()
+            .filter(|(_, b)| b.service_id == info.id)
+            .map(|(id, _)| *id)
+            .collect();
+        self.delete_backends(owned, maps, report)
+    }
+
+    fn delete_slots(
+        &mut self,
+        service_id: u32,
+        slots: std::ops::Range<u32>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        for slot in slots {
+            let key = SlotKey { service_id, slot };
+            if self.programmed.slots.remove(&key).is_some() {
+                maps.delete_slot(key)?;
+                report.deletes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_backends(&mut self, ids: Vec<BackendId>, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
+        for id in ids {
+            maps.delete_backend(id)?;
+            self.programmed.backends.remove(&id);
+            report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Ids count up and wrap, skipping 0 and ids in use, so a just-freed id is not handed out
+    /// again while conntrack entries may still name it.
+    fn allocate_service_id(&mut self) -> u32 {
+        let in_use: std::collections::HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
+        next_free(&mut self.next_service_id, |id| in_use.contains(&id))
+    }
+
+    fn allocate_backend_id(&mut self) -> BackendId {
+        let backends = &self.programmed.backends;
+        next_free(&mut self.next_backend_id, |id| backends.contains_key(&id))
+    }
+}
+
+fn next_free(next: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
+    loop {
+        let id = *next;
+        *next = next.wrapping_add(1);
+        if id != 0 && !in_use(id) {
+            return id;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,51 @@
+//! The model's frontends as desired map contents.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+
+use crate::model::{Model, Protocol};
+
+/// What one frontend's entries should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    /// `namespace/name:port` for logs and status.
+    pub name: String,
+    /// Backend addresses and ports, in slot order.
+    pub backends: Vec<([u8; 4], u16)>,
+}
+
+/// The map contents for `model`. IPv4 only: the datapath has no IPv6 maps yet, so IPv6
+/// frontends are left out (and said so once per call at debug level).
+pub fn plan(model: &Model) -> BTreeMap<ServiceKey, DesiredService> {
+    let mut desired = BTreeMap::new();
+    let mut ipv6 = 0;
+    for frontend in &model.frontends {
+        let IpAddr::V4(address) = frontend.address else {
+            ipv6 += 1;
+            continue;
+        };
+        let key = ServiceKey {
+            addr: address.octets(),
+            port: frontend.port,
+            proto: match frontend.protocol {
+                Protocol::Tcp => IPPROTO_TCP,
+                Protocol::Udp => IPPROTO_UDP,
+            },
+            pad: 0,
+        };
+        let backends = frontend
+            .backends
+            .iter()
+            .filter_map(|e| match e.address {
+                IpAddr::V4(a) => Some((a.octets(), e.port)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let name = format!("{}:{}", frontend.service, frontend.port);
+        desired.insert(key, DesiredService { name, backends });
+    }
+    if ipv6 > 0 {
+        tracing::debug!(frontends = ipv6, "IPv6 frontends are not programmed yet");
+    }
+    desired
+}

@@ -1,0 +1,219 @@
+//! `FileSource`: a directory of the YAML or JSON a user would give `kubectl apply` (Services, and
+//! Pods with their `status.podIP` and Ready condition), re-read when its files change.
+//!
+//! A file that fails to parse or validate is reported by file, document and field, and the
+//! objects it last held intact keep being served: a half-saved edit never drops a service.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use notify::{RecursiveMode, Watcher as _};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::Snapshot;
+use crate::model::{self, FieldError};
+
+/// Why one file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub struct FileError {
+    pub file: PathBuf,
+    /// 1-based position of the YAML document in the file, when the error is in one.
+    pub document: Option<usize>,
+    /// `Kind namespace/name` of the object, when it got that far.
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(document) = self.document {
+            write!(f, ": document {document}")?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, " ({object})")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct FileObjects {
+    services: Vec<Service>,
+    pods: Vec<Pod>,
+}
+
+/// The directory and the last good contents of each of its files.
+pub struct ManifestDir {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, FileObjects>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            last_good: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Re-reads every file. Returns what to serve and the errors found this time.
+    pub fn read(&mut self) -> std::io::Result<(Snapshot, Vec<FileError>)> {
+        let mut errors = Vec::new();
+        let files = manifest_files(&self.dir)?;
+        self.last_good.retain(|path, _| files.contains(path));
+        for file in files {
+            match read_file(&file) {
+                Ok(objects) => {
+                    self.last_good.insert(file, objects);
+                }
+                Err(error) => errors.push(error),
+            }
+        }
+        let mut snapshot = Snapshot::default();
+        for objects in self.last_good.values() {
+            snapshot.services.extend(objects.services.iter().cloned());
+            snapshot.pods.extend(objects.pods.iter().cloned());
+        }
+        Ok((snapshot, errors))
+    }
+}
+
+/// `*.yaml`, `*.yml` and `*.json` directly in `dir` (like `kubectl apply -f DIR`), skipping
+/// editor temporaries and hidden files.
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let manifest = [".yaml", ".yml", ".json"].iter().any(|ext| name.ends_with(ext));
+        if manifest && !name.starts_with('.') && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+fn read_file(file: &Path) -> Result<FileObjects, FileError> {
+    let error = |document, object, message| FileError {
+        file: file.to_owned(),
+        document,
+        object,
+        message,
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| error(None, None, e.to_string()))?;
+    let mut objects = FileObjects::default();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let position = Some(index + 1);
+        let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(document)
+            .map_err(|e| error(position, None, format!("not valid YAML: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let object = Some(format!("{kind} {}", object_name(&value)));
+        let fail = |e: FieldError| error(position, object.clone(), e.to_string());
+        match kind.as_str() {
+            "Service" => {
+                let service: Service = typed(value).map_err(fail)?;
+                first_error(model::validate_service(&service)).map_err(fail)?;
+                objects.services.push(service);
+            }
+            "Pod" => {
+                let pod: Pod = typed(value).map_err(fail)?;
+                first_error(model::validate_pod(&pod)).map_err(fail)?;
+                objects.pods.push(pod);
+            }
+            "" => {
+                return Err(error(position, None, "kind: is required".into()));
+            }
+            other => tracing::debug!(file = %file.display(), kind = other, "kind not used by switchboard; skipped"),
+        }
+    }
+    Ok(objects)
+}
+
+/// Deserializes into a k8s-openapi type, keeping the path of the field that failed.
+fn typed<T: DeserializeOwned>(value: serde_yaml_ng::Value) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(value).map_err(|e| FieldError {
+        path: e.path().to_string(),
+        message: e.inner().to_string(),
+    })
+}
+
+fn first_error(errors: Vec<FieldError>) -> Result<(), FieldError> {
+    errors.into_iter().next().map_or(Ok(()), Err)
+}
+
+fn object_name(value: &serde_yaml_ng::Value) -> String {
+    let field = |name: &str| {
+        value
+            .get("metadata")
+            .and_then(|m| m.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let name = field("name").unwrap_or_else(|| "<unnamed>".into());
+    match field("namespace") {
+        Some(namespace) => format!("{namespace}/{name}"),
+        None => format!("default/{name}"),
+    }
+}
+
+/// How long to wait for a burst of file events to settle before re-reading.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Reads `dir` now, then again whenever a file in it changes, publishing each snapshot. Errors
+/// are logged with file and field; the previous good state of a broken file keeps being served.
+pub async fn watch(mut manifests: ManifestDir, snapshots: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own reads show up as access events; only changes matter.
+        if event.as_ref().map_or(true, |e| !e.kind.is_access()) {
+            let _ = events_tx.send(());
+        }
+    })
+    .context("cannot watch the manifest directory")?;
+    watcher
+        .watch(manifests.dir(), RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", manifests.dir().display()))?;
+    loop {
+        publish(&mut manifests, &snapshots);
+        if events.recv().await.is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(SETTLE).await;
+        while events.try_recv().is_ok() {}
+    }
+}
+
+fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>) {
+    let (snapshot, errors) = match manifests.read() {
+        Ok(read) => read,
+        Err(error) => {
+            tracing::error!("cannot read {}: {error}; the programmed state stays in effect", manifests.dir().display());
+            return;
+        }
+    };
+    for error in &errors {
+        tracing::error!("{error}; its last good contents stay in effect");
+    }
+    tracing::info!(
+        services = snapshot.services.len(),
+        pods = snapshot.pods.len(),
+        "read manifests from {}",
+        manifests.dir().display()
+    );
+    snapshots.send_replace(snapshot);
+}
