@@ -5,6 +5,8 @@ use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
 };
 
 /// Byte offset of the IPv4 header checksum.
@@ -48,19 +50,30 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
         return None;
     }
     let l4_off = EthHdr::LEN + ihl;
-    let l4_csum_off = match ip.proto {
-        IPPROTO_TCP => l4_off + 16,
-        IPPROTO_UDP => l4_off + 6,
+    // The whole L4 header must be there (and inside the IP packet), not just the fields NAT
+    // touches: a cut header is not ours to rewrite.
+    let (src_port, dst_port, l4_csum_off, l4_len) = match ip.proto {
+        IPPROTO_TCP => {
+            let tcp: TcpHdr = ctx.load(l4_off).ok()?;
+            if tcp.doff() < 5 {
+                return None;
+            }
+            (tcp.source, tcp.dest, l4_off + 16, TcpHdr::LEN)
+        }
+        IPPROTO_UDP => {
+            let udp: UdpHdr = ctx.load(l4_off).ok()?;
+            (udp.src, udp.dst, l4_off + 6, UdpHdr::LEN)
+        }
         _ => return None,
     };
-    let ports: [u8; 4] = ctx.load(l4_off).ok()?;
-    // The checksum is the last field NAT writes: a packet too short to hold it is not rewritten.
-    let _checksum: [u8; 2] = ctx.load(l4_csum_off).ok()?;
+    if usize::from(ip.tot_len()) < ihl + l4_len {
+        return None;
+    }
     Some(Flow {
         src_addr: ip.src_addr,
         dst_addr: ip.dst_addr,
-        src_port: u16::from_be_bytes([ports[0], ports[1]]),
-        dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+        src_port: u16::from_be_bytes(src_port),
+        dst_port: u16::from_be_bytes(dst_port),
         proto: ip.proto,
         l4_off,
         l4_csum_off,

@@ -1,0 +1,93 @@
+//! What the integration tests share: a datapath loaded with its own pin directory, and its
+//! maps programmed through the real reconciler.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use lb_common::ServiceKey;
+use lb_userspace::{
+    datapath::{Datapath, maps::ServiceMaps},
+    reconcile::{DesiredService, Reconciler},
+};
+
+/// Fails loudly instead of skipping: CI runs as root, and a skipped datapath test proves nothing.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "these tests load eBPF programs and create network namespaces: run them as root (`cargo xtask test`)"
+    );
+}
+
+/// A pin directory of this test's own under /sys/fs/bpf, removed on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        Self(PathBuf::from(format!("/sys/fs/bpf/sbtest-{}-{tag}-{n}", std::process::id())))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loaded datapath with its maps and a reconciler to program them.
+pub struct Loaded {
+    pub datapath: Datapath,
+    pub maps: ServiceMaps,
+    pub reconciler: Reconciler,
+    pub pins: PinDir,
+}
+
+impl Loaded {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        let pins = PinDir::new(tag);
+        let datapath = Datapath::load(pins.path()).expect("the datapath loads");
+        let maps = datapath.maps().expect("the pinned maps open");
+        let reconciler = Reconciler::new(maps.read_programmed().unwrap());
+        Self {
+            datapath,
+            maps,
+            reconciler,
+            pins,
+        }
+    }
+
+    /// Programs exactly `services` and asserts every write succeeded.
+    pub fn program(&mut self, services: &[(ServiceKey, &[([u8; 4], u16)])]) {
+        let desired: BTreeMap<ServiceKey, DesiredService> = services
+            .iter()
+            .map(|(key, backends)| {
+                let service = DesiredService {
+                    name: format!("test/{key:?}"),
+                    backends: backends.to_vec(),
+                };
+                (*key, service)
+            })
+            .collect();
+        let report = self.reconciler.apply(&desired, &mut self.maps);
+        assert!(report.failed.is_empty(), "programming failed: {:?}", report.failed);
+    }
+}
+
+pub fn frontend(addr: [u8; 4], port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        addr,
+        port,
+        proto,
+        pad: 0,
+    }
+}

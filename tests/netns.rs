@@ -1,0 +1,210 @@
+//! End to end on network namespaces: a node namespace running the real `switchboard` binary,
+//! pod namespaces on veths with real TCP and UDP servers, and a client pod dialling ClusterIPs.
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use common::{PinDir, require_root};
+use lb_common::{IPPROTO_TCP, ServiceKey};
+use lb_userspace::{
+    datapath::maps::ServiceMaps,
+    lab::{self, Lab, servers},
+};
+
+const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NOBODY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const PODS: [(&str, Ipv4Addr); 3] = [
+    ("web-0", Ipv4Addr::new(10, 244, 1, 10)),
+    ("web-1", Ipv4Addr::new(10, 244, 1, 11)),
+    ("web-2", Ipv4Addr::new(10, 244, 1, 12)),
+];
+const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 1, 20));
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A lab with three `app=web` pods serving HTTP on 3000 and UDP on 5353, a client pod, Service
+/// `web` (10.96.0.10: 80/TCP → 3000, 53/UDP → 5353), Service `nobody` whose selector matches no
+/// pod, and the agent running in the node namespace.
+struct Cluster {
+    agent: Child,
+    http: Vec<servers::Server>,
+    udp: Vec<servers::Server>,
+    manifests: tempfile::TempDir,
+    pins: PinDir,
+    lab: Lab,
+}
+
+impl Cluster {
+    fn start(tag: &str) -> Self {
+        require_root();
+        let prefix = format!("{tag}{}", std::process::id() % 100_000);
+        let mut lab = Lab::new(&prefix).unwrap();
+        let manifests = tempfile::tempdir().unwrap();
+        let (mut http, mut udp) = (Vec::new(), Vec::new());
+        for (name, ip) in PODS {
+            let ns = &lab.add_pod(name, ip).unwrap().ns;
+            http.push(servers::http_server(ns, name, 3000).unwrap());
+            udp.push(servers::udp_server(ns, name, 5353).unwrap());
+        }
+        lab.add_pod(CLIENT.0, CLIENT.1).unwrap();
+        write_pods(manifests.path(), &PODS);
+        let services = [
+            lab::service_manifest("web", WEB, &[("app", "web")], &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)]),
+            lab::service_manifest("nobody", NOBODY, &[("app", "nothing")], &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)]),
+        ];
+        std::fs::write(manifests.path().join("services.yaml"), services.join("---\n")).unwrap();
+
+        let pins = PinDir::new(tag);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
+            .args(["run", "--interfaces", &lab.interface_pattern(), "--manifests"])
+            .arg(manifests.path())
+            .arg("--pin-dir")
+            .arg(pins.path());
+        let agent = lab.node.spawn(&mut command).unwrap();
+        let cluster = Self {
+            agent,
+            http,
+            udp,
+            manifests,
+            pins,
+            lab,
+        };
+        cluster.wait_for_backends(80, 3);
+        cluster
+    }
+
+    fn client(&self) -> &lab::NetNs {
+        &self.lab.pod(CLIENT.0).ns
+    }
+
+    /// Waits until the web service's TCP frontend has `count` backends in the kernel's maps.
+    fn wait_for_backends(&self, port: u16, count: u32) {
+        let key = ServiceKey { addr: WEB.octets(), port, proto: IPPROTO_TCP, pad: 0 };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let programmed = ServiceMaps::open(self.pins.path())
+                .ok()
+                .and_then(|maps| maps.services.get(&key, 0).ok())
+                .map(|info| info.backend_count);
+            if programmed == Some(count) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the agent did not program {count} backends (has {programmed:?})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn answered(servers: &[servers::Server]) -> BTreeMap<String, usize> {
+        servers.iter().map(|s| (s.pod.clone(), s.answered())).collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+    }
+}
+
+fn write_pods(dir: &Path, pods: &[(&str, Ipv4Addr)]) {
+    let yaml: Vec<String> = pods.iter().map(|(name, ip)| lab::pod_manifest(name, *ip, &[("app", "web")], 3000)).collect();
+    let client = lab::pod_manifest(CLIENT.0, CLIENT.1, &[("app", "client")], 3000);
+    // Write then rename, as kubectl-style tools do, so the agent never reads half a file.
+    let staging = dir.join(".pods.yaml.tmp");
+    std::fs::write(&staging, [yaml.join("---\n"), client].join("---\n")).unwrap();
+    std::fs::rename(staging, dir.join("pods.yaml")).unwrap();
+}
+
+#[test]
+fn tcp_connections_to_a_cluster_ip_are_spread_over_every_backend() {
+    let cluster = Cluster::start("nt");
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..60 {
+        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        assert_eq!(reply.from, SocketAddr::from((WEB, 80)), "the reply comes from the ClusterIP");
+        *by_pod.entry(reply.pod).or_default() += 1;
+    }
+    assert_eq!(by_pod.values().sum::<usize>(), 60);
+    assert_eq!(by_pod.len(), 3, "every backend answered at least once: {by_pod:?}");
+    assert_eq!(Cluster::answered(&cluster.http), by_pod, "the servers saw exactly the connections the client made");
+}
+
+#[test]
+fn udp_requests_to_a_cluster_ip_are_spread_over_every_backend() {
+    let cluster = Cluster::start("nu");
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..60 {
+        let reply = servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+        assert_eq!(reply.from, SocketAddr::from((WEB, 53)), "the answer comes from the ClusterIP");
+        *by_pod.entry(reply.pod).or_default() += 1;
+    }
+    assert_eq!(by_pod.len(), 3, "every backend answered at least once: {by_pod:?}");
+    assert_eq!(Cluster::answered(&cluster.udp), by_pod);
+}
+
+#[test]
+fn a_backend_removed_from_the_manifests_gets_no_new_connection() {
+    let cluster = Cluster::start("nr");
+    for _ in 0..15 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+    write_pods(cluster.manifests.path(), &PODS[..2]);
+    cluster.wait_for_backends(80, 2);
+    let removed_before = cluster.http[2].answered();
+    for i in 0..40 {
+        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap_or_else(|e| panic!("connection {i} after the removal: {e:#}"));
+        assert_ne!(reply.pod, "web-2");
+    }
+    assert_eq!(cluster.http[2].answered(), removed_before, "web-2 received no connection after its removal");
+    assert!(cluster.http[0].answered() > 0 && cluster.http[1].answered() > 0);
+}
+
+#[test]
+fn a_service_whose_selector_matches_no_pod_gets_no_answer() {
+    let cluster = Cluster::start("nn");
+    let tcp = servers::http_get(cluster.client(), NOBODY, 80, Duration::from_millis(500));
+    assert!(tcp.is_err(), "a TCP connection to a service without endpoints must fail, got {tcp:?}");
+    let udp = servers::udp_request(cluster.client(), NOBODY, 53, Duration::from_millis(500));
+    assert!(udp.is_err(), "a UDP request to a service without endpoints must go unanswered, got {udp:?}");
+    let answered: usize = cluster.http.iter().chain(&cluster.udp).map(servers::Server::answered).sum();
+    assert_eq!(answered, 0, "no pod answered");
+}
+
+#[test]
+fn a_broken_manifest_is_reported_and_the_rest_keeps_working() {
+    let cluster = Cluster::start("nb");
+    std::fs::write(cluster.manifests.path().join("broken.yaml"), "kind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: eighty}]\n").unwrap();
+    // The good pods file changes too, so the agent visibly re-reads after the broken file appeared.
+    write_pods(cluster.manifests.path(), &PODS[..2]);
+    cluster.wait_for_backends(80, 2);
+    for _ in 0..10 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+}
+
+#[test]
+fn a_pod_added_after_the_agent_started_is_balanced_to_and_from() {
+    let mut cluster = Cluster::start("na");
+    let late = ("web-3", Ipv4Addr::new(10, 244, 1, 13));
+    let ns = &cluster.lab.add_pod(late.0, late.1).unwrap().ns;
+    let server = servers::http_server(ns, late.0, 3000).unwrap();
+    let mut pods = PODS.to_vec();
+    pods.push(late);
+    write_pods(cluster.manifests.path(), &pods);
+    cluster.wait_for_backends(80, 4);
+    // The new pod's interface is attached: it can use the service itself…
+    let from_late_pod = servers::http_get(&cluster.lab.pod(late.0).ns, WEB, 80, TIMEOUT);
+    assert!(from_late_pod.is_ok(), "the late pod reaches the ClusterIP: {from_late_pod:?}");
+    // …and it is a backend like the others.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.answered() == 0 {
+        assert!(Instant::now() < deadline, "the late pod never got a connection");
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+}
