@@ -14,10 +14,12 @@ fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     // aya-build watches lb-ebpf; the datapath also compiles the shared map types.
-    println!("cargo:rerun-if-changed={}", concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-common"));
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../lb-common")
+    );
     // SAFETY: build scripts are single-threaded.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-    aya_build::build_ebpf([ebpf], Toolchain::Custom(EBPF_TOOLCHAIN)).context(
-        "building the eBPF datapath failed; `cargo xtask setup` installs the toolchain it needs",
-    )
+    aya_build::build_ebpf([ebpf], Toolchain::Custom(EBPF_TOOLCHAIN))
+        .context("building the eBPF datapath failed; `cargo xtask setup` installs the toolchain it needs")
 }

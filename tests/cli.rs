@@ -2,7 +2,10 @@
 use std::process::Command;
 
 fn switchboard(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_switchboard")).args(args).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -15,7 +18,12 @@ fn plan_names_the_file_and_field_of_a_bad_manifest_and_keeps_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("good.yaml"),
-        lb_userspace::lab::service_manifest("web", "10.96.0.10".parse().unwrap(), &[("app", "web")], &[("http", "TCP", 80, 3000)]),
+        lb_userspace::lab::service_manifest(
+            "web",
+            "10.96.0.10".parse().unwrap(),
+            &[("app", "web")],
+            &[("http", "TCP", 80, 3000)],
+        ),
     )
     .unwrap();
     std::fs::write(
@@ -26,22 +34,46 @@ fn plan_names_the_file_and_field_of_a_bad_manifest_and_keeps_the_rest() {
     let (ok, stdout, stderr) = switchboard(&["plan", "--manifests", dir.path().to_str().unwrap()]);
     assert!(!ok, "plan exits non-zero on a bad manifest");
     assert!(stderr.contains("bad.yaml"), "the error names the file: {stderr}");
-    assert!(stderr.contains("Service default/api"), "the error names the object: {stderr}");
-    assert!(stderr.contains("spec.ports[0].port"), "the error names the field: {stderr}");
-    assert!(stdout.contains("default/web") && stdout.contains("10.96.0.10:80/TCP"), "the good file is still planned: {stdout}");
-    assert!(stdout.contains("NO ENDPOINTS"), "a service without endpoints says so: {stdout}");
+    assert!(
+        stderr.contains("Service default/api"),
+        "the error names the object: {stderr}"
+    );
+    assert!(
+        stderr.contains("spec.ports[0].port"),
+        "the error names the field: {stderr}"
+    );
+    assert!(
+        stdout.contains("default/web") && stdout.contains("10.96.0.10:80/TCP"),
+        "the good file is still planned: {stdout}"
+    );
+    assert!(
+        stdout.contains("NO ENDPOINTS"),
+        "a service without endpoints says so: {stdout}"
+    );
 }
 
 #[test]
 fn status_without_a_running_agent_says_what_to_do() {
     let (ok, _, stderr) = switchboard(&["status", "--pin-dir", "/sys/fs/bpf/switchboard-does-not-exist"]);
     assert!(!ok);
-    assert!(stderr.contains("is the agent running"), "one clear sentence: {stderr}");
+    assert!(
+        stderr.contains("is the agent running"),
+        "one clear sentence: {stderr}"
+    );
 }
 
 #[test]
 fn run_rejects_a_missing_manifest_directory() {
-    let (ok, _, stderr) = switchboard(&["run", "--manifests", "/nonexistent/manifests", "--interfaces", "x*"]);
+    let (ok, _, stderr) = switchboard(&[
+        "run",
+        "--manifests",
+        "/nonexistent/manifests",
+        "--interfaces",
+        "x*",
+    ]);
     assert!(!ok);
-    assert!(stderr.contains("/nonexistent/manifests") && stderr.contains("not a directory"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/manifests") && stderr.contains("not a directory"),
+        "{stderr}"
+    );
 }

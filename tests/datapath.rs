@@ -19,7 +19,11 @@ const MIN_IPV4_FRAME: usize = 14 + 20;
 
 const CLIENT: [u8; 4] = [10, 244, 0, 20];
 const CLUSTER_IP: [u8; 4] = [10, 96, 0, 10];
-const BACKENDS: [([u8; 4], u16); 3] = [([10, 244, 0, 10], 3000), ([10, 244, 0, 11], 3000), ([10, 244, 0, 12], 3000)];
+const BACKENDS: [([u8; 4], u16); 3] = [
+    ([10, 244, 0, 10], 3000),
+    ([10, 244, 0, 11], 3000),
+    ([10, 244, 0, 12], 3000),
+];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 20];
 const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
@@ -28,7 +32,10 @@ fn loaded(tag: &str) -> Loaded {
     let mut loaded = Loaded::new(tag);
     loaded.program(&[
         (frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS),
-        (frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[([10, 244, 0, 10], 5353), ([10, 244, 0, 11], 5353)]),
+        (
+            frontend(CLUSTER_IP, 53, IPPROTO_UDP),
+            &[([10, 244, 0, 10], 5353), ([10, 244, 0, 11], 5353)],
+        ),
     ]);
     for name in [program_names::FROM_POD, program_names::TO_POD] {
         program(&mut loaded, name).load().unwrap();
@@ -37,7 +44,13 @@ fn loaded(tag: &str) -> Loaded {
 }
 
 fn program<'a>(loaded: &'a mut Loaded, name: &str) -> &'a mut SchedClassifier {
-    loaded.datapath.ebpf.program_mut(name).unwrap().try_into().unwrap()
+    loaded
+        .datapath
+        .ebpf
+        .program_mut(name)
+        .unwrap()
+        .try_into()
+        .unwrap()
 }
 
 /// Runs `name` on `packet`; the verdict and the packet as the program left it.
@@ -49,7 +62,12 @@ fn run(loaded: &mut Loaded, name: &str, packet: &[u8]) -> (u32, Vec<u8>) {
             data_out: Some(&mut out),
             ..Default::default()
         })
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} on {} bytes failed: {e}", packet.len()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN of {name} on {} bytes failed: {e}",
+                packet.len()
+            )
+        });
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
 }
@@ -76,7 +94,9 @@ fn tcp_data(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8>
 }
 
 fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC).ipv4(src.0, dst.0, 64).udp(src.1, dst.1);
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .udp(src.1, dst.1);
     let mut packet = Vec::new();
     builder.write(&mut packet, payload).unwrap();
     packet
@@ -86,17 +106,31 @@ fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
 /// etherparse computes from scratch.
 fn addresses_with_valid_checksums(packet: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
     let headers = PacketHeaders::from_ethernet_slice(packet).expect("the output parses");
-    let Some(NetHeaders::Ipv4(ip, _)) = headers.net else { panic!("not IPv4: {headers:?}") };
-    assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 header checksum");
+    let Some(NetHeaders::Ipv4(ip, _)) = headers.net else {
+        panic!("not IPv4: {headers:?}")
+    };
+    assert_eq!(
+        ip.header_checksum,
+        ip.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
     let payload = headers.payload.slice();
     let (src_port, dst_port) = match headers.transport {
         Some(TransportHeader::Tcp(tcp)) => {
-            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(&ip, payload).unwrap(), "TCP checksum");
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv4(&ip, payload).unwrap(),
+                "TCP checksum"
+            );
             (tcp.source_port, tcp.destination_port)
         }
         Some(TransportHeader::Udp(udp)) => {
             if udp.checksum != 0 {
-                assert_eq!(udp.checksum, udp.calc_checksum_ipv4(&ip, payload).unwrap(), "UDP checksum");
+                assert_eq!(
+                    udp.checksum,
+                    udp.calc_checksum_ipv4(&ip, payload).unwrap(),
+                    "UDP checksum"
+                );
             }
             (udp.source_port, udp.destination_port)
         }
@@ -108,16 +142,31 @@ fn addresses_with_valid_checksums(packet: &[u8]) -> (([u8; 4], u16), ([u8; 4], u
 #[test]
 fn tcp_syn_to_cluster_ip_goes_to_a_backend_and_the_reply_comes_from_the_cluster_ip() {
     let mut lb = loaded("tcp");
-    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &tcp_syn((CLIENT, 40000), (CLUSTER_IP, 80)));
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_syn((CLIENT, 40000), (CLUSTER_IP, 80)),
+    );
     assert_eq!(verdict, TC_ACT_OK);
     let (src, backend) = addresses_with_valid_checksums(&out);
     assert_eq!(src, (CLIENT, 40000), "the source is untouched");
-    assert!(BACKENDS.contains(&backend), "DNATed to a backend:targetPort, got {backend:?}");
+    assert!(
+        BACKENDS.contains(&backend),
+        "DNATed to a backend:targetPort, got {backend:?}"
+    );
 
-    let (verdict, out) = run(&mut lb, program_names::TO_POD, &tcp_data(backend, (CLIENT, 40000), b"hello"));
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::TO_POD,
+        &tcp_data(backend, (CLIENT, 40000), b"hello"),
+    );
     assert_eq!(verdict, TC_ACT_OK);
     let (src, dst) = addresses_with_valid_checksums(&out);
-    assert_eq!(src, (CLUSTER_IP, 80), "the reply comes from the frontend the client dialled");
+    assert_eq!(
+        src,
+        (CLUSTER_IP, 80),
+        "the reply comes from the frontend the client dialled"
+    );
     assert_eq!(dst, (CLIENT, 40000));
     assert_eq!(lb.maps.stat(Stat::NewFlows).unwrap(), 1);
     assert_eq!(lb.maps.stat(Stat::ReplyPackets).unwrap(), 1);
@@ -126,10 +175,17 @@ fn tcp_syn_to_cluster_ip_goes_to_a_backend_and_the_reply_comes_from_the_cluster_
 #[test]
 fn udp_datagram_to_cluster_ip_goes_to_a_backend_and_the_reply_comes_back() {
     let mut lb = loaded("udp");
-    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &udp((CLIENT, 33000), (CLUSTER_IP, 53), b"query"));
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp((CLIENT, 33000), (CLUSTER_IP, 53), b"query"),
+    );
     assert_eq!(verdict, TC_ACT_OK);
     let (_, backend) = addresses_with_valid_checksums(&out);
-    assert!([([10, 244, 0, 10], 5353), ([10, 244, 0, 11], 5353)].contains(&backend), "got {backend:?}");
+    assert!(
+        [([10, 244, 0, 10], 5353), ([10, 244, 0, 11], 5353)].contains(&backend),
+        "got {backend:?}"
+    );
 
     let mut reply = udp(backend, (CLIENT, 33000), b"answer");
     let (verdict, out) = run(&mut lb, program_names::TO_POD, &reply);
@@ -141,7 +197,11 @@ fn udp_datagram_to_cluster_ip_goes_to_a_backend_and_the_reply_comes_back() {
     let checksum_at = reply.len() - b"answer".len() - 2;
     reply[checksum_at..checksum_at + 2].copy_from_slice(&[0, 0]);
     let (_, out) = run(&mut lb, program_names::TO_POD, &reply);
-    assert_eq!(&out[checksum_at..checksum_at + 2], &[0, 0], "a zero UDP checksum stays zero");
+    assert_eq!(
+        &out[checksum_at..checksum_at + 2],
+        &[0, 0],
+        "a zero UDP checksum stays zero"
+    );
     let (src, _) = addresses_with_valid_checksums(&out);
     assert_eq!(src, (CLUSTER_IP, 53));
 }
@@ -149,44 +209,95 @@ fn udp_datagram_to_cluster_ip_goes_to_a_backend_and_the_reply_comes_back() {
 #[test]
 fn every_packet_of_a_flow_goes_to_the_same_backend_and_flows_spread() {
     let mut lb = loaded("sticky");
-    let first = addresses_with_valid_checksums(&run(&mut lb, program_names::FROM_POD, &tcp_syn((CLIENT, 40001), (CLUSTER_IP, 80))).1).1;
+    let first = addresses_with_valid_checksums(
+        &run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_syn((CLIENT, 40001), (CLUSTER_IP, 80)),
+        )
+        .1,
+    )
+    .1;
     for _ in 0..20 {
-        let (_, out) = run(&mut lb, program_names::FROM_POD, &tcp_data((CLIENT, 40001), (CLUSTER_IP, 80), b"more"));
-        assert_eq!(addresses_with_valid_checksums(&out).1, first, "conntrack keeps the flow on its backend");
+        let (_, out) = run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_data((CLIENT, 40001), (CLUSTER_IP, 80), b"more"),
+        );
+        assert_eq!(
+            addresses_with_valid_checksums(&out).1,
+            first,
+            "conntrack keeps the flow on its backend"
+        );
     }
     let chosen: BTreeSet<_> = (0..60u16)
         .map(|port| {
-            let (_, out) = run(&mut lb, program_names::FROM_POD, &tcp_syn((CLIENT, 41000 + port), (CLUSTER_IP, 80)));
+            let (_, out) = run(
+                &mut lb,
+                program_names::FROM_POD,
+                &tcp_syn((CLIENT, 41000 + port), (CLUSTER_IP, 80)),
+            );
             addresses_with_valid_checksums(&out).1
         })
         .collect();
-    assert_eq!(chosen.len(), 3, "60 new flows reach all three backends, got {chosen:?}");
+    assert_eq!(
+        chosen.len(),
+        3,
+        "60 new flows reach all three backends, got {chosen:?}"
+    );
 }
 
 #[test]
 fn a_flow_whose_backend_was_removed_is_rebalanced_not_black_holed() {
     let mut lb = loaded("rebalance");
-    let (_, out) = run(&mut lb, program_names::FROM_POD, &udp((CLIENT, 34000), (CLUSTER_IP, 53), b"q1"));
+    let (_, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp((CLIENT, 34000), (CLUSTER_IP, 53), b"q1"),
+    );
     let first = addresses_with_valid_checksums(&out).1;
     let survivor = [([10, 244, 0, 10], 5353), ([10, 244, 0, 11], 5353)]
         .into_iter()
         .find(|b| *b != first)
         .unwrap();
-    lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS), (frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[survivor])]);
+    lb.program(&[
+        (frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS),
+        (frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[survivor]),
+    ]);
 
-    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &udp((CLIENT, 34000), (CLUSTER_IP, 53), b"q2"));
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp((CLIENT, 34000), (CLUSTER_IP, 53), b"q2"),
+    );
     assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(addresses_with_valid_checksums(&out).1, survivor, "the flow moved to the live backend");
+    assert_eq!(
+        addresses_with_valid_checksums(&out).1,
+        survivor,
+        "the flow moved to the live backend"
+    );
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 1);
-    let (_, reply) = run(&mut lb, program_names::TO_POD, &udp(survivor, (CLIENT, 34000), b"a2"));
-    assert_eq!(addresses_with_valid_checksums(&reply).0, (CLUSTER_IP, 53), "replies of the moved flow are translated");
+    let (_, reply) = run(
+        &mut lb,
+        program_names::TO_POD,
+        &udp(survivor, (CLIENT, 34000), b"a2"),
+    );
+    assert_eq!(
+        addresses_with_valid_checksums(&reply).0,
+        (CLUSTER_IP, 53),
+        "replies of the moved flow are translated"
+    );
 }
 
 #[test]
 fn a_service_without_endpoints_drops_instead_of_leaking_to_the_cluster_ip() {
     let mut lb = loaded("empty");
     lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[])]);
-    let (verdict, _) = run(&mut lb, program_names::FROM_POD, &tcp_syn((CLIENT, 40002), (CLUSTER_IP, 80)));
+    let (verdict, _) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_syn((CLIENT, 40002), (CLUSTER_IP, 80)),
+    );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(lb.maps.stat(Stat::NoBackend).unwrap(), 1);
 }
@@ -219,10 +330,22 @@ fn packets_that_are_not_service_traffic_pass_byte_identical() {
         packet
     };
     let cases: [(&str, Vec<u8>); 7] = [
-        ("another destination", tcp_syn((CLIENT, 40000), ([10, 244, 0, 11], 80))),
-        ("the ClusterIP on another port", tcp_syn((CLIENT, 40000), (CLUSTER_IP, 81))),
-        ("UDP to a TCP-only port", udp((CLIENT, 40000), (CLUSTER_IP, 80), b"x")),
-        ("a reply of no tracked flow", tcp_data(([10, 244, 0, 10], 3000), (CLIENT, 49999), b"x")),
+        (
+            "another destination",
+            tcp_syn((CLIENT, 40000), ([10, 244, 0, 11], 80)),
+        ),
+        (
+            "the ClusterIP on another port",
+            tcp_syn((CLIENT, 40000), (CLUSTER_IP, 81)),
+        ),
+        (
+            "UDP to a TCP-only port",
+            udp((CLIENT, 40000), (CLUSTER_IP, 80), b"x"),
+        ),
+        (
+            "a reply of no tracked flow",
+            tcp_data(([10, 244, 0, 10], 3000), (CLIENT, 49999), b"x"),
+        ),
         ("ARP", arp),
         ("IPv6", ipv6),
         ("ICMP to the ClusterIP", icmp),
@@ -239,7 +362,10 @@ fn packets_that_are_not_service_traffic_pass_byte_identical() {
 #[test]
 fn truncated_packets_pass_byte_identical_at_every_length() {
     let mut lb = loaded("truncated");
-    for packet in [tcp_syn((CLIENT, 40003), (CLUSTER_IP, 80)), udp((CLIENT, 40003), (CLUSTER_IP, 53), b"")] {
+    for packet in [
+        tcp_syn((CLIENT, 40003), (CLUSTER_IP, 80)),
+        udp((CLIENT, 40003), (CLUSTER_IP, 53), b""),
+    ] {
         for len in 0..packet.len() {
             let truncated = &packet[..len];
             // BPF_PROG_TEST_RUN builds no skb for a frame shorter than Ethernet + an IPv4 header
@@ -260,11 +386,18 @@ fn truncated_packets_pass_byte_identical_at_every_length() {
             for name in [program_names::FROM_POD, program_names::TO_POD] {
                 let (verdict, out) = run(&mut lb, name, truncated);
                 assert_eq!(verdict, TC_ACT_OK, "{len} bytes through {name}");
-                assert_eq!(out, truncated, "{len} bytes through {name} come out byte-identical");
+                assert_eq!(
+                    out, truncated,
+                    "{len} bytes through {name} come out byte-identical"
+                );
             }
         }
     }
-    assert_eq!(lb.maps.stat(Stat::NewFlows).unwrap(), 0, "no truncated packet created a flow");
+    assert_eq!(
+        lb.maps.stat(Stat::NewFlows).unwrap(),
+        0,
+        "no truncated packet created a flow"
+    );
 }
 
 #[test]
@@ -282,7 +415,10 @@ fn ipv4_options_are_honoured() {
     let (verdict, out) = run(&mut lb, program_names::FROM_POD, &packet);
     assert_eq!(verdict, TC_ACT_OK);
     let (_, backend) = addresses_with_valid_checksums(&out);
-    assert!(BACKENDS.contains(&backend), "the ports were found after the options: {backend:?}");
+    assert!(
+        BACKENDS.contains(&backend),
+        "the ports were found after the options: {backend:?}"
+    );
 }
 
 #[test]

@@ -54,8 +54,18 @@ impl Cluster {
         lab.add_pod(CLIENT.0, CLIENT.1).unwrap();
         write_pods(manifests.path(), &PODS);
         let services = [
-            lab::service_manifest("web", WEB, &[("app", "web")], &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)]),
-            lab::service_manifest("nobody", NOBODY, &[("app", "nothing")], &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)]),
+            lab::service_manifest(
+                "web",
+                WEB,
+                &[("app", "web")],
+                &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)],
+            ),
+            lab::service_manifest(
+                "nobody",
+                NOBODY,
+                &[("app", "nothing")],
+                &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)],
+            ),
         ];
         std::fs::write(manifests.path().join("services.yaml"), services.join("---\n")).unwrap();
 
@@ -85,7 +95,12 @@ impl Cluster {
 
     /// Waits until the web service's TCP frontend has `count` backends in the kernel's maps.
     fn wait_for_backends(&self, port: u16, count: u32) {
-        let key = ServiceKey { addr: WEB.octets(), port, proto: IPPROTO_TCP, pad: 0 };
+        let key = ServiceKey {
+            addr: WEB.octets(),
+            port,
+            proto: IPPROTO_TCP,
+            pad: 0,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let programmed = ServiceMaps::open(self.pins.path())
@@ -95,7 +110,10 @@ impl Cluster {
             if programmed == Some(count) {
                 return;
             }
-            assert!(Instant::now() < deadline, "the agent did not program {count} backends (has {programmed:?})");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not program {count} backends (has {programmed:?})"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -113,7 +131,10 @@ impl Drop for Cluster {
 }
 
 fn write_pods(dir: &Path, pods: &[(&str, Ipv4Addr)]) {
-    let yaml: Vec<String> = pods.iter().map(|(name, ip)| lab::pod_manifest(name, *ip, &[("app", "web")], 3000)).collect();
+    let yaml: Vec<String> = pods
+        .iter()
+        .map(|(name, ip)| lab::pod_manifest(name, *ip, &[("app", "web")], 3000))
+        .collect();
     let client = lab::pod_manifest(CLIENT.0, CLIENT.1, &[("app", "client")], 3000);
     // Write then rename, as kubectl-style tools do, so the agent never reads half a file.
     let staging = dir.join(".pods.yaml.tmp");
@@ -126,13 +147,26 @@ fn tcp_connections_to_a_cluster_ip_are_spread_over_every_backend() {
     let cluster = Cluster::start("nt");
     let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
-        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
-        assert_eq!(reply.from, SocketAddr::from((WEB, 80)), "the reply comes from the ClusterIP");
+        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        assert_eq!(
+            reply.from,
+            SocketAddr::from((WEB, 80)),
+            "the reply comes from the ClusterIP"
+        );
         *by_pod.entry(reply.pod).or_default() += 1;
     }
     assert_eq!(by_pod.values().sum::<usize>(), 60);
-    assert_eq!(by_pod.len(), 3, "every backend answered at least once: {by_pod:?}");
-    assert_eq!(Cluster::answered(&cluster.http), by_pod, "the servers saw exactly the connections the client made");
+    assert_eq!(
+        by_pod.len(),
+        3,
+        "every backend answered at least once: {by_pod:?}"
+    );
+    assert_eq!(
+        Cluster::answered(&cluster.http),
+        by_pod,
+        "the servers saw exactly the connections the client made"
+    );
 }
 
 #[test]
@@ -140,11 +174,20 @@ fn udp_requests_to_a_cluster_ip_are_spread_over_every_backend() {
     let cluster = Cluster::start("nu");
     let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
-        let reply = servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap_or_else(|e| panic!("request {i}: {e:#}"));
-        assert_eq!(reply.from, SocketAddr::from((WEB, 53)), "the answer comes from the ClusterIP");
+        let reply = servers::udp_request(cluster.client(), WEB, 53, TIMEOUT)
+            .unwrap_or_else(|e| panic!("request {i}: {e:#}"));
+        assert_eq!(
+            reply.from,
+            SocketAddr::from((WEB, 53)),
+            "the answer comes from the ClusterIP"
+        );
         *by_pod.entry(reply.pod).or_default() += 1;
     }
-    assert_eq!(by_pod.len(), 3, "every backend answered at least once: {by_pod:?}");
+    assert_eq!(
+        by_pod.len(),
+        3,
+        "every backend answered at least once: {by_pod:?}"
+    );
     assert_eq!(Cluster::answered(&cluster.udp), by_pod);
 }
 
@@ -158,10 +201,15 @@ fn a_backend_removed_from_the_manifests_gets_no_new_connection() {
     cluster.wait_for_backends(80, 2);
     let removed_before = cluster.http[2].answered();
     for i in 0..40 {
-        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap_or_else(|e| panic!("connection {i} after the removal: {e:#}"));
+        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} after the removal: {e:#}"));
         assert_ne!(reply.pod, "web-2");
     }
-    assert_eq!(cluster.http[2].answered(), removed_before, "web-2 received no connection after its removal");
+    assert_eq!(
+        cluster.http[2].answered(),
+        removed_before,
+        "web-2 received no connection after its removal"
+    );
     assert!(cluster.http[0].answered() > 0 && cluster.http[1].answered() > 0);
 }
 
@@ -169,17 +217,32 @@ fn a_backend_removed_from_the_manifests_gets_no_new_connection() {
 fn a_service_whose_selector_matches_no_pod_gets_no_answer() {
     let cluster = Cluster::start("nn");
     let tcp = servers::http_get(cluster.client(), NOBODY, 80, Duration::from_millis(500));
-    assert!(tcp.is_err(), "a TCP connection to a service without endpoints must fail, got {tcp:?}");
+    assert!(
+        tcp.is_err(),
+        "a TCP connection to a service without endpoints must fail, got {tcp:?}"
+    );
     let udp = servers::udp_request(cluster.client(), NOBODY, 53, Duration::from_millis(500));
-    assert!(udp.is_err(), "a UDP request to a service without endpoints must go unanswered, got {udp:?}");
-    let answered: usize = cluster.http.iter().chain(&cluster.udp).map(servers::Server::answered).sum();
+    assert!(
+        udp.is_err(),
+        "a UDP request to a service without endpoints must go unanswered, got {udp:?}"
+    );
+    let answered: usize = cluster
+        .http
+        .iter()
+        .chain(&cluster.udp)
+        .map(servers::Server::answered)
+        .sum();
     assert_eq!(answered, 0, "no pod answered");
 }
 
 #[test]
 fn a_broken_manifest_is_reported_and_the_rest_keeps_working() {
     let cluster = Cluster::start("nb");
-    std::fs::write(cluster.manifests.path().join("broken.yaml"), "kind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: eighty}]\n").unwrap();
+    std::fs::write(
+        cluster.manifests.path().join("broken.yaml"),
+        "kind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: eighty}]\n",
+    )
+    .unwrap();
     // The good pods file changes too, so the agent visibly re-reads after the broken file appeared.
     write_pods(cluster.manifests.path(), &PODS[..2]);
     cluster.wait_for_backends(80, 2);
@@ -198,11 +261,17 @@ fn a_pod_added_after_the_agent_started_is_balanced_to_and_from() {
     pods.push(late);
     write_pods(cluster.manifests.path(), &pods);
     cluster.wait_for_backends(80, 4);
-    // The new pod's interface is attached: it can use the service itself…
-    let from_late_pod = servers::http_get(&cluster.lab.pod(late.0).ns, WEB, 80, TIMEOUT);
-    assert!(from_late_pod.is_ok(), "the late pod reaches the ClusterIP: {from_late_pod:?}");
-    // …and it is a backend like the others.
+    // The agent attaches to the new pod's interface when netlink announces it: the pod can use
+    // the service itself…
     let deadline = Instant::now() + Duration::from_secs(10);
+    let late_ns = &cluster.lab.pod(late.0).ns;
+    while let Err(error) = servers::http_get(late_ns, WEB, 80, Duration::from_millis(500)) {
+        assert!(
+            Instant::now() < deadline,
+            "the late pod never reached the ClusterIP: {error:#}"
+        );
+    }
+    // …and it is a backend like the others.
     while server.answered() == 0 {
         assert!(Instant::now() < deadline, "the late pod never got a connection");
         servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();

@@ -4,14 +4,11 @@ use aya_ebpf::{
     btf_maps::{HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, ServiceInfo, ServiceKey, SlotKey, Stat, capacity,
-};
+use lb_common::{Backend, BackendId, CtEntry, CtKey, ServiceInfo, ServiceKey, SlotKey, Stat, capacity};
 
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
-pub static SB_SERVICES: HashMap<ServiceKey, ServiceInfo, { capacity::SERVICES as usize }> =
-    HashMap::new();
+pub static SB_SERVICES: HashMap<ServiceKey, ServiceInfo, { capacity::SERVICES as usize }> = HashMap::new();
 
 /// (service id, slot) → backend id; slots `0..backend_count` are valid.
 #[btf_map]
@@ -20,14 +17,12 @@ pub static SB_BACKEND_SLOTS: HashMap<SlotKey, BackendId, { capacity::BACKEND_SLO
 
 /// Backend id → address, port and owning service.
 #[btf_map]
-pub static SB_BACKENDS: HashMap<BackendId, Backend, { capacity::BACKENDS as usize }> =
-    HashMap::new();
+pub static SB_BACKENDS: HashMap<BackendId, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
 
 /// Both directions of every service flow. LRU: when full, the least recently used flow is
 /// forgotten instead of refusing a new one.
 #[btf_map]
-pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

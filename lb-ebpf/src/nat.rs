@@ -12,13 +12,31 @@ use crate::packet::{Flow, IPV4_CSUM_OFF, IPV4_DST_OFF, IPV4_SRC_OFF};
 /// Rewrites the destination to `addr:port` (DNAT towards a backend).
 #[inline(always)]
 pub fn rewrite_destination(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), i64> {
-    rewrite(ctx, flow, IPV4_DST_OFF, flow.dst_addr, addr, flow.l4_off + 2, flow.dst_port, port)
+    rewrite(
+        ctx,
+        flow,
+        IPV4_DST_OFF,
+        flow.dst_addr,
+        addr,
+        flow.l4_off + 2,
+        flow.dst_port,
+        port,
+    )
 }
 
 /// Rewrites the source to `addr:port` (reverse NAT of a reply).
 #[inline(always)]
 pub fn rewrite_source(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), i64> {
-    rewrite(ctx, flow, IPV4_SRC_OFF, flow.src_addr, addr, flow.l4_off, flow.src_port, port)
+    rewrite(
+        ctx,
+        flow,
+        IPV4_SRC_OFF,
+        flow.src_addr,
+        addr,
+        flow.l4_off,
+        flow.src_port,
+        port,
+    )
 }
 
 #[expect(clippy::too_many_arguments, reason = "one address and one port, old and new")]
@@ -34,7 +52,11 @@ fn rewrite(
     new_port: u16,
 ) -> Result<(), i64> {
     // UDP: a zero checksum means "none" and stays zero; a result of zero is sent as 0xffff.
-    let mangled_0 = if flow.is_udp() { u64::from(BPF_F_MARK_MANGLED_0) } else { 0 };
+    let mangled_0 = if flow.is_udp() {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
     if old_addr != new_addr {
         let (from, to) = (u32::from_ne_bytes(old_addr), u32::from_ne_bytes(new_addr));
         let pseudo_hdr = u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4;

@@ -11,7 +11,7 @@ use std::{
 use lb_common::ServiceKey;
 use lb_userspace::{
     datapath::{Datapath, maps::ServiceMaps},
-    reconcile::{DesiredService, Reconciler},
+    reconcile::{BackendAddr, DesiredService, Reconciler},
 };
 
 /// Fails loudly instead of skipping: CI runs as root, and a skipped datapath test proves nothing.
@@ -29,7 +29,10 @@ impl PinDir {
     pub fn new(tag: &str) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        Self(PathBuf::from(format!("/sys/fs/bpf/sbtest-{}-{tag}-{n}", std::process::id())))
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/sbtest-{}-{tag}-{n}",
+            std::process::id()
+        )))
     }
 
     pub fn path(&self) -> &Path {
@@ -67,7 +70,7 @@ impl Loaded {
     }
 
     /// Programs exactly `services` and asserts every write succeeded.
-    pub fn program(&mut self, services: &[(ServiceKey, &[([u8; 4], u16)])]) {
+    pub fn program(&mut self, services: &[(ServiceKey, &[BackendAddr])]) {
         let desired: BTreeMap<ServiceKey, DesiredService> = services
             .iter()
             .map(|(key, backends)| {
@@ -79,7 +82,11 @@ impl Loaded {
             })
             .collect();
         let report = self.reconciler.apply(&desired, &mut self.maps);
-        assert!(report.failed.is_empty(), "programming failed: {:?}", report.failed);
+        assert!(
+            report.failed.is_empty(),
+            "programming failed: {:?}",
+            report.failed
+        );
     }
 }
 

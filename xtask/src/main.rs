@@ -36,7 +36,9 @@ enum Task {
 }
 
 fn main() -> anyhow::Result<()> {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace");
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace");
     std::env::set_current_dir(workspace)?;
     match Cli::parse().command {
         Task::Setup => setup::run(),
@@ -47,12 +49,24 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { args } => {
             setup::run()?;
             require_root("the demo")?;
-            cargo(&["run", "--release", "--package", "lb-userspace", "--bin", "switchboard", "--", "demo"], &args)
+            cargo(
+                &[
+                    "run",
+                    "--release",
+                    "--package",
+                    "lb-userspace",
+                    "--bin",
+                    "switchboard",
+                    "--",
+                    "demo",
+                ],
+                &args,
+            )
         }
         Task::Test { args } => {
             setup::run()?;
             require_root("the datapath and netns tests")?;
-            cargo(&["test", "--workspace", "--no-fail-fast"], &args)
+            cargo(&["test", "--no-fail-fast"], &args)
         }
     }
 }
@@ -60,12 +74,25 @@ fn main() -> anyhow::Result<()> {
 /// Builds lb-ebpf the way lb-userspace's build script (aya-build) does, with BTF for bpftool.
 fn build_ebpf() -> anyhow::Result<()> {
     let status = Command::new("rustup")
-        .args(["run", setup::EBPF_TOOLCHAIN, "cargo", "build", "--package", "lb-ebpf", "--release"])
+        .args([
+            "run",
+            setup::EBPF_TOOLCHAIN,
+            "cargo",
+            "build",
+            "--package",
+            "lb-ebpf",
+            "--release",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .env("RUSTC_BOOTSTRAP", "1")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
-            ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"].join("\x1f"),
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
         )
         .status()
         .context("cannot run rustup")?;
@@ -77,7 +104,11 @@ fn build_ebpf() -> anyhow::Result<()> {
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
-    let status = Command::new(env!("CARGO")).args(args).args(extra).status().context("cannot run cargo")?;
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .args(extra)
+        .status()
+        .context("cannot run cargo")?;
     if !status.success() {
         bail!("cargo {} failed", args.join(" "));
     }

@@ -38,10 +38,12 @@ fn debian_packages() -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
     exec(Command::new("apt-get").args(["update", "-qq"]))?;
-    exec(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    exec(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
 }
 
 fn installed(package: &str) -> bool {
@@ -52,8 +54,14 @@ fn installed(package: &str) -> bool {
 }
 
 fn toolchain_link() -> anyhow::Result<()> {
-    let list = Command::new("rustup").args(["toolchain", "list"]).output().context("cannot run rustup")?;
-    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.split_whitespace().next() == Some(EBPF_TOOLCHAIN)) {
+    let list = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("cannot run rustup")?;
+    if String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(EBPF_TOOLCHAIN))
+    {
         return Ok(());
     }
     eprintln!("setup: linking Debian's rustc as the rustup toolchain {EBPF_TOOLCHAIN}");
@@ -67,17 +75,28 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 5 minutes)");
     let path = format!("{LLVM_PREFIX}/bin:{}", std::env::var("PATH").unwrap_or_default());
-    exec(Command::new(env!("CARGO"))
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force"])
-        .args(["--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .env("PATH", path))
+    exec(
+        Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--force",
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path),
+    )
 }
 
 /// The tests pin maps under /sys/fs/bpf; a fresh machine has nothing mounted there.
 fn bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
         return Ok(());
     }
     if !Path::new("/sys/fs/bpf").is_dir() {
@@ -88,7 +107,9 @@ fn bpffs() -> anyhow::Result<()> {
 }
 
 fn exec(command: &mut Command) -> anyhow::Result<()> {
-    let status = command.status().with_context(|| format!("cannot run {command:?}"))?;
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed ({status})");
     }

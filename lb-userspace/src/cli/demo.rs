@@ -101,7 +101,12 @@ fn demo(args: &Args, manifest_dir: &std::path::Path) -> anyhow::Result<()> {
         pod_yaml.push(lab::pod_manifest(name, ip, &[("app", "web")], TARGET_PORT));
     }
     lab.add_pod(CLIENT.0, CLIENT.1)?;
-    pod_yaml.push(lab::pod_manifest(CLIENT.0, CLIENT.1, &[("app", "client")], TARGET_PORT));
+    pod_yaml.push(lab::pod_manifest(
+        CLIENT.0,
+        CLIENT.1,
+        &[("app", "client")],
+        TARGET_PORT,
+    ));
     let servers = WEB_PODS
         .iter()
         .map(|(name, _)| servers::http_server(&lab.pod(name).ns, name, TARGET_PORT))
@@ -119,7 +124,14 @@ fn demo(args: &Args, manifest_dir: &std::path::Path) -> anyhow::Result<()> {
     println!("Starting the agent in the node namespace:");
     let exe = std::env::current_exe().context("cannot find the switchboard binary")?;
     let mut command = Command::new(exe);
-    command.args(["run", "--interfaces", &lab.interface_pattern(), "--pin-dir", PIN_DIR, "--manifests"]);
+    command.args([
+        "run",
+        "--interfaces",
+        &lab.interface_pattern(),
+        "--pin-dir",
+        PIN_DIR,
+        "--manifests",
+    ]);
     command.arg(manifest_dir);
     let _agent = Agent(lab.node.spawn(&mut command)?);
 

@@ -38,5 +38,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             frontend.protocol.as_str(),
         );
     }
-    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

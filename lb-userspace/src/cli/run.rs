@@ -9,10 +9,16 @@ use tokio::{
 
 use super::PinDir;
 use crate::{
-    datapath::{Datapath, attach::{self, Attacher}},
+    datapath::{
+        Datapath,
+        attach::{self, Attacher},
+    },
     model,
     reconcile::{self, Reconciler},
-    source::{Snapshot, manifests::{self, ManifestDir}},
+    source::{
+        Snapshot,
+        manifests::{self, ManifestDir},
+    },
 };
 
 #[derive(clap::Args, Debug)]
@@ -80,7 +86,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let interfaces = attacher.interfaces().len();
     drop(attacher);
-    tracing::info!(interfaces, "detached; maps stay pinned in {}", args.pin_dir.pin_dir.display());
+    tracing::info!(
+        interfaces,
+        "detached; maps stay pinned in {}",
+        args.pin_dir.pin_dir.display()
+    );
     Ok(())
 }
 

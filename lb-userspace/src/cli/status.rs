@@ -22,18 +22,30 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             *flows.entry(entry.service_id).or_default() += 1;
         }
     }
-    println!("{:<24} {:>4} {:>8} {:>6}  BACKENDS", "FRONTEND", "ID", "BACKENDS", "FLOWS");
+    println!(
+        "{:<24} {:>4} {:>9} {:>6}  BACKENDS",
+        "FRONTEND", "ID", "ENDPOINTS", "FLOWS"
+    );
     for (key, info) in &programmed.services {
         let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
         let frontend = format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port);
         let backends: Vec<String> = (0..info.backend_count)
-            .filter_map(|slot| programmed.slots.get(&lb_common::SlotKey { service_id: info.id, slot }))
+            .filter_map(|slot| {
+                programmed.slots.get(&lb_common::SlotKey {
+                    service_id: info.id,
+                    slot,
+                })
+            })
             .filter_map(|id| programmed.backends.get(id))
             .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
             .collect();
-        let backends = if backends.is_empty() { "NO ENDPOINTS (connections dropped)".to_owned() } else { backends.join(", ") };
+        let backends = if backends.is_empty() {
+            "NO ENDPOINTS (connections dropped)".to_owned()
+        } else {
+            backends.join(", ")
+        };
         println!(
-            "{frontend:<24} {:>4} {:>8} {:>6}  {backends}",
+            "{frontend:<24} {:>4} {:>9} {:>6}  {backends}",
             info.id,
             info.backend_count,
             flows.get(&info.id).copied().unwrap_or(0)

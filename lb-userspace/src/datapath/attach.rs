@@ -10,7 +10,9 @@ use aya::{
 use lb_common::program_names;
 use nix::{
     net::if_::if_nameindex,
-    sys::socket::{AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket, MsgFlags},
+    sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+    },
 };
 use tokio::sync::Notify;
 
@@ -29,9 +31,12 @@ pub struct Attacher {
 impl Attacher {
     /// Loads both programs into the kernel (not yet attached anywhere).
     pub fn new(ebpf: &mut Ebpf, pattern: &str) -> anyhow::Result<Self> {
-        let pattern = glob::Pattern::new(pattern).with_context(|| format!("invalid interface pattern {pattern:?}"))?;
+        let pattern =
+            glob::Pattern::new(pattern).with_context(|| format!("invalid interface pattern {pattern:?}"))?;
         for name in [program_names::FROM_POD, program_names::TO_POD] {
-            program(ebpf, name)?.load().with_context(|| format!("the kernel refused program {name}"))?;
+            program(ebpf, name)?
+                .load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
         }
         Ok(Self {
             pattern,
@@ -68,7 +73,10 @@ impl Attacher {
             }
             match attach(ebpf, &name) {
                 Ok(attached) => {
-                    tracing::info!(interface = name, "attached from_pod (tc ingress) and to_pod (tc egress)");
+                    tracing::info!(
+                        interface = name,
+                        "attached from_pod (tc ingress) and to_pod (tc egress)"
+                    );
                     self.attached.insert(index, attached);
                 }
                 // The interface may have gone between listing and attaching.

@@ -14,7 +14,14 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
     if !is_bpffs(mount_point) {
         std::fs::create_dir_all(mount_point)
             .with_context(|| format!("cannot create {}", mount_point.display()))?;
-        mount(Some("bpf"), mount_point, Some("bpf"), MsFlags::empty(), None::<&str>).with_context(|| {
+        mount(
+            Some("bpf"),
+            mount_point,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| {
             format!(
                 "{} is not a BPF filesystem and mounting one failed; run as root or mount it: \
                  mount -t bpf bpf {}",

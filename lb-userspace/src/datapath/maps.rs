@@ -12,8 +12,16 @@ use crate::reconcile::{MapError, MapWriter, Programmed};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
 const LAYOUTS: [(&str, usize, usize); 5] = [
-    (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceInfo>()),
-    (map_names::BACKEND_SLOTS, size_of::<SlotKey>(), size_of::<BackendId>()),
+    (
+        map_names::SERVICES,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceInfo>(),
+    ),
+    (
+        map_names::BACKEND_SLOTS,
+        size_of::<SlotKey>(),
+        size_of::<BackendId>(),
+    ),
     (map_names::BACKENDS, size_of::<BackendId>(), size_of::<Backend>()),
     (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
     (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
@@ -24,9 +32,14 @@ const LAYOUTS: [(&str, usize, usize); 5] = [
 pub fn drop_incompatible_pins(pin_dir: &Path) -> anyhow::Result<()> {
     for (name, key_size, value_size) in LAYOUTS {
         let path = pin_dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else { continue };
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
         if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
-            tracing::warn!(map = name, "pinned map has another layout; recreating it (its entries are lost)");
+            tracing::warn!(
+                map = name,
+                "pinned map has another layout; recreating it (its entries are lost)"
+            );
             std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
@@ -44,7 +57,11 @@ pub struct ServiceMaps {
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
     let path: PathBuf = pin_dir.join(name);
     let data = MapData::from_pin(&path).with_context(|| {
-        format!("cannot open {}; is the agent running with --pin-dir {}?", path.display(), pin_dir.display())
+        format!(
+            "cannot open {}; is the agent running with --pin-dir {}?",
+            path.display(),
+            pin_dir.display()
+        )
     })?;
     let info = data.info()?;
     Ok(match info.map_type()? {
@@ -90,15 +107,21 @@ fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
 
 impl MapWriter for ServiceMaps {
     fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapError> {
-        self.backends.insert(id, backend, 0).map_err(failed(map_names::BACKENDS))
+        self.backends
+            .insert(id, backend, 0)
+            .map_err(failed(map_names::BACKENDS))
     }
 
     fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError> {
-        self.slots.insert(key, id, 0).map_err(failed(map_names::BACKEND_SLOTS))
+        self.slots
+            .insert(key, id, 0)
+            .map_err(failed(map_names::BACKEND_SLOTS))
     }
 
     fn put_service(&mut self, key: ServiceKey, info: ServiceInfo) -> Result<(), MapError> {
-        self.services.insert(key, info, 0).map_err(failed(map_names::SERVICES))
+        self.services
+            .insert(key, info, 0)
+            .map_err(failed(map_names::SERVICES))
     }
 
     fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError> {

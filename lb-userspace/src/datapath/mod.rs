@@ -24,7 +24,10 @@ impl Datapath {
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
         maps::drop_incompatible_pins(pin_dir)?;
-        let pins: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|name| (*name, pin_dir.join(name))).collect();
+        let pins: Vec<(&str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, pin_dir.join(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());

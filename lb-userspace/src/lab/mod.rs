@@ -31,7 +31,9 @@ impl NetNs {
         // A namespace left by a run that was killed: start clean.
         let _ = Command::new("ip").args(["netns", "delete", name]).output();
         ip(&["netns", "add", name])?;
-        let ns = Self { name: name.to_owned() };
+        let ns = Self {
+            name: name.to_owned(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -62,12 +64,10 @@ impl NetNs {
     /// wherever they are used afterwards.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
         let file = File::open(self.path()).with_context(|| format!("netns {} is gone", self.name))?;
-        std::thread::spawn(move || {
-            setns(&file, CloneFlags::CLONE_NEWNET).map(|()| f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
-        .with_context(|| format!("cannot enter netns {}", self.name))
+        std::thread::spawn(move || setns(&file, CloneFlags::CLONE_NEWNET).map(|()| f()))
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
+            .with_context(|| format!("cannot enter netns {}", self.name))
     }
 
     /// Starts `command` inside this namespace (network only: mounts stay the caller's, so the
@@ -78,7 +78,9 @@ impl NetNs {
         unsafe {
             command.pre_exec(move || setns(&file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
         }
-        command.spawn().with_context(|| format!("cannot start {command:?}"))
+        command
+            .spawn()
+            .with_context(|| format!("cannot start {command:?}"))
     }
 }
 
@@ -94,7 +96,11 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .context("cannot run `ip` (iproute2): is it installed?")?;
     if !output.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -145,10 +151,22 @@ impl Lab {
         let address = format!("{ip}/32");
         let gateway = format!("{GATEWAY}/32");
         let gateway_ip = GATEWAY.to_string();
-        self.node.ip(&["link", "add", &host_interface, "type", "veth", "peer", "name", "eth0", "netns", ns.name()])?;
+        self.node.ip(&[
+            "link",
+            "add",
+            &host_interface,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])?;
         self.node.ip(&["addr", "add", &gateway, "dev", &host_interface])?;
         self.node.ip(&["link", "set", &host_interface, "up"])?;
-        self.node.ip(&["route", "add", &address, "dev", &host_interface])?;
+        self.node
+            .ip(&["route", "add", &address, "dev", &host_interface])?;
         ns.ip(&["addr", "add", &address, "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", &gateway_ip, "dev", "eth0", "scope", "link"])?;
@@ -163,7 +181,10 @@ impl Lab {
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
-        self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name} in the lab"))
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
     }
 }
 

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 
 use super::NetNs;
 
-/// A server running in a pod; counts what it answered. Stops when dropped.
+/// A server running in a pod; counts the requests it answered. Stops when dropped.
 pub struct Server {
     pub pod: String,
     answered: Arc<AtomicUsize>,
@@ -51,11 +51,11 @@ pub fn http_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    if answer_http(stream, &body).is_ok() {
-                        answered.fetch_add(1, Ordering::SeqCst);
-                    }
+                    let _ = answer_http(stream, &body, &answered);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
                 Err(_) => std::thread::sleep(POLL),
             }
         }
@@ -63,7 +63,9 @@ pub fn http_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
     Ok(server)
 }
 
-fn answer_http(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
+/// Reads one request and answers it; counted before the answer leaves, so a client that has
+/// its answer always finds it counted.
+fn answer_http(mut stream: TcpStream, body: &str, answered: &AtomicUsize) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut request = Vec::new();
@@ -75,6 +77,7 @@ fn answer_http(mut stream: TcpStream, body: &str) -> std::io::Result<()> {
         }
         request.extend_from_slice(&buffer[..n]);
     }
+    answered.fetch_add(1, Ordering::SeqCst);
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -95,10 +98,9 @@ pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
     std::thread::spawn(move || {
         let mut buffer = [0u8; 1500];
         while !stop.load(Ordering::SeqCst) {
-            if let Ok((_, peer)) = socket.recv_from(&mut buffer)
-                && socket.send_to(name.as_bytes(), peer).is_ok()
-            {
+            if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
                 answered.fetch_add(1, Ordering::SeqCst);
+                let _ = socket.send_to(name.as_bytes(), peer);
             }
         }
     });
@@ -117,19 +119,25 @@ pub struct Reply {
 /// `GET /` to `addr:port` from `ns`; the pod name from the JSON body.
 pub fn http_get(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<Reply> {
     let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
-    let mut stream = ns.run(move || TcpStream::connect_timeout(&target, timeout))?
+    let mut stream = ns
+        .run(move || TcpStream::connect_timeout(&target, timeout))?
         .with_context(|| format!("connect to {target}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).with_context(|| format!("read reply from {target}"))?;
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("read reply from {target}"))?;
     let from = stream.peer_addr()?;
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
     let pod = body
         .strip_prefix("{\"pod\":\"")
         .and_then(|rest| rest.strip_suffix("\"}"))
         .with_context(|| format!("unexpected reply from {target}: {response:?}"))?;
-    Ok(Reply { pod: pod.to_owned(), from })
+    Ok(Reply {
+        pod: pod.to_owned(),
+        from,
+    })
 }
 
 /// One datagram to `addr:port` from `ns`, and the answer.
@@ -138,7 +146,9 @@ pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> 
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"who are you?", (addr, port))?;
     let mut buffer = [0u8; 256];
-    let (n, from) = socket.recv_from(&mut buffer).with_context(|| format!("no UDP answer from {addr}:{port}"))?;
+    let (n, from) = socket
+        .recv_from(&mut buffer)
+        .with_context(|| format!("no UDP answer from {addr}:{port}"))?;
     let pod = std::str::from_utf8(&buffer[..n])?.to_owned();
     if pod.is_empty() {
         bail!("empty UDP answer from {from}");

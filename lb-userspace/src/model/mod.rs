@@ -13,8 +13,8 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-pub use self::validate::{FieldError, validate_pod, validate_service};
 use self::selector::Selector;
+pub use self::validate::{FieldError, validate_pod, validate_service};
 
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -104,7 +104,9 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
     let mut model = Model::default();
     let pods_by_namespace = group_by_namespace(pods);
     for service in services {
-        let Some(name) = service_name(service) else { continue };
+        let Some(name) = service_name(service) else {
+            continue;
+        };
         if let Some(reason) = skip_reason(service) {
             tracing::debug!(service = %name, reason, "not proxied");
             continue;
@@ -112,18 +114,28 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
         let spec = service.spec.as_ref().expect("skip_reason checks the spec");
         let addresses = cluster_ips(service);
         if addresses.is_empty() {
-            model.warn(&name, "has no spec.clusterIP; without an API server to allocate one, set it in the manifest");
+            model.warn(
+                &name,
+                "has no spec.clusterIP; without an API server to allocate one, set it in the manifest",
+            );
             continue;
         }
         let selector = spec.selector.as_ref().map(Selector::from_map).unwrap_or_default();
-        let namespace_pods = pods_by_namespace.get(name.namespace.as_str()).map_or(&[][..], Vec::as_slice);
+        let namespace_pods = pods_by_namespace
+            .get(name.namespace.as_str())
+            .map_or(&[][..], Vec::as_slice);
         for port in spec.ports.iter().flatten() {
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
                 let protocol = port.protocol.as_deref().unwrap_or_default();
-                model.warn(&name, &format!("port {}: protocol {protocol} is not supported yet", port.port));
+                model.warn(
+                    &name,
+                    &format!("port {}: protocol {protocol} is not supported yet", port.port),
+                );
                 continue;
             };
-            let Ok(port_number) = u16::try_from(port.port) else { continue };
+            let Ok(port_number) = u16::try_from(port.port) else {
+                continue;
+            };
             for &address in &addresses {
                 let backends = endpoints(&selector, namespace_pods, port, protocol, address.is_ipv4());
                 model.frontends.push(Frontend {
@@ -154,7 +166,11 @@ impl Model {
 
 fn service_name(service: &Service) -> Option<ServiceName> {
     Some(ServiceName {
-        namespace: service.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: service.metadata.name.clone()?,
     })
 }
@@ -183,7 +199,9 @@ fn skip_reason(service: &Service) -> Option<&'static str> {
 /// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent; unparsable entries are left to
 /// validation, which reports them.
 fn cluster_ips(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = service.spec.as_ref() else { return Vec::new() };
+    let Some(spec) = service.spec.as_ref() else {
+        return Vec::new();
+    };
     let listed = spec.cluster_ips.iter().flatten();
     let single = spec.cluster_ip.iter();
     let texts: Vec<&String> = if spec.cluster_ips.as_ref().is_some_and(|ips| !ips.is_empty()) {
@@ -226,8 +244,12 @@ fn endpoints(
         if !state.serving {
             continue;
         }
-        let Some(address) = pod_ip(pod, ipv4) else { continue };
-        let Some(target) = target_port(pod, port, protocol) else { continue };
+        let Some(address) = pod_ip(pod, ipv4) else {
+            continue;
+        };
+        let Some(target) = target_port(pod, port, protocol) else {
+            continue;
+        };
         let endpoint = Endpoint {
             address,
             port: target,

@@ -46,12 +46,18 @@ pub fn validate_service(service: &Service) -> Vec<FieldError> {
     };
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if !matches!(type_, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
-        errors.add("spec.type", format!("{type_:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"));
+        errors.add(
+            "spec.type",
+            format!("{type_:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"),
+        );
     }
     if let Some(affinity) = spec.session_affinity.as_deref()
         && !matches!(affinity, "None" | "ClientIP")
     {
-        errors.add("spec.sessionAffinity", format!("{affinity:?} is not None or ClientIP"));
+        errors.add(
+            "spec.sessionAffinity",
+            format!("{affinity:?} is not None or ClientIP"),
+        );
     }
     if let Some(ip) = spec.cluster_ip.as_deref() {
         cluster_ip(&mut errors, "spec.clusterIP", ip);
@@ -66,7 +72,10 @@ pub fn validate_service(service: &Service) -> Vec<FieldError> {
         port_number(&mut errors, &format!("{path}.port"), port.port);
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
         if !matches!(protocol, "TCP" | "UDP" | "SCTP") {
-            errors.add(format!("{path}.protocol"), format!("{protocol:?} is not TCP, UDP or SCTP"));
+            errors.add(
+                format!("{path}.protocol"),
+                format!("{protocol:?} is not TCP, UDP or SCTP"),
+            );
         }
         match &port.target_port {
             Some(IntOrString::Int(n)) => port_number(&mut errors, &format!("{path}.targetPort"), *n),
@@ -77,7 +86,10 @@ pub fn validate_service(service: &Service) -> Vec<FieldError> {
             _ => {}
         }
         if ports.len() > 1 && port.name.as_deref().is_none_or(str::is_empty) {
-            errors.add(format!("{path}.name"), "is required when a Service has more than one port");
+            errors.add(
+                format!("{path}.name"),
+                "is required when a Service has more than one port",
+            );
         }
     }
     errors.0
@@ -91,7 +103,11 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
     labels(&mut errors, "metadata.labels", pod.metadata.labels.as_ref());
     for (c, container) in pod.spec.iter().flat_map(|s| s.containers.iter()).enumerate() {
         for (p, port) in container.ports.iter().flatten().enumerate() {
-            port_number(&mut errors, &format!("spec.containers[{c}].ports[{p}].containerPort"), port.container_port);
+            port_number(
+                &mut errors,
+                &format!("spec.containers[{c}].ports[{p}].containerPort"),
+                port.container_port,
+            );
         }
     }
     if let Some(status) = pod.status.as_ref() {
@@ -102,7 +118,10 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
         }
         for (i, ip) in status.pod_ips.iter().flatten().enumerate() {
             if ip.ip.parse::<IpAddr>().is_err() {
-                errors.add(format!("status.podIPs[{i}].ip"), format!("{:?} is not an IP address", ip.ip));
+                errors.add(
+                    format!("status.podIPs[{i}].ip"),
+                    format!("{:?} is not an IP address", ip.ip),
+                );
             }
         }
     }
@@ -132,7 +151,9 @@ fn labels(errors: &mut Errors, path: &str, labels: Option<&BTreeMap<String, Stri
 /// IANA service name: what a named `targetPort` must be.
 fn is_port_name(name: &str) -> bool {
     (1..=15).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.bytes().any(|b| b.is_ascii_lowercase())
         && !name.starts_with('-')
         && !name.ends_with('-')

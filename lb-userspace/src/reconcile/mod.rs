@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey};
 
-pub use self::plan::{DesiredService, plan};
+pub use self::plan::{BackendAddr, DesiredService, plan};
 
 /// The writes the reconciler makes. Implemented over the pinned BPF maps by the datapath, and by
 /// a recorder in tests.
@@ -53,8 +53,20 @@ impl Reconciler {
     /// Starts from what the maps already hold, so ids stay stable across agent restarts and
     /// unchanged entries are not rewritten.
     pub fn new(programmed: Programmed) -> Self {
-        let next_service_id = programmed.services.values().map(|s| s.id).max().unwrap_or(0).wrapping_add(1);
-        let next_backend_id = programmed.backends.keys().copied().max().unwrap_or(0).wrapping_add(1);
+        let next_service_id = programmed
+            .services
+            .values()
+            .map(|s| s.id)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1);
+        let next_backend_id = programmed
+            .backends
+            .keys()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1);
         Self {
             programmed,
             next_service_id,
@@ -68,7 +80,11 @@ impl Reconciler {
 
     /// Makes the maps hold `desired`. Per service: backends, then slots, then the service entry;
     /// then stale slots and backends. Removed services: the service entry first.
-    pub fn apply(&mut self, desired: &BTreeMap<ServiceKey, DesiredService>, maps: &mut impl MapWriter) -> Report {
+    pub fn apply(
+        &mut self,
+        desired: &BTreeMap<ServiceKey, DesiredService>,
+        maps: &mut impl MapWriter,
+    ) -> Report {
         let mut report = Report::default();
         let mut backends_by_owner: HashMap<(u32, [u8; 4], u16), BackendId> = HashMap::new();
         for (&id, backend) in &self.programmed.backends {
@@ -160,8 +176,15 @@ impl Reconciler {
         self.delete_backends(stale, maps, report)
     }
 
-    fn remove_service(&mut self, key: ServiceKey, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
-        let Some(info) = self.programmed.services.get(&key).copied() else { return Ok(()) };
+    fn remove_service(
+        &mut self,
+        key: ServiceKey,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        let Some(info) = self.programmed.services.get(&key).copied() else {
+            return Ok(());
+        };
         maps.delete_service(key)?;
         self.programmed.services.remove(&key);
         report.deletes += 1;
@@ -193,7 +216,12 @@ impl Reconciler {
         Ok(())
     }
 
-    fn delete_backends(&mut self, ids: Vec<BackendId>, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
+    fn delete_backends(
+        &mut self,
+        ids: Vec<BackendId>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
         for id in ids {
             maps.delete_backend(id)?;
             self.programmed.backends.remove(&id);
@@ -205,7 +233,8 @@ impl Reconciler {
     /// Ids count up and wrap, skipping 0 and ids in use, so a just-freed id is not handed out
     /// again while conntrack entries may still name it.
     fn allocate_service_id(&mut self) -> u32 {
-        let in_use: std::collections::HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
+        let in_use: std::collections::HashSet<u32> =
+            self.programmed.services.values().map(|s| s.id).collect();
         next_free(&mut self.next_service_id, |id| in_use.contains(&id))
     }
 

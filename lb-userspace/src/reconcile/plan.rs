@@ -5,13 +5,16 @@ use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
 use crate::model::{Model, Protocol};
 
+/// A backend's IPv4 address and port, as the maps store them.
+pub type BackendAddr = ([u8; 4], u16);
+
 /// What one frontend's entries should be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
     /// `namespace/name:port` for logs and status.
     pub name: String,
     /// Backend addresses and ports, in slot order.
-    pub backends: Vec<([u8; 4], u16)>,
+    pub backends: Vec<BackendAddr>,
 }
 
 /// The map contents for `model`. IPv4 only: the datapath has no IPv6 maps yet, so IPv6

@@ -120,7 +120,11 @@ fn read_file(file: &Path) -> Result<FileObjects, FileError> {
         if value.is_null() {
             continue;
         }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_owned();
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_owned();
         let object = Some(format!("{kind} {}", object_name(&value)));
         let fail = |e: FieldError| error(position, object.clone(), e.to_string());
         match kind.as_str() {
@@ -137,7 +141,9 @@ fn read_file(file: &Path) -> Result<FileObjects, FileError> {
             "" => {
                 return Err(error(position, None, "kind: is required".into()));
             }
-            other => tracing::debug!(file = %file.display(), kind = other, "kind not used by switchboard; skipped"),
+            other => {
+                tracing::debug!(file = %file.display(), kind = other, "kind not used by switchboard; skipped")
+            }
         }
     }
     Ok(objects)
@@ -202,7 +208,10 @@ fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>) {
     let (snapshot, errors) = match manifests.read() {
         Ok(read) => read,
         Err(error) => {
-            tracing::error!("cannot read {}: {error}; the programmed state stays in effect", manifests.dir().display());
+            tracing::error!(
+                "cannot read {}: {error}; the programmed state stays in effect",
+                manifests.dir().display()
+            );
             return;
         }
     };
