@@ -19,6 +19,8 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "bpftool",
     "iproute2",
+    "iptables",
+    "nftables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use aya::{Ebpf, EbpfLoader};
-use lb_common::map_names;
+use lb_common::{capacity, map_names};
 
 /// The datapath object, built from `lb-ebpf` by this crate's build script.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -20,8 +20,32 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
 }
 
+/// How many entries each map holds. A pinned map keeps the size it was created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub backends: u32,
+    pub backend_slots: u32,
+    pub conntrack: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            backend_slots: capacity::BACKEND_SLOTS,
+            conntrack: capacity::CONNTRACK,
+        }
+    }
+}
+
 impl Datapath {
     pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+        Self::load_with_capacity(pin_dir, Capacity::default())
+    }
+
+    pub fn load_with_capacity(pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
         maps::drop_incompatible_pins(pin_dir)?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
@@ -32,6 +56,11 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        loader
+            .map_max_entries(map_names::SERVICES, capacity.services)
+            .map_max_entries(map_names::BACKENDS, capacity.backends)
+            .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
+            .map_max_entries(map_names::CONNTRACK, capacity.conntrack);
         let ebpf = loader.load(OBJECT).map_err(|error| {
             anyhow::Error::new(error).context(
                 "cannot load the eBPF datapath: switchboard needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
