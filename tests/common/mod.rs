@@ -2,6 +2,8 @@
 //! maps programmed through the real reconciler.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod fake_api;
+
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},

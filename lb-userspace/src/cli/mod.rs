@@ -22,7 +22,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the agent: load and attach the datapath, program services from manifests, follow changes.
+    /// Run the agent: attach the datapath, program Services from the Kubernetes API (or a manifest
+    /// directory) and follow every change.
     Run(run::Args),
     /// Show the load balancer working on network-namespace pods, then clean up (needs root).
     Demo(demo::Args),

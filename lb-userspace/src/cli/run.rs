@@ -13,23 +13,33 @@ use crate::{
         Datapath,
         attach::{self, Attacher},
     },
-    model,
+    model::{self, EndpointsFrom},
     reconcile::{self, Reconciler},
     source::{
-        Snapshot,
+        self, Snapshot,
         manifests::{self, ManifestDir},
     },
 };
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Directory of Service and Pod manifests (YAML or JSON, as given to `kubectl apply`);
-    /// re-read whenever a file in it changes.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    /// Read Services, Pods and EndpointSlices from this directory (YAML or JSON, as given to
+    /// `kubectl apply`) instead of the Kubernetes API; re-read whenever a file in it changes.
+    #[arg(long, env = "SWITCHBOARD_MANIFESTS", value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    #[command(flatten)]
+    pub connection: source::kube::Connection,
+    /// Where endpoints come from [default: slices from the API, pods from --manifests]. With
+    /// `pods`, each Service's selector is evaluated against Pods (selector-less Services still
+    /// use EndpointSlices).
+    #[arg(long, value_enum, value_name = "SOURCE")]
+    pub endpoints_from: Option<EndpointsFrom>,
+    /// This node's name (for traffic policies `Local`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     /// Glob matching the host-side interfaces of pods, e.g. 'veth*' or 'cali*'. Interfaces that
     /// appear later are attached too.
-    #[arg(long, value_name = "PATTERN")]
+    #[arg(long, env = "SWITCHBOARD_INTERFACES", value_name = "PATTERN")]
     pub interfaces: String,
     #[command(flatten)]
     pub pin_dir: PinDir,
@@ -48,9 +58,21 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if !args.manifests.is_dir() {
-        anyhow::bail!("--manifests {}: not a directory", args.manifests.display());
+    if let Some(dir) = &args.manifests
+        && !dir.is_dir()
+    {
+        anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
+    let endpoints_from = args.endpoints_from.unwrap_or(if args.manifests.is_some() {
+        EndpointsFrom::Pods
+    } else {
+        EndpointsFrom::Slices
+    });
+    // Connect before touching the kernel, so a bad configuration fails fast and changes nothing.
+    let client = match &args.manifests {
+        Some(_) => None,
+        None => Some(args.connection.client().await?),
+    };
     let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
     let mut maps = datapath.maps()?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
@@ -64,7 +86,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     attacher.sync(&mut datapath.ebpf)?;
 
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
-    let source = tokio::spawn(manifests::watch(ManifestDir::new(&args.manifests), snapshots_tx));
+    let source = match (&args.manifests, client) {
+        (Some(dir), _) => tokio::spawn(manifests::watch(ManifestDir::new(dir), snapshots_tx)),
+        (None, Some(client)) => tokio::spawn(source::kube::watch(client, endpoints_from, snapshots_tx)),
+        (None, None) => unreachable!("a client is made whenever there is no manifest directory"),
+    };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -76,7 +102,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     return source.await?.context("the manifest source stopped");
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&snapshot, &mut reconciler, &mut maps);
+                sync(&snapshot, endpoints_from, &mut reconciler, &mut maps);
             }
             () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
             _ = rescan.tick() => attacher.sync(&mut datapath.ebpf)?,
@@ -95,8 +121,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// One pass of source → model → plan → maps.
-fn sync(snapshot: &Snapshot, reconciler: &mut Reconciler, maps: &mut crate::datapath::maps::ServiceMaps) {
-    let model = model::build(&snapshot.services, &snapshot.pods);
+fn sync(snapshot: &Snapshot, endpoints_from: EndpointsFrom, reconciler: &mut Reconciler, maps: &mut crate::datapath::maps::ServiceMaps) {
+    let model = model::compute(&model::Input {
+        services: &snapshot.services,
+        pods: &snapshot.pods,
+        endpoint_slices: &snapshot.endpoint_slices,
+        endpoints_from,
+    });
     for warning in &model.warnings {
         tracing::warn!("{warning}");
     }

@@ -3,23 +3,28 @@
 //! Every Kubernetes Service semantic lives here and nowhere else; there is no I/O, so the rules are
 //! unit-tested directly. Sources feed it typed k8s-openapi objects; the reconciler consumes its
 //! [`Frontend`]s.
+mod endpoints;
 pub mod selector;
 mod validate;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use k8s_openapi::{
-    api::core::v1::{Pod, Service, ServicePort},
-    apimachinery::pkg::util::intstr::IntOrString,
+use k8s_openapi::api::{
+    core::v1::{Pod, Service, ServicePort, ServiceSpec},
+    discovery::v1::EndpointSlice,
 };
 
-use self::selector::Selector;
-pub use self::validate::{FieldError, validate_pod, validate_service};
+pub use self::validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service};
+use self::endpoints::EndpointSource;
 
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services carrying this label are headless whatever their spec says.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Session affinity timeout when `sessionAffinityConfig` does not give one (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -58,18 +63,47 @@ impl fmt::Display for ServiceName {
     }
 }
 
+/// How clients reach a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    /// Every node address at `port` (the frontend's address is the unspecified address of its
+    /// family).
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl FrontendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "ExternalIP",
+        }
+    }
+
+    /// Traffic from outside the cluster, subject to `externalTrafficPolicy`.
+    pub fn is_external(self) -> bool {
+        self != Self::ClusterIp
+    }
+}
+
 /// One address:port/protocol that clients dial, and the endpoints behind it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     pub service: ServiceName,
     /// The Service port's name (may be empty for a single-port Service).
     pub port_name: String,
+    pub kind: FrontendKind,
     pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
     /// Endpoints new connections may go to, sorted by address and port. Empty: the service has
     /// no endpoints and connections to it fail.
     pub backends: Vec<Endpoint>,
+    pub policy: Policy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,6 +112,25 @@ pub struct Endpoint {
     pub port: u16,
     /// The pod behind the endpoint, for people reading status output.
     pub pod: String,
+    /// The node it runs on, when known (traffic policies `Local` use it).
+    pub node_name: Option<String>,
+    pub zone: Option<String>,
+    /// Serving but terminating: used only while no ready endpoint exists.
+    pub terminating: bool,
+}
+
+/// The per-Service settings a frontend carries to the datapath.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// `sessionAffinity: ClientIP`, with its timeout in seconds.
+    pub affinity_timeout_seconds: Option<u32>,
+    /// `externalTrafficPolicy: Local` (external frontends only use this node's endpoints).
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local` (the ClusterIP only uses this node's endpoints).
+    pub internal_local: bool,
+    /// `loadBalancerSourceRanges` (CIDRs), applying to LoadBalancer frontends only.
+    pub source_ranges: Vec<String>,
+    pub health_check_node_port: Option<u16>,
 }
 
 /// Something in the input the model had to pass over, said about the object it concerns.
@@ -99,11 +152,41 @@ pub struct Model {
     pub warnings: Vec<Warning>,
 }
 
+/// Where a Service's endpoints come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndpointsFrom {
+    /// EndpointSlices, as a cluster publishes them (the only source for selector-less Services).
+    #[default]
+    Slices,
+    /// The Service's label selector evaluated against Pods; selector-less Services still use
+    /// EndpointSlices.
+    Pods,
+}
+
+/// Everything the model reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Input<'a> {
+    pub services: &'a [Service],
+    pub pods: &'a [Pod],
+    pub endpoint_slices: &'a [EndpointSlice],
+    pub endpoints_from: EndpointsFrom,
+}
+
 /// Computes every frontend from Services and the Pods their selectors match.
 pub fn build(services: &[Service], pods: &[Pod]) -> Model {
+    compute(&Input {
+        services,
+        pods,
+        endpoint_slices: &[],
+        endpoints_from: EndpointsFrom::Pods,
+    })
+}
+
+/// Computes every frontend of every proxied Service with its endpoints.
+pub fn compute(input: &Input<'_>) -> Model {
     let mut model = Model::default();
-    let pods_by_namespace = group_by_namespace(pods);
-    for service in services {
+    let source = EndpointSource::new(input);
+    for service in input.services {
         let Some(name) = service_name(service) else {
             continue;
         };
@@ -112,45 +195,41 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
             continue;
         }
         let spec = service.spec.as_ref().expect("skip_reason checks the spec");
-        let addresses = cluster_ips(service);
-        if addresses.is_empty() {
+        let cluster_ips = parsed_ips(cluster_ip_texts(spec));
+        if cluster_ips.is_empty() {
             model.warn(
                 &name,
                 "has no spec.clusterIP; without an API server to allocate one, set it in the manifest",
             );
             continue;
         }
-        let selector = spec.selector.as_ref().map(Selector::from_map).unwrap_or_default();
-        let namespace_pods = pods_by_namespace
-            .get(name.namespace.as_str())
-            .map_or(&[][..], Vec::as_slice);
+        let policy = policy(spec);
         for port in spec.ports.iter().flatten() {
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
                 let protocol = port.protocol.as_deref().unwrap_or_default();
-                model.warn(
-                    &name,
-                    &format!("port {}: protocol {protocol} is not supported yet", port.port),
-                );
+                model.warn(&name, &format!("port {}: protocol {protocol} is not supported yet", port.port));
                 continue;
             };
             let Ok(port_number) = u16::try_from(port.port) else {
                 continue;
             };
-            for &address in &addresses {
-                let backends = endpoints(&selector, namespace_pods, port, protocol, address.is_ipv4());
+            for (kind, address, frontend_port) in frontend_addresses(service, spec, &cluster_ips, port, port_number) {
+                let backends = source.endpoints(service, &name, port, protocol, address.is_ipv4());
                 model.frontends.push(Frontend {
                     service: name.clone(),
                     port_name: port.name.clone().unwrap_or_default(),
+                    kind,
                     address,
-                    port: port_number,
+                    port: frontend_port,
                     protocol,
                     backends,
+                    policy: policy.clone(),
                 });
             }
         }
     }
     model.frontends.sort_by(|a, b| {
-        (&a.service, a.address, a.port, a.protocol).cmp(&(&b.service, b.address, b.port, b.protocol))
+        (&a.service, a.kind, a.address, a.port, a.protocol).cmp(&(&b.service, b.kind, b.address, b.port, b.protocol))
     });
     model
 }
@@ -166,11 +245,7 @@ impl Model {
 
 fn service_name(service: &Service) -> Option<ServiceName> {
     Some(ServiceName {
-        namespace: service
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
+        namespace: service.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         name: service.metadata.name.clone()?,
     })
 }
@@ -196,128 +271,80 @@ fn skip_reason(service: &Service) -> Option<&'static str> {
     None
 }
 
-/// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent; unparsable entries are left to
-/// validation, which reports them.
-fn cluster_ips(service: &Service) -> Vec<IpAddr> {
-    let Some(spec) = service.spec.as_ref() else {
-        return Vec::new();
-    };
-    let listed = spec.cluster_ips.iter().flatten();
-    let single = spec.cluster_ip.iter();
-    let texts: Vec<&String> = if spec.cluster_ips.as_ref().is_some_and(|ips| !ips.is_empty()) {
-        listed.collect()
-    } else {
-        single.collect()
-    };
+/// `spec.clusterIPs`, or `spec.clusterIP` when the list is absent.
+fn cluster_ip_texts(spec: &ServiceSpec) -> Vec<&str> {
+    match spec.cluster_ips.as_deref() {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    }
+}
+
+/// Parsable addresses only; validation reports the others.
+fn parsed_ips<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<IpAddr> {
     texts.into_iter().filter_map(|ip| ip.parse().ok()).collect()
 }
 
-fn group_by_namespace(pods: &[Pod]) -> BTreeMap<&str, Vec<&Pod>> {
-    let mut groups: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-    for pod in pods {
-        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
-        groups.entry(namespace).or_default().push(pod);
+/// Every (kind, address, port) a Service port is reachable at.
+fn frontend_addresses(
+    service: &Service,
+    spec: &ServiceSpec,
+    cluster_ips: &[IpAddr],
+    port: &ServicePort,
+    port_number: u16,
+) -> Vec<(FrontendKind, IpAddr, u16)> {
+    let mut addresses: Vec<_> = cluster_ips.iter().map(|ip| (FrontendKind::ClusterIp, *ip, port_number)).collect();
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if matches!(type_, "NodePort" | "LoadBalancer")
+        && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok())
+    {
+        for family_ip in cluster_ips {
+            let any = if family_ip.is_ipv4() {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u8; 16])
+            };
+            addresses.push((FrontendKind::NodePort, any, node_port));
+        }
+    }
+    if type_ == "LoadBalancer" {
+        let ingress = service.status.iter().flat_map(|s| s.load_balancer.iter()).flat_map(|lb| lb.ingress.iter().flatten());
+        // ipMode Proxy means the load balancer delivers to the node, not to the VIP.
+        let vips = ingress.filter(|i| i.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"));
+        for ip in parsed_ips(vips.filter_map(|i| i.ip.as_deref())) {
+            addresses.push((FrontendKind::LoadBalancer, ip, port_number));
+        }
+    }
+    for ip in parsed_ips(spec.external_ips.iter().flatten().map(String::as_str)) {
+        addresses.push((FrontendKind::ExternalIp, ip, port_number));
+    }
+    addresses
+}
+
+fn policy(spec: &ServiceSpec) -> Policy {
+    let affinity_timeout_seconds = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+    });
+    Policy {
+        affinity_timeout_seconds,
+        external_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+        internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+        source_ranges: spec.load_balancer_source_ranges.clone().unwrap_or_default(),
+        health_check_node_port: spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()),
+    }
+}
+
+/// Groups objects by namespace (absent means `default`).
+fn by_namespace<T>(objects: &[T], namespace: impl Fn(&T) -> Option<&str>) -> BTreeMap<String, Vec<&T>> {
+    let mut groups: BTreeMap<String, Vec<&T>> = BTreeMap::new();
+    for object in objects {
+        groups.entry(namespace(object).unwrap_or("default").to_owned()).or_default().push(object);
     }
     groups
-}
-
-/// The endpoints of one Service port: ready pods; serving but terminating pods only when no pod
-/// is ready, so connections drain to them rather than fail.
-fn endpoints(
-    selector: &Selector,
-    pods: &[&Pod],
-    port: &ServicePort,
-    protocol: Protocol,
-    ipv4: bool,
-) -> Vec<Endpoint> {
-    // An empty or absent selector selects no pods (its endpoints are managed elsewhere).
-    if selector.is_empty() {
-        return Vec::new();
-    }
-    let (mut ready, mut terminating) = (Vec::new(), Vec::new());
-    for pod in pods {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.matches(&labels) {
-            continue;
-        }
-        let Some(state) = pod_state(pod) else { continue };
-        if !state.serving {
-            continue;
-        }
-        let Some(address) = pod_ip(pod, ipv4) else {
-            continue;
-        };
-        let Some(target) = target_port(pod, port, protocol) else {
-            continue;
-        };
-        let endpoint = Endpoint {
-            address,
-            port: target,
-            pod: pod.metadata.name.clone().unwrap_or_default(),
-        };
-        if state.terminating {
-            terminating.push(endpoint);
-        } else {
-            ready.push(endpoint);
-        }
-    }
-    let mut chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.sort();
-    chosen.dedup_by(|a, b| a.address == b.address && a.port == b.port);
-    chosen
-}
-
-struct PodState {
-    /// The Ready condition is True (for a terminating pod: it still serves).
-    serving: bool,
-    terminating: bool,
-}
-
-/// `None` for pods that have finished: they never serve again.
-fn pod_state(pod: &Pod) -> Option<PodState> {
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return None;
-    }
-    let serving = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Ready" && c.status == "True");
-    Some(PodState {
-        serving,
-        terminating: pod.metadata.deletion_timestamp.is_some(),
-    })
-}
-
-/// The pod's address in the frontend's family: `status.podIPs`, else `status.podIP`.
-fn pod_ip(pod: &Pod, ipv4: bool) -> Option<IpAddr> {
-    let status = pod.status.as_ref()?;
-    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
-    listed
-        .chain(status.pod_ip.as_deref())
-        .filter_map(|ip| ip.parse::<IpAddr>().ok())
-        .find(|ip| ip.is_ipv4() == ipv4)
-}
-
-/// `targetPort` for this pod: a number, a named container port of the same protocol (it may
-/// differ between pods), or the Service port when unset. `None` when the name is not found.
-fn target_port(pod: &Pod, port: &ServicePort, protocol: Protocol) -> Option<u16> {
-    match &port.target_port {
-        None => u16::try_from(port.port).ok(),
-        Some(IntOrString::Int(number)) => u16::try_from(*number).ok().filter(|n| *n != 0),
-        Some(IntOrString::String(name)) => pod
-            .spec
-            .as_ref()?
-            .containers
-            .iter()
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| {
-                p.name.as_deref() == Some(name.as_str())
-                    && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
-            })
-            .and_then(|p| u16::try_from(p.container_port).ok()),
-    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,10 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
@@ -122,6 +125,36 @@ pub fn validate_pod(pod: &Pod) -> Vec<FieldError> {
                     format!("status.podIPs[{i}].ip"),
                     format!("{:?} is not an IP address", ip.ip),
                 );
+            }
+        }
+    }
+    errors.0
+}
+
+pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
+    let mut errors = Errors::default();
+    if slice.metadata.name.as_deref().is_none_or(str::is_empty) {
+        errors.add("metadata.name", "is required");
+    }
+    labels(&mut errors, "metadata.labels", slice.metadata.labels.as_ref());
+    if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6" | "FQDN") {
+        errors.add("addressType", format!("{:?} is not IPv4, IPv6 or FQDN", slice.address_type));
+    }
+    for (i, port) in slice.ports.iter().flatten().enumerate() {
+        if let Some(number) = port.port {
+            port_number(&mut errors, &format!("ports[{i}].port"), number);
+        }
+        let protocol = port.protocol.as_deref().unwrap_or("TCP");
+        if !matches!(protocol, "TCP" | "UDP" | "SCTP") {
+            errors.add(format!("ports[{i}].protocol"), format!("{protocol:?} is not TCP, UDP or SCTP"));
+        }
+    }
+    if slice.address_type != "FQDN" {
+        for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+            for (j, address) in endpoint.addresses.iter().enumerate() {
+                if address.parse::<IpAddr>().is_err() {
+                    errors.add(format!("endpoints[{i}].addresses[{j}]"), format!("{address:?} is not an IP address"));
+                }
             }
         }
     }

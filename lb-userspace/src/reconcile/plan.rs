@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
-use crate::model::{Model, Protocol};
+use crate::model::{FrontendKind, Model, Protocol};
 
 /// A backend's IPv4 address and port, as the maps store them.
 pub type BackendAddr = ([u8; 4], u16);
@@ -22,7 +22,9 @@ pub struct DesiredService {
 pub fn plan(model: &Model) -> BTreeMap<ServiceKey, DesiredService> {
     let mut desired = BTreeMap::new();
     let mut ipv6 = 0;
-    for frontend in &model.frontends {
+    // NodePort, LoadBalancer and external IPs are carried by the model; their datapath is the
+    // XDP program still to come.
+    for frontend in model.frontends.iter().filter(|f| f.kind == FrontendKind::ClusterIp) {
         let IpAddr::V4(address) = frontend.address else {
             ipv6 += 1;
             continue;

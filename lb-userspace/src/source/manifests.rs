@@ -1,5 +1,5 @@
-//! `FileSource`: a directory of the YAML or JSON a user would give `kubectl apply` (Services, and
-//! Pods with their `status.podIP` and Ready condition), re-read when its files change.
+//! `FileSource`: a directory of the YAML or JSON a user would give `kubectl apply` (Services, Pods
+//! with their `status.podIP` and Ready condition, EndpointSlices), re-read when its files change.
 //!
 //! A file that fails to parse or validate is reported by file, document and field, and the
 //! objects it last held intact keep being served: a half-saved edit never drops a service.
@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use notify::{RecursiveMode, Watcher as _};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -46,6 +49,7 @@ impl fmt::Display for FileError {
 struct FileObjects {
     services: Vec<Service>,
     pods: Vec<Pod>,
+    endpoint_slices: Vec<EndpointSlice>,
 }
 
 /// The directory and the last good contents of each of its files.
@@ -83,6 +87,7 @@ impl ManifestDir {
         for objects in self.last_good.values() {
             snapshot.services.extend(objects.services.iter().cloned());
             snapshot.pods.extend(objects.pods.iter().cloned());
+            snapshot.endpoint_slices.extend(objects.endpoint_slices.iter().cloned());
         }
         Ok((snapshot, errors))
     }
@@ -137,6 +142,11 @@ fn read_file(file: &Path) -> Result<FileObjects, FileError> {
                 let pod: Pod = typed(value).map_err(fail)?;
                 first_error(model::validate_pod(&pod)).map_err(fail)?;
                 objects.pods.push(pod);
+            }
+            "EndpointSlice" => {
+                let slice: EndpointSlice = typed(value).map_err(fail)?;
+                first_error(model::validate_endpoint_slice(&slice)).map_err(fail)?;
+                objects.endpoint_slices.push(slice);
             }
             "" => {
                 return Err(error(position, None, "kind: is required".into()));

@@ -1,0 +1,221 @@
+//! A Service port's endpoints, from EndpointSlices or from the Pods its selector matches. Either
+//! way: ready endpoints; serving but terminating ones only when none is ready, so connections
+//! drain to them rather than fail.
+use std::{collections::BTreeMap, net::IpAddr};
+
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{Endpoint, EndpointsFrom, Input, Protocol, SERVICE_NAME_LABEL, ServiceName, by_namespace, selector::Selector};
+
+/// The inputs indexed for per-Service lookups.
+pub(super) struct EndpointSource<'a> {
+    endpoints_from: EndpointsFrom,
+    pods: BTreeMap<String, Vec<&'a Pod>>,
+    /// Slices by (namespace, service name), from their `kubernetes.io/service-name` label;
+    /// slices without it belong to no Service.
+    slices: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,
+}
+
+impl<'a> EndpointSource<'a> {
+    pub(super) fn new(input: &Input<'a>) -> Self {
+        let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+        for slice in input.endpoint_slices {
+            let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+                continue;
+            };
+            let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            slices.entry((namespace, service.clone())).or_default().push(slice);
+        }
+        Self {
+            endpoints_from: input.endpoints_from,
+            pods: by_namespace(input.pods, |p| p.metadata.namespace.as_deref()),
+            slices,
+        }
+    }
+
+    /// The endpoints of one Service port in one address family.
+    pub(super) fn endpoints(
+        &self,
+        service: &Service,
+        name: &ServiceName,
+        port: &ServicePort,
+        protocol: Protocol,
+        ipv4: bool,
+    ) -> Vec<Endpoint> {
+        let selector = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .map(Selector::from_map)
+            .unwrap_or_default();
+        // Pods are only consulted through a selector; a Service without one has its endpoints
+        // written for it as EndpointSlices.
+        let candidates = if self.endpoints_from == EndpointsFrom::Pods && !selector.is_empty() {
+            let pods = self.pods.get(&name.namespace).map_or(&[][..], Vec::as_slice);
+            from_pods(&selector, pods, port, protocol, ipv4)
+        } else {
+            let key = (name.namespace.clone(), name.name.clone());
+            let slices = self.slices.get(&key).map_or(&[][..], Vec::as_slice);
+            from_slices(slices, port, protocol, ipv4)
+        };
+        usable(candidates)
+    }
+}
+
+/// Ready endpoints if there are any, else the serving terminating ones; sorted, one per address
+/// and port.
+fn usable(mut candidates: Vec<Endpoint>) -> Vec<Endpoint> {
+    if candidates.iter().any(|e| !e.terminating) {
+        candidates.retain(|e| !e.terminating);
+    }
+    candidates.sort();
+    candidates.dedup_by(|a, b| a.address == b.address && a.port == b.port);
+    candidates
+}
+
+/// Serving endpoints from EndpointSlices. Missing `ready`/`serving` mean true, missing
+/// `terminating` false; only the first address of an endpoint counts; an address listed by two
+/// slices counts once, preferring the non-terminating entry.
+fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, protocol: Protocol, ipv4: bool) -> Vec<Endpoint> {
+    let family = if ipv4 { "IPv4" } else { "IPv6" };
+    let mut by_address: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.address_type == family) {
+        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
+                && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
+        }) else {
+            continue;
+        };
+        let Some(number) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+            continue;
+        };
+        for endpoint in slice.endpoints.iter().flatten() {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let ready = conditions.ready.unwrap_or(true);
+            let serving = conditions.serving.unwrap_or(true);
+            let terminating = conditions.terminating.unwrap_or(false);
+            let usable = if terminating { serving } else { ready };
+            let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            if !usable || address.is_ipv4() != ipv4 {
+                continue;
+            }
+            let candidate = Endpoint {
+                address,
+                port: number,
+                pod: endpoint
+                    .target_ref
+                    .as_ref()
+                    .and_then(|r| r.name.clone())
+                    .unwrap_or_else(|| address.to_string()),
+                node_name: endpoint.node_name.clone(),
+                zone: endpoint.zone.clone(),
+                terminating,
+            };
+            by_address
+                .entry((address, number))
+                .and_modify(|existing| {
+                    if existing.terminating && !candidate.terminating {
+                        *existing = candidate.clone();
+                    }
+                })
+                .or_insert(candidate);
+        }
+    }
+    by_address.into_values().collect()
+}
+
+/// Serving endpoints from the Pods `selector` matches (an empty selector matches none).
+fn from_pods(selector: &Selector, pods: &[&Pod], port: &ServicePort, protocol: Protocol, ipv4: bool) -> Vec<Endpoint> {
+    if selector.is_empty() {
+        return Vec::new();
+    }
+    let mut endpoints = Vec::new();
+    for pod in pods {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if !selector.matches(&labels) {
+            continue;
+        }
+        let Some(state) = pod_state(pod) else {
+            continue;
+        };
+        if !state.serving {
+            continue;
+        }
+        let Some(address) = pod_ip(pod, ipv4) else {
+            continue;
+        };
+        let Some(target) = target_port(pod, port, protocol) else {
+            continue;
+        };
+        endpoints.push(Endpoint {
+            address,
+            port: target,
+            pod: pod.metadata.name.clone().unwrap_or_default(),
+            node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+            zone: None,
+            terminating: state.terminating,
+        });
+    }
+    endpoints
+}
+
+struct PodState {
+    /// The Ready condition is True (for a terminating pod: it still serves).
+    serving: bool,
+    terminating: bool,
+}
+
+/// `None` for pods that have finished: they never serve again.
+fn pod_state(pod: &Pod) -> Option<PodState> {
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let serving = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    Some(PodState {
+        serving,
+        terminating: pod.metadata.deletion_timestamp.is_some(),
+    })
+}
+
+/// The pod's address in the frontend's family: `status.podIPs`, else `status.podIP`.
+fn pod_ip(pod: &Pod, ipv4: bool) -> Option<IpAddr> {
+    let status = pod.status.as_ref()?;
+    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+    listed
+        .chain(status.pod_ip.as_deref())
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .find(|ip| ip.is_ipv4() == ipv4)
+}
+
+/// `targetPort` for this pod: a number, a named container port of the same protocol (it may
+/// differ between pods), or the Service port when unset. `None` when the name is not found.
+fn target_port(pod: &Pod, port: &ServicePort, protocol: Protocol) -> Option<u16> {
+    match &port.target_port {
+        None => u16::try_from(port.port).ok(),
+        Some(IntOrString::Int(number)) => u16::try_from(*number).ok().filter(|n| *n != 0),
+        Some(IntOrString::String(name)) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| {
+                p.name.as_deref() == Some(name.as_str())
+                    && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
+            })
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}

@@ -1,0 +1,172 @@
+//! The agent against a Kubernetes API: the real `switchboard run --api-server …` binary, an
+//! in-process API server speaking list/watch, and the kernel's pinned maps asserted after every
+//! step: initial list, watch events, a cut watch, a 410 Gone forcing a re-list, an API server
+//! that is down and comes back.
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{PinDir, fake_api::FakeApi, require_root};
+use lb_common::{IPPROTO_TCP, ServiceKey};
+use lb_userspace::datapath::maps::ServiceMaps;
+use serde_json::{Value, json};
+
+fn service(name: &str, cluster_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip], "selector": {"app": name},
+                 "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 3000}]}
+    })
+}
+
+/// The EndpointSlice the endpoints controller would write for `service` with these pod IPs.
+fn slice(service: &str, ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-a"}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-abcde"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 3000}],
+        "endpoints": endpoints
+    })
+}
+
+struct Agent {
+    child: Child,
+    pins: PinDir,
+}
+
+impl Agent {
+    fn start(api: &FakeApi, tag: &str) -> Self {
+        require_root();
+        let pins = PinDir::new(tag);
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["run", "--api-server", &api.url(), "--interfaces", "sbt-none-*", "--pin-dir"])
+            .arg(pins.path())
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self { child, pins }
+    }
+
+    /// Backend count of ClusterIP:80/TCP as the kernel holds it (`None`: no such frontend).
+    fn backends(&self, cluster_ip: [u8; 4]) -> Option<u32> {
+        let key = ServiceKey { addr: cluster_ip, port: 80, proto: IPPROTO_TCP, pad: 0 };
+        let maps = ServiceMaps::open(self.pins.path()).ok()?;
+        maps.services.get(&key, 0).ok().map(|info| info.backend_count)
+    }
+
+    fn wait_for(&self, cluster_ip: [u8; 4], expected: Option<u32>, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while self.backends(cluster_ip) != expected {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: expected {expected:?} backends, the maps hold {:?}",
+                self.backends(cluster_ip)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const WEB: [u8; 4] = [10, 96, 0, 10];
+const API: [u8; 4] = [10, 96, 0, 20];
+
+#[test]
+fn list_then_watch_events_are_programmed() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10"));
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11", "10.244.0.12"]));
+    let agent = Agent::start(&api, "kl");
+    agent.wait_for(WEB, Some(3), "after the initial list");
+
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11"]));
+    agent.wait_for(WEB, Some(2), "after an EndpointSlice MODIFIED event");
+
+    api.apply(service("api", "10.96.0.20"));
+    agent.wait_for(API, Some(0), "a new Service without endpoints yet");
+    api.apply(slice("api", &["10.244.0.20"]));
+    agent.wait_for(API, Some(1), "its EndpointSlice");
+
+    api.delete(&service("api", "10.96.0.20"));
+    agent.wait_for(API, None, "after the Service was DELETED");
+    assert_eq!(agent.backends(WEB), Some(2), "other services are untouched");
+}
+
+#[test]
+fn nothing_is_programmed_before_every_kind_is_listed() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10"));
+    api.apply(slice("web", &["10.244.0.10"]));
+    api.hold_lists("/apis/discovery.k8s.io/v1/endpointslices");
+    let agent = Agent::start(&api, "kh");
+    // Services are listed, EndpointSlices are not: programming web now would give it no
+    // endpoints and reject its traffic, so nothing may be programmed yet.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        assert_eq!(agent.backends(WEB), None, "programmed before the EndpointSlices were listed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(api.requests().iter().any(|r| r.contains("/api/v1/services")), "the agent did list Services");
+    api.release();
+    agent.wait_for(WEB, Some(1), "once every kind is listed");
+}
+
+#[test]
+fn a_cut_watch_and_a_410_gone_are_survived() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10"));
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11", "10.244.0.12"]));
+    let agent = Agent::start(&api, "kw");
+    agent.wait_for(WEB, Some(3), "after the initial list");
+
+    api.cut_watches();
+    api.apply(slice("web", &["10.244.0.10"]));
+    agent.wait_for(WEB, Some(1), "an event after the watch was cut");
+
+    let lists_before = api.requests().iter().filter(|r| !r.contains("watch=true")).count();
+    api.apply_and_expire(slice("web", &["10.244.0.10", "10.244.0.11"]));
+    agent.wait_for(WEB, Some(2), "a change only a re-list can see, after 410 Gone");
+    let lists_after = api.requests().iter().filter(|r| !r.contains("watch=true")).count();
+    assert!(lists_after > lists_before, "the 410 forced a re-list");
+}
+
+#[test]
+fn an_api_server_that_is_down_leaves_the_maps_serving_and_is_caught_up_with() {
+    let api = FakeApi::start();
+    api.apply(service("web", "10.96.0.10"));
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11", "10.244.0.12"]));
+    let mut agent = Agent::start(&api, "kd");
+    agent.wait_for(WEB, Some(3), "after the initial list");
+
+    api.set_down(true);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        assert_eq!(agent.backends(WEB), Some(3), "the last programmed state keeps serving while the API is down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent survives the outage");
+    // What changed while the agent could not see it arrives with the re-list.
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11"]));
+    api.apply(service("api", "10.96.0.20"));
+    api.set_down(false);
+    agent.wait_for(WEB, Some(2), "after the API came back");
+    agent.wait_for(API, Some(0), "a Service created during the outage");
+}
