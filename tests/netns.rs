@@ -4,9 +4,14 @@ mod common;
 
 use std::{
     collections::BTreeMap,
+    io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
     path::Path,
-    process::{Child, Command},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -70,13 +75,7 @@ impl Cluster {
         std::fs::write(manifests.path().join("services.yaml"), services.join("---\n")).unwrap();
 
         let pins = PinDir::new(tag);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        command
-            .args(["run", "--interfaces", &lab.interface_pattern(), "--manifests"])
-            .arg(manifests.path())
-            .arg("--pin-dir")
-            .arg(pins.path());
-        let agent = lab.node.spawn(&mut command).unwrap();
+        let agent = spawn_agent(&lab, manifests.path(), pins.path(), Stdio::inherit());
         let cluster = Self {
             agent,
             http,
@@ -128,6 +127,31 @@ impl Drop for Cluster {
         let _ = self.agent.kill();
         let _ = self.agent.wait();
     }
+}
+
+fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
+        .args(["--log-format", "json", "run", "--interfaces", &lab.interface_pattern(), "--manifests"])
+        .arg(manifests)
+        .arg("--pin-dir")
+        .arg(pins)
+        .stderr(logs);
+    lab.node.spawn(&mut command).unwrap()
+}
+
+/// The agent's JSON log events, line by line, from its piped stderr.
+fn log_events(agent: &mut Child) -> mpsc::Receiver<serde_json::Value> {
+    let stderr = agent.stderr.take().expect("stderr is piped");
+    let (events, received) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str(&line) {
+                let _ = events.send(event);
+            }
+        }
+    });
+    received
 }
 
 fn write_pods(dir: &Path, pods: &[(&str, Ipv4Addr)]) {
@@ -276,4 +300,46 @@ fn a_pod_added_after_the_agent_started_is_balanced_to_and_from() {
         assert!(Instant::now() < deadline, "the late pod never got a connection");
         servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
     }
+}
+
+#[test]
+fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_nothing() {
+    let mut cluster = Cluster::start("nk");
+    let (stop, ok, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    let first_sync = std::thread::scope(|scope| {
+        let client = &cluster.lab.pod(CLIENT.0).ns;
+        scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                match servers::http_get(client, WEB, 80, TIMEOUT) {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // kill -9: no cleanup at all. The pinned links and maps keep the datapath serving.
+        cluster.agent.kill().unwrap();
+        cluster.agent.wait().unwrap();
+        let served_at_kill = ok.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(ok.load(Ordering::SeqCst) > served_at_kill, "connections kept succeeding with no agent running");
+
+        cluster.agent = spawn_agent(&cluster.lab, cluster.manifests.path(), cluster.pins.path(), Stdio::piped());
+        let events = log_events(&mut cluster.agent);
+        let first_sync = events
+            .iter()
+            .find(|event| event["fields"]["message"] == "maps in sync")
+            .expect("the restarted agent synced");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        first_sync
+    });
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no connection failed across the kill and restart");
+    assert!(ok.load(Ordering::SeqCst) >= 50, "the client kept connecting: {} connections", ok.load(Ordering::SeqCst));
+    let fields = &first_sync["fields"];
+    assert_eq!(
+        (fields["writes"].as_u64(), fields["deletes"].as_u64()),
+        (Some(0), Some(0)),
+        "the restarted agent rewrote nothing that did not change: {first_sync}"
+    );
 }

@@ -41,6 +41,11 @@ pub struct Args {
     /// appear later are attached too.
     #[arg(long, env = "SWITCHBOARD_INTERFACES", value_name = "PATTERN")]
     pub interfaces: String,
+    /// On SIGTERM/SIGINT leave the programs attached (the links stay pinned), so traffic keeps
+    /// flowing until the next agent takes over, as a DaemonSet rollout wants. Without it the
+    /// agent detaches on exit. A killed agent always leaves them attached.
+    #[arg(long, env = "SWITCHBOARD_KEEP_DATAPATH")]
+    pub keep_datapath: bool,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -80,7 +85,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         services = reconciler.programmed().services.len(),
         "recovered the programmed state from the pinned maps"
     );
-    let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces)?;
+    let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces, &args.pin_dir.pin_dir)?;
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
     attacher.sync(&mut datapath.ebpf)?;
@@ -111,12 +116,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let interfaces = attacher.interfaces().len();
-    drop(attacher);
-    tracing::info!(
-        interfaces,
-        "detached; maps stay pinned in {}",
-        args.pin_dir.pin_dir.display()
-    );
+    if args.keep_datapath {
+        tracing::info!(interfaces, "exiting; the datapath stays attached and keeps serving");
+    } else {
+        attacher.detach_all();
+        tracing::info!(interfaces, "detached; maps stay pinned in {}", args.pin_dir.pin_dir.display());
+    }
     Ok(())
 }
 
