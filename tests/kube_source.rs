@@ -108,6 +108,18 @@ fn list_then_watch_events_are_programmed() {
     api.delete(&service("api", "10.96.0.20"));
     agent.wait_for(API, None, "after the Service was DELETED");
     assert_eq!(agent.backends(WEB), Some(2), "other services are untouched");
+
+    // The CLI reads the same API and the same maps.
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["get", "services", "-o", "json", "--api-server", &api.url(), "--pin-dir"])
+        .arg(agent.pins.path())
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(rows, json!([{"service": "default/web", "kind": "ClusterIP", "frontend": "10.96.0.10:80/TCP",
+                             "endpoints": 2, "programmed": true}]));
 }
 
 #[test]

@@ -9,6 +9,8 @@ fn main() -> std::process::ExitCode {
         Command::Demo(args) => lb_userspace::cli::demo::main(args),
         Command::Status(args) => lb_userspace::cli::status::main(args),
         Command::Plan(args) => lb_userspace::cli::plan::main(args),
+        Command::Get(args) => lb_userspace::cli::get::main(args),
+        Command::Explain(args) => lb_userspace::cli::explain::main(args),
     };
     match result {
         Ok(code) => code,

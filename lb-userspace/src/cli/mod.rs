@@ -1,7 +1,10 @@
 //! The `switchboard` command line.
 pub mod demo;
+pub mod explain;
+pub mod get;
 pub mod plan;
 pub mod run;
+pub mod source;
 pub mod status;
 
 use std::path::PathBuf;
@@ -31,6 +34,10 @@ pub enum Command {
     Status(status::Args),
     /// Print the services and endpoints computed from manifests, without touching the kernel.
     Plan(plan::Args),
+    /// List services, endpoints (the model) or backends, conntrack (the kernel's maps).
+    Get(get::Args),
+    /// Say why a Service has the endpoints it has, and which pods nearly matched.
+    Explain(explain::Args),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -1,5 +1,5 @@
 //! `switchboard run`: the agent.
-use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
@@ -7,7 +7,7 @@ use tokio::{
     sync::{Notify, watch},
 };
 
-use super::PinDir;
+use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::{
         Datapath,
@@ -23,17 +23,8 @@ use crate::{
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Read Services, Pods and EndpointSlices from this directory (YAML or JSON, as given to
-    /// `kubectl apply`) instead of the Kubernetes API; re-read whenever a file in it changes.
-    #[arg(long, env = "SWITCHBOARD_MANIFESTS", value_name = "DIR")]
-    pub manifests: Option<PathBuf>,
     #[command(flatten)]
-    pub connection: source::kube::Connection,
-    /// Where endpoints come from [default: slices from the API, pods from --manifests]. With
-    /// `pods`, each Service's selector is evaluated against Pods (selector-less Services still
-    /// use EndpointSlices).
-    #[arg(long, value_enum, value_name = "SOURCE")]
-    pub endpoints_from: Option<EndpointsFrom>,
+    pub source: SourceArgs,
     /// This node's name (for traffic policies `Local`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -63,20 +54,16 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(dir) = &args.manifests
+    if let Some(dir) = &args.source.manifests
         && !dir.is_dir()
     {
         anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
-    let endpoints_from = args.endpoints_from.unwrap_or(if args.manifests.is_some() {
-        EndpointsFrom::Pods
-    } else {
-        EndpointsFrom::Slices
-    });
+    let endpoints_from = args.source.endpoints_from();
     // Connect before touching the kernel, so a bad configuration fails fast and changes nothing.
-    let client = match &args.manifests {
+    let client = match &args.source.manifests {
         Some(_) => None,
-        None => Some(args.connection.client().await?),
+        None => Some(args.source.connection.client().await?),
     };
     let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
     let mut maps = datapath.maps()?;
@@ -91,7 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     attacher.sync(&mut datapath.ebpf)?;
 
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
-    let source = match (&args.manifests, client) {
+    let source = match (&args.source.manifests, client) {
         (Some(dir), _) => tokio::spawn(manifests::watch(ManifestDir::new(dir), snapshots_tx)),
         (None, Some(client)) => tokio::spawn(source::kube::watch(client, endpoints_from, snapshots_tx)),
         (None, None) => unreachable!("a client is made whenever there is no manifest directory"),

@@ -4,6 +4,7 @@
 //! unit-tested directly. Sources feed it typed k8s-openapi objects; the reconciler consumes its
 //! [`Frontend`]s.
 mod endpoints;
+pub mod explain;
 pub mod selector;
 mod validate;
 

@@ -1,0 +1,312 @@
+//! `switchboard get services|endpoints|backends|conntrack`: kubectl-like tables (or JSON/YAML)
+//! of the model and of what the kernel holds.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+    process::ExitCode,
+};
+
+use lb_common::{IPPROTO_TCP, ServiceKey, ct_direction};
+use serde::Serialize;
+
+use super::{PinDir, source::SourceArgs};
+use crate::{
+    datapath::maps::ServiceMaps,
+    model::{FrontendKind, Model, Protocol},
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(value_enum)]
+    pub what: What,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub pin_dir: PinDir,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum What {
+    /// Every frontend of every Service (model), and whether the kernel has it programmed.
+    Services,
+    /// The endpoints behind every frontend (model).
+    Endpoints,
+    /// The backends the kernel holds (pinned maps).
+    Backends,
+    /// The flows the kernel tracks (pinned maps).
+    Conntrack,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    match args.what {
+        What::Services | What::Endpoints => {
+            let (snapshot, errors) = super::source::block_on(args.source.read_once())??;
+            let model = args.source.model(&snapshot);
+            print_warnings(&model);
+            // The kernel's view is optional here: without an agent, the model alone is shown.
+            let maps = ServiceMaps::open(&args.pin_dir.pin_dir).ok();
+            if matches!(args.what, What::Services) {
+                print(args.output, &services(&model, maps.as_ref()))?;
+            } else {
+                print(args.output, &endpoints(&model))?;
+            }
+            Ok(if errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        What::Backends => {
+            let maps = ServiceMaps::open(&args.pin_dir.pin_dir)?;
+            print(args.output, &backends(&maps)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        What::Conntrack => {
+            let maps = ServiceMaps::open(&args.pin_dir.pin_dir)?;
+            print(args.output, &conntrack(&maps)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn print_warnings(model: &Model) {
+    for warning in &model.warnings {
+        eprintln!("warning: {warning}");
+    }
+}
+
+/// Rows print as a table, or as a list in JSON/YAML with the same field names.
+pub trait Row: Serialize {
+    const HEADER: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+pub fn print<R: Row>(output: Output, rows: &[R]) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(rows)?),
+        Output::Table => {
+            let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
+            let widths: Vec<usize> = (0..R::HEADER.len())
+                .map(|i| cells.iter().map(|c| c[i].len()).chain([R::HEADER[i].len()]).max().unwrap_or(0))
+                .collect();
+            let line = |cells: Vec<String>| {
+                let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                println!("{}", padded.join("  ").trim_end());
+            };
+            line(R::HEADER.iter().map(|h| h.to_string()).collect());
+            for row in cells {
+                line(row);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+pub struct ServiceRow {
+    pub service: String,
+    pub kind: &'static str,
+    pub frontend: String,
+    pub endpoints: usize,
+    /// `true` when the kernel's maps hold this frontend (`null`: no agent's maps to read, or a
+    /// kind the datapath does not program yet).
+    pub programmed: Option<bool>,
+}
+
+impl Row for ServiceRow {
+    const HEADER: &'static [&'static str] = &["SERVICE", "TYPE", "FRONTEND", "ENDPOINTS", "PROGRAMMED"];
+
+    fn cells(&self) -> Vec<String> {
+        let endpoints = if self.endpoints == 0 { "NONE".to_owned() } else { self.endpoints.to_string() };
+        let programmed = match self.programmed {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
+        vec![self.service.clone(), self.kind.to_owned(), self.frontend.clone(), endpoints, programmed.to_owned()]
+    }
+}
+
+fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
+    model
+        .frontends
+        .iter()
+        .map(|f| {
+            let programmed = match (f.kind, f.address, maps) {
+                (FrontendKind::ClusterIp, IpAddr::V4(address), Some(maps)) => {
+                    let key = ServiceKey {
+                        addr: address.octets(),
+                        port: f.port,
+                        proto: match f.protocol {
+                            Protocol::Tcp => IPPROTO_TCP,
+                            Protocol::Udp => lb_common::IPPROTO_UDP,
+                        },
+                        pad: 0,
+                    };
+                    Some(maps.services.get(&key, 0).is_ok())
+                }
+                _ => None,
+            };
+            ServiceRow {
+                service: f.service.to_string(),
+                kind: f.kind.as_str(),
+                frontend: format!("{}:{}/{}", f.address, f.port, f.protocol.as_str()),
+                endpoints: f.backends.len(),
+                programmed,
+            }
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+pub struct EndpointRow {
+    pub service: String,
+    pub frontend: String,
+    pub endpoint: Option<String>,
+    pub pod: Option<String>,
+    pub node: Option<String>,
+    pub terminating: bool,
+}
+
+impl Row for EndpointRow {
+    const HEADER: &'static [&'static str] = &["SERVICE", "FRONTEND", "ENDPOINT", "POD", "NODE", "TERMINATING"];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.service.clone(),
+            self.frontend.clone(),
+            self.endpoint.clone().unwrap_or_else(|| "NO ENDPOINTS".into()),
+            self.pod.clone().unwrap_or_default(),
+            self.node.clone().unwrap_or_default(),
+            if self.terminating { "yes" } else { "" }.to_owned(),
+        ]
+    }
+}
+
+/// One row per endpoint, and one `NO ENDPOINTS` row for a frontend without any.
+pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
+    let mut rows = Vec::new();
+    for f in model.frontends.iter().filter(|f| f.kind == FrontendKind::ClusterIp) {
+        let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol.as_str());
+        if f.backends.is_empty() {
+            rows.push(EndpointRow {
+                service: f.service.to_string(),
+                frontend: frontend.clone(),
+                endpoint: None,
+                pod: None,
+                node: None,
+                terminating: false,
+            });
+        }
+        for e in &f.backends {
+            rows.push(EndpointRow {
+                service: f.service.to_string(),
+                frontend: frontend.clone(),
+                endpoint: Some(format!("{}:{}", e.address, e.port)),
+                pod: Some(e.pod.clone()),
+                node: e.node_name.clone(),
+                terminating: e.terminating,
+            });
+        }
+    }
+    rows
+}
+
+#[derive(Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub service_id: u32,
+    pub frontend: String,
+    pub backend: String,
+    pub slot: Option<u32>,
+}
+
+impl Row for BackendRow {
+    const HEADER: &'static [&'static str] = &["ID", "SERVICE ID", "FRONTEND", "BACKEND", "SLOT"];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.service_id.to_string(),
+            self.frontend.clone(),
+            self.backend.clone(),
+            self.slot.map_or_else(|| "-".into(), |s| s.to_string()),
+        ]
+    }
+}
+
+fn frontend_text(key: &ServiceKey) -> String {
+    let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+    format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port)
+}
+
+fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {
+    let programmed = maps.read_programmed()?;
+    let frontends: BTreeMap<u32, String> =
+        programmed.services.iter().map(|(key, info)| (info.id, frontend_text(key))).collect();
+    let slots: BTreeMap<u32, u32> = programmed.slots.iter().map(|(key, id)| (*id, key.slot)).collect();
+    Ok(programmed
+        .backends
+        .iter()
+        .map(|(id, b)| BackendRow {
+            id: *id,
+            service_id: b.service_id,
+            frontend: frontends.get(&b.service_id).cloned().unwrap_or_else(|| "?".into()),
+            backend: format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
+            slot: slots.get(id).copied(),
+        })
+        .collect())
+}
+
+#[derive(Serialize)]
+pub struct FlowRow {
+    pub direction: &'static str,
+    pub protocol: &'static str,
+    pub source: String,
+    pub destination: String,
+    /// Forward: the backend chosen; reply: the frontend restored as source.
+    pub translated_to: String,
+    pub service_id: u32,
+    pub backend_id: u32,
+}
+
+impl Row for FlowRow {
+    const HEADER: &'static [&'static str] =
+        &["DIRECTION", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "SERVICE ID", "BACKEND ID"];
+
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.direction.to_owned(),
+            self.protocol.to_owned(),
+            self.source.clone(),
+            self.destination.clone(),
+            self.translated_to.clone(),
+            self.service_id.to_string(),
+            self.backend_id.to_string(),
+        ]
+    }
+}
+
+fn conntrack(maps: &ServiceMaps) -> anyhow::Result<Vec<FlowRow>> {
+    let mut rows = Vec::new();
+    for entry in maps.conntrack.iter() {
+        let (key, value) = entry?;
+        rows.push(FlowRow {
+            direction: if key.direction == ct_direction::FORWARD { "forward" } else { "reply" },
+            protocol: if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
+            source: format!("{}:{}", Ipv4Addr::from(key.src_addr), key.src_port),
+            destination: format!("{}:{}", Ipv4Addr::from(key.dst_addr), key.dst_port),
+            translated_to: format!("{}:{}", Ipv4Addr::from(value.nat_addr), value.nat_port),
+            service_id: value.service_id,
+            backend_id: value.backend_id,
+        });
+    }
+    Ok(rows)
+}
