@@ -219,3 +219,6 @@ fn target_port(pod: &Pod, port: &ServicePort, protocol: Protocol) -> Option<u16>
             .and_then(|p| u16::try_from(p.container_port).ok()),
     }
 }
+
+#[cfg(test)]
+mod tests;
