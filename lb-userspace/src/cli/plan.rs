@@ -27,6 +27,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         pods: &snapshot.pods,
         endpoint_slices: &snapshot.endpoint_slices,
         endpoints_from: EndpointsFrom::Pods,
+        node_name: None,
     });
     get::print_warnings(&model);
     get::print(args.output, &get::endpoints(&model))?;

@@ -10,10 +10,11 @@ use tokio::{
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::{
+        maps::ServiceMaps,
         Datapath,
         attach::{self, Attacher},
     },
-    model::{self, EndpointsFrom},
+    model,
     reconcile::{self, Reconciler},
     source::{
         self, Snapshot,
@@ -25,9 +26,6 @@ use crate::{
 pub struct Args {
     #[command(flatten)]
     pub source: SourceArgs,
-    /// This node's name (for traffic policies `Local`).
-    #[arg(long, env = "NODE_NAME")]
-    pub node_name: Option<String>,
     /// Glob matching the host-side interfaces of pods, e.g. 'veth*' or 'cali*'. Interfaces that
     /// appear later are attached too.
     #[arg(long, env = "SWITCHBOARD_INTERFACES", value_name = "PATTERN")]
@@ -94,7 +92,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     return source.await?.context("the manifest source stopped");
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&snapshot, endpoints_from, &mut reconciler, &mut maps);
+                sync(&args.source.input(&snapshot), &mut reconciler, &mut maps);
             }
             () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
             _ = rescan.tick() => attacher.sync(&mut datapath.ebpf)?,
@@ -113,13 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// One pass of source → model → plan → maps.
-fn sync(snapshot: &Snapshot, endpoints_from: EndpointsFrom, reconciler: &mut Reconciler, maps: &mut crate::datapath::maps::ServiceMaps) {
-    let model = model::compute(&model::Input {
-        services: &snapshot.services,
-        pods: &snapshot.pods,
-        endpoint_slices: &snapshot.endpoint_slices,
-        endpoints_from,
-    });
+fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut ServiceMaps) {
+    let model = model::compute(input);
     for warning in &model.warnings {
         tracing::warn!("{warning}");
     }

@@ -26,6 +26,9 @@ pub struct SourceArgs {
     /// use EndpointSlices).
     #[arg(long, value_enum, value_name = "SOURCE")]
     pub endpoints_from: Option<EndpointsFrom>,
+    /// This node's name: with traffic policy `Local`, only endpoints on this node are used.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 impl SourceArgs {
@@ -70,12 +73,13 @@ impl SourceArgs {
         model::compute(&self.input(snapshot))
     }
 
-    pub fn input<'a>(&self, snapshot: &'a Snapshot) -> model::Input<'a> {
+    pub fn input<'a>(&'a self, snapshot: &'a Snapshot) -> model::Input<'a> {
         model::Input {
             services: &snapshot.services,
             pods: &snapshot.pods,
             endpoint_slices: &snapshot.endpoint_slices,
             endpoints_from: self.endpoints_from(),
+            node_name: self.node_name.as_deref(),
         }
     }
 }

@@ -39,8 +39,9 @@ impl<'a> EndpointSource<'a> {
         }
     }
 
-    /// The endpoints of one Service port in one address family.
-    pub(super) fn endpoints(
+    /// Every serving endpoint of one Service port in one address family, before [`usable`]
+    /// picks the ready ones.
+    pub(super) fn candidates(
         &self,
         service: &Service,
         name: &ServiceName,
@@ -56,21 +57,20 @@ impl<'a> EndpointSource<'a> {
             .unwrap_or_default();
         // Pods are only consulted through a selector; a Service without one has its endpoints
         // written for it as EndpointSlices.
-        let candidates = if self.endpoints_from == EndpointsFrom::Pods && !selector.is_empty() {
+        if self.endpoints_from == EndpointsFrom::Pods && !selector.is_empty() {
             let pods = self.pods.get(&name.namespace).map_or(&[][..], Vec::as_slice);
             from_pods(&selector, pods, port, protocol, ipv4)
         } else {
             let key = (name.namespace.clone(), name.name.clone());
             let slices = self.slices.get(&key).map_or(&[][..], Vec::as_slice);
             from_slices(slices, port, protocol, ipv4)
-        };
-        usable(candidates)
+        }
     }
 }
 
 /// Ready endpoints if there are any, else the serving terminating ones; sorted, one per address
 /// and port.
-fn usable(mut candidates: Vec<Endpoint>) -> Vec<Endpoint> {
+pub(super) fn usable(mut candidates: Vec<Endpoint>) -> Vec<Endpoint> {
     if candidates.iter().any(|e| !e.terminating) {
         candidates.retain(|e| !e.terminating);
     }

@@ -171,6 +171,8 @@ pub struct Input<'a> {
     pub pods: &'a [Pod],
     pub endpoint_slices: &'a [EndpointSlice],
     pub endpoints_from: EndpointsFrom,
+    /// This node's name, for traffic policies `Local`; without it no endpoint is local.
+    pub node_name: Option<&'a str>,
 }
 
 /// Computes every frontend from Services and the Pods their selectors match.
@@ -180,6 +182,7 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
         pods,
         endpoint_slices: &[],
         endpoints_from: EndpointsFrom::Pods,
+        node_name: None,
     })
 }
 
@@ -205,6 +208,9 @@ pub fn compute(input: &Input<'_>) -> Model {
             continue;
         }
         let policy = policy(spec);
+        if (policy.internal_local || policy.external_local) && input.node_name.is_none() {
+            model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
+        }
         for port in spec.ports.iter().flatten() {
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
                 let protocol = port.protocol.as_deref().unwrap_or_default();
@@ -215,7 +221,14 @@ pub fn compute(input: &Input<'_>) -> Model {
                 continue;
             };
             for (kind, address, frontend_port) in frontend_addresses(service, spec, &cluster_ips, port, port_number) {
-                let backends = source.endpoints(service, &name, port, protocol, address.is_ipv4());
+                let mut candidates = source.candidates(service, &name, port, protocol, address.is_ipv4());
+                // Traffic policy Local: only this node's endpoints, and none (so the traffic is
+                // dropped) when it has none.
+                let local = if kind.is_external() { policy.external_local } else { policy.internal_local };
+                if local {
+                    candidates.retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
+                }
+                let backends = endpoints::usable(candidates);
                 model.frontends.push(Frontend {
                     service: name.clone(),
                     port_name: port.name.clone().unwrap_or_default(),

@@ -41,6 +41,7 @@ fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
         pods: &[],
         endpoint_slices: slices,
         endpoints_from: EndpointsFrom::Slices,
+        node_name: Some("node-a"),
     })
 }
 
@@ -164,6 +165,7 @@ fn a_service_without_selector_takes_its_endpoints_from_slices_even_in_pods_mode(
         pods: &[],
         endpoint_slices: &[web_slice("manual", json!([{"addresses": ["192.0.2.7"]}]))],
         endpoints_from: EndpointsFrom::Pods,
+        node_name: None,
     });
     assert_eq!(addresses(cluster_ip(&m)), ["192.0.2.7:8080"]);
 }
@@ -215,4 +217,46 @@ fn affinity_traffic_policies_and_source_ranges_are_carried() {
     let default_timeout = service(json!({"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
         "ports": [{"name": "http", "port": 80}]}));
     assert_eq!(cluster_ip(&model(&[default_timeout], &[])).policy.affinity_timeout_seconds, Some(10_800));
+}
+
+#[test]
+fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
+    let endpoints = json!([
+        {"addresses": ["10.0.0.1"], "nodeName": "node-a"},
+        {"addresses": ["10.0.0.2"], "nodeName": "node-b"},
+        {"addresses": ["10.0.0.3"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}},
+    ]);
+    let internal = service(json!({"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "internalTrafficPolicy": "Local",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}));
+    let m = model(&[internal.clone()], &[web_slice("a", endpoints.clone())]);
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080"], "only node-a's endpoint");
+
+    let elsewhere = compute(&Input {
+        services: &[internal],
+        pods: &[],
+        endpoint_slices: &[web_slice("a", endpoints.clone())],
+        endpoints_from: EndpointsFrom::Slices,
+        node_name: Some("node-c"),
+    });
+    assert!(cluster_ip(&elsewhere).backends.is_empty(), "no local endpoint: none at all, so traffic is dropped");
+
+    let external = service(json!({"type": "NodePort", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
+        "externalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}));
+    let m = model(&[external], &[web_slice("a", endpoints)]);
+    let node_port = m.frontends.iter().find(|f| f.kind == FrontendKind::NodePort).unwrap();
+    assert_eq!(addresses(node_port), ["10.0.0.1:8080"], "externalTrafficPolicy applies to the NodePort");
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080", "10.0.0.2:8080"], "and not to the ClusterIP");
+}
+
+#[test]
+fn a_local_policy_without_a_node_name_is_warned_about() {
+    let svc = service(json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80}]}));
+    let m = compute(&Input {
+        services: &[svc],
+        pods: &[],
+        endpoint_slices: &[],
+        endpoints_from: EndpointsFrom::Slices,
+        node_name: None,
+    });
+    assert!(m.warnings.iter().any(|w| w.message.contains("--node-name")), "{:?}", m.warnings);
 }
