@@ -52,7 +52,6 @@ fn main() -> anyhow::Result<()> {
             cargo(
                 &[
                     "run",
-                    "--release",
                     "--package",
                     "lb-userspace",
                     "--bin",
