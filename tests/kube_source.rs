@@ -49,7 +49,8 @@ impl Agent {
         require_root();
         let pins = PinDir::new(tag);
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["run", "--api-server", &api.url(), "--interfaces", "sbt-none-*", "--pin-dir"])
+            .args(["run", "--api-server", &api.url(), "--interfaces", "sbt-none-*", "--metrics-address", "127.0.0.1:0"])
+            .arg("--pin-dir")
             .arg(pins.path())
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")

@@ -343,3 +343,39 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
         "the restarted agent rewrote nothing that did not change: {first_sync}"
     );
 }
+
+/// GET `path` from the agent's metrics endpoint (loopback of the node namespace).
+fn scrape(cluster: &Cluster, path: &'static str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = cluster.lab.node.run(|| std::net::TcpStream::connect("127.0.0.1:10249")).unwrap().unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+}
+
+fn metric(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+#[test]
+fn metrics_count_the_connections_made_and_health_is_reported() {
+    let cluster = Cluster::start("nm");
+    let (status, body) = scrape(&cluster, "/healthz");
+    assert_eq!(status, 200, "healthy once programmed: {body}");
+    let (_, before) = scrape(&cluster, "/metrics");
+    let flows_before = metric(&before, "switchboard_datapath_new_flows_total");
+    for _ in 0..25 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+    let (status, after) = scrape(&cluster, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(metric(&after, "switchboard_datapath_new_flows_total") - flows_before, 25, "one new flow per connection");
+    assert!(metric(&after, "switchboard_datapath_reply_packets_total") >= 25 * 2, "SYN-ACK and reply at least");
+    assert_eq!(metric(&after, "switchboard_frontends_without_endpoints"), 2, "the `nobody` service's two ports");
+    assert!(metric(&after, "switchboard_syncs_total") >= 1);
+    assert_eq!(scrape(&cluster, "/nope").0, 404);
+}

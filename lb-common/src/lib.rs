@@ -147,6 +147,17 @@ impl Stat {
         Stat::CtInsertFailed,
     ];
 
+    pub const fn help(self) -> &'static str {
+        match self {
+            Stat::ServicePackets => "Packets DNATed to a backend",
+            Stat::NewFlows => "Flows given a backend (conntrack misses)",
+            Stat::Rebalanced => "Flows moved to a live backend because theirs had gone",
+            Stat::NoBackend => "Packets to a frontend without usable backend, dropped",
+            Stat::ReplyPackets => "Replies translated back to the frontend",
+            Stat::CtInsertFailed => "Conntrack entries the map refused",
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Stat::ServicePackets => "service_packets",

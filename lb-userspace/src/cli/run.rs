@@ -15,6 +15,12 @@ use crate::{
         attach::{self, Attacher},
     },
     model,
+    observe::{
+        self,
+        health::Health,
+        metrics::{AgentMetrics, ServiceLabel},
+        server::Observed,
+    },
     reconcile::{self, Reconciler},
     source::{
         self, Snapshot,
@@ -35,6 +41,10 @@ pub struct Args {
     /// agent detaches on exit. A killed agent always leaves them attached.
     #[arg(long, env = "SWITCHBOARD_KEEP_DATAPATH")]
     pub keep_datapath: bool,
+    /// Where to serve /metrics (Prometheus), /healthz and /livez. Loopback by default: expose it
+    /// deliberately (port 0 picks a free one).
+    #[arg(long, env = "SWITCHBOARD_METRICS_ADDRESS", default_value = "127.0.0.1:10249")]
+    pub metrics_address: std::net::SocketAddr,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -75,10 +85,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     attach::watch_links(links_changed.clone())?;
     attacher.sync(&mut datapath.ebpf)?;
 
+    let metrics = Arc::new(AgentMetrics::default());
+    let health = Arc::new(Health::default());
+    let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
+    observe::server::serve(args.metrics_address, Observed { registry, health: health.clone() }).await?;
+
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
     let source = match (&args.source.manifests, client) {
-        (Some(dir), _) => tokio::spawn(manifests::watch(ManifestDir::new(dir), snapshots_tx)),
-        (None, Some(client)) => tokio::spawn(source::kube::watch(client, endpoints_from, snapshots_tx)),
+        (Some(dir), _) => tokio::spawn(manifests::watch(ManifestDir::new(dir), snapshots_tx, metrics.clone())),
+        (None, Some(client)) => tokio::spawn(source::kube::watch(client, endpoints_from, snapshots_tx, metrics.clone())),
         (None, None) => unreachable!("a client is made whenever there is no manifest directory"),
     };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
@@ -91,8 +106,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     // The source ended; its error says why.
                     return source.await?.context("the manifest source stopped");
                 }
+                health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&args.source.input(&snapshot), &mut reconciler, &mut maps);
+                sync(&args.source.input(&snapshot), &mut reconciler, &mut maps, &metrics);
+                health.update_applied();
             }
             () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
             _ = rescan.tick() => attacher.sync(&mut datapath.ebpf)?,
@@ -111,7 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// One pass of source → model → plan → maps.
-fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut ServiceMaps) {
+fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut ServiceMaps, metrics: &AgentMetrics) {
     let model = model::compute(input);
     for warning in &model.warnings {
         tracing::warn!("{warning}");
@@ -128,15 +145,23 @@ fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut Servic
     let desired = reconcile::plan(&model);
     let started = std::time::Instant::now();
     let report = reconciler.apply(&desired, maps);
+    let elapsed = started.elapsed();
     for (service, error) in &report.failed {
         tracing::error!("cannot program {service}: {error}; its previous state stays in effect");
+        metrics.programming_failures.get_or_create(&ServiceLabel { service: service.clone() }).inc();
     }
+    metrics.syncs.inc();
+    metrics.sync_duration.observe(elapsed.as_secs_f64());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    metrics.last_sync_timestamp.set(now.as_secs_f64());
+    metrics.frontends.set(model.frontends.len() as i64);
+    metrics.frontends_without_endpoints.set(model.frontends.iter().filter(|f| f.backends.is_empty()).count() as i64);
     tracing::info!(
         frontends = desired.len(),
         writes = report.writes,
         deletes = report.deletes,
         failed = report.failed.len(),
-        elapsed_us = started.elapsed().as_micros() as u64,
+        elapsed_us = elapsed.as_micros() as u64,
         "maps in sync"
     );
 }

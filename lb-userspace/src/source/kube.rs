@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 
 use super::Snapshot;
+use crate::observe::metrics::AgentMetrics;
 use crate::model::{EndpointsFrom, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 
 /// How the agent reaches the API server. The API server must not be addressed through a
@@ -67,7 +68,12 @@ const COALESCE: Duration = Duration::from_millis(50);
 
 /// Watches the API and publishes a snapshot after the first full list of every kind, then after
 /// every burst of changes. Returns only if the watches end, which they do not by themselves.
-pub async fn watch(client: Client, endpoints_from: EndpointsFrom, snapshots: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+pub async fn watch(
+    client: Client,
+    endpoints_from: EndpointsFrom,
+    snapshots: watch::Sender<Snapshot>,
+    metrics: Arc<AgentMetrics>,
+) -> anyhow::Result<()> {
     let changed = Arc::new(Notify::new());
     // As kube-proxy does: objects for other proxies or headless Services are filtered by the API
     // server already (the model checks again).
@@ -75,15 +81,17 @@ pub async fn watch(client: Client, endpoints_from: EndpointsFrom, snapshots: wat
         &client,
         watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
         &changed,
+        &metrics,
     );
     let slices = reflect::<EndpointSlice>(
         &client,
         watcher::Config::default()
             .labels(&format!("{SERVICE_NAME_LABEL},!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
         &changed,
+        &metrics,
     );
     let pods = (endpoints_from == EndpointsFrom::Pods)
-        .then(|| reflect::<Pod>(&client, watcher::Config::default(), &changed));
+        .then(|| reflect::<Pod>(&client, watcher::Config::default(), &changed, &metrics));
 
     services.wait_until_ready().await?;
     slices.wait_until_ready().await?;
@@ -104,13 +112,18 @@ pub async fn watch(client: Client, endpoints_from: EndpointsFrom, snapshots: wat
 }
 
 /// Starts a reflector for `K` and returns its store; every event wakes `changed`.
-fn reflect<K>(client: &Client, config: watcher::Config, changed: &Arc<Notify>) -> reflector::Store<K>
+fn reflect<K>(
+    client: &Client,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+    metrics: &Arc<AgentMetrics>,
+) -> reflector::Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
     let stream = reflector(writer, watcher(Api::<K>::all(client.clone()), config).default_backoff());
-    let changed = changed.clone();
+    let (changed, metrics) = (changed.clone(), metrics.clone());
     let kind = K::kind(&());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -119,7 +132,10 @@ where
                 Ok(_) => changed.notify_one(),
                 // The watcher retries with backoff (re-listing when its resourceVersion expired);
                 // the store keeps serving the last state meanwhile.
-                Err(error) => tracing::warn!(%kind, "watch failed, retrying: {error}"),
+                Err(error) => {
+                    tracing::warn!(%kind, "watch failed, retrying: {error}");
+                    metrics.source_error("kubernetes");
+                }
             }
         }
     });
