@@ -1,1 +1,898 @@
+//! The reconciler against a recording [`MapWriter`], and [`plan`] on hand-built models.
+use std::{collections::BTreeMap, net::IpAddr};
 
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, map_names};
+
+use super::*;
+use crate::model::{Endpoint, Frontend, FrontendKind, Model, Policy, Protocol, ServiceName};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    PutBackend(BackendId),
+    PutSlot(SlotKey),
+    PutService(ServiceKey),
+    DeleteBackend(BackendId),
+    DeleteSlot(SlotKey),
+    DeleteService(ServiceKey),
+}
+
+/// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
+/// BPF hash map (ENOENT); `backend_capacity` makes the backend map refuse new keys when full.
+#[derive(Debug, Default)]
+struct Recorder {
+    state: Programmed,
+    ops: Vec<Op>,
+    backend_capacity: Option<usize>,
+}
+
+impl Recorder {
+    fn with_backend_capacity(capacity: usize) -> Self {
+        Self {
+            backend_capacity: Some(capacity),
+            ..Self::default()
+        }
+    }
+
+    fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+}
+
+fn missing(map: &'static str) -> MapError {
+    MapError {
+        map,
+        message: "no such key (ENOENT)".into(),
+    }
+}
+
+impl MapWriter for Recorder {
+    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapError> {
+        if let Some(capacity) = self.backend_capacity
+            && !self.state.backends.contains_key(&id)
+            && self.state.backends.len() >= capacity
+        {
+            return Err(MapError {
+                map: map_names::BACKENDS,
+                message: "map is full (E2BIG)".into(),
+            });
+        }
+        self.ops.push(Op::PutBackend(id));
+        self.state.backends.insert(id, *backend);
+        Ok(())
+    }
+
+    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError> {
+        self.ops.push(Op::PutSlot(key));
+        self.state.slots.insert(key, id);
+        Ok(())
+    }
+
+    fn put_service(&mut self, key: ServiceKey, info: ServiceInfo) -> Result<(), MapError> {
+        self.ops.push(Op::PutService(key));
+        self.state.services.insert(key, info);
+        Ok(())
+    }
+
+    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        self.state
+            .backends
+            .remove(&id)
+            .ok_or_else(|| missing(map_names::BACKENDS))?;
+        self.ops.push(Op::DeleteBackend(id));
+        Ok(())
+    }
+
+    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError> {
+        self.state
+            .slots
+            .remove(&key)
+            .ok_or_else(|| missing(map_names::BACKEND_SLOTS))?;
+        self.ops.push(Op::DeleteSlot(key));
+        Ok(())
+    }
+
+    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
+        self.state
+            .services
+            .remove(&key)
+            .ok_or_else(|| missing(map_names::SERVICES))?;
+        self.ops.push(Op::DeleteService(key));
+        Ok(())
+    }
+}
+
+/// Applies and checks that the reconciler's idea of the maps is what the maps hold.
+fn apply(
+    reconciler: &mut Reconciler,
+    desired: &BTreeMap<ServiceKey, DesiredService>,
+    maps: &mut Recorder,
+) -> Report {
+    let report = reconciler.apply(desired, maps);
+    assert_eq!(
+        &maps.state,
+        reconciler.programmed(),
+        "after apply, the maps should hold exactly what the reconciler believes they hold"
+    );
+    report
+}
+
+fn key(last_octet: u8, port: u16) -> ServiceKey {
+    ServiceKey {
+        addr: [10, 96, 0, last_octet],
+        port,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    }
+}
+
+fn backend(last_octet: u8) -> BackendAddr {
+    ([10, 0, 0, last_octet], 8080)
+}
+
+fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<ServiceKey, DesiredService> {
+    services
+        .iter()
+        .map(|(key, name, backends)| {
+            (
+                *key,
+                DesiredService {
+                    name: (*name).to_owned(),
+                    backends: backends.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn position(ops: &[Op], op: Op) -> usize {
+    ops.iter()
+        .position(|o| *o == op)
+        .unwrap_or_else(|| panic!("{op:?} should have been written; ops were {ops:?}"))
+}
+
+fn service_info(programmed: &Programmed, key: ServiceKey) -> ServiceInfo {
+    *programmed
+        .services
+        .get(&key)
+        .unwrap_or_else(|| panic!("{key:?} should be programmed"))
+}
+
+/// The backend id behind each address of a service, read through its slots.
+fn backend_ids(programmed: &Programmed, key: ServiceKey) -> BTreeMap<BackendAddr, BackendId> {
+    let info = service_info(programmed, key);
+    (0..info.backend_count)
+        .map(|slot| {
+            let slot_key = SlotKey {
+                service_id: info.id,
+                slot,
+            };
+            let id = *programmed
+                .slots
+                .get(&slot_key)
+                .unwrap_or_else(|| panic!("slot {slot_key:?} should be programmed"));
+            let backend = programmed
+                .backends
+                .get(&id)
+                .unwrap_or_else(|| panic!("backend {id} named by {slot_key:?} should be programmed"));
+            assert_eq!(
+                backend.service_id, info.id,
+                "backend {id} should belong to service {}",
+                info.id
+            );
+            ((backend.addr, backend.port), id)
+        })
+        .collect()
+}
+
+#[test]
+fn add_writes_backends_then_slots_then_the_service_entry() {
+    let (web, api) = (key(10, 80), key(11, 443));
+    let want = desired(&[
+        (web, "default/web:80", vec![backend(1), backend(2), backend(3)]),
+        (api, "default/api:443", vec![backend(4)]),
+    ]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let report = apply(&mut reconciler, &want, &mut maps);
+    assert!(
+        report.failed.is_empty(),
+        "nothing should fail: {:?}",
+        report.failed
+    );
+    assert_eq!(
+        report.writes,
+        3 + 3 + 1 + 1 + 1 + 1,
+        "backends, slots and entries of both services"
+    );
+    assert_eq!(report.deletes, 0);
+
+    let ops = maps.take_ops();
+    for key in [web, api] {
+        let info = service_info(reconciler.programmed(), key);
+        let ids = backend_ids(reconciler.programmed(), key);
+        let service_at = position(&ops, Op::PutService(key));
+        let slots: Vec<usize> = (0..info.backend_count)
+            .map(|slot| {
+                position(
+                    &ops,
+                    Op::PutSlot(SlotKey {
+                        service_id: info.id,
+                        slot,
+                    }),
+                )
+            })
+            .collect();
+        let backends: Vec<usize> = ids
+            .values()
+            .map(|id| position(&ops, Op::PutBackend(*id)))
+            .collect();
+        let last_backend = *backends.iter().max().expect("the service has backends");
+        let (first_slot, last_slot) = (*slots.iter().min().unwrap(), *slots.iter().max().unwrap());
+        assert!(
+            last_backend < first_slot,
+            "{key:?}: every backend before any slot: {ops:?}"
+        );
+        assert!(
+            last_slot < service_at,
+            "{key:?}: every slot before the service entry: {ops:?}"
+        );
+    }
+    let web_ids = backend_ids(reconciler.programmed(), web);
+    assert_eq!(
+        web_ids.keys().copied().collect::<Vec<_>>(),
+        vec![backend(1), backend(2), backend(3)]
+    );
+    let web_info = service_info(reconciler.programmed(), web);
+    assert_eq!(web_info.backend_count, 3);
+    assert_ne!(
+        web_info.id,
+        service_info(reconciler.programmed(), api).id,
+        "each frontend gets its own service id"
+    );
+    let proto = reconciler
+        .programmed()
+        .backends
+        .values()
+        .map(|b| b.proto)
+        .collect::<Vec<_>>();
+    assert!(
+        proto.iter().all(|p| *p == IPPROTO_TCP),
+        "backends carry the frontend's protocol"
+    );
+}
+
+#[test]
+fn service_without_backends_gets_an_entry_with_zero_count() {
+    let web = key(10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let report = apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![])]),
+        &mut maps,
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(maps.take_ops(), vec![Op::PutService(web)]);
+    assert_eq!(service_info(&maps.state, web).backend_count, 0);
+}
+
+#[test]
+fn applying_the_same_desired_state_twice_writes_nothing_the_second_time() {
+    let want = desired(&[
+        (key(10, 80), "default/web:80", vec![backend(1), backend(2)]),
+        (key(11, 53), "default/dns:53", vec![backend(3)]),
+        (key(12, 80), "default/empty:80", vec![]),
+    ]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let before = reconciler.programmed().clone();
+    maps.take_ops();
+
+    let report = apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(
+        (report.writes, report.deletes),
+        (0, 0),
+        "an unchanged state needs no writes"
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(maps.take_ops(), vec![], "no map operation at all");
+    assert_eq!(reconciler.programmed(), &before);
+}
+
+#[test]
+fn removing_one_backend_updates_the_entry_before_deleting_the_slot_then_the_backend() {
+    let web = key(10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]),
+        &mut maps,
+    );
+    let old_ids = backend_ids(reconciler.programmed(), web);
+    let service_id = service_info(reconciler.programmed(), web).id;
+    maps.take_ops();
+
+    let report = apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![backend(1), backend(3)])]),
+        &mut maps,
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let ops = maps.take_ops();
+    let info = service_info(reconciler.programmed(), web);
+    assert_eq!(info.backend_count, 2);
+    assert_eq!(info.id, service_id, "the service keeps its id");
+    let updated = position(&ops, Op::PutService(web));
+    let slot_deleted = position(&ops, Op::DeleteSlot(SlotKey { service_id, slot: 2 }));
+    let backend_deleted = position(&ops, Op::DeleteBackend(old_ids[&backend(2)]));
+    assert!(
+        updated < slot_deleted && slot_deleted < backend_deleted,
+        "entry (count 2), then stale slot, then backend: {ops:?}"
+    );
+    assert!(
+        !ops.iter().any(|op| matches!(op, Op::PutBackend(_))),
+        "surviving backends are not rewritten: {ops:?}"
+    );
+    let new_ids = backend_ids(reconciler.programmed(), web);
+    assert_eq!(
+        new_ids[&backend(1)],
+        old_ids[&backend(1)],
+        "10.0.0.1 keeps its id"
+    );
+    assert_eq!(
+        new_ids[&backend(3)],
+        old_ids[&backend(3)],
+        "10.0.0.3 keeps its id"
+    );
+    assert!(
+        !reconciler
+            .programmed()
+            .backends
+            .contains_key(&old_ids[&backend(2)]),
+        "the removed backend's entry is gone"
+    );
+    assert_eq!(reconciler.programmed().slots.len(), 2, "no stale slot is left");
+}
+
+#[test]
+fn adding_a_backend_keeps_the_existing_ids() {
+    let web = key(10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![backend(1), backend(3)])]),
+        &mut maps,
+    );
+    let old_ids = backend_ids(reconciler.programmed(), web);
+    maps.take_ops();
+
+    apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]),
+        &mut maps,
+    );
+    let ops = maps.take_ops();
+    let new_ids = backend_ids(reconciler.programmed(), web);
+    assert_eq!(new_ids[&backend(1)], old_ids[&backend(1)]);
+    assert_eq!(new_ids[&backend(3)], old_ids[&backend(3)]);
+    let added = new_ids[&backend(2)];
+    assert!(
+        !old_ids.values().any(|id| *id == added),
+        "the new backend gets a fresh id"
+    );
+    assert!(
+        position(&ops, Op::PutBackend(added)) < position(&ops, Op::PutService(web)),
+        "the new backend is written before the entry that makes it reachable: {ops:?}"
+    );
+    assert_eq!(service_info(reconciler.programmed(), web).backend_count, 3);
+}
+
+#[test]
+fn removing_a_service_deletes_its_entry_then_slots_then_backends() {
+    let (web, api) = (key(10, 80), key(11, 443));
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(
+        &mut reconciler,
+        &desired(&[
+            (web, "default/web:80", vec![backend(1), backend(2)]),
+            (api, "default/api:443", vec![backend(3)]),
+        ]),
+        &mut maps,
+    );
+    let web_info = service_info(reconciler.programmed(), web);
+    let web_ids = backend_ids(reconciler.programmed(), web);
+    let api_before = backend_ids(reconciler.programmed(), api);
+    maps.take_ops();
+
+    let report = apply(
+        &mut reconciler,
+        &desired(&[(api, "default/api:443", vec![backend(3)])]),
+        &mut maps,
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!((report.writes, report.deletes), (0, 1 + 2 + 2));
+    let ops = maps.take_ops();
+    assert_eq!(ops[0], Op::DeleteService(web), "the entry goes first: {ops:?}");
+    let slots: Vec<usize> = (0..2)
+        .map(|slot| {
+            position(
+                &ops,
+                Op::DeleteSlot(SlotKey {
+                    service_id: web_info.id,
+                    slot,
+                }),
+            )
+        })
+        .collect();
+    let backends: Vec<usize> = web_ids
+        .values()
+        .map(|id| position(&ops, Op::DeleteBackend(*id)))
+        .collect();
+    assert!(
+        slots.iter().max() < backends.iter().min(),
+        "slots are deleted before backends: {ops:?}"
+    );
+    assert_eq!(ops.len(), 5, "nothing of default/api is touched: {ops:?}");
+    assert_eq!(backend_ids(reconciler.programmed(), api), api_before);
+    assert_eq!(reconciler.programmed().services.len(), 1);
+    assert_eq!(reconciler.programmed().backends.len(), 1);
+    assert_eq!(reconciler.programmed().slots.len(), 1);
+}
+
+#[test]
+fn restarted_reconciler_writes_nothing_for_the_state_it_finds_and_keeps_ids() {
+    let (web, api) = (key(10, 80), key(11, 443));
+    let want = desired(&[
+        (web, "default/web:80", vec![backend(1), backend(2)]),
+        (api, "default/api:443", vec![backend(3)]),
+    ]);
+    let mut maps = Recorder::default();
+    let mut first = Reconciler::new(Programmed::default());
+    apply(&mut first, &want, &mut maps);
+    let left_behind = first.programmed().clone();
+    maps.take_ops();
+
+    // A new agent reads the pinned maps back.
+    let mut restarted = Reconciler::new(left_behind.clone());
+    let report = apply(&mut restarted, &want, &mut maps);
+    assert_eq!(
+        (report.writes, report.deletes),
+        (0, 0),
+        "nothing changed, nothing is written"
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(maps.take_ops(), vec![]);
+    assert_eq!(restarted.programmed(), &left_behind, "ids and entries are kept");
+
+    // A change after the restart keeps the existing ids and allocates unused ones.
+    let grown = desired(&[
+        (web, "default/web:80", vec![backend(1), backend(2), backend(4)]),
+        (api, "default/api:443", vec![backend(3)]),
+        (key(12, 80), "default/new:80", vec![backend(5)]),
+    ]);
+    apply(&mut restarted, &grown, &mut maps);
+    let ids = backend_ids(restarted.programmed(), web);
+    let old = backend_ids(&left_behind, web);
+    assert_eq!(ids[&backend(1)], old[&backend(1)]);
+    assert_eq!(ids[&backend(2)], old[&backend(2)]);
+    assert!(
+        !left_behind.backends.contains_key(&ids[&backend(4)]),
+        "a new backend must not take an id found in the maps"
+    );
+    let new_service = service_info(restarted.programmed(), key(12, 80));
+    assert!(
+        !left_behind.services.values().any(|s| s.id == new_service.id),
+        "a new service must not take a service id found in the maps"
+    );
+    assert_eq!(
+        service_info(restarted.programmed(), web).id,
+        service_info(&left_behind, web).id
+    );
+}
+
+#[test]
+fn new_ids_are_never_zero_nor_in_use_even_when_the_counter_wraps() {
+    // State as a previous agent left it: the highest ids are in use, so counting wraps to 0.
+    let old = key(10, 80);
+    let mut found = Programmed::default();
+    found.services.insert(
+        old,
+        ServiceInfo {
+            id: u32::MAX,
+            backend_count: 2,
+            flags: 0,
+        },
+    );
+    for (slot, id) in [(0, 1), (1, u32::MAX)] {
+        found.slots.insert(
+            SlotKey {
+                service_id: u32::MAX,
+                slot,
+            },
+            id,
+        );
+        found.backends.insert(
+            id,
+            Backend {
+                addr: backend(slot as u8 + 1).0,
+                port: 8080,
+                proto: IPPROTO_TCP,
+                flags: 0,
+                service_id: u32::MAX,
+            },
+        );
+    }
+    let mut maps = Recorder {
+        state: found.clone(),
+        ..Recorder::default()
+    };
+    let mut reconciler = Reconciler::new(found.clone());
+    let report = apply(
+        &mut reconciler,
+        &desired(&[
+            (old, "default/old:80", vec![backend(1), backend(2)]),
+            (
+                key(11, 80),
+                "default/new:80",
+                vec![backend(7), backend(8), backend(9)],
+            ),
+        ]),
+        &mut maps,
+    );
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let new_info = service_info(reconciler.programmed(), key(11, 80));
+    assert_ne!(new_info.id, 0, "0 is never a service id");
+    assert_ne!(new_info.id, u32::MAX, "u32::MAX is in use");
+    let new_ids: Vec<BackendId> = backend_ids(reconciler.programmed(), key(11, 80))
+        .into_values()
+        .collect();
+    for id in &new_ids {
+        assert_ne!(*id, 0, "0 is never a backend id: {new_ids:?}");
+        assert!(
+            !found.backends.contains_key(id),
+            "backend id {id} was in use: {new_ids:?}"
+        );
+    }
+    let mut distinct = new_ids.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three distinct new ids: {new_ids:?}");
+    assert_eq!(
+        backend_ids(reconciler.programmed(), old),
+        backend_ids(&found, old),
+        "the existing service keeps its ids"
+    );
+}
+
+#[test]
+fn ids_freed_by_a_removed_service_are_not_handed_out_again_at_once() {
+    let (web, api) = (key(10, 80), key(11, 80));
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![backend(1), backend(2)])]),
+        &mut maps,
+    );
+    let web_info = service_info(reconciler.programmed(), web);
+    let web_ids = backend_ids(reconciler.programmed(), web);
+    apply(&mut reconciler, &desired(&[]), &mut maps);
+    assert_eq!(
+        reconciler.programmed(),
+        &Programmed::default(),
+        "everything was removed"
+    );
+
+    apply(
+        &mut reconciler,
+        &desired(&[(api, "default/api:80", vec![backend(1), backend(2)])]),
+        &mut maps,
+    );
+    let api_info = service_info(reconciler.programmed(), api);
+    assert_ne!(
+        api_info.id, web_info.id,
+        "conntrack may still name the removed service's id"
+    );
+    for id in backend_ids(reconciler.programmed(), api).values() {
+        assert!(
+            !web_ids.values().any(|old| old == id),
+            "backend id {id} was just freed and may still be named by conntrack"
+        );
+    }
+}
+
+#[test]
+fn a_full_backend_map_fails_only_the_service_that_does_not_fit() {
+    let (fits, too_big) = (key(10, 80), key(20, 80));
+    let mut maps = Recorder::with_backend_capacity(4);
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let report = apply(
+        &mut reconciler,
+        &desired(&[
+            (fits, "default/fits:80", vec![backend(1), backend(2)]),
+            (
+                too_big,
+                "default/too-big:80",
+                vec![backend(3), backend(4), backend(5)],
+            ),
+        ]),
+        &mut maps,
+    );
+    assert_eq!(
+        report.failed.len(),
+        1,
+        "one service should fail: {:?}",
+        report.failed
+    );
+    let (name, error) = &report.failed[0];
+    assert_eq!(name, "default/too-big:80", "the failure names the service");
+    assert_eq!(
+        error.map,
+        map_names::BACKENDS,
+        "the failure names the map: {error}"
+    );
+    assert_eq!(
+        service_info(&maps.state, fits).backend_count,
+        2,
+        "the other service is programmed fully"
+    );
+    assert_eq!(backend_ids(&maps.state, fits).len(), 2);
+    assert!(
+        !maps.state.services.contains_key(&too_big),
+        "a service whose backends could not all be written must not be reachable"
+    );
+}
+
+#[test]
+fn a_failed_update_leaves_the_previous_entry_in_place_and_a_later_apply_completes_it() {
+    let web = key(10, 80);
+    let mut maps = Recorder::with_backend_capacity(2);
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(
+        &mut reconciler,
+        &desired(&[(web, "default/web:80", vec![backend(1)])]),
+        &mut maps,
+    );
+    let before = service_info(reconciler.programmed(), web);
+
+    let grown = desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]);
+    let report = apply(&mut reconciler, &grown, &mut maps);
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert_eq!(report.failed[0].0, "default/web:80");
+    assert_eq!(
+        service_info(&maps.state, web),
+        before,
+        "the previous entry (one backend) stays in effect"
+    );
+    assert_eq!(backend_ids(&maps.state, web).len(), 1);
+
+    maps.backend_capacity = None;
+    let report = apply(&mut reconciler, &grown, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(service_info(&maps.state, web).backend_count, 3);
+    assert_eq!(
+        maps.state.backends.len(),
+        3,
+        "no backend entry is left over: {:?}",
+        maps.state.backends
+    );
+    assert_eq!(service_info(&maps.state, web).id, before.id);
+}
+
+// --- plan ----------------------------------------------------------------------------------
+
+fn frontend(
+    name: &str,
+    kind: FrontendKind,
+    address: &str,
+    port: u16,
+    protocol: Protocol,
+    backends: &[&str],
+) -> Frontend {
+    let (namespace, name) = name.split_once('/').expect("namespace/name");
+    Frontend {
+        service: ServiceName {
+            namespace: namespace.into(),
+            name: name.into(),
+        },
+        port_name: String::new(),
+        kind,
+        address: address.parse().expect("frontend address"),
+        port,
+        protocol,
+        backends: backends
+            .iter()
+            .map(|b| {
+                let (address, port) = b.rsplit_once(':').expect("address:port");
+                Endpoint {
+                    address: address
+                        .trim_matches(['[', ']'])
+                        .parse::<IpAddr>()
+                        .expect("backend address"),
+                    port: port.parse().expect("backend port"),
+                    pod: format!("pod-{b}"),
+                    node_name: None,
+                    zone: None,
+                    terminating: false,
+                }
+            })
+            .collect(),
+        policy: Policy::default(),
+    }
+}
+
+#[test]
+fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
+    let model = Model {
+        frontends: vec![
+            frontend(
+                "default/web",
+                FrontendKind::ClusterIp,
+                "10.96.0.10",
+                80,
+                Protocol::Tcp,
+                &["10.0.0.2:8080", "10.0.0.1:8080"],
+            ),
+            frontend(
+                "kube-system/dns",
+                FrontendKind::ClusterIp,
+                "10.96.0.53",
+                53,
+                Protocol::Udp,
+                &["10.0.0.53:5353"],
+            ),
+            frontend(
+                "default/empty",
+                FrontendKind::ClusterIp,
+                "10.96.0.11",
+                8080,
+                Protocol::Tcp,
+                &[],
+            ),
+        ],
+        warnings: vec![],
+    };
+    let planned = plan(&model);
+    let tcp = ServiceKey {
+        addr: [10, 96, 0, 10],
+        port: 80,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    };
+    let udp = ServiceKey {
+        addr: [10, 96, 0, 53],
+        port: 53,
+        proto: IPPROTO_UDP,
+        pad: 0,
+    };
+    let empty = ServiceKey {
+        addr: [10, 96, 0, 11],
+        port: 8080,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    };
+    assert_eq!(planned.keys().copied().collect::<Vec<_>>(), {
+        let mut keys = vec![tcp, udp, empty];
+        keys.sort();
+        keys
+    });
+    assert_eq!(
+        planned[&tcp],
+        DesiredService {
+            name: "default/web:80".into(),
+            backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
+        },
+        "backends keep the model's order"
+    );
+    assert_eq!(
+        planned[&udp],
+        DesiredService {
+            name: "kube-system/dns:53".into(),
+            backends: vec![([10, 0, 0, 53], 5353)],
+        }
+    );
+    assert_eq!(
+        planned[&empty].backends,
+        vec![],
+        "a frontend without endpoints is still planned"
+    );
+}
+
+#[test]
+fn plan_leaves_out_ipv6_and_non_cluster_ip_frontends() {
+    let model = Model {
+        frontends: vec![
+            frontend(
+                "default/web",
+                FrontendKind::ClusterIp,
+                "10.96.0.10",
+                80,
+                Protocol::Tcp,
+                &["10.0.0.1:8080", "[fd00:10::1]:8080"],
+            ),
+            frontend(
+                "default/web",
+                FrontendKind::ClusterIp,
+                "fd00::10",
+                80,
+                Protocol::Tcp,
+                &["[fd00:10::1]:8080"],
+            ),
+            frontend(
+                "default/web",
+                FrontendKind::NodePort,
+                "0.0.0.0",
+                30080,
+                Protocol::Tcp,
+                &["10.0.0.1:8080"],
+            ),
+            frontend(
+                "default/web",
+                FrontendKind::ExternalIp,
+                "192.0.2.1",
+                80,
+                Protocol::Tcp,
+                &["10.0.0.1:8080"],
+            ),
+        ],
+        warnings: vec![],
+    };
+    let planned = plan(&model);
+    let key = ServiceKey {
+        addr: [10, 96, 0, 10],
+        port: 80,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    };
+    assert_eq!(
+        planned.len(),
+        1,
+        "only the IPv4 ClusterIP frontend is planned: {planned:?}"
+    );
+    assert_eq!(
+        planned[&key].backends,
+        vec![([10, 0, 0, 1], 8080)],
+        "IPv6 endpoints are left out of an IPv4 frontend"
+    );
+}
+
+#[test]
+fn plan_of_a_built_model_drives_the_reconciler() {
+    let service: k8s_openapi::api::core::v1::Service = serde_yaml_ng::from_str(
+        r#"
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#,
+    )
+    .expect("Service YAML should deserialize");
+    let pod: k8s_openapi::api::core::v1::Pod = serde_yaml_ng::from_str(
+        r#"
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+status:
+  podIP: 10.0.0.1
+  conditions: [{type: Ready, status: "True"}]
+"#,
+    )
+    .expect("Pod YAML should deserialize");
+    let planned = plan(&crate::model::build(&[service], &[pod]));
+    let key = key(10, 80);
+    assert_eq!(
+        planned.get(&key),
+        Some(&DesiredService {
+            name: "shop/web:80".into(),
+            backends: vec![([10, 0, 0, 1], 8080)],
+        })
+    );
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let report = apply(&mut reconciler, &planned, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(service_info(&maps.state, key).backend_count, 1);
+}

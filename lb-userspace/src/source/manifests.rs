@@ -5,6 +5,7 @@
 //! objects it last held intact keep being served: a half-saved edit never drops a service.
 use std::{
     collections::BTreeMap,
+    sync::Arc,
     fmt,
     path::{Path, PathBuf},
     time::Duration,
@@ -19,6 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::Snapshot;
+use crate::observe::metrics::AgentMetrics;
 use crate::model::{self, FieldError};
 
 /// Why one file could not be used.
@@ -191,7 +193,11 @@ const SETTLE: Duration = Duration::from_millis(100);
 
 /// Reads `dir` now, then again whenever a file in it changes, publishing each snapshot. Errors
 /// are logged with file and field; the previous good state of a broken file keeps being served.
-pub async fn watch(mut manifests: ManifestDir, snapshots: watch::Sender<Snapshot>) -> anyhow::Result<()> {
+pub async fn watch(
+    mut manifests: ManifestDir,
+    snapshots: watch::Sender<Snapshot>,
+    metrics: Arc<AgentMetrics>,
+) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -205,7 +211,7 @@ pub async fn watch(mut manifests: ManifestDir, snapshots: watch::Sender<Snapshot
         .watch(manifests.dir(), RecursiveMode::NonRecursive)
         .with_context(|| format!("cannot watch {}", manifests.dir().display()))?;
     loop {
-        publish(&mut manifests, &snapshots);
+        publish(&mut manifests, &snapshots, &metrics);
         if events.recv().await.is_none() {
             return Ok(());
         }
@@ -214,7 +220,7 @@ pub async fn watch(mut manifests: ManifestDir, snapshots: watch::Sender<Snapshot
     }
 }
 
-fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>) {
+fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>, metrics: &AgentMetrics) {
     let (snapshot, errors) = match manifests.read() {
         Ok(read) => read,
         Err(error) => {
@@ -227,6 +233,7 @@ fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>) {
     };
     for error in &errors {
         tracing::error!("{error}; its last good contents stay in effect");
+        metrics.source_error("manifests");
     }
     tracing::info!(
         services = snapshot.services.len(),
@@ -236,3 +243,6 @@ fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>) {
     );
     snapshots.send_replace(snapshot);
 }
+
+#[cfg(test)]
+mod tests;
