@@ -107,7 +107,32 @@ impl Reconciler {
                 report.failed.push((format!("removed frontend {key:?}"), error));
             }
         }
+        if let Err(error) = self.remove_orphans(maps, &mut report) {
+            report.failed.push(("entries of no service".to_owned(), error));
+        }
         report
+    }
+
+    /// Slots and backends whose service has no entry: what a new service that failed part-way
+    /// (a full map) wrote, or what an interrupted run left in the pinned maps. Nothing can reach
+    /// them, and they hold capacity.
+    fn remove_orphans(&mut self, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
+        let live: std::collections::HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
+        let slots: Vec<SlotKey> =
+            self.programmed.slots.keys().filter(|k| !live.contains(&k.service_id)).copied().collect();
+        for key in slots {
+            maps.delete_slot(key)?;
+            self.programmed.slots.remove(&key);
+            report.deletes += 1;
+        }
+        let backends: Vec<BackendId> = self
+            .programmed
+            .backends
+            .iter()
+            .filter(|(_, b)| !live.contains(&b.service_id))
+            .map(|(id, _)| *id)
+            .collect();
+        self.delete_backends(backends, maps, report)
     }
 
     fn apply_service(
@@ -164,8 +189,7 @@ impl Reconciler {
             self.programmed.services.insert(key, info);
             report.writes += 1;
         }
-        let old_count = old.map_or(0, |o| o.backend_count);
-        self.delete_slots(service_id, ids.len() as u32..old_count, maps, report)?;
+        self.delete_slots(service_id, ids.len() as u32, maps, report)?;
         let stale: Vec<BackendId> = self
             .programmed
             .backends
@@ -188,7 +212,7 @@ impl Reconciler {
         maps.delete_service(key)?;
         self.programmed.services.remove(&key);
         report.deletes += 1;
-        self.delete_slots(info.id, 0..info.backend_count, maps, report)?;
+        self.delete_slots(info.id, 0, maps, report)?;
         let owned: Vec<BackendId> = self
             .programmed
             .backends
@@ -199,19 +223,26 @@ impl Reconciler {
         self.delete_backends(owned, maps, report)
     }
 
+    /// Deletes the service's slots from `first` on: everything past its backend count, whatever
+    /// a previous pass left (a failed delete is retried here).
     fn delete_slots(
         &mut self,
         service_id: u32,
-        slots: std::ops::Range<u32>,
+        first: u32,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<(), MapError> {
-        for slot in slots {
-            let key = SlotKey { service_id, slot };
-            if self.programmed.slots.remove(&key).is_some() {
-                maps.delete_slot(key)?;
-                report.deletes += 1;
-            }
+        let stale: Vec<SlotKey> = self
+            .programmed
+            .slots
+            .range(SlotKey { service_id, slot: first }..=SlotKey { service_id, slot: u32::MAX })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in stale {
+            // The map first: if the delete fails, the slot is still known and tried again.
+            maps.delete_slot(key)?;
+            self.programmed.slots.remove(&key);
+            report.deletes += 1;
         }
         Ok(())
     }

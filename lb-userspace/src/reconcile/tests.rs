@@ -23,6 +23,8 @@ struct Recorder {
     state: Programmed,
     ops: Vec<Op>,
     backend_capacity: Option<usize>,
+    /// Makes every slot delete fail, as a kernel refusal would.
+    refuse_slot_deletes: bool,
 }
 
 impl Recorder {
@@ -83,6 +85,12 @@ impl MapWriter for Recorder {
     }
 
     fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError> {
+        if self.refuse_slot_deletes {
+            return Err(MapError {
+                map: map_names::BACKEND_SLOTS,
+                message: "refused (EPERM)".into(),
+            });
+        }
         self.state
             .slots
             .remove(&key)
@@ -895,4 +903,47 @@ status:
     let report = apply(&mut reconciler, &planned, &mut maps);
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(service_info(&maps.state, key).backend_count, 1);
+}
+
+#[test]
+fn a_new_service_that_fails_part_way_leaves_no_backend_behind() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::with_backend_capacity(4);
+    let services = desired(&[
+        (key(1, 80), "default/fits:80", vec![backend(1), backend(2)]),
+        (key(2, 80), "default/too-big:80", vec![backend(3), backend(4), backend(5)]),
+    ]);
+    let report = apply(&mut reconciler, &services, &mut maps);
+    assert_eq!(report.failed.len(), 1, "too-big does not fit");
+    assert_eq!(maps.state.backends.len(), 2, "the backends too-big wrote before failing were removed: {:?}", maps.state.backends);
+
+    maps.backend_capacity = None;
+    apply(&mut reconciler, &services, &mut maps);
+    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
+    assert!(maps.state.backends.is_empty() && maps.state.slots.is_empty(), "nothing leaks: {:?}", maps.state);
+}
+
+#[test]
+fn orphans_left_in_the_pinned_maps_are_removed_on_the_first_apply() {
+    let mut maps = Recorder::default();
+    let orphan = Backend { addr: [10, 0, 0, 1], port: 80, proto: IPPROTO_TCP, flags: 0, service_id: 42 };
+    maps.state.backends.insert(7, orphan);
+    maps.state.slots.insert(SlotKey { service_id: 42, slot: 0 }, 7);
+    let mut reconciler = Reconciler::new(maps.state.clone());
+    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
+    assert!(maps.state.backends.is_empty() && maps.state.slots.is_empty());
+}
+
+#[test]
+fn a_slot_whose_delete_failed_is_still_known_and_deleted_later() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::default();
+    apply(&mut reconciler, &desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2)])]), &mut maps);
+    maps.refuse_slot_deletes = true;
+    let shrunk = desired(&[(key(1, 80), "default/web:80", vec![backend(1)])]);
+    let report = apply(&mut reconciler, &shrunk, &mut maps);
+    assert_eq!(report.failed.len(), 1, "the refused delete is reported");
+    maps.refuse_slot_deletes = false;
+    apply(&mut reconciler, &shrunk, &mut maps);
+    assert_eq!(maps.state.slots.len(), 1, "the stale slot was deleted on the next pass: {:?}", maps.state.slots);
 }
