@@ -379,3 +379,35 @@ fn metrics_count_the_connections_made_and_health_is_reported() {
     assert!(metric(&after, "switchboard_syncs_total") >= 1);
     assert_eq!(scrape(&cluster, "/nope").0, 404);
 }
+
+#[test]
+fn keep_datapath_serves_after_the_agent_exits_and_uninstall_detaches_it() {
+    let mut cluster = Cluster::start("nu2");
+    // A rollout's agent: started with --keep-datapath, stopped with SIGTERM.
+    cluster.agent.kill().unwrap();
+    cluster.agent.wait().unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    command
+        .args(["run", "--keep-datapath", "--interfaces", &cluster.lab.interface_pattern(), "--manifests"])
+        .arg(cluster.manifests.path())
+        .arg("--pin-dir")
+        .arg(cluster.pins.path());
+    cluster.agent = cluster.lab.node.spawn(&mut command).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = nix::unistd::Pid::from_raw(cluster.agent.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(cluster.agent.wait().unwrap().success(), "a clean exit");
+    for _ in 0..10 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("the datapath keeps serving after the agent exited");
+    }
+
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard")).arg("uninstall").arg("--pin-dir").arg(cluster.pins.path()).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!cluster.pins.path().exists(), "the pins are gone");
+    // bpffs drops a removed pin's reference after an RCU grace period: detaching is not instant.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(reply) = servers::http_get(cluster.client(), WEB, 80, Duration::from_millis(300)) {
+        assert!(Instant::now() < deadline, "the ClusterIP is still served after uninstall: {reply:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

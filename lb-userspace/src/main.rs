@@ -11,6 +11,7 @@ fn main() -> std::process::ExitCode {
         Command::Plan(args) => lb_userspace::cli::plan::main(args),
         Command::Get(args) => lb_userspace::cli::get::main(args),
         Command::Explain(args) => lb_userspace::cli::explain::main(args),
+        Command::Uninstall(args) => lb_userspace::cli::uninstall::main(args),
     };
     match result {
         Ok(code) => code,

@@ -6,6 +6,7 @@ pub mod plan;
 pub mod run;
 pub mod source;
 pub mod status;
+pub mod uninstall;
 
 use std::path::PathBuf;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Get(get::Args),
     /// Say why a Service has the endpoints it has, and which pods nearly matched.
     Explain(explain::Args),
+    /// Detach the datapath and remove the pinned maps and links (stop the agent first).
+    Uninstall(uninstall::Args),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
