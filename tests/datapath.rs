@@ -431,3 +431,25 @@ fn ip_fragments_pass_untouched() {
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, first_fragment, "fragments are left to the kernel");
 }
+
+/// The maps carry BTF, so `bpftool map dump` prints field names: the documented way to debug.
+#[test]
+fn bpftool_prints_the_pinned_maps_with_field_names() {
+    let lb = loaded("bpftool");
+    let path = lb.pins.path().join(lb_common::map_names::SERVICES);
+    let output = std::process::Command::new("bpftool")
+        .args(["--json", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup`");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let entries: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let web = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["formatted"]["key"]["port"] == 80)
+        .unwrap_or_else(|| panic!("no entry with a named `port` field: {entries}"));
+    assert_eq!(web["formatted"]["key"]["addr"], serde_json::json!(CLUSTER_IP));
+    assert_eq!(web["formatted"]["value"]["backend_count"], 3);
+}
