@@ -15,7 +15,8 @@ pub mod map_names {
     pub const BACKENDS: &str = "SB_BACKENDS";
     pub const CONNTRACK: &str = "SB_CONNTRACK";
     pub const STATS: &str = "SB_STATS";
-    pub const ALL: [&str; 5] = [SERVICES, BACKEND_SLOTS, BACKENDS, CONNTRACK, STATS];
+    pub const MAGLEV: &str = "SB_MAGLEV";
+    pub const ALL: [&str; 6] = [SERVICES, BACKEND_SLOTS, BACKENDS, CONNTRACK, STATS, MAGLEV];
 }
 
 /// Names of the programs in the object file.
@@ -33,6 +34,11 @@ pub mod capacity {
     pub const BACKEND_SLOTS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
 }
+
+/// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
+/// visits every position; 100× the backend count keeps each backend within a few percent of its
+/// share.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -56,7 +62,35 @@ pub struct ServiceInfo {
     pub id: u32,
     /// Slots `0..backend_count` in [`map_names::BACKEND_SLOTS`] are valid. Zero: no endpoints.
     pub backend_count: u32,
+    /// [`service_flags`].
     pub flags: u32,
+    /// With [`service_flags::MAGLEV`]: the size of the service's table in [`map_names::MAGLEV`].
+    pub maglev_table_size: u32,
+}
+
+pub mod service_flags {
+    /// Choose backends by Maglev consistent hashing of the flow instead of at random.
+    pub const MAGLEV: u32 = 1;
+}
+
+/// Hash of a flow's 5-tuple that every node computes alike (no per-boot seed), so the same flow
+/// meets the same Maglev table position on any node. MurmurHash3's mixing steps.
+#[inline(always)]
+pub fn flow_hash(src_addr: [u8; 4], dst_addr: [u8; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
+    #[inline(always)]
+    fn mix(hash: u32, word: u32) -> u32 {
+        let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+        (hash ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    }
+    let mut hash = mix(0x5b0a_2d9f, u32::from_be_bytes(src_addr));
+    hash = mix(hash, u32::from_be_bytes(dst_addr));
+    hash = mix(hash, (u32::from(src_port) << 16) | u32::from(dst_port));
+    hash = mix(hash, u32::from(proto));
+    hash ^= hash >> 16;
+    hash = hash.wrapping_mul(0x85eb_ca6b);
+    hash ^= hash >> 13;
+    hash = hash.wrapping_mul(0xc2b2_ae35);
+    hash ^ (hash >> 16)
 }
 
 /// One slot of a service's backend set: `(service id, slot index)`.
@@ -191,9 +225,22 @@ mod tests {
     use core::mem::size_of;
 
     #[test]
+    fn flow_hash_is_stable_and_spreads() {
+        // A pinned value: every node and every build must agree on it, or an upgrade would move
+        // flows between backends.
+        assert_eq!(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 40000, 80, 6), 1_861_148_423);
+        let buckets = (0..10_000u16).fold([0u32; 10], |mut buckets, port| {
+            buckets[(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], port, 80, 6) % 10) as usize] += 1;
+            buckets
+        });
+        assert!(buckets.iter().all(|&n| (900..1100).contains(&n)), "ports spread evenly: {buckets:?}");
+        assert_ne!(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 1, 2, 6), flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 2, 1, 6));
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceInfo>(), 12);
+        assert_eq!(size_of::<ServiceInfo>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);

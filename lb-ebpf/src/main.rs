@@ -36,7 +36,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     };
     let backend = match conntrack::forward(&flow, &service) {
         Forward::Established(backend) => backend,
-        Forward::New => match service::choose_backend(&service) {
+        Forward::New => match service::choose_backend(&service, &flow) {
             Some((id, backend)) => {
                 conntrack::track(&flow, &service, id, &backend);
                 backend

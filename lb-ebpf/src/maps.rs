@@ -1,10 +1,14 @@
 //! The maps, declared with BTF so `bpftool map dump` prints field names. The agent pins each one
 //! under its own name; see `lb_common::map_names`.
 use aya_ebpf::{
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_INNER_MAP,
+    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::{Backend, BackendId, CtEntry, CtKey, ServiceInfo, ServiceKey, SlotKey, Stat, capacity};
+use lb_common::{
+    Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE, ServiceInfo, ServiceKey, SlotKey, Stat,
+    capacity,
+};
 
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
@@ -23,6 +27,16 @@ pub static SB_BACKENDS: HashMap<BackendId, Backend, { capacity::BACKENDS as usiz
 /// forgotten instead of refusing a new one.
 #[btf_map]
 pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+
+/// Service id → its Maglev lookup table (table position → backend id). The agent writes a new
+/// table whole and then swaps it in, so a packet always sees a complete one. BPF_F_INNER_MAP lets
+/// tables of another size than this template be inserted.
+#[btf_map]
+pub static SB_MAGLEV: HashOfMaps<
+    u32,
+    Array<BackendId, { DEFAULT_MAGLEV_TABLE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    { capacity::SERVICES as usize },
+> = HashOfMaps::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

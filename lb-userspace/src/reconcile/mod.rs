@@ -1,5 +1,6 @@
 //! From the model to map contents: [`plan`] says what the maps should hold, [`Reconciler`] writes
 //! only the difference, in an order that never shows a packet a half-written service.
+mod maglev;
 mod plan;
 
 use std::collections::{BTreeMap, HashMap};
@@ -182,7 +183,7 @@ impl Reconciler {
         let info = ServiceInfo {
             id: service_id,
             backend_count: ids.len() as u32,
-            flags: 0,
+            ..ServiceInfo::default()
         };
         if old != Some(info) {
             maps.put_service(key, info)?;

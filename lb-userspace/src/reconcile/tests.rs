@@ -512,7 +512,7 @@ fn new_ids_are_never_zero_nor_in_use_even_when_the_counter_wraps() {
         ServiceInfo {
             id: u32::MAX,
             backend_count: 2,
-            flags: 0,
+            ..ServiceInfo::default()
         },
     );
     for (slot, id) in [(0, 1), (1, u32::MAX)] {
