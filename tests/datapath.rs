@@ -453,3 +453,34 @@ fn bpftool_prints_the_pinned_maps_with_field_names() {
     assert_eq!(web["formatted"]["key"]["addr"], serde_json::json!(CLUSTER_IP));
     assert_eq!(web["formatted"]["value"]["backend_count"], 3);
 }
+
+/// Maglev: the backend is a function of the flow alone, so two separately loaded datapaths fed
+/// the same backends (two nodes) pick the same backend for every flow, with no shared state.
+#[test]
+fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow() {
+    let maglev = Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE);
+    let mut nodes = [Loaded::new("maglev-a"), Loaded::new("maglev-b")];
+    for (node, backends) in nodes.iter_mut().zip([BACKENDS.to_vec(), BACKENDS.iter().rev().copied().collect()]) {
+        // The second node lists the backends in another order: ids differ, choices must not.
+        node.program_with(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &backends)], maglev);
+        program(node, program_names::FROM_POD).load().unwrap();
+    }
+    let mut chosen = BTreeSet::new();
+    for port in 0..200u16 {
+        let syn = tcp_syn((CLIENT, 30000 + port), (CLUSTER_IP, 80));
+        let [a, b] = nodes.each_mut().map(|node| addresses_with_valid_checksums(&run(node, program_names::FROM_POD, &syn).1).1);
+        assert_eq!(a, b, "both nodes send the flow from port {} to the same backend", 30000 + port);
+        chosen.insert(a);
+    }
+    assert_eq!(chosen.len(), 3, "flows still spread over every backend");
+
+    // Without conntrack state (a node that lost it, or another node), the choice is the same.
+    let flow = tcp_data((CLIENT, 30007), (CLUSTER_IP, 80), b"mid-stream");
+    let before = addresses_with_valid_checksums(&run(&mut nodes[0], program_names::FROM_POD, &flow).1).1;
+    let keys: Vec<_> = nodes[0].maps.conntrack.keys().map(Result::unwrap).collect();
+    for key in keys {
+        nodes[0].maps.conntrack.remove(&key).unwrap();
+    }
+    let after = addresses_with_valid_checksums(&run(&mut nodes[0], program_names::FROM_POD, &flow).1).1;
+    assert_eq!(before, after, "a flow keeps its backend when conntrack is flushed");
+}

@@ -39,6 +39,7 @@ struct Cluster {
     agent: Child,
     http: Vec<servers::Server>,
     udp: Vec<servers::Server>,
+    _lines: Vec<servers::Server>,
     manifests: tempfile::TempDir,
     pins: PinDir,
     lab: Lab,
@@ -51,10 +52,12 @@ impl Cluster {
         let mut lab = Lab::new(&prefix).unwrap();
         let manifests = tempfile::tempdir().unwrap();
         let (mut http, mut udp) = (Vec::new(), Vec::new());
+        let mut lines = Vec::new();
         for (name, ip) in PODS {
             let ns = &lab.add_pod(name, ip).unwrap().ns;
             http.push(servers::http_server(ns, name, 3000).unwrap());
             udp.push(servers::udp_server(ns, name, 5353).unwrap());
+            lines.push(servers::line_server(ns, name, 7000).unwrap());
         }
         lab.add_pod(CLIENT.0, CLIENT.1).unwrap();
         write_pods(manifests.path(), &PODS);
@@ -63,7 +66,7 @@ impl Cluster {
                 "web",
                 WEB,
                 &[("app", "web")],
-                &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)],
+                &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353), ("lines", "TCP", 7000, 7000)],
             ),
             lab::service_manifest(
                 "nobody",
@@ -80,11 +83,12 @@ impl Cluster {
             agent,
             http,
             udp,
+            _lines: lines,
             manifests,
             pins,
             lab,
         };
-        cluster.wait_for_backends(80, 3);
+        cluster.wait_for_backends(3);
         cluster
     }
 
@@ -93,26 +97,24 @@ impl Cluster {
     }
 
     /// Waits until the web service's TCP frontend has `count` backends in the kernel's maps.
-    fn wait_for_backends(&self, port: u16, count: u32) {
-        let key = ServiceKey {
-            addr: WEB.octets(),
-            port,
-            proto: IPPROTO_TCP,
-            pad: 0,
-        };
+    /// Waits until every frontend of the web service has `count` backends in the kernel's maps
+    /// (the agent writes them one after the other).
+    fn wait_for_backends(&self, count: u32) {
+        let frontends = [(80, IPPROTO_TCP), (53, lb_common::IPPROTO_UDP), (7000, IPPROTO_TCP)];
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let programmed = ServiceMaps::open(self.pins.path())
-                .ok()
-                .and_then(|maps| maps.services.get(&key, 0).ok())
-                .map(|info| info.backend_count);
-            if programmed == Some(count) {
+            let maps = ServiceMaps::open(self.pins.path()).ok();
+            let programmed: Vec<Option<u32>> = frontends
+                .iter()
+                .map(|&(port, proto)| {
+                    let key = ServiceKey { addr: WEB.octets(), port, proto, pad: 0 };
+                    maps.as_ref()?.services.get(&key, 0).ok().map(|info| info.backend_count)
+                })
+                .collect();
+            if programmed.iter().all(|p| *p == Some(count)) {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the agent did not program {count} backends (has {programmed:?})"
-            );
+            assert!(Instant::now() < deadline, "the agent did not program {count} backends (has {programmed:?})");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -222,7 +224,7 @@ fn a_backend_removed_from_the_manifests_gets_no_new_connection() {
         servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
     }
     write_pods(cluster.manifests.path(), &PODS[..2]);
-    cluster.wait_for_backends(80, 2);
+    cluster.wait_for_backends(2);
     let removed_before = cluster.http[2].answered();
     for i in 0..40 {
         let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT)
@@ -269,7 +271,7 @@ fn a_broken_manifest_is_reported_and_the_rest_keeps_working() {
     .unwrap();
     // The good pods file changes too, so the agent visibly re-reads after the broken file appeared.
     write_pods(cluster.manifests.path(), &PODS[..2]);
-    cluster.wait_for_backends(80, 2);
+    cluster.wait_for_backends(2);
     for _ in 0..10 {
         servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
     }
@@ -284,7 +286,7 @@ fn a_pod_added_after_the_agent_started_is_balanced_to_and_from() {
     let mut pods = PODS.to_vec();
     pods.push(late);
     write_pods(cluster.manifests.path(), &pods);
-    cluster.wait_for_backends(80, 4);
+    cluster.wait_for_backends(4);
     // The agent attaches to the new pod's interface when netlink announces it: the pod can use
     // the service itself…
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -409,5 +411,34 @@ fn keep_datapath_serves_after_the_agent_exits_and_uninstall_detaches_it() {
     while let Ok(reply) = servers::http_get(cluster.client(), WEB, 80, Duration::from_millis(300)) {
         assert!(Instant::now() < deadline, "the ClusterIP is still served after uninstall: {reply:?}");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Maglev, the agent's default: with conntrack flushed mid-stream (a node that lost its state,
+/// or a flow arriving at another node), an established connection keeps its backend.
+#[test]
+fn an_established_connection_survives_a_conntrack_flush() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let cluster = Cluster::start("nf");
+    let target = SocketAddr::from((WEB, 7000));
+    let stream = cluster.client().run(move || std::net::TcpStream::connect_timeout(&target, TIMEOUT)).unwrap().unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut ask = || {
+        writeln!(writer, "who?").unwrap();
+        let mut pod = String::new();
+        reader.read_line(&mut pod).expect("the connection still answers");
+        pod.trim().to_owned()
+    };
+    let first = ask();
+    let mut conntrack = ServiceMaps::open(cluster.pins.path()).unwrap().conntrack;
+    let keys: Vec<_> = conntrack.keys().map(Result::unwrap).collect();
+    assert!(!keys.is_empty(), "the flow was tracked");
+    for key in keys {
+        conntrack.remove(&key).unwrap();
+    }
+    for _ in 0..5 {
+        assert_eq!(ask(), first, "the flow is hashed to the same backend again");
     }
 }

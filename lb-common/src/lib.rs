@@ -40,6 +40,11 @@ pub mod capacity {
 /// share.
 pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
 
+/// Flags of every Maglev table (inner map): BPF_F_INNER_MAP (sizes may differ from the
+/// template's) | BPF_F_MMAPABLE (filled through one mapping). The kernel requires the same flags
+/// on every inner map.
+pub const MAGLEV_TABLE_FLAGS: u32 = (1 << 12) | (1 << 10);
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

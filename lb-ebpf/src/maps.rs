@@ -1,14 +1,16 @@
 //! The maps, declared with BTF so `bpftool map dump` prints field names. The agent pins each one
 //! under its own name; see `lb_common::map_names`.
 use aya_ebpf::{
-    bindings::BPF_F_INNER_MAP,
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
     btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE, ServiceInfo, ServiceKey, SlotKey, Stat,
-    capacity,
+    Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey,
+    SlotKey, Stat, capacity,
 };
+
+const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
@@ -30,11 +32,12 @@ pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usi
 
 /// Service id → its Maglev lookup table (table position → backend id). The agent writes a new
 /// table whole and then swaps it in, so a packet always sees a complete one. BPF_F_INNER_MAP lets
-/// tables of another size than this template be inserted.
+/// tables of another size than this template be inserted; BPF_F_MMAPABLE lets the agent fill a
+/// table with one copy instead of a syscall per position.
 #[btf_map]
 pub static SB_MAGLEV: HashOfMaps<
     u32,
-    Array<BackendId, { DEFAULT_MAGLEV_TABLE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    Array<BackendId, { DEFAULT_MAGLEV_TABLE_SIZE as usize }, { MAGLEV_TABLE_FLAGS as usize }>,
     { capacity::SERVICES as usize },
 > = HashOfMaps::new();
 

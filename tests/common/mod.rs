@@ -71,14 +71,21 @@ impl Loaded {
         }
     }
 
-    /// Programs exactly `services` and asserts every write succeeded.
+    /// Programs exactly `services`, choosing backends at random, and asserts every write
+    /// succeeded.
     pub fn program(&mut self, services: &[(ServiceKey, &[BackendAddr])]) {
+        self.program_with(services, None);
+    }
+
+    /// Like [`Loaded::program`], with Maglev tables of `maglev` positions when given.
+    pub fn program_with(&mut self, services: &[(ServiceKey, &[BackendAddr])], maglev: Option<u32>) {
         let desired: BTreeMap<ServiceKey, DesiredService> = services
             .iter()
             .map(|(key, backends)| {
                 let service = DesiredService {
                     name: format!("test/{key:?}"),
                     backends: backends.to_vec(),
+                    maglev,
                 };
                 (*key, service)
             })

@@ -14,14 +14,14 @@ use crate::{
         Datapath,
         attach::{self, Attacher},
     },
-    model,
+    model::{self, LbAlgorithm},
     observe::{
         self,
         health::Health,
         metrics::{AgentMetrics, ServiceLabel},
         server::Observed,
     },
-    reconcile::{self, Reconciler},
+    reconcile::{self, PlanOptions, Reconciler},
     source::{
         self, Snapshot,
         manifests::{self, ManifestDir},
@@ -45,6 +45,13 @@ pub struct Args {
     /// deliberately (port 0 picks a free one).
     #[arg(long, env = "SWITCHBOARD_METRICS_ADDRESS", default_value = "127.0.0.1:10249")]
     pub metrics_address: std::net::SocketAddr,
+    /// Backend selection for Services without the `switchboard.io/lb-algorithm` annotation.
+    #[arg(long, env = "SWITCHBOARD_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::Maglev)]
+    pub lb_algorithm: LbAlgorithm,
+    /// Positions in each Maglev table: a prime, ideally over 100 × a Service's backends. Each
+    /// table takes 4 bytes per position (64 KiB at the default).
+    #[arg(long, env = "SWITCHBOARD_MAGLEV_TABLE_SIZE", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = prime)]
+    pub maglev_table_size: u32,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -90,6 +97,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
     observe::server::serve(args.metrics_address, Observed { registry, health: health.clone() }).await?;
 
+    let options = PlanOptions {
+        default_algorithm: args.lb_algorithm,
+        maglev_table_size: args.maglev_table_size,
+    };
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
     let source = match (&args.source.manifests, client) {
         (Some(dir), _) => tokio::spawn(manifests::watch(ManifestDir::new(dir), snapshots_tx, metrics.clone())),
@@ -108,7 +119,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&args.source.input(&snapshot), &mut reconciler, &mut maps, &metrics);
+                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics);
                 health.update_applied();
             }
             () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
@@ -128,7 +139,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// One pass of source → model → plan → maps.
-fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut ServiceMaps, metrics: &AgentMetrics) {
+fn sync(
+    input: &model::Input<'_>,
+    options: &PlanOptions,
+    reconciler: &mut Reconciler,
+    maps: &mut ServiceMaps,
+    metrics: &AgentMetrics,
+) {
     let model = model::compute(input);
     for warning in &model.warnings {
         tracing::warn!("{warning}");
@@ -142,7 +159,7 @@ fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut Servic
             frontend.protocol.as_str()
         );
     }
-    let desired = reconcile::plan(&model);
+    let desired = reconcile::plan(&model, options);
     let started = std::time::Instant::now();
     let report = reconciler.apply(&desired, maps);
     let elapsed = started.elapsed();
@@ -164,4 +181,13 @@ fn sync(input: &model::Input<'_>, reconciler: &mut Reconciler, maps: &mut Servic
         elapsed_us = elapsed.as_micros() as u64,
         "maps in sync"
     );
+}
+
+fn prime(text: &str) -> Result<u32, String> {
+    let size: u32 = text.parse().map_err(|e| format!("{e}"))?;
+    if reconcile::is_prime(size) && size > 2 {
+        Ok(size)
+    } else {
+        Err(format!("{size} is not a prime (try 16381, 4093 or 65537)"))
+    }
 }

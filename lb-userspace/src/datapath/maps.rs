@@ -1,17 +1,21 @@
 //! Typed handles on the pinned maps: what the reconciler writes through and `status` reads.
 use std::{
+    collections::BTreeMap,
     mem::size_of,
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use aya::maps::{HashMap, Map, MapData, MapInfo, PerCpuArray};
-use lb_common::{Backend, BackendId, CtEntry, CtKey, ServiceInfo, ServiceKey, SlotKey, Stat, map_names};
+use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray};
+use lb_common::{
+    Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, Stat, map_names,
+    service_flags,
+};
 
-use crate::reconcile::{MapError, MapWriter, Programmed};
+use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 5] = [
+const LAYOUTS: [(&str, usize, usize); 6] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -25,6 +29,7 @@ const LAYOUTS: [(&str, usize, usize); 5] = [
     (map_names::BACKENDS, size_of::<BackendId>(), size_of::<Backend>()),
     (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
     (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
+    (map_names::MAGLEV, size_of::<u32>(), size_of::<u32>()),
 ];
 
 /// aya reuses a pinned map without checking its layout; a pin left by a build with other key or
@@ -52,6 +57,7 @@ pub struct ServiceMaps {
     pub backends: HashMap<MapData, BackendId, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -67,6 +73,7 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
     Ok(match info.map_type()? {
         aya::maps::MapType::PerCpuArray => Map::PerCpuArray(data),
         aya::maps::MapType::LruHash => Map::LruHashMap(data),
+        aya::maps::MapType::HashOfMaps => Map::HashOfMaps(data),
         _ => Map::HashMap(data),
     })
 }
@@ -80,15 +87,39 @@ impl ServiceMaps {
             backends: open(pin_dir, map_names::BACKENDS)?.try_into()?,
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
+            maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
         })
     }
 
     /// Everything the reconciler manages, as the kernel holds it now.
     pub fn read_programmed(&self) -> anyhow::Result<Programmed> {
+        let services: BTreeMap<ServiceKey, ServiceInfo> = self.services.iter().collect::<Result<_, _>>()?;
+        let slots: BTreeMap<SlotKey, BackendId> = self.slots.iter().collect::<Result<_, _>>()?;
+        // A table in place was written whole from the service's backends and size (tables are
+        // swapped in complete), so its input is known without reading its positions back. A
+        // table of no service, or of one no longer using Maglev, gets an input that matches
+        // nothing: the reconciler replaces or removes it.
+        let mut maglev = BTreeMap::new();
+        for service_id in self.maglev.keys() {
+            let service_id = service_id?;
+            let info = services.values().find(|i| i.id == service_id && i.flags & service_flags::MAGLEV != 0);
+            let input = info.map_or_else(MaglevInput::default, |info| {
+                let mut backends: Vec<BackendId> = (0..info.backend_count)
+                    .filter_map(|slot| slots.get(&SlotKey { service_id, slot }).copied())
+                    .collect();
+                backends.sort_unstable();
+                MaglevInput {
+                    size: info.maglev_table_size,
+                    backends,
+                }
+            });
+            maglev.insert(service_id, input);
+        }
         Ok(Programmed {
-            services: self.services.iter().collect::<Result<_, _>>()?,
-            slots: self.slots.iter().collect::<Result<_, _>>()?,
+            services,
+            slots,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
+            maglev,
         })
     }
 
@@ -134,5 +165,46 @@ impl MapWriter for ServiceMaps {
 
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
         self.services.remove(&key).map_err(failed(map_names::SERVICES))
+    }
+
+    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError> {
+        let inner = Array::<MapData, BackendId>::create(table.len() as u32, MAGLEV_TABLE_FLAGS)
+            .map_err(failed(map_names::MAGLEV))?;
+        fill_mmapped(&inner, table).map_err(|error| MapError {
+            map: map_names::MAGLEV,
+            message: format!("cannot fill a new table: {error}"),
+        })?;
+        // One update swaps the whole table: a packet sees the old table or the new one.
+        self.maglev.insert(service_id, &inner, 0).map_err(failed(map_names::MAGLEV))
+    }
+
+    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        self.maglev.remove(&service_id).map_err(failed(map_names::MAGLEV))
+    }
+}
+
+/// Copies `table` into a fresh BPF_F_MMAPABLE array through a shared mapping: one pass instead
+/// of a syscall per position.
+fn fill_mmapped(array: &Array<MapData, BackendId>, table: &[BackendId]) -> nix::Result<()> {
+    use std::{num::NonZeroUsize, os::fd::AsFd as _};
+
+    use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+    // The kernel lays array elements out 8-byte aligned, whatever the value size.
+    const STRIDE: usize = size_of::<BackendId>().next_multiple_of(8);
+    const PAGE: usize = 4096;
+    let Some(length) = NonZeroUsize::new((table.len() * STRIDE).next_multiple_of(PAGE)) else {
+        return Ok(());
+    };
+    let fd = aya::maps::IterableMap::map(array).fd().as_fd();
+    // SAFETY: a fresh shared mapping of the array's values, written within its length, unmapped
+    // below and never aliased.
+    unsafe {
+        let base = mmap(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)?;
+        let bytes = base.as_ptr().cast::<u8>();
+        for (position, id) in table.iter().enumerate() {
+            bytes.add(position * STRIDE).cast::<BackendId>().write_unaligned(*id);
+        }
+        munmap(base, length.get())
     }
 }

@@ -107,6 +107,43 @@ pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
     Ok(server)
 }
 
+/// Keeps each TCP connection open and answers every line with the pod's name: one long-lived
+/// flow, for tests that change things under an established connection.
+pub fn line_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    listener.set_nonblocking(true)?;
+    let server = Server {
+        pod: pod.to_owned(),
+        answered: Arc::default(),
+        stop: Arc::default(),
+    };
+    let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let (answered, name) = (answered.clone(), name.clone());
+                    std::thread::spawn(move || answer_lines(stream, &name, &answered));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    });
+    Ok(server)
+}
+
+fn answer_lines(stream: TcpStream, name: &str, answered: &AtomicUsize) -> std::io::Result<()> {
+    use std::io::BufRead as _;
+    stream.set_nonblocking(false)?;
+    let mut writer = stream.try_clone()?;
+    for line in std::io::BufReader::new(stream).lines() {
+        line?;
+        answered.fetch_add(1, Ordering::SeqCst);
+        writeln!(writer, "{name}")?;
+    }
+    Ok(())
+}
+
 /// What a client saw of one exchange.
 #[derive(Debug)]
 pub struct Reply {

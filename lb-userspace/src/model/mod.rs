@@ -91,6 +91,29 @@ impl FrontendKind {
     }
 }
 
+/// The annotation choosing a Service's backend selection, overriding the agent's default.
+pub const LB_ALGORITHM_ANNOTATION: &str = "switchboard.io/lb-algorithm";
+
+/// How a new flow's backend is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    /// Maglev consistent hashing of the flow: every node picks the same backend, and a backend
+    /// change moves few flows.
+    #[default]
+    Maglev,
+    /// Uniformly at random.
+    Random,
+}
+
+impl LbAlgorithm {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Maglev => "maglev",
+            Self::Random => "random",
+        }
+    }
+}
+
 /// One address:port/protocol that clients dial, and the endpoints behind it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
@@ -105,6 +128,8 @@ pub struct Frontend {
     /// no endpoints and connections to it fail.
     pub backends: Vec<Endpoint>,
     pub policy: Policy,
+    /// The Service's `switchboard.io/lb-algorithm` annotation; `None`: the agent's default.
+    pub algorithm: Option<LbAlgorithm>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -208,6 +233,17 @@ pub fn compute(input: &Input<'_>) -> Model {
             continue;
         }
         let policy = policy(spec);
+        let algorithm = match service.metadata.annotations.as_ref().and_then(|a| a.get(LB_ALGORITHM_ANNOTATION)) {
+            None => None,
+            Some(value) => match value.as_str() {
+                "maglev" => Some(LbAlgorithm::Maglev),
+                "random" => Some(LbAlgorithm::Random),
+                other => {
+                    model.warn(&name, &format!("{LB_ALGORITHM_ANNOTATION}: {other:?} is not maglev or random; using the default"));
+                    None
+                }
+            },
+        };
         if (policy.internal_local || policy.external_local) && input.node_name.is_none() {
             model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
         }
@@ -238,6 +274,7 @@ pub fn compute(input: &Input<'_>) -> Model {
                     protocol,
                     backends,
                     policy: policy.clone(),
+                    algorithm,
                 });
             }
         }

@@ -5,9 +5,12 @@ mod plan;
 
 use std::collections::{BTreeMap, HashMap};
 
-use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey};
+use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, service_flags};
 
-pub use self::plan::{BackendAddr, DesiredService, plan};
+pub use self::{
+    maglev::is_prime,
+    plan::{BackendAddr, DesiredService, PlanOptions, plan},
+};
 
 /// The writes the reconciler makes. Implemented over the pinned BPF maps by the datapath, and by
 /// a recorder in tests.
@@ -18,6 +21,9 @@ pub trait MapWriter {
     fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError>;
     fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
     fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
+    /// Writes a complete Maglev table for `service_id` and swaps it in for the old one.
+    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError>;
+    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +39,16 @@ pub struct Programmed {
     pub services: BTreeMap<ServiceKey, ServiceInfo>,
     pub slots: BTreeMap<SlotKey, BackendId>,
     pub backends: BTreeMap<BackendId, Backend>,
+    /// Services with a Maglev table, and what it was built from.
+    pub maglev: BTreeMap<u32, MaglevInput>,
+}
+
+/// What a Maglev table is a function of: its size and the service's backends (ids, sorted).
+/// Equal inputs give equal tables, so comparing inputs tells whether to rebuild.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MaglevInput {
+    pub size: u32,
+    pub backends: Vec<BackendId>,
 }
 
 /// What one [`Reconciler::apply`] did.
@@ -114,11 +130,15 @@ impl Reconciler {
         report
     }
 
-    /// Slots and backends whose service has no entry: what a new service that failed part-way
+    /// Tables, slots and backends whose service has no entry: what a new service that failed part-way
     /// (a full map) wrote, or what an interrupted run left in the pinned maps. Nothing can reach
     /// them, and they hold capacity.
     fn remove_orphans(&mut self, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
         let live: std::collections::HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
+        let tables: Vec<u32> = self.programmed.maglev.keys().filter(|id| !live.contains(id)).copied().collect();
+        for service_id in tables {
+            self.delete_maglev(service_id, maps, report)?;
+        }
         let slots: Vec<SlotKey> =
             self.programmed.slots.keys().filter(|k| !live.contains(&k.service_id)).copied().collect();
         for key in slots {
@@ -180,15 +200,24 @@ impl Reconciler {
                 report.writes += 1;
             }
         }
+        // The table before the entry that points packets at it.
+        let maglev_size = service.maglev.filter(|_| !ids.is_empty());
+        if let Some(size) = maglev_size {
+            self.write_maglev(service_id, size, service, &ids, maps, report)?;
+        }
         let info = ServiceInfo {
             id: service_id,
             backend_count: ids.len() as u32,
-            ..ServiceInfo::default()
+            flags: if maglev_size.is_some() { service_flags::MAGLEV } else { 0 },
+            maglev_table_size: maglev_size.unwrap_or(0),
         };
         if old != Some(info) {
             maps.put_service(key, info)?;
             self.programmed.services.insert(key, info);
             report.writes += 1;
+        }
+        if maglev_size.is_none() {
+            self.delete_maglev(service_id, maps, report)?;
         }
         self.delete_slots(service_id, ids.len() as u32, maps, report)?;
         let stale: Vec<BackendId> = self
@@ -199,6 +228,50 @@ impl Reconciler {
             .map(|(id, _)| *id)
             .collect();
         self.delete_backends(stale, maps, report)
+    }
+
+    /// Builds and swaps in the service's Maglev table, unless the one in place was built from the
+    /// same backends and size.
+    fn write_maglev(
+        &mut self,
+        service_id: u32,
+        size: u32,
+        service: &DesiredService,
+        ids: &[BackendId],
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        let input = MaglevInput { size, backends: sorted };
+        if self.programmed.maglev.get(&service_id) == Some(&input) {
+            return Ok(());
+        }
+        // Identity for hashing is the address and port, the same on every node; the table
+        // stores this node's ids for them.
+        let identities: Vec<[u8; 6]> = service
+            .backends
+            .iter()
+            .map(|(addr, port)| {
+                let [p0, p1] = port.to_be_bytes();
+                [addr[0], addr[1], addr[2], addr[3], p0, p1]
+            })
+            .collect();
+        let weighted: Vec<(&[u8], u32)> = identities.iter().map(|id| (id.as_slice(), 1)).collect();
+        let table: Vec<BackendId> = maglev::table(&weighted, size).into_iter().map(|i| ids[i]).collect();
+        maps.put_maglev(service_id, &table)?;
+        self.programmed.maglev.insert(service_id, input);
+        report.writes += 1;
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, service_id: u32, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
+        if self.programmed.maglev.contains_key(&service_id) {
+            maps.delete_maglev(service_id)?;
+            self.programmed.maglev.remove(&service_id);
+            report.deletes += 1;
+        }
+        Ok(())
     }
 
     fn remove_service(
@@ -213,6 +286,7 @@ impl Reconciler {
         maps.delete_service(key)?;
         self.programmed.services.remove(&key);
         report.deletes += 1;
+        self.delete_maglev(info.id, maps, report)?;
         self.delete_slots(info.id, 0, maps, report)?;
         let owned: Vec<BackendId> = self
             .programmed

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
-use crate::model::{FrontendKind, Model, Protocol};
+use crate::model::{FrontendKind, LbAlgorithm, Model, Protocol};
 
 /// A backend's IPv4 address and port, as the maps store them.
 pub type BackendAddr = ([u8; 4], u16);
@@ -15,11 +15,30 @@ pub struct DesiredService {
     pub name: String,
     /// Backend addresses and ports, in slot order.
     pub backends: Vec<BackendAddr>,
+    /// Maglev table size when the service uses Maglev; `None`: random choice.
+    pub maglev: Option<u32>,
+}
+
+/// The agent-wide settings the plan applies.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanOptions {
+    /// For services without the `switchboard.io/lb-algorithm` annotation.
+    pub default_algorithm: LbAlgorithm,
+    pub maglev_table_size: u32,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        Self {
+            default_algorithm: LbAlgorithm::default(),
+            maglev_table_size: lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
+        }
+    }
 }
 
 /// The map contents for `model`. IPv4 only: the datapath has no IPv6 maps yet, so IPv6
 /// frontends are left out (and said so once per call at debug level).
-pub fn plan(model: &Model) -> BTreeMap<ServiceKey, DesiredService> {
+pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, DesiredService> {
     let mut desired = BTreeMap::new();
     let mut ipv6 = 0;
     // NodePort, LoadBalancer and external IPs are carried by the model; their datapath is the
@@ -47,7 +66,9 @@ pub fn plan(model: &Model) -> BTreeMap<ServiceKey, DesiredService> {
             })
             .collect();
         let name = format!("{}:{}", frontend.service, frontend.port);
-        desired.insert(key, DesiredService { name, backends });
+        let maglev = (frontend.algorithm.unwrap_or(options.default_algorithm) == LbAlgorithm::Maglev)
+            .then_some(options.maglev_table_size);
+        desired.insert(key, DesiredService { name, backends, maglev });
     }
     if ipv6 > 0 {
         tracing::debug!(frontends = ipv6, "IPv6 frontends are not programmed yet");

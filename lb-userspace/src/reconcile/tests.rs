@@ -14,6 +14,8 @@ enum Op {
     DeleteBackend(BackendId),
     DeleteSlot(SlotKey),
     DeleteService(ServiceKey),
+    PutMaglev(u32),
+    DeleteMaglev(u32),
 }
 
 /// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
@@ -25,6 +27,8 @@ struct Recorder {
     backend_capacity: Option<usize>,
     /// Makes every slot delete fail, as a kernel refusal would.
     refuse_slot_deletes: bool,
+    /// The Maglev tables written, by service id.
+    tables: BTreeMap<u32, Vec<BackendId>>,
 }
 
 impl Recorder {
@@ -107,6 +111,25 @@ impl MapWriter for Recorder {
         self.ops.push(Op::DeleteService(key));
         Ok(())
     }
+
+    /// Keeps the table itself, and as state what it was built from as far as a table shows it:
+    /// its size and the backends in it.
+    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError> {
+        let mut backends = table.to_vec();
+        backends.sort_unstable();
+        backends.dedup();
+        self.ops.push(Op::PutMaglev(service_id));
+        self.tables.insert(service_id, table.to_vec());
+        self.state.maglev.insert(service_id, MaglevInput { size: table.len() as u32, backends });
+        Ok(())
+    }
+
+    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
+        self.state.maglev.remove(&service_id).ok_or_else(|| missing(map_names::MAGLEV))?;
+        self.tables.remove(&service_id);
+        self.ops.push(Op::DeleteMaglev(service_id));
+        Ok(())
+    }
 }
 
 /// Applies and checks that the reconciler's idea of the maps is what the maps hold.
@@ -146,6 +169,7 @@ fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<Servic
                 DesiredService {
                     name: (*name).to_owned(),
                     backends: backends.clone(),
+                    maglev: None,
                 },
             )
         })
@@ -712,6 +736,7 @@ fn frontend(
         address: address.parse().expect("frontend address"),
         port,
         protocol,
+        algorithm: None,
         backends: backends
             .iter()
             .map(|b| {
@@ -764,7 +789,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         ],
         warnings: vec![],
     };
-    let planned = plan(&model);
+    let planned = plan(&model, &PlanOptions::default());
     let tcp = ServiceKey {
         addr: [10, 96, 0, 10],
         port: 80,
@@ -793,6 +818,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         DesiredService {
             name: "default/web:80".into(),
             backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
+            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
         },
         "backends keep the model's order"
     );
@@ -801,6 +827,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         DesiredService {
             name: "kube-system/dns:53".into(),
             backends: vec![([10, 0, 0, 53], 5353)],
+            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
         }
     );
     assert_eq!(
@@ -849,7 +876,7 @@ fn plan_leaves_out_ipv6_and_non_cluster_ip_frontends() {
         ],
         warnings: vec![],
     };
-    let planned = plan(&model);
+    let planned = plan(&model, &PlanOptions::default());
     let key = ServiceKey {
         addr: [10, 96, 0, 10],
         port: 80,
@@ -889,13 +916,14 @@ status:
 "#,
     )
     .expect("Pod YAML should deserialize");
-    let planned = plan(&crate::model::build(&[service], &[pod]));
+    let planned = plan(&crate::model::build(&[service], &[pod]), &PlanOptions::default());
     let key = key(10, 80);
     assert_eq!(
         planned.get(&key),
         Some(&DesiredService {
             name: "shop/web:80".into(),
             backends: vec![([10, 0, 0, 1], 8080)],
+            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
         })
     );
     let mut maps = Recorder::default();
@@ -946,4 +974,81 @@ fn a_slot_whose_delete_failed_is_still_known_and_deleted_later() {
     maps.refuse_slot_deletes = false;
     apply(&mut reconciler, &shrunk, &mut maps);
     assert_eq!(maps.state.slots.len(), 1, "the stale slot was deleted on the next pass: {:?}", maps.state.slots);
+}
+
+fn with_maglev(mut services: BTreeMap<ServiceKey, DesiredService>, size: u32) -> BTreeMap<ServiceKey, DesiredService> {
+    for service in services.values_mut() {
+        service.maglev = Some(size);
+    }
+    services
+}
+
+#[test]
+fn a_maglev_table_is_written_after_the_backends_and_before_the_entry_that_uses_it() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::default();
+    let services = with_maglev(desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2), backend(3)])]), 251);
+    apply(&mut reconciler, &services, &mut maps);
+    let ops = maps.take_ops();
+    let info = service_info(&maps.state, key(1, 80));
+    assert_eq!((info.flags, info.maglev_table_size), (lb_common::service_flags::MAGLEV, 251));
+    let table = position(&ops, Op::PutMaglev(info.id));
+    assert!(ops[..table].iter().filter(|op| matches!(op, Op::PutSlot(_))).count() == 3, "slots first: {ops:?}");
+    assert!(table < position(&ops, Op::PutService(key(1, 80))), "table before the entry: {ops:?}");
+    let written = &maps.tables[&info.id];
+    assert_eq!(written.len(), 251);
+    for id in backend_ids(&maps.state, key(1, 80)).values() {
+        assert!(written.contains(id), "every backend owns positions");
+    }
+
+    assert_eq!(apply(&mut reconciler, &services, &mut maps).writes, 0, "an unchanged table is not rewritten");
+    let restarted = &mut Reconciler::new(reconciler.programmed().clone());
+    assert_eq!(apply(restarted, &services, &mut maps).writes, 0, "nor after a restart");
+}
+
+#[test]
+fn a_backend_change_swaps_in_one_new_table_that_keeps_most_positions() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::default();
+    let before: Vec<BackendAddr> = (1..=10).map(backend).collect();
+    apply(&mut reconciler, &with_maglev(desired(&[(key(1, 80), "default/web:80", before.clone())]), 4093), &mut maps);
+    let id = service_info(&maps.state, key(1, 80)).id;
+    let old_table = maps.tables[&id].clone();
+    let removed = backend_ids(&maps.state, key(1, 80))[&backend(5)];
+    maps.take_ops();
+
+    let after: Vec<BackendAddr> = before.into_iter().filter(|b| *b != backend(5)).collect();
+    apply(&mut reconciler, &with_maglev(desired(&[(key(1, 80), "default/web:80", after)]), 4093), &mut maps);
+    let ops = maps.take_ops();
+    assert_eq!(ops.iter().filter(|op| matches!(op, Op::PutMaglev(_))).count(), 1, "{ops:?}");
+    assert!(position(&ops, Op::PutMaglev(id)) < position(&ops, Op::DeleteBackend(removed)), "no table names a deleted backend: {ops:?}");
+    let new_table = &maps.tables[&id];
+    let moved = old_table.iter().zip(new_table).filter(|(old, new)| **old != removed && old != new).count();
+    assert!(moved as f64 / 4093.0 <= 0.11, "flows of surviving backends mostly stay: {moved} positions moved");
+}
+
+#[test]
+fn switching_algorithms_orders_the_entry_and_the_table_safely() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::default();
+    let random = desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2)])]);
+    let maglev = with_maglev(random.clone(), 251);
+    apply(&mut reconciler, &random, &mut maps);
+    let id = service_info(&maps.state, key(1, 80)).id;
+    maps.take_ops();
+
+    apply(&mut reconciler, &maglev, &mut maps);
+    let ops = maps.take_ops();
+    assert!(position(&ops, Op::PutMaglev(id)) < position(&ops, Op::PutService(key(1, 80))), "table first: {ops:?}");
+
+    apply(&mut reconciler, &random, &mut maps);
+    let ops = maps.take_ops();
+    assert!(position(&ops, Op::PutService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)), "entry first: {ops:?}");
+    assert_eq!(service_info(&maps.state, key(1, 80)).flags, 0);
+
+    apply(&mut reconciler, &maglev, &mut maps);
+    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
+    let ops = maps.take_ops();
+    assert!(position(&ops, Op::DeleteService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)), "{ops:?}");
+    assert!(maps.tables.is_empty());
 }
