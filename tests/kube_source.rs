@@ -120,7 +120,7 @@ fn list_then_watch_events_are_programmed() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let rows: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(rows, json!([{"service": "default/web", "kind": "ClusterIP", "frontend": "10.96.0.10:80/TCP",
-                             "endpoints": 2, "programmed": true}]));
+                             "endpoints": 2, "algorithm": "default", "programmed": true}]));
 }
 
 #[test]

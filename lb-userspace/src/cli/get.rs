@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::maps::ServiceMaps,
-    model::{FrontendKind, Model, Protocol},
+    model::{FrontendKind, LbAlgorithm, Model, Protocol},
 };
 
 #[derive(clap::Args, Debug)]
@@ -115,13 +115,16 @@ pub struct ServiceRow {
     pub kind: &'static str,
     pub frontend: String,
     pub endpoints: usize,
+    /// Backend selection: the Service's `switchboard.io/lb-algorithm` annotation, else the
+    /// agent's default (`default`).
+    pub algorithm: &'static str,
     /// `true` when the kernel's maps hold this frontend (`null`: no agent's maps to read, or a
     /// kind the datapath does not program yet).
     pub programmed: Option<bool>,
 }
 
 impl Row for ServiceRow {
-    const HEADER: &'static [&'static str] = &["SERVICE", "TYPE", "FRONTEND", "ENDPOINTS", "PROGRAMMED"];
+    const HEADER: &'static [&'static str] = &["SERVICE", "TYPE", "FRONTEND", "ENDPOINTS", "ALGORITHM", "PROGRAMMED"];
 
     fn cells(&self) -> Vec<String> {
         let endpoints = if self.endpoints == 0 { "NONE".to_owned() } else { self.endpoints.to_string() };
@@ -130,7 +133,7 @@ impl Row for ServiceRow {
             Some(false) => "no",
             None => "-",
         };
-        vec![self.service.clone(), self.kind.to_owned(), self.frontend.clone(), endpoints, programmed.to_owned()]
+        vec![self.service.clone(), self.kind.to_owned(), self.frontend.clone(), endpoints, self.algorithm.to_owned(), programmed.to_owned()]
     }
 }
 
@@ -159,6 +162,7 @@ fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
                 kind: f.kind.as_str(),
                 frontend: format!("{}:{}/{}", f.address, f.port, f.protocol.as_str()),
                 endpoints: f.backends.len(),
+                algorithm: f.algorithm.map_or("default", LbAlgorithm::as_str),
                 programmed,
             }
         })

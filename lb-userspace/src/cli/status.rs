@@ -23,8 +23,8 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     println!(
-        "{:<24} {:>4} {:>9} {:>6}  BACKENDS",
-        "FRONTEND", "ID", "ENDPOINTS", "FLOWS"
+        "{:<24} {:>4} {:<16} {:>9} {:>6}  BACKENDS",
+        "FRONTEND", "ID", "ALGORITHM", "ENDPOINTS", "FLOWS"
     );
     for (key, info) in &programmed.services {
         let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
@@ -44,8 +44,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             backends.join(", ")
         };
+        let algorithm = if info.flags & lb_common::service_flags::MAGLEV != 0 {
+            format!("maglev/{}", info.maglev_table_size)
+        } else {
+            "random".to_owned()
+        };
         println!(
-            "{frontend:<24} {:>4} {:>9} {:>6}  {backends}",
+            "{frontend:<24} {:>4} {algorithm:<16} {:>9} {:>6}  {backends}",
             info.id,
             info.backend_count,
             flows.get(&info.id).copied().unwrap_or(0)
