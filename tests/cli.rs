@@ -89,20 +89,50 @@ fn explain_names_the_selector_key_that_failed_and_the_near_misses() {
         &[("app", "web")],
         &[("http", "TCP", 80, 3000)],
     );
-    let near_miss = lb_userspace::lab::pod_manifest("web-app-0", "10.244.0.10".parse().unwrap(), &[("app", "web-app")], 3000);
-    let other = lb_userspace::lab::pod_manifest("db-0", "10.244.0.11".parse().unwrap(), &[("role", "db")], 5432);
-    std::fs::write(dir.path().join("all.yaml"), [service, near_miss, other].join("---\n")).unwrap();
+    let near_miss = lb_userspace::lab::pod_manifest(
+        "web-app-0",
+        "10.244.0.10".parse().unwrap(),
+        &[("app", "web-app")],
+        3000,
+    );
+    let other =
+        lb_userspace::lab::pod_manifest("db-0", "10.244.0.11".parse().unwrap(), &[("role", "db")], 5432);
+    std::fs::write(
+        dir.path().join("all.yaml"),
+        [service, near_miss, other].join("---\n"),
+    )
+    .unwrap();
     let manifests = dir.path().to_str().unwrap();
 
     let (ok, stdout, stderr) = switchboard(&["explain", "service", "web", "--manifests", manifests]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("NO ENDPOINTS"), "{stdout}");
-    let near_miss_line = stdout.lines().position(|l| l.contains("web-app-0")).expect("the near miss is listed");
-    let other_line = stdout.lines().position(|l| l.contains("db-0")).expect("other pods are listed");
-    assert!(near_miss_line < other_line, "the closest miss comes first: {stdout}");
-    assert!(stdout.contains(r#"app: wanted "web", pod has "web-app""#), "{stdout}");
+    let near_miss_line = stdout
+        .lines()
+        .position(|l| l.contains("web-app-0"))
+        .expect("the near miss is listed");
+    let other_line = stdout
+        .lines()
+        .position(|l| l.contains("db-0"))
+        .expect("other pods are listed");
+    assert!(
+        near_miss_line < other_line,
+        "the closest miss comes first: {stdout}"
+    );
+    assert!(
+        stdout.contains(r#"app: wanted "web", pod has "web-app""#),
+        "{stdout}"
+    );
 
-    let (ok, stdout, _) = switchboard(&["explain", "service", "web", "--manifests", manifests, "-o", "json"]);
+    let (ok, stdout, _) = switchboard(&[
+        "explain",
+        "service",
+        "web",
+        "--manifests",
+        manifests,
+        "-o",
+        "json",
+    ]);
     assert!(ok);
     let explanation: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(explanation["pods"][0]["pod"], "web-app-0");
@@ -112,10 +142,23 @@ fn explain_names_the_selector_key_that_failed_and_the_near_misses() {
     assert!(!ok, "a missing service is an error a script can test for");
     assert!(stderr.contains("default/missing not found"), "{stderr}");
 
-    let (ok, stdout, _) = switchboard(&["get", "services", "--manifests", manifests, "-o", "json", "--pin-dir", "/nonexistent"]);
+    let (ok, stdout, _) = switchboard(&[
+        "get",
+        "services",
+        "--manifests",
+        manifests,
+        "-o",
+        "json",
+        "--pin-dir",
+        "/nonexistent",
+    ]);
     assert!(ok);
     let rows: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(rows[0]["service"], "default/web");
     assert_eq!(rows[0]["endpoints"], 0);
-    assert_eq!(rows[0]["programmed"], serde_json::Value::Null, "no agent: the kernel's view is unknown, not 'no'");
+    assert_eq!(
+        rows[0]["programmed"],
+        serde_json::Value::Null,
+        "no agent: the kernel's view is unknown, not 'no'"
+    );
 }

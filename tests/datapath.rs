@@ -442,7 +442,11 @@ fn bpftool_prints_the_pinned_maps_with_field_names() {
         .arg(&path)
         .output()
         .expect("bpftool is installed by `cargo xtask setup`");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let entries: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let web = entries
         .as_array()
@@ -460,7 +464,10 @@ fn bpftool_prints_the_pinned_maps_with_field_names() {
 fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow() {
     let maglev = Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE);
     let mut nodes = [Loaded::new("maglev-a"), Loaded::new("maglev-b")];
-    for (node, backends) in nodes.iter_mut().zip([BACKENDS.to_vec(), BACKENDS.iter().rev().copied().collect()]) {
+    for (node, backends) in nodes
+        .iter_mut()
+        .zip([BACKENDS.to_vec(), BACKENDS.iter().rev().copied().collect()])
+    {
         // The second node lists the backends in another order: ids differ, choices must not.
         node.program_with(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &backends)], maglev);
         program(node, program_names::FROM_POD).load().unwrap();
@@ -468,8 +475,15 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow() {
     let mut chosen = BTreeSet::new();
     for port in 0..200u16 {
         let syn = tcp_syn((CLIENT, 30000 + port), (CLUSTER_IP, 80));
-        let [a, b] = nodes.each_mut().map(|node| addresses_with_valid_checksums(&run(node, program_names::FROM_POD, &syn).1).1);
-        assert_eq!(a, b, "both nodes send the flow from port {} to the same backend", 30000 + port);
+        let [a, b] = nodes
+            .each_mut()
+            .map(|node| addresses_with_valid_checksums(&run(node, program_names::FROM_POD, &syn).1).1);
+        assert_eq!(
+            a,
+            b,
+            "both nodes send the flow from port {} to the same backend",
+            30000 + port
+        );
         chosen.insert(a);
     }
     assert_eq!(chosen.len(), 3, "flows still spread over every backend");
@@ -482,5 +496,8 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow() {
         nodes[0].maps.conntrack.remove(&key).unwrap();
     }
     let after = addresses_with_valid_checksums(&run(&mut nodes[0], program_names::FROM_POD, &flow).1).1;
-    assert_eq!(before, after, "a flow keeps its backend when conntrack is flushed");
+    assert_eq!(
+        before, after,
+        "a flow keeps its backend when conntrack is flushed"
+    );
 }

@@ -18,13 +18,17 @@ struct Manifests {
 }
 
 fn manifests() -> Manifests {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/switchboard.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/switchboard.yaml")).unwrap();
     let documents: Vec<serde_yaml_ng::Value> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde_yaml_ng::Value::deserialize(d).unwrap())
         .collect();
     let of_kind = |kind: &str| {
         let mut found = documents.iter().filter(|d| d["kind"].as_str() == Some(kind));
-        let document = found.next().unwrap_or_else(|| panic!("no {kind} in deploy/switchboard.yaml")).clone();
+        let document = found
+            .next()
+            .unwrap_or_else(|| panic!("no {kind} in deploy/switchboard.yaml"))
+            .clone();
         assert!(found.next().is_none(), "one {kind} only");
         document
     };
@@ -64,7 +68,10 @@ fn rbac_grants_list_and_watch_on_what_the_agent_reads_and_nothing_else() {
         ]
     );
     let subject = &m.binding.subjects.unwrap()[0];
-    assert_eq!((subject.name.as_str(), subject.namespace.as_deref()), ("switchboard", Some("kube-system")));
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("switchboard", Some("kube-system"))
+    );
     assert_eq!(m.binding.role_ref.name, m.role.metadata.name.unwrap());
     assert_eq!(m.account.metadata.name.as_deref(), Some("switchboard"));
 }
@@ -76,7 +83,12 @@ fn the_daemonset_runs_on_every_node_with_the_host_network_and_few_capabilities()
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     assert_eq!(pod.service_account_name.as_deref(), Some("switchboard"));
     let tolerations = pod.tolerations.unwrap();
-    assert!(tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()), "tolerates every taint");
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint"
+    );
 
     let container = &pod.containers[0];
     let security = container.security_context.clone().unwrap();
@@ -88,14 +100,32 @@ fn the_daemonset_runs_on_every_node_with_the_host_network_and_few_capabilities()
     assert_eq!(added, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
 
     let env = container.env.clone().unwrap();
-    let node_name = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME is set");
-    let field = node_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).unwrap();
+    let node_name = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME is set");
+    let field = node_name
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .unwrap();
     assert_eq!(field.field_path, "spec.nodeName", "from the downward API");
-    assert!(env.iter().any(|e| e.name == "SWITCHBOARD_API_SERVER"), "the API server is given directly, not via a ClusterIP");
+    assert!(
+        env.iter().any(|e| e.name == "SWITCHBOARD_API_SERVER"),
+        "the API server is given directly, not via a ClusterIP"
+    );
 
     let mounts = container.volume_mounts.clone().unwrap();
-    let bpffs = mounts.iter().find(|m| m.mount_path == "/sys/fs/bpf").expect("bpffs is mounted");
-    let volume = pod.volumes.unwrap().into_iter().find(|v| v.name == bpffs.name).unwrap();
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("bpffs is mounted");
+    let volume = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == bpffs.name)
+        .unwrap();
     assert_eq!(volume.host_path.unwrap().path, "/sys/fs/bpf");
 }
 
@@ -104,13 +134,27 @@ fn probes_read_the_agents_health_endpoints_on_its_metrics_port() {
     let pod = manifests().daemonset.spec.template.spec.unwrap();
     let container = &pod.containers[0];
     let env = container.env.clone().unwrap();
-    let metrics = env.iter().find(|e| e.name == "SWITCHBOARD_METRICS_ADDRESS").and_then(|e| e.value.clone()).unwrap();
+    let metrics = env
+        .iter()
+        .find(|e| e.name == "SWITCHBOARD_METRICS_ADDRESS")
+        .and_then(|e| e.value.clone())
+        .unwrap();
     let port: i32 = metrics.rsplit(':').next().unwrap().parse().unwrap();
-    for (probe, path) in [(container.liveness_probe.clone(), "/livez"), (container.readiness_probe.clone(), "/healthz")] {
+    for (probe, path) in [
+        (container.liveness_probe.clone(), "/livez"),
+        (container.readiness_probe.clone(), "/healthz"),
+    ] {
         let http = probe.unwrap().http_get.unwrap();
         assert_eq!(http.path.as_deref(), Some(path));
-        assert_eq!(http.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port));
-        assert_eq!(http.host.as_deref(), Some("127.0.0.1"), "the metrics address is loopback");
+        assert_eq!(
+            http.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port)
+        );
+        assert_eq!(
+            http.host.as_deref(),
+            Some("127.0.0.1"),
+            "the metrics address is loopback"
+        );
     }
 }
 
@@ -120,7 +164,12 @@ fn the_daemonsets_arguments_are_ones_the_agent_accepts() {
     let args = pod.containers[0].args.clone().unwrap();
     let cli = Cli::try_parse_from(std::iter::once("switchboard".to_owned()).chain(args.clone()))
         .unwrap_or_else(|e| panic!("switchboard rejects the DaemonSet's arguments {args:?}: {e}"));
-    let Command::Run(run) = cli.command else { panic!("the DaemonSet runs the agent") };
+    let Command::Run(run) = cli.command else {
+        panic!("the DaemonSet runs the agent")
+    };
     assert!(run.keep_datapath, "a rollout must not take the datapath down");
-    assert!(run.source.manifests.is_none(), "in a cluster the source is the API server");
+    assert!(
+        run.source.manifests.is_none(),
+        "in a cluster the source is the API server"
+    );
 }

@@ -49,7 +49,15 @@ impl Agent {
         require_root();
         let pins = PinDir::new(tag);
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["run", "--api-server", &api.url(), "--interfaces", "sbt-none-*", "--metrics-address", "127.0.0.1:0"])
+            .args([
+                "run",
+                "--api-server",
+                &api.url(),
+                "--interfaces",
+                "sbt-none-*",
+                "--metrics-address",
+                "127.0.0.1:0",
+            ])
             .arg("--pin-dir")
             .arg(pins.path())
             .env_remove("KUBECONFIG")
@@ -62,7 +70,12 @@ impl Agent {
 
     /// Backend count of ClusterIP:80/TCP as the kernel holds it (`None`: no such frontend).
     fn backends(&self, cluster_ip: [u8; 4]) -> Option<u32> {
-        let key = ServiceKey { addr: cluster_ip, port: 80, proto: IPPROTO_TCP, pad: 0 };
+        let key = ServiceKey {
+            addr: cluster_ip,
+            port: 80,
+            proto: IPPROTO_TCP,
+            pad: 0,
+        };
         let maps = ServiceMaps::open(self.pins.path()).ok()?;
         maps.services.get(&key, 0).ok().map(|info| info.backend_count)
     }
@@ -112,15 +125,30 @@ fn list_then_watch_events_are_programmed() {
 
     // The CLI reads the same API and the same maps.
     let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["get", "services", "-o", "json", "--api-server", &api.url(), "--pin-dir"])
+        .args([
+            "get",
+            "services",
+            "-o",
+            "json",
+            "--api-server",
+            &api.url(),
+            "--pin-dir",
+        ])
         .arg(agent.pins.path())
         .env_remove("KUBECONFIG")
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let rows: Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(rows, json!([{"service": "default/web", "kind": "ClusterIP", "frontend": "10.96.0.10:80/TCP",
-                             "endpoints": 2, "algorithm": "default", "programmed": true}]));
+    assert_eq!(
+        rows,
+        json!([{"service": "default/web", "kind": "ClusterIP", "frontend": "10.96.0.10:80/TCP",
+                             "endpoints": 2, "algorithm": "default", "programmed": true}])
+    );
 }
 
 #[test]
@@ -134,10 +162,17 @@ fn nothing_is_programmed_before_every_kind_is_listed() {
     // endpoints and reject its traffic, so nothing may be programmed yet.
     let deadline = Instant::now() + Duration::from_secs(2);
     while Instant::now() < deadline {
-        assert_eq!(agent.backends(WEB), None, "programmed before the EndpointSlices were listed");
+        assert_eq!(
+            agent.backends(WEB),
+            None,
+            "programmed before the EndpointSlices were listed"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(api.requests().iter().any(|r| r.contains("/api/v1/services")), "the agent did list Services");
+    assert!(
+        api.requests().iter().any(|r| r.contains("/api/v1/services")),
+        "the agent did list Services"
+    );
     api.release();
     agent.wait_for(WEB, Some(1), "once every kind is listed");
 }
@@ -154,10 +189,18 @@ fn a_cut_watch_and_a_410_gone_are_survived() {
     api.apply(slice("web", &["10.244.0.10"]));
     agent.wait_for(WEB, Some(1), "an event after the watch was cut");
 
-    let lists_before = api.requests().iter().filter(|r| !r.contains("watch=true")).count();
+    let lists_before = api
+        .requests()
+        .iter()
+        .filter(|r| !r.contains("watch=true"))
+        .count();
     api.apply_and_expire(slice("web", &["10.244.0.10", "10.244.0.11"]));
     agent.wait_for(WEB, Some(2), "a change only a re-list can see, after 410 Gone");
-    let lists_after = api.requests().iter().filter(|r| !r.contains("watch=true")).count();
+    let lists_after = api
+        .requests()
+        .iter()
+        .filter(|r| !r.contains("watch=true"))
+        .count();
     assert!(lists_after > lists_before, "the 410 forced a re-list");
 }
 
@@ -172,10 +215,17 @@ fn an_api_server_that_is_down_leaves_the_maps_serving_and_is_caught_up_with() {
     api.set_down(true);
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        assert_eq!(agent.backends(WEB), Some(3), "the last programmed state keeps serving while the API is down");
+        assert_eq!(
+            agent.backends(WEB),
+            Some(3),
+            "the last programmed state keeps serving while the API is down"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(agent.child.try_wait().unwrap().is_none(), "the agent survives the outage");
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent survives the outage"
+    );
     // What changed while the agent could not see it arrives with the re-list.
     api.apply(slice("web", &["10.244.0.10", "10.244.0.11"]));
     api.apply(service("api", "10.96.0.20"));

@@ -66,7 +66,11 @@ impl Cluster {
                 "web",
                 WEB,
                 &[("app", "web")],
-                &[("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353), ("lines", "TCP", 7000, 7000)],
+                &[
+                    ("http", "TCP", 80, 3000),
+                    ("dns", "UDP", 53, 5353),
+                    ("lines", "TCP", 7000, 7000),
+                ],
             ),
             lab::service_manifest(
                 "nobody",
@@ -100,21 +104,37 @@ impl Cluster {
     /// Waits until every frontend of the web service has `count` backends in the kernel's maps
     /// (the agent writes them one after the other).
     fn wait_for_backends(&self, count: u32) {
-        let frontends = [(80, IPPROTO_TCP), (53, lb_common::IPPROTO_UDP), (7000, IPPROTO_TCP)];
+        let frontends = [
+            (80, IPPROTO_TCP),
+            (53, lb_common::IPPROTO_UDP),
+            (7000, IPPROTO_TCP),
+        ];
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let maps = ServiceMaps::open(self.pins.path()).ok();
             let programmed: Vec<Option<u32>> = frontends
                 .iter()
                 .map(|&(port, proto)| {
-                    let key = ServiceKey { addr: WEB.octets(), port, proto, pad: 0 };
-                    maps.as_ref()?.services.get(&key, 0).ok().map(|info| info.backend_count)
+                    let key = ServiceKey {
+                        addr: WEB.octets(),
+                        port,
+                        proto,
+                        pad: 0,
+                    };
+                    maps.as_ref()?
+                        .services
+                        .get(&key, 0)
+                        .ok()
+                        .map(|info| info.backend_count)
                 })
                 .collect();
             if programmed.iter().all(|p| *p == Some(count)) {
                 return;
             }
-            assert!(Instant::now() < deadline, "the agent did not program {count} backends (has {programmed:?})");
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not program {count} backends (has {programmed:?})"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -134,7 +154,14 @@ impl Drop for Cluster {
 fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
     command
-        .args(["--log-format", "json", "run", "--interfaces", &lab.interface_pattern(), "--manifests"])
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            "--interfaces",
+            &lab.interface_pattern(),
+            "--manifests",
+        ])
         .arg(manifests)
         .arg("--pin-dir")
         .arg(pins)
@@ -324,9 +351,17 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
         cluster.agent.wait().unwrap();
         let served_at_kill = ok.load(Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(500));
-        assert!(ok.load(Ordering::SeqCst) > served_at_kill, "connections kept succeeding with no agent running");
+        assert!(
+            ok.load(Ordering::SeqCst) > served_at_kill,
+            "connections kept succeeding with no agent running"
+        );
 
-        cluster.agent = spawn_agent(&cluster.lab, cluster.manifests.path(), cluster.pins.path(), Stdio::piped());
+        cluster.agent = spawn_agent(
+            &cluster.lab,
+            cluster.manifests.path(),
+            cluster.pins.path(),
+            Stdio::piped(),
+        );
         let events = log_events(&mut cluster.agent);
         let first_sync = events
             .iter()
@@ -336,8 +371,16 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
         stop.store(true, Ordering::SeqCst);
         first_sync
     });
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no connection failed across the kill and restart");
-    assert!(ok.load(Ordering::SeqCst) >= 50, "the client kept connecting: {} connections", ok.load(Ordering::SeqCst));
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no connection failed across the kill and restart"
+    );
+    assert!(
+        ok.load(Ordering::SeqCst) >= 50,
+        "the client kept connecting: {} connections",
+        ok.load(Ordering::SeqCst)
+    );
     let fields = &first_sync["fields"];
     assert_eq!(
         (fields["writes"].as_u64(), fields["deletes"].as_u64()),
@@ -349,12 +392,24 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
 /// GET `path` from the agent's metrics endpoint (loopback of the node namespace).
 fn scrape(cluster: &Cluster, path: &'static str) -> (u16, String) {
     use std::io::{Read as _, Write as _};
-    let mut stream = cluster.lab.node.run(|| std::net::TcpStream::connect("127.0.0.1:10249")).unwrap().unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut stream = cluster
+        .lab
+        .node
+        .run(|| std::net::TcpStream::connect("127.0.0.1:10249"))
+        .unwrap()
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned())
+    (
+        status,
+        response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned(),
+    )
 }
 
 fn metric(body: &str, name: &str) -> u64 {
@@ -375,9 +430,20 @@ fn metrics_count_the_connections_made_and_health_is_reported() {
     }
     let (status, after) = scrape(&cluster, "/metrics");
     assert_eq!(status, 200);
-    assert_eq!(metric(&after, "switchboard_datapath_new_flows_total") - flows_before, 25, "one new flow per connection");
-    assert!(metric(&after, "switchboard_datapath_reply_packets_total") >= 25 * 2, "SYN-ACK and reply at least");
-    assert_eq!(metric(&after, "switchboard_frontends_without_endpoints"), 2, "the `nobody` service's two ports");
+    assert_eq!(
+        metric(&after, "switchboard_datapath_new_flows_total") - flows_before,
+        25,
+        "one new flow per connection"
+    );
+    assert!(
+        metric(&after, "switchboard_datapath_reply_packets_total") >= 25 * 2,
+        "SYN-ACK and reply at least"
+    );
+    assert_eq!(
+        metric(&after, "switchboard_frontends_without_endpoints"),
+        2,
+        "the `nobody` service's two ports"
+    );
     assert!(metric(&after, "switchboard_syncs_total") >= 1);
     assert_eq!(scrape(&cluster, "/nope").0, 404);
 }
@@ -390,7 +456,13 @@ fn keep_datapath_serves_after_the_agent_exits_and_uninstall_detaches_it() {
     cluster.agent.wait().unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
     command
-        .args(["run", "--keep-datapath", "--interfaces", &cluster.lab.interface_pattern(), "--manifests"])
+        .args([
+            "run",
+            "--keep-datapath",
+            "--interfaces",
+            &cluster.lab.interface_pattern(),
+            "--manifests",
+        ])
         .arg(cluster.manifests.path())
         .arg("--pin-dir")
         .arg(cluster.pins.path());
@@ -400,16 +472,29 @@ fn keep_datapath_serves_after_the_agent_exits_and_uninstall_detaches_it() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(cluster.agent.wait().unwrap().success(), "a clean exit");
     for _ in 0..10 {
-        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("the datapath keeps serving after the agent exited");
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT)
+            .expect("the datapath keeps serving after the agent exited");
     }
 
-    let output = Command::new(env!("CARGO_BIN_EXE_switchboard")).arg("uninstall").arg("--pin-dir").arg(cluster.pins.path()).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .arg("uninstall")
+        .arg("--pin-dir")
+        .arg(cluster.pins.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(!cluster.pins.path().exists(), "the pins are gone");
     // bpffs drops a removed pin's reference after an RCU grace period: detaching is not instant.
     let deadline = Instant::now() + Duration::from_secs(5);
     while let Ok(reply) = servers::http_get(cluster.client(), WEB, 80, Duration::from_millis(300)) {
-        assert!(Instant::now() < deadline, "the ClusterIP is still served after uninstall: {reply:?}");
+        assert!(
+            Instant::now() < deadline,
+            "the ClusterIP is still served after uninstall: {reply:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -421,7 +506,11 @@ fn an_established_connection_survives_a_conntrack_flush() {
     use std::io::{BufRead as _, BufReader, Write as _};
     let cluster = Cluster::start("nf");
     let target = SocketAddr::from((WEB, 7000));
-    let stream = cluster.client().run(move || std::net::TcpStream::connect_timeout(&target, TIMEOUT)).unwrap().unwrap();
+    let stream = cluster
+        .client()
+        .run(move || std::net::TcpStream::connect_timeout(&target, TIMEOUT))
+        .unwrap()
+        .unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;

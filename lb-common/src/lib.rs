@@ -84,8 +84,14 @@ pub mod service_flags {
 pub fn flow_hash(src_addr: [u8; 4], dst_addr: [u8; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
     #[inline(always)]
     fn mix(hash: u32, word: u32) -> u32 {
-        let k = word.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-        (hash ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+        let k = word
+            .wrapping_mul(0xcc9e_2d51)
+            .rotate_left(15)
+            .wrapping_mul(0x1b87_3593);
+        (hash ^ k)
+            .rotate_left(13)
+            .wrapping_mul(5)
+            .wrapping_add(0xe654_6b64)
     }
     let mut hash = mix(0x5b0a_2d9f, u32::from_be_bytes(src_addr));
     hash = mix(hash, u32::from_be_bytes(dst_addr));
@@ -233,13 +239,22 @@ mod tests {
     fn flow_hash_is_stable_and_spreads() {
         // A pinned value: every node and every build must agree on it, or an upgrade would move
         // flows between backends.
-        assert_eq!(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 40000, 80, 6), 1_861_148_423);
+        assert_eq!(
+            flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 40000, 80, 6),
+            1_861_148_423
+        );
         let buckets = (0..10_000u16).fold([0u32; 10], |mut buckets, port| {
             buckets[(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], port, 80, 6) % 10) as usize] += 1;
             buckets
         });
-        assert!(buckets.iter().all(|&n| (900..1100).contains(&n)), "ports spread evenly: {buckets:?}");
-        assert_ne!(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 1, 2, 6), flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 2, 1, 6));
+        assert!(
+            buckets.iter().all(|&n| (900..1100).contains(&n)),
+            "ports spread evenly: {buckets:?}"
+        );
+        assert_ne!(
+            flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 1, 2, 6),
+            flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 2, 1, 6)
+        );
     }
 
     #[test]

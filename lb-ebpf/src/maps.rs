@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey,
-    SlotKey, Stat, capacity,
+    Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_FLAGS, ServiceInfo,
+    ServiceKey, SlotKey, Stat, capacity,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);

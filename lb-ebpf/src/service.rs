@@ -49,7 +49,13 @@ pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, 
 
 #[inline(always)]
 fn maglev(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
-    let hash = flow_hash(flow.src_addr, flow.dst_addr, flow.src_port, flow.dst_port, flow.proto);
+    let hash = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
     let position = hash % service.maglev_table_size;
     // SAFETY: copied out at once; tables are replaced whole, never written in place.
     let id = unsafe { SB_MAGLEV.get_value(&service.id, &position).copied() }?;

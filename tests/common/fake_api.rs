@@ -67,7 +67,11 @@ impl FakeApi {
             let key = (collection.clone(), object_key(&object));
             state.resource_version += 1;
             object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            let kind = if state.objects.contains_key(&key) { "MODIFIED" } else { "ADDED" };
+            let kind = if state.objects.contains_key(&key) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
             state.objects.insert(key, object.clone());
             let rv = state.resource_version;
             state.events.push((rv, collection, kind, object));
@@ -97,7 +101,9 @@ impl FakeApi {
         self.change(|state| {
             state.resource_version += 1;
             object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            state.objects.insert((collection_of(&object), object_key(&object)), object);
+            state
+                .objects
+                .insert((collection_of(&object), object_key(&object)), object);
             state.expired_below = state.resource_version;
             state.generation += 1;
         });
@@ -138,7 +144,11 @@ fn collection_of(object: &Value) -> String {
 
 fn object_key(object: &Value) -> String {
     let metadata = &object["metadata"];
-    format!("{}/{}", metadata["namespace"].as_str().unwrap_or("default"), metadata["name"].as_str().unwrap())
+    format!(
+        "{}/{}",
+        metadata["namespace"].as_str().unwrap_or("default"),
+        metadata["name"].as_str().unwrap()
+    )
 }
 
 fn accept_loop(listener: TcpListener, state: Arc<(Mutex<State>, Condvar)>) {
@@ -183,12 +193,20 @@ fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) -> std::io::Re
             continue;
         };
         if params.get("watch") == Some(&"true") {
-            let since = params.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let since = params
+                .get("resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             return watch(stream, state, collection, since);
         }
         wait_while_held(state, collection);
         let guard = state.0.lock().unwrap();
-        let items: Vec<&Value> = guard.objects.iter().filter(|((c, _), _)| c == collection).map(|(_, o)| o).collect();
+        let items: Vec<&Value> = guard
+            .objects
+            .iter()
+            .filter(|((c, _), _)| c == collection)
+            .map(|(_, o)| o)
+            .collect();
         let list = json!({
             "kind": list_kind,
             "apiVersion": "v1",
@@ -219,8 +237,16 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<(
 
 /// Streams the collection's events after `since` as chunked JSON lines until the test cuts the
 /// watch; a watch from an expired resourceVersion gets 410 Gone in-stream, as the API does.
-fn watch(mut stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>, collection: &str, since: u64) -> std::io::Result<()> {
-    write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")?;
+fn watch(
+    mut stream: TcpStream,
+    state: &Arc<(Mutex<State>, Condvar)>,
+    collection: &str,
+    since: u64,
+) -> std::io::Result<()> {
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
     let (lock, wake) = &**state;
     let mut guard = lock.lock().unwrap();
     let generation = guard.generation;

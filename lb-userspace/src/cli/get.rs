@@ -60,7 +60,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 print(args.output, &endpoints(&model))?;
             }
-            Ok(if errors == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if errors == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         What::Backends => {
             let maps = ServiceMaps::open(&args.pin_dir.pin_dir)?;
@@ -94,10 +98,21 @@ pub fn print<R: Row>(output: Output, rows: &[R]) -> anyhow::Result<()> {
         Output::Table => {
             let cells: Vec<Vec<String>> = rows.iter().map(Row::cells).collect();
             let widths: Vec<usize> = (0..R::HEADER.len())
-                .map(|i| cells.iter().map(|c| c[i].len()).chain([R::HEADER[i].len()]).max().unwrap_or(0))
+                .map(|i| {
+                    cells
+                        .iter()
+                        .map(|c| c[i].len())
+                        .chain([R::HEADER[i].len()])
+                        .max()
+                        .unwrap_or(0)
+                })
                 .collect();
             let line = |cells: Vec<String>| {
-                let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+                let padded: Vec<String> = cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect();
                 println!("{}", padded.join("  ").trim_end());
             };
             line(R::HEADER.iter().map(|h| h.to_string()).collect());
@@ -124,16 +139,34 @@ pub struct ServiceRow {
 }
 
 impl Row for ServiceRow {
-    const HEADER: &'static [&'static str] = &["SERVICE", "TYPE", "FRONTEND", "ENDPOINTS", "ALGORITHM", "PROGRAMMED"];
+    const HEADER: &'static [&'static str] = &[
+        "SERVICE",
+        "TYPE",
+        "FRONTEND",
+        "ENDPOINTS",
+        "ALGORITHM",
+        "PROGRAMMED",
+    ];
 
     fn cells(&self) -> Vec<String> {
-        let endpoints = if self.endpoints == 0 { "NONE".to_owned() } else { self.endpoints.to_string() };
+        let endpoints = if self.endpoints == 0 {
+            "NONE".to_owned()
+        } else {
+            self.endpoints.to_string()
+        };
         let programmed = match self.programmed {
             Some(true) => "yes",
             Some(false) => "no",
             None => "-",
         };
-        vec![self.service.clone(), self.kind.to_owned(), self.frontend.clone(), endpoints, self.algorithm.to_owned(), programmed.to_owned()]
+        vec![
+            self.service.clone(),
+            self.kind.to_owned(),
+            self.frontend.clone(),
+            endpoints,
+            self.algorithm.to_owned(),
+            programmed.to_owned(),
+        ]
     }
 }
 
@@ -180,7 +213,8 @@ pub struct EndpointRow {
 }
 
 impl Row for EndpointRow {
-    const HEADER: &'static [&'static str] = &["SERVICE", "FRONTEND", "ENDPOINT", "POD", "NODE", "TERMINATING"];
+    const HEADER: &'static [&'static str] =
+        &["SERVICE", "FRONTEND", "ENDPOINT", "POD", "NODE", "TERMINATING"];
 
     fn cells(&self) -> Vec<String> {
         vec![
@@ -197,7 +231,11 @@ impl Row for EndpointRow {
 /// One row per endpoint, and one `NO ENDPOINTS` row for a frontend without any.
 pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
     let mut rows = Vec::new();
-    for f in model.frontends.iter().filter(|f| f.kind == FrontendKind::ClusterIp) {
+    for f in model
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+    {
         let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol.as_str());
         if f.backends.is_empty() {
             rows.push(EndpointRow {
@@ -253,8 +291,11 @@ fn frontend_text(key: &ServiceKey) -> String {
 
 fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {
     let programmed = maps.read_programmed()?;
-    let frontends: BTreeMap<u32, String> =
-        programmed.services.iter().map(|(key, info)| (info.id, frontend_text(key))).collect();
+    let frontends: BTreeMap<u32, String> = programmed
+        .services
+        .iter()
+        .map(|(key, info)| (info.id, frontend_text(key)))
+        .collect();
     let slots: BTreeMap<u32, u32> = programmed.slots.iter().map(|(key, id)| (*id, key.slot)).collect();
     Ok(programmed
         .backends
@@ -262,7 +303,10 @@ fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {
         .map(|(id, b)| BackendRow {
             id: *id,
             service_id: b.service_id,
-            frontend: frontends.get(&b.service_id).cloned().unwrap_or_else(|| "?".into()),
+            frontend: frontends
+                .get(&b.service_id)
+                .cloned()
+                .unwrap_or_else(|| "?".into()),
             backend: format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
             slot: slots.get(id).copied(),
         })
@@ -282,8 +326,15 @@ pub struct FlowRow {
 }
 
 impl Row for FlowRow {
-    const HEADER: &'static [&'static str] =
-        &["DIRECTION", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED TO", "SERVICE ID", "BACKEND ID"];
+    const HEADER: &'static [&'static str] = &[
+        "DIRECTION",
+        "PROTO",
+        "SOURCE",
+        "DESTINATION",
+        "TRANSLATED TO",
+        "SERVICE ID",
+        "BACKEND ID",
+    ];
 
     fn cells(&self) -> Vec<String> {
         vec![
@@ -303,7 +354,11 @@ fn conntrack(maps: &ServiceMaps) -> anyhow::Result<Vec<FlowRow>> {
     for entry in maps.conntrack.iter() {
         let (key, value) = entry?;
         rows.push(FlowRow {
-            direction: if key.direction == ct_direction::FORWARD { "forward" } else { "reply" },
+            direction: if key.direction == ct_direction::FORWARD {
+                "forward"
+            } else {
+                "reply"
+            },
             protocol: if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
             source: format!("{}:{}", Ipv4Addr::from(key.src_addr), key.src_port),
             destination: format!("{}:{}", Ipv4Addr::from(key.dst_addr), key.dst_port),

@@ -31,5 +31,9 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     });
     get::print_warnings(&model);
     get::print(args.output, &get::endpoints(&model))?;
-    Ok(if errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

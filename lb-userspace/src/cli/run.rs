@@ -10,9 +10,9 @@ use tokio::{
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::{
-        maps::ServiceMaps,
         Datapath,
         attach::{self, Attacher},
+        maps::ServiceMaps,
     },
     model::{self, LbAlgorithm},
     observe::{
@@ -95,7 +95,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(AgentMetrics::default());
     let health = Arc::new(Health::default());
     let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
-    observe::server::serve(args.metrics_address, Observed { registry, health: health.clone() }).await?;
+    observe::server::serve(
+        args.metrics_address,
+        Observed {
+            registry,
+            health: health.clone(),
+        },
+    )
+    .await?;
 
     let options = PlanOptions {
         default_algorithm: args.lb_algorithm,
@@ -103,8 +110,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
     let source = match (&args.source.manifests, client) {
-        (Some(dir), _) => tokio::spawn(manifests::watch(ManifestDir::new(dir), snapshots_tx, metrics.clone())),
-        (None, Some(client)) => tokio::spawn(source::kube::watch(client, endpoints_from, snapshots_tx, metrics.clone())),
+        (Some(dir), _) => tokio::spawn(manifests::watch(
+            ManifestDir::new(dir),
+            snapshots_tx,
+            metrics.clone(),
+        )),
+        (None, Some(client)) => tokio::spawn(source::kube::watch(
+            client,
+            endpoints_from,
+            snapshots_tx,
+            metrics.clone(),
+        )),
         (None, None) => unreachable!("a client is made whenever there is no manifest directory"),
     };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
@@ -130,10 +146,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let interfaces = attacher.interfaces().len();
     if args.keep_datapath {
-        tracing::info!(interfaces, "exiting; the datapath stays attached and keeps serving");
+        tracing::info!(
+            interfaces,
+            "exiting; the datapath stays attached and keeps serving"
+        );
     } else {
         attacher.detach_all();
-        tracing::info!(interfaces, "detached; maps stay pinned in {}", args.pin_dir.pin_dir.display());
+        tracing::info!(
+            interfaces,
+            "detached; maps stay pinned in {}",
+            args.pin_dir.pin_dir.display()
+        );
     }
     Ok(())
 }
@@ -165,14 +188,23 @@ fn sync(
     let elapsed = started.elapsed();
     for (service, error) in &report.failed {
         tracing::error!("cannot program {service}: {error}; its previous state stays in effect");
-        metrics.programming_failures.get_or_create(&ServiceLabel { service: service.clone() }).inc();
+        metrics
+            .programming_failures
+            .get_or_create(&ServiceLabel {
+                service: service.clone(),
+            })
+            .inc();
     }
     metrics.syncs.inc();
     metrics.sync_duration.observe(elapsed.as_secs_f64());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     metrics.last_sync_timestamp.set(now.as_secs_f64());
     metrics.frontends.set(model.frontends.len() as i64);
-    metrics.frontends_without_endpoints.set(model.frontends.iter().filter(|f| f.backends.is_empty()).count() as i64);
+    metrics
+        .frontends_without_endpoints
+        .set(model.frontends.iter().filter(|f| f.backends.is_empty()).count() as i64);
     tracing::info!(
         frontends = desired.len(),
         writes = report.writes,

@@ -54,10 +54,21 @@ impl SourceArgs {
         }
         let client = self.connection.client().await?;
         let params = ListParams::default();
-        let services: Vec<Service> = Api::all(client.clone()).list(&params).await.context("cannot list Services")?.items;
-        let endpoint_slices: Vec<EndpointSlice> =
-            Api::all(client.clone()).list(&params).await.context("cannot list EndpointSlices")?.items;
-        let pods: Vec<Pod> = Api::all(client).list(&params).await.context("cannot list Pods")?.items;
+        let services: Vec<Service> = Api::all(client.clone())
+            .list(&params)
+            .await
+            .context("cannot list Services")?
+            .items;
+        let endpoint_slices: Vec<EndpointSlice> = Api::all(client.clone())
+            .list(&params)
+            .await
+            .context("cannot list EndpointSlices")?
+            .items;
+        let pods: Vec<Pod> = Api::all(client)
+            .list(&params)
+            .await
+            .context("cannot list Pods")?
+            .items;
         Ok((
             Snapshot {
                 services,
@@ -86,5 +97,8 @@ impl SourceArgs {
 
 /// A current-thread runtime for the one-shot commands.
 pub fn block_on<T>(future: impl Future<Output = T>) -> anyhow::Result<T> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(future))
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future))
 }

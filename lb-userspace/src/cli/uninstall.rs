@@ -19,8 +19,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     // Unpinning a link drops the last reference to it once no agent holds it: that detaches it.
-    let links = std::fs::read_dir(dir.join("links")).map(Iterator::count).unwrap_or(0);
+    let links = std::fs::read_dir(dir.join("links"))
+        .map(Iterator::count)
+        .unwrap_or(0);
     std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
-    println!("removed {} ({links} program links detached, maps unpinned)", dir.display());
+    println!(
+        "removed {} ({links} program links detached, maps unpinned)",
+        dir.display()
+    );
     Ok(ExitCode::SUCCESS)
 }

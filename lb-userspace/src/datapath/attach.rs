@@ -58,7 +58,8 @@ impl Attacher {
                 .with_context(|| format!("the kernel refused program {name}"))?;
         }
         let links_dir = pin_dir.join("links");
-        std::fs::create_dir_all(&links_dir).with_context(|| format!("cannot create {}", links_dir.display()))?;
+        std::fs::create_dir_all(&links_dir)
+            .with_context(|| format!("cannot create {}", links_dir.display()))?;
         Ok(Self {
             pattern,
             links_dir,
@@ -127,8 +128,13 @@ impl Attacher {
         };
         for entry in entries.flatten() {
             let file = entry.file_name();
-            let index = file.to_str().and_then(|f| f.split_once('-')).map(|(index, _)| index);
-            let live = index.and_then(|i| i.parse::<u32>().ok()).is_some_and(|i| present.contains_key(&i));
+            let index = file
+                .to_str()
+                .and_then(|f| f.split_once('-'))
+                .map(|(index, _)| index);
+            let live = index
+                .and_then(|i| i.parse::<u32>().ok())
+                .is_some_and(|i| present.contains_key(&i));
             if !live {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -151,12 +157,18 @@ impl Attacher {
                     // on the interface keep running.
                     let id = program.attach(interface, attach_type)?;
                     let link: FdLink = program.take_link(id)?.try_into()?;
-                    link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?.into()
+                    link.pin(&path)
+                        .with_context(|| format!("cannot pin {}", path.display()))?
+                        .into()
                 }
             };
             links.push((path, link));
         }
-        let how = if replaced { "took over the pinned links" } else { "attached" };
+        let how = if replaced {
+            "took over the pinned links"
+        } else {
+            "attached"
+        };
         tracing::info!(interface, "{how}: from_pod (tc ingress), to_pod (tc egress)");
         Ok(Attached {
             name: interface.to_owned(),

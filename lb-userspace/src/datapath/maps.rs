@@ -8,8 +8,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, Stat, map_names,
-    service_flags,
+    Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, Stat,
+    map_names, service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed};
@@ -102,7 +102,9 @@ impl ServiceMaps {
         let mut maglev = BTreeMap::new();
         for service_id in self.maglev.keys() {
             let service_id = service_id?;
-            let info = services.values().find(|i| i.id == service_id && i.flags & service_flags::MAGLEV != 0);
+            let info = services
+                .values()
+                .find(|i| i.id == service_id && i.flags & service_flags::MAGLEV != 0);
             let input = info.map_or_else(MaglevInput::default, |info| {
                 let mut backends: Vec<BackendId> = (0..info.backend_count)
                     .filter_map(|slot| slots.get(&SlotKey { service_id, slot }).copied())
@@ -175,7 +177,9 @@ impl MapWriter for ServiceMaps {
             message: format!("cannot fill a new table: {error}"),
         })?;
         // One update swaps the whole table: a packet sees the old table or the new one.
-        self.maglev.insert(service_id, &inner, 0).map_err(failed(map_names::MAGLEV))
+        self.maglev
+            .insert(service_id, &inner, 0)
+            .map_err(failed(map_names::MAGLEV))
     }
 
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
@@ -200,10 +204,20 @@ fn fill_mmapped(array: &Array<MapData, BackendId>, table: &[BackendId]) -> nix::
     // SAFETY: a fresh shared mapping of the array's values, written within its length, unmapped
     // below and never aliased.
     unsafe {
-        let base = mmap(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd, 0)?;
+        let base = mmap(
+            None,
+            length,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+            fd,
+            0,
+        )?;
         let bytes = base.as_ptr().cast::<u8>();
         for (position, id) in table.iter().enumerate() {
-            bytes.add(position * STRIDE).cast::<BackendId>().write_unaligned(*id);
+            bytes
+                .add(position * STRIDE)
+                .cast::<BackendId>()
+                .write_unaligned(*id);
         }
         munmap(base, length.get())
     }

@@ -11,7 +11,10 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{Endpoint, EndpointsFrom, Input, Protocol, SERVICE_NAME_LABEL, ServiceName, by_namespace, selector::Selector};
+use super::{
+    Endpoint, EndpointsFrom, Input, Protocol, SERVICE_NAME_LABEL, ServiceName, by_namespace,
+    selector::Selector,
+};
 
 /// The inputs indexed for per-Service lookups.
 pub(super) struct EndpointSource<'a> {
@@ -26,11 +29,23 @@ impl<'a> EndpointSource<'a> {
     pub(super) fn new(input: &Input<'a>) -> Self {
         let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
         for slice in input.endpoint_slices {
-            let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+            let Some(service) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            else {
                 continue;
             };
-            let namespace = slice.metadata.namespace.clone().unwrap_or_else(|| "default".into());
-            slices.entry((namespace, service.clone())).or_default().push(slice);
+            let namespace = slice
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            slices
+                .entry((namespace, service.clone()))
+                .or_default()
+                .push(slice);
         }
         Self {
             endpoints_from: input.endpoints_from,
@@ -82,7 +97,12 @@ pub(super) fn usable(mut candidates: Vec<Endpoint>) -> Vec<Endpoint> {
 /// Serving endpoints from EndpointSlices. Missing `ready`/`serving` mean true, missing
 /// `terminating` false; only the first address of an endpoint counts; an address listed by two
 /// slices counts once, preferring the non-terminating entry.
-fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, protocol: Protocol, ipv4: bool) -> Vec<Endpoint> {
+fn from_slices(
+    slices: &[&EndpointSlice],
+    port: &ServicePort,
+    protocol: Protocol,
+    ipv4: bool,
+) -> Vec<Endpoint> {
     let family = if ipv4 { "IPv4" } else { "IPv6" };
     let mut by_address: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.address_type == family) {
@@ -92,7 +112,11 @@ fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, protocol: Protocol
         }) else {
             continue;
         };
-        let Some(number) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+        let Some(number) = slice_port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
             continue;
         };
         for endpoint in slice.endpoints.iter().flatten() {
@@ -133,7 +157,13 @@ fn from_slices(slices: &[&EndpointSlice], port: &ServicePort, protocol: Protocol
 }
 
 /// Serving endpoints from the Pods `selector` matches (an empty selector matches none).
-fn from_pods(selector: &Selector, pods: &[&Pod], port: &ServicePort, protocol: Protocol, ipv4: bool) -> Vec<Endpoint> {
+fn from_pods(
+    selector: &Selector,
+    pods: &[&Pod],
+    port: &ServicePort,
+    protocol: Protocol,
+    ipv4: bool,
+) -> Vec<Endpoint> {
     if selector.is_empty() {
         return Vec::new();
     }

@@ -38,7 +38,8 @@ pub struct PodVerdict {
 /// Explains `namespace/name`, or `None` when no such Service exists.
 pub fn explain(input: &Input<'_>, namespace: &str, name: &str) -> Option<Explanation> {
     let service = input.services.iter().find(|s| {
-        s.metadata.name.as_deref() == Some(name) && s.metadata.namespace.as_deref().unwrap_or("default") == namespace
+        s.metadata.name.as_deref() == Some(name)
+            && s.metadata.namespace.as_deref().unwrap_or("default") == namespace
     })?;
     let service_name = ServiceName {
         namespace: namespace.to_owned(),
@@ -48,7 +49,11 @@ pub fn explain(input: &Input<'_>, namespace: &str, name: &str) -> Option<Explana
         services: std::slice::from_ref(service),
         ..*input
     });
-    let selector = service.spec.as_ref().and_then(|s| s.selector.clone()).unwrap_or_default();
+    let selector = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.clone())
+        .unwrap_or_default();
     let endpoints_from = if selector.is_empty() {
         "EndpointSlices (the Service has no selector, so no Pod is selected by it)".to_owned()
     } else if input.endpoints_from == EndpointsFrom::Pods {
@@ -74,7 +79,12 @@ pub fn explain(input: &Input<'_>, namespace: &str, name: &str) -> Option<Explana
 
 fn summary(frontend: &Frontend) -> FrontendSummary {
     FrontendSummary {
-        frontend: format!("{}:{}/{}", frontend.address, frontend.port, frontend.protocol.as_str()),
+        frontend: format!(
+            "{}:{}/{}",
+            frontend.address,
+            frontend.port,
+            frontend.protocol.as_str()
+        ),
         kind: frontend.kind.as_str().to_owned(),
         endpoints: frontend
             .backends
@@ -86,7 +96,10 @@ fn summary(frontend: &Frontend) -> FrontendSummary {
 
 /// Every pod of the namespace that is not an endpoint of any frontend, closest misses first.
 fn pod_verdicts(selector: &Labels, pods: &[Pod], namespace: &str, frontends: &[Frontend]) -> Vec<PodVerdict> {
-    let endpoint_pods: Vec<&str> = frontends.iter().flat_map(|f| f.backends.iter().map(|e| e.pod.as_str())).collect();
+    let endpoint_pods: Vec<&str> = frontends
+        .iter()
+        .flat_map(|f| f.backends.iter().map(|e| e.pod.as_str()))
+        .collect();
     // Closest misses first: fewer failed keys, then wrong values before missing labels (a pod
     // labelled `app=web-app` is a likelier mistake than one without `app`).
     let mut ranked: Vec<((usize, usize, String), PodVerdict)> = pods
@@ -110,7 +123,14 @@ fn pod_verdicts(selector: &Labels, pods: &[Pod], namespace: &str, frontends: &[F
             let not_serving = mismatched.is_empty().then(|| not_serving_reason(pod));
             let name = pod.metadata.name.clone().unwrap_or_default();
             let rank = (mismatched.len(), missing, name.clone());
-            (rank, PodVerdict { pod: name, mismatched, not_serving })
+            (
+                rank,
+                PodVerdict {
+                    pod: name,
+                    mismatched,
+                    not_serving,
+                },
+            )
         })
         .collect();
     ranked.sort_by(|a, b| a.0.cmp(&b.0));
@@ -122,12 +142,19 @@ fn not_serving_reason(pod: &Pod) -> String {
         return "has no status (no IP, not Ready)".into();
     };
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return format!("has finished (phase {})", status.phase.as_deref().unwrap_or_default());
+        return format!(
+            "has finished (phase {})",
+            status.phase.as_deref().unwrap_or_default()
+        );
     }
     if status.pod_ip.is_none() && status.pod_ips.as_ref().is_none_or(Vec::is_empty) {
         return "has no IP yet".into();
     }
-    let ready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True");
+    let ready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
     if !ready {
         return "is not Ready".into();
     }
@@ -147,14 +174,24 @@ impl fmt::Display for Explanation {
         writeln!(
             f,
             "  selector: {}",
-            if selector.is_empty() { "(none)".to_owned() } else { selector.join(",") }
+            if selector.is_empty() {
+                "(none)".to_owned()
+            } else {
+                selector.join(",")
+            }
         )?;
         writeln!(f, "  endpoints from: {}", self.endpoints_from)?;
         for frontend in &self.frontends {
             if frontend.endpoints.is_empty() {
                 writeln!(f, "  {} {}: NO ENDPOINTS", frontend.kind, frontend.frontend)?;
             } else {
-                writeln!(f, "  {} {}: {}", frontend.kind, frontend.frontend, frontend.endpoints.join(", "))?;
+                writeln!(
+                    f,
+                    "  {} {}: {}",
+                    frontend.kind,
+                    frontend.frontend,
+                    frontend.endpoints.join(", ")
+                )?;
             }
         }
         if !self.pods.is_empty() {

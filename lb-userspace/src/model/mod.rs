@@ -15,8 +15,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-pub use self::validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service};
 use self::endpoints::EndpointSource;
+pub use self::validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service};
 
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -233,16 +233,23 @@ pub fn compute(input: &Input<'_>) -> Model {
             continue;
         }
         let policy = policy(spec);
-        let algorithm = match service.metadata.annotations.as_ref().and_then(|a| a.get(LB_ALGORITHM_ANNOTATION)) {
+        let algorithm = match service
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+        {
             None => None,
-            Some(value) => match value.as_str() {
-                "maglev" => Some(LbAlgorithm::Maglev),
-                "random" => Some(LbAlgorithm::Random),
-                other => {
-                    model.warn(&name, &format!("{LB_ALGORITHM_ANNOTATION}: {other:?} is not maglev or random; using the default"));
-                    None
+            Some(value) => {
+                match value.as_str() {
+                    "maglev" => Some(LbAlgorithm::Maglev),
+                    "random" => Some(LbAlgorithm::Random),
+                    other => {
+                        model.warn(&name, &format!("{LB_ALGORITHM_ANNOTATION}: {other:?} is not maglev or random; using the default"));
+                        None
+                    }
                 }
-            },
+            }
         };
         if (policy.internal_local || policy.external_local) && input.node_name.is_none() {
             model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
@@ -250,19 +257,29 @@ pub fn compute(input: &Input<'_>) -> Model {
         for port in spec.ports.iter().flatten() {
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
                 let protocol = port.protocol.as_deref().unwrap_or_default();
-                model.warn(&name, &format!("port {}: protocol {protocol} is not supported yet", port.port));
+                model.warn(
+                    &name,
+                    &format!("port {}: protocol {protocol} is not supported yet", port.port),
+                );
                 continue;
             };
             let Ok(port_number) = u16::try_from(port.port) else {
                 continue;
             };
-            for (kind, address, frontend_port) in frontend_addresses(service, spec, &cluster_ips, port, port_number) {
+            for (kind, address, frontend_port) in
+                frontend_addresses(service, spec, &cluster_ips, port, port_number)
+            {
                 let mut candidates = source.candidates(service, &name, port, protocol, address.is_ipv4());
                 // Traffic policy Local: only this node's endpoints, and none (so the traffic is
                 // dropped) when it has none.
-                let local = if kind.is_external() { policy.external_local } else { policy.internal_local };
+                let local = if kind.is_external() {
+                    policy.external_local
+                } else {
+                    policy.internal_local
+                };
                 if local {
-                    candidates.retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
+                    candidates
+                        .retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
                 }
                 let backends = endpoints::usable(candidates);
                 model.frontends.push(Frontend {
@@ -280,7 +297,8 @@ pub fn compute(input: &Input<'_>) -> Model {
         }
     }
     model.frontends.sort_by(|a, b| {
-        (&a.service, a.kind, a.address, a.port, a.protocol).cmp(&(&b.service, b.kind, b.address, b.port, b.protocol))
+        (&a.service, a.kind, a.address, a.port, a.protocol)
+            .cmp(&(&b.service, b.kind, b.address, b.port, b.protocol))
     });
     model
 }
@@ -296,7 +314,11 @@ impl Model {
 
 fn service_name(service: &Service) -> Option<ServiceName> {
     Some(ServiceName {
-        namespace: service.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: service.metadata.name.clone()?,
     })
 }
@@ -343,7 +365,10 @@ fn frontend_addresses(
     port: &ServicePort,
     port_number: u16,
 ) -> Vec<(FrontendKind, IpAddr, u16)> {
-    let mut addresses: Vec<_> = cluster_ips.iter().map(|ip| (FrontendKind::ClusterIp, *ip, port_number)).collect();
+    let mut addresses: Vec<_> = cluster_ips
+        .iter()
+        .map(|ip| (FrontendKind::ClusterIp, *ip, port_number))
+        .collect();
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
     if matches!(type_, "NodePort" | "LoadBalancer")
         && let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok())
@@ -358,7 +383,11 @@ fn frontend_addresses(
         }
     }
     if type_ == "LoadBalancer" {
-        let ingress = service.status.iter().flat_map(|s| s.load_balancer.iter()).flat_map(|lb| lb.ingress.iter().flatten());
+        let ingress = service
+            .status
+            .iter()
+            .flat_map(|s| s.load_balancer.iter())
+            .flat_map(|lb| lb.ingress.iter().flatten());
         // ipMode Proxy means the load balancer delivers to the node, not to the VIP.
         let vips = ingress.filter(|i| i.ip_mode.as_deref().is_none_or(|mode| mode == "VIP"));
         for ip in parsed_ips(vips.filter_map(|i| i.ip.as_deref())) {
@@ -393,7 +422,10 @@ fn policy(spec: &ServiceSpec) -> Policy {
 fn by_namespace<T>(objects: &[T], namespace: impl Fn(&T) -> Option<&str>) -> BTreeMap<String, Vec<&T>> {
     let mut groups: BTreeMap<String, Vec<&T>> = BTreeMap::new();
     for object in objects {
-        groups.entry(namespace(object).unwrap_or("default").to_owned()).or_default().push(object);
+        groups
+            .entry(namespace(object).unwrap_or("default").to_owned())
+            .or_default()
+            .push(object);
     }
     groups
 }

@@ -138,7 +138,10 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
     }
     labels(&mut errors, "metadata.labels", slice.metadata.labels.as_ref());
     if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6" | "FQDN") {
-        errors.add("addressType", format!("{:?} is not IPv4, IPv6 or FQDN", slice.address_type));
+        errors.add(
+            "addressType",
+            format!("{:?} is not IPv4, IPv6 or FQDN", slice.address_type),
+        );
     }
     for (i, port) in slice.ports.iter().flatten().enumerate() {
         if let Some(number) = port.port {
@@ -146,14 +149,20 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
         }
         let protocol = port.protocol.as_deref().unwrap_or("TCP");
         if !matches!(protocol, "TCP" | "UDP" | "SCTP") {
-            errors.add(format!("ports[{i}].protocol"), format!("{protocol:?} is not TCP, UDP or SCTP"));
+            errors.add(
+                format!("ports[{i}].protocol"),
+                format!("{protocol:?} is not TCP, UDP or SCTP"),
+            );
         }
     }
     if slice.address_type != "FQDN" {
         for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             for (j, address) in endpoint.addresses.iter().enumerate() {
                 if address.parse::<IpAddr>().is_err() {
-                    errors.add(format!("endpoints[{i}].addresses[{j}]"), format!("{address:?} is not an IP address"));
+                    errors.add(
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{address:?} is not an IP address"),
+                    );
                 }
             }
         }

@@ -82,8 +82,12 @@ mod tests {
         assert!(health.report().healthy());
         health.update_received();
         assert!(health.report().healthy(), "a fresh pending update is fine");
-        health.state.lock().unwrap().pending_since = Some(Instant::now() - STALE_AFTER - Duration::from_secs(1));
+        health.state.lock().unwrap().pending_since =
+            Some(Instant::now() - STALE_AFTER - Duration::from_secs(1));
         let report = health.report();
-        assert!(!report.healthy() && !report.live(), "an update stuck for longer than the threshold");
+        assert!(
+            !report.healthy() && !report.live(),
+            "an update stuck for longer than the threshold"
+        );
     }
 }

@@ -56,7 +56,11 @@ impl Default for AgentMetrics {
 
 impl AgentMetrics {
     pub fn source_error(&self, source: &str) {
-        self.source_errors.get_or_create(&SourceLabel { source: source.to_owned() }).inc();
+        self.source_errors
+            .get_or_create(&SourceLabel {
+                source: source.to_owned(),
+            })
+            .inc();
     }
 }
 

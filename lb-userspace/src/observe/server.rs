@@ -25,14 +25,18 @@ pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()
     let observed = Arc::new(observed);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let observed = observed.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| {
                     let observed = observed.clone();
                     async move { Ok::<_, Infallible>(answer(&request, &observed)) }
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             });
         }
     });
@@ -44,17 +48,41 @@ fn answer(request: &Request<Incoming>, observed: &Observed) -> Response<Full<Byt
         "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, &observed.registry) {
-                Ok(()) => (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", text),
-                Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding failed\n".into()),
+                Ok(()) => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding failed\n".into(),
+                ),
             }
         }
         path @ ("/healthz" | "/livez") => {
             let report = observed.health.report();
-            let ok = if path == "/healthz" { report.healthy() } else { report.live() };
-            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            (status, "application/json", serde_json::to_string(&report).unwrap_or_default())
+            let ok = if path == "/healthz" {
+                report.healthy()
+            } else {
+                report.live()
+            };
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (
+                status,
+                "application/json",
+                serde_json::to_string(&report).unwrap_or_default(),
+            )
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz or /livez\n".into()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: try /metrics, /healthz or /livez\n".into(),
+        ),
     };
     Response::builder()
         .status(status)

@@ -67,7 +67,7 @@ fn hash(bytes: &[u8], seed: u64) -> u64 {
 
 /// Whether `n` is prime: table sizes must be, so every skip is coprime with the size.
 pub fn is_prime(n: u32) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 #[cfg(test)]
@@ -106,9 +106,16 @@ mod tests {
             let table = build(&identities(n));
             assert_eq!(table.len(), M as usize);
             let fair = f64::from(M) / n as f64;
-            let worst = shares(&table, n).iter().map(|&c| (c as f64 - fair).abs() / fair).fold(0.0, f64::max);
+            let worst = shares(&table, n)
+                .iter()
+                .map(|&c| (c as f64 - fair).abs() / fair)
+                .fold(0.0, f64::max);
             println!("N={n}: worst share deviation {:.2}%", worst * 100.0);
-            assert!(worst <= 0.03, "N={n}: a backend is {:.2}% off its share", worst * 100.0);
+            assert!(
+                worst <= 0.03,
+                "N={n}: a backend is {:.2}% off its share",
+                worst * 100.0
+            );
         }
     }
 
@@ -119,7 +126,12 @@ mod tests {
             let ids = identities(n);
             let before = build(&ids);
             let removed = n / 2;
-            let survivors: Vec<Vec<u8>> = ids.iter().enumerate().filter(|(i, _)| *i != removed).map(|(_, id)| id.clone()).collect();
+            let survivors: Vec<Vec<u8>> = ids
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != removed)
+                .map(|(_, id)| id.clone())
+                .collect();
             let after = build(&survivors);
             let moved = before
                 .iter()
@@ -127,8 +139,15 @@ mod tests {
                 .filter(|(old, new)| **old != removed && ids[**old] != survivors[**new])
                 .count();
             let fraction = moved as f64 / f64::from(M);
-            println!("N={n}: {:.2}% of positions moved besides the removed backend's", fraction * 100.0);
-            assert!(fraction <= 1.0 / n as f64 + 0.01, "N={n}: {:.2}% moved", fraction * 100.0);
+            println!(
+                "N={n}: {:.2}% of positions moved besides the removed backend's",
+                fraction * 100.0
+            );
+            assert!(
+                fraction <= 1.0 / n as f64 + 0.01,
+                "N={n}: {:.2}% moved",
+                fraction * 100.0
+            );
         }
     }
 
@@ -149,7 +168,10 @@ mod tests {
         let counts = shares(&table(&backends, M), 3);
         assert_eq!(counts[2], 0);
         let ratio = counts[1] as f64 / counts[0] as f64;
-        assert!((2.9..3.1).contains(&ratio), "weight 3 owns three times as much: {counts:?}");
+        assert!(
+            (2.9..3.1).contains(&ratio),
+            "weight 3 owns three times as much: {counts:?}"
+        );
     }
 
     #[test]

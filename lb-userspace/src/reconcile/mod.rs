@@ -135,12 +135,23 @@ impl Reconciler {
     /// them, and they hold capacity.
     fn remove_orphans(&mut self, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
         let live: std::collections::HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
-        let tables: Vec<u32> = self.programmed.maglev.keys().filter(|id| !live.contains(id)).copied().collect();
+        let tables: Vec<u32> = self
+            .programmed
+            .maglev
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
         for service_id in tables {
             self.delete_maglev(service_id, maps, report)?;
         }
-        let slots: Vec<SlotKey> =
-            self.programmed.slots.keys().filter(|k| !live.contains(&k.service_id)).copied().collect();
+        let slots: Vec<SlotKey> = self
+            .programmed
+            .slots
+            .keys()
+            .filter(|k| !live.contains(&k.service_id))
+            .copied()
+            .collect();
         for key in slots {
             maps.delete_slot(key)?;
             self.programmed.slots.remove(&key);
@@ -208,7 +219,11 @@ impl Reconciler {
         let info = ServiceInfo {
             id: service_id,
             backend_count: ids.len() as u32,
-            flags: if maglev_size.is_some() { service_flags::MAGLEV } else { 0 },
+            flags: if maglev_size.is_some() {
+                service_flags::MAGLEV
+            } else {
+                0
+            },
             maglev_table_size: maglev_size.unwrap_or(0),
         };
         if old != Some(info) {
@@ -243,7 +258,10 @@ impl Reconciler {
     ) -> Result<(), MapError> {
         let mut sorted = ids.to_vec();
         sorted.sort_unstable();
-        let input = MaglevInput { size, backends: sorted };
+        let input = MaglevInput {
+            size,
+            backends: sorted,
+        };
         if self.programmed.maglev.get(&service_id) == Some(&input) {
             return Ok(());
         }
@@ -258,14 +276,22 @@ impl Reconciler {
             })
             .collect();
         let weighted: Vec<(&[u8], u32)> = identities.iter().map(|id| (id.as_slice(), 1)).collect();
-        let table: Vec<BackendId> = maglev::table(&weighted, size).into_iter().map(|i| ids[i]).collect();
+        let table: Vec<BackendId> = maglev::table(&weighted, size)
+            .into_iter()
+            .map(|i| ids[i])
+            .collect();
         maps.put_maglev(service_id, &table)?;
         self.programmed.maglev.insert(service_id, input);
         report.writes += 1;
         Ok(())
     }
 
-    fn delete_maglev(&mut self, service_id: u32, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
+    fn delete_maglev(
+        &mut self,
+        service_id: u32,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
         if self.programmed.maglev.contains_key(&service_id) {
             maps.delete_maglev(service_id)?;
             self.programmed.maglev.remove(&service_id);
@@ -310,7 +336,15 @@ impl Reconciler {
         let stale: Vec<SlotKey> = self
             .programmed
             .slots
-            .range(SlotKey { service_id, slot: first }..=SlotKey { service_id, slot: u32::MAX })
+            .range(
+                SlotKey {
+                    service_id,
+                    slot: first,
+                }..=SlotKey {
+                    service_id,
+                    slot: u32::MAX,
+                },
+            )
             .map(|(key, _)| *key)
             .collect();
         for key in stale {

@@ -43,7 +43,11 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
     let mut ipv6 = 0;
     // NodePort, LoadBalancer and external IPs are carried by the model; their datapath is the
     // XDP program still to come.
-    for frontend in model.frontends.iter().filter(|f| f.kind == FrontendKind::ClusterIp) {
+    for frontend in model
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+    {
         let IpAddr::V4(address) = frontend.address else {
             ipv6 += 1;
             continue;
@@ -68,7 +72,14 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
         let name = format!("{}:{}", frontend.service, frontend.port);
         let maglev = (frontend.algorithm.unwrap_or(options.default_algorithm) == LbAlgorithm::Maglev)
             .then_some(options.maglev_table_size);
-        desired.insert(key, DesiredService { name, backends, maglev });
+        desired.insert(
+            key,
+            DesiredService {
+                name,
+                backends,
+                maglev,
+            },
+        );
     }
     if ipv6 > 0 {
         tracing::debug!(frontends = ipv6, "IPv6 frontends are not programmed yet");

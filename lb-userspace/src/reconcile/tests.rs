@@ -120,12 +120,21 @@ impl MapWriter for Recorder {
         backends.dedup();
         self.ops.push(Op::PutMaglev(service_id));
         self.tables.insert(service_id, table.to_vec());
-        self.state.maglev.insert(service_id, MaglevInput { size: table.len() as u32, backends });
+        self.state.maglev.insert(
+            service_id,
+            MaglevInput {
+                size: table.len() as u32,
+                backends,
+            },
+        );
         Ok(())
     }
 
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
-        self.state.maglev.remove(&service_id).ok_or_else(|| missing(map_names::MAGLEV))?;
+        self.state
+            .maglev
+            .remove(&service_id)
+            .ok_or_else(|| missing(map_names::MAGLEV))?;
         self.tables.remove(&service_id);
         self.ops.push(Op::DeleteMaglev(service_id));
         Ok(())
@@ -939,24 +948,49 @@ fn a_new_service_that_fails_part_way_leaves_no_backend_behind() {
     let mut maps = Recorder::with_backend_capacity(4);
     let services = desired(&[
         (key(1, 80), "default/fits:80", vec![backend(1), backend(2)]),
-        (key(2, 80), "default/too-big:80", vec![backend(3), backend(4), backend(5)]),
+        (
+            key(2, 80),
+            "default/too-big:80",
+            vec![backend(3), backend(4), backend(5)],
+        ),
     ]);
     let report = apply(&mut reconciler, &services, &mut maps);
     assert_eq!(report.failed.len(), 1, "too-big does not fit");
-    assert_eq!(maps.state.backends.len(), 2, "the backends too-big wrote before failing were removed: {:?}", maps.state.backends);
+    assert_eq!(
+        maps.state.backends.len(),
+        2,
+        "the backends too-big wrote before failing were removed: {:?}",
+        maps.state.backends
+    );
 
     maps.backend_capacity = None;
     apply(&mut reconciler, &services, &mut maps);
     apply(&mut reconciler, &BTreeMap::new(), &mut maps);
-    assert!(maps.state.backends.is_empty() && maps.state.slots.is_empty(), "nothing leaks: {:?}", maps.state);
+    assert!(
+        maps.state.backends.is_empty() && maps.state.slots.is_empty(),
+        "nothing leaks: {:?}",
+        maps.state
+    );
 }
 
 #[test]
 fn orphans_left_in_the_pinned_maps_are_removed_on_the_first_apply() {
     let mut maps = Recorder::default();
-    let orphan = Backend { addr: [10, 0, 0, 1], port: 80, proto: IPPROTO_TCP, flags: 0, service_id: 42 };
+    let orphan = Backend {
+        addr: [10, 0, 0, 1],
+        port: 80,
+        proto: IPPROTO_TCP,
+        flags: 0,
+        service_id: 42,
+    };
     maps.state.backends.insert(7, orphan);
-    maps.state.slots.insert(SlotKey { service_id: 42, slot: 0 }, 7);
+    maps.state.slots.insert(
+        SlotKey {
+            service_id: 42,
+            slot: 0,
+        },
+        7,
+    );
     let mut reconciler = Reconciler::new(maps.state.clone());
     apply(&mut reconciler, &BTreeMap::new(), &mut maps);
     assert!(maps.state.backends.is_empty() && maps.state.slots.is_empty());
@@ -966,17 +1000,29 @@ fn orphans_left_in_the_pinned_maps_are_removed_on_the_first_apply() {
 fn a_slot_whose_delete_failed_is_still_known_and_deleted_later() {
     let mut reconciler = Reconciler::new(Programmed::default());
     let mut maps = Recorder::default();
-    apply(&mut reconciler, &desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2)])]), &mut maps);
+    apply(
+        &mut reconciler,
+        &desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2)])]),
+        &mut maps,
+    );
     maps.refuse_slot_deletes = true;
     let shrunk = desired(&[(key(1, 80), "default/web:80", vec![backend(1)])]);
     let report = apply(&mut reconciler, &shrunk, &mut maps);
     assert_eq!(report.failed.len(), 1, "the refused delete is reported");
     maps.refuse_slot_deletes = false;
     apply(&mut reconciler, &shrunk, &mut maps);
-    assert_eq!(maps.state.slots.len(), 1, "the stale slot was deleted on the next pass: {:?}", maps.state.slots);
+    assert_eq!(
+        maps.state.slots.len(),
+        1,
+        "the stale slot was deleted on the next pass: {:?}",
+        maps.state.slots
+    );
 }
 
-fn with_maglev(mut services: BTreeMap<ServiceKey, DesiredService>, size: u32) -> BTreeMap<ServiceKey, DesiredService> {
+fn with_maglev(
+    mut services: BTreeMap<ServiceKey, DesiredService>,
+    size: u32,
+) -> BTreeMap<ServiceKey, DesiredService> {
     for service in services.values_mut() {
         service.maglev = Some(size);
     }
@@ -987,23 +1033,48 @@ fn with_maglev(mut services: BTreeMap<ServiceKey, DesiredService>, size: u32) ->
 fn a_maglev_table_is_written_after_the_backends_and_before_the_entry_that_uses_it() {
     let mut reconciler = Reconciler::new(Programmed::default());
     let mut maps = Recorder::default();
-    let services = with_maglev(desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2), backend(3)])]), 251);
+    let services = with_maglev(
+        desired(&[(
+            key(1, 80),
+            "default/web:80",
+            vec![backend(1), backend(2), backend(3)],
+        )]),
+        251,
+    );
     apply(&mut reconciler, &services, &mut maps);
     let ops = maps.take_ops();
     let info = service_info(&maps.state, key(1, 80));
-    assert_eq!((info.flags, info.maglev_table_size), (lb_common::service_flags::MAGLEV, 251));
+    assert_eq!((info.flags, info.maglev_table_size), (service_flags::MAGLEV, 251));
     let table = position(&ops, Op::PutMaglev(info.id));
-    assert!(ops[..table].iter().filter(|op| matches!(op, Op::PutSlot(_))).count() == 3, "slots first: {ops:?}");
-    assert!(table < position(&ops, Op::PutService(key(1, 80))), "table before the entry: {ops:?}");
+    assert!(
+        ops[..table]
+            .iter()
+            .filter(|op| matches!(op, Op::PutSlot(_)))
+            .count()
+            == 3,
+        "slots first: {ops:?}"
+    );
+    assert!(
+        table < position(&ops, Op::PutService(key(1, 80))),
+        "table before the entry: {ops:?}"
+    );
     let written = &maps.tables[&info.id];
     assert_eq!(written.len(), 251);
     for id in backend_ids(&maps.state, key(1, 80)).values() {
         assert!(written.contains(id), "every backend owns positions");
     }
 
-    assert_eq!(apply(&mut reconciler, &services, &mut maps).writes, 0, "an unchanged table is not rewritten");
+    assert_eq!(
+        apply(&mut reconciler, &services, &mut maps).writes,
+        0,
+        "an unchanged table is not rewritten"
+    );
     let restarted = &mut Reconciler::new(reconciler.programmed().clone());
-    assert_eq!(apply(restarted, &services, &mut maps).writes, 0, "nor after a restart");
+    assert_eq!(
+        apply(restarted, &services, &mut maps).writes,
+        0,
+        "nor after a restart"
+    );
 }
 
 #[test]
@@ -1011,20 +1082,42 @@ fn a_backend_change_swaps_in_one_new_table_that_keeps_most_positions() {
     let mut reconciler = Reconciler::new(Programmed::default());
     let mut maps = Recorder::default();
     let before: Vec<BackendAddr> = (1..=10).map(backend).collect();
-    apply(&mut reconciler, &with_maglev(desired(&[(key(1, 80), "default/web:80", before.clone())]), 4093), &mut maps);
+    apply(
+        &mut reconciler,
+        &with_maglev(desired(&[(key(1, 80), "default/web:80", before.clone())]), 4093),
+        &mut maps,
+    );
     let id = service_info(&maps.state, key(1, 80)).id;
     let old_table = maps.tables[&id].clone();
     let removed = backend_ids(&maps.state, key(1, 80))[&backend(5)];
     maps.take_ops();
 
     let after: Vec<BackendAddr> = before.into_iter().filter(|b| *b != backend(5)).collect();
-    apply(&mut reconciler, &with_maglev(desired(&[(key(1, 80), "default/web:80", after)]), 4093), &mut maps);
+    apply(
+        &mut reconciler,
+        &with_maglev(desired(&[(key(1, 80), "default/web:80", after)]), 4093),
+        &mut maps,
+    );
     let ops = maps.take_ops();
-    assert_eq!(ops.iter().filter(|op| matches!(op, Op::PutMaglev(_))).count(), 1, "{ops:?}");
-    assert!(position(&ops, Op::PutMaglev(id)) < position(&ops, Op::DeleteBackend(removed)), "no table names a deleted backend: {ops:?}");
+    assert_eq!(
+        ops.iter().filter(|op| matches!(op, Op::PutMaglev(_))).count(),
+        1,
+        "{ops:?}"
+    );
+    assert!(
+        position(&ops, Op::PutMaglev(id)) < position(&ops, Op::DeleteBackend(removed)),
+        "no table names a deleted backend: {ops:?}"
+    );
     let new_table = &maps.tables[&id];
-    let moved = old_table.iter().zip(new_table).filter(|(old, new)| **old != removed && old != new).count();
-    assert!(moved as f64 / 4093.0 <= 0.11, "flows of surviving backends mostly stay: {moved} positions moved");
+    let moved = old_table
+        .iter()
+        .zip(new_table)
+        .filter(|(old, new)| **old != removed && old != new)
+        .count();
+    assert!(
+        moved as f64 / 4093.0 <= 0.11,
+        "flows of surviving backends mostly stay: {moved} positions moved"
+    );
 }
 
 #[test]
@@ -1039,16 +1132,25 @@ fn switching_algorithms_orders_the_entry_and_the_table_safely() {
 
     apply(&mut reconciler, &maglev, &mut maps);
     let ops = maps.take_ops();
-    assert!(position(&ops, Op::PutMaglev(id)) < position(&ops, Op::PutService(key(1, 80))), "table first: {ops:?}");
+    assert!(
+        position(&ops, Op::PutMaglev(id)) < position(&ops, Op::PutService(key(1, 80))),
+        "table first: {ops:?}"
+    );
 
     apply(&mut reconciler, &random, &mut maps);
     let ops = maps.take_ops();
-    assert!(position(&ops, Op::PutService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)), "entry first: {ops:?}");
+    assert!(
+        position(&ops, Op::PutService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)),
+        "entry first: {ops:?}"
+    );
     assert_eq!(service_info(&maps.state, key(1, 80)).flags, 0);
 
     apply(&mut reconciler, &maglev, &mut maps);
     apply(&mut reconciler, &BTreeMap::new(), &mut maps);
     let ops = maps.take_ops();
-    assert!(position(&ops, Op::DeleteService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)), "{ops:?}");
+    assert!(
+        position(&ops, Op::DeleteService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)),
+        "{ops:?}"
+    );
     assert!(maps.tables.is_empty());
 }

@@ -22,8 +22,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 
 use super::Snapshot;
-use crate::observe::metrics::AgentMetrics;
 use crate::model::{EndpointsFrom, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use crate::observe::metrics::AgentMetrics;
 
 /// How the agent reaches the API server. The API server must not be addressed through a
 /// ClusterIP: programming ClusterIPs is this agent's job.
@@ -49,7 +49,10 @@ impl Connection {
             }
             (None, Some(url)) => match Config::incluster() {
                 Ok(config) => config,
-                Err(_) => Config::new(url.parse().with_context(|| format!("invalid --api-server {url:?}"))?),
+                Err(_) => Config::new(
+                    url.parse()
+                        .with_context(|| format!("invalid --api-server {url:?}"))?,
+                ),
             },
             (None, None) => Config::infer().await.context(
                 "no Kubernetes configuration found: give --kubeconfig or --api-server, run in a pod, \
@@ -57,7 +60,9 @@ impl Connection {
             )?,
         };
         if let Some(url) = &self.api_server {
-            config.cluster_url = url.parse().with_context(|| format!("invalid --api-server {url:?}"))?;
+            config.cluster_url = url
+                .parse()
+                .with_context(|| format!("invalid --api-server {url:?}"))?;
         }
         Ok(Client::try_from(config)?)
     }
@@ -85,8 +90,9 @@ pub async fn watch(
     );
     let slices = reflect::<EndpointSlice>(
         &client,
-        watcher::Config::default()
-            .labels(&format!("{SERVICE_NAME_LABEL},!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
+        watcher::Config::default().labels(&format!(
+            "{SERVICE_NAME_LABEL},!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+        )),
         &changed,
         &metrics,
     );
@@ -122,7 +128,10 @@ where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
     let (store, writer) = reflector::store();
-    let stream = reflector(writer, watcher(Api::<K>::all(client.clone()), config).default_backoff());
+    let stream = reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), config).default_backoff(),
+    );
     let (changed, metrics) = (changed.clone(), metrics.clone());
     let kind = K::kind(&());
     tokio::spawn(async move {
@@ -142,9 +151,9 @@ where
     store
 }
 
-fn owned<K: Clone>(store: &reflector::Store<K>) -> Vec<K>
+fn owned<K>(store: &reflector::Store<K>) -> Vec<K>
 where
-    K: Resource<DynamicType = ()> + 'static,
+    K: Resource<DynamicType = ()> + Clone + 'static,
 {
     store.state().iter().map(|object| (**object).clone()).collect()
 }

@@ -5,9 +5,9 @@
 //! objects it last held intact keep being served: a half-saved edit never drops a service.
 use std::{
     collections::BTreeMap,
-    sync::Arc,
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -20,8 +20,8 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::Snapshot;
-use crate::observe::metrics::AgentMetrics;
 use crate::model::{self, FieldError};
+use crate::observe::metrics::AgentMetrics;
 
 /// Why one file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,9 @@ impl ManifestDir {
         for objects in self.last_good.values() {
             snapshot.services.extend(objects.services.iter().cloned());
             snapshot.pods.extend(objects.pods.iter().cloned());
-            snapshot.endpoint_slices.extend(objects.endpoint_slices.iter().cloned());
+            snapshot
+                .endpoint_slices
+                .extend(objects.endpoint_slices.iter().cloned());
         }
         Ok((snapshot, errors))
     }

@@ -27,12 +27,19 @@ fn slice(name: &str, labels: Value, body: Value) -> EndpointSlice {
         "addressType": "IPv4",
         "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
     });
-    object.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
+    object
+        .as_object_mut()
+        .unwrap()
+        .extend(body.as_object().unwrap().clone());
     serde_json::from_value(object).unwrap()
 }
 
 fn web_slice(name: &str, endpoints: Value) -> EndpointSlice {
-    slice(name, json!({"kubernetes.io/service-name": "web"}), json!({"endpoints": endpoints}))
+    slice(
+        name,
+        json!({"kubernetes.io/service-name": "web"}),
+        json!({"endpoints": endpoints}),
+    )
 }
 
 fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
@@ -46,16 +53,27 @@ fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
 }
 
 fn cluster_ip(model: &Model) -> &Frontend {
-    model.frontends.iter().find(|f| f.kind == FrontendKind::ClusterIp).expect("a ClusterIP frontend")
+    model
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::ClusterIp)
+        .expect("a ClusterIP frontend")
 }
 
 fn addresses(frontend: &Frontend) -> Vec<String> {
-    frontend.backends.iter().map(|e| format!("{}:{}", e.address, e.port)).collect()
+    frontend
+        .backends
+        .iter()
+        .map(|e| format!("{}:{}", e.address, e.port))
+        .collect()
 }
 
 #[test]
 fn missing_conditions_mean_ready_and_serving_and_not_terminating() {
-    let m = model(&[web_service()], &[web_slice("a", json!([{"addresses": ["10.0.0.1"]}]))]);
+    let m = model(
+        &[web_service()],
+        &[web_slice("a", json!([{"addresses": ["10.0.0.1"]}]))],
+    );
     let backends = &cluster_ip(&m).backends;
     assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080"]);
     assert!(!backends[0].terminating);
@@ -79,25 +97,46 @@ fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
     let terminating = json!({"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}});
     let not_serving = json!({"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false, "terminating": true}});
     let ready = json!({"addresses": ["10.0.0.2"]});
-    let with_ready = model(&[web_service()], &[web_slice("a", json!([terminating, not_serving, ready]))]);
+    let with_ready = model(
+        &[web_service()],
+        &[web_slice("a", json!([terminating, not_serving, ready]))],
+    );
     assert_eq!(addresses(cluster_ip(&with_ready)), ["10.0.0.2:8080"]);
 
-    let only_terminating = model(&[web_service()], &[web_slice("a", json!([terminating, not_serving]))]);
+    let only_terminating = model(
+        &[web_service()],
+        &[web_slice("a", json!([terminating, not_serving]))],
+    );
     let frontend = cluster_ip(&only_terminating);
-    assert_eq!(addresses(frontend), ["10.0.0.1:8080"], "serving+terminating, never not-serving");
+    assert_eq!(
+        addresses(frontend),
+        ["10.0.0.1:8080"],
+        "serving+terminating, never not-serving"
+    );
     assert!(frontend.backends[0].terminating);
 }
 
 #[test]
 fn only_the_first_address_of_an_endpoint_counts() {
-    let m = model(&[web_service()], &[web_slice("a", json!([{"addresses": ["10.0.0.1", "10.0.0.9"]}]))]);
+    let m = model(
+        &[web_service()],
+        &[web_slice("a", json!([{"addresses": ["10.0.0.1", "10.0.0.9"]}]))],
+    );
     assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080"]);
 }
 
 #[test]
 fn slices_without_the_service_name_label_or_of_another_service_are_ignored() {
-    let unlabelled = slice("a", json!({}), json!({"endpoints": [{"addresses": ["10.0.0.1"]}]}));
-    let other = slice("b", json!({"kubernetes.io/service-name": "api"}), json!({"endpoints": [{"addresses": ["10.0.0.2"]}]}));
+    let unlabelled = slice(
+        "a",
+        json!({}),
+        json!({"endpoints": [{"addresses": ["10.0.0.1"]}]}),
+    );
+    let other = slice(
+        "b",
+        json!({"kubernetes.io/service-name": "api"}),
+        json!({"endpoints": [{"addresses": ["10.0.0.2"]}]}),
+    );
     let m = model(&[web_service()], &[unlabelled, other]);
     assert!(cluster_ip(&m).backends.is_empty());
 }
@@ -107,8 +146,14 @@ fn duplicates_across_slices_collapse_preferring_the_non_terminating_entry() {
     let m = model(
         &[web_service()],
         &[
-            web_slice("a", json!([{"addresses": ["10.0.0.1"], "conditions": {"serving": true, "terminating": true}}])),
-            web_slice("b", json!([{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.2"]}])),
+            web_slice(
+                "a",
+                json!([{"addresses": ["10.0.0.1"], "conditions": {"serving": true, "terminating": true}}]),
+            ),
+            web_slice(
+                "b",
+                json!([{"addresses": ["10.0.0.1"]}, {"addresses": ["10.0.0.2"]}]),
+            ),
         ],
     );
     let frontend = cluster_ip(&m);
@@ -134,8 +179,16 @@ fn the_slice_port_is_the_one_named_like_the_service_port() {
 
 #[test]
 fn a_slice_of_the_other_family_or_fqdn_gives_nothing() {
-    let v6 = slice("a", json!({"kubernetes.io/service-name": "web"}), json!({"addressType": "IPv6", "endpoints": [{"addresses": ["fd00::1"]}]}));
-    let fqdn = slice("b", json!({"kubernetes.io/service-name": "web"}), json!({"addressType": "FQDN", "endpoints": [{"addresses": ["db.example"]}]}));
+    let v6 = slice(
+        "a",
+        json!({"kubernetes.io/service-name": "web"}),
+        json!({"addressType": "IPv6", "endpoints": [{"addresses": ["fd00::1"]}]}),
+    );
+    let fqdn = slice(
+        "b",
+        json!({"kubernetes.io/service-name": "web"}),
+        json!({"addressType": "FQDN", "endpoints": [{"addresses": ["db.example"]}]}),
+    );
     let m = model(&[web_service()], &[v6, fqdn]);
     assert!(cluster_ip(&m).backends.is_empty());
 }
@@ -159,7 +212,9 @@ fn the_same_port_with_tcp_and_udp_is_two_frontends_with_their_own_endpoints() {
 
 #[test]
 fn a_service_without_selector_takes_its_endpoints_from_slices_even_in_pods_mode() {
-    let svc = service(json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}));
+    let svc = service(
+        json!({"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+    );
     let m = compute(&Input {
         services: &[svc],
         pods: &[],
@@ -181,7 +236,8 @@ fn node_ports_load_balancer_ips_and_external_ips_are_frontends_too() {
         {"ip": "203.0.113.1"}, {"ip": "203.0.113.2", "ipMode": "VIP"}, {"ip": "203.0.113.3", "ipMode": "Proxy"}]}}))
     .unwrap();
     let m = model(&[svc], &[web_slice("a", json!([{"addresses": ["10.0.0.1"]}]))]);
-    let mut seen: Vec<(FrontendKind, IpAddr, u16)> = m.frontends.iter().map(|f| (f.kind, f.address, f.port)).collect();
+    let mut seen: Vec<(FrontendKind, IpAddr, u16)> =
+        m.frontends.iter().map(|f| (f.kind, f.address, f.port)).collect();
     seen.sort();
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     assert_eq!(
@@ -195,7 +251,10 @@ fn node_ports_load_balancer_ips_and_external_ips_are_frontends_too() {
         ],
         "ipMode Proxy is not a VIP"
     );
-    assert!(m.frontends.iter().all(|f| addresses(f) == ["10.0.0.1:8080"]), "every frontend has the endpoints");
+    assert!(
+        m.frontends.iter().all(|f| addresses(f) == ["10.0.0.1:8080"]),
+        "every frontend has the endpoints"
+    );
 }
 
 #[test]
@@ -216,7 +275,12 @@ fn affinity_traffic_policies_and_source_ranges_are_carried() {
 
     let default_timeout = service(json!({"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
         "ports": [{"name": "http", "port": 80}]}));
-    assert_eq!(cluster_ip(&model(&[default_timeout], &[])).policy.affinity_timeout_seconds, Some(10_800));
+    assert_eq!(
+        cluster_ip(&model(&[default_timeout], &[]))
+            .policy
+            .affinity_timeout_seconds,
+        Some(10_800)
+    );
 }
 
 #[test]
@@ -226,10 +290,19 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
         {"addresses": ["10.0.0.2"], "nodeName": "node-b"},
         {"addresses": ["10.0.0.3"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}},
     ]);
-    let internal = service(json!({"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "internalTrafficPolicy": "Local",
-        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}));
-    let m = model(&[internal.clone()], &[web_slice("a", endpoints.clone())]);
-    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080"], "only node-a's endpoint");
+    let internal = service(
+        json!({"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "internalTrafficPolicy": "Local",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+    );
+    let m = model(
+        std::slice::from_ref(&internal),
+        &[web_slice("a", endpoints.clone())],
+    );
+    assert_eq!(
+        addresses(cluster_ip(&m)),
+        ["10.0.0.1:8080"],
+        "only node-a's endpoint"
+    );
 
     let elsewhere = compute(&Input {
         services: &[internal],
@@ -238,19 +311,38 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
         endpoints_from: EndpointsFrom::Slices,
         node_name: Some("node-c"),
     });
-    assert!(cluster_ip(&elsewhere).backends.is_empty(), "no local endpoint: none at all, so traffic is dropped");
+    assert!(
+        cluster_ip(&elsewhere).backends.is_empty(),
+        "no local endpoint: none at all, so traffic is dropped"
+    );
 
-    let external = service(json!({"type": "NodePort", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
-        "externalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}));
+    let external = service(
+        json!({"type": "NodePort", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
+        "externalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]}),
+    );
     let m = model(&[external], &[web_slice("a", endpoints)]);
-    let node_port = m.frontends.iter().find(|f| f.kind == FrontendKind::NodePort).unwrap();
-    assert_eq!(addresses(node_port), ["10.0.0.1:8080"], "externalTrafficPolicy applies to the NodePort");
-    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080", "10.0.0.2:8080"], "and not to the ClusterIP");
+    let node_port = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::NodePort)
+        .unwrap();
+    assert_eq!(
+        addresses(node_port),
+        ["10.0.0.1:8080"],
+        "externalTrafficPolicy applies to the NodePort"
+    );
+    assert_eq!(
+        addresses(cluster_ip(&m)),
+        ["10.0.0.1:8080", "10.0.0.2:8080"],
+        "and not to the ClusterIP"
+    );
 }
 
 #[test]
 fn a_local_policy_without_a_node_name_is_warned_about() {
-    let svc = service(json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80}]}));
+    let svc = service(
+        json!({"clusterIP": "10.96.0.10", "internalTrafficPolicy": "Local", "ports": [{"name": "http", "port": 80}]}),
+    );
     let m = compute(&Input {
         services: &[svc],
         pods: &[],
@@ -258,5 +350,9 @@ fn a_local_policy_without_a_node_name_is_warned_about() {
         endpoints_from: EndpointsFrom::Slices,
         node_name: None,
     });
-    assert!(m.warnings.iter().any(|w| w.message.contains("--node-name")), "{:?}", m.warnings);
+    assert!(
+        m.warnings.iter().any(|w| w.message.contains("--node-name")),
+        "{:?}",
+        m.warnings
+    );
 }
