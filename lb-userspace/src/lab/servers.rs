@@ -1,5 +1,5 @@
-//! What runs in lab pods: a tiny HTTP server and a UDP responder that both answer with the pod's
-//! name, and the client calls that talk to them.
+//! What runs in lab pods: a tiny HTTP server, a line server and a UDP responder that all answer
+//! with the pod's name, and the client calls that talk to them.
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
@@ -22,6 +22,14 @@ pub struct Server {
 }
 
 impl Server {
+    fn new(pod: &str) -> Self {
+        Self {
+            pod: pod.to_owned(),
+            answered: Arc::default(),
+            stop: Arc::default(),
+        }
+    }
+
     pub fn answered(&self) -> usize {
         self.answered.load(Ordering::SeqCst)
     }
@@ -36,22 +44,40 @@ impl Drop for Server {
 /// How often a server loop checks whether it was stopped.
 const POLL: Duration = Duration::from_millis(50);
 
-/// Serves `{"pod":"<name>"}` over HTTP/1.1 on `port` in `ns`.
+/// Serves `{"pod":"<name>"}` over HTTP/1.1 on `port` in `ns`, one request per connection.
 pub fn http_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    let body = format!("{{\"pod\":\"{pod}\"}}");
+    tcp_server(ns, pod, port, move |stream, answered| {
+        answer_http(stream, &body, answered)
+    })
+}
+
+/// Keeps each TCP connection open and answers every line with the pod's name: one long-lived
+/// flow, for tests that change things under an established connection.
+pub fn line_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    let name = pod.to_owned();
+    tcp_server(ns, pod, port, move |stream, answered| {
+        answer_lines(stream, &name, answered)
+    })
+}
+
+/// Listens on `port` in `ns` and hands each connection to `answer` on a thread of its own.
+fn tcp_server(
+    ns: &NetNs,
+    pod: &str,
+    port: u16,
+    answer: impl Fn(TcpStream, &AtomicUsize) -> std::io::Result<()> + Send + Sync + 'static,
+) -> anyhow::Result<Server> {
     let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
     listener.set_nonblocking(true)?;
-    let server = Server {
-        pod: pod.to_owned(),
-        answered: Arc::default(),
-        stop: Arc::default(),
-    };
-    let (answered, stop) = (server.answered.clone(), server.stop.clone());
-    let body = format!("{{\"pod\":\"{pod}\"}}");
+    let server = Server::new(pod);
+    let (answered, stop, answer) = (server.answered.clone(), server.stop.clone(), Arc::new(answer));
     std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    let _ = answer_http(stream, &body, &answered);
+                    let (answered, answer) = (answered.clone(), answer.clone());
+                    std::thread::spawn(move || answer(stream, &answered));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     std::thread::sleep(Duration::from_millis(1))
@@ -89,11 +115,7 @@ fn answer_http(mut stream: TcpStream, body: &str, answered: &AtomicUsize) -> std
 pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
     let socket = ns.run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
     socket.set_read_timeout(Some(POLL))?;
-    let server = Server {
-        pod: pod.to_owned(),
-        answered: Arc::default(),
-        stop: Arc::default(),
-    };
+    let server = Server::new(pod);
     let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
     std::thread::spawn(move || {
         let mut buffer = [0u8; 1500];
@@ -101,31 +123,6 @@ pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
             if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
                 answered.fetch_add(1, Ordering::SeqCst);
                 let _ = socket.send_to(name.as_bytes(), peer);
-            }
-        }
-    });
-    Ok(server)
-}
-
-/// Keeps each TCP connection open and answers every line with the pod's name: one long-lived
-/// flow, for tests that change things under an established connection.
-pub fn line_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
-    let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
-    listener.set_nonblocking(true)?;
-    let server = Server {
-        pod: pod.to_owned(),
-        answered: Arc::default(),
-        stop: Arc::default(),
-    };
-    let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let (answered, name) = (answered.clone(), name.clone());
-                    std::thread::spawn(move || answer_lines(stream, &name, &answered));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(1)),
             }
         }
     });
