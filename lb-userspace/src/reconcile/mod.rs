@@ -3,7 +3,7 @@
 mod maglev;
 mod plan;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, service_flags};
 
@@ -103,12 +103,9 @@ impl Reconciler {
         maps: &mut impl MapWriter,
     ) -> Report {
         let mut report = Report::default();
-        let mut backends_by_owner: HashMap<(u32, [u8; 4], u16), BackendId> = HashMap::new();
-        for (&id, backend) in &self.programmed.backends {
-            backends_by_owner.insert((backend.service_id, backend.addr, backend.port), id);
-        }
+        let mut index = Index::new(&self.programmed);
         for (key, service) in desired {
-            if let Err(error) = self.apply_service(*key, service, &backends_by_owner, maps, &mut report) {
+            if let Err(error) = self.apply_service(*key, service, &mut index, maps, &mut report) {
                 report.failed.push((service.name.clone(), error));
             }
         }
@@ -120,7 +117,7 @@ impl Reconciler {
             .copied()
             .collect();
         for key in removed {
-            if let Err(error) = self.remove_service(key, maps, &mut report) {
+            if let Err(error) = self.remove_service(key, &index, maps, &mut report) {
                 report.failed.push((format!("removed frontend {key:?}"), error));
             }
         }
@@ -134,7 +131,7 @@ impl Reconciler {
     /// (a full map) wrote, or what an interrupted run left in the pinned maps. Nothing can reach
     /// them, and they hold capacity.
     fn remove_orphans(&mut self, maps: &mut impl MapWriter, report: &mut Report) -> Result<(), MapError> {
-        let live: std::collections::HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
+        let live: HashSet<u32> = self.programmed.services.values().map(|s| s.id).collect();
         let tables: Vec<u32> = self
             .programmed
             .maglev
@@ -171,15 +168,16 @@ impl Reconciler {
         &mut self,
         key: ServiceKey,
         service: &DesiredService,
-        backends_by_owner: &HashMap<(u32, [u8; 4], u16), BackendId>,
+        index: &mut Index,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<(), MapError> {
         let old = self.programmed.services.get(&key).copied();
         let service_id = match old {
             Some(info) => info.id,
-            None => self.allocate_service_id(),
+            None => next_free(&mut self.next_service_id, |id| index.service_ids.contains(&id)),
         };
+        index.service_ids.insert(service_id);
         let mut ids = Vec::with_capacity(service.backends.len());
         for &(addr, port) in &service.backends {
             let backend = Backend {
@@ -189,7 +187,7 @@ impl Reconciler {
                 flags: 0,
                 service_id,
             };
-            let id = match backends_by_owner.get(&(service_id, addr, port)) {
+            let id = match index.backend_ids.get(&(service_id, addr, port)) {
                 Some(&id) => id,
                 None => self.allocate_backend_id(),
             };
@@ -235,12 +233,11 @@ impl Reconciler {
             self.delete_maglev(service_id, maps, report)?;
         }
         self.delete_slots(service_id, ids.len() as u32, maps, report)?;
-        let stale: Vec<BackendId> = self
-            .programmed
-            .backends
+        let stale: Vec<BackendId> = index
+            .backends_of(service_id)
             .iter()
-            .filter(|(id, b)| b.service_id == service_id && !ids.contains(id))
-            .map(|(id, _)| *id)
+            .filter(|id| !ids.contains(id))
+            .copied()
             .collect();
         self.delete_backends(stale, maps, report)
     }
@@ -303,6 +300,7 @@ impl Reconciler {
     fn remove_service(
         &mut self,
         key: ServiceKey,
+        index: &Index,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<(), MapError> {
@@ -314,14 +312,7 @@ impl Reconciler {
         report.deletes += 1;
         self.delete_maglev(info.id, maps, report)?;
         self.delete_slots(info.id, 0, maps, report)?;
-        let owned: Vec<BackendId> = self
-            .programmed
-            .backends
-            .iter()
-            .filter(|(_, b)| b.service_id == info.id)
-            .map(|(id, _)| *id)
-            .collect();
-        self.delete_backends(owned, maps, report)
+        self.delete_backends(index.backends_of(info.id).to_vec(), maps, report)
     }
 
     /// Deletes the service's slots from `first` on: everything past its backend count, whatever
@@ -372,15 +363,39 @@ impl Reconciler {
 
     /// Ids count up and wrap, skipping 0 and ids in use, so a just-freed id is not handed out
     /// again while conntrack entries may still name it.
-    fn allocate_service_id(&mut self) -> u32 {
-        let in_use: std::collections::HashSet<u32> =
-            self.programmed.services.values().map(|s| s.id).collect();
-        next_free(&mut self.next_service_id, |id| in_use.contains(&id))
-    }
-
     fn allocate_backend_id(&mut self) -> BackendId {
         let backends = &self.programmed.backends;
         next_free(&mut self.next_backend_id, |id| backends.contains_key(&id))
+    }
+}
+
+/// What one apply looks up per service, built once from the programmed state so that an apply
+/// costs O(backends), not O(services × backends).
+struct Index {
+    /// (service id, address, port) → backend id.
+    backend_ids: HashMap<(u32, [u8; 4], u16), BackendId>,
+    /// Service id → the ids of its backends, as programmed when the apply began.
+    backends: HashMap<u32, Vec<BackendId>>,
+    /// Ids of programmed services, and of those given out during this apply.
+    service_ids: HashSet<u32>,
+}
+
+impl Index {
+    fn new(programmed: &Programmed) -> Self {
+        let mut index = Self {
+            backend_ids: HashMap::with_capacity(programmed.backends.len()),
+            backends: HashMap::new(),
+            service_ids: programmed.services.values().map(|s| s.id).collect(),
+        };
+        for (&id, backend) in &programmed.backends {
+            index.backend_ids.insert((backend.service_id, backend.addr, backend.port), id);
+            index.backends.entry(backend.service_id).or_default().push(id);
+        }
+        index
+    }
+
+    fn backends_of(&self, service_id: u32) -> &[BackendId] {
+        self.backends.get(&service_id).map_or(&[], Vec::as_slice)
     }
 }
 
