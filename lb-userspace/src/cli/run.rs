@@ -75,23 +75,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--manifests {}: not a directory", dir.display());
     }
     let endpoints_from = args.source.endpoints_from();
-    // Connect before touching the kernel, so a bad configuration fails fast and changes nothing.
+    // Connect and listen before touching the kernel, so a bad configuration fails fast and
+    // changes nothing.
     let client = match &args.source.manifests {
         Some(_) => None,
         None => Some(args.source.connection.client().await?),
     };
-    let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
-    let mut maps = datapath.maps()?;
-    let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
-    tracing::info!(
-        services = reconciler.programmed().services.len(),
-        "recovered the programmed state from the pinned maps"
-    );
-    let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces, &args.pin_dir.pin_dir)?;
-    let links_changed = Arc::new(Notify::new());
-    attach::watch_links(links_changed.clone())?;
-    attacher.sync(&mut datapath.ebpf)?;
-
     let metrics = Arc::new(AgentMetrics::default());
     let health = Arc::new(Health::default());
     let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
@@ -103,6 +92,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     )
     .await?;
+
+    let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
+    let mut maps = datapath.maps()?;
+    let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
+    tracing::info!(
+        services = reconciler.programmed().services.len(),
+        "recovered the programmed state from the pinned maps"
+    );
+    let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces, &args.pin_dir.pin_dir)?;
+    let links_changed = Arc::new(Notify::new());
+    attach::watch_links(links_changed.clone())?;
+    attacher.sync(&mut datapath.ebpf)?;
 
     let options = PlanOptions {
         default_algorithm: args.lb_algorithm,
@@ -130,8 +131,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
-                    // The source ended; its error says why.
-                    return source.await?.context("the manifest source stopped");
+                    // The source ended; its error says why. The datapath stays attached.
+                    return source.await?.context("the source stopped");
                 }
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();

@@ -1,6 +1,6 @@
 //! From the model to map contents: [`plan`] says what the maps should hold, [`Reconciler`] writes
 //! only the difference, in an order that never shows a packet a half-written service.
-mod maglev;
+pub mod maglev;
 mod plan;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -62,6 +62,11 @@ pub struct Report {
 
 pub struct Reconciler {
     programmed: Programmed,
+    /// What each frontend was last programmed from, successfully: an unchanged frontend costs a
+    /// comparison, so one endpoint change does not revisit every service.
+    applied: HashMap<ServiceKey, DesiredService>,
+    /// Whether entries of no service may exist: at start (recovered maps) and after a failure.
+    orphans_possible: bool,
     next_service_id: u32,
     next_backend_id: u32,
 }
@@ -86,6 +91,8 @@ impl Reconciler {
             .wrapping_add(1);
         Self {
             programmed,
+            applied: HashMap::new(),
+            orphans_possible: true,
             next_service_id,
             next_backend_id,
         }
@@ -103,10 +110,21 @@ impl Reconciler {
         maps: &mut impl MapWriter,
     ) -> Report {
         let mut report = Report::default();
-        let mut index = Index::new(&self.programmed);
+        // Built on first need: an apply that changes nothing never scans the backends.
+        let mut index: Option<Index> = None;
         for (key, service) in desired {
-            if let Err(error) = self.apply_service(*key, service, &mut index, maps, &mut report) {
-                report.failed.push((service.name.clone(), error));
+            if self.applied.get(key) == Some(service) {
+                continue;
+            }
+            let index = index.get_or_insert_with(|| Index::new(&self.programmed));
+            match self.apply_service(*key, service, index, maps, &mut report) {
+                Ok(()) => {
+                    self.applied.insert(*key, service.clone());
+                }
+                Err(error) => {
+                    self.applied.remove(key);
+                    report.failed.push((service.name.clone(), error));
+                }
             }
         }
         let removed: Vec<ServiceKey> = self
@@ -117,12 +135,17 @@ impl Reconciler {
             .copied()
             .collect();
         for key in removed {
-            if let Err(error) = self.remove_service(key, &index, maps, &mut report) {
+            self.applied.remove(&key);
+            let index = index.get_or_insert_with(|| Index::new(&self.programmed));
+            if let Err(error) = self.remove_service(key, index, maps, &mut report) {
                 report.failed.push((format!("removed frontend {key:?}"), error));
             }
         }
-        if let Err(error) = self.remove_orphans(maps, &mut report) {
-            report.failed.push(("entries of no service".to_owned(), error));
+        if self.orphans_possible || !report.failed.is_empty() {
+            match self.remove_orphans(maps, &mut report) {
+                Ok(()) => self.orphans_possible = !report.failed.is_empty(),
+                Err(error) => report.failed.push(("entries of no service".to_owned(), error)),
+            }
         }
         report
     }
