@@ -47,7 +47,7 @@ struct Agent {
 impl Agent {
     fn start(api: &FakeApi, tag: &str) -> Self {
         require_root();
-        let pins = PinDir::new(tag);
+        let pins = PinDir::new("sbtest", tag);
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args([
                 "run",

@@ -81,7 +81,7 @@ impl Cluster {
         ];
         std::fs::write(manifests.path().join("services.yaml"), services.join("---\n")).unwrap();
 
-        let pins = PinDir::new(tag);
+        let pins = PinDir::new("sbtest", tag);
         let agent = spawn_agent(&lab, manifests.path(), pins.path(), Stdio::inherit());
         let cluster = Self {
             agent,

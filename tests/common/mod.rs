@@ -4,13 +4,10 @@
 
 pub mod fake_api;
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
-};
+use std::collections::BTreeMap;
 
 use lb_common::ServiceKey;
+pub use lb_userspace::lab::PinDir;
 use lb_userspace::{
     datapath::{Datapath, maps::ServiceMaps},
     reconcile::{BackendAddr, DesiredService, Reconciler},
@@ -24,30 +21,6 @@ pub fn require_root() {
     );
 }
 
-/// A pin directory of this test's own under /sys/fs/bpf, removed on drop.
-pub struct PinDir(pub PathBuf);
-
-impl PinDir {
-    pub fn new(tag: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/sbtest-{}-{tag}-{n}",
-            std::process::id()
-        )))
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A loaded datapath with its maps and a reconciler to program them.
 pub struct Loaded {
     pub datapath: Datapath,
@@ -59,7 +32,7 @@ pub struct Loaded {
 impl Loaded {
     pub fn new(tag: &str) -> Self {
         require_root();
-        let pins = PinDir::new(tag);
+        let pins = PinDir::new("sbtest", tag);
         let datapath = Datapath::load(pins.path()).expect("the datapath loads");
         let maps = datapath.maps().expect("the pinned maps open");
         let reconciler = Reconciler::new(maps.read_programmed().unwrap());

@@ -33,6 +33,13 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark against kube-proxy's iptables and nftables modes and the direct path; writes
+    /// bench/REPORT.md, bench/results.json and plots (needs root).
+    Bench {
+        /// Extra arguments for the bench, e.g. `-- --quick` (under 3 minutes) or `-- --smoke`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,7 +72,28 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::run()?;
             require_root("the datapath and netns tests")?;
-            cargo(&["test", "--no-fail-fast"], &args)
+            let totals = cargo_test(&args);
+            let smoke = bench_smoke();
+            // One closing line for the whole suite: cargo prints a line per test binary, the
+            // last of which (a doctest run) may well count none.
+            println!("tests: {} passed, {} failed", totals.passed, totals.failed);
+            totals.result?;
+            smoke
+        }
+        Task::Bench { args } => {
+            setup::run()?;
+            require_root("the benchmarks")?;
+            cargo(
+                &[
+                    "bench",
+                    "--package",
+                    "lb-userspace",
+                    "--bench",
+                    "switchboard",
+                    "--",
+                ],
+                &args,
+            )
         }
     }
 }
@@ -100,6 +128,84 @@ fn build_ebpf() -> anyhow::Result<()> {
     }
     println!("eBPF object: target/bpfel-unknown-none/release/lb-ebpf");
     Ok(())
+}
+
+/// Runs the bench with tiny sizes so CI notices when it stops working. It is built with the test
+/// profile, whose artifacts `cargo test` just built, so only the bench's own code compiles; its
+/// numbers mean nothing and go to a temporary directory.
+fn bench_smoke() -> anyhow::Result<()> {
+    let out = std::env::temp_dir().join(format!("switchboard-bench-smoke-{}", std::process::id()));
+    let out_arg = out
+        .to_str()
+        .context("temporary directory is not UTF-8")?
+        .to_owned();
+    let result = cargo(
+        &[
+            "bench",
+            "--profile",
+            "test",
+            "--package",
+            "lb-userspace",
+            "--bench",
+            "switchboard",
+            "--",
+            "--smoke",
+            "--out",
+        ],
+        &[out_arg],
+    );
+    let _ = std::fs::remove_dir_all(&out);
+    result
+}
+
+struct Totals {
+    passed: u64,
+    failed: u64,
+    result: anyhow::Result<()>,
+}
+
+/// `cargo test --no-fail-fast`, its output passed through, with the passed and failed tests of
+/// every binary added up.
+fn cargo_test(extra: &[String]) -> Totals {
+    use std::io::{BufRead as _, BufReader};
+
+    let mut totals = Totals {
+        passed: 0,
+        failed: 0,
+        result: Ok(()),
+    };
+    let child = Command::new(env!("CARGO"))
+        .args(["test", "--no-fail-fast"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => {
+            totals.result = Err(anyhow::Error::new(error).context("cannot run cargo"));
+            return totals;
+        }
+    };
+    let stdout = child.stdout.take().expect("stdout is piped");
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        println!("{line}");
+        // "test result: ok. 9 passed; 0 failed; 0 ignored; …"
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for part in counts.split(['.', ';']) {
+                match part.trim().split_once(' ') {
+                    Some((n, "passed")) => totals.passed += n.parse::<u64>().unwrap_or(0),
+                    Some((n, "failed")) => totals.failed += n.parse::<u64>().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+    }
+    totals.result = match child.wait() {
+        Ok(status) if status.success() => Ok(()),
+        Ok(_) => Err(anyhow::anyhow!("cargo test failed")),
+        Err(error) => Err(anyhow::Error::new(error).context("cargo test did not finish")),
+    };
+    totals
 }
 
 fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {

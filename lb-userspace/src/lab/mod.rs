@@ -13,10 +13,36 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command},
+    sync::atomic::{AtomicUsize, Ordering},
 };
 
 use anyhow::{Context as _, bail};
 use nix::sched::{CloneFlags, setns};
+
+/// A pin directory of its own under /sys/fs/bpf, named after its owner, the process and a
+/// counter so that concurrent runs never share one; removed, with what is pinned in it, on drop.
+pub struct PinDir(PathBuf);
+
+impl PinDir {
+    pub fn new(owner: &str, tag: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/{owner}-{}-{tag}-{n}",
+            std::process::id()
+        )))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 /// The pods' default gateway, owned by every host-side veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);

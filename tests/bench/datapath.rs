@@ -1,0 +1,353 @@
+//! Datapath cost per packet: `from_pod` run by BPF_PROG_TEST_RUN on crafted packets, with 1, 1k,
+//! 10k and 100k services programmed (10 backends each).
+//!
+//! Each service count gets its own loaded datapath with its own maps, all created with the same
+//! capacities (so hash tables have the same bucket counts and only their occupancy differs), and
+//! the rounds visit them in rotating order: the ratio to 1 service compares runs taken
+//! seconds apart, not minutes.
+//!
+//! Three packets, as the issue lists them:
+//! * an established flow: BPF_PROG_TEST_RUN hands the *same* skb to every repetition, so after
+//!   one DNAT the next repetition would see a packet for the backend. The measured flow therefore
+//!   goes to a pair of frontends that are each other's only backend (A → B, B → A): every
+//!   repetition finds the flow in conntrack and does the full rewrite.
+//! * a new flow: a conntrack miss happens once per 5-tuple, so each SYN gets its own source and
+//!   its own BPF_PROG_TEST_RUN with repeat = 1. Those timings include the kernel's per-run timer
+//!   reads; the report gives that floor (a non-service packet run the same way) beside them.
+//! * a non-service packet: to a pod address, which misses the service map and passes.
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, bail, ensure};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use etherparse::PacketBuilder;
+use lb_common::{Backend, IPPROTO_TCP, ServiceInfo, ServiceKey, SlotKey, Stat, program_names};
+use lb_userspace::{
+    datapath::{Capacity, Datapath, maps::ServiceMaps},
+    reconcile::MapWriter as _,
+};
+use serde::Serialize;
+
+use crate::{
+    kube_proxy_rules::{Protocol, ServicePort},
+    scratch::{PIN_OWNER, PinDir},
+    services::{self, ENDPOINTS_PER_SERVICE},
+    stats,
+};
+
+const TC_ACT_OK: u32 = 0;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+/// Frontend for new flows: a service with ten backends.
+const NEW_FLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The ping-pong pair for established flows (see the module comment).
+const PING: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 20), 80);
+const PONG: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 21), 8080);
+/// A pod: not a frontend.
+const POD: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 10), 8080);
+
+pub struct Settings {
+    pub service_counts: Vec<usize>,
+    pub rounds: usize,
+    /// Repetitions per BPF_PROG_TEST_RUN for the established and non-service packets.
+    pub repeat: u32,
+    /// Distinct new flows per round and service count.
+    pub new_flows: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PacketKind {
+    Established,
+    NewFlow,
+    NonService,
+}
+
+impl PacketKind {
+    pub const ALL: [PacketKind; 3] = [Self::Established, Self::NewFlow, Self::NonService];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Established => "established flow",
+            Self::NewFlow => "first packet of a new flow",
+            Self::NonService => "non-service packet",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub services: usize,
+    pub packet: PacketKind,
+    pub ns_per_packet: f64,
+    /// Median over rounds of (this count's time / 1 service's time in the same round).
+    pub ratio_to_one_service: f64,
+    pub samples_ns: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Results {
+    pub repeat: u32,
+    pub rounds: usize,
+    pub new_flows_per_round: usize,
+    /// The cost of one BPF_PROG_TEST_RUN with repeat = 1 beyond the program itself (timer reads),
+    /// as the difference between a non-service packet run once and run `repeat` times.
+    pub single_run_overhead_ns: f64,
+    pub rows: Vec<Row>,
+}
+
+/// One loaded datapath holding `services` services.
+struct Instance {
+    services: usize,
+    datapath: Datapath,
+    maps: ServiceMaps,
+    _pins: PinDir,
+}
+
+pub fn run(settings: &Settings) -> anyhow::Result<Results> {
+    let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
+    let capacity = Capacity {
+        services: (largest + 16) as u32,
+        backends: (largest * ENDPOINTS_PER_SERVICE + 64) as u32,
+        backend_slots: (largest * ENDPOINTS_PER_SERVICE + 64) as u32,
+        ..Capacity::default()
+    };
+    let mut instances = Vec::new();
+    for &count in &settings.service_counts {
+        let started = std::time::Instant::now();
+        instances.push(Instance::new(count, capacity)?);
+        eprintln!(
+            "[datapath] {count} services programmed in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    // samples[instance][kind][round]
+    let mut samples = vec![vec![Vec::new(); PacketKind::ALL.len()]; instances.len()];
+    let mut overhead = Vec::new();
+    let mut next_flow = 0u32;
+    let indexes: Vec<usize> = (0..instances.len()).collect();
+    for round in 0..settings.rounds {
+        for i in stats::rotated(&indexes, round) {
+            let instance = &mut instances[i];
+            for (k, kind) in PacketKind::ALL.iter().enumerate() {
+                let ns = match kind {
+                    PacketKind::Established => instance.established(settings.repeat)?,
+                    PacketKind::NewFlow => {
+                        let ns = instance.new_flows(next_flow, settings.new_flows)?;
+                        next_flow += settings.new_flows as u32;
+                        ns
+                    }
+                    PacketKind::NonService => instance.non_service(settings.repeat)?,
+                };
+                samples[i][k].push(ns);
+            }
+            overhead.push(instance.non_service_single_runs(settings.new_flows)? - samples[i][2][round]);
+        }
+    }
+
+    let baseline = instances
+        .iter()
+        .position(|i| i.services == settings.service_counts[0])
+        .expect("the first count is loaded");
+    let mut rows = Vec::new();
+    for (i, instance) in instances.iter().enumerate() {
+        for (k, kind) in PacketKind::ALL.iter().enumerate() {
+            let ns = stats::median(&samples[i][k]);
+            let ratio = stats::paired_ratio(&samples[i][k], &samples[baseline][k]);
+            eprintln!(
+                "[datapath] {:>6} services, {:<27} {:>7.1} ns/packet  ×{ratio:.3} of {} service(s)",
+                instance.services,
+                kind.label(),
+                ns,
+                settings.service_counts[0],
+            );
+            rows.push(Row {
+                services: instance.services,
+                packet: *kind,
+                ns_per_packet: ns,
+                ratio_to_one_service: ratio,
+                samples_ns: samples[i][k].clone(),
+            });
+        }
+    }
+    Ok(Results {
+        repeat: settings.repeat,
+        rounds: settings.rounds,
+        new_flows_per_round: settings.new_flows,
+        single_run_overhead_ns: stats::median(&overhead),
+        rows,
+    })
+}
+
+/// The measured frontends: the ping-pong pair and the new-flow service, as service ports.
+fn measured() -> Vec<ServicePort> {
+    let port = |name: &str, (ip, port): (Ipv4Addr, u16), endpoints: Vec<(Ipv4Addr, u16)>| ServicePort {
+        namespace: "bench".into(),
+        name: name.into(),
+        port_name: "p".into(),
+        cluster_ip: ip,
+        port,
+        protocol: Protocol::Tcp,
+        endpoints,
+    };
+    let pods = (0..ENDPOINTS_PER_SERVICE as u8)
+        .map(|j| (Ipv4Addr::new(10, 244, 0, 10 + j), 8080))
+        .collect();
+    vec![
+        port("ping", PING, vec![PONG]),
+        port("pong", PONG, vec![PING]),
+        port("new-flows", (NEW_FLOW_VIP, 80), pods),
+    ]
+}
+
+impl Instance {
+    /// A datapath with the measured frontends and `services - 1` fillers, written straight into
+    /// the maps: this section is about per-packet cost, and programming 100k services through
+    /// the reconciler is what the control-plane section measures.
+    fn new(services: usize, capacity: Capacity) -> anyhow::Result<Self> {
+        let pins = PinDir::new(PIN_OWNER, &format!("dp{services}"));
+        let mut datapath = Datapath::load_with_capacity(pins.path(), capacity)?;
+        let mut maps = datapath.maps()?;
+        let all = services::with_fillers(&measured(), services.saturating_sub(1));
+        write_services(&mut maps, &all)?;
+        program(&mut datapath)?
+            .load()
+            .context("the kernel refused from_pod")?;
+        let mut instance = Self {
+            services,
+            datapath,
+            maps,
+            _pins: pins,
+        };
+        instance.check_paths()?;
+        Ok(instance)
+    }
+
+    /// Makes sure each packet takes the path it is named for, by the datapath's own counters.
+    fn check_paths(&mut self) -> anyhow::Result<()> {
+        // Two runs set up both directions of the ping-pong flow.
+        let packet = tcp_packet((CLIENT, 40000), PING, false);
+        self.test_run(&packet, 2)?;
+        let before = self.maps.stat(Stat::NewFlows)?;
+        self.test_run(&packet, 100)?;
+        ensure!(
+            self.maps.stat(Stat::NewFlows)? == before,
+            "the established-flow packet created flows: it is not measuring an established flow"
+        );
+        let packets = self.maps.stat(Stat::ServicePackets)?;
+        self.test_run(&tcp_packet((CLIENT, 40000), POD, false), 100)?;
+        ensure!(
+            self.maps.stat(Stat::ServicePackets)? == packets,
+            "the non-service packet was treated as a service packet"
+        );
+        Ok(())
+    }
+
+    fn established(&mut self, repeat: u32) -> anyhow::Result<f64> {
+        self.test_run(&tcp_packet((CLIENT, 40000), PING, false), repeat)
+    }
+
+    fn non_service(&mut self, repeat: u32) -> anyhow::Result<f64> {
+        self.test_run(&tcp_packet((CLIENT, 40000), POD, false), repeat)
+    }
+
+    /// The median time of `count` runs of one non-service packet each: the repeat = 1 floor.
+    fn non_service_single_runs(&mut self, count: usize) -> anyhow::Result<f64> {
+        let packet = tcp_packet((CLIENT, 40000), POD, false);
+        let times: Vec<f64> = (0..count)
+            .map(|_| self.test_run(&packet, 1))
+            .collect::<Result<_, _>>()?;
+        Ok(stats::median(&times))
+    }
+
+    /// The median time of `count` SYNs, each from a source never used before.
+    fn new_flows(&mut self, first: u32, count: usize) -> anyhow::Result<f64> {
+        let before = self.maps.stat(Stat::NewFlows)?;
+        let mut times = Vec::with_capacity(count);
+        for flow in first..first + count as u32 {
+            // 10.200.0.0/16 × 1000 ports: unique for 65M flows.
+            let source = Ipv4Addr::from(u32::from_be_bytes([10, 200, 0, 0]) + flow / 1000);
+            let packet = tcp_packet((source, 20000 + (flow % 1000) as u16), (NEW_FLOW_VIP, 80), true);
+            times.push(self.test_run(&packet, 1)?);
+        }
+        let created = self.maps.stat(Stat::NewFlows)? - before;
+        ensure!(
+            created == count as u64,
+            "{count} SYNs created {created} flows: not every one was a new flow"
+        );
+        Ok(stats::median(&times))
+    }
+
+    /// Nanoseconds per run of `from_pod` on `packet`, as the kernel timed it.
+    fn test_run(&mut self, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
+        let result = program(&mut self.datapath)?
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                repeat,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN of from_pod failed")?;
+        if result.return_value != TC_ACT_OK {
+            bail!("from_pod returned {} instead of TC_ACT_OK", result.return_value);
+        }
+        // The kernel reports the mean time per repetition.
+        Ok(result.duration.as_nanos() as f64)
+    }
+}
+
+fn program(datapath: &mut Datapath) -> anyhow::Result<&mut SchedClassifier> {
+    Ok(datapath
+        .ebpf
+        .program_mut(program_names::FROM_POD)
+        .context("from_pod is missing from the datapath object")?
+        .try_into()?)
+}
+
+/// Writes `ports` with sequential ids in the reconciler's order (backends, slots, service).
+fn write_services(maps: &mut ServiceMaps, ports: &[ServicePort]) -> anyhow::Result<()> {
+    let mut next_backend = 1u32;
+    for (index, port) in ports.iter().enumerate() {
+        let service_id = index as u32 + 1;
+        for (slot, (ip, backend_port)) in port.endpoints.iter().enumerate() {
+            let backend = Backend {
+                addr: ip.octets(),
+                port: *backend_port,
+                proto: IPPROTO_TCP,
+                flags: 0,
+                service_id,
+            };
+            maps.put_backend(next_backend, &backend)?;
+            maps.put_slot(
+                SlotKey {
+                    service_id,
+                    slot: slot as u32,
+                },
+                next_backend,
+            )?;
+            next_backend += 1;
+        }
+        let key: ServiceKey = services::service_key(port);
+        let info = ServiceInfo {
+            id: service_id,
+            backend_count: port.endpoints.len() as u32,
+            // Random backend choice, the default.
+            ..ServiceInfo::default()
+        };
+        maps.put_service(key, info)?;
+    }
+    Ok(())
+}
+
+/// An Ethernet/IPv4/TCP packet: a SYN, or an ACK carrying 64 bytes.
+fn tcp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+        .ipv4(src.0.octets(), dst.0.octets(), 64)
+        .tcp(src.1, dst.1, 1000, 64240);
+    let (builder, payload): (_, &[u8]) = if syn {
+        (builder.syn(), &[])
+    } else {
+        (builder.ack(1).psh(), &[0x42; 64])
+    };
+    let mut packet = Vec::new();
+    builder.write(&mut packet, payload).expect("a valid packet");
+    packet
+}

@@ -1,0 +1,489 @@
+//! results.json, REPORT.md and its plots. Every number in the report comes from `Results`; the
+//! prose around them only says what was measured and how.
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::Context as _;
+
+use crate::{
+    Results,
+    control_plane::{self, Loader},
+    datapath::{self, PacketKind},
+    e2e::{self, Setup},
+    plots::{self, Plot, Series},
+    stats::short,
+    traffic::Workload,
+};
+
+/// Within this much of 1, a ratio is a tie: the machines are noisy.
+const TIE: f64 = 0.03;
+/// The datapath's goal: at most 5 % slower with many services than with one.
+const FLAT: f64 = 1.05;
+
+pub fn write(out: &Path, results: &Results) -> anyhow::Result<()> {
+    let json = serde_json::to_string_pretty(results)?;
+    std::fs::write(out.join("results.json"), json + "\n").context("cannot write results.json")?;
+    let mut md = String::new();
+    header(&mut md, results);
+    if let Some(datapath) = &results.datapath {
+        datapath_section(&mut md, out, datapath)?;
+    }
+    if let Some(e2e) = &results.e2e {
+        e2e_section(&mut md, out, e2e)?;
+    }
+    if let Some(control_plane) = &results.control_plane {
+        control_plane_section(&mut md, out, control_plane)?;
+    }
+    maglev_section(&mut md, &results.maglev);
+    losses_section(&mut md, results);
+    if !results.errors.is_empty() {
+        md.push_str("\n## Sections that failed\n\n");
+        for error in &results.errors {
+            let _ = writeln!(md, "* {error}");
+        }
+    }
+    std::fs::write(out.join("REPORT.md"), md).context("cannot write REPORT.md")
+}
+
+fn header(md: &mut String, results: &Results) {
+    let meta = &results.meta;
+    let machine = &meta.machine;
+    let _ = write!(
+        md,
+        "# Switchboard benchmarks\n\n\
+         Switchboard against kube-proxy's iptables and nftables modes and against the direct path \
+         (no load balancer), measured in one invocation on one machine. The machines are shared and \
+         noisy, so every comparison is a ratio between runs interleaved in this invocation (A B C, \
+         B C A, …): the median over rounds of the per-round ratios. Absolute numbers are given but \
+         only the ratios are claims.\n\n\
+         | | |\n|---|---|\n\
+         | date | {} |\n\
+         | command | `{}` (run as root from the workspace) |\n\
+         | mode | {:?}, {:.0} s |\n\
+         | machine | {} cores, {}, {} GiB |\n\
+         | kernel | {} |\n\
+         | tools | {} |\n\n\
+         The raw samples are in [results.json](results.json).\n",
+        meta.date,
+        meta.command,
+        meta.mode,
+        meta.duration_seconds,
+        machine.cores,
+        machine.cpu,
+        machine.memory_gib,
+        machine.kernel,
+        meta.tools.join("; "),
+    );
+}
+
+fn ratio(value: f64) -> String {
+    if value.is_finite() {
+        format!("×{value:.2}")
+    } else {
+        "–".into()
+    }
+}
+
+fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) -> anyhow::Result<()> {
+    let counts = distinct(results.rows.iter().map(|r| r.services));
+    let row = |services: usize, kind: PacketKind| {
+        results
+            .rows
+            .iter()
+            .find(|r| r.services == services && r.packet == kind)
+    };
+    let _ = write!(
+        md,
+        "\n## 1. Datapath cost per packet\n\n\
+         `from_pod` on crafted packets through BPF_PROG_TEST_RUN, with N services programmed \
+         (10 backends each). One loaded datapath per N, all with the same map capacities, visited \
+         in rotating order for {} rounds. Established-flow and non-service packets: the kernel's \
+         mean over `repeat` = {} runs. New flows: {} SYNs per round from sources never seen before, \
+         one run each (a conntrack miss happens once per flow); the median is shown. A single run \
+         carries about {} ns of timer overhead that a repeated one spreads out. The goal is flat: at \
+         most ×{FLAT} of 1 service.\n\n\
+         ![ns per packet](datapath.svg)\n\n\
+         | services | {} | {} | {} |\n|---:|---:|---:|---:|\n",
+        results.rounds,
+        results.repeat,
+        results.new_flows_per_round,
+        short(results.single_run_overhead_ns),
+        PacketKind::Established.label(),
+        PacketKind::NewFlow.label(),
+        PacketKind::NonService.label(),
+    );
+    for &count in &counts {
+        let _ = write!(md, "| {count} |");
+        for kind in PacketKind::ALL {
+            match row(count, kind) {
+                Some(r) => {
+                    let _ = write!(
+                        md,
+                        " {} ns ({}) |",
+                        short(r.ns_per_packet),
+                        ratio(r.ratio_to_one_service)
+                    );
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    md.push_str("\nIn brackets: the ratio to the smallest count, measured in the same rounds.\n");
+    let series = PacketKind::ALL
+        .iter()
+        .map(|&kind| Series {
+            name: kind.label().into(),
+            points: counts
+                .iter()
+                .filter_map(|&c| row(c, kind).map(|r| (c as f64, r.ns_per_packet)))
+                .collect(),
+        })
+        .collect();
+    plots::draw(
+        &out.join("datapath.svg"),
+        &Plot {
+            title: "from_pod, ns per packet (BPF_PROG_TEST_RUN)",
+            y_label: "ns per packet",
+            log_y: false,
+            series,
+        },
+    )
+}
+
+fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::Result<()> {
+    let counts = distinct(results.rows.iter().map(|r| r.services));
+    let _ = write!(
+        md,
+        "\n## 2. End to end through network namespaces\n\n\
+         A client pod dials a ClusterIP served by {} backend pods holding {} endpoint addresses, over \
+         veths through a node namespace, with N services programmed (the measured one, with a TCP \
+         and a UDP port, plus N − 1 fillers of 10 endpoints; in iptables the measured service's rule \
+         sits in the middle of KUBE-SERVICES). Five labs are built side by side — direct (the client \
+         dials the endpoints themselves: the limit), Switchboard (its programs on the pod veths, \
+         driven in-process by the real reconciler), kube-proxy's iptables rules loaded with \
+         `iptables-nft-restore` and with `iptables-legacy-restore`, and kube-proxy's nftables rules \
+         loaded with `nft -f` — and sampled in rotating order, {} rounds of {} s each. The load is \
+         {} client thread (2 cores: one for the client, one for the rest) and one server thread per \
+         pod and protocol. TCP: a connection per transaction, 16 bytes each way, the client closes \
+         (like netperf TCP_CRR; the client may reuse TIME_WAIT ports). UDP: one connected socket, \
+         16 bytes each way, one datagram in flight (like netperf UDP_RR).\n",
+        results.backend_pods,
+        results.endpoints,
+        results.rounds,
+        results.sample_seconds,
+        results.client_threads,
+    );
+    for workload in Workload::ALL {
+        let rows: Vec<&e2e::Row> = results.rows.iter().filter(|r| r.workload == workload).collect();
+        let file = match workload {
+            Workload::TcpCrr => "e2e-tcp-crr.svg",
+            Workload::UdpRr => "e2e-udp-rr.svg",
+        };
+        let _ = write!(
+            md,
+            "\n### {} ({})\n\n![{}]({file})\n\n| services | setup | {} | ÷ direct | ÷ Switchboard | failed |\n|---:|---|---:|---:|---:|---:|\n",
+            workload.label(),
+            workload.unit(),
+            workload.unit(),
+            workload.unit(),
+        );
+        for &count in &counts {
+            for row in rows.iter().filter(|r| r.services == count) {
+                let _ = writeln!(
+                    md,
+                    "| {count} | {} | {:.0} | {} | {} | {} |",
+                    row.setup.label(),
+                    row.rate_per_s,
+                    ratio(row.ratio_to_direct),
+                    ratio(row.ratio_to_switchboard),
+                    row.failed_transactions
+                );
+            }
+        }
+        let series = Setup::ALL
+            .iter()
+            .map(|&setup| Series {
+                name: setup.label().into(),
+                points: rows
+                    .iter()
+                    .filter(|r| r.setup == setup)
+                    .map(|r| (r.services as f64, r.rate_per_s))
+                    .collect(),
+            })
+            .collect();
+        plots::draw(
+            &out.join(file),
+            &Plot {
+                title: workload.label(),
+                y_label: workload.unit(),
+                log_y: false,
+                series,
+            },
+        )?;
+    }
+    md.push_str(
+        "\nTime each lab took to be programmed (rules loaded or maps written), in seconds:\n\n| setup |",
+    );
+    for &count in &counts {
+        let _ = write!(md, " {} |", services(count));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---:|".repeat(counts.len()));
+    md.push('\n');
+    for setup in Setup::ALL.iter().filter(|s| **s != Setup::Direct) {
+        let _ = write!(md, "| {} |", setup.label());
+        for &count in &counts {
+            let seconds = results
+                .programming_seconds
+                .iter()
+                .find(|(s, c, _)| s == setup && *c == count)
+                .map_or(f64::NAN, |p| p.2);
+            let _ = write!(md, " {} |", short(seconds));
+        }
+        md.push('\n');
+    }
+    Ok(())
+}
+
+fn control_plane_section(
+    md: &mut String,
+    out: &Path,
+    results: &control_plane::Results,
+) -> anyhow::Result<()> {
+    let _ = write!(
+        md,
+        "\n## 3. Control plane\n\n\
+         Programming N services × {} endpoints from nothing: Switchboard's reconciler writing its BPF \
+         maps (in a child process of its own, from the planned desired state) against \
+         `iptables-restore` and `nft -f` loading the equivalent kube-proxy rule sets into an \
+         emptied scratch namespace; {} rounds in rotating order. Peak RSS is that of the process \
+         doing the programming: for the kube-proxy modes it is the loading tool's, not kube-proxy's \
+         own (a Go daemon that also holds the cluster state).\n\n\
+         ![full sync](control-plane.svg)\n\n\
+         | services | loader | seconds | ÷ Switchboard | peak RSS |\n|---:|---|---:|---:|---:|\n",
+        results.endpoints_per_service, results.rounds,
+    );
+    for row in &results.full_sync {
+        let failed = if row.failures.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} run(s) failed: {})", row.failures.len(), row.failures[0])
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {}{failed} | {} | {} MiB |",
+            row.services,
+            row.loader.label(),
+            short(row.seconds),
+            ratio(row.ratio_to_switchboard),
+            short(row.peak_rss_mib),
+        );
+    }
+    md.push_str(
+        "\nOne endpoint change (a different service each time, one endpoint replaced), timed from \
+         handing the reconciler the new desired state to its return, the maps written:\n\n\
+         | services | changes | p50 | p99 | max |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for row in &results.endpoint_changes {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} ms | {} ms | {} ms |",
+            row.services,
+            row.changes,
+            short(row.p50_ms),
+            short(row.p99_ms),
+            short(row.max_ms)
+        );
+    }
+    let series = Loader::ALL
+        .iter()
+        .map(|&loader| Series {
+            name: loader.label().into(),
+            points: results
+                .full_sync
+                .iter()
+                .filter(|r| r.loader == loader)
+                .map(|r| (r.services as f64, r.seconds))
+                .collect(),
+        })
+        .collect();
+    plots::draw(
+        &out.join("control-plane.svg"),
+        &Plot {
+            title: "Programming N services from nothing",
+            y_label: "seconds",
+            log_y: true,
+            series,
+        },
+    )
+}
+
+/// Every comparison Switchboard did not win, stated from the numbers.
+fn losses_section(md: &mut String, results: &Results) {
+    let mut losses = Vec::new();
+    if let Some(datapath) = &results.datapath {
+        for row in &datapath.rows {
+            if row.ratio_to_one_service > FLAT {
+                losses.push(format!(
+                    "Datapath, {}: {} ns per packet with {} services, ×{:.2} of the smallest count \
+                     (the goal is at most ×{FLAT}).",
+                    row.packet.label(),
+                    short(row.ns_per_packet),
+                    row.services,
+                    row.ratio_to_one_service
+                ));
+            }
+        }
+    }
+    if let Some(e2e) = &results.e2e {
+        let direct_rate = |row: &e2e::Row| {
+            e2e.rows
+                .iter()
+                .find(|r| {
+                    r.services == row.services && r.workload == row.workload && r.setup == Setup::Direct
+                })
+                .map_or(f64::NAN, |r| r.rate_per_s)
+        };
+        for row in &e2e.rows {
+            let what = format!("{} with {}", row.workload.label(), services(row.services));
+            match row.setup {
+                Setup::Switchboard => {
+                    if row.ratio_to_direct < 1.0 - TIE {
+                        losses.push(format!(
+                            "End to end, {what}: Switchboard reaches ×{:.2} of the direct path \
+                             (medians {:.0} vs {:.0} {}).",
+                            row.ratio_to_direct,
+                            row.rate_per_s,
+                            direct_rate(row),
+                            row.workload.unit()
+                        ));
+                    }
+                    if row.failed_transactions > 0 {
+                        losses.push(format!(
+                            "End to end, {what}: {} transactions through Switchboard failed.",
+                            row.failed_transactions
+                        ));
+                    }
+                }
+                Setup::Direct => {}
+                _ => {
+                    if row.ratio_to_switchboard > 1.0 + TIE {
+                        losses.push(format!(
+                            "End to end, {what}: {} is faster than Switchboard, ×{:.2} ({:.0} {}).",
+                            row.setup.label(),
+                            row.ratio_to_switchboard,
+                            row.rate_per_s,
+                            row.workload.unit()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(control_plane) = &results.control_plane {
+        let switchboard = |services: usize| {
+            control_plane
+                .full_sync
+                .iter()
+                .find(|r| r.services == services && r.loader == Loader::Switchboard)
+        };
+        for row in control_plane
+            .full_sync
+            .iter()
+            .filter(|r| r.loader != Loader::Switchboard)
+        {
+            let Some(ours) = switchboard(row.services) else {
+                continue;
+            };
+            if row.ratio_to_switchboard < 1.0 - TIE {
+                losses.push(format!(
+                    "Control plane, {} services from nothing: {} takes {} s, Switchboard {} s \
+                     (×{:.2} of Switchboard's time).",
+                    row.services,
+                    row.loader.label(),
+                    short(row.seconds),
+                    short(ours.seconds),
+                    row.ratio_to_switchboard
+                ));
+            }
+            if row.peak_rss_mib < ours.peak_rss_mib * (1.0 - TIE) {
+                losses.push(format!(
+                    "Memory, {} services: Switchboard's process peaks at {} MiB, {} at {} MiB (the \
+                     tool only, not kube-proxy).",
+                    row.services,
+                    short(ours.peak_rss_mib),
+                    row.loader.label(),
+                    short(row.peak_rss_mib)
+                ));
+            }
+        }
+        let changes = &control_plane.endpoint_changes;
+        if let (Some(first), Some(last)) = (changes.first(), changes.last())
+            && last.services > first.services
+            && last.p50_ms > first.p50_ms * 2.0
+        {
+            losses.push(format!(
+                "Endpoint changes: one change takes {} ms (p50) with {} services but {} ms with {} \
+                 (×{:.1}): the reconciler's cost per change grows with the number of services \
+                 instead of with the size of the change.",
+                short(first.p50_ms),
+                first.services,
+                short(last.p50_ms),
+                last.services,
+                last.p50_ms / first.p50_ms
+            ));
+        }
+    }
+    md.push_str("\n## Where Switchboard loses\n\n");
+    let _ = writeln!(
+        md,
+        "Every comparison in this run that Switchboard did not win, ties (within {:.0} %) left out:\n",
+        TIE * 100.0
+    );
+    if losses.is_empty() {
+        md.push_str("* Nothing: in this run Switchboard won or tied every comparison.\n");
+    }
+    for loss in losses {
+        let _ = writeln!(md, "* {loss}");
+    }
+}
+
+/// "1 service", "1000 services".
+fn services(count: usize) -> String {
+    if count == 1 {
+        "1 service".into()
+    } else {
+        format!("{count} services")
+    }
+}
+
+/// The distinct values of `values`, sorted.
+fn distinct(values: impl Iterator<Item = usize>) -> Vec<usize> {
+    let mut all: Vec<usize> = values.collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
+fn maglev_section(md: &mut String, maglev: &crate::maglev::Results) {
+    let _ = write!(
+        md,
+        "\n## 4. Maglev balance and disruption\n\n\
+         The real table builder, table size {}: the worst deviation of a backend's share from M/N, \
+         the positions (flows) that move when one of N backends is removed beyond the ones it owned \
+         (the unit tests hold this to 1/N + 1 %), and the time to build one table.\n\n\
+         | backends | worst share deviation | disruption | bound | build |\n|---:|---:|---:|---:|---:|\n",
+        maglev.table_size
+    );
+    for row in &maglev.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} % | {:.2} % | {:.2} % | {:.2} ms |",
+            row.backends,
+            row.worst_share_deviation_pct,
+            row.disruption_pct,
+            row.disruption_bound_pct,
+            row.build_ms
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! The services every setup is programmed with, generated rather than read from manifests so that
+//! 100k of them cost nothing to describe: filler services that only take up room in the tables,
+//! and the measured services whose endpoints are real pods.
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+use lb_userspace::reconcile::DesiredService;
+
+use crate::kube_proxy_rules::{ClusterCidrs, Protocol, ServicePort};
+
+/// Pod and ClusterIP ranges. The pod range is wide because 100k fillers × 10 endpoints need a
+/// million distinct endpoint addresses.
+pub const CIDRS: ClusterCidrs = ClusterCidrs {
+    pods: "10.128.0.0/9",
+    services: "10.96.0.0/12",
+};
+
+/// Every service has this many endpoints, as the issue asks.
+pub const ENDPOINTS_PER_SERVICE: usize = 10;
+
+/// Fillers' ClusterIPs count up from here (inside the service range, clear of 10.96.0.0/16 where
+/// the measured services live).
+const FILLER_CLUSTER_IPS: u32 = u32::from_be_bytes([10, 100, 0, 0]);
+/// Fillers' endpoints count up from here; nothing ever sends to them.
+const FILLER_ENDPOINTS: u32 = u32::from_be_bytes([10, 128, 0, 0]);
+
+/// The `index`th filler: a TCP service port on its own ClusterIP with ten endpoints that exist
+/// only in the tables.
+pub fn filler(index: usize) -> ServicePort {
+    let first_endpoint = FILLER_ENDPOINTS + (index * ENDPOINTS_PER_SERVICE) as u32;
+    ServicePort {
+        namespace: "filler".into(),
+        name: format!("svc-{index}"),
+        port_name: "http".into(),
+        cluster_ip: Ipv4Addr::from(FILLER_CLUSTER_IPS + index as u32),
+        port: 80,
+        protocol: Protocol::Tcp,
+        endpoints: (0..ENDPOINTS_PER_SERVICE as u32)
+            .map(|j| (Ipv4Addr::from(first_endpoint + j), 8080))
+            .collect(),
+    }
+}
+
+/// `count` fillers with `measured` in the middle of them. Order matters to iptables only, whose
+/// KUBE-SERVICES chain is walked rule by rule: the middle is its average case.
+pub fn with_fillers(measured: &[ServicePort], fillers: usize) -> Vec<ServicePort> {
+    let mut all: Vec<ServicePort> = (0..fillers / 2).map(filler).collect();
+    all.extend_from_slice(measured);
+    all.extend((fillers / 2..fillers).map(filler));
+    all
+}
+
+pub fn service_key(port: &ServicePort) -> ServiceKey {
+    ServiceKey {
+        addr: port.cluster_ip.octets(),
+        port: port.port,
+        proto: match port.protocol {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        },
+        pad: 0,
+    }
+}
+
+/// What Switchboard's planner would produce for these service ports: the reconciler's input.
+pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
+    ports
+        .iter()
+        .map(|port| {
+            let service = DesiredService {
+                name: format!("{}/{}:{}", port.namespace, port.name, port.port),
+                backends: port
+                    .endpoints
+                    .iter()
+                    .map(|(ip, port)| (ip.octets(), *port))
+                    .collect(),
+                // Random backend choice, like kube-proxy's.
+                maglev: None,
+            };
+            (service_key(port), service)
+        })
+        .collect()
+}
