@@ -1,5 +1,5 @@
 //! `switchboard run`: the agent.
-use std::{process::ExitCode, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
@@ -125,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => unreachable!("a client is made whenever there is no manifest directory"),
     };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
+    let mut notices = BTreeSet::new();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
@@ -136,7 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics);
+                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics, &mut notices);
                 health.update_applied();
             }
             () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
@@ -169,20 +170,28 @@ fn sync(
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     metrics: &AgentMetrics,
+    notices: &mut BTreeSet<String>,
 ) {
     let model = model::compute(input);
-    for warning in &model.warnings {
-        tracing::warn!("{warning}");
+    let current: BTreeSet<String> = model
+        .warnings
+        .iter()
+        .map(ToString::to_string)
+        .chain(model.frontends.iter().filter(|f| f.backends.is_empty()).map(|f| {
+            format!(
+                "Service {} {}:{}/{} has no endpoints; connections to it are dropped",
+                f.service,
+                f.address,
+                f.port,
+                f.protocol.as_str()
+            )
+        }))
+        .collect();
+    // Said once when it appears, not on every pass.
+    for notice in current.difference(notices) {
+        tracing::warn!("{notice}");
     }
-    for frontend in model.frontends.iter().filter(|f| f.backends.is_empty()) {
-        tracing::warn!(
-            "Service {} {}:{}/{} has no endpoints; connections to it are dropped",
-            frontend.service,
-            frontend.address,
-            frontend.port,
-            frontend.protocol.as_str()
-        );
-    }
+    *notices = current;
     let desired = reconcile::plan(&model, options);
     let started = std::time::Instant::now();
     let report = reconciler.apply(&desired, maps);
@@ -203,6 +212,7 @@ fn sync(
         .unwrap_or_default();
     metrics.last_sync_timestamp.set(now.as_secs_f64());
     metrics.frontends.set(model.frontends.len() as i64);
+    metrics.model_warnings.set(model.warnings.len() as i64);
     metrics
         .frontends_without_endpoints
         .set(model.frontends.iter().filter(|f| f.backends.is_empty()).count() as i64);

@@ -223,6 +223,15 @@ pub fn compute(input: &Input<'_>) -> Model {
             tracing::debug!(service = %name, reason, "not proxied");
             continue;
         }
+        // What an API server already refused, a manifest source already reported; this catches
+        // the rest (an older API server, a hand-made object) before it reaches the maps.
+        let errors = validate_service(service);
+        if !errors.is_empty() {
+            for error in errors {
+                model.warn(&name, &format!("{error}; the Service is not programmed"));
+            }
+            continue;
+        }
         let spec = service.spec.as_ref().expect("skip_reason checks the spec");
         let cluster_ips = parsed_ips(cluster_ip_texts(spec));
         if cluster_ips.is_empty() {

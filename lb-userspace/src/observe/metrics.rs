@@ -35,6 +35,7 @@ pub struct AgentMetrics {
     pub last_sync_timestamp: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub frontends: Gauge,
     pub frontends_without_endpoints: Gauge,
+    pub model_warnings: Gauge,
     pub programming_failures: Family<ServiceLabel, Counter>,
     pub source_errors: Family<SourceLabel, Counter>,
 }
@@ -48,6 +49,7 @@ impl Default for AgentMetrics {
             last_sync_timestamp: Gauge::default(),
             frontends: Gauge::default(),
             frontends_without_endpoints: Gauge::default(),
+            model_warnings: Gauge::default(),
             programming_failures: Family::default(),
             source_errors: Family::default(),
         }
@@ -83,6 +85,11 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
         "frontends_without_endpoints",
         "Frontends whose Service has no usable endpoint (their traffic is dropped)",
         agent.frontends_without_endpoints.clone(),
+    );
+    registry.register(
+        "model_warnings",
+        "Objects or fields the model passed over (invalid values, a missing ClusterIP, …), as logged",
+        agent.model_warnings.clone(),
     );
     registry.register(
         "programming_failures",

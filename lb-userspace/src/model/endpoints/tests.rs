@@ -356,3 +356,18 @@ fn a_local_policy_without_a_node_name_is_warned_about() {
         m.warnings
     );
 }
+
+#[test]
+fn an_invalid_service_from_any_source_is_warned_about_by_name_and_left_out() {
+    let bad = service(json!({"clusterIP": "10.96.0.10", "selector": {"app": "web"},
+        "ports": [{"name": "http", "port": 70000, "targetPort": 8080}]}));
+    let m = model(&[bad, web_service()], &[]);
+    assert!(
+        m.warnings
+            .iter()
+            .any(|w| w.object == "Service default/web" && w.message.contains("spec.ports[0].port")),
+        "{:?}",
+        m.warnings
+    );
+    assert_eq!(m.frontends.len(), 1, "the valid Service is still there");
+}
