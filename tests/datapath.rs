@@ -501,3 +501,88 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow() {
         "a flow keeps its backend when conntrack is flushed"
     );
 }
+
+/// sessionAffinity ClientIP: every new connection of a client goes to the backend it had; other
+/// clients are balanced as usual; a client whose backend went away is given a live one.
+#[test]
+fn with_client_ip_affinity_a_client_sticks_to_its_backend() {
+    let mut lb = Loaded::new("affinity");
+    lb.program_all(
+        &[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS)],
+        None,
+        Some(10_800),
+    );
+    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    let backend_of = |lb: &mut Loaded, client: [u8; 4], port: u16| {
+        addresses_with_valid_checksums(
+            &run(
+                lb,
+                program_names::FROM_POD,
+                &tcp_syn((client, port), (CLUSTER_IP, 80)),
+            )
+            .1,
+        )
+        .1
+    };
+    let first = backend_of(&mut lb, CLIENT, 20000);
+    for port in 20001..20050 {
+        assert_eq!(
+            backend_of(&mut lb, CLIENT, port),
+            first,
+            "connection from port {port} sticks"
+        );
+    }
+    let others: BTreeSet<_> = (1..=30u8)
+        .map(|i| backend_of(&mut lb, [10, 244, 9, i], 20000))
+        .collect();
+    assert!(others.len() > 1, "different clients are still spread: {others:?}");
+
+    // The client's backend is removed: its next connection goes to a live one, and sticks there.
+    let survivors: Vec<_> = BACKENDS.iter().copied().filter(|b| *b != first).collect();
+    lb.program_all(
+        &[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &survivors)],
+        None,
+        Some(10_800),
+    );
+    let moved = backend_of(&mut lb, CLIENT, 21000);
+    assert!(
+        survivors.contains(&moved),
+        "re-chosen among live backends: {moved:?}"
+    );
+    for port in 21001..21010 {
+        assert_eq!(backend_of(&mut lb, CLIENT, port), moved);
+    }
+
+    // Switched off live: the same client is balanced again.
+    lb.program_all(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &survivors)], None, None);
+    let spread: BTreeSet<_> = (22000..22040)
+        .map(|port| backend_of(&mut lb, CLIENT, port))
+        .collect();
+    assert_eq!(
+        spread.len(),
+        2,
+        "without affinity the client's connections spread again"
+    );
+}
+
+#[test]
+fn affinity_expires_after_its_timeout() {
+    let mut lb = Loaded::new("affinity-timeout");
+    lb.program_all(
+        &[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS)],
+        None,
+        Some(1),
+    );
+    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    let mut choices = BTreeSet::new();
+    // Each round waits out the 1 s timeout, so each first connection is balanced anew.
+    for round in 0..6u16 {
+        let syn = tcp_syn((CLIENT, 23000 + round), (CLUSTER_IP, 80));
+        choices.insert(addresses_with_valid_checksums(&run(&mut lb, program_names::FROM_POD, &syn).1).1);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert!(
+        choices.len() > 1,
+        "after the timeout the client is balanced again: {choices:?}"
+    );
+}

@@ -3,7 +3,7 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddr},
     path::Path,
@@ -530,4 +530,45 @@ fn an_established_connection_survives_a_conntrack_flush() {
     for _ in 0..5 {
         assert_eq!(ask(), first, "the flow is hashed to the same backend again");
     }
+}
+
+/// sessionAffinity ClientIP, end to end: 50 connections of one client all reach one pod.
+#[test]
+fn with_client_ip_affinity_every_connection_of_a_client_reaches_one_pod() {
+    let cluster = Cluster::start("ns");
+    const STICKY: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
+    let sticky = lab::service_manifest("sticky", STICKY, &[("app", "web")], &[("http", "TCP", 80, 3000)])
+        .replace(
+            "  type: ClusterIP\n",
+            "  type: ClusterIP\n  sessionAffinity: ClientIP\n",
+        );
+    std::fs::write(cluster.manifests.path().join("sticky.yaml"), sticky).unwrap();
+    let key = ServiceKey {
+        addr: STICKY.octets(),
+        port: 80,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while ServiceMaps::open(cluster.pins.path())
+        .unwrap()
+        .services
+        .get(&key, 0)
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the sticky service was not programmed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pods: BTreeSet<String> = (0..50)
+        .map(|i| {
+            servers::http_get(cluster.client(), STICKY, 80, TIMEOUT)
+                .unwrap_or_else(|e| panic!("connection {i}: {e:#}"))
+                .pod
+        })
+        .collect();
+    assert_eq!(
+        pods.len(),
+        1,
+        "all connections of the client reached one pod: {pods:?}"
+    );
 }

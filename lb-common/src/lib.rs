@@ -16,7 +16,16 @@ pub mod map_names {
     pub const CONNTRACK: &str = "SB_CONNTRACK";
     pub const STATS: &str = "SB_STATS";
     pub const MAGLEV: &str = "SB_MAGLEV";
-    pub const ALL: [&str; 6] = [SERVICES, BACKEND_SLOTS, BACKENDS, CONNTRACK, STATS, MAGLEV];
+    pub const AFFINITY: &str = "SB_AFFINITY";
+    pub const ALL: [&str; 7] = [
+        SERVICES,
+        BACKEND_SLOTS,
+        BACKENDS,
+        CONNTRACK,
+        STATS,
+        MAGLEV,
+        AFFINITY,
+    ];
 }
 
 /// Names of the programs in the object file.
@@ -33,6 +42,7 @@ pub mod capacity {
     pub const BACKENDS: u32 = 262_144;
     pub const BACKEND_SLOTS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
@@ -71,11 +81,34 @@ pub struct ServiceInfo {
     pub flags: u32,
     /// With [`service_flags::MAGLEV`]: the size of the service's table in [`map_names::MAGLEV`].
     pub maglev_table_size: u32,
+    /// With [`service_flags::AFFINITY`]: how long a client sticks to its backend after its last
+    /// new connection, in seconds.
+    pub affinity_timeout_s: u32,
 }
 
 pub mod service_flags {
     /// Choose backends by Maglev consistent hashing of the flow instead of at random.
     pub const MAGLEV: u32 = 1;
+    /// `sessionAffinity: ClientIP`: a client's new connections go to the backend its previous
+    /// ones went to, while that one serves and the timeout has not run out.
+    pub const AFFINITY: u32 = 2;
+}
+
+/// A client of a service with session affinity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub client_addr: [u8; 4],
+}
+
+/// The backend a client sticks to, and when it last opened a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityEntry {
+    pub backend_id: BackendId,
+    pub pad: u32,
+    pub last_used_ns: u64,
 }
 
 /// Hash of a flow's 5-tuple that every node computes alike (no per-boot seed), so the same flow
@@ -227,6 +260,8 @@ mod pod_impls {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityEntry {}
 }
 
 #[cfg(test)]
@@ -260,7 +295,9 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
-        assert_eq!(size_of::<ServiceInfo>(), 16);
+        assert_eq!(size_of::<ServiceInfo>(), 20);
+        assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);

@@ -6,8 +6,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_TABLE_FLAGS, ServiceInfo,
-    ServiceKey, SlotKey, Stat, capacity,
+    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
+    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, Stat, capacity,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -40,6 +40,12 @@ pub static SB_MAGLEV: HashOfMaps<
     Array<BackendId, { DEFAULT_MAGLEV_TABLE_SIZE as usize }, { MAGLEV_TABLE_FLAGS as usize }>,
     { capacity::SERVICES as usize },
 > = HashOfMaps::new();
+
+/// (service id, client address) → the backend the client sticks to, for services with session
+/// affinity. LRU: a forgotten client just gets a backend chosen anew.
+#[btf_map]
+pub static SB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

@@ -1,9 +1,12 @@
 //! Service lookup and backend choice.
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, flow_hash, service_flags};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use lb_common::{
+    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, flow_hash,
+    service_flags,
+};
 
 use crate::{
-    maps::{SB_BACKEND_SLOTS, SB_BACKENDS, SB_MAGLEV, SB_SERVICES},
+    maps::{SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_MAGLEV, SB_SERVICES},
     packet::Flow,
 };
 
@@ -22,22 +25,57 @@ pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
     (backend.service_id == service.id).then_some(backend)
 }
 
-/// The backend for a new flow: by Maglev consistent hashing of its 5-tuple when the service has
-/// a table (every node picks the same one), else at random among the service's slots. Random
-/// rather than round-robin: a shared cursor would race across CPUs and cost an atomic per flow.
+/// The backend for a new flow. With session affinity, the one the client had, if it still
+/// serves and the timeout has not run out (each new connection restarts the timeout).
+/// Otherwise by Maglev consistent hashing of the 5-tuple when the service has a table (every
+/// node picks the same one), else at random among the service's slots.
 #[inline(always)]
 pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
     if service.backend_count == 0 {
         return None;
     }
+    if service.flags & service_flags::AFFINITY == 0 {
+        return balance(service, flow);
+    }
+    let key = AffinityKey {
+        service_id: service.id,
+        client_addr: flow.src_addr,
+    };
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+    // SAFETY: copied out at once.
+    let sticky = unsafe { SB_AFFINITY.get(key).copied() }
+        .filter(|entry| now.wrapping_sub(entry.last_used_ns) < timeout_ns)
+        .and_then(|entry| Some((entry.backend_id, backend(service, entry.backend_id)?)));
+    let chosen = match sticky {
+        Some(chosen) => chosen,
+        // A new client, an expired one, or one whose backend has gone.
+        None => balance(service, flow)?,
+    };
+    let entry = AffinityEntry {
+        backend_id: chosen.0,
+        pad: 0,
+        last_used_ns: now,
+    };
+    // A full LRU map evicts; a failed insert only means the next connection chooses anew.
+    let _ = SB_AFFINITY.insert(key, entry, 0);
+    Some(chosen)
+}
+
+/// Maglev when the service has a table, else random. Random rather than round-robin: a shared
+/// cursor would race across CPUs and cost an atomic per flow.
+#[inline(always)]
+fn balance(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
     if service.flags & service_flags::MAGLEV != 0
-        && service.maglev_table_size != 0
         && let Some(chosen) = maglev(service, flow)
     {
         return Some(chosen);
     }
+    // checked: a division the compiler cannot prove safe would leave a panic path, which the
+    // verifier refuses.
     // SAFETY: a plain helper call without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() } % service.backend_count;
+    let slot = unsafe { bpf_get_prandom_u32() }.checked_rem(service.backend_count)?;
     let key = SlotKey {
         service_id: service.id,
         slot,
@@ -56,7 +94,7 @@ fn maglev(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
         flow.dst_port,
         flow.proto,
     );
-    let position = hash % service.maglev_table_size;
+    let position = hash.checked_rem(service.maglev_table_size)?;
     // SAFETY: copied out at once; tables are replaced whole, never written in place.
     let id = unsafe { SB_MAGLEV.get_value(&service.id, &position).copied() }?;
     Some((id, backend(service, id)?))

@@ -76,6 +76,7 @@ pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
                     .collect(),
                 // Random backend choice, like kube-proxy's.
                 maglev: None,
+                affinity_timeout: None,
             };
             (service_key(port), service)
         })

@@ -52,6 +52,16 @@ impl Loaded {
 
     /// Like [`Loaded::program`], with Maglev tables of `maglev` positions when given.
     pub fn program_with(&mut self, services: &[(ServiceKey, &[BackendAddr])], maglev: Option<u32>) {
+        self.program_all(services, maglev, None);
+    }
+
+    /// Like [`Loaded::program_with`], with session affinity of `affinity_timeout` seconds.
+    pub fn program_all(
+        &mut self,
+        services: &[(ServiceKey, &[BackendAddr])],
+        maglev: Option<u32>,
+        affinity_timeout: Option<u32>,
+    ) {
         let desired: BTreeMap<ServiceKey, DesiredService> = services
             .iter()
             .map(|(key, backends)| {
@@ -59,6 +69,7 @@ impl Loaded {
                     name: format!("test/{key:?}"),
                     backends: backends.to_vec(),
                     maglev,
+                    affinity_timeout,
                 };
                 (*key, service)
             })

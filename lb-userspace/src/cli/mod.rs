@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Switchboard: Kubernetes Service load balancing in the kernel (eBPF, TC/XDP).
 #[derive(Parser, Debug)]
-#[command(name = "switchboard", version, about)]
+#[command(name = "switchboard", version)]
 pub struct Cli {
     /// Log format. The level comes from RUST_LOG (default: info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]

@@ -44,11 +44,14 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             backends.join(", ")
         };
-        let algorithm = if info.flags & lb_common::service_flags::MAGLEV != 0 {
+        let mut algorithm = if info.flags & lb_common::service_flags::MAGLEV != 0 {
             format!("maglev/{}", info.maglev_table_size)
         } else {
             "random".to_owned()
         };
+        if info.flags & lb_common::service_flags::AFFINITY != 0 {
+            algorithm += &format!("+affinity/{}s", info.affinity_timeout_s);
+        }
         println!(
             "{frontend:<24} {:>4} {algorithm:<16} {:>9} {:>6}  {backends}",
             info.id,

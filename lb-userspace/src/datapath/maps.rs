@@ -8,14 +8,14 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, Stat,
-    map_names, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo,
+    ServiceKey, SlotKey, Stat, map_names, service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 6] = [
+const LAYOUTS: [(&str, usize, usize); 7] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -30,6 +30,11 @@ const LAYOUTS: [(&str, usize, usize); 6] = [
     (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
     (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
     (map_names::MAGLEV, size_of::<u32>(), size_of::<u32>()),
+    (
+        map_names::AFFINITY,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityEntry>(),
+    ),
 ];
 
 /// aya reuses a pinned map without checking its layout; a pin left by a build with other key or

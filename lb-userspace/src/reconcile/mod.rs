@@ -237,15 +237,19 @@ impl Reconciler {
         if let Some(size) = maglev_size {
             self.write_maglev(service_id, size, service, &ids, maps, report)?;
         }
+        let mut flags = 0;
+        if maglev_size.is_some() {
+            flags |= service_flags::MAGLEV;
+        }
+        if service.affinity_timeout.is_some() {
+            flags |= service_flags::AFFINITY;
+        }
         let info = ServiceInfo {
             id: service_id,
             backend_count: ids.len() as u32,
-            flags: if maglev_size.is_some() {
-                service_flags::MAGLEV
-            } else {
-                0
-            },
+            flags,
             maglev_table_size: maglev_size.unwrap_or(0),
+            affinity_timeout_s: service.affinity_timeout.unwrap_or(0),
         };
         if old != Some(info) {
             maps.put_service(key, info)?;
@@ -411,7 +415,9 @@ impl Index {
             service_ids: programmed.services.values().map(|s| s.id).collect(),
         };
         for (&id, backend) in &programmed.backends {
-            index.backend_ids.insert((backend.service_id, backend.addr, backend.port), id);
+            index
+                .backend_ids
+                .insert((backend.service_id, backend.addr, backend.port), id);
             index.backends.entry(backend.service_id).or_default().push(id);
         }
         index

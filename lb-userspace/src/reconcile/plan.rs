@@ -17,6 +17,8 @@ pub struct DesiredService {
     pub backends: Vec<BackendAddr>,
     /// Maglev table size when the service uses Maglev; `None`: random choice.
     pub maglev: Option<u32>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; `None`: no affinity.
+    pub affinity_timeout: Option<u32>,
 }
 
 /// The agent-wide settings the plan applies.
@@ -78,6 +80,7 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
                 name,
                 backends,
                 maglev,
+                affinity_timeout: frontend.policy.affinity_timeout_seconds,
             },
         );
     }

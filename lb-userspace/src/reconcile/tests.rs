@@ -179,6 +179,7 @@ fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<Servic
                     name: (*name).to_owned(),
                     backends: backends.clone(),
                     maglev: None,
+                    affinity_timeout: None,
                 },
             )
         })
@@ -828,6 +829,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
             name: "default/web:80".into(),
             backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            affinity_timeout: None,
         },
         "backends keep the model's order"
     );
@@ -837,6 +839,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
             name: "kube-system/dns:53".into(),
             backends: vec![([10, 0, 0, 53], 5353)],
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            affinity_timeout: None,
         }
     );
     assert_eq!(
@@ -933,6 +936,7 @@ status:
             name: "shop/web:80".into(),
             backends: vec![([10, 0, 0, 1], 8080)],
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            affinity_timeout: None,
         })
     );
     let mut maps = Recorder::default();
@@ -1153,4 +1157,29 @@ fn switching_algorithms_orders_the_entry_and_the_table_safely() {
         "{ops:?}"
     );
     assert!(maps.tables.is_empty());
+}
+
+#[test]
+fn session_affinity_is_a_flag_and_a_timeout_on_the_service_entry() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::default();
+    let mut services = desired(&[(key(1, 80), "default/web:80", vec![backend(1)])]);
+    services.get_mut(&key(1, 80)).unwrap().affinity_timeout = Some(60);
+    apply(&mut reconciler, &services, &mut maps);
+    let info = service_info(&maps.state, key(1, 80));
+    assert_eq!(
+        (info.flags & service_flags::AFFINITY, info.affinity_timeout_s),
+        (service_flags::AFFINITY, 60)
+    );
+
+    services.get_mut(&key(1, 80)).unwrap().affinity_timeout = None;
+    let report = apply(&mut reconciler, &services, &mut maps);
+    assert_eq!(
+        report.writes, 1,
+        "switching affinity off rewrites the entry alone"
+    );
+    assert_eq!(
+        service_info(&maps.state, key(1, 80)).flags & service_flags::AFFINITY,
+        0
+    );
 }
