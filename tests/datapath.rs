@@ -289,14 +289,16 @@ fn a_flow_whose_backend_was_removed_is_rebalanced_not_black_holed() {
     );
 }
 
+/// UDP to a service without endpoints is dropped (ICMP port unreachable is still to come), never
+/// passed on to the ClusterIP.
 #[test]
-fn a_service_without_endpoints_drops_instead_of_leaking_to_the_cluster_ip() {
+fn udp_to_a_service_without_endpoints_is_dropped_instead_of_leaking_to_the_cluster_ip() {
     let mut lb = loaded("empty");
-    lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[])]);
+    lb.program(&[(frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[])]);
     let (verdict, _) = run(
         &mut lb,
         program_names::FROM_POD,
-        &tcp_syn((CLIENT, 40002), (CLUSTER_IP, 80)),
+        &udp((CLIENT, 40002), (CLUSTER_IP, 53), b"q"),
     );
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(lb.maps.stat(Stat::NoBackend).unwrap(), 1);
@@ -585,4 +587,48 @@ fn affinity_expires_after_its_timeout() {
         choices.len() > 1,
         "after the timeout the client is balanced again: {choices:?}"
     );
+}
+
+/// A SYN to a service without endpoints is answered at once with a RST from the frontend, sent
+/// back towards the pod, so the client sees "connection refused" instead of a timeout.
+#[test]
+fn a_syn_to_a_service_without_endpoints_gets_a_reset_back() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut lb = loaded("reset");
+    lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[])]);
+    let syn = tcp_syn((CLIENT, 40010), (CLUSTER_IP, 80));
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "sent back out of the interface it came in on"
+    );
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(etherparse::LinkHeader::Ethernet2(eth)) = headers.link else {
+        panic!("no Ethernet header")
+    };
+    assert_eq!(
+        (eth.source, eth.destination),
+        (GATEWAY_MAC, CLIENT_MAC),
+        "MACs swapped"
+    );
+    let (src, dst) = addresses_with_valid_checksums(&out);
+    assert_eq!(
+        (src, dst),
+        ((CLUSTER_IP, 80), (CLIENT, 40010)),
+        "from the frontend the client dialled"
+    );
+    let Some(TransportHeader::Tcp(tcp)) = headers.transport else {
+        panic!("not TCP")
+    };
+    assert!(tcp.rst && tcp.ack && !tcp.syn, "RST|ACK");
+    assert_eq!(tcp.acknowledgment_number, 1001, "acknowledges the SYN (seq 1000)");
+    assert_eq!(out.len(), 54);
+
+    // Not a pure SYN (here: an ACK of no known flow): dropped, never answered.
+    let (verdict, _) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_data((CLIENT, 40011), (CLUSTER_IP, 80), b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT);
 }

@@ -269,10 +269,19 @@ fn a_backend_removed_from_the_manifests_gets_no_new_connection() {
 #[test]
 fn a_service_whose_selector_matches_no_pod_gets_no_answer() {
     let cluster = Cluster::start("nn");
-    let tcp = servers::http_get(cluster.client(), NOBODY, 80, Duration::from_millis(500));
+    // Refused at once, as by a closed port: not a timeout.
+    let target = SocketAddr::from((NOBODY, 80));
+    let started = Instant::now();
+    let tcp = cluster
+        .client()
+        .run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
+        .unwrap();
+    let elapsed = started.elapsed();
+    let error = tcp.expect_err("a TCP connection to a service without endpoints must fail");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
     assert!(
-        tcp.is_err(),
-        "a TCP connection to a service without endpoints must fail, got {tcp:?}"
+        elapsed < Duration::from_millis(100),
+        "refused within 100 ms, took {elapsed:?}"
     );
     let udp = servers::udp_request(cluster.client(), NOBODY, 53, Duration::from_millis(500));
     assert!(

@@ -94,6 +94,37 @@ pub mod service_flags {
     pub const AFFINITY: u32 = 2;
 }
 
+/// The Internet checksum (RFC 1071) of `bytes` added to `sum`, not yet folded.
+#[inline(always)]
+pub fn checksum_add(mut sum: u32, bytes: &[u8]) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    if i < bytes.len() {
+        sum += u32::from(bytes[i]) << 8;
+    }
+    sum
+}
+
+/// Folds a 32-bit sum into the one's complement 16-bit checksum.
+#[inline(always)]
+pub fn checksum_fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The TCP checksum of a header-only segment (no payload) between two IPv4 addresses.
+#[inline(always)]
+pub fn tcp_ipv4_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8; 20]) -> u16 {
+    let mut sum = checksum_add(0, &src);
+    sum = checksum_add(sum, &dst);
+    sum += u32::from(IPPROTO_TCP) + segment.len() as u32;
+    checksum_fold(checksum_add(sum, segment))
+}
+
 /// A client of a service with session affinity.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -206,7 +237,8 @@ pub enum Stat {
     NewFlows = 1,
     /// Flows whose backend had gone and were given a live one.
     Rebalanced = 2,
-    /// Packets to a frontend with no usable backend, dropped.
+    /// Packets to a frontend with no usable backend: a TCP SYN answered with a RST, the rest
+    /// dropped.
     NoBackend = 3,
     /// Replies translated back to the frontend.
     ReplyPackets = 4,
@@ -230,7 +262,9 @@ impl Stat {
             Stat::ServicePackets => "Packets DNATed to a backend",
             Stat::NewFlows => "Flows given a backend (conntrack misses)",
             Stat::Rebalanced => "Flows moved to a live backend because theirs had gone",
-            Stat::NoBackend => "Packets to a frontend without usable backend, dropped",
+            Stat::NoBackend => {
+                "Packets to a frontend without usable backend (SYNs refused with a RST, the rest dropped)"
+            }
             Stat::ReplyPackets => "Replies translated back to the frontend",
             Stat::CtInsertFailed => "Conntrack entries the map refused",
         }
@@ -269,6 +303,21 @@ mod tests {
     extern crate std;
     use super::*;
     use core::mem::size_of;
+
+    /// The worked example of RFC 1071 §3, and an IPv4 header whose checksum verifies to zero.
+    #[test]
+    fn internet_checksum() {
+        let sum = checksum_add(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]);
+        assert_eq!(checksum_fold(sum), !0xddf2);
+        let header = [
+            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0, 1, 0xc0, 0xa8, 0, 0xc7,
+        ];
+        assert_eq!(
+            checksum_fold(checksum_add(0, &header)),
+            0,
+            "a correct header sums to zero"
+        );
+    }
 
     #[test]
     fn flow_hash_is_stable_and_spreads() {

@@ -7,6 +7,7 @@ mod conntrack;
 mod maps;
 mod nat;
 mod packet;
+mod reject;
 mod service;
 
 use aya_ebpf::{
@@ -43,7 +44,8 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             }
             None => {
                 count(Stat::NoBackend);
-                return TC_ACT_SHOT;
+                // A SYN is refused with a RST; anything else (UDP for now) is dropped.
+                return reject::tcp_reset(&ctx, &flow).unwrap_or(TC_ACT_SHOT);
             }
         },
     };

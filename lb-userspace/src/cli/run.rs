@@ -179,7 +179,7 @@ fn sync(
         .map(ToString::to_string)
         .chain(model.frontends.iter().filter(|f| f.backends.is_empty()).map(|f| {
             format!(
-                "Service {} {}:{}/{} has no endpoints; connections to it are dropped",
+                "Service {} {}:{}/{} has no endpoints; connections to it are refused",
                 f.service,
                 f.address,
                 f.port,

@@ -40,7 +40,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
             .collect();
         let backends = if backends.is_empty() {
-            "NO ENDPOINTS (connections dropped)".to_owned()
+            "NO ENDPOINTS (connections refused)".to_owned()
         } else {
             backends.join(", ")
         };
