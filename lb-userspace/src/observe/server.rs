@@ -21,6 +21,7 @@ pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("cannot listen on --metrics-address {address}"))?;
+    let address = listener.local_addr().unwrap_or(address);
     tracing::info!(%address, "serving /metrics, /healthz and /livez");
     let observed = Arc::new(observed);
     tokio::spawn(async move {
