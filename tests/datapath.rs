@@ -289,19 +289,41 @@ fn a_flow_whose_backend_was_removed_is_rebalanced_not_black_holed() {
     );
 }
 
-/// UDP to a service without endpoints is dropped (ICMP port unreachable is still to come), never
-/// passed on to the ClusterIP.
+/// UDP to a service without endpoints is answered with an ICMP port unreachable from the
+/// frontend, quoting the datagram, as a closed port would; it never leaks to the ClusterIP.
 #[test]
-fn udp_to_a_service_without_endpoints_is_dropped_instead_of_leaking_to_the_cluster_ip() {
+fn udp_to_a_service_without_endpoints_gets_a_port_unreachable_back() {
+    const TC_ACT_REDIRECT: u32 = 7;
     let mut lb = loaded("empty");
     lb.program(&[(frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[])]);
-    let (verdict, _) = run(
-        &mut lb,
-        program_names::FROM_POD,
-        &udp((CLIENT, 40002), (CLUSTER_IP, 53), b"q"),
-    );
-    assert_eq!(verdict, TC_ACT_SHOT);
+    let query = udp((CLIENT, 40002), (CLUSTER_IP, 53), b"a question of some length");
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &query);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back towards the pod");
     assert_eq!(lb.maps.stat(Stat::NoBackend).unwrap(), 1);
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(NetHeaders::Ipv4(ip, _)) = &headers.net else {
+        panic!("not IPv4")
+    };
+    assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+    assert_eq!((ip.source, ip.destination), (CLUSTER_IP, CLIENT));
+    let Some(TransportHeader::Icmpv4(icmp)) = &headers.transport else {
+        panic!("not ICMP: {headers:?}")
+    };
+    assert_eq!(
+        icmp.icmp_type,
+        etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)
+    );
+    let payload = headers.payload.slice();
+    assert_eq!(
+        icmp.checksum,
+        icmp.icmp_type.calc_checksum(payload),
+        "ICMP checksum"
+    );
+    assert_eq!(
+        payload,
+        &query[14..14 + 28],
+        "quotes the datagram's IP header and first 8 bytes"
+    );
 }
 
 #[test]

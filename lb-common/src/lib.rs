@@ -237,8 +237,8 @@ pub enum Stat {
     NewFlows = 1,
     /// Flows whose backend had gone and were given a live one.
     Rebalanced = 2,
-    /// Packets to a frontend with no usable backend: a TCP SYN answered with a RST, the rest
-    /// dropped.
+    /// Packets to a frontend with no usable backend: a TCP SYN answered with a RST, UDP with an
+    /// ICMP port unreachable, the rest dropped.
     NoBackend = 3,
     /// Replies translated back to the frontend.
     ReplyPackets = 4,
@@ -263,7 +263,7 @@ impl Stat {
             Stat::NewFlows => "Flows given a backend (conntrack misses)",
             Stat::Rebalanced => "Flows moved to a live backend because theirs had gone",
             Stat::NoBackend => {
-                "Packets to a frontend without usable backend (SYNs refused with a RST, the rest dropped)"
+                "Packets to a frontend without usable backend (refused with a RST or ICMP port unreachable, or dropped)"
             }
             Stat::ReplyPackets => "Replies translated back to the frontend",
             Stat::CtInsertFailed => "Conntrack entries the map refused",

@@ -44,8 +44,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             }
             None => {
                 count(Stat::NoBackend);
-                // A SYN is refused with a RST; anything else (UDP for now) is dropped.
-                return reject::tcp_reset(&ctx, &flow).unwrap_or(TC_ACT_SHOT);
+                // Refused as by a closed port (a SYN gets a RST, UDP an ICMP port
+                // unreachable); anything else, such as a mid-stream TCP segment, is dropped.
+                return reject::tcp_reset(&ctx, &flow)
+                    .or_else(|| reject::port_unreachable(&ctx, &flow))
+                    .unwrap_or(TC_ACT_SHOT);
             }
         },
     };

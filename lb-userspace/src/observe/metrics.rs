@@ -83,7 +83,7 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
     registry.register("frontends", "Frontends in the model", agent.frontends.clone());
     registry.register(
         "frontends_without_endpoints",
-        "Frontends whose Service has no usable endpoint (TCP refused, UDP dropped)",
+        "Frontends whose Service has no usable endpoint (connections refused)",
         agent.frontends_without_endpoints.clone(),
     );
     registry.register(
