@@ -284,7 +284,8 @@ impl Row for BackendRow {
     }
 }
 
-fn frontend_text(key: &ServiceKey) -> String {
+/// `10.96.0.10:80/TCP`
+pub(super) fn frontend_text(key: &ServiceKey) -> String {
     let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
     format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port)
 }

@@ -1,10 +1,9 @@
 //! `switchboard plan`: the model computed from manifests, for checking them before running.
 use std::{path::PathBuf, process::ExitCode};
 
-use super::get::{self, Output};
-use crate::{
-    model::{self, EndpointsFrom},
-    source::manifests::ManifestDir,
+use super::{
+    get::{self, Output},
+    source::SourceArgs,
 };
 
 #[derive(clap::Args, Debug)]
@@ -18,20 +17,17 @@ pub struct Args {
 
 /// Prints every ClusterIP frontend and its endpoints; exits 1 when a manifest has errors.
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
-    let (snapshot, errors) = ManifestDir::new(&args.manifests).read()?;
-    for error in &errors {
-        eprintln!("error: {error}");
-    }
-    let model = model::compute(&model::Input {
-        services: &snapshot.services,
-        pods: &snapshot.pods,
-        endpoint_slices: &snapshot.endpoint_slices,
-        endpoints_from: EndpointsFrom::Pods,
+    let source = SourceArgs {
+        manifests: Some(args.manifests),
+        connection: Default::default(),
+        endpoints_from: None,
         node_name: None,
-    });
+    };
+    let (snapshot, errors) = super::source::block_on(source.read_once())??;
+    let model = source.model(&snapshot);
     get::print_warnings(&model);
     get::print(args.output, &get::endpoints(&model))?;
-    Ok(if errors.is_empty() {
+    Ok(if errors == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

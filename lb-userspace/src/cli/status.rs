@@ -1,7 +1,7 @@
 //! `switchboard status`: what the kernel is programmed with, read from the pinned maps.
 use std::{collections::BTreeMap, net::Ipv4Addr, process::ExitCode};
 
-use lb_common::{IPPROTO_TCP, Stat, ct_direction};
+use lb_common::{Stat, ct_direction};
 
 use super::PinDir;
 use crate::datapath::maps::ServiceMaps;
@@ -27,8 +27,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         "FRONTEND", "ID", "ALGORITHM", "ENDPOINTS", "FLOWS"
     );
     for (key, info) in &programmed.services {
-        let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-        let frontend = format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port);
+        let frontend = super::get::frontend_text(key);
         let backends: Vec<String> = (0..info.backend_count)
             .filter_map(|slot| {
                 programmed.slots.get(&lb_common::SlotKey {
