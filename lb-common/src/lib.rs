@@ -17,7 +17,10 @@ pub mod map_names {
     pub const STATS: &str = "SB_STATS";
     pub const MAGLEV: &str = "SB_MAGLEV";
     pub const AFFINITY: &str = "SB_AFFINITY";
-    pub const ALL: [&str; 7] = [
+    pub const NODE_ADDRS: &str = "SB_NODE_ADDRS";
+    pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
+    pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -25,6 +28,9 @@ pub mod map_names {
         STATS,
         MAGLEV,
         AFFINITY,
+        NODE_ADDRS,
+        SNAT_ADDRS,
+        SOURCE_RANGES,
     ];
 }
 
@@ -34,6 +40,15 @@ pub mod program_names {
     pub const FROM_POD: &str = "from_pod";
     /// TC egress on a pod's host-side interface: traffic entering the pod.
     pub const TO_POD: &str = "to_pod";
+    /// XDP on an external interface: traffic from outside the node to NodePorts, LoadBalancer
+    /// IPs and externalIPs (the fast path; what it passes, `NODEPORT_TC` sees next).
+    pub const NODEPORT_XDP: &str = "nodeport";
+    /// TC ingress on an external interface: the same as `NODEPORT_XDP`, for what XDP passed or
+    /// where XDP is not attached, plus refusing connections to frontends without endpoints.
+    pub const NODEPORT_TC: &str = "nodeport_tc";
+    /// TC egress on an external interface: source NAT of flows leaving for a backend on another
+    /// node, and the frontend restored as the source of replies to external clients.
+    pub const NODEPORT_EGRESS: &str = "nodeport_egress";
 }
 
 /// Default map capacities; the agent may override them at load time.
@@ -43,6 +58,9 @@ pub mod capacity {
     pub const BACKEND_SLOTS: u32 = 262_144;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
+    pub const NODE_ADDRS: u32 = 256;
+    pub const SNAT_ADDRS: u32 = 256;
+    pub const SOURCE_RANGES: u32 = 16_384;
 }
 
 /// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
@@ -92,6 +110,40 @@ pub mod service_flags {
     /// `sessionAffinity: ClientIP`: a client's new connections go to the backend its previous
     /// ones went to, while that one serves and the timeout has not run out.
     pub const AFFINITY: u32 = 2;
+    /// An external frontend (NodePort, LoadBalancer IP, externalIP) with
+    /// `externalTrafficPolicy: Cluster`: a flow that leaves the node for a backend elsewhere
+    /// takes the node's address as its source, so the reply comes back through this node.
+    pub const EXTERNAL_SNAT: u32 = 4;
+    /// An external frontend with `externalTrafficPolicy: Local`: the client address is kept,
+    /// only this node's endpoints serve, and without one the traffic is dropped (not refused),
+    /// so a load balancer's health check steers clients elsewhere.
+    pub const EXTERNAL_LOCAL: u32 = 8;
+    /// A LoadBalancer frontend with `loadBalancerSourceRanges`: a new flow from a client outside
+    /// them (see [`crate::map_names::SOURCE_RANGES`]) is dropped.
+    pub const SOURCE_RANGES: u32 = 16;
+}
+
+/// A key of [`map_names::SOURCE_RANGES`], an LPM trie: the prefix length counts the service id's
+/// 32 bits plus the range's prefix, so one trie holds every service's ranges.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRangeKey {
+    pub service_id: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// `checksum` (an RFC 1071 checksum as stored) after the bytes `old` of the data it covers were
+/// replaced by `new` (RFC 1624, eq. 3). Both must have the same even length.
+#[inline(always)]
+pub fn checksum_replace(checksum: u16, old: &[u8], new: &[u8]) -> u16 {
+    let mut sum = u32::from(!checksum);
+    let mut i = 0;
+    while i + 1 < old.len() && i + 1 < new.len() {
+        sum += u32::from(!u16::from_be_bytes([old[i], old[i + 1]]));
+        sum += u32::from(u16::from_be_bytes([new[i], new[i + 1]]));
+        i += 2;
+    }
+    checksum_fold(sum)
 }
 
 /// The Internet checksum (RFC 1071) of `bytes` added to `sum`, not yet folded.
@@ -198,6 +250,12 @@ pub mod ct_direction {
     pub const FORWARD: u8 = 0;
     /// Backend → client, keyed as the backend replies; maps back to the frontend.
     pub const REPLY: u8 = 1;
+    /// Client → backend, keyed as a DNATed external flow leaves the node for another one; maps
+    /// to the node address and port it takes as its source (unset until the first packet leaves).
+    pub const SNAT_OUT: u8 = 2;
+    /// Backend → node address and port, keyed as a source-NATed flow's reply arrives; maps back
+    /// to the client.
+    pub const SNAT_IN: u8 = 3;
 }
 
 /// A flow's 5-tuple as seen in one direction.
@@ -244,10 +302,15 @@ pub enum Stat {
     ReplyPackets = 4,
     /// Conntrack inserts that failed (the map refused the entry).
     CtInsertFailed = 5,
+    /// New flows to a LoadBalancer IP from a client outside `loadBalancerSourceRanges`, dropped.
+    SourceRangeDrops = 6,
+    /// External flows leaving for another node that could not be given a source address and port
+    /// (no address for the interface, or every probed port taken); sent with the client's.
+    SnatFailed = 7,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -255,6 +318,8 @@ impl Stat {
         Stat::NoBackend,
         Stat::ReplyPackets,
         Stat::CtInsertFailed,
+        Stat::SourceRangeDrops,
+        Stat::SnatFailed,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -267,6 +332,10 @@ impl Stat {
             }
             Stat::ReplyPackets => "Replies translated back to the frontend",
             Stat::CtInsertFailed => "Conntrack entries the map refused",
+            Stat::SourceRangeDrops => {
+                "New flows to a LoadBalancer IP from outside its loadBalancerSourceRanges, dropped"
+            }
+            Stat::SnatFailed => "External flows to another node's backend that could not be source-NATed",
         }
     }
 
@@ -278,6 +347,8 @@ impl Stat {
             Stat::NoBackend => "no_backend_drops",
             Stat::ReplyPackets => "reply_packets",
             Stat::CtInsertFailed => "conntrack_insert_failures",
+            Stat::SourceRangeDrops => "source_range_drops",
+            Stat::SnatFailed => "snat_failures",
         }
     }
 }
@@ -296,6 +367,7 @@ mod pod_impls {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 #[cfg(test)]
@@ -316,6 +388,32 @@ mod tests {
             checksum_fold(checksum_add(0, &header)),
             0,
             "a correct header sums to zero"
+        );
+    }
+
+    /// An incremental update agrees with a checksum computed from scratch, for an address and
+    /// for a port.
+    #[test]
+    fn checksum_replace_matches_a_full_recomputation() {
+        let mut header = [
+            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0, 1, 0xc0, 0xa8, 0, 0xc7,
+        ];
+        let check = checksum_fold(checksum_add(0, &header));
+        header[10..12].copy_from_slice(&check.to_be_bytes());
+        let updated = checksum_replace(check, &[0xc0, 0xa8, 0, 0xc7], &[10, 244, 2, 17]);
+        header[16..20].copy_from_slice(&[10, 244, 2, 17]);
+        header[10..12].copy_from_slice(&updated.to_be_bytes());
+        assert_eq!(
+            checksum_fold(checksum_add(0, &header)),
+            0,
+            "the updated header verifies"
+        );
+        header[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(updated, checksum_fold(checksum_add(0, &header)));
+        assert_eq!(
+            checksum_replace(0x1234, &[0, 80], &[0, 80]),
+            0x1234,
+            "no change, same sum"
         );
     }
 

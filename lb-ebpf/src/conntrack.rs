@@ -1,9 +1,13 @@
 //! Connection tracking: a flow keeps its backend for its whole life. Each flow has two entries,
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{Backend, BackendId, CtEntry, CtKey, ServiceInfo, Stat, ct_direction};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use lb_common::{Backend, BackendId, CtEntry, CtKey, ServiceInfo, Stat, ct_direction, flow_hash};
 
-use crate::{maps::SB_CONNTRACK, maps::count, packet::Flow, service};
+use crate::{
+    maps::{SB_CONNTRACK, SB_SNAT_ADDRS, count},
+    packet::Flow,
+    service,
+};
 
 /// How often an established flow's `last_seen_ns` is refreshed: writing it on every packet
 /// would bounce the entry's cache line between CPUs.
@@ -102,4 +106,131 @@ pub fn reply(flow: &Flow) -> Option<CtEntry> {
     };
     // SAFETY: copied out at once.
     unsafe { SB_CONNTRACK.get(key).copied() }
+}
+
+fn keyed(flow: &Flow, direction: u8) -> CtKey {
+    CtKey {
+        direction,
+        ..forward_key(flow)
+    }
+}
+
+/// Refreshes `entry.last_seen_ns`, at most once per granularity.
+#[inline(always)]
+fn touch(entry: *mut CtEntry) {
+    // SAFETY: a plain helper call; `entry` comes from a successful lookup, and a racing writer
+    // can only store another recent time.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+}
+
+/// Marks a new external flow (as DNATed: client → backend) to be source-NATed if it leaves the
+/// node, which only a flow to a backend on another node does.
+#[inline(always)]
+pub fn expect_snat(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend: &Backend) {
+    let key = CtKey {
+        dst_addr: backend.addr,
+        dst_port: backend.port,
+        ..keyed(flow, ct_direction::SNAT_OUT)
+    };
+    let entry = CtEntry {
+        service_id: service.id,
+        backend_id,
+        // SAFETY: a plain helper call without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        ..CtEntry::default()
+    };
+    if SB_CONNTRACK.insert(key, entry, 0).is_err() {
+        count(Stat::CtInsertFailed);
+    }
+}
+
+/// How many source ports a flow leaving for another node tries before giving up.
+const SNAT_PROBES: u16 = 8;
+/// Where probed source ports lie: the kernel's default ephemeral range.
+const SNAT_PORT_BASE: u16 = 32_768;
+const SNAT_PORT_SPAN: u32 = 28_232;
+
+/// The node address and port a DNATed external flow (client → backend) leaving through
+/// `ifindex` takes as its source: given on its first packet out, the client's own port when free.
+/// `None` for flows that are not such (nothing to do), or when none could be given.
+#[inline(always)]
+pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
+    let entry = SB_CONNTRACK.get_ptr_mut(keyed(flow, ct_direction::SNAT_OUT))?;
+    touch(entry);
+    // SAFETY: from a successful lookup; fields are read and written whole.
+    let (service_id, backend_id, port) =
+        unsafe { ((*entry).service_id, (*entry).backend_id, (*entry).nat_port) };
+    if port != 0 {
+        // SAFETY: as above.
+        return Some((unsafe { (*entry).nat_addr }, port));
+    }
+    // SAFETY: copied out at once.
+    let Some(addr) = (unsafe { SB_SNAT_ADDRS.get(ifindex).copied() }) else {
+        count(Stat::SnatFailed);
+        return None;
+    };
+    let hash = flow_hash(
+        flow.src_addr,
+        flow.dst_addr,
+        flow.src_port,
+        flow.dst_port,
+        flow.proto,
+    );
+    let back = CtEntry {
+        service_id,
+        backend_id,
+        nat_addr: flow.src_addr,
+        nat_port: flow.src_port,
+        flags: 0,
+        // SAFETY: a plain helper call without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    for probe in 0..SNAT_PROBES {
+        let port = if probe == 0 && flow.src_port >= 1024 {
+            flow.src_port
+        } else {
+            let offset = hash.wrapping_add(u32::from(probe).wrapping_mul(0x9e37_79b9)) % SNAT_PORT_SPAN;
+            SNAT_PORT_BASE + offset as u16
+        };
+        let in_key = CtKey {
+            src_addr: flow.dst_addr,
+            dst_addr: addr,
+            src_port: flow.dst_port,
+            dst_port: port,
+            proto: flow.proto,
+            direction: ct_direction::SNAT_IN,
+            pad: [0; 2],
+        };
+        // Another CPU may have given this flow the port a moment ago: then it is ours too.
+        // SAFETY: copied out at once.
+        let taken = unsafe { SB_CONNTRACK.get(in_key).copied() };
+        let ours = match taken {
+            Some(other) => other.nat_addr == flow.src_addr && other.nat_port == flow.src_port,
+            None => SB_CONNTRACK.insert(in_key, back, u64::from(BPF_NOEXIST)).is_ok(),
+        };
+        if ours {
+            // SAFETY: as above.
+            unsafe {
+                (*entry).nat_addr = addr;
+                (*entry).nat_port = port;
+            }
+            return Some((addr, port));
+        }
+    }
+    count(Stat::SnatFailed);
+    None
+}
+
+/// The client to restore as the destination of a reply to a source-NATed flow, if `flow` is one.
+#[inline(always)]
+pub fn snat_in(flow: &Flow) -> Option<([u8; 4], u16)> {
+    let entry = SB_CONNTRACK.get_ptr_mut(keyed(flow, ct_direction::SNAT_IN))?;
+    touch(entry);
+    // SAFETY: from a successful lookup.
+    Some(unsafe { ((*entry).nat_addr, (*entry).nat_port) })
 }

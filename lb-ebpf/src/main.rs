@@ -4,6 +4,8 @@
 #![no_main]
 
 mod conntrack;
+mod context;
+mod external;
 mod maps;
 mod nat;
 mod packet;
@@ -11,13 +13,13 @@ mod reject;
 mod service;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
-use lb_common::{ServiceKey, Stat};
+use lb_common::Stat;
 
-use crate::{conntrack::Forward, maps::count};
+use crate::{conntrack::Forward, external::Verdict, maps::count, packet::Flow};
 
 /// TC ingress on a pod's host-side interface: packets the pod sends. A packet addressed to a
 /// service frontend is DNATed to the flow's backend, chosen on the flow's first packet.
@@ -26,13 +28,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(flow) = packet::parse_ipv4(&ctx) else {
         return TC_ACT_OK;
     };
-    let frontend = ServiceKey {
-        addr: flow.dst_addr,
-        port: flow.dst_port,
-        proto: flow.proto,
-        pad: 0,
-    };
-    let Some(service) = service::lookup(&frontend) else {
+    let Some(service) = service::lookup_frontend(&flow) else {
         return TC_ACT_OK;
     };
     let backend = match conntrack::forward(&flow, &service) {
@@ -44,11 +40,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             }
             None => {
                 count(Stat::NoBackend);
-                // Refused as by a closed port (a SYN gets a RST, UDP an ICMP port
-                // unreachable); anything else, such as a mid-stream TCP segment, is dropped.
-                return reject::tcp_reset(&ctx, &flow)
-                    .or_else(|| reject::port_unreachable(&ctx, &flow))
-                    .unwrap_or(TC_ACT_SHOT);
+                return refuse(&ctx, &flow);
             }
         },
     };
@@ -76,6 +68,57 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         Ok(()) => TC_ACT_OK,
         Err(_) => TC_ACT_SHOT,
     }
+}
+
+/// XDP on an external interface: traffic from outside the node, translated before the kernel
+/// builds an skb for it. What needs an skb (refusing a connection) is passed on to `nodeport_tc`.
+#[xdp]
+pub fn nodeport(ctx: XdpContext) -> u32 {
+    let Some(flow) = packet::parse_ipv4(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    match external::ingress(&ctx, &flow) {
+        Verdict::Pass | Verdict::Refuse => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// TC ingress on an external interface: what `nodeport` does, for interfaces without XDP and
+/// for what it passed on.
+#[classifier]
+pub fn nodeport_tc(ctx: TcContext) -> i32 {
+    let Some(flow) = packet::parse_ipv4(&ctx) else {
+        return TC_ACT_OK;
+    };
+    match external::ingress(&ctx, &flow) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Refuse => refuse(&ctx, &flow),
+    }
+}
+
+/// TC egress on an external interface: source NAT towards other nodes' backends, and the
+/// frontend restored on replies to external clients.
+#[classifier]
+pub fn nodeport_egress(ctx: TcContext) -> i32 {
+    let Some(flow) = packet::parse_ipv4(&ctx) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: the context pointer the kernel passed in is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match external::egress(&ctx, &flow, ifindex) {
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass | Verdict::Refuse => TC_ACT_OK,
+    }
+}
+
+/// Refused as by a closed port (a SYN gets a RST, UDP an ICMP port unreachable), sent back out
+/// where it came from; anything else, such as a mid-stream TCP segment, is dropped.
+#[inline(always)]
+fn refuse(ctx: &TcContext, flow: &Flow) -> i32 {
+    reject::tcp_reset(ctx, flow)
+        .or_else(|| reject::port_unreachable(ctx, flow))
+        .unwrap_or(TC_ACT_SHOT)
 }
 
 #[cfg(not(test))]

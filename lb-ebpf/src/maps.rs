@@ -2,12 +2,12 @@
 //! under its own name; see `lb_common::map_names`.
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, HashMap, HashOfMaps, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, Stat, capacity,
+    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, SourceRangeKey, Stat, capacity,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -46,6 +46,21 @@ pub static SB_MAGLEV: HashOfMaps<
 #[btf_map]
 pub static SB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
+
+/// This node's IPv4 addresses (value unused): a NodePort frontend, keyed with address 0.0.0.0,
+/// answers on any of them.
+#[btf_map]
+pub static SB_NODE_ADDRS: HashMap<[u8; 4], u32, { capacity::NODE_ADDRS as usize }> = HashMap::new();
+
+/// External interface index → the address a flow leaving through it for a backend on another
+/// node takes as its source.
+#[btf_map]
+pub static SB_SNAT_ADDRS: HashMap<u32, [u8; 4], { capacity::SNAT_ADDRS as usize }> = HashMap::new();
+
+/// (service id, client prefix) → allowed, for LoadBalancer frontends with source ranges.
+#[btf_map]
+pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

@@ -2,16 +2,16 @@
 //!
 //! The kernel helpers do the arithmetic: they also handle `CHECKSUM_PARTIAL` skbs, which locally
 //! generated traffic on veth carries, where the L4 field holds only the pseudo-header sum.
-use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
-};
+use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 
-use crate::packet::{Flow, IPV4_CSUM_OFF, IPV4_DST_OFF, IPV4_SRC_OFF};
+use crate::{
+    context::Packet,
+    packet::{Flow, IPV4_CSUM_OFF, IPV4_DST_OFF, IPV4_SRC_OFF},
+};
 
 /// Rewrites the destination to `addr:port` (DNAT towards a backend).
 #[inline(always)]
-pub fn rewrite_destination(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), i64> {
+pub fn rewrite_destination(ctx: &impl Packet, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), i64> {
     rewrite(
         ctx,
         flow,
@@ -26,7 +26,7 @@ pub fn rewrite_destination(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u1
 
 /// Rewrites the source to `addr:port` (reverse NAT of a reply).
 #[inline(always)]
-pub fn rewrite_source(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), i64> {
+pub fn rewrite_source(ctx: &impl Packet, flow: &Flow, addr: [u8; 4], port: u16) -> Result<(), i64> {
     rewrite(
         ctx,
         flow,
@@ -42,7 +42,7 @@ pub fn rewrite_source(ctx: &TcContext, flow: &Flow, addr: [u8; 4], port: u16) ->
 #[expect(clippy::too_many_arguments, reason = "one address and one port, old and new")]
 #[inline(always)]
 fn rewrite(
-    ctx: &TcContext,
+    ctx: &impl Packet,
     flow: &Flow,
     addr_off: usize,
     old_addr: [u8; 4],
@@ -60,14 +60,14 @@ fn rewrite(
     if old_addr != new_addr {
         let (from, to) = (u32::from_ne_bytes(old_addr), u32::from_ne_bytes(new_addr));
         let pseudo_hdr = u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4;
-        ctx.l4_csum_replace(flow.l4_csum_off, from.into(), to.into(), pseudo_hdr)?;
-        ctx.l3_csum_replace(IPV4_CSUM_OFF, from.into(), to.into(), 4)?;
-        ctx.store(addr_off, &new_addr, 0)?;
+        ctx.l4_csum_replace(flow.l4_csum_off, from, to, pseudo_hdr)?;
+        ctx.l3_csum_replace(IPV4_CSUM_OFF, from, to)?;
+        ctx.store(addr_off, &new_addr)?;
     }
     if old_port != new_port {
         let (from, to) = (old_port.to_be(), new_port.to_be());
         ctx.l4_csum_replace(flow.l4_csum_off, from.into(), to.into(), mangled_0 | 2)?;
-        ctx.store(port_off, &to, 0)?;
+        ctx.store(port_off, &to)?;
     }
     Ok(())
 }

@@ -1,13 +1,15 @@
 //! Parsing: just enough of Ethernet, IPv4 and TCP/UDP to find a flow's 5-tuple and the offsets
 //! NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
-use aya_ebpf::programs::TcContext;
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
     tcp::TcpHdr,
     udp::UdpHdr,
 };
+
+use crate::context::Packet;
 
 /// Byte offset of the IPv4 header checksum.
 pub const IPV4_CSUM_OFF: usize = EthHdr::LEN + 10;
@@ -35,12 +37,12 @@ impl Flow {
 }
 
 #[inline(always)]
-pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
-    let eth: EthHdr = ctx.load(0).ok()?;
+pub fn parse_ipv4(ctx: &impl Packet) -> Option<Flow> {
+    let eth: EthHdr = ctx.load(0)?;
     if eth.ether_type != EtherType::Ipv4 as u16 {
         return None;
     }
-    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN).ok()?;
+    let ip: Ipv4Hdr = ctx.load(EthHdr::LEN)?;
     let ihl = usize::from(ip.ihl());
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return None;
@@ -54,14 +56,14 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
     // touches: a cut header is not ours to rewrite.
     let (src_port, dst_port, l4_csum_off, l4_len) = match ip.proto {
         IPPROTO_TCP => {
-            let tcp: TcpHdr = ctx.load(l4_off).ok()?;
+            let tcp: TcpHdr = ctx.load(l4_off)?;
             if tcp.doff() < 5 {
                 return None;
             }
             (tcp.source, tcp.dest, l4_off + 16, TcpHdr::LEN)
         }
         IPPROTO_UDP => {
-            let udp: UdpHdr = ctx.load(l4_off).ok()?;
+            let udp: UdpHdr = ctx.load(l4_off)?;
             (udp.src, udp.dst, l4_off + 6, UdpHdr::LEN)
         }
         _ => return None,

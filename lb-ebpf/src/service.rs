@@ -1,19 +1,67 @@
 //! Service lookup and backend choice.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    btf_maps::lpm_trie::Key,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, flow_hash,
-    service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, SourceRangeKey,
+    flow_hash, service_flags,
 };
 
 use crate::{
-    maps::{SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_MAGLEV, SB_SERVICES},
+    maps::{
+        SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_MAGLEV, SB_NODE_ADDRS, SB_SERVICES, SB_SOURCE_RANGES,
+    },
     packet::Flow,
 };
 
 #[inline(always)]
-pub fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {
+fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {
     // SAFETY: copied out at once; the agent replaces entries whole.
     unsafe { SB_SERVICES.get(frontend).copied() }
+}
+
+/// Whether `addr` is one of this node's addresses.
+#[inline(always)]
+pub fn is_node_addr(addr: [u8; 4]) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { SB_NODE_ADDRS.get(addr).is_some() }
+}
+
+/// The service whose frontend `flow` is addressed to: a ClusterIP, LoadBalancer IP or
+/// externalIP with its port, or a NodePort on any of this node's addresses.
+#[inline(always)]
+pub fn lookup_frontend(flow: &Flow) -> Option<ServiceInfo> {
+    let mut frontend = ServiceKey {
+        addr: flow.dst_addr,
+        port: flow.dst_port,
+        proto: flow.proto,
+        pad: 0,
+    };
+    if let Some(service) = lookup(&frontend) {
+        return Some(service);
+    }
+    if !is_node_addr(flow.dst_addr) {
+        return None;
+    }
+    frontend.addr = [0; 4];
+    lookup(&frontend)
+}
+
+/// Whether a LoadBalancer frontend with source ranges admits a new flow from `client`.
+#[inline(always)]
+pub fn source_allowed(service: &ServiceInfo, client: [u8; 4]) -> bool {
+    if service.flags & service_flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        64,
+        SourceRangeKey {
+            service_id: service.id.to_be_bytes(),
+            addr: client,
+        },
+    );
+    SB_SOURCE_RANGES.get(&key).is_some()
 }
 
 /// The backend behind `id` if it still belongs to `service`. Ids are per service and recycled

@@ -77,6 +77,7 @@ pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
                 // Random backend choice, like kube-proxy's.
                 maglev: None,
                 affinity_timeout: None,
+                external: None,
             };
             (service_key(port), service)
         })

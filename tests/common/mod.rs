@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 pub mod fake_api;
+pub mod packets;
 
 use std::collections::BTreeMap;
 
@@ -70,11 +71,17 @@ impl Loaded {
                     backends: backends.to_vec(),
                     maglev,
                     affinity_timeout,
+                    external: None,
                 };
                 (*key, service)
             })
             .collect();
-        let report = self.reconciler.apply(&desired, &mut self.maps);
+        self.apply(&desired);
+    }
+
+    /// Programs exactly `desired` and asserts every write succeeded.
+    pub fn apply(&mut self, desired: &BTreeMap<ServiceKey, DesiredService>) {
+        let report = self.reconciler.apply(desired, &mut self.maps);
         assert!(
             report.failed.is_empty(),
             "programming failed: {:?}",

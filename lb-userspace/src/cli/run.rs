@@ -10,8 +10,8 @@ use tokio::{
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::{
-        Datapath,
-        attach::{self, Attacher},
+        Datapath, addresses,
+        attach::{self, Attacher, XdpChoice},
         maps::ServiceMaps,
     },
     model::{self, LbAlgorithm},
@@ -36,6 +36,15 @@ pub struct Args {
     /// appear later are attached too.
     #[arg(long, env = "SWITCHBOARD_INTERFACES", value_name = "PATTERN")]
     pub interfaces: String,
+    /// Glob matching the node's external interfaces, e.g. 'eth0' or 'ens*': NodePorts,
+    /// LoadBalancer IPs and externalIPs are served to traffic arriving on them. Without it,
+    /// only pods reach services.
+    #[arg(long, env = "SWITCHBOARD_EXTERNAL_INTERFACES", value_name = "PATTERN")]
+    pub external_interfaces: Option<String>,
+    /// XDP on the external interfaces: auto (native where the driver has it, else generic, said
+    /// per interface), native, generic, or off (TC ingress only).
+    #[arg(long, env = "SWITCHBOARD_XDP_MODE", value_enum, default_value_t = XdpChoice::Auto)]
+    pub xdp_mode: XdpChoice,
     /// On SIGTERM/SIGINT leave the programs attached (the links stay pinned), so traffic keeps
     /// flowing until the next agent takes over, as a DaemonSet rollout wants. Without it the
     /// agent detaches on exit. A killed agent always leaves them attached.
@@ -101,9 +110,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "recovered the programmed state from the pinned maps"
     );
     let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces, &args.pin_dir.pin_dir)?;
+    let mut external = match &args.external_interfaces {
+        Some(pattern) => Some(Attacher::external(
+            &mut datapath.ebpf,
+            pattern,
+            &args.pin_dir.pin_dir,
+            args.xdp_mode,
+        )?),
+        None => None,
+    };
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
-    attacher.sync(&mut datapath.ebpf)?;
+    sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
 
     let options = PlanOptions {
         default_algorithm: args.lb_algorithm,
@@ -140,13 +158,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics, &mut notices);
                 health.update_applied();
             }
-            () = links_changed.notified() => attacher.sync(&mut datapath.ebpf)?,
-            _ = rescan.tick() => attacher.sync(&mut datapath.ebpf)?,
+            () = links_changed.notified() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
+            _ = rescan.tick() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
-    let interfaces = attacher.interfaces().len();
+    let interfaces = attacher.interfaces().len() + external.as_ref().map_or(0, |e| e.interfaces().len());
     if args.keep_datapath {
         tracing::info!(
             interfaces,
@@ -154,11 +172,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     } else {
         attacher.detach_all();
+        if let Some(external) = &mut external {
+            external.detach_all();
+        }
         tracing::info!(
             interfaces,
             "detached; maps stay pinned in {}",
             args.pin_dir.pin_dir.display()
         );
+    }
+    Ok(())
+}
+
+/// Attaches to interfaces that appeared, and writes the node's addresses (which NodePorts answer
+/// on, and which external flows leaving for other nodes take as source).
+fn sync_interfaces(
+    ebpf: &mut aya::Ebpf,
+    pods: &mut Attacher,
+    external: Option<&mut Attacher>,
+    maps: &mut ServiceMaps,
+) -> anyhow::Result<()> {
+    pods.sync(ebpf)?;
+    let external_indexes = match external {
+        Some(external) => {
+            external.sync(ebpf)?;
+            external.attached().map(|(index, _)| index).collect()
+        }
+        None => Vec::new(),
+    };
+    if let Err(error) = addresses::program(maps, external_indexes) {
+        tracing::error!("{error:#}");
     }
     Ok(())
 }

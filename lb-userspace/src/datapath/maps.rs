@@ -6,16 +6,19 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray};
+use aya::maps::{
+    Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo,
-    ServiceKey, SlotKey, Stat, map_names, service_flags,
+    ServiceKey, SlotKey, SourceRangeKey, Stat, map_names, service_flags,
 };
 
-use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed};
+use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 7] = [
+const LAYOUTS: [(&str, usize, usize); 10] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -34,6 +37,13 @@ const LAYOUTS: [(&str, usize, usize); 7] = [
         map_names::AFFINITY,
         size_of::<AffinityKey>(),
         size_of::<AffinityEntry>(),
+    ),
+    (map_names::NODE_ADDRS, size_of::<[u8; 4]>(), size_of::<u32>()),
+    (map_names::SNAT_ADDRS, size_of::<u32>(), size_of::<[u8; 4]>()),
+    (
+        map_names::SOURCE_RANGES,
+        size_of::<Key<SourceRangeKey>>(),
+        size_of::<u8>(),
     ),
 ];
 
@@ -63,6 +73,9 @@ pub struct ServiceMaps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
+    pub node_addrs: HashMap<MapData, [u8; 4], u32>,
+    pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
+    pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -79,6 +92,7 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
         aya::maps::MapType::PerCpuArray => Map::PerCpuArray(data),
         aya::maps::MapType::LruHash => Map::LruHashMap(data),
         aya::maps::MapType::HashOfMaps => Map::HashOfMaps(data),
+        aya::maps::MapType::LpmTrie => Map::LpmTrie(data),
         _ => Map::HashMap(data),
     })
 }
@@ -93,6 +107,9 @@ impl ServiceMaps {
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
             maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
+            node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
+            snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
+            source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
         })
     }
 
@@ -127,7 +144,44 @@ impl ServiceMaps {
             slots,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             maglev,
+            source_ranges: self
+                .source_ranges
+                .keys()
+                .map(|key| {
+                    let key = key?;
+                    let data = key.data();
+                    Ok(SourceRange {
+                        service_id: u32::from_be_bytes(data.service_id),
+                        addr: data.addr,
+                        prefix_len: (key.prefix_len() - 32) as u8,
+                    })
+                })
+                .collect::<Result<_, aya::maps::MapError>>()?,
         })
+    }
+
+    /// Makes [`map_names::NODE_ADDRS`] hold exactly `addrs`, the node's IPv4 addresses.
+    pub fn set_node_addrs(&mut self, addrs: &std::collections::BTreeSet<[u8; 4]>) -> anyhow::Result<()> {
+        let held: Vec<[u8; 4]> = self.node_addrs.keys().collect::<Result<_, _>>()?;
+        for addr in addrs {
+            self.node_addrs.insert(addr, 0, 0)?;
+        }
+        for addr in held.iter().filter(|a| !addrs.contains(*a)) {
+            self.node_addrs.remove(addr)?;
+        }
+        Ok(())
+    }
+
+    /// Makes [`map_names::SNAT_ADDRS`] hold exactly `addrs` (interface index → address).
+    pub fn set_snat_addrs(&mut self, addrs: &BTreeMap<u32, [u8; 4]>) -> anyhow::Result<()> {
+        let held: Vec<u32> = self.snat_addrs.keys().collect::<Result<_, _>>()?;
+        for (index, addr) in addrs {
+            self.snat_addrs.insert(index, addr, 0)?;
+        }
+        for index in held.iter().filter(|i| !addrs.contains_key(*i)) {
+            self.snat_addrs.remove(index)?;
+        }
+        Ok(())
     }
 
     /// A datapath counter summed over CPUs.
@@ -190,6 +244,27 @@ impl MapWriter for ServiceMaps {
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
         self.maglev.remove(&service_id).map_err(failed(map_names::MAGLEV))
     }
+
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        self.source_ranges
+            .insert(&source_range_key(range), 1, 0)
+            .map_err(failed(map_names::SOURCE_RANGES))
+    }
+
+    fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        self.source_ranges
+            .remove(&source_range_key(range))
+            .map_err(failed(map_names::SOURCE_RANGES))
+    }
+}
+
+/// The trie key: the service id's 32 bits, then the range's prefix.
+fn source_range_key(range: SourceRange) -> Key<SourceRangeKey> {
+    let data = SourceRangeKey {
+        service_id: range.service_id.to_be_bytes(),
+        addr: range.addr,
+    };
+    Key::new(32 + u32::from(range.prefix_len), data)
 }
 
 /// Copies `table` into a fresh BPF_F_MMAPABLE array through a shared mapping: one pass instead

@@ -1,5 +1,6 @@
 //! The kernel side, seen from userspace: loading the embedded object with its maps pinned, the
 //! typed map handles the reconciler writes through, and attaching programs to interfaces.
+pub mod addresses;
 pub mod attach;
 pub mod bpffs;
 pub mod maps;

@@ -260,6 +260,14 @@ pub fn compute(input: &Input<'_>) -> Model {
                 }
             }
         };
+        for range in &policy.source_ranges {
+            if parse_cidr(range).is_none() {
+                model.warn(
+                    &name,
+                    &format!("loadBalancerSourceRanges: {range:?} is not a CIDR; it admits no client"),
+                );
+            }
+        }
         if (policy.internal_local || policy.external_local) && input.node_name.is_none() {
             model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
         }
@@ -407,6 +415,31 @@ fn frontend_addresses(
         addresses.push((FrontendKind::ExternalIp, ip, port_number));
     }
     addresses
+}
+
+/// `address/prefix` (`10.0.0.0/8`, `2001:db8::/32`); a bare address is a single host. The
+/// address is masked to the prefix.
+pub fn parse_cidr(cidr: &str) -> Option<(IpAddr, u8)> {
+    let (address, prefix) = match cidr.trim().split_once('/') {
+        Some((address, prefix)) => (address.parse::<IpAddr>().ok()?, Some(prefix.parse::<u8>().ok()?)),
+        None => (cidr.trim().parse::<IpAddr>().ok()?, None),
+    };
+    Some(match address {
+        IpAddr::V4(v4) => {
+            let prefix = prefix.unwrap_or(32);
+            let mask = u32::MAX
+                .checked_shl(32u32.checked_sub(prefix.into())?)
+                .unwrap_or(0);
+            (IpAddr::from((u32::from(v4) & mask).to_be_bytes()), prefix)
+        }
+        IpAddr::V6(v6) => {
+            let prefix = prefix.unwrap_or(128);
+            let mask = u128::MAX
+                .checked_shl(128u32.checked_sub(prefix.into())?)
+                .unwrap_or(0);
+            (IpAddr::from((u128::from(v6) & mask).to_be_bytes()), prefix)
+        }
+    })
 }
 
 fn policy(spec: &ServiceSpec) -> Policy {

@@ -796,3 +796,15 @@ fn malformed_pod_ip_is_reported_at_its_path() {
     let bad_list = pod("metadata: {name: web-1}\nstatus: {podIPs: [{ip: 10.0.0.1}, {ip: nope}]}\n");
     assert_eq!(paths(&validate_pod(&bad_list)), vec!["status.podIPs[1].ip"]);
 }
+
+#[test]
+fn cidrs_parse_masked_and_bad_ones_are_refused() {
+    let v4 = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(parse_cidr("10.1.2.3/8"), Some((v4("10.0.0.0"), 8)));
+    assert_eq!(parse_cidr("192.0.2.7"), Some((v4("192.0.2.7"), 32)));
+    assert_eq!(parse_cidr("0.0.0.0/0"), Some((v4("0.0.0.0"), 0)));
+    assert_eq!(parse_cidr("2001:db8::1/32"), Some((v4("2001:db8::"), 32)));
+    for bad in ["10.0.0.0/33", "10.0.0/8", "nonsense", "10.0.0.0/x", "::/129"] {
+        assert_eq!(parse_cidr(bad), None, "{bad}");
+    }
+}

@@ -3,13 +3,13 @@
 pub mod maglev;
 mod plan;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, service_flags};
 
 pub use self::{
     maglev::is_prime,
-    plan::{BackendAddr, DesiredService, PlanOptions, plan},
+    plan::{BackendAddr, DesiredService, External, PlanOptions, plan},
 };
 
 /// The writes the reconciler makes. Implemented over the pinned BPF maps by the datapath, and by
@@ -24,6 +24,16 @@ pub trait MapWriter {
     /// Writes a complete Maglev table for `service_id` and swaps it in for the old one.
     fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError>;
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
+    fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
+}
+
+/// One `loadBalancerSourceRanges` prefix admitted by a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub service_id: u32,
+    pub addr: [u8; 4],
+    pub prefix_len: u8,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +51,7 @@ pub struct Programmed {
     pub backends: BTreeMap<BackendId, Backend>,
     /// Services with a Maglev table, and what it was built from.
     pub maglev: BTreeMap<u32, MaglevInput>,
+    pub source_ranges: BTreeSet<SourceRange>,
 }
 
 /// What a Maglev table is a function of: its size and the service's backends (ids, sorted).
@@ -177,6 +188,14 @@ impl Reconciler {
             self.programmed.slots.remove(&key);
             report.deletes += 1;
         }
+        let ranges: Vec<SourceRange> = self
+            .programmed
+            .source_ranges
+            .iter()
+            .filter(|r| !live.contains(&r.service_id))
+            .copied()
+            .collect();
+        self.delete_source_ranges(ranges, maps, report)?;
         let backends: Vec<BackendId> = self
             .programmed
             .backends
@@ -237,12 +256,42 @@ impl Reconciler {
         if let Some(size) = maglev_size {
             self.write_maglev(service_id, size, service, &ids, maps, report)?;
         }
+        // The ranges before the entry that makes packets check them.
+        let ranges: BTreeSet<SourceRange> = service
+            .external
+            .iter()
+            .flat_map(|e| e.source_ranges.iter().flatten())
+            .map(|&(addr, prefix_len)| SourceRange {
+                service_id,
+                addr,
+                prefix_len,
+            })
+            .collect();
+        for range in &ranges {
+            if !self.programmed.source_ranges.contains(range) {
+                maps.put_source_range(*range)?;
+                self.programmed.source_ranges.insert(*range);
+                report.writes += 1;
+            }
+        }
         let mut flags = 0;
         if maglev_size.is_some() {
             flags |= service_flags::MAGLEV;
         }
         if service.affinity_timeout.is_some() {
             flags |= service_flags::AFFINITY;
+        }
+        match &service.external {
+            Some(External { local: true, .. }) => flags |= service_flags::EXTERNAL_LOCAL,
+            Some(External { local: false, .. }) => flags |= service_flags::EXTERNAL_SNAT,
+            None => {}
+        }
+        if service
+            .external
+            .as_ref()
+            .is_some_and(|e| e.source_ranges.is_some())
+        {
+            flags |= service_flags::SOURCE_RANGES;
         }
         let info = ServiceInfo {
             id: service_id,
@@ -259,6 +308,11 @@ impl Reconciler {
         if maglev_size.is_none() {
             self.delete_maglev(service_id, maps, report)?;
         }
+        let stale = self
+            .source_ranges_of(service_id)
+            .filter(|r| !ranges.contains(r))
+            .collect();
+        self.delete_source_ranges(stale, maps, report)?;
         self.delete_slots(service_id, ids.len() as u32, maps, report)?;
         let stale: Vec<BackendId> = index
             .backends_of(service_id)
@@ -338,6 +392,8 @@ impl Reconciler {
         self.programmed.services.remove(&key);
         report.deletes += 1;
         self.delete_maglev(info.id, maps, report)?;
+        let ranges = self.source_ranges_of(info.id).collect();
+        self.delete_source_ranges(ranges, maps, report)?;
         self.delete_slots(info.id, 0, maps, report)?;
         self.delete_backends(index.backends_of(info.id).to_vec(), maps, report)
     }
@@ -383,6 +439,33 @@ impl Reconciler {
         for id in ids {
             maps.delete_backend(id)?;
             self.programmed.backends.remove(&id);
+            report.deletes += 1;
+        }
+        Ok(())
+    }
+
+    fn source_ranges_of(&self, service_id: u32) -> impl Iterator<Item = SourceRange> + use<'_> {
+        let first = SourceRange {
+            service_id,
+            addr: [0; 4],
+            prefix_len: 0,
+        };
+        self.programmed
+            .source_ranges
+            .range(first..)
+            .take_while(move |r| r.service_id == service_id)
+            .copied()
+    }
+
+    fn delete_source_ranges(
+        &mut self,
+        ranges: Vec<SourceRange>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        for range in ranges {
+            maps.delete_source_range(range)?;
+            self.programmed.source_ranges.remove(&range);
             report.deletes += 1;
         }
         Ok(())

@@ -3,13 +3,13 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
-use crate::model::{FrontendKind, LbAlgorithm, Model, Protocol};
+use crate::model::{Frontend, FrontendKind, LbAlgorithm, Model, Protocol, parse_cidr};
 
 /// A backend's IPv4 address and port, as the maps store them.
 pub type BackendAddr = ([u8; 4], u16);
 
 /// What one frontend's entries should be.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredService {
     /// `namespace/name:port` for logs and status.
     pub name: String,
@@ -19,6 +19,20 @@ pub struct DesiredService {
     pub maglev: Option<u32>,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None`: no affinity.
     pub affinity_timeout: Option<u32>,
+    /// For NodePort, LoadBalancer and external IP frontends: how outside clients are treated.
+    pub external: Option<External>,
+}
+
+/// How an external frontend treats clients from outside the node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct External {
+    /// `externalTrafficPolicy: Local`: the client address is kept, only this node's endpoints
+    /// serve, and without one the traffic is dropped. Otherwise flows to another node's backend
+    /// are source-NATed to this node.
+    pub local: bool,
+    /// A LoadBalancer frontend's `loadBalancerSourceRanges` (IPv4 prefix, length): only clients
+    /// inside them get in. `None`: every client.
+    pub source_ranges: Option<Vec<([u8; 4], u8)>>,
 }
 
 /// The agent-wide settings the plan applies.
@@ -39,17 +53,12 @@ impl Default for PlanOptions {
 }
 
 /// The map contents for `model`. IPv4 only: the datapath has no IPv6 maps yet, so IPv6
-/// frontends are left out (and said so once per call at debug level).
+/// frontends are left out (and said so once per call at debug level). A NodePort frontend is
+/// keyed with address 0.0.0.0: the datapath matches it on any of the node's addresses.
 pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, DesiredService> {
     let mut desired = BTreeMap::new();
     let mut ipv6 = 0;
-    // NodePort, LoadBalancer and external IPs are carried by the model; their datapath is the
-    // XDP program still to come.
-    for frontend in model
-        .frontends
-        .iter()
-        .filter(|f| f.kind == FrontendKind::ClusterIp)
-    {
+    for frontend in &model.frontends {
         let IpAddr::V4(address) = frontend.address else {
             ipv6 += 1;
             continue;
@@ -71,7 +80,10 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
                 IpAddr::V6(_) => None,
             })
             .collect();
-        let name = format!("{}:{}", frontend.service, frontend.port);
+        let name = match frontend.kind {
+            FrontendKind::ClusterIp => format!("{}:{}", frontend.service, frontend.port),
+            kind => format!("{}:{} ({})", frontend.service, frontend.port, kind.as_str()),
+        };
         let maglev = (frontend.algorithm.unwrap_or(options.default_algorithm) == LbAlgorithm::Maglev)
             .then_some(options.maglev_table_size);
         desired.insert(
@@ -81,6 +93,7 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
                 backends,
                 maglev,
                 affinity_timeout: frontend.policy.affinity_timeout_seconds,
+                external: frontend.kind.is_external().then(|| external(frontend)),
             },
         );
     }
@@ -88,4 +101,21 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
         tracing::debug!(frontends = ipv6, "IPv6 frontends are not programmed yet");
     }
     desired
+}
+
+fn external(frontend: &Frontend) -> External {
+    let ranges = &frontend.policy.source_ranges;
+    let source_ranges = (frontend.kind == FrontendKind::LoadBalancer && !ranges.is_empty()).then(|| {
+        ranges
+            .iter()
+            .filter_map(|range| match parse_cidr(range)? {
+                (IpAddr::V4(address), prefix) => Some((address.octets(), prefix)),
+                (IpAddr::V6(_), _) => None,
+            })
+            .collect()
+    });
+    External {
+        local: frontend.policy.external_local,
+        source_ranges,
+    }
 }

@@ -16,6 +16,8 @@ enum Op {
     DeleteService(ServiceKey),
     PutMaglev(u32),
     DeleteMaglev(u32),
+    PutSourceRange(SourceRange),
+    DeleteSourceRange(SourceRange),
 }
 
 /// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
@@ -139,6 +141,20 @@ impl MapWriter for Recorder {
         self.ops.push(Op::DeleteMaglev(service_id));
         Ok(())
     }
+
+    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        self.ops.push(Op::PutSourceRange(range));
+        self.state.source_ranges.insert(range);
+        Ok(())
+    }
+
+    fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        if !self.state.source_ranges.remove(&range) {
+            return Err(missing(map_names::SOURCE_RANGES));
+        }
+        self.ops.push(Op::DeleteSourceRange(range));
+        Ok(())
+    }
 }
 
 /// Applies and checks that the reconciler's idea of the maps is what the maps hold.
@@ -180,6 +196,7 @@ fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<Servic
                     backends: backends.clone(),
                     maglev: None,
                     affinity_timeout: None,
+                    external: None,
                 },
             )
         })
@@ -830,6 +847,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
             backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
+            external: None,
         },
         "backends keep the model's order"
     );
@@ -840,6 +858,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
             backends: vec![([10, 0, 0, 53], 5353)],
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
+            external: None,
         }
     );
     assert_eq!(
@@ -850,7 +869,17 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
 }
 
 #[test]
-fn plan_leaves_out_ipv6_and_non_cluster_ip_frontends() {
+fn plan_leaves_out_ipv6_and_keys_external_frontends_with_their_policy() {
+    let mut local_lb = frontend(
+        "default/web",
+        FrontendKind::LoadBalancer,
+        "198.51.100.7",
+        80,
+        Protocol::Tcp,
+        &["10.0.0.1:8080"],
+    );
+    local_lb.policy.external_local = true;
+    local_lb.policy.source_ranges = vec!["203.0.113.9/24".into(), "2001:db8::/32".into(), "junk".into()];
     let model = Model {
         frontends: vec![
             frontend(
@@ -885,26 +914,95 @@ fn plan_leaves_out_ipv6_and_non_cluster_ip_frontends() {
                 Protocol::Tcp,
                 &["10.0.0.1:8080"],
             ),
+            local_lb,
         ],
         warnings: vec![],
     };
     let planned = plan(&model, &PlanOptions::default());
-    let key = ServiceKey {
-        addr: [10, 96, 0, 10],
-        port: 80,
+    let key = |addr, port| ServiceKey {
+        addr,
+        port,
         proto: IPPROTO_TCP,
         pad: 0,
     };
+    assert_eq!(planned.len(), 4, "every IPv4 frontend is planned: {planned:?}");
+    let cluster_ip = &planned[&key([10, 96, 0, 10], 80)];
     assert_eq!(
-        planned.len(),
-        1,
-        "only the IPv4 ClusterIP frontend is planned: {planned:?}"
-    );
-    assert_eq!(
-        planned[&key].backends,
+        cluster_ip.backends,
         vec![([10, 0, 0, 1], 8080)],
         "IPv6 endpoints are left out of an IPv4 frontend"
     );
+    assert_eq!(cluster_ip.external, None);
+    let node_port = &planned[&key([0; 4], 30080)];
+    assert_eq!(node_port.name, "default/web:30080 (NodePort)");
+    assert_eq!(
+        node_port.external,
+        Some(External::default()),
+        "externalTrafficPolicy Cluster, no source ranges (they are for LoadBalancer IPs only)"
+    );
+    assert_eq!(
+        planned[&key([192, 0, 2, 1], 80)].external,
+        Some(External::default())
+    );
+    assert_eq!(
+        planned[&key([198, 51, 100, 7], 80)].external,
+        Some(External {
+            local: true,
+            source_ranges: Some(vec![([203, 0, 113, 0], 24)]),
+        }),
+        "IPv6 and unparsable ranges admit no IPv4 client"
+    );
+}
+
+#[test]
+fn source_ranges_are_written_before_their_service_and_removed_after_it() {
+    let lb = key(7, 80);
+    let mut service = DesiredService {
+        name: "default/lb:80 (LoadBalancer)".into(),
+        backends: vec![backend(1)],
+        external: Some(External {
+            local: false,
+            source_ranges: Some(vec![([192, 0, 2, 0], 24), ([198, 51, 100, 0], 24)]),
+        }),
+        ..DesiredService::default()
+    };
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(
+        &mut reconciler,
+        &BTreeMap::from([(lb, service.clone())]),
+        &mut maps,
+    );
+    let ops = maps.take_ops();
+    let put_service = ops.iter().position(|op| *op == Op::PutService(lb)).unwrap();
+    let ranges: Vec<usize> = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, op)| matches!(op, Op::PutSourceRange(_)))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(ranges.len(), 2);
+    assert!(ranges.iter().all(|&i| i < put_service), "ranges first: {ops:?}");
+    let info = maps.state.services[&lb];
+    assert_eq!(
+        info.flags & (service_flags::SOURCE_RANGES | service_flags::EXTERNAL_SNAT),
+        service_flags::SOURCE_RANGES | service_flags::EXTERNAL_SNAT
+    );
+
+    // One range goes: only it is deleted.
+    service.external.as_mut().unwrap().source_ranges = Some(vec![([192, 0, 2, 0], 24)]);
+    apply(&mut reconciler, &BTreeMap::from([(lb, service)]), &mut maps);
+    let gone = SourceRange {
+        service_id: info.id,
+        addr: [198, 51, 100, 0],
+        prefix_len: 24,
+    };
+    assert_eq!(maps.take_ops(), vec![Op::DeleteSourceRange(gone)]);
+
+    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
+    let ops = maps.take_ops();
+    assert_eq!(ops[0], Op::DeleteService(lb), "the entry first: {ops:?}");
+    assert!(maps.state.source_ranges.is_empty(), "{ops:?}");
 }
 
 #[test]
@@ -937,6 +1035,7 @@ status:
             backends: vec![([10, 0, 0, 1], 8080)],
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
+            external: None,
         })
     );
     let mut maps = Recorder::default();

@@ -1,0 +1,93 @@
+//! Traffic between the node's external interfaces and the outside: NodePorts, LoadBalancer IPs
+//! and externalIPs, with source NAT for `externalTrafficPolicy: Cluster`.
+//!
+//! Translation happens where netfilter would do it, so the kernel never sees a packet with one of
+//! its own addresses as the source arriving from outside (it would drop it as a martian):
+//! * ingress (XDP, then TC): DNAT to the backend; a reply to a source-NATed flow gets its
+//!   client back as destination. The kernel then routes the packet, to a local pod or out again.
+//! * egress (TC): a flow leaving for another node's backend takes this node's address as source;
+//!   a reply on its way to an external client gets the frontend back as source.
+use lb_common::{Stat, service_flags};
+
+use crate::{
+    conntrack::{self, Forward},
+    context::Packet,
+    maps::count,
+    nat,
+    packet::Flow,
+    service,
+};
+
+pub enum Verdict {
+    /// On to the kernel, rewritten or not.
+    Pass,
+    Drop,
+    /// A connection to a frontend without endpoints, to be refused as a closed port would.
+    Refuse,
+}
+
+#[inline(always)]
+pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
+    if service::is_node_addr(flow.dst_addr)
+        && let Some((client_addr, client_port)) = conntrack::snat_in(flow)
+    {
+        count(Stat::ReplyPackets);
+        return done(nat::rewrite_destination(ctx, flow, client_addr, client_port));
+    }
+    let Some(service) = service::lookup_frontend(flow) else {
+        return Verdict::Pass;
+    };
+    let backend = match conntrack::forward(flow, &service) {
+        Forward::Established(backend) => backend,
+        Forward::New => {
+            if !service::source_allowed(&service, flow.src_addr) {
+                count(Stat::SourceRangeDrops);
+                return Verdict::Drop;
+            }
+            let Some((id, backend)) = service::choose_backend(&service, flow) else {
+                count(Stat::NoBackend);
+                // externalTrafficPolicy Local without a local endpoint: dropped, so the load
+                // balancer's health check moves clients to another node.
+                return if service.flags & service_flags::EXTERNAL_LOCAL != 0 {
+                    Verdict::Drop
+                } else {
+                    Verdict::Refuse
+                };
+            };
+            conntrack::track(flow, &service, id, &backend);
+            if service.flags & service_flags::EXTERNAL_SNAT != 0 {
+                conntrack::expect_snat(flow, &service, id, &backend);
+            }
+            backend
+        }
+    };
+    count(Stat::ServicePackets);
+    done(nat::rewrite_destination(ctx, flow, backend.addr, backend.port))
+}
+
+#[inline(always)]
+pub fn egress(ctx: &impl Packet, flow: &Flow, ifindex: u32) -> Verdict {
+    if let Some(frontend) = conntrack::reply(flow) {
+        count(Stat::ReplyPackets);
+        return done(nat::rewrite_source(
+            ctx,
+            flow,
+            frontend.nat_addr,
+            frontend.nat_port,
+        ));
+    }
+    match conntrack::snat_out(flow, ifindex) {
+        Some((addr, port)) => done(nat::rewrite_source(ctx, flow, addr, port)),
+        None => Verdict::Pass,
+    }
+}
+
+/// A rewrite that failed after the packet was checked to hold every field is a kernel refusal;
+/// a half-rewritten packet must not leave.
+#[inline(always)]
+fn done(rewritten: Result<(), i64>) -> Verdict {
+    match rewritten {
+        Ok(()) => Verdict::Pass,
+        Err(_) => Verdict::Drop,
+    }
+}
