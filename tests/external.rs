@@ -5,7 +5,8 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -53,7 +54,20 @@ spec:
   externalTrafficPolicy: Local
   selector: {app: web}
   ports: [{name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.12
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32001
+  selector: {side: a}
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 3000, nodePort: 30081}]
 ";
+/// `solo`'s health check port: only node A has a `solo` pod.
+const SOLO_HEALTH_CHECK: u16 = 32_001;
 
 /// One node: its namespace and pod (a [`Lab`]), its LAN interface, and its agent.
 struct Node {
@@ -120,7 +134,7 @@ impl Cluster {
                     &peer.to_string(),
                 ])
                 .unwrap();
-            let manifest = lab::pod_manifest(pod, pod_ip, &[("app", "web")], 3000);
+            let manifest = lab::pod_manifest(pod, pod_ip, &[("app", "web"), ("side", side)], 3000);
             pods.push(manifest.replace("spec:\n", &format!("spec:\n  nodeName: node-{side}\n")));
             let pins = PinDir::new("sbtest", &format!("ext-{tag}{side}"));
             let agent = spawn_agent(
@@ -265,4 +279,43 @@ fn external_traffic_policy_local_keeps_the_client_address_and_only_local_pods_an
             );
         }
     }
+}
+
+#[test]
+fn health_check_node_port_says_which_node_has_local_endpoints() {
+    let cluster = Cluster::start("xh");
+    for (node, status, count) in [(NODE_A, 200, 1), (NODE_B, 503, 0)] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (got, body) = loop {
+            match http_status(&cluster.client, node, SOLO_HEALTH_CHECK) {
+                Ok(answer) => break answer,
+                Err(error) if Instant::now() < deadline => {
+                    eprintln!("{node}:{SOLO_HEALTH_CHECK} not answering yet: {error:#}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(error) => panic!("{node}:{SOLO_HEALTH_CHECK}: {error:#}"),
+            }
+        };
+        assert_eq!(got, status, "{node}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["localEndpoints"], count, "{node}: {body}");
+        assert_eq!(body["service"]["name"], "solo");
+    }
+}
+
+/// `GET /` to `addr:port` from `ns`: the status code and the body.
+fn http_status(ns: &NetNs, addr: Ipv4Addr, port: u16) -> anyhow::Result<(u16, String)> {
+    let target = (addr, port).into();
+    let mut stream = ns.run(move || TcpStream::connect_timeout(&target, TIMEOUT))??;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: switchboard\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("not HTTP: {response:?}"))?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    Ok((status, body))
 }

@@ -18,6 +18,7 @@ use crate::{
     observe::{
         self,
         health::Health,
+        health_check::HealthChecks,
         metrics::{AgentMetrics, ServiceLabel},
         server::Observed,
     },
@@ -144,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     let mut notices = BTreeSet::new();
+    let mut health_checks = HealthChecks::default();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
@@ -155,7 +157,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics, &mut notices);
+                let model = model::compute(&args.source.input(&snapshot));
+                sync(&model, &options, &mut reconciler, &mut maps, &metrics, &mut notices);
+                health_checks.update(&model);
                 health.update_applied();
             }
             () = links_changed.notified() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
@@ -208,14 +212,13 @@ fn sync_interfaces(
 
 /// One pass of source → model → plan → maps.
 fn sync(
-    input: &model::Input<'_>,
+    model: &model::Model,
     options: &PlanOptions,
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     metrics: &AgentMetrics,
     notices: &mut BTreeSet<String>,
 ) {
-    let model = model::compute(input);
     let current: BTreeSet<String> = model
         .warnings
         .iter()
@@ -235,7 +238,7 @@ fn sync(
         tracing::warn!("{notice}");
     }
     *notices = current;
-    let desired = reconcile::plan(&model, options);
+    let desired = reconcile::plan(model, options);
     let started = std::time::Instant::now();
     let report = reconciler.apply(&desired, maps);
     let elapsed = started.elapsed();
