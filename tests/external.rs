@@ -319,3 +319,47 @@ fn http_status(ns: &NetNs, addr: Ipv4Addr, port: u16) -> anyhow::Result<(u16, St
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
     Ok((status, body))
 }
+
+#[test]
+fn the_node_itself_reaches_cluster_ips_and_node_ports_including_localhost() {
+    let cluster = Cluster::start("xs");
+    let node = &cluster.nodes[0].lab.node;
+    let both: BTreeSet<String> = [POD_A.0, POD_B.0].map(String::from).into();
+    let web_cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+    for (addr, port) in [
+        (web_cluster_ip, 80),
+        (NODE_A, WEB_NODE_PORT),
+        (Ipv4Addr::LOCALHOST, WEB_NODE_PORT),
+    ] {
+        let mut answered = BTreeSet::new();
+        for i in 0..40 {
+            let reply = servers::http_get(node, addr, port, TIMEOUT)
+                .unwrap_or_else(|e| panic!("request {i} from the node to {addr}:{port}: {e:#}"));
+            assert_eq!(
+                reply.from,
+                (addr, port).into(),
+                "the socket's peer is the service"
+            );
+            answered.insert(reply.pod);
+        }
+        assert_eq!(
+            answered, both,
+            "{addr}:{port} from the node reaches the pods of both nodes"
+        );
+    }
+    let local_cluster_ip = Ipv4Addr::new(10, 96, 0, 11);
+    for (addr, port) in [
+        (local_cluster_ip, 53),
+        (NODE_A, LOCAL_NODE_PORT),
+        (Ipv4Addr::LOCALHOST, LOCAL_NODE_PORT),
+    ] {
+        let reply = servers::udp_request(node, addr, port, TIMEOUT)
+            .unwrap_or_else(|e| panic!("UDP from the node to {addr}:{port}: {e:#}"));
+        assert!(reply.pod.starts_with("web-"), "{reply:?}");
+        assert_eq!(
+            reply.from,
+            (addr, port).into(),
+            "the datagram reads as coming from the service"
+        );
+    }
+}

@@ -20,7 +20,9 @@ pub mod map_names {
     pub const NODE_ADDRS: &str = "SB_NODE_ADDRS";
     pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
-    pub const ALL: [&str; 10] = [
+    pub const SOCK_REVNAT: &str = "SB_SOCK_REVNAT";
+    pub const CONFIG: &str = "SB_CONFIG";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -31,6 +33,8 @@ pub mod map_names {
         NODE_ADDRS,
         SNAT_ADDRS,
         SOURCE_RANGES,
+        SOCK_REVNAT,
+        CONFIG,
     ];
 }
 
@@ -49,6 +53,24 @@ pub mod program_names {
     /// TC egress on an external interface: source NAT of flows leaving for a backend on another
     /// node, and the frontend restored as the source of replies to external clients.
     pub const NODEPORT_EGRESS: &str = "nodeport_egress";
+    /// cgroup connect4: a socket of the node connecting to a service gets a backend instead, once
+    /// per connection rather than per packet.
+    pub const SOCK_CONNECT: &str = "sock_connect";
+    /// cgroup sendmsg4: the same for each datagram of an unconnected UDP socket.
+    pub const SOCK_SENDMSG: &str = "sock_sendmsg";
+    /// cgroup recvmsg4: a datagram from a backend is shown as coming from the service.
+    pub const SOCK_RECVMSG: &str = "sock_recvmsg";
+    /// cgroup getpeername4: a connected socket's peer is shown as the service.
+    pub const SOCK_GETPEERNAME: &str = "sock_getpeername";
+    pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
+}
+
+/// Indexes of [`map_names::CONFIG`], an array of `u64` the agent writes.
+pub mod config {
+    /// The network namespace (cookie) whose sockets the socket programs translate: the node's.
+    /// Zero: none.
+    pub const NETNS_COOKIE: u32 = 0;
+    pub const LEN: u32 = 8;
 }
 
 /// Default map capacities; the agent may override them at load time.
@@ -61,6 +83,26 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 256;
     pub const SNAT_ADDRS: u32 = 256;
     pub const SOURCE_RANGES: u32 = 16_384;
+    pub const SOCK_REVNAT: u32 = 65_536;
+}
+
+/// A backend a socket of the node was sent to: (socket cookie, backend address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// The service frontend that socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevEntry {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub pad: u16,
 }
 
 /// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
@@ -368,6 +410,8 @@ mod pod_impls {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevEntry {}
 }
 
 #[cfg(test)]
@@ -449,5 +493,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 24);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevEntry>(), 8);
     }
 }

@@ -11,11 +11,12 @@ mod nat;
 mod packet;
 mod reject;
 mod service;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::Stat;
 
@@ -110,6 +111,32 @@ pub fn nodeport_egress(ctx: TcContext) -> i32 {
         Verdict::Drop => TC_ACT_SHOT,
         Verdict::Pass | Verdict::Refuse => TC_ACT_OK,
     }
+}
+
+/// cgroup connect4: a socket of the node connecting to a service connects to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect(ctx: SockAddrContext) -> i32 {
+    i32::from(sock::translate_destination(&ctx))
+}
+
+/// cgroup sendmsg4: a datagram a socket of the node sends to a service goes to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg(ctx: SockAddrContext) -> i32 {
+    i32::from(sock::translate_destination(&ctx))
+}
+
+/// cgroup recvmsg4: a datagram from a backend reads as coming from the service.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::restore_peer(&ctx);
+    1
+}
+
+/// cgroup getpeername4: a connected socket's peer reads as the service.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::restore_peer(&ctx);
+    1
 }
 
 /// Refused as by a closed port (a SYN gets a RST, UDP an ICMP port unreachable), sent back out

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, SourceRangeKey, Stat, capacity,
+    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat,
+    capacity, config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -61,6 +62,16 @@ pub static SB_SNAT_ADDRS: HashMap<u32, [u8; 4], { capacity::SNAT_ADDRS as usize 
 #[btf_map]
 pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// (socket cookie, backend) → the frontend a socket of the node asked for, so its peer and the
+/// sources of its datagrams read as the service. LRU: sockets come and go without telling.
+#[btf_map]
+pub static SB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { capacity::SOCK_REVNAT as usize }> =
+    LruHashMap::new();
+
+/// Settings the agent writes, indexed by `lb_common::config`.
+#[btf_map]
+pub static SB_CONFIG: Array<u64, { config::LEN as usize }> = Array::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

@@ -1,5 +1,5 @@
 //! `switchboard run`: the agent.
-use std::{collections::BTreeSet, process::ExitCode, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::Path, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
@@ -13,6 +13,7 @@ use crate::{
         Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
         maps::ServiceMaps,
+        socket::SocketHooks,
     },
     model::{self, LbAlgorithm},
     observe::{
@@ -46,6 +47,11 @@ pub struct Args {
     /// per interface), native, generic, or off (TC ingress only).
     #[arg(long, env = "SWITCHBOARD_XDP_MODE", value_enum, default_value_t = XdpChoice::Auto)]
     pub xdp_mode: XdpChoice,
+    /// The cgroup (v2) whose processes in the agent's network namespace (host processes and
+    /// hostNetwork pods) reach ClusterIPs and NodePorts, 127.0.0.1:<nodePort> included, through
+    /// connect()-time translation. Default: the root of the cgroup v2 hierarchy. `off`: none.
+    #[arg(long, env = "SWITCHBOARD_HOST_CGROUP", value_name = "PATH|off")]
+    pub host_cgroup: Option<String>,
     /// On SIGTERM/SIGINT leave the programs attached (the links stay pinned), so traffic keeps
     /// flowing until the next agent takes over, as a DaemonSet rollout wants. Without it the
     /// agent detaches on exit. A killed agent always leaves them attached.
@@ -120,6 +126,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let sockets = match args.host_cgroup.as_deref() {
+        Some("off") => None,
+        Some(path) => Some(SocketHooks::attach(
+            &mut datapath.ebpf,
+            Some(Path::new(path)),
+            &args.pin_dir.pin_dir,
+        )?),
+        None => match SocketHooks::attach(&mut datapath.ebpf, None, &args.pin_dir.pin_dir) {
+            Ok(hooks) => Some(hooks),
+            Err(error) => {
+                tracing::warn!("{error:#}; processes of the node itself will not reach services");
+                None
+            }
+        },
+    };
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
     sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
@@ -179,6 +200,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if let Some(external) = &mut external {
             external.detach_all();
         }
+        if let Some(sockets) = sockets {
+            sockets.detach();
+        }
         tracing::info!(
             interfaces,
             "detached; maps stay pinned in {}",
@@ -224,8 +248,13 @@ fn sync(
         .iter()
         .map(ToString::to_string)
         .chain(model.frontends.iter().filter(|f| f.backends.is_empty()).map(|f| {
+            let what = if f.kind.is_external() && f.policy.external_local {
+                "has no endpoint on this node (externalTrafficPolicy Local); traffic to it is dropped"
+            } else {
+                "has no endpoints; connections to it are refused"
+            };
             format!(
-                "Service {} {}:{}/{} has no endpoints; connections to it are refused",
+                "Service {} {}:{}/{} {what}",
                 f.service,
                 f.address,
                 f.port,

@@ -12,13 +12,13 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo,
-    ServiceKey, SlotKey, SourceRangeKey, Stat, map_names, service_flags,
+    ServiceKey, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, map_names, service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 10] = [
+const LAYOUTS: [(&str, usize, usize); 12] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -45,6 +45,12 @@ const LAYOUTS: [(&str, usize, usize); 10] = [
         size_of::<Key<SourceRangeKey>>(),
         size_of::<u8>(),
     ),
+    (
+        map_names::SOCK_REVNAT,
+        size_of::<SockRevKey>(),
+        size_of::<SockRevEntry>(),
+    ),
+    (map_names::CONFIG, size_of::<u32>(), size_of::<u64>()),
 ];
 
 /// aya reuses a pinned map without checking its layout; a pin left by a build with other key or

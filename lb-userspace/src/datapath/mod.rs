@@ -4,6 +4,7 @@ pub mod addresses;
 pub mod attach;
 pub mod bpffs;
 pub mod maps;
+pub mod socket;
 
 use std::path::{Path, PathBuf};
 
