@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::maps::ServiceMaps,
-    model::{FrontendKind, LbAlgorithm, Model, Protocol},
+    model::{LbAlgorithm, Model, Protocol},
 };
 
 #[derive(clap::Args, Debug)]
@@ -175,8 +175,9 @@ fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
         .frontends
         .iter()
         .map(|f| {
-            let programmed = match (f.kind, f.address, maps) {
-                (FrontendKind::ClusterIp, IpAddr::V4(address), Some(maps)) => {
+            // A NodePort is keyed with its unspecified address, as the model has it.
+            let programmed = match (f.address, maps) {
+                (IpAddr::V4(address), Some(maps)) => {
                     let key = ServiceKey {
                         addr: address.octets(),
                         port: f.port,
@@ -231,11 +232,7 @@ impl Row for EndpointRow {
 /// One row per endpoint, and one `NO ENDPOINTS` row for a frontend without any.
 pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
     let mut rows = Vec::new();
-    for f in model
-        .frontends
-        .iter()
-        .filter(|f| f.kind == FrontendKind::ClusterIp)
-    {
+    for f in &model.frontends {
         let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol.as_str());
         if f.backends.is_empty() {
             rows.push(EndpointRow {

@@ -15,7 +15,7 @@ pub struct Args {
     pub output: Output,
 }
 
-/// Prints every ClusterIP frontend and its endpoints; exits 1 when a manifest has errors.
+/// Prints every frontend and its endpoints; exits 1 when a manifest has errors.
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let source = SourceArgs {
         manifests: Some(args.manifests),
