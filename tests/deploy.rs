@@ -180,7 +180,12 @@ fn the_daemonsets_arguments_are_ones_the_agent_accepts() {
         .flatten()
         .find(|m| m.mount_path == cgroup)
         .unwrap_or_else(|| panic!("--host-cgroup {cgroup} is a mount"));
-    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
     assert_eq!(
         volume.host_path.as_ref().unwrap().path,
         "/sys/fs/cgroup",

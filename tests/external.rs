@@ -74,6 +74,8 @@ struct Node {
     lab: Lab,
     agent: Child,
     pins: PinDir,
+    external: String,
+    name: String,
     _servers: Vec<servers::Server>,
 }
 
@@ -89,7 +91,7 @@ struct Cluster {
     nodes: Vec<Node>,
     client: NetNs,
     _lan: NetNs,
-    _manifests: tempfile::TempDir,
+    manifests: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -148,6 +150,8 @@ impl Cluster {
                 lab,
                 agent,
                 pins,
+                external,
+                name: format!("node-{side}"),
                 _servers: servers,
             });
         }
@@ -156,7 +160,7 @@ impl Cluster {
             nodes,
             client,
             _lan: lan,
-            _manifests: manifests,
+            manifests,
         };
         for node in &cluster.nodes {
             node.wait_for_frontend(WEB_NODE_PORT, IPPROTO_TCP, 2);
@@ -362,4 +366,39 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports_including_localhost() {
             "the datagram reads as coming from the service"
         );
     }
+}
+
+#[test]
+fn external_traffic_survives_the_agent_killed_and_restarted() {
+    let mut cluster = Cluster::start("xr");
+    let both: BTreeSet<String> = [POD_A.0, POD_B.0].map(String::from).into();
+    let node = &mut cluster.nodes[0];
+    let before = ServiceMaps::open(node.pins.path())
+        .unwrap()
+        .read_programmed()
+        .unwrap();
+    node.agent.kill().unwrap();
+    node.agent.wait().unwrap();
+    assert_eq!(
+        cluster.http_answers(NODE_A, WEB_NODE_PORT, 20),
+        both,
+        "the pinned XDP and TC links keep serving without the agent"
+    );
+    let node = &mut cluster.nodes[0];
+    node.agent = spawn_agent(
+        &node.lab,
+        &node.external,
+        &node.name,
+        cluster.manifests.path(),
+        node.pins.path(),
+    );
+    node.wait_for_frontend(WEB_NODE_PORT, IPPROTO_TCP, 2);
+    std::thread::sleep(Duration::from_millis(500));
+    let after = ServiceMaps::open(node.pins.path())
+        .unwrap()
+        .read_programmed()
+        .unwrap();
+    assert_eq!(before, after, "the restarted agent programs what was there");
+    // The restarted agent swapped its programs into the pinned links; traffic never stopped.
+    assert_eq!(cluster.http_answers(NODE_A, WEB_NODE_PORT, 20), both);
 }

@@ -128,8 +128,15 @@ impl Reconciler {
                 continue;
             }
             let index = index.get_or_insert_with(|| Index::new(&self.programmed));
+            let (writes, deletes) = (report.writes, report.deletes);
             match self.apply_service(*key, service, index, maps, &mut report) {
                 Ok(()) => {
+                    tracing::debug!(
+                        frontend = service.name,
+                        writes = report.writes - writes,
+                        deletes = report.deletes - deletes,
+                        "frontend applied"
+                    );
                     self.applied.insert(*key, service.clone());
                 }
                 Err(error) => {

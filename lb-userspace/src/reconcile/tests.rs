@@ -1282,3 +1282,39 @@ fn session_affinity_is_a_flag_and_a_timeout_on_the_service_entry() {
         0
     );
 }
+
+#[test]
+fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
+    let mut desired = BTreeMap::new();
+    desired.insert(
+        ServiceKey {
+            addr: [0; 4],
+            ..key(0, 30080)
+        },
+        DesiredService {
+            name: "default/web:30080 (NodePort)".into(),
+            backends: vec![backend(1), backend(2)],
+            maglev: Some(31),
+            external: Some(External::default()),
+            ..DesiredService::default()
+        },
+    );
+    desired.insert(
+        key(7, 80),
+        DesiredService {
+            name: "default/web:80 (LoadBalancer)".into(),
+            backends: vec![backend(1)],
+            external: Some(External {
+                local: true,
+                source_ranges: Some(vec![([192, 0, 2, 0], 24)]),
+            }),
+            ..DesiredService::default()
+        },
+    );
+    let mut maps = Recorder::default();
+    apply(&mut Reconciler::new(Programmed::default()), &desired, &mut maps);
+    maps.take_ops();
+    let mut restarted = Reconciler::new(maps.state.clone());
+    let report = apply(&mut restarted, &desired, &mut maps);
+    assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
+}
