@@ -11,6 +11,7 @@ use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Stat, program_names};
+use lb_userspace::reconcile::DesiredService;
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -587,6 +588,63 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend() {
         2,
         "without affinity the client's connections spread again"
     );
+}
+
+/// A terminating backend (draining): the flows it has keep reaching it, new flows never do, and
+/// a client with affinity to it is given a ready one; once it is gone its flows are re-balanced.
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
+    let mut lb = Loaded::new("draining");
+    let web = frontend(CLUSTER_IP, 80, IPPROTO_TCP);
+    let mut desired = std::collections::BTreeMap::from([(
+        web,
+        DesiredService {
+            name: "test/web".into(),
+            backends: BACKENDS.to_vec(),
+            draining: Vec::new(),
+            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            affinity_timeout: Some(10_800),
+        },
+    )]);
+    lb.apply(&desired);
+    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    let backend_of = |lb: &mut Loaded, packet: &[u8]| {
+        addresses_with_valid_checksums(&run(lb, program_names::FROM_POD, packet).1).1
+    };
+    let established = (CLIENT, 40100);
+    let old = backend_of(&mut lb, &tcp_syn(established, (CLUSTER_IP, 80)));
+
+    let service = desired.get_mut(&web).unwrap();
+    service.backends.retain(|b| *b != old);
+    service.draining = vec![old];
+    lb.apply(&desired);
+    for _ in 0..5 {
+        assert_eq!(
+            backend_of(&mut lb, &tcp_data(established, (CLUSTER_IP, 80), b"more")),
+            old,
+            "the established flow stays on its draining backend"
+        );
+    }
+    for port in 0..60u16 {
+        let new = backend_of(&mut lb, &tcp_syn((CLIENT, 41100 + port), (CLUSTER_IP, 80)));
+        assert_ne!(
+            new, old,
+            "the client's affinity to a draining backend is not honoured"
+        );
+        let other = backend_of(
+            &mut lb,
+            &tcp_syn(([10, 244, 9, port as u8], 41100), (CLUSTER_IP, 80)),
+        );
+        assert_ne!(other, old, "no new flow goes to the draining backend");
+    }
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
+
+    // Gone for good: its flow moves to a live backend instead of being black-holed.
+    desired.get_mut(&web).unwrap().draining.clear();
+    lb.apply(&desired);
+    let moved = backend_of(&mut lb, &tcp_data(established, (CLUSTER_IP, 80), b"again"));
+    assert_ne!(moved, old);
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 1);
 }
 
 #[test]

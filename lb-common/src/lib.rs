@@ -187,9 +187,17 @@ pub struct Backend {
     pub addr: [u8; 4],
     pub port: u16,
     pub proto: u8,
+    /// [`backend_flags`].
     pub flags: u8,
     /// The service this backend belongs to; guards against a recycled id.
     pub service_id: u32,
+}
+
+pub mod backend_flags {
+    /// Keeps the flows it has but is given no new one (a terminating endpoint while ready ones
+    /// exist, or one a traffic policy leaves out): it is in no slot and no Maglev table, and a
+    /// client's session affinity to it is not honoured.
+    pub const DRAINING: u8 = 1;
 }
 
 /// Which way a conntrack entry looks at a flow.

@@ -1,8 +1,8 @@
 //! Service lookup and backend choice.
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, flow_hash,
-    service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, backend_flags,
+    flow_hash, service_flags,
 };
 
 use crate::{
@@ -16,8 +16,9 @@ pub fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {
     unsafe { SB_SERVICES.get(frontend).copied() }
 }
 
-/// The backend behind `id` if it still belongs to `service`. Ids are per service and recycled
-/// only after wrapping, so the owner check catches a flow whose backend was removed.
+/// The backend behind `id` if it still belongs to `service` (draining or not). Ids are per
+/// service and recycled only after wrapping, so the owner check catches a flow whose backend was
+/// removed.
 #[inline(always)]
 pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
     // SAFETY: copied out at once.
@@ -26,7 +27,7 @@ pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
 }
 
 /// The backend for a new flow. With session affinity, the one the client had, if it still
-/// serves and the timeout has not run out (each new connection restarts the timeout).
+/// takes new flows and the timeout has not run out (each new connection restarts the timeout).
 /// Otherwise by Maglev consistent hashing of the 5-tuple when the service has a table (every
 /// node picks the same one), else at random among the service's slots.
 #[inline(always)]
@@ -47,10 +48,11 @@ pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, 
     // SAFETY: copied out at once.
     let sticky = unsafe { SB_AFFINITY.get(key).copied() }
         .filter(|entry| now.wrapping_sub(entry.last_used_ns) < timeout_ns)
-        .and_then(|entry| Some((entry.backend_id, backend(service, entry.backend_id)?)));
+        .and_then(|entry| Some((entry.backend_id, backend(service, entry.backend_id)?)))
+        .filter(|(_, backend)| backend.flags & backend_flags::DRAINING == 0);
     let chosen = match sticky {
         Some(chosen) => chosen,
-        // A new client, an expired one, or one whose backend has gone.
+        // A new client, an expired one, or one whose backend has gone or is draining.
         None => balance(service, flow)?,
     };
     let entry = AffinityEntry {

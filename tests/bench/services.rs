@@ -74,6 +74,7 @@ pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
                     .iter()
                     .map(|(ip, port)| (ip.octets(), *port))
                     .collect(),
+                draining: Vec::new(),
                 // Random backend choice, like kube-proxy's.
                 maglev: None,
                 affinity_timeout: None,

@@ -68,13 +68,19 @@ impl Loaded {
                 let service = DesiredService {
                     name: format!("test/{key:?}"),
                     backends: backends.to_vec(),
+                    draining: Vec::new(),
                     maglev,
                     affinity_timeout,
                 };
                 (*key, service)
             })
             .collect();
-        let report = self.reconciler.apply(&desired, &mut self.maps);
+        self.apply(&desired);
+    }
+
+    /// Programs exactly `desired` and asserts every write succeeded.
+    pub fn apply(&mut self, desired: &BTreeMap<ServiceKey, DesiredService>) {
+        let report = self.reconciler.apply(desired, &mut self.maps);
         assert!(
             report.failed.is_empty(),
             "programming failed: {:?}",

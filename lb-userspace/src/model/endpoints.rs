@@ -94,6 +94,19 @@ pub(super) fn usable(mut candidates: Vec<Endpoint>) -> Vec<Endpoint> {
     candidates
 }
 
+/// The serving endpoints left out of `backends`, sorted, one per address and port: their
+/// established connections must keep working while they finish.
+pub(super) fn draining(mut serving: Vec<Endpoint>, backends: &[Endpoint]) -> Vec<Endpoint> {
+    serving.retain(|e| {
+        !backends
+            .iter()
+            .any(|b| b.address == e.address && b.port == e.port)
+    });
+    serving.sort();
+    serving.dedup_by(|a, b| a.address == b.address && a.port == b.port);
+    serving
+}
+
 /// Serving endpoints from EndpointSlices. Missing `ready`/`serving` mean true, missing
 /// `terminating` false; only the first address of an endpoint counts; an address listed by two
 /// slices counts once, preferring the non-terminating entry.

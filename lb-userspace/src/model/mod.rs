@@ -127,6 +127,9 @@ pub struct Frontend {
     /// Endpoints new connections may go to, sorted by address and port. Empty: the service has
     /// no endpoints and connections to it fail.
     pub backends: Vec<Endpoint>,
+    /// Serving endpoints that are not in `backends` (terminating while a ready one exists, or
+    /// left out by a traffic policy): they keep the connections they have but get no new one.
+    pub draining: Vec<Endpoint>,
     pub policy: Policy,
     /// The Service's `switchboard.io/lb-algorithm` annotation; `None`: the agent's default.
     pub algorithm: Option<LbAlgorithm>,
@@ -278,7 +281,8 @@ pub fn compute(input: &Input<'_>) -> Model {
             for (kind, address, frontend_port) in
                 frontend_addresses(service, spec, &cluster_ips, port, port_number)
             {
-                let mut candidates = source.candidates(service, &name, port, protocol, address.is_ipv4());
+                let serving = source.candidates(service, &name, port, protocol, address.is_ipv4());
+                let mut candidates = serving.clone();
                 // Traffic policy Local: only this node's endpoints, and none (so the traffic is
                 // dropped) when it has none.
                 let local = if kind.is_external() {
@@ -291,6 +295,7 @@ pub fn compute(input: &Input<'_>) -> Model {
                         .retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
                 }
                 let backends = endpoints::usable(candidates);
+                let draining = endpoints::draining(serving, &backends);
                 model.frontends.push(Frontend {
                     service: name.clone(),
                     port_name: port.name.clone().unwrap_or_default(),
@@ -299,6 +304,7 @@ pub fn compute(input: &Input<'_>) -> Model {
                     port: frontend_port,
                     protocol,
                     backends,
+                    draining,
                     policy: policy.clone(),
                     algorithm,
                 });

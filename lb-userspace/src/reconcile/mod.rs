@@ -5,7 +5,7 @@ mod plan;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, service_flags};
+use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, backend_flags, service_flags};
 
 pub use self::{
     maglev::is_prime,
@@ -103,7 +103,7 @@ impl Reconciler {
     }
 
     /// Makes the maps hold `desired`. Per service: backends, then slots, then the service entry;
-    /// then stale slots and backends. Removed services: the service entry first.
+    /// then draining backends, stale slots and stale backends. Removed services: the service entry first.
     pub fn apply(
         &mut self,
         desired: &BTreeMap<ServiceKey, DesiredService>,
@@ -203,23 +203,7 @@ impl Reconciler {
         index.service_ids.insert(service_id);
         let mut ids = Vec::with_capacity(service.backends.len());
         for &(addr, port) in &service.backends {
-            let backend = Backend {
-                addr,
-                port,
-                proto: key.proto,
-                flags: 0,
-                service_id,
-            };
-            let id = match index.backend_ids.get(&(service_id, addr, port)) {
-                Some(&id) => id,
-                None => self.allocate_backend_id(),
-            };
-            if self.programmed.backends.get(&id) != Some(&backend) {
-                maps.put_backend(id, &backend)?;
-                self.programmed.backends.insert(id, backend);
-                report.writes += 1;
-            }
-            ids.push(id);
+            ids.push(self.put_backend(service_id, key.proto, (addr, port), 0, index, maps, report)?);
         }
         for (slot, &id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
@@ -256,6 +240,20 @@ impl Reconciler {
             self.programmed.services.insert(key, info);
             report.writes += 1;
         }
+        // Draining backends after the slots and the table: a backend demoted here is already
+        // out of both, so no new flow is sent to it while its own flows keep resolving.
+        let mut kept = ids.clone();
+        for &backend in service.draining.iter().filter(|b| !service.backends.contains(b)) {
+            kept.push(self.put_backend(
+                service_id,
+                key.proto,
+                backend,
+                backend_flags::DRAINING,
+                index,
+                maps,
+                report,
+            )?);
+        }
         if maglev_size.is_none() {
             self.delete_maglev(service_id, maps, report)?;
         }
@@ -263,10 +261,42 @@ impl Reconciler {
         let stale: Vec<BackendId> = index
             .backends_of(service_id)
             .iter()
-            .filter(|id| !ids.contains(id))
+            .filter(|id| !kept.contains(id))
             .copied()
             .collect();
         self.delete_backends(stale, maps, report)
+    }
+
+    /// Writes one backend of `service_id` unless it is already as wanted; its id is the one it
+    /// had, so flows tracked on it keep resolving.
+    #[expect(clippy::too_many_arguments, reason = "the backend, and the apply's state")]
+    fn put_backend(
+        &mut self,
+        service_id: u32,
+        proto: u8,
+        (addr, port): BackendAddr,
+        flags: u8,
+        index: &Index,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<BackendId, MapError> {
+        let backend = Backend {
+            addr,
+            port,
+            proto,
+            flags,
+            service_id,
+        };
+        let id = match index.backend_ids.get(&(service_id, addr, port)) {
+            Some(&id) => id,
+            None => self.allocate_backend_id(),
+        };
+        if self.programmed.backends.get(&id) != Some(&backend) {
+            maps.put_backend(id, &backend)?;
+            self.programmed.backends.insert(id, backend);
+            report.writes += 1;
+        }
+        Ok(id)
     }
 
     /// Builds and swaps in the service's Maglev table, unless the one in place was built from the

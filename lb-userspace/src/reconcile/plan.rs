@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
-use crate::model::{FrontendKind, LbAlgorithm, Model, Protocol};
+use crate::model::{Endpoint, FrontendKind, LbAlgorithm, Model, Protocol};
 
 /// A backend's IPv4 address and port, as the maps store them.
 pub type BackendAddr = ([u8; 4], u16);
@@ -15,6 +15,9 @@ pub struct DesiredService {
     pub name: String,
     /// Backend addresses and ports, in slot order.
     pub backends: Vec<BackendAddr>,
+    /// Backends kept for the flows they have, never chosen for a new one (terminating
+    /// endpoints, or endpoints a traffic policy leaves out).
+    pub draining: Vec<BackendAddr>,
     /// Maglev table size when the service uses Maglev; `None`: random choice.
     pub maglev: Option<u32>,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None`: no affinity.
@@ -63,14 +66,15 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
             },
             pad: 0,
         };
-        let backends = frontend
-            .backends
-            .iter()
-            .filter_map(|e| match e.address {
-                IpAddr::V4(a) => Some((a.octets(), e.port)),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+        let ipv4 = |endpoints: &[Endpoint]| {
+            endpoints
+                .iter()
+                .filter_map(|e| match e.address {
+                    IpAddr::V4(a) => Some((a.octets(), e.port)),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        };
         let name = format!("{}:{}", frontend.service, frontend.port);
         let maglev = (frontend.algorithm.unwrap_or(options.default_algorithm) == LbAlgorithm::Maglev)
             .then_some(options.maglev_table_size);
@@ -78,7 +82,8 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
             key,
             DesiredService {
                 name,
-                backends,
+                backends: ipv4(&frontend.backends),
+                draining: ipv4(&frontend.draining),
                 maglev,
                 affinity_timeout: frontend.policy.affinity_timeout_seconds,
             },

@@ -178,6 +178,7 @@ fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<Servic
                 DesiredService {
                     name: (*name).to_owned(),
                     backends: backends.clone(),
+                    draining: Vec::new(),
                     maglev: None,
                     affinity_timeout: None,
                 },
@@ -316,6 +317,69 @@ fn service_without_backends_gets_an_entry_with_zero_count() {
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(maps.take_ops(), vec![Op::PutService(web)]);
     assert_eq!(service_info(&maps.state, web).backend_count, 0);
+}
+
+/// A backend that starts terminating keeps its id and entry (so its flows still resolve) but
+/// leaves the slots, and is flagged only once the slots no longer name it; when it goes away
+/// for good, it is deleted.
+#[test]
+fn a_backend_that_starts_draining_keeps_its_id_and_leaves_the_slots_first() {
+    let web = key(10, 80);
+    let mut want = desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let before = backend_ids(reconciler.programmed(), web);
+    maps.take_ops();
+
+    let service = want.get_mut(&web).unwrap();
+    service.backends = vec![backend(1), backend(2)];
+    service.draining = vec![backend(3)];
+    let report = apply(&mut reconciler, &want, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let ops = maps.take_ops();
+    let draining_id = before[&backend(3)];
+    let drained = reconciler.programmed().backends[&draining_id];
+    assert_eq!(drained.flags, backend_flags::DRAINING);
+    assert_eq!((drained.addr, drained.port), backend(3));
+    assert_eq!(
+        service_info(reconciler.programmed(), web).backend_count,
+        2,
+        "only ready backends are in slots"
+    );
+    assert!(
+        !reconciler
+            .programmed()
+            .slots
+            .values()
+            .any(|id| *id == draining_id),
+        "no slot names the draining backend"
+    );
+    assert!(
+        !ops.contains(&Op::DeleteBackend(draining_id)),
+        "its entry stays: {ops:?}"
+    );
+    let flagged_at = position(&ops, Op::PutBackend(draining_id));
+    let service_at = position(&ops, Op::PutService(web));
+    assert!(
+        service_at < flagged_at,
+        "flagged after the service stopped counting it: {ops:?}"
+    );
+
+    // Unchanged: nothing written. Ready again: back in a slot under the same id.
+    assert_eq!(apply(&mut reconciler, &want, &mut maps).writes, 0);
+    let service = want.get_mut(&web).unwrap();
+    service.backends = vec![backend(1), backend(2), backend(3)];
+    service.draining = vec![];
+    apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(backend_ids(reconciler.programmed(), web), before);
+    assert_eq!(reconciler.programmed().backends[&draining_id].flags, 0);
+
+    // Gone from the endpoints: deleted.
+    want.get_mut(&web).unwrap().backends = vec![backend(1), backend(2)];
+    maps.take_ops();
+    apply(&mut reconciler, &want, &mut maps);
+    assert!(maps.take_ops().contains(&Op::DeleteBackend(draining_id)));
 }
 
 #[test]
@@ -764,6 +828,7 @@ fn frontend(
                 }
             })
             .collect(),
+        draining: Vec::new(),
         policy: Policy::default(),
     }
 }
@@ -828,6 +893,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         DesiredService {
             name: "default/web:80".into(),
             backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
+            draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
         },
@@ -838,6 +904,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         DesiredService {
             name: "kube-system/dns:53".into(),
             backends: vec![([10, 0, 0, 53], 5353)],
+            draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
         }
@@ -935,6 +1002,7 @@ status:
         Some(&DesiredService {
             name: "shop/web:80".into(),
             backends: vec![([10, 0, 0, 1], 8080)],
+            draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
         })

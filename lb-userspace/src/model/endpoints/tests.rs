@@ -116,6 +116,38 @@ fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
     assert!(frontend.backends[0].terminating);
 }
 
+fn draining_addresses(frontend: &Frontend) -> Vec<String> {
+    frontend
+        .draining
+        .iter()
+        .map(|e| format!("{}:{}", e.address, e.port))
+        .collect()
+}
+
+/// A terminating endpoint that still serves keeps its connections while ready ones take the new
+/// ones; one that no longer serves is not kept.
+#[test]
+fn serving_endpoints_left_out_drain_instead_of_disappearing() {
+    let terminating = json!({"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}});
+    let not_serving = json!({"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false, "terminating": true}});
+    let ready = json!({"addresses": ["10.0.0.2"]});
+    let m = model(
+        &[web_service()],
+        &[web_slice("a", json!([terminating, not_serving, ready]))],
+    );
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.2:8080"]);
+    assert_eq!(draining_addresses(cluster_ip(&m)), ["10.0.0.1:8080"]);
+
+    let only_terminating = model(
+        &[web_service()],
+        &[web_slice("a", json!([terminating, not_serving]))],
+    );
+    assert!(
+        cluster_ip(&only_terminating).draining.is_empty(),
+        "the fallback uses the terminating endpoint for new connections too"
+    );
+}
+
 #[test]
 fn only_the_first_address_of_an_endpoint_counts() {
     let m = model(
@@ -302,6 +334,11 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
         addresses(cluster_ip(&m)),
         ["10.0.0.1:8080"],
         "only node-a's endpoint"
+    );
+    assert_eq!(
+        draining_addresses(cluster_ip(&m)),
+        ["10.0.0.2:8080", "10.0.0.3:8080"],
+        "the others keep the connections they have (switching the policy breaks none)"
     );
 
     let elsewhere = compute(&Input {
