@@ -10,8 +10,8 @@ use common::{Loaded, frontend};
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Stat, program_names};
-use lb_userspace::reconcile::DesiredService;
+use lb_common::{CtEntry, IPPROTO_TCP, IPPROTO_UDP, Stat, ct_direction, ct_flags, program_names};
+use lb_userspace::{datapath::conntrack_gc, reconcile::DesiredService};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -91,6 +91,21 @@ fn tcp_data(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8>
         .psh();
     let mut packet = Vec::new();
     builder.write(&mut packet, payload).unwrap();
+    packet
+}
+
+/// A FIN|ACK (or, with `reset`, a RST) of an established flow.
+fn tcp_close(src: ([u8; 4], u16), dst: ([u8; 4], u16), reset: bool) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 5000, 64240);
+    let builder = if reset {
+        builder.rst()
+    } else {
+        builder.fin().ack(1001)
+    };
+    let mut packet = Vec::new();
+    builder.write(&mut packet, &[]).unwrap();
     packet
 }
 
@@ -711,4 +726,159 @@ fn a_syn_to_a_service_without_endpoints_gets_a_reset_back() {
         &tcp_data((CLIENT, 40011), (CLUSTER_IP, 80), b"x"),
     );
     assert_eq!(verdict, TC_ACT_SHOT);
+}
+
+/// The conntrack entries of the flow from `client`, by direction: (forward, reply).
+fn flow_entries(lb: &Loaded, client: ([u8; 4], u16)) -> (Option<CtEntry>, Option<CtEntry>) {
+    let mut entries = (None, None);
+    for (key, entry) in lb.maps.conntrack.iter().map(Result::unwrap) {
+        if key.direction == ct_direction::FORWARD && (key.src_addr, key.src_port) == client {
+            entries.0 = Some(entry);
+        }
+        if key.direction == ct_direction::REPLY && (key.dst_addr, key.dst_port) == client {
+            entries.1 = Some(entry);
+        }
+    }
+    entries
+}
+
+/// A FIN or RST from either side marks the flow closing; a new SYN on the same tuple reopens it.
+#[test]
+fn fin_or_rst_from_either_side_marks_a_flow_closing() {
+    let mut lb = loaded("closing");
+    let closing = |entry: Option<CtEntry>| entry.expect("the entry exists").flags & ct_flags::CLOSING != 0;
+
+    let client = (CLIENT, 42000);
+    let (_, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_syn(client, (CLUSTER_IP, 80)),
+    );
+    let backend = addresses_with_valid_checksums(&out).1;
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_data(client, (CLUSTER_IP, 80), b"GET"),
+    );
+    let (forward, reply) = flow_entries(&lb, client);
+    assert!(
+        !closing(forward) && !closing(reply),
+        "an open flow is not closing"
+    );
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_close(client, (CLUSTER_IP, 80), false),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses_with_valid_checksums(&out).1,
+        backend,
+        "the FIN reaches the backend"
+    );
+    assert!(closing(flow_entries(&lb, client).0), "the client's FIN marks it");
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_syn(client, (CLUSTER_IP, 80)),
+    );
+    assert!(
+        !closing(flow_entries(&lb, client).0),
+        "a new SYN on the tuple reopens it"
+    );
+
+    // The backend closes: its FIN, then a RST of another flow, through to_pod.
+    for (port, reset) in [(42001, false), (42002, true)] {
+        let client = (CLIENT, port);
+        let (_, out) = run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_syn(client, (CLUSTER_IP, 80)),
+        );
+        let backend = addresses_with_valid_checksums(&out).1;
+        let (verdict, out) = run(&mut lb, program_names::TO_POD, &tcp_close(backend, client, reset));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            addresses_with_valid_checksums(&out).0,
+            (CLUSTER_IP, 80),
+            "still translated"
+        );
+        let (forward, reply) = flow_entries(&lb, client);
+        assert!(
+            !closing(forward) && closing(reply),
+            "the backend's FIN/RST marks its side"
+        );
+    }
+}
+
+/// The agent's garbage collection on the real map: each kind of flow is deleted, both
+/// directions, once idle past its own timeout, and not before.
+#[test]
+fn conntrack_gc_deletes_each_kind_of_flow_after_its_timeout() {
+    let mut lb = loaded("gc");
+    let now = conntrack_gc::monotonic_now_ns();
+    let (open, closed, dns) = ((CLIENT, 43000), (CLIENT, 43001), (CLIENT, 43002));
+    for client in [open, closed] {
+        run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_syn(client, (CLUSTER_IP, 80)),
+        );
+    }
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_close(closed, (CLUSTER_IP, 80), true),
+    );
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp(dns, (CLUSTER_IP, 53), b"q"),
+    );
+    assert_eq!(
+        lb.maps.conntrack.keys().count(),
+        6,
+        "three flows, two entries each"
+    );
+
+    let timeouts = conntrack_gc::Timeouts::default();
+    let gc_at = |lb: &mut Loaded, seconds: u64| {
+        conntrack_gc::collect(&mut lb.maps.conntrack, now + seconds * 1_000_000_000, &timeouts)
+    };
+    let tracked = |lb: &Loaded, client| flow_entries(lb, client) != (None, None);
+
+    assert!(gc_at(&mut lb, 5).is_empty(), "nothing has expired after 5 s");
+    assert_eq!(lb.maps.conntrack.keys().count(), 6);
+
+    let collected = gc_at(&mut lb, 12);
+    assert_eq!(collected, [(conntrack_gc::Reason::TcpClosed, 1)].into());
+    assert_eq!(
+        flow_entries(&lb, closed),
+        (None, None),
+        "both directions of the reset flow"
+    );
+    assert!(tracked(&lb, open) && tracked(&lb, dns));
+
+    assert_eq!(gc_at(&mut lb, 62), [(conntrack_gc::Reason::UdpIdle, 1)].into());
+    assert!(tracked(&lb, open) && !tracked(&lb, dns));
+
+    // A lone reply entry (its forward one evicted) goes with its flow too.
+    let forward_key = lb
+        .maps
+        .conntrack
+        .keys()
+        .map(Result::unwrap)
+        .find(|k| k.direction == ct_direction::FORWARD)
+        .unwrap();
+    lb.maps.conntrack.remove(&forward_key).unwrap();
+    assert_eq!(
+        gc_at(&mut lb, 3600),
+        [].into(),
+        "an established flow idle for 1 h stays"
+    );
+    assert_eq!(
+        gc_at(&mut lb, 25 * 3600),
+        [(conntrack_gc::Reason::TcpIdle, 1)].into()
+    );
+    assert_eq!(lb.maps.conntrack.keys().count(), 0, "nothing is left");
 }

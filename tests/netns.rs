@@ -756,3 +756,37 @@ fn a_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
         assert_ne!(ask(), old, "the client moved to a live pod");
     }
 }
+
+/// The agent forgets finished connections: with short timeouts, the flows of 20 closed HTTP
+/// connections leave the conntrack map and are counted as collected.
+#[test]
+fn closed_connections_are_garbage_collected_from_conntrack() {
+    let cluster = Cluster::start_with(
+        "ng",
+        &[
+            "--conntrack-gc-interval",
+            "1s",
+            "--conntrack-tcp-closing-timeout",
+            "1s",
+        ],
+    );
+    for _ in 0..20 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+    let (_, body) = scrape(&cluster, "/metrics");
+    assert!(metric(&body, "switchboard_conntrack_flows") >= 20, "{body}");
+    let collected = "switchboard_conntrack_gc_collected_total{reason=\"tcp_closed\"}";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = scrape(&cluster, "/metrics");
+        if metric(&body, collected) >= 20 && metric(&body, "switchboard_conntrack_flows") == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed flows were not collected:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("the service still works");
+}

@@ -208,6 +208,32 @@ pub mod ct_direction {
     pub const REPLY: u8 = 1;
 }
 
+/// [`CtEntry::flags`].
+pub mod ct_flags {
+    /// A TCP flow that has seen a FIN or a RST: the agent forgets it a short while after its
+    /// last packet instead of after the long established timeout.
+    pub const CLOSING: u16 = 1;
+
+    /// TCP header flag bits, as on the wire.
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    pub const TCP_ACK: u8 = 0x10;
+
+    /// An entry's flags after a TCP segment with `tcp_flags`: a FIN or RST marks the flow
+    /// closing; a pure SYN reopens it (the client reused the 5-tuple for a new connection).
+    #[inline(always)]
+    pub fn after_tcp_segment(flags: u16, tcp_flags: u8) -> u16 {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags | CLOSING
+        } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            flags & !CLOSING
+        } else {
+            flags
+        }
+    }
+}
+
 /// A flow's 5-tuple as seen in one direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -230,8 +256,10 @@ pub struct CtEntry {
     pub backend_id: BackendId,
     pub nat_addr: [u8; 4],
     pub nat_port: u16,
+    /// [`ct_flags`].
     pub flags: u16,
-    /// `bpf_ktime_get_ns()` of the last packet.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, refreshed
+    /// at most once a second.
     pub last_seen_ns: u64,
 }
 
@@ -347,6 +375,26 @@ mod tests {
             flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 1, 2, 6),
             flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 2, 1, 6)
         );
+    }
+
+    #[test]
+    fn fin_and_rst_mark_a_flow_closing_and_a_new_syn_reopens_it() {
+        use ct_flags::*;
+        assert_eq!(after_tcp_segment(0, TCP_SYN), 0);
+        assert_eq!(after_tcp_segment(0, TCP_ACK), 0);
+        assert_eq!(after_tcp_segment(0, TCP_FIN | TCP_ACK), CLOSING);
+        assert_eq!(after_tcp_segment(0, TCP_RST), CLOSING);
+        assert_eq!(
+            after_tcp_segment(CLOSING, TCP_ACK),
+            CLOSING,
+            "the last ACK stays closing"
+        );
+        assert_eq!(
+            after_tcp_segment(CLOSING, TCP_SYN | TCP_ACK),
+            CLOSING,
+            "a SYN-ACK is no new connection"
+        );
+        assert_eq!(after_tcp_segment(CLOSING, TCP_SYN), 0, "the tuple reused");
     }
 
     #[test]

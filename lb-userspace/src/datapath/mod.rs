@@ -2,6 +2,7 @@
 //! typed map handles the reconciler writes through, and attaching programs to interfaces.
 pub mod attach;
 pub mod bpffs;
+pub mod conntrack_gc;
 pub mod maps;
 
 use std::path::{Path, PathBuf};
