@@ -144,6 +144,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(client)) => tokio::spawn(source::kube::watch(
             client,
             endpoints_from,
+            args.source.node_name.clone(),
             snapshots_tx,
             metrics.clone(),
         )),

@@ -144,6 +144,7 @@ fn from_slices(
             if !usable || address.is_ipv4() != ipv4 {
                 continue;
             }
+            let hints = endpoint.hints.as_ref();
             let candidate = Endpoint {
                 address,
                 port: number,
@@ -155,6 +156,16 @@ fn from_slices(
                 node_name: endpoint.node_name.clone(),
                 zone: endpoint.zone.clone(),
                 terminating,
+                zone_hints: hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
             };
             by_address
                 .entry((address, number))
@@ -205,6 +216,8 @@ fn from_pods(
             node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             zone: None,
             terminating: state.terminating,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         });
     }
     endpoints

@@ -6,6 +6,7 @@
 mod endpoints;
 pub mod explain;
 pub mod selector;
+mod topology;
 mod validate;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
@@ -128,7 +129,8 @@ pub struct Frontend {
     /// no endpoints and connections to it fail.
     pub backends: Vec<Endpoint>,
     /// Serving endpoints that are not in `backends` (terminating while a ready one exists, or
-    /// left out by a traffic policy): they keep the connections they have but get no new one.
+    /// left out by a traffic policy or topology hints): they keep the connections they have but
+    /// get no new one.
     pub draining: Vec<Endpoint>,
     pub policy: Policy,
     /// The Service's `switchboard.io/lb-algorithm` annotation; `None`: the agent's default.
@@ -146,6 +148,10 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// Serving but terminating: used only while no ready endpoint exists.
     pub terminating: bool,
+    /// `hints.forZones`: the zones whose nodes should use it (topology-aware routing).
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes`: the nodes that should use it.
+    pub node_hints: Vec<String>,
 }
 
 /// The per-Service settings a frontend carries to the datapath.
@@ -201,6 +207,8 @@ pub struct Input<'a> {
     pub endpoints_from: EndpointsFrom,
     /// This node's name, for traffic policies `Local`; without it no endpoint is local.
     pub node_name: Option<&'a str>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
+    pub zone: Option<&'a str>,
 }
 
 /// Computes every frontend from Services and the Pods their selectors match.
@@ -211,6 +219,7 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
         endpoint_slices: &[],
         endpoints_from: EndpointsFrom::Pods,
         node_name: None,
+        zone: None,
     })
 }
 
@@ -293,6 +302,8 @@ pub fn compute(input: &Input<'_>) -> Model {
                 if local {
                     candidates
                         .retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
+                } else {
+                    candidates = topology::filter(candidates, input.node_name, input.zone);
                 }
                 let backends = endpoints::usable(candidates);
                 let draining = endpoints::draining(serving, &backends);

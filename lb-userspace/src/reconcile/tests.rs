@@ -825,6 +825,8 @@ fn frontend(
                     node_name: None,
                     zone: None,
                     terminating: false,
+                    zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
                 }
             })
             .collect(),

@@ -49,6 +49,7 @@ fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
         endpoint_slices: slices,
         endpoints_from: EndpointsFrom::Slices,
         node_name: Some("node-a"),
+        zone: None,
     })
 }
 
@@ -253,6 +254,7 @@ fn a_service_without_selector_takes_its_endpoints_from_slices_even_in_pods_mode(
         endpoint_slices: &[web_slice("manual", json!([{"addresses": ["192.0.2.7"]}]))],
         endpoints_from: EndpointsFrom::Pods,
         node_name: None,
+        zone: None,
     });
     assert_eq!(addresses(cluster_ip(&m)), ["192.0.2.7:8080"]);
 }
@@ -347,6 +349,7 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
         endpoint_slices: &[web_slice("a", endpoints.clone())],
         endpoints_from: EndpointsFrom::Slices,
         node_name: Some("node-c"),
+        zone: None,
     });
     assert!(
         cluster_ip(&elsewhere).backends.is_empty(),
@@ -386,6 +389,7 @@ fn a_local_policy_without_a_node_name_is_warned_about() {
         endpoint_slices: &[],
         endpoints_from: EndpointsFrom::Slices,
         node_name: None,
+        zone: None,
     });
     assert!(
         m.warnings.iter().any(|w| w.message.contains("--node-name")),
@@ -407,4 +411,59 @@ fn an_invalid_service_from_any_source_is_warned_about_by_name_and_left_out() {
         m.warnings
     );
     assert_eq!(m.frontends.len(), 1, "the valid Service is still there");
+}
+
+fn model_in_zone(services: &[Service], slices: &[EndpointSlice], zone: Option<&str>) -> Model {
+    compute(&Input {
+        services,
+        pods: &[],
+        endpoint_slices: slices,
+        endpoints_from: EndpointsFrom::Slices,
+        node_name: Some("node-a"),
+        zone,
+    })
+}
+
+/// EndpointSlice hints, end to end: this zone's endpoints take new connections, the others
+/// drain; hints are ignored when one ready endpoint lacks them, and under traffic policy Local.
+#[test]
+fn topology_hints_route_to_this_zones_endpoints() {
+    let hinted = json!([
+        {"addresses": ["10.0.0.1"], "zone": "zone-a", "hints": {"forZones": [{"name": "zone-a"}]}},
+        {"addresses": ["10.0.0.2"], "zone": "zone-b", "hints": {"forZones": [{"name": "zone-b"}]}},
+        {"addresses": ["10.0.0.3"], "nodeName": "node-a", "zone": "zone-b", "hints": {"forZones": [{"name": "zone-b"}]}},
+    ]);
+    let slices = [web_slice("a", hinted.clone())];
+    let m = model_in_zone(&[web_service()], &slices, Some("zone-b"));
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.2:8080", "10.0.0.3:8080"]);
+    assert_eq!(draining_addresses(cluster_ip(&m)), ["10.0.0.1:8080"]);
+    let nowhere = model_in_zone(&[web_service()], &slices, Some("zone-z"));
+    assert_eq!(addresses(cluster_ip(&nowhere)).len(), 3, "no endpoint for zone-z");
+
+    let node_hinted = json!([
+        {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-a"}]}},
+        {"addresses": ["10.0.0.2"], "hints": {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-b"}]}},
+    ]);
+    let m = model_in_zone(&[web_service()], &[web_slice("a", node_hinted)], Some("zone-a"));
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080"], "forNodes first");
+
+    let mut partly = hinted.as_array().unwrap().clone();
+    partly.push(json!({"addresses": ["10.0.0.4"]}));
+    let m = model_in_zone(&[web_service()], &[web_slice("a", json!(partly))], Some("zone-b"));
+    assert_eq!(
+        addresses(cluster_ip(&m)).len(),
+        4,
+        "a ready endpoint without hints"
+    );
+
+    let local = service(
+        json!({"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "internalTrafficPolicy": "Local",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+    );
+    let m = model_in_zone(&[local], &slices, Some("zone-a"));
+    assert_eq!(
+        addresses(cluster_ip(&m)),
+        ["10.0.0.3:8080"],
+        "traffic policy Local uses this node's endpoint whatever its hints"
+    );
 }
