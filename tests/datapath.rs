@@ -10,7 +10,9 @@ use common::{Loaded, frontend};
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
-use lb_common::{CtEntry, IPPROTO_TCP, IPPROTO_UDP, Stat, ct_direction, ct_flags, program_names};
+use lb_common::{
+    CtEntry, IPPROTO_TCP, IPPROTO_UDP, RejectLimit, Stat, ct_direction, ct_flags, program_names,
+};
 use lb_userspace::{datapath::conntrack_gc, reconcile::DesiredService};
 
 const TC_ACT_OK: u32 = 0;
@@ -881,4 +883,51 @@ fn conntrack_gc_deletes_each_kind_of_flow_after_its_timeout() {
         [(conntrack_gc::Reason::TcpIdle, 1)].into()
     );
     assert_eq!(lb.maps.conntrack.keys().count(), 0, "nothing is left");
+}
+
+/// Refusals are rate-limited: beyond the burst (and what the rate earns meanwhile) a SYN or
+/// datagram to a service without endpoints is dropped, not answered, and counted.
+#[test]
+fn refusals_beyond_the_rate_limit_are_dropped() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    // The buckets are per CPU: stay on one, so every packet meets the same bucket.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    let mut lb = loaded("ratelimit");
+    lb.program(&[
+        (frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[]),
+        (frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[]),
+    ]);
+    lb.datapath
+        .set_reject_limit(RejectLimit::per_second(1, 5))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    for i in 0..30u16 {
+        let packet = if i % 2 == 0 {
+            tcp_syn((CLIENT, 44000 + i), (CLUSTER_IP, 80))
+        } else {
+            udp((CLIENT, 44000 + i), (CLUSTER_IP, 53), b"q")
+        };
+        match run(&mut lb, program_names::FROM_POD, &packet).0 {
+            TC_ACT_REDIRECT => answered += 1,
+            verdict => assert_eq!(verdict, TC_ACT_SHOT, "beyond the limit: dropped"),
+        }
+    }
+    // One more reply per second that passed while sending.
+    let earned = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (5..=5 + earned).contains(&answered),
+        "the burst of 5 is answered, then about one a second: {answered}"
+    );
+    assert_eq!(
+        lb.maps.stat(Stat::RejectRateLimited).unwrap() as usize,
+        30 - answered
+    );
+    assert_eq!(
+        lb.maps.stat(Stat::NoBackend).unwrap(),
+        30,
+        "every one counted as refused"
+    );
 }

@@ -17,6 +17,11 @@ pub mod map_names {
     pub const STATS: &str = "SB_STATS";
     pub const MAGLEV: &str = "SB_MAGLEV";
     pub const AFFINITY: &str = "SB_AFFINITY";
+    /// The rate limit of RST/ICMP replies (written by the agent at start; not pinned).
+    pub const REJECT_LIMIT: &str = "SB_REJECT_LIMIT";
+    /// Per-CPU token buckets of that limit (not pinned).
+    pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
+    /// The maps pinned under their names.
     pub const ALL: [&str; 7] = [
         SERVICES,
         BACKEND_SLOTS,
@@ -263,6 +268,61 @@ pub struct CtEntry {
     pub last_seen_ns: u64,
 }
 
+/// How many RST / ICMP unreachable replies the datapath may generate: a token bucket per CPU,
+/// kept in nanoseconds of credit so the datapath never divides. All zero: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectLimit {
+    /// Credit one reply costs: a second over the rate.
+    pub interval_ns: u64,
+    /// Most credit a bucket holds: `burst` replies.
+    pub burst_ns: u64,
+}
+
+impl RejectLimit {
+    /// `rate` replies per second and CPU, up to `burst` at once. A rate of 0: no limit.
+    pub const fn per_second(rate: u32, burst: u32) -> Self {
+        if rate == 0 {
+            return Self {
+                interval_ns: 0,
+                burst_ns: 0,
+            };
+        }
+        let interval_ns = 1_000_000_000 / rate as u64;
+        Self {
+            interval_ns,
+            burst_ns: interval_ns * burst as u64,
+        }
+    }
+}
+
+/// One CPU's bucket of [`RejectLimit`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+impl RejectBucket {
+    /// Whether one more reply may go out at `now_ns`, taking its credit if so. A fresh bucket
+    /// starts full.
+    #[inline(always)]
+    pub fn take(&mut self, limit: &RejectLimit, now_ns: u64) -> bool {
+        if limit.interval_ns == 0 {
+            return true;
+        }
+        let earned = now_ns.wrapping_sub(self.last_ns);
+        self.credit_ns = self.credit_ns.saturating_add(earned).min(limit.burst_ns);
+        self.last_ns = now_ns;
+        if self.credit_ns < limit.interval_ns {
+            return false;
+        }
+        self.credit_ns -= limit.interval_ns;
+        true
+    }
+}
+
 /// Indexes of the per-CPU datapath counters in [`map_names::STATS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,10 +340,12 @@ pub enum Stat {
     ReplyPackets = 4,
     /// Conntrack inserts that failed (the map refused the entry).
     CtInsertFailed = 5,
+    /// RST or ICMP unreachable replies not sent (the packet dropped) because of the rate limit.
+    RejectRateLimited = 6,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -291,6 +353,7 @@ impl Stat {
         Stat::NoBackend,
         Stat::ReplyPackets,
         Stat::CtInsertFailed,
+        Stat::RejectRateLimited,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -303,6 +366,7 @@ impl Stat {
             }
             Stat::ReplyPackets => "Replies translated back to the frontend",
             Stat::CtInsertFailed => "Conntrack entries the map refused",
+            Stat::RejectRateLimited => "Refusals dropped instead of answered (RST/ICMP rate limit)",
         }
     }
 
@@ -314,6 +378,7 @@ impl Stat {
             Stat::NoBackend => "no_backend_drops",
             Stat::ReplyPackets => "reply_packets",
             Stat::CtInsertFailed => "conntrack_insert_failures",
+            Stat::RejectRateLimited => "rate_limited_rejects",
         }
     }
 }
@@ -332,6 +397,8 @@ mod pod_impls {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for RejectLimit {}
+    unsafe impl aya::Pod for RejectBucket {}
 }
 
 #[cfg(test)]
@@ -395,6 +462,27 @@ mod tests {
             "a SYN-ACK is no new connection"
         );
         assert_eq!(after_tcp_segment(CLOSING, TCP_SYN), 0, "the tuple reused");
+    }
+
+    #[test]
+    fn the_reject_bucket_allows_a_burst_then_the_rate() {
+        const MS: u64 = 1_000_000;
+        let limit = RejectLimit::per_second(100, 5);
+        let mut bucket = RejectBucket::default();
+        let start = 1_000_000 * MS;
+        let burst = (0..20).filter(|_| bucket.take(&limit, start)).count();
+        assert_eq!(burst, 5, "a fresh bucket holds the burst");
+        assert!(
+            !bucket.take(&limit, start + 9 * MS),
+            "10 ms earn one reply, 9 do not"
+        );
+        assert!(bucket.take(&limit, start + 10 * MS));
+        let later = (0..20)
+            .filter(|_| bucket.take(&limit, start + 10_000 * MS))
+            .count();
+        assert_eq!(later, 5, "credit never exceeds the burst");
+        let mut unlimited = RejectBucket::default();
+        assert!((0..1000).all(|_| unlimited.take(&RejectLimit::default(), start)));
     }
 
     #[test]

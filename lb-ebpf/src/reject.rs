@@ -1,16 +1,47 @@
 //! Refusing a connection to a service without endpoints the way a closed port does: a TCP SYN
 //! gets a RST back, a UDP datagram an ICMP port unreachable, at once, so the client sees
 //! "connection refused" instead of a timeout. Both are sent back out of the interface the packet
-//! came in on, towards the pod.
+//! came in on, towards the pod. Replies are rate-limited per CPU (`SB_REJECT_LIMIT`).
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    btf_maps::{Array, PerCpuArray},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    macros::btf_map,
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, checksum_add, checksum_fold, tcp_ipv4_checksum};
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, RejectBucket, RejectLimit, Stat, checksum_add, checksum_fold, tcp_ipv4_checksum,
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
-use crate::packet::Flow;
+use crate::{maps::count, packet::Flow};
+
+/// The rate limit of replies, written by the agent at start (all zero: none).
+#[btf_map]
+pub static SB_REJECT_LIMIT: Array<RejectLimit, 1> = Array::new();
+
+/// Each CPU's token bucket: per CPU, so that refusing a flood costs no shared cache line.
+#[btf_map]
+pub static SB_REJECT_TOKENS: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
+
+/// Whether one more reply may be generated now; a refused one is counted, and its packet is
+/// dropped: a flood towards a dead service must not turn into a flood of replies.
+#[inline(always)]
+fn within_rate() -> bool {
+    // SAFETY: copied out at once.
+    let limit = unsafe { SB_REJECT_LIMIT.get(0).copied() }.unwrap_or_default();
+    let Some(bucket) = SB_REJECT_TOKENS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's bucket; nothing else on this CPU runs while this program does.
+    if unsafe { (*bucket).take(&limit, now) } {
+        return true;
+    }
+    count(Stat::RejectRateLimited);
+    false
+}
 
 const RST_ACK: u8 = 0x14;
 /// Ethernet, a 20-byte IPv4 header, a 20-byte TCP header.
@@ -30,6 +61,9 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     let tcp: TcpHdr = ctx.load(flow.l4_off).ok()?;
     if tcp.syn() == 0 || tcp.ack() != 0 || tcp.rst() != 0 {
         return None;
+    }
+    if !within_rate() {
+        return Some(TC_ACT_SHOT);
     }
     let eth: EthHdr = ctx.load(0).ok()?;
     let acknowledged = u32::from_be_bytes(tcp.seq).wrapping_add(1);
@@ -58,6 +92,9 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     if flow.proto != IPPROTO_UDP || flow.l4_off != EthHdr::LEN + Ipv4Hdr::LEN {
         return None;
+    }
+    if !within_rate() {
+        return Some(TC_ACT_SHOT);
     }
     let eth: EthHdr = ctx.load(0).ok()?;
     let quoted_ip: [u8; 20] = ctx.load(EthHdr::LEN).ok()?;

@@ -2,6 +2,7 @@
 use std::{collections::BTreeSet, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
+use lb_common::RejectLimit;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, watch},
@@ -66,6 +67,14 @@ pub struct Args {
     /// How long a UDP flow may stay idle before it is forgotten.
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub conntrack_udp_timeout: Duration,
+    /// RST / ICMP unreachable replies (connections refused for want of an endpoint or port)
+    /// each CPU may send per second; beyond it, and a burst of --reject-burst, the packets are
+    /// dropped. 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_REJECT_RATE", default_value_t = 1000)]
+    pub reject_rate: u32,
+    /// Replies each CPU may send at once above --reject-rate.
+    #[arg(long, env = "SWITCHBOARD_REJECT_BURST", default_value_t = 200)]
+    pub reject_burst: u32,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -108,6 +117,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
 
     let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
+    datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
     let mut maps = datapath.maps()?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(

@@ -45,7 +45,10 @@ pub fn drop_incompatible_pins(pin_dir: &Path) -> anyhow::Result<()> {
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
-        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
+        // The counters array also grows with each new counter.
+        let entries_differ = name == map_names::STATS && info.max_entries() != Stat::COUNT;
+        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) || entries_differ
+        {
             tracing::warn!(
                 map = name,
                 "pinned map has another layout; recreating it (its entries are lost)"
