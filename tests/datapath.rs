@@ -371,18 +371,10 @@ fn packets_that_are_not_service_traffic_pass_byte_identical() {
             .unwrap();
         packet
     };
-    let cases: [(&str, Vec<u8>); 7] = [
+    let cases: [(&str, Vec<u8>); 5] = [
         (
             "another destination",
             tcp_syn((CLIENT, 40000), ([10, 244, 0, 11], 80)),
-        ),
-        (
-            "the ClusterIP on another port",
-            tcp_syn((CLIENT, 40000), (CLUSTER_IP, 81)),
-        ),
-        (
-            "UDP to a TCP-only port",
-            udp((CLIENT, 40000), (CLUSTER_IP, 80), b"x"),
         ),
         (
             "a reply of no tracked flow",
@@ -617,6 +609,7 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
         web,
         DesiredService {
             name: "test/web".into(),
+            cluster_ip: true,
             backends: BACKENDS.to_vec(),
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
@@ -684,6 +677,54 @@ fn affinity_expires_after_its_timeout() {
         choices.len() > 1,
         "after the timeout the client is balanced again: {choices:?}"
     );
+}
+
+/// A ClusterIP reached on a port its Service does not define is refused as a closed port would
+/// be (TCP and UDP), never routed on; once no Service has the address, it passes untouched.
+#[test]
+fn a_cluster_ip_on_a_port_no_service_defines_is_refused() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut lb = loaded("undefined");
+    let syn = tcp_syn((CLIENT, 40020), (CLUSTER_IP, 81));
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "answered, back towards the pod");
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(TransportHeader::Tcp(tcp)) = &headers.transport else {
+        panic!("not TCP: {headers:?}")
+    };
+    assert!(tcp.rst && tcp.ack, "RST|ACK");
+    assert_eq!(
+        addresses_with_valid_checksums(&out),
+        ((CLUSTER_IP, 81), (CLIENT, 40020))
+    );
+
+    // UDP to a port the Service has only for TCP.
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp((CLIENT, 40021), (CLUSTER_IP, 80), b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    assert!(
+        matches!(&headers.transport, Some(TransportHeader::Icmpv4(icmp)) if icmp.icmp_type
+            == etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)),
+        "ICMP port unreachable: {headers:?}"
+    );
+
+    let (verdict, _) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_data((CLIENT, 40022), (CLUSTER_IP, 81), b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "mid-stream: dropped, not routed");
+    assert_eq!(lb.maps.stat(Stat::UndefinedPort).unwrap(), 3);
+    assert_eq!(lb.maps.stat(Stat::NewFlows).unwrap(), 0);
+
+    lb.program(&[]);
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, syn, "no longer a ClusterIP: untouched");
 }
 
 /// A SYN to a service without endpoints is answered at once with a RST from the frontend, sent

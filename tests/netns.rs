@@ -790,3 +790,35 @@ fn closed_connections_are_garbage_collected_from_conntrack() {
     }
     servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("the service still works");
 }
+
+/// A ClusterIP dialled on a port its Service does not define: refused at once, for TCP and UDP,
+/// as a closed port would be (kube-proxy rejects these too), while its defined ports work.
+#[test]
+fn a_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
+    let cluster = Cluster::start("np");
+    let target = SocketAddr::from((WEB, 81));
+    let started = Instant::now();
+    let error = cluster
+        .client()
+        .run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
+        .unwrap()
+        .expect_err("nothing serves port 81 of the ClusterIP");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "refused within 100 ms, took {:?}",
+        started.elapsed()
+    );
+    let socket = cluster
+        .client()
+        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .unwrap()
+        .unwrap();
+    // 80 is the Service's port for TCP only.
+    socket.connect((WEB, 80)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    socket.send(b"anyone?").unwrap();
+    let error = socket.recv(&mut [0u8; 64]).expect_err("no UDP port 80");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("port 80/TCP still works");
+}

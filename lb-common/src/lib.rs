@@ -17,12 +17,13 @@ pub mod map_names {
     pub const STATS: &str = "SB_STATS";
     pub const MAGLEV: &str = "SB_MAGLEV";
     pub const AFFINITY: &str = "SB_AFFINITY";
+    pub const CLUSTER_IPS: &str = "SB_CLUSTER_IPS";
     /// The rate limit of RST/ICMP replies (written by the agent at start; not pinned).
     pub const REJECT_LIMIT: &str = "SB_REJECT_LIMIT";
     /// Per-CPU token buckets of that limit (not pinned).
     pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
     /// The maps pinned under their names.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -30,6 +31,7 @@ pub mod map_names {
         STATS,
         MAGLEV,
         AFFINITY,
+        CLUSTER_IPS,
     ];
 }
 
@@ -89,6 +91,15 @@ pub struct ServiceInfo {
     /// With [`service_flags::AFFINITY`]: how long a client sticks to its backend after its last
     /// new connection, in seconds.
     pub affinity_timeout_s: u32,
+}
+
+/// A ClusterIP, whatever the port: the key of [`map_names::CLUSTER_IPS`], whose value is how
+/// many frontends the address has. A packet to a ClusterIP on a port no frontend defines is
+/// refused like one to a closed port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterIpKey {
+    pub addr: [u8; 4],
 }
 
 pub mod service_flags {
@@ -342,10 +353,12 @@ pub enum Stat {
     CtInsertFailed = 5,
     /// RST or ICMP unreachable replies not sent (the packet dropped) because of the rate limit.
     RejectRateLimited = 6,
+    /// Packets to a ClusterIP on a port its Service does not define: refused like [`Stat::NoBackend`].
+    UndefinedPort = 7,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -354,6 +367,7 @@ impl Stat {
         Stat::ReplyPackets,
         Stat::CtInsertFailed,
         Stat::RejectRateLimited,
+        Stat::UndefinedPort,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -367,6 +381,9 @@ impl Stat {
             Stat::ReplyPackets => "Replies translated back to the frontend",
             Stat::CtInsertFailed => "Conntrack entries the map refused",
             Stat::RejectRateLimited => "Refusals dropped instead of answered (RST/ICMP rate limit)",
+            Stat::UndefinedPort => {
+                "Packets to a ClusterIP on a port its Service does not define (refused with a RST or ICMP port unreachable, or dropped)"
+            }
         }
     }
 
@@ -379,6 +396,7 @@ impl Stat {
             Stat::ReplyPackets => "reply_packets",
             Stat::CtInsertFailed => "conntrack_insert_failures",
             Stat::RejectRateLimited => "rate_limited_rejects",
+            Stat::UndefinedPort => "undefined_port_drops",
         }
     }
 }
@@ -397,6 +415,7 @@ mod pod_impls {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
+    unsafe impl aya::Pod for ClusterIpKey {}
     unsafe impl aya::Pod for RejectLimit {}
     unsafe impl aya::Pod for RejectBucket {}
 }

@@ -33,6 +33,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         pad: 0,
     };
     let Some(service) = service::lookup(&frontend) else {
+        if service::is_cluster_ip(flow.dst_addr) {
+            // A port the Service does not define: refused, never routed to the ClusterIP.
+            count(Stat::UndefinedPort);
+            return reject::refuse(&ctx, &flow);
+        }
         return TC_ACT_OK;
     };
     let backend = match conntrack::forward(&flow, &service) {
@@ -44,11 +49,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             }
             None => {
                 count(Stat::NoBackend);
-                // Refused as by a closed port (a SYN gets a RST, UDP an ICMP port
-                // unreachable); anything else, such as a mid-stream TCP segment, is dropped.
-                return reject::tcp_reset(&ctx, &flow)
-                    .or_else(|| reject::port_unreachable(&ctx, &flow))
-                    .unwrap_or(TC_ACT_SHOT);
+                return reject::refuse(&ctx, &flow);
             }
         },
     };

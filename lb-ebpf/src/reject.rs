@@ -50,6 +50,15 @@ const RST_LEN: u32 = 54;
 const UNREACHABLE_LEN: u32 = 14 + 20 + 8 + 20 + 8;
 const IPPROTO_ICMP: u8 = 1;
 
+/// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram an ICMP port
+/// unreachable; anything else (a mid-stream TCP segment) is dropped.
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, flow: &Flow) -> i32 {
+    tcp_reset(ctx, flow)
+        .or_else(|| port_unreachable(ctx, flow))
+        .unwrap_or(TC_ACT_SHOT)
+}
+
 /// Rewrites a pure SYN (no ACK, no RST, no IP options) into the RST|ACK its destination would
 /// answer with and sends it back out of the interface it came in on, towards the pod. `None`:
 /// not such a SYN, left to the caller (which drops it).

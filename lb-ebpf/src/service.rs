@@ -1,14 +1,30 @@
 //! Service lookup and backend choice.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    btf_maps::HashMap,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::btf_map,
+};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, backend_flags,
-    flow_hash, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, ServiceInfo, ServiceKey, SlotKey,
+    backend_flags, capacity, flow_hash, service_flags,
 };
 
 use crate::{
     maps::{SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_MAGLEV, SB_SERVICES},
     packet::Flow,
 };
+
+/// Every ClusterIP (→ its number of frontends), whatever the port.
+#[btf_map]
+pub static SB_CLUSTER_IPS: HashMap<ClusterIpKey, u32, { capacity::SERVICES as usize }> = HashMap::new();
+
+/// Whether `addr` is a ClusterIP: a packet to it that matched no frontend is for a port its
+/// Service does not define.
+#[inline(always)]
+pub fn is_cluster_ip(addr: [u8; 4]) -> bool {
+    // SAFETY: only the presence is read.
+    unsafe { SB_CLUSTER_IPS.get(ClusterIpKey { addr }) }.is_some()
+}
 
 #[inline(always)]
 pub fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {

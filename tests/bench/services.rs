@@ -69,6 +69,7 @@ pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
         .map(|port| {
             let service = DesiredService {
                 name: format!("{}/{}:{}", port.namespace, port.name, port.port),
+                cluster_ip: true,
                 backends: port
                     .endpoints
                     .iter()

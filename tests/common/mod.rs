@@ -67,6 +67,7 @@ impl Loaded {
             .map(|(key, backends)| {
                 let service = DesiredService {
                     name: format!("test/{key:?}"),
+                    cluster_ip: true,
                     backends: backends.to_vec(),
                     draining: Vec::new(),
                     maglev,

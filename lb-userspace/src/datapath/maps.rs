@@ -8,14 +8,14 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo,
-    ServiceKey, SlotKey, Stat, map_names, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, MAGLEV_TABLE_FLAGS,
+    ServiceInfo, ServiceKey, SlotKey, Stat, map_names, service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 7] = [
+const LAYOUTS: [(&str, usize, usize); 8] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -34,6 +34,11 @@ const LAYOUTS: [(&str, usize, usize); 7] = [
         map_names::AFFINITY,
         size_of::<AffinityKey>(),
         size_of::<AffinityEntry>(),
+    ),
+    (
+        map_names::CLUSTER_IPS,
+        size_of::<ClusterIpKey>(),
+        size_of::<u32>(),
     ),
 ];
 
@@ -66,6 +71,7 @@ pub struct ServiceMaps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
+    pub cluster_ips: HashMap<MapData, ClusterIpKey, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -96,6 +102,7 @@ impl ServiceMaps {
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
             maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
+            cluster_ips: open(pin_dir, map_names::CLUSTER_IPS)?.try_into()?,
         })
     }
 
@@ -130,6 +137,11 @@ impl ServiceMaps {
             slots,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             maglev,
+            cluster_ips: self
+                .cluster_ips
+                .iter()
+                .map(|entry| entry.map(|(key, frontends)| (key.addr, frontends)))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -192,6 +204,18 @@ impl MapWriter for ServiceMaps {
 
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
         self.maglev.remove(&service_id).map_err(failed(map_names::MAGLEV))
+    }
+
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
+        self.cluster_ips
+            .insert(ClusterIpKey { addr }, frontends, 0)
+            .map_err(failed(map_names::CLUSTER_IPS))
+    }
+
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
+        self.cluster_ips
+            .remove(&ClusterIpKey { addr })
+            .map_err(failed(map_names::CLUSTER_IPS))
     }
 }
 

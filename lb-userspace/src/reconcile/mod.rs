@@ -24,6 +24,9 @@ pub trait MapWriter {
     /// Writes a complete Maglev table for `service_id` and swaps it in for the old one.
     fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError>;
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
+    /// Marks `addr` as a ClusterIP with `frontends` frontends.
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError>;
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,8 @@ pub struct Programmed {
     pub backends: BTreeMap<BackendId, Backend>,
     /// Services with a Maglev table, and what it was built from.
     pub maglev: BTreeMap<u32, MaglevInput>,
+    /// ClusterIPs → how many frontends each has.
+    pub cluster_ips: BTreeMap<[u8; 4], u32>,
 }
 
 /// What a Maglev table is a function of: its size and the service's backends (ids, sorted).
@@ -110,6 +115,12 @@ impl Reconciler {
         maps: &mut impl MapWriter,
     ) -> Report {
         let mut report = Report::default();
+        // ClusterIPs first, so a new Service's undefined ports are refused from its first packet
+        // on; a removed one's addresses last, so they stay refused until its frontends are gone.
+        let cluster_ips = cluster_ips(desired);
+        if let Err(error) = self.put_cluster_ips(&cluster_ips, maps, &mut report) {
+            report.failed.push(("ClusterIPs".to_owned(), error));
+        }
         // Built on first need: an apply that changes nothing never scans the backends.
         let mut index: Option<Index> = None;
         for (key, service) in desired {
@@ -141,6 +152,9 @@ impl Reconciler {
                 report.failed.push((format!("removed frontend {key:?}"), error));
             }
         }
+        if let Err(error) = self.delete_cluster_ips(&cluster_ips, maps, &mut report) {
+            report.failed.push(("removed ClusterIPs".to_owned(), error));
+        }
         if self.orphans_possible || !report.failed.is_empty() {
             match self.remove_orphans(maps, &mut report) {
                 Ok(()) => self.orphans_possible = !report.failed.is_empty(),
@@ -148,6 +162,43 @@ impl Reconciler {
             }
         }
         report
+    }
+
+    fn put_cluster_ips(
+        &mut self,
+        wanted: &BTreeMap<[u8; 4], u32>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        for (&addr, &frontends) in wanted {
+            if self.programmed.cluster_ips.get(&addr) != Some(&frontends) {
+                maps.put_cluster_ip(addr, frontends)?;
+                self.programmed.cluster_ips.insert(addr, frontends);
+                report.writes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_cluster_ips(
+        &mut self,
+        wanted: &BTreeMap<[u8; 4], u32>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        let stale: Vec<[u8; 4]> = self
+            .programmed
+            .cluster_ips
+            .keys()
+            .filter(|addr| !wanted.contains_key(*addr))
+            .copied()
+            .collect();
+        for addr in stale {
+            maps.delete_cluster_ip(addr)?;
+            self.programmed.cluster_ips.remove(&addr);
+            report.deletes += 1;
+        }
+        Ok(())
     }
 
     /// Tables, slots and backends whose service has no entry: what a new service that failed part-way
@@ -424,6 +475,15 @@ impl Reconciler {
         let backends = &self.programmed.backends;
         next_free(&mut self.next_backend_id, |id| backends.contains_key(&id))
     }
+}
+
+/// Each ClusterIP of `desired`, with how many of its frontends it has.
+fn cluster_ips(desired: &BTreeMap<ServiceKey, DesiredService>) -> BTreeMap<[u8; 4], u32> {
+    let mut ips = BTreeMap::new();
+    for key in desired.iter().filter(|(_, s)| s.cluster_ip).map(|(key, _)| key) {
+        *ips.entry(key.addr).or_default() += 1;
+    }
+    ips
 }
 
 /// What one apply looks up per service, built once from the programmed state so that an apply

@@ -13,6 +13,8 @@ pub type BackendAddr = ([u8; 4], u16);
 pub struct DesiredService {
     /// `namespace/name:port` for logs and status.
     pub name: String,
+    /// A ClusterIP frontend: the address's ports that no frontend defines are refused.
+    pub cluster_ip: bool,
     /// Backend addresses and ports, in slot order.
     pub backends: Vec<BackendAddr>,
     /// Backends kept for the flows they have, never chosen for a new one (terminating
@@ -82,6 +84,7 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
             key,
             DesiredService {
                 name,
+                cluster_ip: frontend.kind == FrontendKind::ClusterIp,
                 backends: ipv4(&frontend.backends),
                 draining: ipv4(&frontend.draining),
                 maglev,

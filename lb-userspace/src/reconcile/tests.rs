@@ -16,6 +16,8 @@ enum Op {
     DeleteService(ServiceKey),
     PutMaglev(u32),
     DeleteMaglev(u32),
+    PutClusterIp([u8; 4]),
+    DeleteClusterIp([u8; 4]),
 }
 
 /// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
@@ -139,6 +141,21 @@ impl MapWriter for Recorder {
         self.ops.push(Op::DeleteMaglev(service_id));
         Ok(())
     }
+
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
+        self.ops.push(Op::PutClusterIp(addr));
+        self.state.cluster_ips.insert(addr, frontends);
+        Ok(())
+    }
+
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
+        self.state
+            .cluster_ips
+            .remove(&addr)
+            .ok_or_else(|| missing(map_names::CLUSTER_IPS))?;
+        self.ops.push(Op::DeleteClusterIp(addr));
+        Ok(())
+    }
 }
 
 /// Applies and checks that the reconciler's idea of the maps is what the maps hold.
@@ -177,6 +194,7 @@ fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<Servic
                 *key,
                 DesiredService {
                     name: (*name).to_owned(),
+                    cluster_ip: true,
                     backends: backends.clone(),
                     draining: Vec::new(),
                     maglev: None,
@@ -244,8 +262,8 @@ fn add_writes_backends_then_slots_then_the_service_entry() {
     );
     assert_eq!(
         report.writes,
-        3 + 3 + 1 + 1 + 1 + 1,
-        "backends, slots and entries of both services"
+        3 + 3 + 1 + 1 + 1 + 1 + 2,
+        "backends, slots and entries of both services, and their ClusterIPs"
     );
     assert_eq!(report.deletes, 0);
 
@@ -315,7 +333,10 @@ fn service_without_backends_gets_an_entry_with_zero_count() {
         &mut maps,
     );
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(maps.take_ops(), vec![Op::PutService(web)]);
+    assert_eq!(
+        maps.take_ops(),
+        vec![Op::PutClusterIp(web.addr), Op::PutService(web)]
+    );
     assert_eq!(service_info(&maps.state, web).backend_count, 0);
 }
 
@@ -380,6 +401,36 @@ fn a_backend_that_starts_draining_keeps_its_id_and_leaves_the_slots_first() {
     maps.take_ops();
     apply(&mut reconciler, &want, &mut maps);
     assert!(maps.take_ops().contains(&Op::DeleteBackend(draining_id)));
+}
+
+/// Each ClusterIP is marked before its frontends are written, and unmarked only after the last
+/// of them is gone.
+#[test]
+fn cluster_ips_are_marked_before_their_frontends_and_unmarked_after() {
+    let (web_http, web_https) = (key(10, 80), key(10, 443));
+    let mut want = desired(&[
+        (web_http, "default/web:80", vec![backend(1)]),
+        (web_https, "default/web:443", vec![backend(1)]),
+    ]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let ops = maps.take_ops();
+    let marked = position(&ops, Op::PutClusterIp(web_http.addr));
+    assert!(marked < position(&ops, Op::PutService(web_http)), "{ops:?}");
+    assert_eq!(reconciler.programmed().cluster_ips, [(web_http.addr, 2)].into());
+
+    want.remove(&web_https);
+    apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(reconciler.programmed().cluster_ips, [(web_http.addr, 1)].into());
+    want.clear();
+    apply(&mut reconciler, &want, &mut maps);
+    let ops = maps.take_ops();
+    assert!(
+        position(&ops, Op::DeleteService(web_http)) < position(&ops, Op::DeleteClusterIp(web_http.addr)),
+        "{ops:?}"
+    );
+    assert!(reconciler.programmed().cluster_ips.is_empty());
 }
 
 #[test]
@@ -520,7 +571,11 @@ fn removing_a_service_deletes_its_entry_then_slots_then_backends() {
         &mut maps,
     );
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!((report.writes, report.deletes), (0, 1 + 2 + 2));
+    assert_eq!(
+        (report.writes, report.deletes),
+        (0, 1 + 2 + 2 + 1),
+        "entry, slots, backends, ClusterIP"
+    );
     let ops = maps.take_ops();
     assert_eq!(ops[0], Op::DeleteService(web), "the entry goes first: {ops:?}");
     let slots: Vec<usize> = (0..2)
@@ -542,7 +597,12 @@ fn removing_a_service_deletes_its_entry_then_slots_then_backends() {
         slots.iter().max() < backends.iter().min(),
         "slots are deleted before backends: {ops:?}"
     );
-    assert_eq!(ops.len(), 5, "nothing of default/api is touched: {ops:?}");
+    assert_eq!(
+        ops.last(),
+        Some(&Op::DeleteClusterIp(web.addr)),
+        "its ClusterIP last: {ops:?}"
+    );
+    assert_eq!(ops.len(), 6, "nothing of default/api is touched: {ops:?}");
     assert_eq!(backend_ids(reconciler.programmed(), api), api_before);
     assert_eq!(reconciler.programmed().services.len(), 1);
     assert_eq!(reconciler.programmed().backends.len(), 1);
@@ -894,6 +954,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         planned[&tcp],
         DesiredService {
             name: "default/web:80".into(),
+            cluster_ip: true,
             backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
@@ -905,6 +966,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         planned[&udp],
         DesiredService {
             name: "kube-system/dns:53".into(),
+            cluster_ip: true,
             backends: vec![([10, 0, 0, 53], 5353)],
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
@@ -1003,6 +1065,7 @@ status:
         planned.get(&key),
         Some(&DesiredService {
             name: "shop/web:80".into(),
+            cluster_ip: true,
             backends: vec![([10, 0, 0, 1], 8080)],
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
