@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{PinDir, require_root};
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+use lb_common::{IPPROTO_TCP, ServiceKey};
 use lb_userspace::{
     datapath::maps::ServiceMaps,
     lab::{self, Lab, NetNs, servers},
@@ -163,8 +163,7 @@ impl Cluster {
             manifests,
         };
         for node in &cluster.nodes {
-            node.wait_for_frontend(WEB_NODE_PORT, IPPROTO_TCP, 2);
-            node.wait_for_frontend(LOCAL_NODE_PORT, IPPROTO_UDP, 1);
+            node.wait_until_programmed();
         }
         cluster
     }
@@ -217,10 +216,16 @@ fn spawn_agent(lab: &Lab, external: &str, node_name: &str, manifests: &Path, pin
 }
 
 impl Node {
-    /// Waits until the NodePort frontend `port`/`proto` has `count` backends in this node's maps.
-    fn wait_for_frontend(&self, port: u16, proto: u8, count: u32) {
+    /// Waits until the agent programmed the pods: the reconciler writes frontends in key order
+    /// in one pass, so once the last one (the externalIP) has both backends, all have theirs.
+    fn wait_until_programmed(&self) {
+        self.wait_for_frontend(EXTERNAL_IP.octets(), 80, IPPROTO_TCP, 2);
+    }
+
+    /// Waits until the frontend `addr:port/proto` has `count` backends in this node's maps.
+    fn wait_for_frontend(&self, addr: [u8; 4], port: u16, proto: u8, count: u32) {
         let key = ServiceKey {
-            addr: [0; 4],
+            addr,
             port,
             proto,
             pad: 0,
@@ -236,7 +241,7 @@ impl Node {
             }
             assert!(
                 Instant::now() < deadline,
-                "node {} did not program NodePort {port} with {count} backends (has {programmed:?})",
+                "node {} did not program {key:?} with {count} backends (has {programmed:?})",
                 self.lab.prefix
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -366,6 +371,13 @@ fn the_node_itself_reaches_cluster_ips_and_node_ports_including_localhost() {
             "the datagram reads as coming from the service"
         );
     }
+    // A port the Service does not define: refused at connect().
+    let nowhere = servers::http_get(node, web_cluster_ip, 81, TIMEOUT).unwrap_err();
+    let refused = nowhere.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+    assert!(refused, "{nowhere:#}");
 }
 
 #[test]
@@ -392,7 +404,7 @@ fn external_traffic_survives_the_agent_killed_and_restarted() {
         cluster.manifests.path(),
         node.pins.path(),
     );
-    node.wait_for_frontend(WEB_NODE_PORT, IPPROTO_TCP, 2);
+    node.wait_until_programmed();
     std::thread::sleep(Duration::from_millis(500));
     let after = ServiceMaps::open(node.pins.path())
         .unwrap()

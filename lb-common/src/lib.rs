@@ -22,7 +22,13 @@ pub mod map_names {
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
     pub const SOCK_REVNAT: &str = "SB_SOCK_REVNAT";
     pub const CONFIG: &str = "SB_CONFIG";
-    pub const ALL: [&str; 12] = [
+    pub const CLUSTER_IPS: &str = "SB_CLUSTER_IPS";
+    /// The rate limit of RST/ICMP replies (written by the agent at start; not pinned).
+    pub const REJECT_LIMIT: &str = "SB_REJECT_LIMIT";
+    /// Per-CPU token buckets of that limit (not pinned).
+    pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
+    /// The maps pinned under their names.
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -35,6 +41,7 @@ pub mod map_names {
         SOURCE_RANGES,
         SOCK_REVNAT,
         CONFIG,
+        CLUSTER_IPS,
     ];
 }
 
@@ -144,6 +151,15 @@ pub struct ServiceInfo {
     /// With [`service_flags::AFFINITY`]: how long a client sticks to its backend after its last
     /// new connection, in seconds.
     pub affinity_timeout_s: u32,
+}
+
+/// A ClusterIP, whatever the port: the key of [`map_names::CLUSTER_IPS`], whose value is how
+/// many frontends the address has. A packet to a ClusterIP on a port no frontend defines is
+/// refused like one to a closed port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterIpKey {
+    pub addr: [u8; 4],
 }
 
 pub mod service_flags {
@@ -281,9 +297,17 @@ pub struct Backend {
     pub addr: [u8; 4],
     pub port: u16,
     pub proto: u8,
+    /// [`backend_flags`].
     pub flags: u8,
     /// The service this backend belongs to; guards against a recycled id.
     pub service_id: u32,
+}
+
+pub mod backend_flags {
+    /// Keeps the flows it has but is given no new one (a terminating endpoint while ready ones
+    /// exist, or one a traffic policy leaves out): it is in no slot and no Maglev table, and a
+    /// client's session affinity to it is not honoured.
+    pub const DRAINING: u8 = 1;
 }
 
 /// Which way a conntrack entry looks at a flow.
@@ -298,6 +322,32 @@ pub mod ct_direction {
     /// Backend → node address and port, keyed as a source-NATed flow's reply arrives; maps back
     /// to the client.
     pub const SNAT_IN: u8 = 3;
+}
+
+/// [`CtEntry::flags`].
+pub mod ct_flags {
+    /// A TCP flow that has seen a FIN or a RST: the agent forgets it a short while after its
+    /// last packet instead of after the long established timeout.
+    pub const CLOSING: u16 = 1;
+
+    /// TCP header flag bits, as on the wire.
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    pub const TCP_ACK: u8 = 0x10;
+
+    /// An entry's flags after a TCP segment with `tcp_flags`: a FIN or RST marks the flow
+    /// closing; a pure SYN reopens it (the client reused the 5-tuple for a new connection).
+    #[inline(always)]
+    pub fn after_tcp_segment(flags: u16, tcp_flags: u8) -> u16 {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags | CLOSING
+        } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            flags & !CLOSING
+        } else {
+            flags
+        }
+    }
 }
 
 /// A flow's 5-tuple as seen in one direction.
@@ -322,9 +372,66 @@ pub struct CtEntry {
     pub backend_id: BackendId,
     pub nat_addr: [u8; 4],
     pub nat_port: u16,
+    /// [`ct_flags`].
     pub flags: u16,
-    /// `bpf_ktime_get_ns()` of the last packet.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, refreshed
+    /// at most once a second.
     pub last_seen_ns: u64,
+}
+
+/// How many RST / ICMP unreachable replies the datapath may generate: a token bucket per CPU,
+/// kept in nanoseconds of credit so the datapath never divides. All zero: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectLimit {
+    /// Credit one reply costs: a second over the rate.
+    pub interval_ns: u64,
+    /// Most credit a bucket holds: `burst` replies.
+    pub burst_ns: u64,
+}
+
+impl RejectLimit {
+    /// `rate` replies per second and CPU, up to `burst` at once. A rate of 0: no limit.
+    pub const fn per_second(rate: u32, burst: u32) -> Self {
+        if rate == 0 {
+            return Self {
+                interval_ns: 0,
+                burst_ns: 0,
+            };
+        }
+        let interval_ns = 1_000_000_000 / rate as u64;
+        Self {
+            interval_ns,
+            burst_ns: interval_ns * burst as u64,
+        }
+    }
+}
+
+/// One CPU's bucket of [`RejectLimit`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+impl RejectBucket {
+    /// Whether one more reply may go out at `now_ns`, taking its credit if so. A fresh bucket
+    /// starts full.
+    #[inline(always)]
+    pub fn take(&mut self, limit: &RejectLimit, now_ns: u64) -> bool {
+        if limit.interval_ns == 0 {
+            return true;
+        }
+        let earned = now_ns.wrapping_sub(self.last_ns);
+        self.credit_ns = self.credit_ns.saturating_add(earned).min(limit.burst_ns);
+        self.last_ns = now_ns;
+        if self.credit_ns < limit.interval_ns {
+            return false;
+        }
+        self.credit_ns -= limit.interval_ns;
+        true
+    }
 }
 
 /// Indexes of the per-CPU datapath counters in [`map_names::STATS`].
@@ -349,10 +456,14 @@ pub enum Stat {
     /// External flows leaving for another node that could not be given a source address and port
     /// (no address for the interface, or every probed port taken); sent with the client's.
     SnatFailed = 7,
+    /// RST or ICMP unreachable replies not sent (the packet dropped) because of the rate limit.
+    RejectRateLimited = 8,
+    /// Packets to a ClusterIP on a port its Service does not define: refused like [`Stat::NoBackend`].
+    UndefinedPort = 9,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -362,6 +473,8 @@ impl Stat {
         Stat::CtInsertFailed,
         Stat::SourceRangeDrops,
         Stat::SnatFailed,
+        Stat::RejectRateLimited,
+        Stat::UndefinedPort,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -378,6 +491,10 @@ impl Stat {
                 "New flows to a LoadBalancer IP from outside its loadBalancerSourceRanges, dropped"
             }
             Stat::SnatFailed => "External flows to another node's backend that could not be source-NATed",
+            Stat::RejectRateLimited => "Refusals dropped instead of answered (RST/ICMP rate limit)",
+            Stat::UndefinedPort => {
+                "Packets to a ClusterIP on a port its Service does not define (refused with a RST or ICMP port unreachable, or dropped)"
+            }
         }
     }
 
@@ -391,6 +508,8 @@ impl Stat {
             Stat::CtInsertFailed => "conntrack_insert_failures",
             Stat::SourceRangeDrops => "source_range_drops",
             Stat::SnatFailed => "snat_failures",
+            Stat::RejectRateLimited => "rate_limited_rejects",
+            Stat::UndefinedPort => "undefined_port_drops",
         }
     }
 }
@@ -412,6 +531,9 @@ mod pod_impls {
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevEntry {}
+    unsafe impl aya::Pod for ClusterIpKey {}
+    unsafe impl aya::Pod for RejectLimit {}
+    unsafe impl aya::Pod for RejectBucket {}
 }
 
 #[cfg(test)]
@@ -481,6 +603,47 @@ mod tests {
             flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 1, 2, 6),
             flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 2, 1, 6)
         );
+    }
+
+    #[test]
+    fn fin_and_rst_mark_a_flow_closing_and_a_new_syn_reopens_it() {
+        use ct_flags::*;
+        assert_eq!(after_tcp_segment(0, TCP_SYN), 0);
+        assert_eq!(after_tcp_segment(0, TCP_ACK), 0);
+        assert_eq!(after_tcp_segment(0, TCP_FIN | TCP_ACK), CLOSING);
+        assert_eq!(after_tcp_segment(0, TCP_RST), CLOSING);
+        assert_eq!(
+            after_tcp_segment(CLOSING, TCP_ACK),
+            CLOSING,
+            "the last ACK stays closing"
+        );
+        assert_eq!(
+            after_tcp_segment(CLOSING, TCP_SYN | TCP_ACK),
+            CLOSING,
+            "a SYN-ACK is no new connection"
+        );
+        assert_eq!(after_tcp_segment(CLOSING, TCP_SYN), 0, "the tuple reused");
+    }
+
+    #[test]
+    fn the_reject_bucket_allows_a_burst_then_the_rate() {
+        const MS: u64 = 1_000_000;
+        let limit = RejectLimit::per_second(100, 5);
+        let mut bucket = RejectBucket::default();
+        let start = 1_000_000 * MS;
+        let burst = (0..20).filter(|_| bucket.take(&limit, start)).count();
+        assert_eq!(burst, 5, "a fresh bucket holds the burst");
+        assert!(
+            !bucket.take(&limit, start + 9 * MS),
+            "10 ms earn one reply, 9 do not"
+        );
+        assert!(bucket.take(&limit, start + 10 * MS));
+        let later = (0..20)
+            .filter(|_| bucket.take(&limit, start + 10_000 * MS))
+            .count();
+        assert_eq!(later, 5, "credit never exceeds the burst");
+        let mut unlimited = RejectBucket::default();
+        assert!((0..1000).all(|_| unlimited.take(&RejectLimit::default(), start)));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use lb_common::Stat;
 
-use crate::{conntrack::Forward, external::Verdict, maps::count, packet::Flow};
+use crate::{conntrack::Forward, external::Verdict, maps::count};
 
 /// TC ingress on a pod's host-side interface: packets the pod sends. A packet addressed to a
 /// service frontend is DNATed to the flow's backend, chosen on the flow's first packet.
@@ -30,6 +30,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let Some(service) = service::lookup_frontend(&flow) else {
+        if service::is_cluster_ip(flow.dst_addr) {
+            // A port the Service does not define: refused, never routed to the ClusterIP.
+            count(Stat::UndefinedPort);
+            return reject::refuse(&ctx, &flow);
+        }
         return TC_ACT_OK;
     };
     let backend = match conntrack::forward(&flow, &service) {
@@ -41,7 +46,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             }
             None => {
                 count(Stat::NoBackend);
-                return refuse(&ctx, &flow);
+                return reject::refuse(&ctx, &flow);
             }
         },
     };
@@ -94,7 +99,7 @@ pub fn nodeport_tc(ctx: TcContext) -> i32 {
     match external::ingress(&ctx, &flow) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Refuse => refuse(&ctx, &flow),
+        Verdict::Refuse => reject::refuse(&ctx, &flow),
     }
 }
 
@@ -137,15 +142,6 @@ pub fn sock_recvmsg(ctx: SockAddrContext) -> i32 {
 pub fn sock_getpeername(ctx: SockAddrContext) -> i32 {
     sock::restore_peer(&ctx);
     1
-}
-
-/// Refused as by a closed port (a SYN gets a RST, UDP an ICMP port unreachable), sent back out
-/// where it came from; anything else, such as a mid-stream TCP segment, is dropped.
-#[inline(always)]
-fn refuse(ctx: &TcContext, flow: &Flow) -> i32 {
-    reject::tcp_reset(ctx, flow)
-        .or_else(|| reject::port_unreachable(ctx, flow))
-        .unwrap_or(TC_ACT_SHOT)
 }
 
 #[cfg(not(test))]

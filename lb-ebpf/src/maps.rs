@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat,
-    capacity, config,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
+    MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, SlotKey, SockRevEntry,
+    SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -47,6 +47,18 @@ pub static SB_MAGLEV: HashOfMaps<
 #[btf_map]
 pub static SB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
+
+/// Every ClusterIP (→ its number of frontends), whatever the port.
+#[btf_map]
+pub static SB_CLUSTER_IPS: HashMap<ClusterIpKey, u32, { capacity::SERVICES as usize }> = HashMap::new();
+
+/// The rate limit of RST/ICMP replies, written by the agent at start (all zero: none).
+#[btf_map]
+pub static SB_REJECT_LIMIT: Array<RejectLimit, 1> = Array::new();
+
+/// Each CPU's token bucket: per CPU, so that refusing a flood costs no shared cache line.
+#[btf_map]
+pub static SB_REJECT_TOKENS: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
 
 /// This node's IPv4 addresses (value unused): a NodePort frontend, keyed with address 0.0.0.0,
 /// answers on any of them.

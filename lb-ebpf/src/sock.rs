@@ -53,13 +53,17 @@ pub fn translate_destination(ctx: &SockAddrContext) -> bool {
         src_port: cookie as u16,
         dst_port: u16::from_be(port as u16),
         proto,
+        tcp_flags: 0,
         l4_off: 0,
         l4_csum_off: 0,
     };
-    let Some(service) = service::lookup_frontend(&flow) else {
-        return true;
-    };
-    let Some((_, backend)) = service::choose_backend(&service, &flow) else {
+    let Some((_, backend)) = (match service::lookup_frontend(&flow) {
+        Some(service) => service::choose_backend(&service, &flow),
+        // A ClusterIP on a port its Service does not define is refused like one without
+        // endpoints; any other address is not ours.
+        None if service::is_cluster_ip(flow.dst_addr) => None,
+        None => return true,
+    }) else {
         // SAFETY: a plain helper call; connect4 and sendmsg4 may set the error.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return false;

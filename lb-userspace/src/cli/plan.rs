@@ -22,6 +22,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         connection: Default::default(),
         endpoints_from: None,
         node_name: None,
+        zone: None,
     };
     let (snapshot, errors) = super::source::block_on(source.read_once())??;
     let model = source.model(&snapshot);

@@ -1,7 +1,14 @@
 //! `switchboard run`: the agent.
-use std::{collections::BTreeSet, path::Path, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use lb_common::RejectLimit;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, watch},
@@ -12,6 +19,7 @@ use crate::{
     datapath::{
         Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
+        conntrack_gc::{self, Timeouts},
         maps::ServiceMaps,
         socket::SocketHooks,
     },
@@ -20,7 +28,7 @@ use crate::{
         self,
         health::Health,
         health_check::HealthChecks,
-        metrics::{AgentMetrics, ServiceLabel},
+        metrics::{AgentMetrics, ReasonLabel, ServiceLabel},
         server::Observed,
     },
     reconcile::{self, PlanOptions, Reconciler},
@@ -68,6 +76,27 @@ pub struct Args {
     /// table takes 4 bytes per position (64 KiB at the default).
     #[arg(long, env = "SWITCHBOARD_MAGLEV_TABLE_SIZE", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = prime)]
     pub maglev_table_size: u32,
+    /// How often the agent deletes finished flows from the conntrack map.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub conntrack_gc_interval: Duration,
+    /// How long an established TCP flow may stay idle before it is forgotten (a later packet of
+    /// it is balanced anew; with Maglev to the same backend).
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_TCP_TIMEOUT", default_value = "24h", value_parser = duration)]
+    pub conntrack_tcp_timeout: Duration,
+    /// How long a TCP flow that has seen a FIN or RST is kept after its last packet.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_TCP_CLOSING_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub conntrack_tcp_closing_timeout: Duration,
+    /// How long a UDP flow may stay idle before it is forgotten.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// RST / ICMP unreachable replies (connections refused for want of an endpoint or port)
+    /// each CPU may send per second; beyond it, and a burst of --reject-burst, the packets are
+    /// dropped. 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_REJECT_RATE", default_value_t = 1000)]
+    pub reject_rate: u32,
+    /// Replies each CPU may send at once above --reject-rate.
+    #[arg(long, env = "SWITCHBOARD_REJECT_BURST", default_value_t = 200)]
+    pub reject_burst: u32,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -110,6 +139,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
 
     let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
+    datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
     let mut maps = datapath.maps()?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(
@@ -141,6 +171,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         },
     };
+    let timeouts = Timeouts {
+        tcp: args.conntrack_tcp_timeout,
+        tcp_closing: args.conntrack_tcp_closing_timeout,
+        udp: args.conntrack_udp_timeout,
+    };
+    tokio::spawn(collect_conntrack(
+        args.pin_dir.pin_dir.clone(),
+        args.conntrack_gc_interval,
+        timeouts,
+        metrics.clone(),
+    ));
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
     sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
@@ -159,6 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(client)) => tokio::spawn(source::kube::watch(
             client,
             endpoints_from,
+            args.source.node_name.clone(),
             snapshots_tx,
             metrics.clone(),
         )),
@@ -299,6 +341,69 @@ fn sync(
         elapsed_us = elapsed.as_micros() as u64,
         "maps in sync"
     );
+}
+
+/// Deletes finished flows every `interval`, off the async threads (a full map is a quarter
+/// million lookups).
+async fn collect_conntrack(
+    pin_dir: PathBuf,
+    interval: Duration,
+    timeouts: Timeouts,
+    metrics: Arc<AgentMetrics>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let pin_dir = pin_dir.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let mut maps = ServiceMaps::open(&pin_dir)?;
+            anyhow::Ok(conntrack_gc::collect(
+                &mut maps.conntrack,
+                conntrack_gc::monotonic_now_ns(),
+                &timeouts,
+            ))
+        })
+        .await;
+        match pass {
+            Ok(Ok(collected)) => {
+                for (reason, flows) in &collected {
+                    metrics
+                        .conntrack_collected
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.as_str(),
+                        })
+                        .inc_by(*flows);
+                }
+                let total: u64 = collected.values().sum();
+                if total > 0 {
+                    tracing::debug!(flows = total, "conntrack garbage collected");
+                }
+            }
+            Ok(Err(error)) => tracing::warn!("conntrack garbage collection failed: {error:#}"),
+            Err(error) => tracing::warn!("conntrack garbage collection panicked: {error}"),
+        }
+    }
+}
+
+/// `10s`, `5m`, `24h` or plain seconds.
+fn duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s, 5m or 24h"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    if seconds == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 fn prime(text: &str) -> Result<u32, String> {

@@ -11,14 +11,15 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo,
-    ServiceKey, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, map_names, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, MAGLEV_TABLE_FLAGS,
+    ServiceInfo, ServiceKey, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, map_names,
+    service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 12] = [
+const LAYOUTS: [(&str, usize, usize); 13] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -51,6 +52,11 @@ const LAYOUTS: [(&str, usize, usize); 12] = [
         size_of::<SockRevEntry>(),
     ),
     (map_names::CONFIG, size_of::<u32>(), size_of::<u64>()),
+    (
+        map_names::CLUSTER_IPS,
+        size_of::<ClusterIpKey>(),
+        size_of::<u32>(),
+    ),
 ];
 
 /// aya reuses a pinned map without checking its layout; a pin left by a build with other key or
@@ -61,7 +67,10 @@ pub fn drop_incompatible_pins(pin_dir: &Path) -> anyhow::Result<()> {
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
-        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
+        // The counters array also grows with each new counter.
+        let entries_differ = name == map_names::STATS && info.max_entries() != Stat::COUNT;
+        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) || entries_differ
+        {
             tracing::warn!(
                 map = name,
                 "pinned map has another layout; recreating it (its entries are lost)"
@@ -82,6 +91,7 @@ pub struct ServiceMaps {
     pub node_addrs: HashMap<MapData, [u8; 4], u32>,
     pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub cluster_ips: HashMap<MapData, ClusterIpKey, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -116,6 +126,7 @@ impl ServiceMaps {
             node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
+            cluster_ips: open(pin_dir, map_names::CLUSTER_IPS)?.try_into()?,
         })
     }
 
@@ -163,6 +174,11 @@ impl ServiceMaps {
                     })
                 })
                 .collect::<Result<_, aya::maps::MapError>>()?,
+            cluster_ips: self
+                .cluster_ips
+                .iter()
+                .map(|entry| entry.map(|(key, frontends)| (key.addr, frontends)))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -261,6 +277,18 @@ impl MapWriter for ServiceMaps {
         self.source_ranges
             .remove(&source_range_key(range))
             .map_err(failed(map_names::SOURCE_RANGES))
+    }
+
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
+        self.cluster_ips
+            .insert(ClusterIpKey { addr }, frontends, 0)
+            .map_err(failed(map_names::CLUSTER_IPS))
+    }
+
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
+        self.cluster_ips
+            .remove(&ClusterIpKey { addr })
+            .map_err(failed(map_names::CLUSTER_IPS))
     }
 }
 

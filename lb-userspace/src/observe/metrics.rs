@@ -15,11 +15,16 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::maps::ServiceMaps;
+use crate::datapath::{conntrack_gc, maps::ServiceMaps};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
     pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,6 +43,7 @@ pub struct AgentMetrics {
     pub model_warnings: Gauge,
     pub programming_failures: Family<ServiceLabel, Counter>,
     pub source_errors: Family<SourceLabel, Counter>,
+    pub conntrack_collected: Family<ReasonLabel, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -52,6 +58,18 @@ impl Default for AgentMetrics {
             model_warnings: Gauge::default(),
             programming_failures: Family::default(),
             source_errors: Family::default(),
+            conntrack_collected: {
+                // Every reason from the start, so a rate over it never starts from nothing.
+                let family: Family<ReasonLabel, Counter> = Family::default();
+                for reason in conntrack_gc::Reason::ALL {
+                    family
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.as_str(),
+                        })
+                        .inc_by(0);
+                }
+                family
+            },
         }
     }
 }
@@ -100,6 +118,11 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
         "source_errors",
         "Objects that could not be read and watch failures, by source",
         agent.source_errors.clone(),
+    );
+    registry.register(
+        "conntrack_gc_collected",
+        "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle)",
+        agent.conntrack_collected.clone(),
     );
     registry.register_collector(Box::new(DatapathCollector { pin_dir }));
     registry
