@@ -49,24 +49,32 @@ pub fn parse_ipv4(ctx: &TcContext) -> Option<Flow> {
     if ip.frag_offset() != 0 || ip.frag_flags() & IPV4_MORE_FRAGMENTS != 0 {
         return None;
     }
+    // A packet longer than its frame was cut on the way, and one whose TCP data offset or UDP
+    // length runs past its end is malformed: neither is ours to rewrite (the kernel drops both).
+    let ip_len = usize::from(ip.tot_len());
+    if ip_len > (ctx.len() as usize).saturating_sub(EthHdr::LEN) {
+        return None;
+    }
     let l4_off = EthHdr::LEN + ihl;
-    // The whole L4 header must be there (and inside the IP packet), not just the fields NAT
-    // touches: a cut header is not ours to rewrite.
     let (src_port, dst_port, l4_csum_off, l4_len) = match ip.proto {
         IPPROTO_TCP => {
             let tcp: TcpHdr = ctx.load(l4_off).ok()?;
-            if tcp.doff() < 5 {
-                return None;
-            }
-            (tcp.source, tcp.dest, l4_off + 16, TcpHdr::LEN)
+            (tcp.source, tcp.dest, l4_off + 16, usize::from(tcp.doff()) * 4)
         }
         IPPROTO_UDP => {
             let udp: UdpHdr = ctx.load(l4_off).ok()?;
-            (udp.src, udp.dst, l4_off + 6, UdpHdr::LEN)
+            (udp.src, udp.dst, l4_off + 6, usize::from(udp.len()))
         }
         _ => return None,
     };
-    if usize::from(ip.tot_len()) < ihl + l4_len {
+    // The TCP header with its options, or the UDP datagram as long as its header says, must fit
+    // in the IP packet (the loads above only checked that the fixed header is in the frame).
+    let min_len = if ip.proto == IPPROTO_TCP {
+        TcpHdr::LEN
+    } else {
+        UdpHdr::LEN
+    };
+    if l4_len < min_len || ip_len < ihl + l4_len {
         return None;
     }
     Some(Flow {
