@@ -977,3 +977,34 @@ fn refusals_beyond_the_rate_limit_are_dropped() {
         "every one counted as refused"
     );
 }
+
+/// A pod reaching itself through its own Service (hairpin): it sees the connection come from
+/// HAIRPIN_ADDR, its reply comes back from the ClusterIP, and both go straight back into the pod.
+#[test]
+fn a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut lb = Loaded::new("hairpin");
+    let itself = (CLIENT, 3000);
+    lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[itself])]);
+    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    let client = (CLIENT, 40200);
+    let hairpin = (lb_common::HAIRPIN_ADDR, client.1);
+
+    let syn = tcp_syn(client, (CLUSTER_IP, 80));
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "back into the pod, not routed");
+    assert_eq!(addresses_with_valid_checksums(&out), (hairpin, itself));
+    assert_eq!(
+        (&out[0..6], &out[6..12]),
+        (&syn[6..12], &syn[0..6]),
+        "MACs swapped"
+    );
+
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_data(itself, hairpin, b"hi"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(addresses_with_valid_checksums(&out), ((CLUSTER_IP, 80), client));
+}

@@ -822,3 +822,29 @@ fn a_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
     servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("port 80/TCP still works");
 }
+
+#[test]
+fn a_pod_reaches_itself_through_its_own_service() {
+    let cluster = Cluster::start("hp");
+    let (name, _) = PODS[0];
+    let pod = &cluster.lab.pod(name).ns;
+    let mut answered = BTreeSet::new();
+    for i in 0..30 {
+        let reply = servers::http_get(pod, WEB, 80, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i} from {name} to its own Service: {e:#}"));
+        assert_eq!(
+            reply.from,
+            SocketAddr::from((WEB, 80)),
+            "the reply comes from the ClusterIP"
+        );
+        answered.insert(reply.pod);
+    }
+    assert!(
+        answered.contains(name),
+        "30 connections never reached the pod itself: {answered:?}"
+    );
+    for i in 0..30 {
+        servers::udp_request(pod, WEB, 53, TIMEOUT)
+            .unwrap_or_else(|e| panic!("datagram {i} from {name} to its own Service: {e:#}"));
+    }
+}

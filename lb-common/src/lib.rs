@@ -122,6 +122,10 @@ pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
 /// on every inner map.
 pub const MAGLEV_TABLE_FLAGS: u32 = (1 << 12) | (1 << 10);
 
+/// The source a pod sees on a connection to itself through its own Service (hairpin): its own
+/// address would make it drop the packets as martians. Link-local, so never a real peer.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

@@ -2,10 +2,12 @@
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags, flow_hash,
+    Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags,
+    flow_hash,
 };
 
 use crate::{
+    hairpin,
     maps::{SB_CONNTRACK, SB_SNAT_ADDRS, count},
     packet::Flow,
     service,
@@ -93,9 +95,16 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         flags,
         last_seen_ns: now,
     };
+    // A pod reaching itself (hairpin) sees the connection come from HAIRPIN_ADDR, and replies
+    // there.
+    let client_at_backend = if hairpin::is_hairpin(flow, backend) {
+        HAIRPIN_ADDR
+    } else {
+        flow.src_addr
+    };
     let reply_key = CtKey {
         src_addr: backend.addr,
-        dst_addr: flow.src_addr,
+        dst_addr: client_at_backend,
         src_port: backend.port,
         dst_port: flow.src_port,
         proto: flow.proto,

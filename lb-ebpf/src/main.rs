@@ -6,6 +6,7 @@
 mod conntrack;
 mod context;
 mod external;
+mod hairpin;
 mod maps;
 mod nat;
 mod packet;
@@ -29,6 +30,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let Some(flow) = packet::parse_ipv4(&ctx) else {
         return TC_ACT_OK;
     };
+    if let Some(verdict) = hairpin::reply(&ctx, &flow) {
+        return verdict;
+    }
     let Some(service) = service::lookup_frontend(&flow) else {
         if service::is_cluster_ip(flow.dst_addr) {
             // A port the Service does not define: refused, never routed to the ClusterIP.
@@ -51,6 +55,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         },
     };
     count(Stat::ServicePackets);
+    if hairpin::is_hairpin(&flow, &backend) {
+        return hairpin::forward(&ctx, &flow, &backend);
+    }
     match nat::rewrite_destination(&ctx, &flow, backend.addr, backend.port) {
         Ok(()) => TC_ACT_OK,
         // The packet was checked to hold every field written, so this is a kernel refusal; a

@@ -143,6 +143,16 @@ fn resize(ctx: &TcContext, len: u32) -> Option<()> {
     (unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } == 0).then_some(())
 }
 
+/// Sends the packet (already rewritten) straight back into the pod it came from, with the MAC
+/// addresses swapped as the host would have set them: no routing, so no martian or reverse-path
+/// check meets an address the pod itself uses.
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> Option<i32> {
+    let eth: EthHdr = ctx.load(0).ok()?;
+    ctx.store(0, &swapped_macs(&eth), 0).ok()?;
+    Some(back_to_the_pod(ctx))
+}
+
 /// Out of the pod's host-side interface it came in on: straight back into the pod.
 #[inline(always)]
 fn back_to_the_pod(ctx: &TcContext) -> i32 {

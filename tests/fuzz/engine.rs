@@ -219,11 +219,12 @@ impl Report {
         let count = |outcome| self.outcomes.get(&outcome).copied().unwrap_or(0);
         let _ = writeln!(
             out,
-            "  rewrites checked: {} (DNAT {}, reverse NAT {}) over {} flows; rejects checked: RST {}, \
-             port unreachable {}; dropped {}; untouched {}",
-            count(Outcome::Dnat) + count(Outcome::ReverseNat),
+            "  rewrites checked: {} (DNAT {}, reverse NAT {}, hairpin {}) over {} flows; rejects checked: \
+             RST {}, port unreachable {}; dropped {}; untouched {}",
+            count(Outcome::Dnat) + count(Outcome::ReverseNat) + count(Outcome::Hairpin),
             count(Outcome::Dnat),
             count(Outcome::ReverseNat),
+            count(Outcome::Hairpin),
             self.flows,
             count(Outcome::Reset),
             count(Outcome::PortUnreachable),

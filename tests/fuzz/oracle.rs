@@ -6,7 +6,7 @@
 //! UDP length consistent with it. Everything else must come out byte-identical.
 use std::collections::HashMap;
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     checksum,
@@ -29,6 +29,9 @@ pub enum Outcome {
     Dnat,
     /// Source restored to the frontend (`to_pod`).
     ReverseNat,
+    /// A pod's packet to its own Service, or its reply: both addresses rewritten and sent
+    /// straight back into the pod (`from_pod`).
+    Hairpin,
     /// A SYN to a service without endpoints, answered with a RST.
     Reset,
     /// A datagram to a service without endpoints, answered with an ICMP port unreachable.
@@ -69,6 +72,8 @@ enum Translation {
     ReplyFrom(Endpoint),
     /// `from_pod`, to a ClusterIP on a port its Service does not define: the reject path.
     UndefinedPort,
+    /// `from_pod`, a pod's reply to a connection it made to itself: from this frontend, back in.
+    HairpinReply(Endpoint),
 }
 
 /// The packet in `frame` if it is one the datapath may translate.
@@ -141,6 +146,10 @@ impl Model {
         let packet = parse(input);
         let expected = match (program, packet) {
             (_, None) => None,
+            (Program::FromPod, Some(packet)) if packet.dst.0 == HAIRPIN_ADDR => self
+                .reply
+                .get(&packet.tuple())
+                .map(|frontend| (packet, Translation::HairpinReply(*frontend))),
             (Program::FromPod, Some(packet)) => match service_at(packet.dst.0, packet.dst.1, packet.proto) {
                 Some(service) => Some((packet, Translation::ToService(service))),
                 None if is_cluster_ip(packet.dst.0) => Some((packet, Translation::UndefinedPort)),
@@ -168,6 +177,12 @@ impl Model {
                 self.counts.undefined_port += 1;
                 check_reject(&packet, input, verdict, output)
             }
+            Translation::HairpinReply(frontend) => {
+                let client = (packet.src.0, packet.dst.1);
+                check_hairpin(&packet, input, verdict, output, (frontend, client))?;
+                self.counts.reply_packets += 1;
+                Ok(Outcome::Hairpin)
+            }
             Translation::ReplyFrom(frontend) => {
                 expect_verdict(verdict, TC_ACT_OK)?;
                 let source = check_rewrite(&packet, input, output, Side::Source)?;
@@ -190,8 +205,21 @@ impl Model {
         verdict: u32,
         output: &[u8],
     ) -> Result<Outcome, String> {
-        expect_verdict(verdict, TC_ACT_OK)?;
-        let backend = check_rewrite(packet, input, output, Side::Destination)?;
+        // A pod given itself as backend: masqueraded and bounced back (checked below once the
+        // backend is known from the output's destination).
+        let hairpin = verdict == TC_ACT_REDIRECT;
+        let backend = if hairpin {
+            let backend = (packet.src.0, endpoint_at(output, packet, Side::Destination));
+            let masqueraded = (HAIRPIN_ADDR, packet.src.1);
+            check_hairpin(packet, input, verdict, output, (masqueraded, backend))?;
+            backend
+        } else {
+            expect_verdict(verdict, TC_ACT_OK)?;
+            check_rewrite(packet, input, output, Side::Destination)?
+        };
+        if backend.0 == packet.src.0 && !hairpin {
+            return Err(format!("{backend:?} reached itself without hairpin masquerading"));
+        }
         if !service.backends.contains(&backend) {
             return Err(format!(
                 "DNATed to {backend:?}, not a backend of {:?}",
@@ -203,7 +231,7 @@ impl Model {
             if *tracked != backend {
                 return Err(format!("flow moved from its backend {tracked:?} to {backend:?}"));
             }
-            return Ok(Outcome::Dnat);
+            return Ok(if hairpin { Outcome::Hairpin } else { Outcome::Dnat });
         }
         if service.affinity {
             let client = (service.frontend, packet.src.0);
@@ -215,9 +243,14 @@ impl Model {
         }
         self.counts.new_flows += 1;
         self.forward.insert(packet.tuple(), backend);
+        let client = if hairpin {
+            (HAIRPIN_ADDR, packet.src.1)
+        } else {
+            packet.src
+        };
         self.reply
-            .insert((backend, packet.src, packet.proto), service.frontend);
-        Ok(Outcome::Dnat)
+            .insert((backend, client, packet.proto), service.frontend);
+        Ok(if hairpin { Outcome::Hairpin } else { Outcome::Dnat })
     }
 }
 
@@ -285,6 +318,73 @@ fn check_rewrite(packet: &Packet, input: &[u8], output: &[u8], side: Side) -> Re
     }
     let addr = output[addr_at..addr_at + 4].try_into().unwrap();
     Ok((addr, u16::from_be_bytes([output[port_at], output[port_at + 1]])))
+}
+
+/// The address and port at `side` of `frame`, a frame laid out as `packet`.
+fn endpoint_at(frame: &[u8], packet: &Packet, side: Side) -> u16 {
+    let at = match side {
+        Side::Source => packet.l4,
+        Side::Destination => packet.l4 + 2,
+    };
+    u16::from_be_bytes([frame[at], frame[at + 1]])
+}
+
+/// A hairpinned packet: sent back (MACs swapped, redirected), both addresses and ports now
+/// `(source, destination)`, nothing else changed, and each checksum as right or wrong as before.
+fn check_hairpin(
+    packet: &Packet,
+    input: &[u8],
+    verdict: u32,
+    output: &[u8],
+    (source, destination): (Endpoint, Endpoint),
+) -> Result<(), String> {
+    expect_verdict(verdict, TC_ACT_REDIRECT)?;
+    if output.len() != input.len() {
+        return Err(format!("length {} became {}", input.len(), output.len()));
+    }
+    if output[..6] != input[6..12] || output[6..12] != input[..6] {
+        return Err("hairpin: MACs not swapped".into());
+    }
+    let src = (
+        output[ETH_LEN + 12..ETH_LEN + 16].try_into().unwrap(),
+        endpoint_at(output, packet, Side::Source),
+    );
+    let dst = (
+        output[ETH_LEN + 16..ETH_LEN + 20].try_into().unwrap(),
+        endpoint_at(output, packet, Side::Destination),
+    );
+    if (src, dst) != (source, destination) {
+        return Err(format!(
+            "hairpin: {src:?} → {dst:?}, expected {source:?} → {destination:?}"
+        ));
+    }
+    let l4_checksum_at = packet.l4_checksum_at();
+    let rewritten = [
+        0..12,
+        ETH_LEN + 10..ETH_LEN + 20,
+        packet.l4..packet.l4 + 4,
+        l4_checksum_at..l4_checksum_at + 2,
+    ];
+    if let Some(at) =
+        (0..input.len()).find(|at| input[*at] != output[*at] && !rewritten.iter().any(|r| r.contains(at)))
+    {
+        return Err(format!("hairpin: byte {at} changed"));
+    }
+    let header = ETH_LEN..packet.l4;
+    if checksum::fold(checksum::add(0, &input[header.clone()]))
+        != checksum::fold(checksum::add(0, &output[header]))
+    {
+        return Err("hairpin: IPv4 header checksum not updated to match".into());
+    }
+    let unchecked = packet.proto == IPPROTO_UDP && input[l4_checksum_at..l4_checksum_at + 2] == [0, 0];
+    if unchecked {
+        if output[l4_checksum_at..l4_checksum_at + 2] != [0, 0] {
+            return Err("hairpin: a UDP checksum of 0 (none) was changed".into());
+        }
+    } else if l4_sum(packet, input) != l4_sum(packet, output) {
+        return Err("hairpin: L4 checksum not updated to match".into());
+    }
+    Ok(())
 }
 
 /// The folded sum over the pseudo-header and the L4 bytes the checksum covers, checksum field
