@@ -1,7 +1,7 @@
 //! `switchboard status`: what the kernel is programmed with, read from the pinned maps.
 use std::{collections::BTreeMap, net::Ipv4Addr, process::ExitCode};
 
-use lb_common::{Stat, ct_direction};
+use lb_common::{Stat, ct_direction, service_flags};
 
 use super::PinDir;
 use crate::datapath::maps::ServiceMaps;
@@ -38,18 +38,28 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .filter_map(|id| programmed.backends.get(id))
             .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
             .collect();
-        let backends = if backends.is_empty() {
-            "NO ENDPOINTS (connections refused)".to_owned()
-        } else {
-            backends.join(", ")
+        let backends = match (backends.is_empty(), info.flags & service_flags::EXTERNAL_LOCAL != 0) {
+            (true, true) => "NO LOCAL ENDPOINTS (external traffic dropped)".to_owned(),
+            (true, false) => "NO ENDPOINTS (connections refused)".to_owned(),
+            (false, _) => backends.join(", "),
         };
-        let mut algorithm = if info.flags & lb_common::service_flags::MAGLEV != 0 {
+        let mut algorithm = if info.flags & service_flags::MAGLEV != 0 {
             format!("maglev/{}", info.maglev_table_size)
         } else {
             "random".to_owned()
         };
-        if info.flags & lb_common::service_flags::AFFINITY != 0 {
+        if info.flags & service_flags::AFFINITY != 0 {
             algorithm += &format!("+affinity/{}s", info.affinity_timeout_s);
+        }
+        // How outside clients are treated: source NAT to other nodes, or Local; source ranges.
+        if info.flags & service_flags::EXTERNAL_SNAT != 0 {
+            algorithm += "+snat";
+        }
+        if info.flags & service_flags::EXTERNAL_LOCAL != 0 {
+            algorithm += "+local";
+        }
+        if info.flags & service_flags::SOURCE_RANGES != 0 {
+            algorithm += "+ranges";
         }
         println!(
             "{frontend:<24} {:>4} {algorithm:<16} {:>9} {:>6}  {backends}",
