@@ -6,7 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use common::{Loaded, frontend};
+use common::{
+    Loaded, frontend,
+    packets::{addresses_with_valid_checksums, tcp_close, tcp_data, tcp_syn, udp},
+};
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
@@ -73,88 +76,6 @@ fn run(loaded: &mut Loaded, name: &str, packet: &[u8]) -> (u32, Vec<u8>) {
         });
     out.truncate(result.data_size_out as usize);
     (result.return_value, out)
-}
-
-fn tcp_syn(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .ipv4(src.0, dst.0, 64)
-        .tcp(src.1, dst.1, 1000, 64240)
-        .syn();
-    let mut packet = Vec::new();
-    builder.write(&mut packet, &[]).unwrap();
-    packet
-}
-
-fn tcp_data(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(GATEWAY_MAC, CLIENT_MAC)
-        .ipv4(src.0, dst.0, 64)
-        .tcp(src.1, dst.1, 5000, 64240)
-        .ack(1001)
-        .psh();
-    let mut packet = Vec::new();
-    builder.write(&mut packet, payload).unwrap();
-    packet
-}
-
-/// A FIN|ACK (or, with `reset`, a RST) of an established flow.
-fn tcp_close(src: ([u8; 4], u16), dst: ([u8; 4], u16), reset: bool) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .ipv4(src.0, dst.0, 64)
-        .tcp(src.1, dst.1, 5000, 64240);
-    let builder = if reset {
-        builder.rst()
-    } else {
-        builder.fin().ack(1001)
-    };
-    let mut packet = Vec::new();
-    builder.write(&mut packet, &[]).unwrap();
-    packet
-}
-
-fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
-        .ipv4(src.0, dst.0, 64)
-        .udp(src.1, dst.1);
-    let mut packet = Vec::new();
-    builder.write(&mut packet, payload).unwrap();
-    packet
-}
-
-/// The packet's (source, destination), after asserting that its IPv4 and L4 checksums are what
-/// etherparse computes from scratch.
-fn addresses_with_valid_checksums(packet: &[u8]) -> (([u8; 4], u16), ([u8; 4], u16)) {
-    let headers = PacketHeaders::from_ethernet_slice(packet).expect("the output parses");
-    let Some(NetHeaders::Ipv4(ip, _)) = headers.net else {
-        panic!("not IPv4: {headers:?}")
-    };
-    assert_eq!(
-        ip.header_checksum,
-        ip.calc_header_checksum(),
-        "IPv4 header checksum"
-    );
-    let payload = headers.payload.slice();
-    let (src_port, dst_port) = match headers.transport {
-        Some(TransportHeader::Tcp(tcp)) => {
-            assert_eq!(
-                tcp.checksum,
-                tcp.calc_checksum_ipv4(&ip, payload).unwrap(),
-                "TCP checksum"
-            );
-            (tcp.source_port, tcp.destination_port)
-        }
-        Some(TransportHeader::Udp(udp)) => {
-            if udp.checksum != 0 {
-                assert_eq!(
-                    udp.checksum,
-                    udp.calc_checksum_ipv4(&ip, payload).unwrap(),
-                    "UDP checksum"
-                );
-            }
-            (udp.source_port, udp.destination_port)
-        }
-        other => panic!("unexpected transport {other:?}"),
-    };
-    ((ip.source, src_port), (ip.destination, dst_port))
 }
 
 #[test]

@@ -28,6 +28,21 @@ pub fn tcp_data(src: Endpoint, dst: Endpoint, payload: &[u8]) -> Vec<u8> {
     packet
 }
 
+/// A FIN|ACK, or a RST, closing a flow.
+pub fn tcp_close(src: Endpoint, dst: Endpoint, reset: bool) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 5000, 64240);
+    let builder = if reset {
+        builder.rst()
+    } else {
+        builder.fin().ack(1001)
+    };
+    let mut packet = Vec::new();
+    builder.write(&mut packet, &[]).unwrap();
+    packet
+}
+
 pub fn udp(src: Endpoint, dst: Endpoint, payload: &[u8]) -> Vec<u8> {
     let builder = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
         .ipv4(src.0, dst.0, 64)

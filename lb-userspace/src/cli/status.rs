@@ -38,7 +38,10 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             .filter_map(|id| programmed.backends.get(id))
             .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
             .collect();
-        let backends = match (backends.is_empty(), info.flags & service_flags::EXTERNAL_LOCAL != 0) {
+        let backends = match (
+            backends.is_empty(),
+            info.flags & service_flags::EXTERNAL_LOCAL != 0,
+        ) {
             (true, true) => "NO LOCAL ENDPOINTS (external traffic dropped)".to_owned(),
             (true, false) => "NO ENDPOINTS (connections refused)".to_owned(),
             (false, _) => backends.join(", "),
