@@ -587,3 +587,93 @@ fn with_client_ip_affinity_every_connection_of_a_client_reaches_one_pod() {
         "all connections of the client reached one pod: {pods:?}"
     );
 }
+
+/// The value of `name` (labels included), or 0 when the scrape does not have it yet.
+fn metric_or_zero(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Per-service counters: each frontend's new-flows counter moves by exactly the connections
+/// made to it, packets and bytes move with them, and `get services` shows the same counts.
+#[test]
+fn per_service_metrics_count_each_frontends_connections() {
+    let cluster = Cluster::start("oc");
+    let tcp = r#"{service="default/web",frontend="10.96.0.10:80/TCP"}"#;
+    let udp = r#"{service="default/web",frontend="10.96.0.10:53/UDP"}"#;
+    let counter = |body: &str, name: &str, labels: &str| {
+        metric_or_zero(body, &format!("switchboard_service_{name}_total{labels}"))
+    };
+    let (_, before) = scrape(&cluster, "/metrics");
+    const CONNECTIONS: u64 = 20;
+    const REQUESTS: u64 = 7;
+    for _ in 0..CONNECTIONS {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+    for _ in 0..REQUESTS {
+        servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap();
+    }
+    let (_, after) = scrape(&cluster, "/metrics");
+    let moved = |name: &str, labels: &str| counter(&after, name, labels) - counter(&before, name, labels);
+    assert_eq!(
+        moved("new_flows", tcp),
+        CONNECTIONS,
+        "one flow per connection:\n{after}"
+    );
+    assert_eq!(
+        moved("new_flows", udp),
+        REQUESTS,
+        "one flow per request:\n{after}"
+    );
+    // SYN, ACK, request and FIN at least, each with Ethernet, IPv4 and TCP headers.
+    let packets = moved("packets", tcp);
+    assert!(
+        packets >= 4 * CONNECTIONS,
+        "{packets} packets for {CONNECTIONS} connections"
+    );
+    assert!(moved("bytes", tcp) >= packets * 54, "bytes count whole packets");
+    assert!(
+        moved("reply_packets", tcp) >= 2 * CONNECTIONS,
+        "SYN-ACK and answer at least"
+    );
+    assert!(moved("reply_bytes", tcp) > 0);
+    assert_eq!(moved("packets", udp), REQUESTS);
+    assert_eq!(moved("reply_packets", udp), REQUESTS);
+    assert!(
+        !after.contains(r#"frontend="10.96.0.11:80/TCP""#),
+        "a frontend without traffic has no counters yet"
+    );
+    assert!(
+        metric(&after, r#"switchboard_map_entries{map="SB_CONNTRACK"}"#) >= 2 * (CONNECTIONS + REQUESTS),
+        "both directions of every flow are tracked"
+    );
+    assert_eq!(
+        metric(&after, r#"switchboard_map_capacity{map="SB_CONNTRACK"}"#),
+        u64::from(lb_common::capacity::CONNTRACK)
+    );
+
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["get", "services", "-o", "json", "--manifests"])
+        .arg(cluster.manifests.path())
+        .arg("--pin-dir")
+        .arg(cluster.pins.path())
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let row = |frontend: &str| {
+        rows.iter()
+            .find(|r| r["frontend"] == frontend)
+            .unwrap_or_else(|| panic!("no row for {frontend}: {rows:?}"))
+    };
+    assert_eq!(
+        row("10.96.0.10:80/TCP")["traffic"]["new_flows"],
+        counter(&after, "new_flows", tcp),
+        "get services shows the datapath's counters"
+    );
+    assert_eq!(
+        row("10.96.0.10:53/UDP")["traffic"]["packets"],
+        counter(&after, "packets", udp)
+    );
+    assert_eq!(row("10.96.0.11:80/TCP")["traffic"]["packets"], 0);
+}

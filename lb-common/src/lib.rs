@@ -20,7 +20,8 @@ pub mod map_names {
     pub const NODE_ADDRS: &str = "SB_NODE_ADDRS";
     pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
-    pub const ALL: [&str; 10] = [
+    pub const SERVICE_STATS: &str = "SB_SERVICE_STATS";
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -31,6 +32,7 @@ pub mod map_names {
         NODE_ADDRS,
         SNAT_ADDRS,
         SOURCE_RANGES,
+        SERVICE_STATS,
     ];
 }
 
@@ -61,6 +63,8 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 256;
     pub const SNAT_ADDRS: u32 = 256;
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// One entry per service id that saw traffic; allocated on first use, not up front.
+    pub const SERVICE_STATS: u32 = SERVICES;
 }
 
 /// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
@@ -353,6 +357,33 @@ impl Stat {
     }
 }
 
+/// Per-service traffic counters, one copy per CPU, in [`map_names::SERVICE_STATS`] under the
+/// service id. The datapath creates a service's entry on its first packet; the agent removes it
+/// when it gives the id to a new frontend, so counters never carry over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets DNATed to one of the service's backends.
+    pub packets: u64,
+    /// Their bytes, as the packets were seen at the hook (link-layer header included).
+    pub bytes: u64,
+    /// Flows given a backend.
+    pub new_flows: u64,
+    /// Backend replies translated back to the frontend.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl core::ops::AddAssign for ServiceStats {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -368,6 +399,7 @@ mod pod_impls {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for ServiceStats {}
 }
 
 #[cfg(test)]
@@ -449,5 +481,6 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 24);
+        assert_eq!(size_of::<ServiceStats>(), 40);
     }
 }

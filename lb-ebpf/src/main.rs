@@ -36,6 +36,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Forward::New => match service::choose_backend(&service, &flow) {
             Some((id, backend)) => {
                 conntrack::track(&flow, &service, id, &backend);
+                maps::count_service_flow(service.id);
                 backend
             }
             None => {
@@ -45,6 +46,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         },
     };
     count(Stat::ServicePackets);
+    maps::count_service_packet(service.id, ctx.len());
     match nat::rewrite_destination(&ctx, &flow, backend.addr, backend.port) {
         Ok(()) => TC_ACT_OK,
         // The packet was checked to hold every field written, so this is a kernel refusal; a
@@ -64,6 +66,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     count(Stat::ReplyPackets);
+    maps::count_service_reply(frontend.service_id, ctx.len());
     match nat::rewrite_source(&ctx, &flow, frontend.nat_addr, frontend.nat_port) {
         Ok(()) => TC_ACT_OK,
         Err(_) => TC_ACT_SHOT,

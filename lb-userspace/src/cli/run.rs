@@ -12,7 +12,7 @@ use crate::{
     datapath::{
         Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
-        maps::ServiceMaps,
+        maps::{ServiceMaps, frontend_key},
     },
     model::{self, LbAlgorithm},
     observe::{
@@ -216,6 +216,12 @@ fn sync(
     notices: &mut BTreeSet<String>,
 ) {
     let model = model::compute(input);
+    let names = model
+        .frontends
+        .iter()
+        .filter_map(|f| Some((frontend_key(f)?, f.service.to_string())))
+        .collect();
+    *metrics.service_names.write().unwrap_or_else(|e| e.into_inner()) = names;
     let current: BTreeSet<String> = model
         .warnings
         .iter()

@@ -7,18 +7,19 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{
-    Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray,
+    Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap,
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, MAGLEV_TABLE_FLAGS, ServiceInfo,
-    ServiceKey, SlotKey, SourceRangeKey, Stat, map_names, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, map_names,
+    service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
 
 /// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 10] = [
+const LAYOUTS: [(&str, usize, usize); 11] = [
     (
         map_names::SERVICES,
         size_of::<ServiceKey>(),
@@ -44,6 +45,11 @@ const LAYOUTS: [(&str, usize, usize); 10] = [
         map_names::SOURCE_RANGES,
         size_of::<Key<SourceRangeKey>>(),
         size_of::<u8>(),
+    ),
+    (
+        map_names::SERVICE_STATS,
+        size_of::<u32>(),
+        size_of::<ServiceStats>(),
     ),
 ];
 
@@ -76,6 +82,8 @@ pub struct ServiceMaps {
     pub node_addrs: HashMap<MapData, [u8; 4], u32>,
     pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -93,6 +101,7 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
         aya::maps::MapType::LruHash => Map::LruHashMap(data),
         aya::maps::MapType::HashOfMaps => Map::HashOfMaps(data),
         aya::maps::MapType::LpmTrie => Map::LpmTrie(data),
+        aya::maps::MapType::PerCpuHash => Map::PerCpuHashMap(data),
         _ => Map::HashMap(data),
     })
 }
@@ -110,6 +119,8 @@ impl ServiceMaps {
             node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
+            affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
+            service_stats: open(pin_dir, map_names::SERVICE_STATS)?.try_into()?,
         })
     }
 
@@ -188,6 +199,43 @@ impl ServiceMaps {
     pub fn stat(&self, stat: Stat) -> anyhow::Result<u64> {
         Ok(self.stats.get(&(stat as u32), 0)?.iter().sum())
     }
+
+    /// Every service id's traffic counters, summed over CPUs. A service without traffic since
+    /// its id was given out has none.
+    pub fn service_stats(&self) -> anyhow::Result<BTreeMap<u32, ServiceStats>> {
+        let mut sums = BTreeMap::new();
+        for entry in self.service_stats.iter() {
+            let (id, per_cpu) = entry?;
+            let sum: &mut ServiceStats = sums.entry(id).or_default();
+            for stats in per_cpu.iter() {
+                *sum += *stats;
+            }
+        }
+        Ok(sums)
+    }
+}
+
+/// `10.96.0.10:80/TCP`
+pub fn frontend_text(key: &ServiceKey) -> String {
+    let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+    format!("{}:{}/{proto}", std::net::Ipv4Addr::from(key.addr), key.port)
+}
+
+/// The key a frontend of the model is programmed under: NodePorts carry the unspecified
+/// address. `None` for what the maps cannot hold (IPv6).
+pub fn frontend_key(frontend: &crate::model::Frontend) -> Option<ServiceKey> {
+    let std::net::IpAddr::V4(address) = frontend.address else {
+        return None;
+    };
+    Some(ServiceKey {
+        addr: address.octets(),
+        port: frontend.port,
+        proto: match frontend.protocol {
+            crate::model::Protocol::Tcp => IPPROTO_TCP,
+            crate::model::Protocol::Udp => IPPROTO_UDP,
+        },
+        pad: 0,
+    })
 }
 
 fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
@@ -255,6 +303,16 @@ impl MapWriter for ServiceMaps {
         self.source_ranges
             .remove(&source_range_key(range))
             .map_err(failed(map_names::SOURCE_RANGES))
+    }
+
+    fn forget_service_stats(&mut self, service_id: u32) {
+        match self.service_stats.remove(&service_id) {
+            Ok(()) => {}
+            // The usual case: no traffic since the id was last forgotten.
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(error) => tracing::warn!(service_id, "cannot reset the service's counters: {error}"),
+        }
     }
 }
 

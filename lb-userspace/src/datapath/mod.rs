@@ -61,7 +61,8 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, capacity.services)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
-            .map_max_entries(map_names::CONNTRACK, capacity.conntrack);
+            .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
+            .map_max_entries(map_names::SERVICE_STATS, capacity.services);
         let ebpf = loader.load(OBJECT).map_err(|error| {
             anyhow::Error::new(error).context(
                 "cannot load the eBPF datapath: switchboard needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
