@@ -152,6 +152,13 @@ impl Drop for Cluster {
 }
 
 fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Child {
+    lab.node
+        .spawn(&mut agent_command(lab, manifests, pins, logs))
+        .unwrap()
+}
+
+/// `switchboard run` on the lab's pods, with JSON logs; more arguments may follow.
+fn agent_command(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
     command
         .args([
@@ -166,7 +173,7 @@ fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Child {
         .arg("--pin-dir")
         .arg(pins)
         .stderr(logs);
-    lab.node.spawn(&mut command).unwrap()
+    command
 }
 
 /// The agent's JSON log events, line by line, from its piped stderr.
@@ -676,4 +683,121 @@ fn per_service_metrics_count_each_frontends_connections() {
         counter(&after, "packets", udp)
     );
     assert_eq!(row("10.96.0.11:80/TCP")["traffic"]["packets"], 0);
+}
+
+/// The program each pinned link under `pins` runs, by pin name (`<ifindex>-<program>`).
+fn linked_programs(pins: &Path) -> BTreeMap<String, u32> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    std::fs::read_dir(pins.join("links"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let link = FdLink::from(PinnedLink::from_pin(entry.path()).unwrap());
+            let name = entry.file_name().into_string().unwrap();
+            (name, link.info().unwrap().program_id())
+        })
+        .collect()
+}
+
+/// An upgrade: the agent is replaced by one loading a rebuilt datapath object (`--bpf-object`)
+/// while a client keeps connecting. No connection fails, the pinned links now run the new
+/// programs, and those use the same pinned maps (so conntrack and counters carry over).
+#[test]
+fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_connection() {
+    let mut cluster = Cluster::start("ou");
+    // The rebuilt object: this build's datapath as an operator ships it, a file beside the agent.
+    let build = tempfile::tempdir().unwrap();
+    let object = build.path().join("lb-ebpf.o");
+    std::fs::write(&object, lb_userspace::datapath::OBJECT).unwrap();
+    let before = linked_programs(cluster.pins.path());
+    assert_eq!(
+        before.len(),
+        2 * (PODS.len() + 1),
+        "from_pod and to_pod on every pod"
+    );
+    let conntrack_map =
+        aya::maps::MapInfo::from_pin(cluster.pins.path().join(lb_common::map_names::CONNTRACK))
+            .unwrap()
+            .id();
+
+    let (stop, ok, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        let client = &cluster.lab.pod(CLIENT.0).ns;
+        scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                match servers::http_get(client, WEB, 80, TIMEOUT) {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // The old version goes as a DaemonSet rollout stops it; its links stay pinned.
+        cluster.agent.kill().unwrap();
+        cluster.agent.wait().unwrap();
+        let mut command = agent_command(
+            &cluster.lab,
+            cluster.manifests.path(),
+            cluster.pins.path(),
+            Stdio::piped(),
+        );
+        command.arg("--bpf-object").arg(&object);
+        cluster.agent = cluster.lab.node.spawn(&mut command).unwrap();
+        let events = log_events(&mut cluster.agent);
+        let mut from_file = false;
+        for event in events.iter() {
+            let message = &event["fields"]["message"];
+            from_file |= message.as_str().is_some_and(|m| m.contains("object file"))
+                && event["fields"]["object"] == object.display().to_string();
+            if message == "maps in sync" {
+                break;
+            }
+        }
+        assert!(from_file, "the new agent said it loaded {}", object.display());
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no connection failed across the upgrade"
+    );
+    assert!(
+        ok.load(Ordering::SeqCst) >= 50,
+        "the client kept connecting: {} connections",
+        ok.load(Ordering::SeqCst)
+    );
+
+    let after = linked_programs(cluster.pins.path());
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the same links, updated in place"
+    );
+    let loaded: BTreeMap<u32, aya::programs::ProgramInfo> = aya::programs::loaded_programs()
+        .map(Result::unwrap)
+        .map(|info| (info.id(), info))
+        .collect();
+    for (link, program) in &after {
+        assert_ne!(*program, before[link], "{link} runs a newly loaded program");
+        let info = &loaded[program];
+        assert!(
+            link.ends_with(info.name_as_str().unwrap()),
+            "{link} runs program {:?}",
+            info.name_as_str()
+        );
+        assert!(
+            info.map_ids().unwrap().unwrap().contains(&conntrack_map),
+            "{link}'s new program uses the pinned conntrack map"
+        );
+    }
+    // Nothing holds the old programs any more: the kernel frees them (after an RCU grace period).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|info| before.values().any(|id| *id == info.id()))
+    {
+        assert!(Instant::now() < deadline, "the old programs are still loaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -61,6 +61,11 @@ pub struct Args {
     /// table takes 4 bytes per position (64 KiB at the default).
     #[arg(long, env = "SWITCHBOARD_MAGLEV_TABLE_SIZE", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = prime)]
     pub maglev_table_size: u32,
+    /// Load the datapath from this eBPF object (built from the same sources, e.g. by `cargo
+    /// xtask build-ebpf`) instead of the one built into the binary. Its programs replace the
+    /// running ones atomically and reuse the pinned maps, like any agent upgrade.
+    #[arg(long, env = "SWITCHBOARD_BPF_OBJECT", value_name = "PATH")]
+    pub bpf_object: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -102,7 +107,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
 
-    let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
+    let mut datapath = match &args.bpf_object {
+        Some(object) => Datapath::load_file(object, &args.pin_dir.pin_dir)?,
+        None => Datapath::load(&args.pin_dir.pin_dir)?,
+    };
     let mut maps = datapath.maps()?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(

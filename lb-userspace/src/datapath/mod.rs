@@ -47,6 +47,21 @@ impl Datapath {
     }
 
     pub fn load_with_capacity(pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
+        Self::load_object(OBJECT, pin_dir, capacity)
+    }
+
+    /// Loads the datapath from an object file instead of the embedded one: a datapath rebuilt
+    /// from these sources (same maps and programs), rolled out without a new agent binary.
+    pub fn load_file(object: &Path, pin_dir: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(object)
+            .with_context(|| format!("cannot read the eBPF object {}", object.display()))?;
+        let datapath = Self::load_object(&bytes, pin_dir, Capacity::default())
+            .with_context(|| format!("cannot load the eBPF object {}", object.display()))?;
+        tracing::info!(object = %object.display(), "the datapath comes from this object file, not the built-in one");
+        Ok(datapath)
+    }
+
+    fn load_object(object: &[u8], pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
         maps::drop_incompatible_pins(pin_dir)?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
@@ -63,7 +78,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
             .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
             .map_max_entries(map_names::SERVICE_STATS, capacity.services);
-        let ebpf = loader.load(OBJECT).map_err(|error| {
+        let ebpf = loader.load(object).map_err(|error| {
             anyhow::Error::new(error).context(
                 "cannot load the eBPF datapath: switchboard needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
             )
