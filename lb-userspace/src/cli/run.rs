@@ -130,6 +130,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
     sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
+    datapath.finish_migrations()?;
 
     let options = PlanOptions {
         default_algorithm: args.lb_algorithm,

@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{
-    Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray, PerCpuHashMap,
+    Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap,
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
@@ -17,60 +17,6 @@ use lb_common::{
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
-
-/// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 11] = [
-    (
-        map_names::SERVICES,
-        size_of::<ServiceKey>(),
-        size_of::<ServiceInfo>(),
-    ),
-    (
-        map_names::BACKEND_SLOTS,
-        size_of::<SlotKey>(),
-        size_of::<BackendId>(),
-    ),
-    (map_names::BACKENDS, size_of::<BackendId>(), size_of::<Backend>()),
-    (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
-    (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
-    (map_names::MAGLEV, size_of::<u32>(), size_of::<u32>()),
-    (
-        map_names::AFFINITY,
-        size_of::<AffinityKey>(),
-        size_of::<AffinityEntry>(),
-    ),
-    (map_names::NODE_ADDRS, size_of::<[u8; 4]>(), size_of::<u32>()),
-    (map_names::SNAT_ADDRS, size_of::<u32>(), size_of::<[u8; 4]>()),
-    (
-        map_names::SOURCE_RANGES,
-        size_of::<Key<SourceRangeKey>>(),
-        size_of::<u8>(),
-    ),
-    (
-        map_names::SERVICE_STATS,
-        size_of::<u32>(),
-        size_of::<ServiceStats>(),
-    ),
-];
-
-/// aya reuses a pinned map without checking its layout; a pin left by a build with other key or
-/// value sizes is removed here so the loader creates a fresh map instead of misreading it.
-pub fn drop_incompatible_pins(pin_dir: &Path) -> anyhow::Result<()> {
-    for (name, key_size, value_size) in LAYOUTS {
-        let path = pin_dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else {
-            continue;
-        };
-        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) {
-            tracing::warn!(
-                map = name,
-                "pinned map has another layout; recreating it (its entries are lost)"
-            );
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceInfo>,

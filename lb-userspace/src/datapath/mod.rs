@@ -4,6 +4,8 @@ pub mod addresses;
 pub mod attach;
 pub mod bpffs;
 pub mod maps;
+pub mod migrate;
+mod raw;
 
 use std::path::{Path, PathBuf};
 
@@ -63,7 +65,7 @@ impl Datapath {
 
     fn load_object(object: &[u8], pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
-        maps::drop_incompatible_pins(pin_dir)?;
+        migrate::set_aside(pin_dir, capacity)?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -83,11 +85,18 @@ impl Datapath {
                 "cannot load the eBPF datapath: switchboard needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
             )
         })?;
+        migrate::carry_over(pin_dir, migrate::Finish::No)?;
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded, maps pinned");
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
+    }
+
+    /// Once the programs are attached (the old ones no longer write to maps set aside by a
+    /// migration): carries over what they wrote since loading, and unpins the old maps.
+    pub fn finish_migrations(&self) -> anyhow::Result<()> {
+        migrate::carry_over(&self.pin_dir, migrate::Finish::Yes)
     }
 
     pub fn maps(&self) -> anyhow::Result<maps::ServiceMaps> {
