@@ -801,3 +801,83 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+fn log_level(cluster: &Cluster, level: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["log-level", level, "--pin-dir"])
+        .arg(cluster.pins.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .to_lowercase()
+            .contains(level),
+        "it says the new level: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// The datapath's aya-log output, switched at run time: off by default; with
+/// `switchboard log-level info` a connection to a service makes the agent print a line naming
+/// the flow and its backend, and `off` silences it again. Connections made while logging is off
+/// go to another frontend, so the first datapath line the agent prints tells which were logged.
+#[test]
+fn switching_datapath_logging_on_makes_a_connection_print_its_backend() {
+    let mut cluster = Cluster::start("ol");
+    cluster.agent.kill().unwrap();
+    cluster.agent.wait().unwrap();
+    cluster.agent = spawn_agent(
+        &cluster.lab,
+        cluster.manifests.path(),
+        cluster.pins.path(),
+        Stdio::piped(),
+    );
+    let events = log_events(&mut cluster.agent);
+    let datapath_line = || {
+        events
+            .iter()
+            .find(|event| event["target"].as_str().is_some_and(|t| t.starts_with("lb_ebpf")))
+            .expect("the agent prints a datapath line")
+    };
+    assert!(
+        events
+            .iter()
+            .any(|event| event["fields"]["message"] == "maps in sync"),
+        "the agent synced"
+    );
+    let other_frontend = || servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap();
+    for _ in 0..5 {
+        other_frontend();
+    }
+    log_level(&cluster, "info");
+    let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    let line = datapath_line();
+    let message = line["fields"]["message"].as_str().unwrap();
+    let backend = PODS.iter().find(|(pod, _)| *pod == reply.pod).unwrap().1;
+    assert!(
+        message.contains(&format!("{}:", CLIENT.1))
+            && message.contains("-> 10.96.0.10:80 ")
+            && message.contains(&format!("backend {backend}:3000")),
+        "the first datapath line is the connection made after switching on, to {backend}: {line}"
+    );
+
+    log_level(&cluster, "off");
+    for _ in 0..5 {
+        other_frontend();
+    }
+    log_level(&cluster, "info");
+    servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    let line = datapath_line();
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("-> 10.96.0.10:80 "),
+        "nothing was logged while off: {line}"
+    );
+}

@@ -21,7 +21,8 @@ pub mod map_names {
     pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
     pub const SERVICE_STATS: &str = "SB_SERVICE_STATS";
-    pub const ALL: [&str; 11] = [
+    pub const CONFIG: &str = "SB_CONFIG";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -33,7 +34,26 @@ pub mod map_names {
         SNAT_ADDRS,
         SOURCE_RANGES,
         SERVICE_STATS,
+        CONFIG,
     ];
+}
+
+/// Indexes of the run-time settings in [`map_names::CONFIG`], an array of `u32` the programs read
+/// on each use, so changing one takes effect at once without reloading anything.
+pub mod config {
+    /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
+    pub const LOG_LEVEL: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
+
+/// The datapath's log levels, numbered as aya-log numbers them.
+pub mod log_level {
+    pub const OFF: u32 = 0;
+    pub const ERROR: u32 = 1;
+    pub const WARN: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const DEBUG: u32 = 4;
+    pub const TRACE: u32 = 5;
 }
 
 /// Names of the programs in the object file.

@@ -6,6 +6,7 @@
 mod conntrack;
 mod context;
 mod external;
+mod log;
 mod maps;
 mod nat;
 mod packet;
@@ -37,10 +38,12 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             Some((id, backend)) => {
                 conntrack::track(&flow, &service, id, &backend);
                 maps::count_service_flow(service.id);
+                log::new_flow(&ctx, &flow, service.id, &backend);
                 backend
             }
             None => {
                 count(Stat::NoBackend);
+                log::refused(&ctx, &flow, service.id);
                 return refuse(&ctx, &flow);
             }
         },

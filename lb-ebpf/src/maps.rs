@@ -8,6 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
     MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, capacity,
+    config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -61,6 +62,10 @@ pub static SB_SNAT_ADDRS: HashMap<u32, [u8; 4], { capacity::SNAT_ADDRS as usize 
 #[btf_map]
 pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
+
+/// Run-time settings, indexed by `lb_common::config`, written by the agent or the CLI.
+#[btf_map]
+pub static SB_CONFIG: Array<u32, { config::COUNT as usize }> = Array::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

@@ -112,6 +112,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Datapath::load(&args.pin_dir.pin_dir)?,
     };
     let mut maps = datapath.maps()?;
+    observe::datapath_log::forward(&mut datapath.ebpf)?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(
         services = reconciler.programmed().services.len(),

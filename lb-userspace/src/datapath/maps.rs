@@ -12,8 +12,8 @@ use aya::maps::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, map_names,
-    service_flags,
+    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, config,
+    map_names, service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
@@ -30,6 +30,7 @@ pub struct ServiceMaps {
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    pub config: Array<MapData, u32>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -48,6 +49,7 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
         aya::maps::MapType::HashOfMaps => Map::HashOfMaps(data),
         aya::maps::MapType::LpmTrie => Map::LpmTrie(data),
         aya::maps::MapType::PerCpuHash => Map::PerCpuHashMap(data),
+        aya::maps::MapType::Array => Map::Array(data),
         _ => Map::HashMap(data),
     })
 }
@@ -67,6 +69,7 @@ impl ServiceMaps {
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
             affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
             service_stats: open(pin_dir, map_names::SERVICE_STATS)?.try_into()?,
+            config: open(pin_dir, map_names::CONFIG)?.try_into()?,
         })
     }
 
@@ -144,6 +147,15 @@ impl ServiceMaps {
     /// A datapath counter summed over CPUs.
     pub fn stat(&self, stat: Stat) -> anyhow::Result<u64> {
         Ok(self.stats.get(&(stat as u32), 0)?.iter().sum())
+    }
+
+    /// The most verbose `lb_common::log_level` the datapath logs at.
+    pub fn log_level(&self) -> anyhow::Result<u32> {
+        Ok(self.config.get(&config::LOG_LEVEL, 0)?)
+    }
+
+    pub fn set_log_level(&mut self, level: u32) -> anyhow::Result<()> {
+        Ok(self.config.set(config::LOG_LEVEL, level, 0)?)
     }
 
     /// Every service id's traffic counters, summed over CPUs. A service without traffic since

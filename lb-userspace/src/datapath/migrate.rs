@@ -68,7 +68,7 @@ fn zero_extended<const SIZE: usize>(key: &[u8], value: &[u8]) -> Option<(Vec<u8>
     Some((key.to_vec(), value))
 }
 
-fn layouts(capacity: Capacity) -> [Layout; 11] {
+fn layouts(capacity: Capacity) -> [Layout; 12] {
     let plain = |name, key_size, value_size| Layout {
         name,
         key_size,
@@ -131,6 +131,7 @@ fn layouts(capacity: Capacity) -> [Layout; 11] {
             size_of::<u32>(),
             size_of::<ServiceStats>(),
         ),
+        plain(map_names::CONFIG, size_of::<u32>(), size_of::<u32>()),
     ]
 }
 
