@@ -17,6 +17,7 @@ use crate::{
     model::{self, LbAlgorithm},
     observe::{
         self,
+        events::Events,
         health::Health,
         metrics::{AgentMetrics, ServiceLabel},
         server::Observed,
@@ -95,6 +96,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(args.source.connection.client().await?),
     };
+    // In a cluster, warnings about a Service also become Events on it.
+    let events = client.as_ref().map(|client| {
+        let instance = args
+            .source
+            .node_name
+            .clone()
+            .or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+                Some(host.trim().to_owned())
+            })
+            .unwrap_or_else(|| "switchboard".into());
+        Events::start(client.clone(), instance)
+    });
     let metrics = Arc::new(AgentMetrics::default());
     let health = Arc::new(Health::default());
     let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
@@ -165,7 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics, &mut notices);
+                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics, &mut notices, events.as_ref());
                 health.update_applied();
             }
             () = links_changed.notified() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
@@ -224,6 +238,7 @@ fn sync(
     maps: &mut ServiceMaps,
     metrics: &AgentMetrics,
     notices: &mut BTreeSet<String>,
+    events: Option<&Events>,
 ) {
     let model = model::compute(input);
     let names = model
@@ -249,6 +264,17 @@ fn sync(
     // Said once when it appears, not on every pass.
     for notice in current.difference(notices) {
         tracing::warn!("{notice}");
+    }
+    if let Some(events) = events {
+        for warning in model
+            .warnings
+            .iter()
+            .filter(|w| !notices.contains(&w.to_string()))
+        {
+            if let Some(service) = input.services.iter().find(|s| is_object(s, &warning.object)) {
+                events.warn(service, &warning.message);
+            }
+        }
     }
     *notices = current;
     let desired = reconcile::plan(&model, options);
@@ -283,6 +309,13 @@ fn sync(
         elapsed_us = elapsed.as_micros() as u64,
         "maps in sync"
     );
+}
+
+/// Whether `object`, as a model warning names it (`Service namespace/name`), is `service`.
+fn is_object(service: &k8s_openapi::api::core::v1::Service, object: &str) -> bool {
+    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    object.strip_prefix("Service ") == Some(&format!("{namespace}/{name}"))
 }
 
 fn prime(text: &str) -> Result<u32, String> {
