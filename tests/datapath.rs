@@ -10,7 +10,10 @@ use common::{Loaded, frontend};
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Stat, program_names};
+use lb_common::{
+    CtEntry, IPPROTO_TCP, IPPROTO_UDP, RejectLimit, Stat, ct_direction, ct_flags, program_names,
+};
+use lb_userspace::{datapath::conntrack_gc, reconcile::DesiredService};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -90,6 +93,21 @@ fn tcp_data(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8>
         .psh();
     let mut packet = Vec::new();
     builder.write(&mut packet, payload).unwrap();
+    packet
+}
+
+/// A FIN|ACK (or, with `reset`, a RST) of an established flow.
+fn tcp_close(src: ([u8; 4], u16), dst: ([u8; 4], u16), reset: bool) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ipv4(src.0, dst.0, 64)
+        .tcp(src.1, dst.1, 5000, 64240);
+    let builder = if reset {
+        builder.rst()
+    } else {
+        builder.fin().ack(1001)
+    };
+    let mut packet = Vec::new();
+    builder.write(&mut packet, &[]).unwrap();
     packet
 }
 
@@ -353,18 +371,10 @@ fn packets_that_are_not_service_traffic_pass_byte_identical() {
             .unwrap();
         packet
     };
-    let cases: [(&str, Vec<u8>); 7] = [
+    let cases: [(&str, Vec<u8>); 5] = [
         (
             "another destination",
             tcp_syn((CLIENT, 40000), ([10, 244, 0, 11], 80)),
-        ),
-        (
-            "the ClusterIP on another port",
-            tcp_syn((CLIENT, 40000), (CLUSTER_IP, 81)),
-        ),
-        (
-            "UDP to a TCP-only port",
-            udp((CLIENT, 40000), (CLUSTER_IP, 80), b"x"),
         ),
         (
             "a reply of no tracked flow",
@@ -386,9 +396,13 @@ fn packets_that_are_not_service_traffic_pass_byte_identical() {
 #[test]
 fn truncated_packets_pass_byte_identical_at_every_length() {
     let mut lb = loaded("truncated");
+    // With payloads, some cuts leave every header whole but the packet shorter than its IPv4
+    // total length says: cut on the way, and not to be rewritten either.
     for packet in [
         tcp_syn((CLIENT, 40003), (CLUSTER_IP, 80)),
         udp((CLIENT, 40003), (CLUSTER_IP, 53), b""),
+        tcp_data((CLIENT, 40003), (CLUSTER_IP, 80), b"cut in the payload"),
+        udp((CLIENT, 40003), (CLUSTER_IP, 53), b"cut in the payload"),
     ] {
         for len in 0..packet.len() {
             let truncated = &packet[..len];
@@ -589,6 +603,65 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend() {
     );
 }
 
+/// A terminating backend (draining): the flows it has keep reaching it, new flows never do, and
+/// a client with affinity to it is given a ready one; once it is gone its flows are re-balanced.
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
+    let mut lb = Loaded::new("draining");
+    let web = frontend(CLUSTER_IP, 80, IPPROTO_TCP);
+    let mut desired = std::collections::BTreeMap::from([(
+        web,
+        DesiredService {
+            name: "test/web".into(),
+            cluster_ip: true,
+            backends: BACKENDS.to_vec(),
+            draining: Vec::new(),
+            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            affinity_timeout: Some(10_800),
+            external: None,
+        },
+    )]);
+    lb.apply(&desired);
+    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    let backend_of = |lb: &mut Loaded, packet: &[u8]| {
+        addresses_with_valid_checksums(&run(lb, program_names::FROM_POD, packet).1).1
+    };
+    let established = (CLIENT, 40100);
+    let old = backend_of(&mut lb, &tcp_syn(established, (CLUSTER_IP, 80)));
+
+    let service = desired.get_mut(&web).unwrap();
+    service.backends.retain(|b| *b != old);
+    service.draining = vec![old];
+    lb.apply(&desired);
+    for _ in 0..5 {
+        assert_eq!(
+            backend_of(&mut lb, &tcp_data(established, (CLUSTER_IP, 80), b"more")),
+            old,
+            "the established flow stays on its draining backend"
+        );
+    }
+    for port in 0..60u16 {
+        let new = backend_of(&mut lb, &tcp_syn((CLIENT, 41100 + port), (CLUSTER_IP, 80)));
+        assert_ne!(
+            new, old,
+            "the client's affinity to a draining backend is not honoured"
+        );
+        let other = backend_of(
+            &mut lb,
+            &tcp_syn(([10, 244, 9, port as u8], 41100), (CLUSTER_IP, 80)),
+        );
+        assert_ne!(other, old, "no new flow goes to the draining backend");
+    }
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
+
+    // Gone for good: its flow moves to a live backend instead of being black-holed.
+    desired.get_mut(&web).unwrap().draining.clear();
+    lb.apply(&desired);
+    let moved = backend_of(&mut lb, &tcp_data(established, (CLUSTER_IP, 80), b"again"));
+    assert_ne!(moved, old);
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 1);
+}
+
 #[test]
 fn affinity_expires_after_its_timeout() {
     let mut lb = Loaded::new("affinity-timeout");
@@ -609,6 +682,54 @@ fn affinity_expires_after_its_timeout() {
         choices.len() > 1,
         "after the timeout the client is balanced again: {choices:?}"
     );
+}
+
+/// A ClusterIP reached on a port its Service does not define is refused as a closed port would
+/// be (TCP and UDP), never routed on; once no Service has the address, it passes untouched.
+#[test]
+fn a_cluster_ip_on_a_port_no_service_defines_is_refused() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut lb = loaded("undefined");
+    let syn = tcp_syn((CLIENT, 40020), (CLUSTER_IP, 81));
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "answered, back towards the pod");
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    let Some(TransportHeader::Tcp(tcp)) = &headers.transport else {
+        panic!("not TCP: {headers:?}")
+    };
+    assert!(tcp.rst && tcp.ack, "RST|ACK");
+    assert_eq!(
+        addresses_with_valid_checksums(&out),
+        ((CLUSTER_IP, 81), (CLIENT, 40020))
+    );
+
+    // UDP to a port the Service has only for TCP.
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp((CLIENT, 40021), (CLUSTER_IP, 80), b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let headers = PacketHeaders::from_ethernet_slice(&out).unwrap();
+    assert!(
+        matches!(&headers.transport, Some(TransportHeader::Icmpv4(icmp)) if icmp.icmp_type
+            == etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port)),
+        "ICMP port unreachable: {headers:?}"
+    );
+
+    let (verdict, _) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_data((CLIENT, 40022), (CLUSTER_IP, 81), b"x"),
+    );
+    assert_eq!(verdict, TC_ACT_SHOT, "mid-stream: dropped, not routed");
+    assert_eq!(lb.maps.stat(Stat::UndefinedPort).unwrap(), 3);
+    assert_eq!(lb.maps.stat(Stat::NewFlows).unwrap(), 0);
+
+    lb.program(&[]);
+    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out, syn, "no longer a ClusterIP: untouched");
 }
 
 /// A SYN to a service without endpoints is answered at once with a RST from the frontend, sent
@@ -653,4 +774,206 @@ fn a_syn_to_a_service_without_endpoints_gets_a_reset_back() {
         &tcp_data((CLIENT, 40011), (CLUSTER_IP, 80), b"x"),
     );
     assert_eq!(verdict, TC_ACT_SHOT);
+}
+
+/// The conntrack entries of the flow from `client`, by direction: (forward, reply).
+fn flow_entries(lb: &Loaded, client: ([u8; 4], u16)) -> (Option<CtEntry>, Option<CtEntry>) {
+    let mut entries = (None, None);
+    for (key, entry) in lb.maps.conntrack.iter().map(Result::unwrap) {
+        if key.direction == ct_direction::FORWARD && (key.src_addr, key.src_port) == client {
+            entries.0 = Some(entry);
+        }
+        if key.direction == ct_direction::REPLY && (key.dst_addr, key.dst_port) == client {
+            entries.1 = Some(entry);
+        }
+    }
+    entries
+}
+
+/// A FIN or RST from either side marks the flow closing; a new SYN on the same tuple reopens it.
+#[test]
+fn fin_or_rst_from_either_side_marks_a_flow_closing() {
+    let mut lb = loaded("closing");
+    let closing = |entry: Option<CtEntry>| entry.expect("the entry exists").flags & ct_flags::CLOSING != 0;
+
+    let client = (CLIENT, 42000);
+    let (_, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_syn(client, (CLUSTER_IP, 80)),
+    );
+    let backend = addresses_with_valid_checksums(&out).1;
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_data(client, (CLUSTER_IP, 80), b"GET"),
+    );
+    let (forward, reply) = flow_entries(&lb, client);
+    assert!(
+        !closing(forward) && !closing(reply),
+        "an open flow is not closing"
+    );
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_close(client, (CLUSTER_IP, 80), false),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses_with_valid_checksums(&out).1,
+        backend,
+        "the FIN reaches the backend"
+    );
+    assert!(closing(flow_entries(&lb, client).0), "the client's FIN marks it");
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_syn(client, (CLUSTER_IP, 80)),
+    );
+    assert!(
+        !closing(flow_entries(&lb, client).0),
+        "a new SYN on the tuple reopens it"
+    );
+
+    // The backend closes: its FIN, then a RST of another flow, through to_pod.
+    for (port, reset) in [(42001, false), (42002, true)] {
+        let client = (CLIENT, port);
+        let (_, out) = run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_syn(client, (CLUSTER_IP, 80)),
+        );
+        let backend = addresses_with_valid_checksums(&out).1;
+        let (verdict, out) = run(&mut lb, program_names::TO_POD, &tcp_close(backend, client, reset));
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            addresses_with_valid_checksums(&out).0,
+            (CLUSTER_IP, 80),
+            "still translated"
+        );
+        let (forward, reply) = flow_entries(&lb, client);
+        assert!(
+            !closing(forward) && closing(reply),
+            "the backend's FIN/RST marks its side"
+        );
+    }
+}
+
+/// The agent's garbage collection on the real map: each kind of flow is deleted, both
+/// directions, once idle past its own timeout, and not before.
+#[test]
+fn conntrack_gc_deletes_each_kind_of_flow_after_its_timeout() {
+    let mut lb = loaded("gc");
+    let now = conntrack_gc::monotonic_now_ns();
+    let (open, closed, dns) = ((CLIENT, 43000), (CLIENT, 43001), (CLIENT, 43002));
+    for client in [open, closed] {
+        run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_syn(client, (CLUSTER_IP, 80)),
+        );
+    }
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &tcp_close(closed, (CLUSTER_IP, 80), true),
+    );
+    run(
+        &mut lb,
+        program_names::FROM_POD,
+        &udp(dns, (CLUSTER_IP, 53), b"q"),
+    );
+    assert_eq!(
+        lb.maps.conntrack.keys().count(),
+        6,
+        "three flows, two entries each"
+    );
+
+    let timeouts = conntrack_gc::Timeouts::default();
+    let gc_at = |lb: &mut Loaded, seconds: u64| {
+        conntrack_gc::collect(&mut lb.maps.conntrack, now + seconds * 1_000_000_000, &timeouts)
+    };
+    let tracked = |lb: &Loaded, client| flow_entries(lb, client) != (None, None);
+
+    assert!(gc_at(&mut lb, 5).is_empty(), "nothing has expired after 5 s");
+    assert_eq!(lb.maps.conntrack.keys().count(), 6);
+
+    let collected = gc_at(&mut lb, 12);
+    assert_eq!(collected, [(conntrack_gc::Reason::TcpClosed, 1)].into());
+    assert_eq!(
+        flow_entries(&lb, closed),
+        (None, None),
+        "both directions of the reset flow"
+    );
+    assert!(tracked(&lb, open) && tracked(&lb, dns));
+
+    assert_eq!(gc_at(&mut lb, 62), [(conntrack_gc::Reason::UdpIdle, 1)].into());
+    assert!(tracked(&lb, open) && !tracked(&lb, dns));
+
+    // A lone reply entry (its forward one evicted) goes with its flow too.
+    let forward_key = lb
+        .maps
+        .conntrack
+        .keys()
+        .map(Result::unwrap)
+        .find(|k| k.direction == ct_direction::FORWARD)
+        .unwrap();
+    lb.maps.conntrack.remove(&forward_key).unwrap();
+    assert_eq!(
+        gc_at(&mut lb, 3600),
+        [].into(),
+        "an established flow idle for 1 h stays"
+    );
+    assert_eq!(
+        gc_at(&mut lb, 25 * 3600),
+        [(conntrack_gc::Reason::TcpIdle, 1)].into()
+    );
+    assert_eq!(lb.maps.conntrack.keys().count(), 0, "nothing is left");
+}
+
+/// Refusals are rate-limited: beyond the burst (and what the rate earns meanwhile) a SYN or
+/// datagram to a service without endpoints is dropped, not answered, and counted.
+#[test]
+fn refusals_beyond_the_rate_limit_are_dropped() {
+    const TC_ACT_REDIRECT: u32 = 7;
+    // The buckets are per CPU: stay on one, so every packet meets the same bucket.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    let mut lb = loaded("ratelimit");
+    lb.program(&[
+        (frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[]),
+        (frontend(CLUSTER_IP, 53, IPPROTO_UDP), &[]),
+    ]);
+    lb.datapath
+        .set_reject_limit(RejectLimit::per_second(1, 5))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    for i in 0..30u16 {
+        let packet = if i % 2 == 0 {
+            tcp_syn((CLIENT, 44000 + i), (CLUSTER_IP, 80))
+        } else {
+            udp((CLIENT, 44000 + i), (CLUSTER_IP, 53), b"q")
+        };
+        match run(&mut lb, program_names::FROM_POD, &packet).0 {
+            TC_ACT_REDIRECT => answered += 1,
+            verdict => assert_eq!(verdict, TC_ACT_SHOT, "beyond the limit: dropped"),
+        }
+    }
+    // One more reply per second that passed while sending.
+    let earned = started.elapsed().as_secs() as usize + 1;
+    assert!(
+        (5..=5 + earned).contains(&answered),
+        "the burst of 5 is answered, then about one a second: {answered}"
+    );
+    assert_eq!(
+        lb.maps.stat(Stat::RejectRateLimited).unwrap() as usize,
+        30 - answered
+    );
+    assert_eq!(
+        lb.maps.stat(Stat::NoBackend).unwrap(),
+        30,
+        "every one counted as refused"
+    );
 }

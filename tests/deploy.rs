@@ -172,4 +172,23 @@ fn the_daemonsets_arguments_are_ones_the_agent_accepts() {
         run.source.manifests.is_none(),
         "in a cluster the source is the API server"
     );
+    assert!(run.external_interfaces.is_some(), "NodePorts are served");
+    let cgroup = run.host_cgroup.expect("the host's cgroup root is given");
+    let mount = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == cgroup)
+        .unwrap_or_else(|| panic!("--host-cgroup {cgroup} is a mount"));
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    assert_eq!(
+        volume.host_path.as_ref().unwrap().path,
+        "/sys/fs/cgroup",
+        "the socket hooks go on the host's cgroup root, not the container's"
+    );
 }

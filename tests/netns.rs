@@ -47,6 +47,15 @@ struct Cluster {
 
 impl Cluster {
     fn start(tag: &str) -> Self {
+        Self::start_with(tag, &[])
+    }
+
+    /// Endpoints from EndpointSlices (`web`'s three pods ready) instead of the pods' labels.
+    fn start_on_slices(tag: &str) -> Self {
+        Self::start_with(tag, &["--endpoints-from", "slices"])
+    }
+
+    fn start_with(tag: &str, agent_args: &[&str]) -> Self {
         require_root();
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         let mut lab = Lab::new(&prefix).unwrap();
@@ -80,9 +89,14 @@ impl Cluster {
             ),
         ];
         std::fs::write(manifests.path().join("services.yaml"), services.join("---\n")).unwrap();
+        let ready: Vec<_> = PODS
+            .iter()
+            .map(|(name, ip)| lab::SliceEndpoint::ready(name, *ip))
+            .collect();
+        write_web_slice(manifests.path(), &ready);
 
         let pins = PinDir::new("sbtest", tag);
-        let agent = spawn_agent(&lab, manifests.path(), pins.path(), Stdio::inherit());
+        let agent = spawn_agent(&lab, manifests.path(), pins.path(), Stdio::inherit(), agent_args);
         let cluster = Self {
             agent,
             http,
@@ -139,6 +153,15 @@ impl Cluster {
         }
     }
 
+    /// Waits until the kernel's maps satisfy `done`.
+    fn wait_for_maps(&self, what: &str, done: impl Fn(&ServiceMaps) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ServiceMaps::open(self.pins.path()).is_ok_and(|maps| done(&maps)) {
+            assert!(Instant::now() < deadline, "the agent did not program {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn answered(servers: &[servers::Server]) -> BTreeMap<String, usize> {
         servers.iter().map(|s| (s.pod.clone(), s.answered())).collect()
     }
@@ -151,14 +174,7 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Child {
-    lab.node
-        .spawn(&mut agent_command(lab, manifests, pins, logs))
-        .unwrap()
-}
-
-/// `switchboard run` on the lab's pods, with JSON logs; more arguments may follow.
-fn agent_command(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Command {
+fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio, extra: &[&str]) -> Child {
     let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
     command
         .args([
@@ -172,8 +188,9 @@ fn agent_command(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio) -> Comma
         .arg(manifests)
         .arg("--pin-dir")
         .arg(pins)
+        .args(extra)
         .stderr(logs);
-    command
+    lab.node.spawn(&mut command).unwrap()
 }
 
 /// The agent's JSON log events, line by line, from its piped stderr.
@@ -200,6 +217,22 @@ fn write_pods(dir: &Path, pods: &[(&str, Ipv4Addr)]) {
     let staging = dir.join(".pods.yaml.tmp");
     std::fs::write(&staging, [yaml.join("---\n"), client].join("---\n")).unwrap();
     std::fs::rename(staging, dir.join("pods.yaml")).unwrap();
+}
+
+/// The `web` Service's EndpointSlice (used with `--endpoints-from slices`), written atomically.
+fn write_web_slice(dir: &Path, endpoints: &[lab::SliceEndpoint<'_>]) {
+    let slice = lab::endpoint_slice_manifest(
+        "web",
+        &[
+            ("http", "TCP", 3000),
+            ("dns", "UDP", 5353),
+            ("lines", "TCP", 7000),
+        ],
+        endpoints,
+    );
+    let staging = dir.join(".slices.yaml.tmp");
+    std::fs::write(&staging, slice).unwrap();
+    std::fs::rename(staging, dir.join("slices.yaml")).unwrap();
 }
 
 #[test]
@@ -383,6 +416,7 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
             cluster.manifests.path(),
             cluster.pins.path(),
             Stdio::piped(),
+            &[],
         );
         let events = log_events(&mut cluster.agent);
         let first_sync = events
@@ -595,6 +629,200 @@ fn with_client_ip_affinity_every_connection_of_a_client_reaches_one_pod() {
     );
 }
 
+/// One long-lived TCP connection to the line servers behind `WEB:7000`.
+struct LineConnection {
+    reader: BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl LineConnection {
+    fn open(cluster: &Cluster) -> Self {
+        let target = SocketAddr::from((WEB, 7000));
+        let stream = cluster
+            .client()
+            .run(move || std::net::TcpStream::connect_timeout(&target, TIMEOUT))
+            .unwrap()
+            .unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        Self {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    /// The pod at the other end, asked over the same connection.
+    fn ask(&mut self) -> String {
+        use std::io::Write as _;
+        writeln!(self.writer, "who?").unwrap();
+        let mut pod = String::new();
+        self.reader
+            .read_line(&mut pod)
+            .expect("the connection still answers");
+        assert!(!pod.is_empty(), "the connection was closed");
+        pod.trim().to_owned()
+    }
+}
+
+/// `web`'s pods as EndpointSlice endpoints, `terminating` marked so and the others ready.
+fn slice_with_terminating(terminating: &str) -> Vec<lab::SliceEndpoint<'static>> {
+    PODS.iter()
+        .map(|(name, ip)| {
+            if *name == terminating {
+                lab::SliceEndpoint::terminating(name, *ip)
+            } else {
+                lab::SliceEndpoint::ready(name, *ip)
+            }
+        })
+        .collect()
+}
+
+fn pod_index(name: &str) -> usize {
+    PODS.iter().position(|(pod, _)| *pod == name).unwrap()
+}
+
+/// A pod being deleted (EndpointSlice: terminating, still serving) keeps the connection it has,
+/// while every new connection goes to the ready pods.
+#[test]
+fn a_terminating_pod_keeps_its_connection_while_new_ones_go_to_ready_pods() {
+    let cluster = Cluster::start_on_slices("nd");
+    let mut line = LineConnection::open(&cluster);
+    let old = line.ask();
+    write_web_slice(cluster.manifests.path(), &slice_with_terminating(&old));
+    cluster.wait_for_backends(2);
+    for _ in 0..5 {
+        assert_eq!(line.ask(), old, "the established connection stays on its pod");
+    }
+    let served_before = cluster.http[pod_index(&old)].answered();
+    for i in 0..30 {
+        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {i}: {e:#}"));
+        assert_ne!(reply.pod, old, "a new connection went to the terminating pod");
+    }
+    assert_eq!(cluster.http[pod_index(&old)].answered(), served_before);
+    assert_eq!(line.ask(), old, "and the old connection still works");
+}
+
+/// The kube-proxy stale-conntrack failure must not happen: a DNS-like client, always sending
+/// from the same socket, keeps getting answers while its backend terminates, is replaced by a
+/// new pod and stops answering.
+#[test]
+fn a_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
+    let mut cluster = Cluster::start_on_slices("nq");
+    let socket = cluster
+        .client()
+        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .unwrap()
+        .unwrap();
+    socket.connect((WEB, 53)).unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let ask = || {
+        socket.send(b"who?").unwrap();
+        let mut answer = [0u8; 64];
+        let n = socket.recv(&mut answer).expect("every query is answered");
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    };
+    let old = ask();
+
+    write_web_slice(cluster.manifests.path(), &slice_with_terminating(&old));
+    cluster.wait_for_backends(2);
+    for _ in 0..5 {
+        assert_eq!(ask(), old, "a terminating pod still answers its client");
+    }
+
+    // Replaced: a new pod is ready and the old one leaves the slice, then stops.
+    let new = ("web-3", Ipv4Addr::new(10, 244, 1, 13));
+    let ns = &cluster.lab.add_pod(new.0, new.1).unwrap().ns;
+    let _new_server = servers::udp_server(ns, new.0, 5353).unwrap();
+    let mut endpoints: Vec<_> = PODS
+        .iter()
+        .filter(|(name, _)| *name != old)
+        .map(|(name, ip)| lab::SliceEndpoint::ready(name, *ip))
+        .collect();
+    endpoints.push(lab::SliceEndpoint::ready(new.0, new.1));
+    write_web_slice(cluster.manifests.path(), &endpoints);
+    cluster.wait_for_backends(3);
+    let old_ip = PODS[pod_index(&old)].1.octets();
+    cluster.wait_for_maps("the old pod's removal", |maps| {
+        maps.backends
+            .iter()
+            .filter_map(Result::ok)
+            .all(|(_, backend)| backend.addr != old_ip)
+    });
+    drop(cluster.udp.remove(pod_index(&old)));
+    // The old pod's socket closes within its poll interval: a query sent there now would be
+    // refused, not answered.
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..10 {
+        assert_ne!(ask(), old, "the client moved to a live pod");
+    }
+}
+
+/// The agent forgets finished connections: with short timeouts, the flows of 20 closed HTTP
+/// connections leave the conntrack map and are counted as collected.
+#[test]
+fn closed_connections_are_garbage_collected_from_conntrack() {
+    let cluster = Cluster::start_with(
+        "ng",
+        &[
+            "--conntrack-gc-interval",
+            "1s",
+            "--conntrack-tcp-closing-timeout",
+            "1s",
+        ],
+    );
+    for _ in 0..20 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+    let (_, body) = scrape(&cluster, "/metrics");
+    assert!(metric(&body, "switchboard_conntrack_flows") >= 20, "{body}");
+    let collected = "switchboard_conntrack_gc_collected_total{reason=\"tcp_closed\"}";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = scrape(&cluster, "/metrics");
+        if metric(&body, collected) >= 20 && metric(&body, "switchboard_conntrack_flows") == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "closed flows were not collected:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("the service still works");
+}
+
+/// A ClusterIP dialled on a port its Service does not define: refused at once, for TCP and UDP,
+/// as a closed port would be (kube-proxy rejects these too), while its defined ports work.
+#[test]
+fn a_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
+    let cluster = Cluster::start("np");
+    let target = SocketAddr::from((WEB, 81));
+    let started = Instant::now();
+    let error = cluster
+        .client()
+        .run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
+        .unwrap()
+        .expect_err("nothing serves port 81 of the ClusterIP");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "refused within 100 ms, took {:?}",
+        started.elapsed()
+    );
+    let socket = cluster
+        .client()
+        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .unwrap()
+        .unwrap();
+    // 80 is the Service's port for TCP only.
+    socket.connect((WEB, 80)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    socket.send(b"anyone?").unwrap();
+    let error = socket.recv(&mut [0u8; 64]).expect_err("no UDP port 80");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("port 80/TCP still works");
+}
+
 /// The value of `name` (labels included), or 0 when the scrape does not have it yet.
 fn metric_or_zero(body: &str, name: &str) -> u64 {
     body.lines()
@@ -710,11 +938,20 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
     let object = build.path().join("lb-ebpf.o");
     std::fs::write(&object, lb_userspace::datapath::OBJECT).unwrap();
     let before = linked_programs(cluster.pins.path());
+    let pod_links = before
+        .keys()
+        .filter(|link| link.ends_with("from_pod") || link.ends_with("to_pod"))
+        .count();
     assert_eq!(
-        before.len(),
+        pod_links,
         2 * (PODS.len() + 1),
         "from_pod and to_pod on every pod"
     );
+    let pinned_maps: Vec<u32> = lb_common::map_names::ALL
+        .iter()
+        .filter_map(|name| aya::maps::MapInfo::from_pin(cluster.pins.path().join(name)).ok())
+        .map(|info| info.id())
+        .collect();
     let conntrack_map =
         aya::maps::MapInfo::from_pin(cluster.pins.path().join(lb_common::map_names::CONNTRACK))
             .unwrap()
@@ -735,14 +972,13 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
         // The old version goes as a DaemonSet rollout stops it; its links stay pinned.
         cluster.agent.kill().unwrap();
         cluster.agent.wait().unwrap();
-        let mut command = agent_command(
+        cluster.agent = spawn_agent(
             &cluster.lab,
             cluster.manifests.path(),
             cluster.pins.path(),
             Stdio::piped(),
+            &["--bpf-object", object.to_str().unwrap()],
         );
-        command.arg("--bpf-object").arg(&object);
-        cluster.agent = cluster.lab.node.spawn(&mut command).unwrap();
         let events = log_events(&mut cluster.agent);
         let mut from_file = false;
         for event in events.iter() {
@@ -781,15 +1017,27 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
     for (link, program) in &after {
         assert_ne!(*program, before[link], "{link} runs a newly loaded program");
         let info = &loaded[program];
+        // The kernel keeps the first 15 bytes of a program's name.
         assert!(
-            link.ends_with(info.name_as_str().unwrap()),
+            link.rsplit_once('-')
+                .unwrap()
+                .1
+                .starts_with(info.name_as_str().unwrap()),
             "{link} runs program {:?}",
             info.name_as_str()
         );
-        assert!(
-            info.map_ids().unwrap().unwrap().contains(&conntrack_map),
-            "{link}'s new program uses the pinned conntrack map"
-        );
+        let maps = info.map_ids().unwrap().unwrap();
+        if link.ends_with("from_pod") || link.ends_with("to_pod") {
+            assert!(
+                maps.contains(&conntrack_map),
+                "{link}'s new program uses the pinned conntrack map"
+            );
+        } else {
+            assert!(
+                maps.iter().any(|id| pinned_maps.contains(id)),
+                "{link}'s new program uses the pinned maps"
+            );
+        }
     }
     // Nothing holds the old programs any more: the kernel frees them (after an RCU grace period).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -836,6 +1084,7 @@ fn switching_datapath_logging_on_makes_a_connection_print_its_backend() {
         cluster.manifests.path(),
         cluster.pins.path(),
         Stdio::piped(),
+        &[],
     );
     let events = log_events(&mut cluster.agent);
     let datapath_line = || {

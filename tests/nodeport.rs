@@ -243,3 +243,28 @@ fn node_ports_answer_only_on_node_addresses_and_other_traffic_passes_untouched()
         assert_eq!((verdict, &out), (TC_ACT_OK, &packet));
     }
 }
+
+#[test]
+fn a_restarted_agent_reads_external_frontends_back_and_rewrites_nothing() {
+    let ranges = External {
+        local: false,
+        source_ranges: Some(vec![([203, 0, 113, 0], 24), ([10, 0, 0, 0], 8)]),
+    };
+    let services = [
+        (
+            frontend([0; 4], NODE_PORT, IPPROTO_TCP),
+            service(External::default(), &[BACKEND]),
+        ),
+        (frontend(LB_IP, 80, IPPROTO_TCP), service(ranges, &[BACKEND])),
+    ];
+    let services = services.map(|(key, service)| {
+        let maglev = Some(31);
+        (key, DesiredService { maglev, ..service })
+    });
+    let loaded = loaded("np-restart", &services);
+    let desired = services.iter().cloned().collect();
+    let mut restarted = lb_userspace::reconcile::Reconciler::new(loaded.maps.read_programmed().unwrap());
+    let mut maps = loaded.datapath.maps().unwrap();
+    let report = restarted.apply(&desired, &mut maps);
+    assert_eq!((report.writes, report.deletes, report.failed.len()), (0, 0, 0));
+}

@@ -21,8 +21,15 @@ pub mod map_names {
     pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
     pub const SERVICE_STATS: &str = "SB_SERVICE_STATS";
+    pub const SOCK_REVNAT: &str = "SB_SOCK_REVNAT";
     pub const CONFIG: &str = "SB_CONFIG";
-    pub const ALL: [&str; 12] = [
+    pub const CLUSTER_IPS: &str = "SB_CLUSTER_IPS";
+    /// The rate limit of RST/ICMP replies (written by the agent at start; not pinned).
+    pub const REJECT_LIMIT: &str = "SB_REJECT_LIMIT";
+    /// Per-CPU token buckets of that limit (not pinned).
+    pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
+    /// The maps pinned under their names.
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -34,26 +41,20 @@ pub mod map_names {
         SNAT_ADDRS,
         SOURCE_RANGES,
         SERVICE_STATS,
+        SOCK_REVNAT,
         CONFIG,
+        CLUSTER_IPS,
     ];
-}
-
-/// Indexes of the run-time settings in [`map_names::CONFIG`], an array of `u32` the programs read
-/// on each use, so changing one takes effect at once without reloading anything.
-pub mod config {
-    /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
-    pub const LOG_LEVEL: u32 = 0;
-    pub const COUNT: u32 = 4;
 }
 
 /// The datapath's log levels, numbered as aya-log numbers them.
 pub mod log_level {
-    pub const OFF: u32 = 0;
-    pub const ERROR: u32 = 1;
-    pub const WARN: u32 = 2;
-    pub const INFO: u32 = 3;
-    pub const DEBUG: u32 = 4;
-    pub const TRACE: u32 = 5;
+    pub const OFF: u64 = 0;
+    pub const ERROR: u64 = 1;
+    pub const WARN: u64 = 2;
+    pub const INFO: u64 = 3;
+    pub const DEBUG: u64 = 4;
+    pub const TRACE: u64 = 5;
 }
 
 /// Names of the programs in the object file.
@@ -71,6 +72,27 @@ pub mod program_names {
     /// TC egress on an external interface: source NAT of flows leaving for a backend on another
     /// node, and the frontend restored as the source of replies to external clients.
     pub const NODEPORT_EGRESS: &str = "nodeport_egress";
+    /// cgroup connect4: a socket of the node connecting to a service gets a backend instead, once
+    /// per connection rather than per packet.
+    pub const SOCK_CONNECT: &str = "sock_connect";
+    /// cgroup sendmsg4: the same for each datagram of an unconnected UDP socket.
+    pub const SOCK_SENDMSG: &str = "sock_sendmsg";
+    /// cgroup recvmsg4: a datagram from a backend is shown as coming from the service.
+    pub const SOCK_RECVMSG: &str = "sock_recvmsg";
+    /// cgroup getpeername4: a connected socket's peer is shown as the service.
+    pub const SOCK_GETPEERNAME: &str = "sock_getpeername";
+    pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
+}
+
+/// Indexes of [`map_names::CONFIG`], an array of `u64` the agent (and `switchboard log-level`)
+/// writes and the programs read on each use, so a change takes effect at once.
+pub mod config {
+    /// The network namespace (cookie) whose sockets the socket programs translate: the node's.
+    /// Zero: none.
+    pub const NETNS_COOKIE: u32 = 0;
+    /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
+    pub const LOG_LEVEL: u32 = 1;
+    pub const LEN: u32 = 8;
 }
 
 /// Default map capacities; the agent may override them at load time.
@@ -85,6 +107,26 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     /// One entry per service id that saw traffic; allocated on first use, not up front.
     pub const SERVICE_STATS: u32 = SERVICES;
+    pub const SOCK_REVNAT: u32 = 65_536;
+}
+
+/// A backend a socket of the node was sent to: (socket cookie, backend address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevKey {
+    pub cookie: u64,
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// The service frontend that socket asked for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevEntry {
+    pub addr: [u8; 4],
+    pub port: u16,
+    pub pad: u16,
 }
 
 /// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
@@ -126,6 +168,15 @@ pub struct ServiceInfo {
     /// With [`service_flags::AFFINITY`]: how long a client sticks to its backend after its last
     /// new connection, in seconds.
     pub affinity_timeout_s: u32,
+}
+
+/// A ClusterIP, whatever the port: the key of [`map_names::CLUSTER_IPS`], whose value is how
+/// many frontends the address has. A packet to a ClusterIP on a port no frontend defines is
+/// refused like one to a closed port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterIpKey {
+    pub addr: [u8; 4],
 }
 
 pub mod service_flags {
@@ -263,9 +314,17 @@ pub struct Backend {
     pub addr: [u8; 4],
     pub port: u16,
     pub proto: u8,
+    /// [`backend_flags`].
     pub flags: u8,
     /// The service this backend belongs to; guards against a recycled id.
     pub service_id: u32,
+}
+
+pub mod backend_flags {
+    /// Keeps the flows it has but is given no new one (a terminating endpoint while ready ones
+    /// exist, or one a traffic policy leaves out): it is in no slot and no Maglev table, and a
+    /// client's session affinity to it is not honoured.
+    pub const DRAINING: u8 = 1;
 }
 
 /// Which way a conntrack entry looks at a flow.
@@ -280,6 +339,32 @@ pub mod ct_direction {
     /// Backend → node address and port, keyed as a source-NATed flow's reply arrives; maps back
     /// to the client.
     pub const SNAT_IN: u8 = 3;
+}
+
+/// [`CtEntry::flags`].
+pub mod ct_flags {
+    /// A TCP flow that has seen a FIN or a RST: the agent forgets it a short while after its
+    /// last packet instead of after the long established timeout.
+    pub const CLOSING: u16 = 1;
+
+    /// TCP header flag bits, as on the wire.
+    pub const TCP_FIN: u8 = 0x01;
+    pub const TCP_SYN: u8 = 0x02;
+    pub const TCP_RST: u8 = 0x04;
+    pub const TCP_ACK: u8 = 0x10;
+
+    /// An entry's flags after a TCP segment with `tcp_flags`: a FIN or RST marks the flow
+    /// closing; a pure SYN reopens it (the client reused the 5-tuple for a new connection).
+    #[inline(always)]
+    pub fn after_tcp_segment(flags: u16, tcp_flags: u8) -> u16 {
+        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            flags | CLOSING
+        } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            flags & !CLOSING
+        } else {
+            flags
+        }
+    }
 }
 
 /// A flow's 5-tuple as seen in one direction.
@@ -304,9 +389,66 @@ pub struct CtEntry {
     pub backend_id: BackendId,
     pub nat_addr: [u8; 4],
     pub nat_port: u16,
+    /// [`ct_flags`].
     pub flags: u16,
-    /// `bpf_ktime_get_ns()` of the last packet.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, refreshed
+    /// at most once a second.
     pub last_seen_ns: u64,
+}
+
+/// How many RST / ICMP unreachable replies the datapath may generate: a token bucket per CPU,
+/// kept in nanoseconds of credit so the datapath never divides. All zero: no limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectLimit {
+    /// Credit one reply costs: a second over the rate.
+    pub interval_ns: u64,
+    /// Most credit a bucket holds: `burst` replies.
+    pub burst_ns: u64,
+}
+
+impl RejectLimit {
+    /// `rate` replies per second and CPU, up to `burst` at once. A rate of 0: no limit.
+    pub const fn per_second(rate: u32, burst: u32) -> Self {
+        if rate == 0 {
+            return Self {
+                interval_ns: 0,
+                burst_ns: 0,
+            };
+        }
+        let interval_ns = 1_000_000_000 / rate as u64;
+        Self {
+            interval_ns,
+            burst_ns: interval_ns * burst as u64,
+        }
+    }
+}
+
+/// One CPU's bucket of [`RejectLimit`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RejectBucket {
+    pub credit_ns: u64,
+    pub last_ns: u64,
+}
+
+impl RejectBucket {
+    /// Whether one more reply may go out at `now_ns`, taking its credit if so. A fresh bucket
+    /// starts full.
+    #[inline(always)]
+    pub fn take(&mut self, limit: &RejectLimit, now_ns: u64) -> bool {
+        if limit.interval_ns == 0 {
+            return true;
+        }
+        let earned = now_ns.wrapping_sub(self.last_ns);
+        self.credit_ns = self.credit_ns.saturating_add(earned).min(limit.burst_ns);
+        self.last_ns = now_ns;
+        if self.credit_ns < limit.interval_ns {
+            return false;
+        }
+        self.credit_ns -= limit.interval_ns;
+        true
+    }
 }
 
 /// Indexes of the per-CPU datapath counters in [`map_names::STATS`].
@@ -331,10 +473,14 @@ pub enum Stat {
     /// External flows leaving for another node that could not be given a source address and port
     /// (no address for the interface, or every probed port taken); sent with the client's.
     SnatFailed = 7,
+    /// RST or ICMP unreachable replies not sent (the packet dropped) because of the rate limit.
+    RejectRateLimited = 8,
+    /// Packets to a ClusterIP on a port its Service does not define: refused like [`Stat::NoBackend`].
+    UndefinedPort = 9,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -344,6 +490,8 @@ impl Stat {
         Stat::CtInsertFailed,
         Stat::SourceRangeDrops,
         Stat::SnatFailed,
+        Stat::RejectRateLimited,
+        Stat::UndefinedPort,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -360,6 +508,10 @@ impl Stat {
                 "New flows to a LoadBalancer IP from outside its loadBalancerSourceRanges, dropped"
             }
             Stat::SnatFailed => "External flows to another node's backend that could not be source-NATed",
+            Stat::RejectRateLimited => "Refusals dropped instead of answered (RST/ICMP rate limit)",
+            Stat::UndefinedPort => {
+                "Packets to a ClusterIP on a port its Service does not define (refused with a RST or ICMP port unreachable, or dropped)"
+            }
         }
     }
 
@@ -373,6 +525,8 @@ impl Stat {
             Stat::CtInsertFailed => "conntrack_insert_failures",
             Stat::SourceRangeDrops => "source_range_drops",
             Stat::SnatFailed => "snat_failures",
+            Stat::RejectRateLimited => "rate_limited_rejects",
+            Stat::UndefinedPort => "undefined_port_drops",
         }
     }
 }
@@ -420,6 +574,11 @@ mod pod_impls {
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for ServiceStats {}
+    unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SockRevEntry {}
+    unsafe impl aya::Pod for ClusterIpKey {}
+    unsafe impl aya::Pod for RejectLimit {}
+    unsafe impl aya::Pod for RejectBucket {}
 }
 
 #[cfg(test)]
@@ -492,6 +651,47 @@ mod tests {
     }
 
     #[test]
+    fn fin_and_rst_mark_a_flow_closing_and_a_new_syn_reopens_it() {
+        use ct_flags::*;
+        assert_eq!(after_tcp_segment(0, TCP_SYN), 0);
+        assert_eq!(after_tcp_segment(0, TCP_ACK), 0);
+        assert_eq!(after_tcp_segment(0, TCP_FIN | TCP_ACK), CLOSING);
+        assert_eq!(after_tcp_segment(0, TCP_RST), CLOSING);
+        assert_eq!(
+            after_tcp_segment(CLOSING, TCP_ACK),
+            CLOSING,
+            "the last ACK stays closing"
+        );
+        assert_eq!(
+            after_tcp_segment(CLOSING, TCP_SYN | TCP_ACK),
+            CLOSING,
+            "a SYN-ACK is no new connection"
+        );
+        assert_eq!(after_tcp_segment(CLOSING, TCP_SYN), 0, "the tuple reused");
+    }
+
+    #[test]
+    fn the_reject_bucket_allows_a_burst_then_the_rate() {
+        const MS: u64 = 1_000_000;
+        let limit = RejectLimit::per_second(100, 5);
+        let mut bucket = RejectBucket::default();
+        let start = 1_000_000 * MS;
+        let burst = (0..20).filter(|_| bucket.take(&limit, start)).count();
+        assert_eq!(burst, 5, "a fresh bucket holds the burst");
+        assert!(
+            !bucket.take(&limit, start + 9 * MS),
+            "10 ms earn one reply, 9 do not"
+        );
+        assert!(bucket.take(&limit, start + 10 * MS));
+        let later = (0..20)
+            .filter(|_| bucket.take(&limit, start + 10_000 * MS))
+            .count();
+        assert_eq!(later, 5, "credit never exceeds the burst");
+        let mut unlimited = RejectBucket::default();
+        assert!((0..1000).all(|_| unlimited.take(&RejectLimit::default(), start)));
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceInfo>(), 20);
@@ -502,5 +702,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 24);
         assert_eq!(size_of::<ServiceStats>(), 40);
+        assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevEntry>(), 8);
     }
 }

@@ -1,7 +1,9 @@
 //! Connection tracking: a flow keeps its backend for its whole life. Each flow has two entries,
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use lb_common::{Backend, BackendId, CtEntry, CtKey, ServiceInfo, Stat, ct_direction, flow_hash};
+use lb_common::{
+    Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags, flow_hash,
+};
 
 use crate::{
     maps::{SB_CONNTRACK, SB_SNAT_ADDRS, count},
@@ -38,21 +40,37 @@ pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
         return Forward::New;
     };
     // SAFETY: the pointer comes from a successful lookup; fields are read and written whole.
-    let (service_id, backend_id, last_seen) =
-        unsafe { ((*entry).service_id, (*entry).backend_id, (*entry).last_seen_ns) };
+    let (service_id, backend_id) = unsafe { ((*entry).service_id, (*entry).backend_id) };
     if service_id == service.id
         && let Some(backend) = service::backend(service, backend_id)
     {
-        // SAFETY: a plain helper call without arguments.
-        let now = unsafe { bpf_ktime_get_ns() };
-        if now.wrapping_sub(last_seen) > LAST_SEEN_GRANULARITY_NS {
-            // SAFETY: as above; a racing writer can only store another recent time.
-            unsafe { (*entry).last_seen_ns = now };
-        }
+        seen(entry, flow);
         return Forward::Established(backend);
     }
     count(Stat::Rebalanced);
     Forward::New
+}
+
+/// Records a packet of the flow on one of its entries: when it was last seen, for the agent's
+/// garbage collection, and whether a FIN or RST is closing it.
+#[inline(always)]
+fn seen(entry: *mut CtEntry, flow: &Flow) {
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the pointer comes from a successful lookup; fields are read and written whole,
+    // and a racing writer can only store another recent time or the same flag.
+    unsafe {
+        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
+            (*entry).last_seen_ns = now;
+        }
+        if flow.proto == IPPROTO_TCP {
+            let flags = (*entry).flags;
+            let updated = ct_flags::after_tcp_segment(flags, flow.tcp_flags);
+            if updated != flags {
+                (*entry).flags = updated;
+            }
+        }
+    }
 }
 
 /// Records a new flow in both directions.
@@ -60,12 +78,19 @@ pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
 pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend: &Backend) {
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
+    // A flow first met mid-stream (conntrack lost, or a flow from another node) may already be
+    // closing.
+    let flags = if flow.proto == IPPROTO_TCP {
+        ct_flags::after_tcp_segment(0, flow.tcp_flags)
+    } else {
+        0
+    };
     let forward = CtEntry {
         service_id: service.id,
         backend_id,
         nat_addr: backend.addr,
         nat_port: backend.port,
-        flags: 0,
+        flags,
         last_seen_ns: now,
     };
     let reply_key = CtKey {
@@ -104,27 +129,16 @@ pub fn reply(flow: &Flow) -> Option<CtEntry> {
         direction: ct_direction::REPLY,
         pad: [0; 2],
     };
-    // SAFETY: copied out at once.
-    unsafe { SB_CONNTRACK.get(key).copied() }
+    let entry = SB_CONNTRACK.get_ptr_mut(key)?;
+    seen(entry, flow);
+    // SAFETY: the pointer comes from a successful lookup; copied out at once.
+    Some(unsafe { *entry })
 }
 
 fn keyed(flow: &Flow, direction: u8) -> CtKey {
     CtKey {
         direction,
         ..forward_key(flow)
-    }
-}
-
-/// Refreshes `entry.last_seen_ns`, at most once per granularity.
-#[inline(always)]
-fn touch(entry: *mut CtEntry) {
-    // SAFETY: a plain helper call; `entry` comes from a successful lookup, and a racing writer
-    // can only store another recent time.
-    unsafe {
-        let now = bpf_ktime_get_ns();
-        if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
-            (*entry).last_seen_ns = now;
-        }
     }
 }
 
@@ -161,7 +175,7 @@ const SNAT_PORT_SPAN: u32 = 28_232;
 #[inline(always)]
 pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
     let entry = SB_CONNTRACK.get_ptr_mut(keyed(flow, ct_direction::SNAT_OUT))?;
-    touch(entry);
+    seen(entry, flow);
     // SAFETY: from a successful lookup; fields are read and written whole.
     let (service_id, backend_id, port) =
         unsafe { ((*entry).service_id, (*entry).backend_id, (*entry).nat_port) };
@@ -230,7 +244,7 @@ pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
 #[inline(always)]
 pub fn snat_in(flow: &Flow) -> Option<([u8; 4], u16)> {
     let entry = SB_CONNTRACK.get_ptr_mut(keyed(flow, ct_direction::SNAT_IN))?;
-    touch(entry);
+    seen(entry, flow);
     // SAFETY: from a successful lookup.
     Some(unsafe { ((*entry).nat_addr, (*entry).nat_port) })
 }

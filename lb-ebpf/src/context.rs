@@ -12,6 +12,8 @@ use aya_ebpf::{
 use lb_common::checksum_replace;
 
 pub trait Packet {
+    /// The frame's length in bytes.
+    fn len(&self) -> usize;
     /// A copy of the `T` at `offset`, if the packet holds all of it.
     fn load<T>(&self, offset: usize) -> Option<T>;
     fn store<T: Copy>(&self, offset: usize, value: &T) -> Result<(), i64>;
@@ -24,6 +26,11 @@ pub trait Packet {
 }
 
 impl Packet for TcContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+
     #[inline(always)]
     fn load<T>(&self, offset: usize) -> Option<T> {
         TcContext::load(self, offset).ok()
@@ -84,6 +91,11 @@ fn xdp_csum_replace(
 }
 
 impl Packet for XdpContext {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+
     #[inline(always)]
     fn load<T>(&self, offset: usize) -> Option<T> {
         // SAFETY: bounds checked by xdp_ptr; read unaligned as packet data may be.

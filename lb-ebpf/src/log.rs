@@ -8,7 +8,7 @@ use lb_common::{Backend, config, log_level};
 use crate::{maps::SB_CONFIG, packet::Flow};
 
 #[inline(always)]
-fn enabled(level: u32) -> bool {
+fn enabled(level: u64) -> bool {
     SB_CONFIG.get(config::LOG_LEVEL).is_some_and(|max| level <= *max)
 }
 

@@ -12,15 +12,16 @@ mod nat;
 mod packet;
 mod reject;
 mod service;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::Stat;
 
-use crate::{conntrack::Forward, external::Verdict, maps::count, packet::Flow};
+use crate::{conntrack::Forward, external::Verdict, maps::count};
 
 /// TC ingress on a pod's host-side interface: packets the pod sends. A packet addressed to a
 /// service frontend is DNATed to the flow's backend, chosen on the flow's first packet.
@@ -30,6 +31,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     let Some(service) = service::lookup_frontend(&flow) else {
+        if service::is_cluster_ip(flow.dst_addr) {
+            // A port the Service does not define: refused, never routed to the ClusterIP.
+            count(Stat::UndefinedPort);
+            return reject::refuse(&ctx, &flow);
+        }
         return TC_ACT_OK;
     };
     let backend = match conntrack::forward(&flow, &service) {
@@ -44,7 +50,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             None => {
                 count(Stat::NoBackend);
                 log::refused(&ctx, &flow, service.id);
-                return refuse(&ctx, &flow);
+                return reject::refuse(&ctx, &flow);
             }
         },
     };
@@ -99,7 +105,7 @@ pub fn nodeport_tc(ctx: TcContext) -> i32 {
     match external::ingress(&ctx, &flow) {
         Verdict::Pass => TC_ACT_OK,
         Verdict::Drop => TC_ACT_SHOT,
-        Verdict::Refuse => refuse(&ctx, &flow),
+        Verdict::Refuse => reject::refuse(&ctx, &flow),
     }
 }
 
@@ -118,13 +124,30 @@ pub fn nodeport_egress(ctx: TcContext) -> i32 {
     }
 }
 
-/// Refused as by a closed port (a SYN gets a RST, UDP an ICMP port unreachable), sent back out
-/// where it came from; anything else, such as a mid-stream TCP segment, is dropped.
-#[inline(always)]
-fn refuse(ctx: &TcContext, flow: &Flow) -> i32 {
-    reject::tcp_reset(ctx, flow)
-        .or_else(|| reject::port_unreachable(ctx, flow))
-        .unwrap_or(TC_ACT_SHOT)
+/// cgroup connect4: a socket of the node connecting to a service connects to a backend.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect(ctx: SockAddrContext) -> i32 {
+    i32::from(sock::translate_destination(&ctx))
+}
+
+/// cgroup sendmsg4: a datagram a socket of the node sends to a service goes to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg(ctx: SockAddrContext) -> i32 {
+    i32::from(sock::translate_destination(&ctx))
+}
+
+/// cgroup recvmsg4: a datagram from a backend reads as coming from the service.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg(ctx: SockAddrContext) -> i32 {
+    sock::restore_peer(&ctx);
+    1
+}
+
+/// cgroup getpeername4: a connected socket's peer reads as the service.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername(ctx: SockAddrContext) -> i32 {
+    sock::restore_peer(&ctx);
+    1
 }
 
 #[cfg(not(test))]

@@ -6,9 +6,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, capacity,
-    config,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
+    MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats, SlotKey,
+    SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -48,6 +48,18 @@ pub static SB_MAGLEV: HashOfMaps<
 pub static SB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
 
+/// Every ClusterIP (→ its number of frontends), whatever the port.
+#[btf_map]
+pub static SB_CLUSTER_IPS: HashMap<ClusterIpKey, u32, { capacity::SERVICES as usize }> = HashMap::new();
+
+/// The rate limit of RST/ICMP replies, written by the agent at start (all zero: none).
+#[btf_map]
+pub static SB_REJECT_LIMIT: Array<RejectLimit, 1> = Array::new();
+
+/// Each CPU's token bucket: per CPU, so that refusing a flood costs no shared cache line.
+#[btf_map]
+pub static SB_REJECT_TOKENS: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
+
 /// This node's IPv4 addresses (value unused): a NodePort frontend, keyed with address 0.0.0.0,
 /// answers on any of them.
 #[btf_map]
@@ -63,9 +75,15 @@ pub static SB_SNAT_ADDRS: HashMap<u32, [u8; 4], { capacity::SNAT_ADDRS as usize 
 pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
 
-/// Run-time settings, indexed by `lb_common::config`, written by the agent or the CLI.
+/// (socket cookie, backend) → the frontend a socket of the node asked for, so its peer and the
+/// sources of its datagrams read as the service. LRU: sockets come and go without telling.
 #[btf_map]
-pub static SB_CONFIG: Array<u32, { config::COUNT as usize }> = Array::new();
+pub static SB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { capacity::SOCK_REVNAT as usize }> =
+    LruHashMap::new();
+
+/// Settings the agent writes, indexed by `lb_common::config`.
+#[btf_map]
+pub static SB_CONFIG: Array<u64, { config::LEN as usize }> = Array::new();
 
 /// Per-CPU datapath counters, indexed by `Stat`.
 #[btf_map]

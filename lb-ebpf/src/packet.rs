@@ -24,6 +24,8 @@ pub struct Flow {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
+    /// TCP header flags as on the wire (`lb_common::ct_flags::TCP_*`); 0 for UDP.
+    pub tcp_flags: u8,
     /// Offset of the L4 header (IHL honoured).
     pub l4_off: usize,
     /// Offset of the L4 checksum.
@@ -51,24 +53,39 @@ pub fn parse_ipv4(ctx: &impl Packet) -> Option<Flow> {
     if ip.frag_offset() != 0 || ip.frag_flags() & IPV4_MORE_FRAGMENTS != 0 {
         return None;
     }
+    // A packet longer than its frame was cut on the way, and one whose TCP data offset or UDP
+    // length runs past its end is malformed: neither is ours to rewrite (the kernel drops both).
+    let ip_len = usize::from(ip.tot_len());
+    if ip_len > ctx.len().saturating_sub(EthHdr::LEN) {
+        return None;
+    }
     let l4_off = EthHdr::LEN + ihl;
-    // The whole L4 header must be there (and inside the IP packet), not just the fields NAT
-    // touches: a cut header is not ours to rewrite.
-    let (src_port, dst_port, l4_csum_off, l4_len) = match ip.proto {
+    let (src_port, dst_port, l4_csum_off, l4_len, tcp_flags) = match ip.proto {
         IPPROTO_TCP => {
             let tcp: TcpHdr = ctx.load(l4_off)?;
-            if tcp.doff() < 5 {
-                return None;
-            }
-            (tcp.source, tcp.dest, l4_off + 16, TcpHdr::LEN)
+            let flags = tcp.fin() | tcp.syn() << 1 | tcp.rst() << 2 | tcp.ack() << 4;
+            (
+                tcp.source,
+                tcp.dest,
+                l4_off + 16,
+                usize::from(tcp.doff()) * 4,
+                flags as u8,
+            )
         }
         IPPROTO_UDP => {
             let udp: UdpHdr = ctx.load(l4_off)?;
-            (udp.src, udp.dst, l4_off + 6, UdpHdr::LEN)
+            (udp.src, udp.dst, l4_off + 6, usize::from(udp.len()), 0)
         }
         _ => return None,
     };
-    if usize::from(ip.tot_len()) < ihl + l4_len {
+    // The TCP header with its options, or the UDP datagram as long as its header says, must fit
+    // in the IP packet (the loads above only checked that the fixed header is in the frame).
+    let min_len = if ip.proto == IPPROTO_TCP {
+        TcpHdr::LEN
+    } else {
+        UdpHdr::LEN
+    };
+    if l4_len < min_len || ip_len < ihl + l4_len {
         return None;
     }
     Some(Flow {
@@ -77,6 +94,7 @@ pub fn parse_ipv4(ctx: &impl Packet) -> Option<Flow> {
         src_port: u16::from_be_bytes(src_port),
         dst_port: u16::from_be_bytes(dst_port),
         proto: ip.proto,
+        tcp_flags,
         l4_off,
         l4_csum_off,
     })

@@ -1,16 +1,37 @@
 //! Refusing a connection to a service without endpoints the way a closed port does: a TCP SYN
 //! gets a RST back, a UDP datagram an ICMP port unreachable, at once, so the client sees
 //! "connection refused" instead of a timeout. Both are sent back out of the interface the packet
-//! came in on, towards the pod.
+//! came in on, towards the pod. Replies are rate-limited per CPU (`SB_REJECT_LIMIT`).
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
-    helpers::{bpf_redirect, bpf_skb_change_tail},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, checksum_add, checksum_fold, tcp_ipv4_checksum};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Stat, checksum_add, checksum_fold, tcp_ipv4_checksum};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
 
-use crate::packet::Flow;
+use crate::{
+    maps::{SB_REJECT_LIMIT, SB_REJECT_TOKENS, count},
+    packet::Flow,
+};
+
+/// Whether one more reply may be generated now; a refused one is counted, and its packet is
+/// dropped: a flood towards a dead service must not turn into a flood of replies.
+#[inline(always)]
+fn within_rate() -> bool {
+    let limit = SB_REJECT_LIMIT.get(0).copied().unwrap_or_default();
+    let Some(bucket) = SB_REJECT_TOKENS.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's bucket; nothing else on this CPU runs while this program does.
+    if unsafe { (*bucket).take(&limit, now) } {
+        return true;
+    }
+    count(Stat::RejectRateLimited);
+    false
+}
 
 const RST_ACK: u8 = 0x14;
 /// Ethernet, a 20-byte IPv4 header, a 20-byte TCP header.
@@ -18,6 +39,15 @@ const RST_LEN: u32 = 54;
 /// Ethernet, IPv4, the ICMP header, and the quoted IPv4 header with the first 8 bytes after it.
 const UNREACHABLE_LEN: u32 = 14 + 20 + 8 + 20 + 8;
 const IPPROTO_ICMP: u8 = 1;
+
+/// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram an ICMP port
+/// unreachable; anything else (a mid-stream TCP segment) is dropped.
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, flow: &Flow) -> i32 {
+    tcp_reset(ctx, flow)
+        .or_else(|| port_unreachable(ctx, flow))
+        .unwrap_or(TC_ACT_SHOT)
+}
 
 /// Rewrites a pure SYN (no ACK, no RST, no IP options) into the RST|ACK its destination would
 /// answer with and sends it back out of the interface it came in on, towards the pod. `None`:
@@ -30,6 +60,9 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     let tcp: TcpHdr = ctx.load(flow.l4_off).ok()?;
     if tcp.syn() == 0 || tcp.ack() != 0 || tcp.rst() != 0 {
         return None;
+    }
+    if !within_rate() {
+        return Some(TC_ACT_SHOT);
     }
     let eth: EthHdr = ctx.load(0).ok()?;
     let acknowledged = u32::from_be_bytes(tcp.seq).wrapping_add(1);
@@ -58,6 +91,9 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
 pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     if flow.proto != IPPROTO_UDP || flow.l4_off != EthHdr::LEN + Ipv4Hdr::LEN {
         return None;
+    }
+    if !within_rate() {
+        return Some(TC_ACT_SHOT);
     }
     let eth: EthHdr = ctx.load(0).ok()?;
     let quoted_ip: [u8; 20] = ctx.load(EthHdr::LEN).ok()?;

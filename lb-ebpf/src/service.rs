@@ -4,16 +4,25 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, SourceRangeKey,
-    flow_hash, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, ServiceInfo, ServiceKey, SlotKey,
+    SourceRangeKey, backend_flags, flow_hash, service_flags,
 };
 
 use crate::{
     maps::{
-        SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_MAGLEV, SB_NODE_ADDRS, SB_SERVICES, SB_SOURCE_RANGES,
+        SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_CLUSTER_IPS, SB_MAGLEV, SB_NODE_ADDRS, SB_SERVICES,
+        SB_SOURCE_RANGES,
     },
     packet::Flow,
 };
+
+/// Whether `addr` is a ClusterIP: a packet to it that matched no frontend is for a port its
+/// Service does not define.
+#[inline(always)]
+pub fn is_cluster_ip(addr: [u8; 4]) -> bool {
+    // SAFETY: only the presence is read.
+    unsafe { SB_CLUSTER_IPS.get(ClusterIpKey { addr }) }.is_some()
+}
 
 #[inline(always)]
 fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {
@@ -64,8 +73,9 @@ pub fn source_allowed(service: &ServiceInfo, client: [u8; 4]) -> bool {
     SB_SOURCE_RANGES.get(&key).is_some()
 }
 
-/// The backend behind `id` if it still belongs to `service`. Ids are per service and recycled
-/// only after wrapping, so the owner check catches a flow whose backend was removed.
+/// The backend behind `id` if it still belongs to `service` (draining or not). Ids are per
+/// service and recycled only after wrapping, so the owner check catches a flow whose backend was
+/// removed.
 #[inline(always)]
 pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
     // SAFETY: copied out at once.
@@ -74,7 +84,7 @@ pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
 }
 
 /// The backend for a new flow. With session affinity, the one the client had, if it still
-/// serves and the timeout has not run out (each new connection restarts the timeout).
+/// takes new flows and the timeout has not run out (each new connection restarts the timeout).
 /// Otherwise by Maglev consistent hashing of the 5-tuple when the service has a table (every
 /// node picks the same one), else at random among the service's slots.
 #[inline(always)]
@@ -95,10 +105,11 @@ pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, 
     // SAFETY: copied out at once.
     let sticky = unsafe { SB_AFFINITY.get(key).copied() }
         .filter(|entry| now.wrapping_sub(entry.last_used_ns) < timeout_ns)
-        .and_then(|entry| Some((entry.backend_id, backend(service, entry.backend_id)?)));
+        .and_then(|entry| Some((entry.backend_id, backend(service, entry.backend_id)?)))
+        .filter(|(_, backend)| backend.flags & backend_flags::DRAINING == 0);
     let chosen = match sticky {
         Some(chosen) => chosen,
-        // A new client, an expired one, or one whose backend has gone.
+        // A new client, an expired one, or one whose backend has gone or is draining.
         None => balance(service, flow)?,
     };
     let entry = AffinityEntry {

@@ -1,5 +1,6 @@
-//! Datapath cost per packet: `from_pod` run by BPF_PROG_TEST_RUN on crafted packets, with 1, 1k,
-//! 10k and 100k services programmed (10 backends each).
+//! Datapath cost per packet: `from_pod` (TC) and `nodeport` (XDP) run by BPF_PROG_TEST_RUN on
+//! crafted packets, with 1, 1k, 10k and 100k services programmed (10 backends each). Both
+//! programs meet the same frontends, so their rows compare TC and XDP on the same work.
 //!
 //! Each service count gets its own loaded datapath with its own maps, all created with the same
 //! capacities (so hash tables have the same bucket counts and only their occupancy differs), and
@@ -18,7 +19,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, bail, ensure};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
 use lb_common::{Backend, IPPROTO_TCP, ServiceInfo, ServiceKey, SlotKey, Stat, program_names};
 use lb_userspace::{
@@ -35,6 +36,7 @@ use crate::{
 };
 
 const TC_ACT_OK: u32 = 0;
+const XDP_PASS: u32 = 2;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 /// Frontend for new flows: a service with ten backends.
 const NEW_FLOW_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -59,18 +61,56 @@ pub enum PacketKind {
     Established,
     NewFlow,
     NonService,
+    XdpEstablished,
+    XdpNewFlow,
+    XdpNonService,
 }
 
 impl PacketKind {
-    pub const ALL: [PacketKind; 3] = [Self::Established, Self::NewFlow, Self::NonService];
+    pub const ALL: [PacketKind; 6] = [
+        Self::Established,
+        Self::NewFlow,
+        Self::NonService,
+        Self::XdpEstablished,
+        Self::XdpNewFlow,
+        Self::XdpNonService,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Established => "established flow",
             Self::NewFlow => "first packet of a new flow",
             Self::NonService => "non-service packet",
+            Self::XdpEstablished => "XDP: established flow",
+            Self::XdpNewFlow => "XDP: first packet of a new flow",
+            Self::XdpNonService => "XDP: non-service packet",
         }
     }
+
+    /// The program that handles this packet.
+    fn hook(self) -> Hook {
+        match self {
+            Self::Established | Self::NewFlow | Self::NonService => Hook::Tc,
+            Self::XdpEstablished | Self::XdpNewFlow | Self::XdpNonService => Hook::Xdp,
+        }
+    }
+
+    /// The same packet at the other hook.
+    pub fn tc_twin(self) -> Self {
+        match self {
+            Self::XdpEstablished => Self::Established,
+            Self::XdpNewFlow => Self::NewFlow,
+            Self::XdpNonService => Self::NonService,
+            tc => tc,
+        }
+    }
+}
+
+/// `from_pod` at TC ingress of a pod interface, or `nodeport` at XDP on an external one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    Tc,
+    Xdp,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,18 +169,25 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
         for i in stats::rotated(&indexes, round) {
             let instance = &mut instances[i];
             for (k, kind) in PacketKind::ALL.iter().enumerate() {
+                let hook = kind.hook();
                 let ns = match kind {
-                    PacketKind::Established => instance.established(settings.repeat)?,
-                    PacketKind::NewFlow => {
-                        let ns = instance.new_flows(next_flow, settings.new_flows)?;
+                    PacketKind::Established | PacketKind::XdpEstablished => {
+                        instance.established(hook, settings.repeat)?
+                    }
+                    PacketKind::NewFlow | PacketKind::XdpNewFlow => {
+                        let ns = instance.new_flows(hook, next_flow, settings.new_flows)?;
                         next_flow += settings.new_flows as u32;
                         ns
                     }
-                    PacketKind::NonService => instance.non_service(settings.repeat)?,
+                    PacketKind::NonService | PacketKind::XdpNonService => {
+                        instance.non_service(hook, settings.repeat)?
+                    }
                 };
                 samples[i][k].push(ns);
             }
-            overhead.push(instance.non_service_single_runs(settings.new_flows)? - samples[i][2][round]);
+            let non_service = PacketKind::ALL.iter().position(|k| *k == PacketKind::NonService);
+            let repeated = samples[i][non_service.expect("a kind of ALL")][round];
+            overhead.push(instance.non_service_single_runs(settings.new_flows)? - repeated);
         }
     }
 
@@ -209,9 +256,12 @@ impl Instance {
         let mut maps = datapath.maps()?;
         let all = services::with_fillers(&measured(), services.saturating_sub(1));
         write_services(&mut maps, &all)?;
-        program(&mut datapath)?
+        tc_program(&mut datapath)?
             .load()
             .context("the kernel refused from_pod")?;
+        xdp_program(&mut datapath)?
+            .load()
+            .context("the kernel refused nodeport")?;
         let mut instance = Self {
             services,
             datapath,
@@ -224,50 +274,52 @@ impl Instance {
 
     /// Makes sure each packet takes the path it is named for, by the datapath's own counters.
     fn check_paths(&mut self) -> anyhow::Result<()> {
-        // Two runs set up both directions of the ping-pong flow.
-        let packet = tcp_packet((CLIENT, 40000), PING, false);
-        self.test_run(&packet, 2)?;
-        let before = self.maps.stat(Stat::NewFlows)?;
-        self.test_run(&packet, 100)?;
-        ensure!(
-            self.maps.stat(Stat::NewFlows)? == before,
-            "the established-flow packet created flows: it is not measuring an established flow"
-        );
-        let packets = self.maps.stat(Stat::ServicePackets)?;
-        self.test_run(&tcp_packet((CLIENT, 40000), POD, false), 100)?;
-        ensure!(
-            self.maps.stat(Stat::ServicePackets)? == packets,
-            "the non-service packet was treated as a service packet"
-        );
+        for hook in [Hook::Tc, Hook::Xdp] {
+            // Two runs set up both directions of the ping-pong flow.
+            let packet = tcp_packet(ping_client(hook), PING, false);
+            self.test_run(hook, &packet, 2)?;
+            let before = self.maps.stat(Stat::NewFlows)?;
+            self.test_run(hook, &packet, 100)?;
+            ensure!(
+                self.maps.stat(Stat::NewFlows)? == before,
+                "the established-flow packet created flows at {hook:?}: it is not measuring an established flow"
+            );
+            let packets = self.maps.stat(Stat::ServicePackets)?;
+            self.test_run(hook, &tcp_packet((CLIENT, 40000), POD, false), 100)?;
+            ensure!(
+                self.maps.stat(Stat::ServicePackets)? == packets,
+                "the non-service packet was treated as a service packet at {hook:?}"
+            );
+        }
         Ok(())
     }
 
-    fn established(&mut self, repeat: u32) -> anyhow::Result<f64> {
-        self.test_run(&tcp_packet((CLIENT, 40000), PING, false), repeat)
+    fn established(&mut self, hook: Hook, repeat: u32) -> anyhow::Result<f64> {
+        self.test_run(hook, &tcp_packet(ping_client(hook), PING, false), repeat)
     }
 
-    fn non_service(&mut self, repeat: u32) -> anyhow::Result<f64> {
-        self.test_run(&tcp_packet((CLIENT, 40000), POD, false), repeat)
+    fn non_service(&mut self, hook: Hook, repeat: u32) -> anyhow::Result<f64> {
+        self.test_run(hook, &tcp_packet((CLIENT, 40000), POD, false), repeat)
     }
 
     /// The median time of `count` runs of one non-service packet each: the repeat = 1 floor.
     fn non_service_single_runs(&mut self, count: usize) -> anyhow::Result<f64> {
         let packet = tcp_packet((CLIENT, 40000), POD, false);
         let times: Vec<f64> = (0..count)
-            .map(|_| self.test_run(&packet, 1))
+            .map(|_| self.test_run(Hook::Tc, &packet, 1))
             .collect::<Result<_, _>>()?;
         Ok(stats::median(&times))
     }
 
     /// The median time of `count` SYNs, each from a source never used before.
-    fn new_flows(&mut self, first: u32, count: usize) -> anyhow::Result<f64> {
+    fn new_flows(&mut self, hook: Hook, first: u32, count: usize) -> anyhow::Result<f64> {
         let before = self.maps.stat(Stat::NewFlows)?;
         let mut times = Vec::with_capacity(count);
         for flow in first..first + count as u32 {
             // 10.200.0.0/16 × 1000 ports: unique for 65M flows.
             let source = Ipv4Addr::from(u32::from_be_bytes([10, 200, 0, 0]) + flow / 1000);
             let packet = tcp_packet((source, 20000 + (flow % 1000) as u16), (NEW_FLOW_VIP, 80), true);
-            times.push(self.test_run(&packet, 1)?);
+            times.push(self.test_run(hook, &packet, 1)?);
         }
         let created = self.maps.stat(Stat::NewFlows)? - before;
         ensure!(
@@ -277,28 +329,50 @@ impl Instance {
         Ok(stats::median(&times))
     }
 
-    /// Nanoseconds per run of `from_pod` on `packet`, as the kernel timed it.
-    fn test_run(&mut self, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
-        let result = program(&mut self.datapath)?
-            .test_run(TestRunOptions {
-                data_in: Some(packet),
-                repeat,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN of from_pod failed")?;
-        if result.return_value != TC_ACT_OK {
-            bail!("from_pod returned {} instead of TC_ACT_OK", result.return_value);
+    /// Nanoseconds per run of the program at `hook` on `packet`, as the kernel timed it.
+    fn test_run(&mut self, hook: Hook, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..Default::default()
+        };
+        let (result, pass) = match hook {
+            Hook::Tc => (tc_program(&mut self.datapath)?.test_run(options), TC_ACT_OK),
+            Hook::Xdp => (xdp_program(&mut self.datapath)?.test_run(options), XDP_PASS),
+        };
+        let result = result.with_context(|| format!("BPF_PROG_TEST_RUN at {hook:?} failed"))?;
+        if result.return_value != pass {
+            bail!(
+                "the program at {hook:?} returned {} instead of passing the packet",
+                result.return_value
+            );
         }
         // The kernel reports the mean time per repetition.
         Ok(result.duration.as_nanos() as f64)
     }
 }
 
-fn program(datapath: &mut Datapath) -> anyhow::Result<&mut SchedClassifier> {
+/// The ping-pong client: one per hook, so each hook's flow is its own.
+fn ping_client(hook: Hook) -> (Ipv4Addr, u16) {
+    match hook {
+        Hook::Tc => (CLIENT, 40000),
+        Hook::Xdp => (CLIENT, 40001),
+    }
+}
+
+fn tc_program(datapath: &mut Datapath) -> anyhow::Result<&mut SchedClassifier> {
     Ok(datapath
         .ebpf
         .program_mut(program_names::FROM_POD)
         .context("from_pod is missing from the datapath object")?
+        .try_into()?)
+}
+
+fn xdp_program(datapath: &mut Datapath) -> anyhow::Result<&mut Xdp> {
+    Ok(datapath
+        .ebpf
+        .program_mut(program_names::NODEPORT_XDP)
+        .context("nodeport is missing from the datapath object")?
         .try_into()?)
 }
 

@@ -10,7 +10,7 @@ use crate::{
     datapath::{self, PacketKind},
     e2e::{self, Setup},
     plots::{self, Plot, Series},
-    stats::short,
+    stats::{self, short},
     traffic::Workload,
 };
 
@@ -94,23 +94,27 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
     let _ = write!(
         md,
         "\n## 1. Datapath cost per packet\n\n\
-         `from_pod` on crafted packets through BPF_PROG_TEST_RUN, with N services programmed \
+         `from_pod` (TC) and `nodeport` (XDP) on crafted packets through BPF_PROG_TEST_RUN, \
+         with N services programmed \
          (10 backends each). One loaded datapath per N, all with the same map capacities, visited \
          in rotating order for {} rounds. Established-flow and non-service packets: the kernel's \
          mean over `repeat` = {} runs. New flows: {} SYNs per round from sources never seen before, \
          one run each (a conntrack miss happens once per flow); the median is shown. A single run \
          carries about {} ns of timer overhead that a repeated one spreads out. The goal is flat: at \
          most ×{FLAT} of 1 service.\n\n\
-         ![ns per packet](datapath.svg)\n\n\
-         | services | {} | {} | {} |\n|---:|---:|---:|---:|\n",
+         ![ns per packet](datapath.svg)\n\n",
         results.rounds,
         results.repeat,
         results.new_flows_per_round,
         short(results.single_run_overhead_ns),
-        PacketKind::Established.label(),
-        PacketKind::NewFlow.label(),
-        PacketKind::NonService.label(),
     );
+    md.push_str("| services |");
+    for kind in PacketKind::ALL {
+        let _ = write!(md, " {} |", kind.label());
+    }
+    md.push_str("\n|---:|");
+    md.push_str(&"---:|".repeat(PacketKind::ALL.len()));
+    md.push('\n');
     for &count in &counts {
         let _ = write!(md, "| {count} |");
         for kind in PacketKind::ALL {
@@ -129,6 +133,20 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
         md.push('\n');
     }
     md.push_str("\nIn brackets: the ratio to the smallest count, measured in the same rounds.\n");
+    if let Some(&smallest) = counts.first() {
+        md.push_str("\nXDP against TC on the same packets and services (same rounds):");
+        for kind in PacketKind::ALL.into_iter().filter(|k| k.tc_twin() != *k) {
+            if let (Some(xdp), Some(tc)) = (row(smallest, kind), row(smallest, kind.tc_twin())) {
+                let _ = write!(
+                    md,
+                    " {} ×{:.2};",
+                    kind.tc_twin().label(),
+                    stats::paired_ratio(&xdp.samples_ns, &tc.samples_ns)
+                );
+            }
+        }
+        md.push('\n');
+    }
     let series = PacketKind::ALL
         .iter()
         .map(|&kind| Series {
@@ -142,7 +160,7 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
     plots::draw(
         &out.join("datapath.svg"),
         &Plot {
-            title: "from_pod, ns per packet (BPF_PROG_TEST_RUN)",
+            title: "from_pod (TC) and nodeport (XDP), ns per packet (BPF_PROG_TEST_RUN)",
             y_label: "ns per packet",
             log_y: false,
             series,

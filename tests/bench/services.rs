@@ -69,11 +69,13 @@ pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
         .map(|port| {
             let service = DesiredService {
                 name: format!("{}/{}:{}", port.namespace, port.name, port.port),
+                cluster_ip: true,
                 backends: port
                     .endpoints
                     .iter()
                     .map(|(ip, port)| (ip.octets(), *port))
                     .collect(),
+                draining: Vec::new(),
                 // Random backend choice, like kube-proxy's.
                 maglev: None,
                 affinity_timeout: None,

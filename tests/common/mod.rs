@@ -68,7 +68,9 @@ impl Loaded {
             .map(|(key, backends)| {
                 let service = DesiredService {
                     name: format!("test/{key:?}"),
+                    cluster_ip: true,
                     backends: backends.to_vec(),
+                    draining: Vec::new(),
                     maglev,
                     affinity_timeout,
                     external: None,

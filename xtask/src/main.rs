@@ -27,11 +27,22 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit, BPF_PROG_TEST_RUN datapath, and netns integration tests (needs root).
+    /// Run every test: unit, BPF_PROG_TEST_RUN datapath, netns integration tests, and the datapath
+    /// fuzzer on a million packets (needs root).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the datapath: random and mutated frames through from_pod and to_pod with
+    /// BPF_PROG_TEST_RUN, every verdict and output checked; fails on any violation (needs root).
+    Fuzz {
+        /// How many packets to run.
+        #[arg(long, default_value_t = CI_FUZZ_PACKETS)]
+        packets: u64,
+        /// The seed of an earlier run, to replay its inputs [default: a new one, printed].
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Benchmark against kube-proxy's iptables and nftables modes and the direct path; writes
     /// bench/REPORT.md, bench/results.json and plots (needs root).
@@ -72,13 +83,25 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::run()?;
             require_root("the datapath and netns tests")?;
-            let totals = cargo_test(&args);
+            let mut totals = cargo_test(&args);
+            // The fuzzer counts as one more test, with a new seed each run.
+            let fuzzed = fuzz(CI_FUZZ_PACKETS, None);
+            match fuzzed {
+                Ok(()) => totals.passed += 1,
+                Err(_) => totals.failed += 1,
+            }
             let smoke = bench_smoke();
             // One closing line for the whole suite: cargo prints a line per test binary, the
             // last of which (a doctest run) may well count none.
             println!("tests: {} passed, {} failed", totals.passed, totals.failed);
             totals.result?;
+            fuzzed?;
             smoke
+        }
+        Task::Fuzz { packets, seed } => {
+            setup::run()?;
+            require_root("the fuzzer")?;
+            fuzz(packets, seed)
         }
         Task::Bench { args } => {
             setup::run()?;
@@ -96,6 +119,23 @@ fn main() -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// Packets `cargo xtask test` fuzzes, and the default of `cargo xtask fuzz`.
+const CI_FUZZ_PACKETS: u64 = 1_000_000;
+
+/// Runs the datapath fuzzer (tests/fuzz/, an example of lb-userspace so that it shares the test
+/// build's artifacts); it prints its seed, counts and any failing input, and exits non-zero on a
+/// violation.
+fn fuzz(packets: u64, seed: Option<u64>) -> anyhow::Result<()> {
+    let mut args = vec!["--packets".to_owned(), packets.to_string()];
+    if let Some(seed) = seed {
+        args.extend(["--seed".to_owned(), seed.to_string()]);
+    }
+    cargo(
+        &["run", "--package", "lb-userspace", "--example", "fuzz", "--"],
+        &args,
+    )
 }
 
 /// Builds lb-ebpf the way lb-userspace's build script (aya-build) does, with BTF for bpftool.

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::maps::{ServiceMaps, frontend_key, frontend_text},
-    model::{FrontendKind, LbAlgorithm, Model},
+    model::{LbAlgorithm, Model},
 };
 
 #[derive(clap::Args, Debug)]
@@ -210,6 +210,7 @@ fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
         .frontends
         .iter()
         .map(|f| {
+            // A NodePort is keyed with its unspecified address, as the model has it.
             let info = match (frontend_key(f), maps) {
                 (Some(key), Some(maps)) => Some(maps.services.get(&key, 0).ok()),
                 _ => None,
@@ -258,11 +259,7 @@ impl Row for EndpointRow {
 /// One row per endpoint, and one `NO ENDPOINTS` row for a frontend without any.
 pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
     let mut rows = Vec::new();
-    for f in model
-        .frontends
-        .iter()
-        .filter(|f| f.kind == FrontendKind::ClusterIp)
-    {
+    for f in &model.frontends {
         let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol.as_str());
         if f.backends.is_empty() {
             rows.push(EndpointRow {

@@ -29,7 +29,7 @@ pub enum Level {
 }
 
 impl Level {
-    const ALL: [(Level, u32); 6] = [
+    const ALL: [(Level, u64); 6] = [
         (Level::Off, log_level::OFF),
         (Level::Error, log_level::ERROR),
         (Level::Warn, log_level::WARN),
@@ -38,11 +38,11 @@ impl Level {
         (Level::Trace, log_level::TRACE),
     ];
 
-    fn value(self) -> u32 {
+    fn value(self) -> u64 {
         Self::ALL.iter().find(|(l, _)| *l == self).map_or(0, |(_, v)| *v)
     }
 
-    fn from_value(value: u32) -> Self {
+    fn from_value(value: u64) -> Self {
         Self::ALL
             .iter()
             .rev()

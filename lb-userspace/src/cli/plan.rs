@@ -15,13 +15,14 @@ pub struct Args {
     pub output: Output,
 }
 
-/// Prints every ClusterIP frontend and its endpoints; exits 1 when a manifest has errors.
+/// Prints every frontend and its endpoints; exits 1 when a manifest has errors.
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let source = SourceArgs {
         manifests: Some(args.manifests),
         connection: Default::default(),
         endpoints_from: None,
         node_name: None,
+        zone: None,
     };
     let (snapshot, errors) = super::source::block_on(source.read_once())??;
     let model = source.model(&snapshot);

@@ -1,7 +1,14 @@
 //! `switchboard run`: the agent.
-use std::{collections::BTreeSet, process::ExitCode, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
+use lb_common::RejectLimit;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, watch},
@@ -12,14 +19,17 @@ use crate::{
     datapath::{
         Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
+        conntrack_gc::{self, Timeouts},
         maps::{ServiceMaps, frontend_key},
+        socket::SocketHooks,
     },
     model::{self, LbAlgorithm},
     observe::{
         self,
         events::Events,
         health::Health,
-        metrics::{AgentMetrics, ServiceLabel},
+        health_check::HealthChecks,
+        metrics::{AgentMetrics, ReasonLabel, ServiceLabel},
         server::Observed,
     },
     reconcile::{self, PlanOptions, Reconciler},
@@ -46,6 +56,11 @@ pub struct Args {
     /// per interface), native, generic, or off (TC ingress only).
     #[arg(long, env = "SWITCHBOARD_XDP_MODE", value_enum, default_value_t = XdpChoice::Auto)]
     pub xdp_mode: XdpChoice,
+    /// The cgroup (v2) whose processes in the agent's network namespace (host processes and
+    /// hostNetwork pods) reach ClusterIPs and NodePorts, 127.0.0.1:<nodePort> included, through
+    /// connect()-time translation. Default: the root of the cgroup v2 hierarchy. `off`: none.
+    #[arg(long, env = "SWITCHBOARD_HOST_CGROUP", value_name = "PATH|off")]
+    pub host_cgroup: Option<String>,
     /// On SIGTERM/SIGINT leave the programs attached (the links stay pinned), so traffic keeps
     /// flowing until the next agent takes over, as a DaemonSet rollout wants. Without it the
     /// agent detaches on exit. A killed agent always leaves them attached.
@@ -66,7 +81,28 @@ pub struct Args {
     /// xtask build-ebpf`) instead of the one built into the binary. Its programs replace the
     /// running ones atomically and reuse the pinned maps, like any agent upgrade.
     #[arg(long, env = "SWITCHBOARD_BPF_OBJECT", value_name = "PATH")]
-    pub bpf_object: Option<std::path::PathBuf>,
+    pub bpf_object: Option<PathBuf>,
+    /// How often the agent deletes finished flows from the conntrack map.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub conntrack_gc_interval: Duration,
+    /// How long an established TCP flow may stay idle before it is forgotten (a later packet of
+    /// it is balanced anew; with Maglev to the same backend).
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_TCP_TIMEOUT", default_value = "24h", value_parser = duration)]
+    pub conntrack_tcp_timeout: Duration,
+    /// How long a TCP flow that has seen a FIN or RST is kept after its last packet.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_TCP_CLOSING_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub conntrack_tcp_closing_timeout: Duration,
+    /// How long a UDP flow may stay idle before it is forgotten.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub conntrack_udp_timeout: Duration,
+    /// RST / ICMP unreachable replies (connections refused for want of an endpoint or port)
+    /// each CPU may send per second; beyond it, and a burst of --reject-burst, the packets are
+    /// dropped. 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_REJECT_RATE", default_value_t = 1000)]
+    pub reject_rate: u32,
+    /// Replies each CPU may send at once above --reject-rate.
+    #[arg(long, env = "SWITCHBOARD_REJECT_BURST", default_value_t = 200)]
+    pub reject_burst: u32,
     #[command(flatten)]
     pub pin_dir: PinDir,
 }
@@ -125,6 +161,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(object) => Datapath::load_file(object, &args.pin_dir.pin_dir)?,
         None => Datapath::load(&args.pin_dir.pin_dir)?,
     };
+    datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
     let mut maps = datapath.maps()?;
     observe::datapath_log::forward(&mut datapath.ebpf)?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
@@ -142,6 +179,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )?),
         None => None,
     };
+    let sockets = match args.host_cgroup.as_deref() {
+        Some("off") => None,
+        Some(path) => Some(SocketHooks::attach(
+            &mut datapath.ebpf,
+            Some(Path::new(path)),
+            &args.pin_dir.pin_dir,
+        )?),
+        None => match SocketHooks::attach(&mut datapath.ebpf, None, &args.pin_dir.pin_dir) {
+            Ok(hooks) => Some(hooks),
+            Err(error) => {
+                tracing::warn!("{error:#}; processes of the node itself will not reach services");
+                None
+            }
+        },
+    };
+    let timeouts = Timeouts {
+        tcp: args.conntrack_tcp_timeout,
+        tcp_closing: args.conntrack_tcp_closing_timeout,
+        udp: args.conntrack_udp_timeout,
+    };
+    tokio::spawn(collect_conntrack(
+        args.pin_dir.pin_dir.clone(),
+        args.conntrack_gc_interval,
+        timeouts,
+        metrics.clone(),
+    ));
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
     sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
@@ -161,6 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(client)) => tokio::spawn(source::kube::watch(
             client,
             endpoints_from,
+            args.source.node_name.clone(),
             snapshots_tx,
             metrics.clone(),
         )),
@@ -168,6 +232,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     let mut notices = BTreeSet::new();
+    let mut health_checks = HealthChecks::default();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
@@ -179,7 +244,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync(&args.source.input(&snapshot), &options, &mut reconciler, &mut maps, &metrics, &mut notices, events.as_ref());
+                let model = model::compute(&args.source.input(&snapshot));
+                if let Some(events) = &events {
+                    publish_events(events, &model, &snapshot.services, &notices);
+                }
+                sync(&model, &options, &mut reconciler, &mut maps, &metrics, &mut notices);
+                health_checks.update(&model);
                 health.update_applied();
             }
             () = links_changed.notified() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
@@ -198,6 +268,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         attacher.detach_all();
         if let Some(external) = &mut external {
             external.detach_all();
+        }
+        if let Some(sockets) = sockets {
+            sockets.detach();
         }
         tracing::info!(
             interfaces,
@@ -232,15 +305,13 @@ fn sync_interfaces(
 
 /// One pass of source → model → plan → maps.
 fn sync(
-    input: &model::Input<'_>,
+    model: &model::Model,
     options: &PlanOptions,
     reconciler: &mut Reconciler,
     maps: &mut ServiceMaps,
     metrics: &AgentMetrics,
     notices: &mut BTreeSet<String>,
-    events: Option<&Events>,
 ) {
-    let model = model::compute(input);
     let names = model
         .frontends
         .iter()
@@ -252,8 +323,13 @@ fn sync(
         .iter()
         .map(ToString::to_string)
         .chain(model.frontends.iter().filter(|f| f.backends.is_empty()).map(|f| {
+            let what = if f.kind.is_external() && f.policy.external_local {
+                "has no endpoint on this node (externalTrafficPolicy Local); traffic to it is dropped"
+            } else {
+                "has no endpoints; connections to it are refused"
+            };
             format!(
-                "Service {} {}:{}/{} has no endpoints; connections to it are refused",
+                "Service {} {}:{}/{} {what}",
                 f.service,
                 f.address,
                 f.port,
@@ -265,19 +341,8 @@ fn sync(
     for notice in current.difference(notices) {
         tracing::warn!("{notice}");
     }
-    if let Some(events) = events {
-        for warning in model
-            .warnings
-            .iter()
-            .filter(|w| !notices.contains(&w.to_string()))
-        {
-            if let Some(service) = input.services.iter().find(|s| is_object(s, &warning.object)) {
-                events.warn(service, &warning.message);
-            }
-        }
-    }
     *notices = current;
-    let desired = reconcile::plan(&model, options);
+    let desired = reconcile::plan(model, options);
     let started = std::time::Instant::now();
     let report = reconciler.apply(&desired, maps);
     let elapsed = started.elapsed();
@@ -311,11 +376,93 @@ fn sync(
     );
 }
 
+/// A Warning Event on each Service the model has a warning about that was not among the
+/// `notices` of the previous pass: once per appearance, not on every pass.
+fn publish_events(
+    events: &Events,
+    model: &model::Model,
+    services: &[k8s_openapi::api::core::v1::Service],
+    notices: &BTreeSet<String>,
+) {
+    for warning in model
+        .warnings
+        .iter()
+        .filter(|w| !notices.contains(&w.to_string()))
+    {
+        if let Some(service) = services.iter().find(|s| is_object(s, &warning.object)) {
+            events.warn(service, &warning.message);
+        }
+    }
+}
+
 /// Whether `object`, as a model warning names it (`Service namespace/name`), is `service`.
 fn is_object(service: &k8s_openapi::api::core::v1::Service, object: &str) -> bool {
     let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
     let name = service.metadata.name.as_deref().unwrap_or_default();
     object.strip_prefix("Service ") == Some(&format!("{namespace}/{name}"))
+}
+
+/// Deletes finished flows every `interval`, off the async threads (a full map is a quarter
+/// million lookups).
+async fn collect_conntrack(
+    pin_dir: PathBuf,
+    interval: Duration,
+    timeouts: Timeouts,
+    metrics: Arc<AgentMetrics>,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let pin_dir = pin_dir.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let mut maps = ServiceMaps::open(&pin_dir)?;
+            anyhow::Ok(conntrack_gc::collect(
+                &mut maps.conntrack,
+                conntrack_gc::monotonic_now_ns(),
+                &timeouts,
+            ))
+        })
+        .await;
+        match pass {
+            Ok(Ok(collected)) => {
+                for (reason, flows) in &collected {
+                    metrics
+                        .conntrack_collected
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.as_str(),
+                        })
+                        .inc_by(*flows);
+                }
+                let total: u64 = collected.values().sum();
+                if total > 0 {
+                    tracing::debug!(flows = total, "conntrack garbage collected");
+                }
+            }
+            Ok(Err(error)) => tracing::warn!("conntrack garbage collection failed: {error:#}"),
+            Err(error) => tracing::warn!("conntrack garbage collection panicked: {error}"),
+        }
+    }
+}
+
+/// `10s`, `5m`, `24h` or plain seconds.
+fn duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 10s, 5m or 24h"))?;
+    let seconds = match unit {
+        "" | "s" => number,
+        "m" => number * 60,
+        "h" => number * 3600,
+        _ => return Err(format!("{text:?}: the unit must be s, m or h")),
+    };
+    if seconds == 0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 fn prime(text: &str) -> Result<u32, String> {

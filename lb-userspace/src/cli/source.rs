@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, api::ListParams};
@@ -26,9 +26,14 @@ pub struct SourceArgs {
     /// use EndpointSlices).
     #[arg(long, value_enum, value_name = "SOURCE")]
     pub endpoints_from: Option<EndpointsFrom>,
-    /// This node's name: with traffic policy `Local`, only endpoints on this node are used.
+    /// This node's name: with traffic policy `Local`, only endpoints on this node are used; its
+    /// Node object's `topology.kubernetes.io/zone` label gives the zone.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's zone, for EndpointSlice topology hints (overrides the Node's zone label; with
+    /// --manifests, a Node manifest named --node-name can give it instead).
+    #[arg(long, env = "SWITCHBOARD_ZONE")]
+    pub zone: Option<String>,
 }
 
 impl SourceArgs {
@@ -64,16 +69,26 @@ impl SourceArgs {
             .await
             .context("cannot list EndpointSlices")?
             .items;
-        let pods: Vec<Pod> = Api::all(client)
+        let pods: Vec<Pod> = Api::all(client.clone())
             .list(&params)
             .await
             .context("cannot list Pods")?
             .items;
+        let nodes: Vec<Node> = match &self.node_name {
+            Some(name) => Api::<Node>::all(client)
+                .get_opt(name)
+                .await
+                .context("cannot read this node's Node")?
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        };
         Ok((
             Snapshot {
                 services,
                 pods,
                 endpoint_slices,
+                nodes,
             },
             0,
         ))
@@ -91,6 +106,10 @@ impl SourceArgs {
             endpoint_slices: &snapshot.endpoint_slices,
             endpoints_from: self.endpoints_from(),
             node_name: self.node_name.as_deref(),
+            zone: self
+                .zone
+                .as_deref()
+                .or_else(|| snapshot.zone_of(self.node_name.as_deref()?)),
         }
     }
 }

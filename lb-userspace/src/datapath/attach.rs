@@ -207,24 +207,24 @@ impl Attacher {
                 Hook::Tc(..) => take_over_tc(tc_program(ebpf, name)?, &path),
                 Hook::Xdp(..) => take_over_xdp(xdp_program(ebpf, name)?, &path),
             };
-            let (link, how) = match (taken_over, hook) {
-                (Some(link), _) => (link, "taken over".to_owned()),
-                (None, Hook::Tc(_, attach_type)) => {
+            if let Some(link) = taken_over {
+                links.push((path, link));
+                done.push(format!("{name} (taken over)"));
+                continue;
+            }
+            let (link, how) = match hook {
+                Hook::Tc(_, attach_type) => {
                     // tcx on kernels >= 6.6 (aya picks it): no qdisc, and other tcx programs
                     // on the interface keep running.
                     let program = tc_program(ebpf, name)?;
                     let id = program.attach(interface, attach_type)?;
-                    let how = format!(
-                        "tc {}",
-                        if attach_type == TcAttachType::Ingress {
-                            "ingress"
-                        } else {
-                            "egress"
-                        }
-                    );
-                    (program.take_link(id)?.try_into()?, how)
+                    let how = match attach_type {
+                        TcAttachType::Ingress => "tc ingress",
+                        _ => "tc egress",
+                    };
+                    (FdLink::try_from(program.take_link(id)?)?, how.to_owned())
                 }
-                (None, Hook::Xdp(_, choice)) => {
+                Hook::Xdp(_, choice) => {
                     match attach_xdp(xdp_program(ebpf, name)?, interface, index, choice) {
                         Ok(attached) => attached,
                         Err(error) => {
@@ -237,15 +237,10 @@ impl Attacher {
                     }
                 }
             };
-            let link: FdLink = link;
-            let pinned: FdLink = if how == "taken over" {
-                link
-            } else {
-                link.pin(&path)
-                    .with_context(|| format!("cannot pin {}", path.display()))?
-                    .into()
-            };
-            links.push((path, pinned));
+            let pinned = link
+                .pin(&path)
+                .with_context(|| format!("cannot pin {}", path.display()))?;
+            links.push((path, pinned.into()));
             done.push(format!("{name} ({how})"));
         }
         tracing::info!(interface, "attached: {}", done.join(", "));

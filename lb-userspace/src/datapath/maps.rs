@@ -11,7 +11,7 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
     MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, config,
     map_names, service_flags,
 };
@@ -28,9 +28,10 @@ pub struct ServiceMaps {
     pub node_addrs: HashMap<MapData, [u8; 4], u32>,
     pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub cluster_ips: HashMap<MapData, ClusterIpKey, u32>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
-    pub config: Array<MapData, u32>,
+    pub config: Array<MapData, u64>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -67,6 +68,7 @@ impl ServiceMaps {
             node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
+            cluster_ips: open(pin_dir, map_names::CLUSTER_IPS)?.try_into()?,
             affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
             service_stats: open(pin_dir, map_names::SERVICE_STATS)?.try_into()?,
             config: open(pin_dir, map_names::CONFIG)?.try_into()?,
@@ -117,6 +119,11 @@ impl ServiceMaps {
                     })
                 })
                 .collect::<Result<_, aya::maps::MapError>>()?,
+            cluster_ips: self
+                .cluster_ips
+                .iter()
+                .map(|entry| entry.map(|(key, frontends)| (key.addr, frontends)))
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -150,11 +157,11 @@ impl ServiceMaps {
     }
 
     /// The most verbose `lb_common::log_level` the datapath logs at.
-    pub fn log_level(&self) -> anyhow::Result<u32> {
+    pub fn log_level(&self) -> anyhow::Result<u64> {
         Ok(self.config.get(&config::LOG_LEVEL, 0)?)
     }
 
-    pub fn set_log_level(&mut self, level: u32) -> anyhow::Result<()> {
+    pub fn set_log_level(&mut self, level: u64) -> anyhow::Result<()> {
         Ok(self.config.set(config::LOG_LEVEL, level, 0)?)
     }
 
@@ -271,6 +278,18 @@ impl MapWriter for ServiceMaps {
                 if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(error) => tracing::warn!(service_id, "cannot reset the service's counters: {error}"),
         }
+    }
+
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
+        self.cluster_ips
+            .insert(ClusterIpKey { addr }, frontends, 0)
+            .map_err(failed(map_names::CLUSTER_IPS))
+    }
+
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
+        self.cluster_ips
+            .remove(&ClusterIpKey { addr })
+            .map_err(failed(map_names::CLUSTER_IPS))
     }
 }
 

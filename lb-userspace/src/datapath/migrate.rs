@@ -18,8 +18,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, MapInfo, lpm_trie::Key};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, CtEntry, CtKey, ServiceInfo, ServiceKey, ServiceStats,
-    SlotKey, SourceRangeKey, capacity, map_names,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, ServiceInfo, ServiceKey,
+    ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, map_names,
 };
 
 use super::{Capacity, raw};
@@ -44,6 +44,9 @@ struct Layout {
     /// entries can be converted from. `None`: a replacement starts empty, and the agent refills
     /// it (addresses, Maglev tables, source ranges) or it restarts counting (counters).
     carried: Option<(u32, &'static [Older])>,
+    /// For a map not carried: the capacity it must have, if a different one makes it unusable
+    /// (the counters array grows with each new counter).
+    exact_entries: Option<u32>,
 }
 
 /// `ServiceInfo` grew by appended fields, each meaning "not used" when zero: 12 bytes (id,
@@ -68,18 +71,20 @@ fn zero_extended<const SIZE: usize>(key: &[u8], value: &[u8]) -> Option<(Vec<u8>
     Some((key.to_vec(), value))
 }
 
-fn layouts(capacity: Capacity) -> [Layout; 12] {
+fn layouts(capacity: Capacity) -> [Layout; 14] {
     let plain = |name, key_size, value_size| Layout {
         name,
         key_size,
         value_size,
         carried: None,
+        exact_entries: None,
     };
     let carried = |name, key_size, value_size, max_entries, older| Layout {
         name,
         key_size,
         value_size,
         carried: Some((max_entries, older)),
+        exact_entries: None,
     };
     [
         carried(
@@ -117,7 +122,17 @@ fn layouts(capacity: Capacity) -> [Layout; 12] {
             capacity::AFFINITY,
             &[],
         ),
-        plain(map_names::STATS, size_of::<u32>(), size_of::<u64>()),
+        carried(
+            map_names::SOCK_REVNAT,
+            size_of::<SockRevKey>(),
+            size_of::<SockRevEntry>(),
+            capacity::SOCK_REVNAT,
+            &[],
+        ),
+        Layout {
+            exact_entries: Some(Stat::COUNT),
+            ..plain(map_names::STATS, size_of::<u32>(), size_of::<u64>())
+        },
         plain(map_names::MAGLEV, size_of::<u32>(), size_of::<u32>()),
         plain(map_names::NODE_ADDRS, size_of::<[u8; 4]>(), size_of::<u32>()),
         plain(map_names::SNAT_ADDRS, size_of::<u32>(), size_of::<[u8; 4]>()),
@@ -131,7 +146,12 @@ fn layouts(capacity: Capacity) -> [Layout; 12] {
             size_of::<u32>(),
             size_of::<ServiceStats>(),
         ),
-        plain(map_names::CONFIG, size_of::<u32>(), size_of::<u32>()),
+        plain(map_names::CONFIG, size_of::<u32>(), size_of::<u64>()),
+        plain(
+            map_names::CLUSTER_IPS,
+            size_of::<ClusterIpKey>(),
+            size_of::<u32>(),
+        ),
     ]
 }
 
@@ -150,7 +170,8 @@ pub fn set_aside(pin_dir: &Path, capacity: Capacity) -> anyhow::Result<()> {
         let sizes = (info.key_size() as usize, info.value_size() as usize);
         let same_layout = sizes == (layout.key_size, layout.value_size);
         let Some((max_entries, older)) = layout.carried else {
-            if !same_layout {
+            let entries_differ = layout.exact_entries.is_some_and(|n| n != info.max_entries());
+            if !same_layout || entries_differ {
                 tracing::warn!(
                     map = layout.name,
                     "pinned map has another layout; recreating it (the agent refills it)"

@@ -3,15 +3,20 @@
 pub mod addresses;
 pub mod attach;
 pub mod bpffs;
+pub mod conntrack_gc;
 pub mod maps;
 pub mod migrate;
 mod raw;
+pub mod socket;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use aya::{Ebpf, EbpfLoader};
-use lb_common::{capacity, map_names};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+};
+use lb_common::{RejectLimit, capacity, map_names};
 
 /// The datapath object, built from `lb-ebpf` by this crate's build script.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
@@ -97,6 +102,18 @@ impl Datapath {
     /// migration): carries over what they wrote since loading, and unpins the old maps.
     pub fn finish_migrations(&self) -> anyhow::Result<()> {
         migrate::carry_over(&self.pin_dir, migrate::Finish::Yes)
+    }
+
+    /// Sets how many RST / ICMP unreachable replies each CPU may generate; before attaching, so
+    /// that no packet meets the datapath without its limit.
+    pub fn set_reject_limit(&mut self, limit: RejectLimit) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(map_names::REJECT_LIMIT)
+            .context("the datapath has no reject limit map")?;
+        let mut limits: Array<&mut MapData, RejectLimit> = Array::try_from(map)?;
+        limits.set(0, limit, 0)?;
+        Ok(())
     }
 
     pub fn maps(&self) -> anyhow::Result<maps::ServiceMaps> {

@@ -269,3 +269,69 @@ spec:
 {ports}"
     )
 }
+
+/// An endpoint of [`endpoint_slice_manifest`]: its pod, address and conditions.
+#[derive(Clone, Copy, Debug)]
+pub struct SliceEndpoint<'a> {
+    pub pod: &'a str,
+    pub ip: Ipv4Addr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl<'a> SliceEndpoint<'a> {
+    pub fn ready(pod: &'a str, ip: Ipv4Addr) -> Self {
+        Self {
+            pod,
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+
+    /// A pod being deleted that still passes its readiness probe.
+    pub fn terminating(pod: &'a str, ip: Ipv4Addr) -> Self {
+        Self {
+            ready: false,
+            terminating: true,
+            ..Self::ready(pod, ip)
+        }
+    }
+}
+
+/// The YAML of an IPv4 EndpointSlice of Service `service`, as the EndpointSlice controller
+/// writes it, with one port per `(name, protocol, port)`.
+pub fn endpoint_slice_manifest(
+    service: &str,
+    ports: &[(&str, &str, u16)],
+    endpoints: &[SliceEndpoint<'_>],
+) -> String {
+    let ports: String = ports
+        .iter()
+        .map(|(name, protocol, port)| format!("- name: {name}\n  protocol: {protocol}\n  port: {port}\n"))
+        .collect();
+    let endpoints: String = endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n  targetRef: {{kind: Pod, namespace: default, name: {}}}\n",
+                e.ip, e.ready, e.serving, e.terminating, e.pod
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-lab
+  namespace: default
+  labels:
+    kubernetes.io/service-name: {service}
+addressType: IPv4
+ports:
+{ports}endpoints:
+{endpoints}"
+    )
+}

@@ -113,6 +113,21 @@ fn answer_http(mut stream: TcpStream, body: &str, answered: &AtomicUsize) -> std
 
 /// Answers every datagram on `port` in `ns` with the pod's name.
 pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    udp_responder(ns, pod, port, |name, _| name.to_owned())
+}
+
+/// Answers every datagram on `port` in `ns` with `<pod name> <sender address>`: what the pod
+/// sees of its client, for tests of source NAT and client address preservation.
+pub fn udp_peer_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
+    udp_responder(ns, pod, port, |name, peer| format!("{name} {}", peer.ip()))
+}
+
+fn udp_responder(
+    ns: &NetNs,
+    pod: &str,
+    port: u16,
+    answer: impl Fn(&str, SocketAddr) -> String + Send + 'static,
+) -> anyhow::Result<Server> {
     let socket = ns.run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
     socket.set_read_timeout(Some(POLL))?;
     let server = Server::new(pod);
@@ -122,7 +137,7 @@ pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
         while !stop.load(Ordering::SeqCst) {
             if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
                 answered.fetch_add(1, Ordering::SeqCst);
-                let _ = socket.send_to(name.as_bytes(), peer);
+                let _ = socket.send_to(answer(&name, peer).as_bytes(), peer);
             }
         }
     });

@@ -94,6 +94,19 @@ pub(super) fn usable(mut candidates: Vec<Endpoint>) -> Vec<Endpoint> {
     candidates
 }
 
+/// The serving endpoints left out of `backends`, sorted, one per address and port: their
+/// established connections must keep working while they finish.
+pub(super) fn draining(mut serving: Vec<Endpoint>, backends: &[Endpoint]) -> Vec<Endpoint> {
+    serving.retain(|e| {
+        !backends
+            .iter()
+            .any(|b| b.address == e.address && b.port == e.port)
+    });
+    serving.sort();
+    serving.dedup_by(|a, b| a.address == b.address && a.port == b.port);
+    serving
+}
+
 /// Serving endpoints from EndpointSlices. Missing `ready`/`serving` mean true, missing
 /// `terminating` false; only the first address of an endpoint counts; an address listed by two
 /// slices counts once, preferring the non-terminating entry.
@@ -131,6 +144,7 @@ fn from_slices(
             if !usable || address.is_ipv4() != ipv4 {
                 continue;
             }
+            let hints = endpoint.hints.as_ref();
             let candidate = Endpoint {
                 address,
                 port: number,
@@ -142,6 +156,16 @@ fn from_slices(
                 node_name: endpoint.node_name.clone(),
                 zone: endpoint.zone.clone(),
                 terminating,
+                zone_hints: hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
+                    .collect(),
             };
             by_address
                 .entry((address, number))
@@ -192,6 +216,8 @@ fn from_pods(
             node_name: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
             zone: None,
             terminating: state.terminating,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         });
     }
     endpoints

@@ -6,6 +6,7 @@
 mod endpoints;
 pub mod explain;
 pub mod selector;
+mod topology;
 mod validate;
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
@@ -127,6 +128,10 @@ pub struct Frontend {
     /// Endpoints new connections may go to, sorted by address and port. Empty: the service has
     /// no endpoints and connections to it fail.
     pub backends: Vec<Endpoint>,
+    /// Serving endpoints that are not in `backends` (terminating while a ready one exists, or
+    /// left out by a traffic policy or topology hints): they keep the connections they have but
+    /// get no new one.
+    pub draining: Vec<Endpoint>,
     pub policy: Policy,
     /// The Service's `switchboard.io/lb-algorithm` annotation; `None`: the agent's default.
     pub algorithm: Option<LbAlgorithm>,
@@ -143,6 +148,10 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// Serving but terminating: used only while no ready endpoint exists.
     pub terminating: bool,
+    /// `hints.forZones`: the zones whose nodes should use it (topology-aware routing).
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes`: the nodes that should use it.
+    pub node_hints: Vec<String>,
 }
 
 /// The per-Service settings a frontend carries to the datapath.
@@ -198,6 +207,8 @@ pub struct Input<'a> {
     pub endpoints_from: EndpointsFrom,
     /// This node's name, for traffic policies `Local`; without it no endpoint is local.
     pub node_name: Option<&'a str>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
+    pub zone: Option<&'a str>,
 }
 
 /// Computes every frontend from Services and the Pods their selectors match.
@@ -208,6 +219,7 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
         endpoint_slices: &[],
         endpoints_from: EndpointsFrom::Pods,
         node_name: None,
+        zone: None,
     })
 }
 
@@ -286,7 +298,8 @@ pub fn compute(input: &Input<'_>) -> Model {
             for (kind, address, frontend_port) in
                 frontend_addresses(service, spec, &cluster_ips, port, port_number)
             {
-                let mut candidates = source.candidates(service, &name, port, protocol, address.is_ipv4());
+                let serving = source.candidates(service, &name, port, protocol, address.is_ipv4());
+                let mut candidates = serving.clone();
                 // Traffic policy Local: only this node's endpoints, and none (so the traffic is
                 // dropped) when it has none.
                 let local = if kind.is_external() {
@@ -297,8 +310,11 @@ pub fn compute(input: &Input<'_>) -> Model {
                 if local {
                     candidates
                         .retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
+                } else {
+                    candidates = topology::filter(candidates, input.node_name, input.zone);
                 }
                 let backends = endpoints::usable(candidates);
+                let draining = endpoints::draining(serving, &backends);
                 model.frontends.push(Frontend {
                     service: name.clone(),
                     port_name: port.name.clone().unwrap_or_default(),
@@ -307,6 +323,7 @@ pub fn compute(input: &Input<'_>) -> Model {
                     port: frontend_port,
                     protocol,
                     backends,
+                    draining,
                     policy: policy.clone(),
                     algorithm,
                 });

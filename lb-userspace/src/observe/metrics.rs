@@ -21,11 +21,19 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::maps::{ServiceMaps, frontend_text};
+use crate::datapath::{
+    conntrack_gc,
+    maps::{ServiceMaps, frontend_text},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
     pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +67,7 @@ pub struct AgentMetrics {
     /// `namespace/name` of the Service behind each programmed frontend, for the datapath's
     /// per-service counters (the maps know frontends and ids only).
     pub service_names: RwLock<BTreeMap<ServiceKey, String>>,
+    pub conntrack_collected: Family<ReasonLabel, Counter>,
 }
 
 impl Default for AgentMetrics {
@@ -74,6 +83,18 @@ impl Default for AgentMetrics {
             programming_failures: Family::default(),
             source_errors: Family::default(),
             service_names: RwLock::default(),
+            conntrack_collected: {
+                // Every reason from the start, so a rate over it never starts from nothing.
+                let family: Family<ReasonLabel, Counter> = Family::default();
+                for reason in conntrack_gc::Reason::ALL {
+                    family
+                        .get_or_create(&ReasonLabel {
+                            reason: reason.as_str(),
+                        })
+                        .inc_by(0);
+                }
+                family
+            },
         }
     }
 }
@@ -122,6 +143,11 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
         "source_errors",
         "Objects that could not be read and watch failures, by source",
         agent.source_errors.clone(),
+    );
+    registry.register(
+        "conntrack_gc_collected",
+        "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle)",
+        agent.conntrack_collected.clone(),
     );
     registry.register_collector(Box::new(DatapathCollector {
         pin_dir,

@@ -3,5 +3,6 @@
 pub mod datapath_log;
 pub mod events;
 pub mod health;
+pub mod health_check;
 pub mod metrics;
 pub mod server;

@@ -24,24 +24,34 @@ pub async fn serve(address: SocketAddr, observed: Observed) -> anyhow::Result<()
     let address = listener.local_addr().unwrap_or(address);
     tracing::info!(%address, "serving /metrics, /healthz and /livez");
     let observed = Arc::new(observed);
+    spawn(listener, move |request| answer(request, &observed));
+    Ok(())
+}
+
+/// Serves HTTP/1.1 on `listener` in the background, each request answered by `answer`, until the
+/// returned task is aborted.
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    answer: impl Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let observed = observed.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request| {
-                    let observed = observed.clone();
-                    async move { Ok::<_, Infallible>(answer(&request, &observed)) }
+                    let answer = answer.clone();
+                    async move { Ok::<_, Infallible>(answer(&request)) }
                 });
                 let _ = http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
         }
-    });
-    Ok(())
+    })
 }
 
 fn answer(request: &Request<Incoming>, observed: &Observed) -> Response<Full<Bytes>> {

@@ -5,7 +5,7 @@ mod plan;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, service_flags};
+use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, backend_flags, service_flags};
 
 pub use self::{
     maglev::is_prime,
@@ -24,6 +24,9 @@ pub trait MapWriter {
     /// Writes a complete Maglev table for `service_id` and swaps it in for the old one.
     fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError>;
     fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
+    /// Marks `addr` as a ClusterIP with `frontends` frontends.
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError>;
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError>;
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     /// Drops the traffic counters kept under a service id that is being given to a new frontend
@@ -56,6 +59,8 @@ pub struct Programmed {
     /// Services with a Maglev table, and what it was built from.
     pub maglev: BTreeMap<u32, MaglevInput>,
     pub source_ranges: BTreeSet<SourceRange>,
+    /// ClusterIPs → how many frontends each has.
+    pub cluster_ips: BTreeMap<[u8; 4], u32>,
 }
 
 /// What a Maglev table is a function of: its size and the service's backends (ids, sorted).
@@ -118,13 +123,19 @@ impl Reconciler {
     }
 
     /// Makes the maps hold `desired`. Per service: backends, then slots, then the service entry;
-    /// then stale slots and backends. Removed services: the service entry first.
+    /// then draining backends, stale slots and stale backends. Removed services: the service entry first.
     pub fn apply(
         &mut self,
         desired: &BTreeMap<ServiceKey, DesiredService>,
         maps: &mut impl MapWriter,
     ) -> Report {
         let mut report = Report::default();
+        // ClusterIPs first, so a new Service's undefined ports are refused from its first packet
+        // on; a removed one's addresses last, so they stay refused until its frontends are gone.
+        let cluster_ips = cluster_ips(desired);
+        if let Err(error) = self.put_cluster_ips(&cluster_ips, maps, &mut report) {
+            report.failed.push(("ClusterIPs".to_owned(), error));
+        }
         // Built on first need: an apply that changes nothing never scans the backends.
         let mut index: Option<Index> = None;
         for (key, service) in desired {
@@ -132,8 +143,15 @@ impl Reconciler {
                 continue;
             }
             let index = index.get_or_insert_with(|| Index::new(&self.programmed));
+            let (writes, deletes) = (report.writes, report.deletes);
             match self.apply_service(*key, service, index, maps, &mut report) {
                 Ok(()) => {
+                    tracing::debug!(
+                        frontend = service.name,
+                        writes = report.writes - writes,
+                        deletes = report.deletes - deletes,
+                        "frontend applied"
+                    );
                     self.applied.insert(*key, service.clone());
                 }
                 Err(error) => {
@@ -156,6 +174,9 @@ impl Reconciler {
                 report.failed.push((format!("removed frontend {key:?}"), error));
             }
         }
+        if let Err(error) = self.delete_cluster_ips(&cluster_ips, maps, &mut report) {
+            report.failed.push(("removed ClusterIPs".to_owned(), error));
+        }
         if self.orphans_possible || !report.failed.is_empty() {
             match self.remove_orphans(maps, &mut report) {
                 Ok(()) => self.orphans_possible = !report.failed.is_empty(),
@@ -163,6 +184,43 @@ impl Reconciler {
             }
         }
         report
+    }
+
+    fn put_cluster_ips(
+        &mut self,
+        wanted: &BTreeMap<[u8; 4], u32>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        for (&addr, &frontends) in wanted {
+            if self.programmed.cluster_ips.get(&addr) != Some(&frontends) {
+                maps.put_cluster_ip(addr, frontends)?;
+                self.programmed.cluster_ips.insert(addr, frontends);
+                report.writes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_cluster_ips(
+        &mut self,
+        wanted: &BTreeMap<[u8; 4], u32>,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<(), MapError> {
+        let stale: Vec<[u8; 4]> = self
+            .programmed
+            .cluster_ips
+            .keys()
+            .filter(|addr| !wanted.contains_key(*addr))
+            .copied()
+            .collect();
+        for addr in stale {
+            maps.delete_cluster_ip(addr)?;
+            self.programmed.cluster_ips.remove(&addr);
+            report.deletes += 1;
+        }
+        Ok(())
     }
 
     /// Tables, slots and backends whose service has no entry: what a new service that failed part-way
@@ -230,23 +288,7 @@ impl Reconciler {
         index.service_ids.insert(service_id);
         let mut ids = Vec::with_capacity(service.backends.len());
         for &(addr, port) in &service.backends {
-            let backend = Backend {
-                addr,
-                port,
-                proto: key.proto,
-                flags: 0,
-                service_id,
-            };
-            let id = match index.backend_ids.get(&(service_id, addr, port)) {
-                Some(&id) => id,
-                None => self.allocate_backend_id(),
-            };
-            if self.programmed.backends.get(&id) != Some(&backend) {
-                maps.put_backend(id, &backend)?;
-                self.programmed.backends.insert(id, backend);
-                report.writes += 1;
-            }
-            ids.push(id);
+            ids.push(self.put_backend(service_id, key.proto, (addr, port), 0, index, maps, report)?);
         }
         for (slot, &id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
@@ -313,6 +355,20 @@ impl Reconciler {
             self.programmed.services.insert(key, info);
             report.writes += 1;
         }
+        // Draining backends after the slots and the table: a backend demoted here is already
+        // out of both, so no new flow is sent to it while its own flows keep resolving.
+        let mut kept = ids.clone();
+        for &backend in service.draining.iter().filter(|b| !service.backends.contains(b)) {
+            kept.push(self.put_backend(
+                service_id,
+                key.proto,
+                backend,
+                backend_flags::DRAINING,
+                index,
+                maps,
+                report,
+            )?);
+        }
         if maglev_size.is_none() {
             self.delete_maglev(service_id, maps, report)?;
         }
@@ -325,10 +381,42 @@ impl Reconciler {
         let stale: Vec<BackendId> = index
             .backends_of(service_id)
             .iter()
-            .filter(|id| !ids.contains(id))
+            .filter(|id| !kept.contains(id))
             .copied()
             .collect();
         self.delete_backends(stale, maps, report)
+    }
+
+    /// Writes one backend of `service_id` unless it is already as wanted; its id is the one it
+    /// had, so flows tracked on it keep resolving.
+    #[expect(clippy::too_many_arguments, reason = "the backend, and the apply's state")]
+    fn put_backend(
+        &mut self,
+        service_id: u32,
+        proto: u8,
+        (addr, port): BackendAddr,
+        flags: u8,
+        index: &Index,
+        maps: &mut impl MapWriter,
+        report: &mut Report,
+    ) -> Result<BackendId, MapError> {
+        let backend = Backend {
+            addr,
+            port,
+            proto,
+            flags,
+            service_id,
+        };
+        let id = match index.backend_ids.get(&(service_id, addr, port)) {
+            Some(&id) => id,
+            None => self.allocate_backend_id(),
+        };
+        if self.programmed.backends.get(&id) != Some(&backend) {
+            maps.put_backend(id, &backend)?;
+            self.programmed.backends.insert(id, backend);
+            report.writes += 1;
+        }
+        Ok(id)
     }
 
     /// Builds and swaps in the service's Maglev table, unless the one in place was built from the
@@ -486,6 +574,15 @@ impl Reconciler {
         let backends = &self.programmed.backends;
         next_free(&mut self.next_backend_id, |id| backends.contains_key(&id))
     }
+}
+
+/// Each ClusterIP of `desired`, with how many of its frontends it has.
+fn cluster_ips(desired: &BTreeMap<ServiceKey, DesiredService>) -> BTreeMap<[u8; 4], u32> {
+    let mut ips = BTreeMap::new();
+    for key in desired.iter().filter(|(_, s)| s.cluster_ip).map(|(key, _)| key) {
+        *ips.entry(key.addr).or_default() += 1;
+    }
+    ips
 }
 
 /// What one apply looks up per service, built once from the programmed state so that an apply

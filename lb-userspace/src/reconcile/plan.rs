@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 
-use crate::model::{Frontend, FrontendKind, LbAlgorithm, Model, Protocol, parse_cidr};
+use crate::model::{Endpoint, Frontend, FrontendKind, LbAlgorithm, Model, Protocol, parse_cidr};
 
 /// A backend's IPv4 address and port, as the maps store them.
 pub type BackendAddr = ([u8; 4], u16);
@@ -13,8 +13,13 @@ pub type BackendAddr = ([u8; 4], u16);
 pub struct DesiredService {
     /// `namespace/name:port` for logs and status.
     pub name: String,
+    /// A ClusterIP frontend: the address's ports that no frontend defines are refused.
+    pub cluster_ip: bool,
     /// Backend addresses and ports, in slot order.
     pub backends: Vec<BackendAddr>,
+    /// Backends kept for the flows they have, never chosen for a new one (terminating
+    /// endpoints, or endpoints a traffic policy leaves out).
+    pub draining: Vec<BackendAddr>,
     /// Maglev table size when the service uses Maglev; `None`: random choice.
     pub maglev: Option<u32>,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None`: no affinity.
@@ -72,14 +77,15 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
             },
             pad: 0,
         };
-        let backends = frontend
-            .backends
-            .iter()
-            .filter_map(|e| match e.address {
-                IpAddr::V4(a) => Some((a.octets(), e.port)),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
+        let ipv4 = |endpoints: &[Endpoint]| {
+            endpoints
+                .iter()
+                .filter_map(|e| match e.address {
+                    IpAddr::V4(a) => Some((a.octets(), e.port)),
+                    IpAddr::V6(_) => None,
+                })
+                .collect()
+        };
         let name = match frontend.kind {
             FrontendKind::ClusterIp => format!("{}:{}", frontend.service, frontend.port),
             kind => format!("{}:{} ({})", frontend.service, frontend.port, kind.as_str()),
@@ -90,7 +96,9 @@ pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, Desire
             key,
             DesiredService {
                 name,
-                backends,
+                cluster_ip: frontend.kind == FrontendKind::ClusterIp,
+                backends: ipv4(&frontend.backends),
+                draining: ipv4(&frontend.draining),
                 maglev,
                 affinity_timeout: frontend.policy.affinity_timeout_seconds,
                 external: frontend.kind.is_external().then(|| external(frontend)),

@@ -18,6 +18,8 @@ enum Op {
     DeleteMaglev(u32),
     PutSourceRange(SourceRange),
     DeleteSourceRange(SourceRange),
+    PutClusterIp([u8; 4]),
+    DeleteClusterIp([u8; 4]),
 }
 
 /// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
@@ -155,6 +157,21 @@ impl MapWriter for Recorder {
         self.ops.push(Op::DeleteSourceRange(range));
         Ok(())
     }
+
+    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
+        self.ops.push(Op::PutClusterIp(addr));
+        self.state.cluster_ips.insert(addr, frontends);
+        Ok(())
+    }
+
+    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
+        self.state
+            .cluster_ips
+            .remove(&addr)
+            .ok_or_else(|| missing(map_names::CLUSTER_IPS))?;
+        self.ops.push(Op::DeleteClusterIp(addr));
+        Ok(())
+    }
 }
 
 /// Applies and checks that the reconciler's idea of the maps is what the maps hold.
@@ -193,7 +210,9 @@ fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<Servic
                 *key,
                 DesiredService {
                     name: (*name).to_owned(),
+                    cluster_ip: true,
                     backends: backends.clone(),
+                    draining: Vec::new(),
                     maglev: None,
                     affinity_timeout: None,
                     external: None,
@@ -260,8 +279,8 @@ fn add_writes_backends_then_slots_then_the_service_entry() {
     );
     assert_eq!(
         report.writes,
-        3 + 3 + 1 + 1 + 1 + 1,
-        "backends, slots and entries of both services"
+        3 + 3 + 1 + 1 + 1 + 1 + 2,
+        "backends, slots and entries of both services, and their ClusterIPs"
     );
     assert_eq!(report.deletes, 0);
 
@@ -331,8 +350,104 @@ fn service_without_backends_gets_an_entry_with_zero_count() {
         &mut maps,
     );
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(maps.take_ops(), vec![Op::PutService(web)]);
+    assert_eq!(
+        maps.take_ops(),
+        vec![Op::PutClusterIp(web.addr), Op::PutService(web)]
+    );
     assert_eq!(service_info(&maps.state, web).backend_count, 0);
+}
+
+/// A backend that starts terminating keeps its id and entry (so its flows still resolve) but
+/// leaves the slots, and is flagged only once the slots no longer name it; when it goes away
+/// for good, it is deleted.
+#[test]
+fn a_backend_that_starts_draining_keeps_its_id_and_leaves_the_slots_first() {
+    let web = key(10, 80);
+    let mut want = desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let before = backend_ids(reconciler.programmed(), web);
+    maps.take_ops();
+
+    let service = want.get_mut(&web).unwrap();
+    service.backends = vec![backend(1), backend(2)];
+    service.draining = vec![backend(3)];
+    let report = apply(&mut reconciler, &want, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let ops = maps.take_ops();
+    let draining_id = before[&backend(3)];
+    let drained = reconciler.programmed().backends[&draining_id];
+    assert_eq!(drained.flags, backend_flags::DRAINING);
+    assert_eq!((drained.addr, drained.port), backend(3));
+    assert_eq!(
+        service_info(reconciler.programmed(), web).backend_count,
+        2,
+        "only ready backends are in slots"
+    );
+    assert!(
+        !reconciler
+            .programmed()
+            .slots
+            .values()
+            .any(|id| *id == draining_id),
+        "no slot names the draining backend"
+    );
+    assert!(
+        !ops.contains(&Op::DeleteBackend(draining_id)),
+        "its entry stays: {ops:?}"
+    );
+    let flagged_at = position(&ops, Op::PutBackend(draining_id));
+    let service_at = position(&ops, Op::PutService(web));
+    assert!(
+        service_at < flagged_at,
+        "flagged after the service stopped counting it: {ops:?}"
+    );
+
+    // Unchanged: nothing written. Ready again: back in a slot under the same id.
+    assert_eq!(apply(&mut reconciler, &want, &mut maps).writes, 0);
+    let service = want.get_mut(&web).unwrap();
+    service.backends = vec![backend(1), backend(2), backend(3)];
+    service.draining = vec![];
+    apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(backend_ids(reconciler.programmed(), web), before);
+    assert_eq!(reconciler.programmed().backends[&draining_id].flags, 0);
+
+    // Gone from the endpoints: deleted.
+    want.get_mut(&web).unwrap().backends = vec![backend(1), backend(2)];
+    maps.take_ops();
+    apply(&mut reconciler, &want, &mut maps);
+    assert!(maps.take_ops().contains(&Op::DeleteBackend(draining_id)));
+}
+
+/// Each ClusterIP is marked before its frontends are written, and unmarked only after the last
+/// of them is gone.
+#[test]
+fn cluster_ips_are_marked_before_their_frontends_and_unmarked_after() {
+    let (web_http, web_https) = (key(10, 80), key(10, 443));
+    let mut want = desired(&[
+        (web_http, "default/web:80", vec![backend(1)]),
+        (web_https, "default/web:443", vec![backend(1)]),
+    ]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let ops = maps.take_ops();
+    let marked = position(&ops, Op::PutClusterIp(web_http.addr));
+    assert!(marked < position(&ops, Op::PutService(web_http)), "{ops:?}");
+    assert_eq!(reconciler.programmed().cluster_ips, [(web_http.addr, 2)].into());
+
+    want.remove(&web_https);
+    apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(reconciler.programmed().cluster_ips, [(web_http.addr, 1)].into());
+    want.clear();
+    apply(&mut reconciler, &want, &mut maps);
+    let ops = maps.take_ops();
+    assert!(
+        position(&ops, Op::DeleteService(web_http)) < position(&ops, Op::DeleteClusterIp(web_http.addr)),
+        "{ops:?}"
+    );
+    assert!(reconciler.programmed().cluster_ips.is_empty());
 }
 
 #[test]
@@ -473,7 +588,11 @@ fn removing_a_service_deletes_its_entry_then_slots_then_backends() {
         &mut maps,
     );
     assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!((report.writes, report.deletes), (0, 1 + 2 + 2));
+    assert_eq!(
+        (report.writes, report.deletes),
+        (0, 1 + 2 + 2 + 1),
+        "entry, slots, backends, ClusterIP"
+    );
     let ops = maps.take_ops();
     assert_eq!(ops[0], Op::DeleteService(web), "the entry goes first: {ops:?}");
     let slots: Vec<usize> = (0..2)
@@ -495,7 +614,12 @@ fn removing_a_service_deletes_its_entry_then_slots_then_backends() {
         slots.iter().max() < backends.iter().min(),
         "slots are deleted before backends: {ops:?}"
     );
-    assert_eq!(ops.len(), 5, "nothing of default/api is touched: {ops:?}");
+    assert_eq!(
+        ops.last(),
+        Some(&Op::DeleteClusterIp(web.addr)),
+        "its ClusterIP last: {ops:?}"
+    );
+    assert_eq!(ops.len(), 6, "nothing of default/api is touched: {ops:?}");
     assert_eq!(backend_ids(reconciler.programmed(), api), api_before);
     assert_eq!(reconciler.programmed().services.len(), 1);
     assert_eq!(reconciler.programmed().backends.len(), 1);
@@ -778,9 +902,12 @@ fn frontend(
                     node_name: None,
                     zone: None,
                     terminating: false,
+                    zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
                 }
             })
             .collect(),
+        draining: Vec::new(),
         policy: Policy::default(),
     }
 }
@@ -844,7 +971,9 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         planned[&tcp],
         DesiredService {
             name: "default/web:80".into(),
+            cluster_ip: true,
             backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
+            draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
             external: None,
@@ -855,7 +984,9 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         planned[&udp],
         DesiredService {
             name: "kube-system/dns:53".into(),
+            cluster_ip: true,
             backends: vec![([10, 0, 0, 53], 5353)],
+            draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
             external: None,
@@ -1032,7 +1163,9 @@ status:
         planned.get(&key),
         Some(&DesiredService {
             name: "shop/web:80".into(),
+            cluster_ip: true,
             backends: vec![([10, 0, 0, 1], 8080)],
+            draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
             external: None,
@@ -1281,4 +1414,40 @@ fn session_affinity_is_a_flag_and_a_timeout_on_the_service_entry() {
         service_info(&maps.state, key(1, 80)).flags & service_flags::AFFINITY,
         0
     );
+}
+
+#[test]
+fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
+    let mut desired = BTreeMap::new();
+    desired.insert(
+        ServiceKey {
+            addr: [0; 4],
+            ..key(0, 30080)
+        },
+        DesiredService {
+            name: "default/web:30080 (NodePort)".into(),
+            backends: vec![backend(1), backend(2)],
+            maglev: Some(31),
+            external: Some(External::default()),
+            ..DesiredService::default()
+        },
+    );
+    desired.insert(
+        key(7, 80),
+        DesiredService {
+            name: "default/web:80 (LoadBalancer)".into(),
+            backends: vec![backend(1)],
+            external: Some(External {
+                local: true,
+                source_ranges: Some(vec![([192, 0, 2, 0], 24)]),
+            }),
+            ..DesiredService::default()
+        },
+    );
+    let mut maps = Recorder::default();
+    apply(&mut Reconciler::new(Programmed::default()), &desired, &mut maps);
+    maps.take_ops();
+    let mut restarted = Reconciler::new(maps.state.clone());
+    let report = apply(&mut restarted, &desired, &mut maps);
+    assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
 }

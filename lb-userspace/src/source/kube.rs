@@ -1,5 +1,5 @@
-//! `KubeSource`: Services, EndpointSlices and (with `--endpoints-from pods`) Pods, watched from
-//! the Kubernetes API with kube-rs reflectors.
+//! `KubeSource`: Services, EndpointSlices, (with `--endpoints-from pods`) Pods and (with
+//! `--node-name`) this node's Node, watched from the Kubernetes API with kube-rs reflectors.
 //!
 //! A watcher re-lists by itself after a dropped watch or a 410 Gone, and retries with backoff
 //! while the API server is away; the reflector stores keep the last known state meanwhile, so
@@ -10,7 +10,7 @@ use std::{fmt::Debug, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -76,6 +76,7 @@ const COALESCE: Duration = Duration::from_millis(50);
 pub async fn watch(
     client: Client,
     endpoints_from: EndpointsFrom,
+    node_name: Option<String>,
     snapshots: watch::Sender<Snapshot>,
     metrics: Arc<AgentMetrics>,
 ) -> anyhow::Result<()> {
@@ -98,11 +99,19 @@ pub async fn watch(
     );
     let pods = (endpoints_from == EndpointsFrom::Pods)
         .then(|| reflect::<Pod>(&client, watcher::Config::default(), &changed, &metrics));
+    // Only this node's Node, for its zone label.
+    let nodes = node_name.map(|name| {
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        reflect::<Node>(&client, config, &changed, &metrics)
+    });
 
     services.wait_until_ready().await?;
     slices.wait_until_ready().await?;
     if let Some(pods) = &pods {
         pods.wait_until_ready().await?;
+    }
+    if let Some(nodes) = &nodes {
+        nodes.wait_until_ready().await?;
     }
     tracing::info!("first full list of every watched kind received");
     loop {
@@ -110,6 +119,7 @@ pub async fn watch(
             services: owned(&services),
             endpoint_slices: owned(&slices),
             pods: pods.as_ref().map(owned).unwrap_or_default(),
+            nodes: nodes.as_ref().map(owned).unwrap_or_default(),
         };
         snapshots.send_replace(snapshot);
         changed.notified().await;

@@ -12,7 +12,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use notify::{RecursiveMode, Watcher as _};
@@ -52,6 +52,7 @@ struct FileObjects {
     services: Vec<Service>,
     pods: Vec<Pod>,
     endpoint_slices: Vec<EndpointSlice>,
+    nodes: Vec<Node>,
 }
 
 /// The directory and the last good contents of each of its files.
@@ -92,6 +93,7 @@ impl ManifestDir {
             snapshot
                 .endpoint_slices
                 .extend(objects.endpoint_slices.iter().cloned());
+            snapshot.nodes.extend(objects.nodes.iter().cloned());
         }
         Ok((snapshot, errors))
     }
@@ -152,6 +154,8 @@ fn read_file(file: &Path) -> Result<FileObjects, FileError> {
                 first_error(model::validate_endpoint_slice(&slice)).map_err(fail)?;
                 objects.endpoint_slices.push(slice);
             }
+            // For this node's zone label (topology hints).
+            "Node" => objects.nodes.push(typed(value).map_err(fail)?),
             "" => {
                 return Err(error(position, None, "kind: is required".into()));
             }

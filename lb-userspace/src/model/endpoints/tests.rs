@@ -49,6 +49,7 @@ fn model(services: &[Service], slices: &[EndpointSlice]) -> Model {
         endpoint_slices: slices,
         endpoints_from: EndpointsFrom::Slices,
         node_name: Some("node-a"),
+        zone: None,
     })
 }
 
@@ -114,6 +115,38 @@ fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
         "serving+terminating, never not-serving"
     );
     assert!(frontend.backends[0].terminating);
+}
+
+fn draining_addresses(frontend: &Frontend) -> Vec<String> {
+    frontend
+        .draining
+        .iter()
+        .map(|e| format!("{}:{}", e.address, e.port))
+        .collect()
+}
+
+/// A terminating endpoint that still serves keeps its connections while ready ones take the new
+/// ones; one that no longer serves is not kept.
+#[test]
+fn serving_endpoints_left_out_drain_instead_of_disappearing() {
+    let terminating = json!({"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}});
+    let not_serving = json!({"addresses": ["10.0.0.3"], "conditions": {"ready": false, "serving": false, "terminating": true}});
+    let ready = json!({"addresses": ["10.0.0.2"]});
+    let m = model(
+        &[web_service()],
+        &[web_slice("a", json!([terminating, not_serving, ready]))],
+    );
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.2:8080"]);
+    assert_eq!(draining_addresses(cluster_ip(&m)), ["10.0.0.1:8080"]);
+
+    let only_terminating = model(
+        &[web_service()],
+        &[web_slice("a", json!([terminating, not_serving]))],
+    );
+    assert!(
+        cluster_ip(&only_terminating).draining.is_empty(),
+        "the fallback uses the terminating endpoint for new connections too"
+    );
 }
 
 #[test]
@@ -221,6 +254,7 @@ fn a_service_without_selector_takes_its_endpoints_from_slices_even_in_pods_mode(
         endpoint_slices: &[web_slice("manual", json!([{"addresses": ["192.0.2.7"]}]))],
         endpoints_from: EndpointsFrom::Pods,
         node_name: None,
+        zone: None,
     });
     assert_eq!(addresses(cluster_ip(&m)), ["192.0.2.7:8080"]);
 }
@@ -303,6 +337,11 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
         ["10.0.0.1:8080"],
         "only node-a's endpoint"
     );
+    assert_eq!(
+        draining_addresses(cluster_ip(&m)),
+        ["10.0.0.2:8080", "10.0.0.3:8080"],
+        "the others keep the connections they have (switching the policy breaks none)"
+    );
 
     let elsewhere = compute(&Input {
         services: &[internal],
@@ -310,6 +349,7 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
         endpoint_slices: &[web_slice("a", endpoints.clone())],
         endpoints_from: EndpointsFrom::Slices,
         node_name: Some("node-c"),
+        zone: None,
     });
     assert!(
         cluster_ip(&elsewhere).backends.is_empty(),
@@ -349,6 +389,7 @@ fn a_local_policy_without_a_node_name_is_warned_about() {
         endpoint_slices: &[],
         endpoints_from: EndpointsFrom::Slices,
         node_name: None,
+        zone: None,
     });
     assert!(
         m.warnings.iter().any(|w| w.message.contains("--node-name")),
@@ -370,4 +411,59 @@ fn an_invalid_service_from_any_source_is_warned_about_by_name_and_left_out() {
         m.warnings
     );
     assert_eq!(m.frontends.len(), 1, "the valid Service is still there");
+}
+
+fn model_in_zone(services: &[Service], slices: &[EndpointSlice], zone: Option<&str>) -> Model {
+    compute(&Input {
+        services,
+        pods: &[],
+        endpoint_slices: slices,
+        endpoints_from: EndpointsFrom::Slices,
+        node_name: Some("node-a"),
+        zone,
+    })
+}
+
+/// EndpointSlice hints, end to end: this zone's endpoints take new connections, the others
+/// drain; hints are ignored when one ready endpoint lacks them, and under traffic policy Local.
+#[test]
+fn topology_hints_route_to_this_zones_endpoints() {
+    let hinted = json!([
+        {"addresses": ["10.0.0.1"], "zone": "zone-a", "hints": {"forZones": [{"name": "zone-a"}]}},
+        {"addresses": ["10.0.0.2"], "zone": "zone-b", "hints": {"forZones": [{"name": "zone-b"}]}},
+        {"addresses": ["10.0.0.3"], "nodeName": "node-a", "zone": "zone-b", "hints": {"forZones": [{"name": "zone-b"}]}},
+    ]);
+    let slices = [web_slice("a", hinted.clone())];
+    let m = model_in_zone(&[web_service()], &slices, Some("zone-b"));
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.2:8080", "10.0.0.3:8080"]);
+    assert_eq!(draining_addresses(cluster_ip(&m)), ["10.0.0.1:8080"]);
+    let nowhere = model_in_zone(&[web_service()], &slices, Some("zone-z"));
+    assert_eq!(addresses(cluster_ip(&nowhere)).len(), 3, "no endpoint for zone-z");
+
+    let node_hinted = json!([
+        {"addresses": ["10.0.0.1"], "hints": {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-a"}]}},
+        {"addresses": ["10.0.0.2"], "hints": {"forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node-b"}]}},
+    ]);
+    let m = model_in_zone(&[web_service()], &[web_slice("a", node_hinted)], Some("zone-a"));
+    assert_eq!(addresses(cluster_ip(&m)), ["10.0.0.1:8080"], "forNodes first");
+
+    let mut partly = hinted.as_array().unwrap().clone();
+    partly.push(json!({"addresses": ["10.0.0.4"]}));
+    let m = model_in_zone(&[web_service()], &[web_slice("a", json!(partly))], Some("zone-b"));
+    assert_eq!(
+        addresses(cluster_ip(&m)).len(),
+        4,
+        "a ready endpoint without hints"
+    );
+
+    let local = service(
+        json!({"clusterIP": "10.96.0.10", "selector": {"app": "web"}, "internalTrafficPolicy": "Local",
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+    );
+    let m = model_in_zone(&[local], &slices, Some("zone-a"));
+    assert_eq!(
+        addresses(cluster_ip(&m)),
+        ["10.0.0.3:8080"],
+        "traffic policy Local uses this node's endpoint whatever its hints"
+    );
 }

@@ -161,6 +161,21 @@ endpoints:
     );
 }
 
+/// A Node manifest gives this node's zone, as the Node object does in a cluster.
+#[test]
+fn a_node_manifest_gives_the_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels:\n    topology.kubernetes.io/zone: zone-b\n",
+    );
+    let (snapshot, errors) = read(&mut ManifestDir::new(dir.path()));
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(snapshot.zone_of("node-a"), Some("zone-b"));
+    assert_eq!(snapshot.zone_of("node-b"), None);
+}
+
 #[test]
 fn unknown_kinds_are_skipped_without_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,218 @@
+//! Conntrack garbage collection: the datapath only ever adds and refreshes entries, and its LRU
+//! map forgets the oldest only when full. The agent deletes the flows that are over: TCP flows
+//! closed by a FIN or RST shortly after their last packet, other flows after a long idle time.
+//! Both directions of a flow go together.
+use std::{collections::HashMap, time::Duration};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use lb_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags};
+
+/// How long a flow may stay idle, by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// An established TCP flow (kube-proxy sets netfilter's to 24 h).
+    pub tcp: Duration,
+    /// A TCP flow that has seen a FIN or RST (netfilter keeps a closed one 10 s).
+    pub tcp_closing: Duration,
+    /// A UDP flow (netfilter: 30 s unreplied, 120 s for a stream).
+    pub udp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp: Duration::from_secs(24 * 3600),
+            tcp_closing: Duration::from_secs(10),
+            udp: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a flow was collected; the label of `switchboard_conntrack_gc_collected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    TcpClosed,
+    TcpIdle,
+    UdpIdle,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 3] = [Reason::TcpClosed, Reason::TcpIdle, Reason::UdpIdle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TcpClosed => "tcp_closed",
+            Reason::TcpIdle => "tcp_idle",
+            Reason::UdpIdle => "udp_idle",
+        }
+    }
+}
+
+/// Flows collected by one pass, by reason.
+pub type Collected = HashMap<Reason, u64>;
+
+/// Whether a flow last seen at `last_seen_ns` has expired at `now_ns`, and why.
+pub fn expired(
+    proto: u8,
+    closing: bool,
+    last_seen_ns: u64,
+    now_ns: u64,
+    timeouts: &Timeouts,
+) -> Option<Reason> {
+    let (reason, timeout) = match (proto, closing) {
+        (IPPROTO_TCP, true) => (Reason::TcpClosed, timeouts.tcp_closing),
+        (IPPROTO_TCP, false) => (Reason::TcpIdle, timeouts.tcp),
+        _ => (Reason::UdpIdle, timeouts.udp),
+    };
+    let idle = Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
+    (idle > timeout).then_some(reason)
+}
+
+/// The clock `bpf_ktime_get_ns()` reads: CLOCK_MONOTONIC, in nanoseconds.
+pub fn monotonic_now_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec we own; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// The forward entry's key of the flow `key` belongs to, and the reply entry's. A source NAT
+/// entry stands alone: each is refreshed by the packets that use it, and goes on its own.
+fn flow_keys(key: &CtKey, entry: &CtEntry) -> (CtKey, CtKey) {
+    if matches!(key.direction, ct_direction::SNAT_OUT | ct_direction::SNAT_IN) {
+        return (*key, *key);
+    }
+    if key.direction == ct_direction::FORWARD {
+        // Forward: client → frontend, mapped to the backend, which replies to the client.
+        let reply = CtKey {
+            src_addr: entry.nat_addr,
+            dst_addr: key.src_addr,
+            src_port: entry.nat_port,
+            dst_port: key.src_port,
+            proto: key.proto,
+            direction: ct_direction::REPLY,
+            pad: [0; 2],
+        };
+        (*key, reply)
+    } else {
+        // Reply: backend → client, mapped to the frontend the client dialled.
+        let forward = CtKey {
+            src_addr: key.dst_addr,
+            dst_addr: entry.nat_addr,
+            src_port: key.dst_port,
+            dst_port: entry.nat_port,
+            proto: key.proto,
+            direction: ct_direction::FORWARD,
+            pad: [0; 2],
+        };
+        (forward, *key)
+    }
+}
+
+/// One pass over the conntrack map at `now_ns`: deletes both entries of every flow idle past
+/// its timeout (a flow is as recent as its most recent direction, and closing if either saw a
+/// FIN or RST). A flow refreshed by the datapath while the pass ran is left alone.
+pub fn collect(
+    conntrack: &mut BpfHashMap<MapData, CtKey, CtEntry>,
+    now_ns: u64,
+    timeouts: &Timeouts,
+) -> Collected {
+    // Entries may vanish while iterating (LRU eviction, the datapath); those are skipped.
+    let entries: HashMap<CtKey, CtEntry> = conntrack.iter().filter_map(Result::ok).collect();
+    let mut flows: HashMap<CtKey, [Option<CtKey>; 2]> = HashMap::new();
+    for (key, entry) in &entries {
+        let (forward, _) = flow_keys(key, entry);
+        let keys = flows.entry(forward).or_default();
+        keys[usize::from(key.direction != ct_direction::FORWARD)] = Some(*key);
+    }
+    let mut collected = Collected::new();
+    for (forward, keys) in flows {
+        let present: Vec<(CtKey, CtEntry)> = keys.iter().flatten().map(|k| (*k, entries[k])).collect();
+        let last_seen = present.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
+        let closing = present.iter().any(|(_, e)| e.flags & ct_flags::CLOSING != 0);
+        let Some(reason) = expired(forward.proto, closing, last_seen, now_ns, timeouts) else {
+            continue;
+        };
+        let refreshed = present.iter().any(|(key, entry)| {
+            conntrack
+                .get(key, 0)
+                .is_ok_and(|now| now.last_seen_ns != entry.last_seen_ns)
+        });
+        if refreshed {
+            continue;
+        }
+        for (key, _) in &present {
+            // Already gone (evicted, or removed by hand) is as good as deleted.
+            let _ = conntrack.remove(key);
+        }
+        *collected.entry(reason).or_default() += 1;
+    }
+    collected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::IPPROTO_UDP;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn each_kind_of_flow_expires_after_its_own_timeout() {
+        let timeouts = Timeouts::default();
+        let now = 100_000 * SECOND;
+        let ago = |seconds: u64| now - seconds * SECOND;
+        assert_eq!(expired(IPPROTO_TCP, true, ago(5), now, &timeouts), None);
+        assert_eq!(
+            expired(IPPROTO_TCP, true, ago(11), now, &timeouts),
+            Some(Reason::TcpClosed)
+        );
+        assert_eq!(expired(IPPROTO_TCP, false, ago(3600), now, &timeouts), None);
+        assert_eq!(
+            expired(IPPROTO_TCP, false, ago(25 * 3600), now, &timeouts),
+            Some(Reason::TcpIdle)
+        );
+        assert_eq!(expired(IPPROTO_UDP, false, ago(30), now, &timeouts), None);
+        assert_eq!(
+            expired(IPPROTO_UDP, false, ago(61), now, &timeouts),
+            Some(Reason::UdpIdle)
+        );
+        assert_eq!(
+            expired(IPPROTO_UDP, false, now + SECOND, now, &timeouts),
+            None,
+            "a time after now (refreshed meanwhile) is not idle"
+        );
+    }
+
+    #[test]
+    fn forward_and_reply_entries_name_the_same_flow() {
+        let forward = CtKey {
+            src_addr: [10, 244, 0, 20],
+            dst_addr: [10, 96, 0, 10],
+            src_port: 40000,
+            dst_port: 80,
+            proto: IPPROTO_TCP,
+            direction: ct_direction::FORWARD,
+            pad: [0; 2],
+        };
+        let to_backend = CtEntry {
+            nat_addr: [10, 244, 0, 11],
+            nat_port: 3000,
+            ..CtEntry::default()
+        };
+        let (_, reply) = flow_keys(&forward, &to_backend);
+        assert_eq!(
+            (reply.src_addr, reply.src_port, reply.dst_addr, reply.dst_port),
+            ([10, 244, 0, 11], 3000, [10, 244, 0, 20], 40000)
+        );
+        let to_frontend = CtEntry {
+            nat_addr: [10, 96, 0, 10],
+            nat_port: 80,
+            ..CtEntry::default()
+        };
+        assert_eq!(flow_keys(&reply, &to_frontend), (forward, reply));
+    }
+}

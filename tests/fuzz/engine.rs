@@ -1,0 +1,248 @@
+//! The loop: generate an input, run it through the loaded program with BPF_PROG_TEST_RUN, check
+//! the verdict and the output against the oracle.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use lb_common::{ServiceKey, Stat};
+use lb_userspace::reconcile::DesiredService;
+
+use crate::{
+    common::Loaded,
+    generate::{Generator, Program},
+    oracle::{Model, Outcome},
+    topology::SERVICES,
+};
+
+/// Failures are counted past this many, but only this many are kept to print.
+const FAILURES_KEPT: usize = 5;
+
+pub struct Report {
+    pub seed: u64,
+    pub packets: u64,
+    pub elapsed: Duration,
+    /// Inputs the kernel refused before running the program (shorter than Ethernet and the
+    /// network header its EtherType announces).
+    pub refused: u64,
+    pub verdicts: BTreeMap<u32, u64>,
+    pub outcomes: BTreeMap<Outcome, u64>,
+    /// Flows the datapath created (each holds two conntrack entries).
+    pub flows: u64,
+    pub failures: u64,
+    pub examples: Vec<String>,
+}
+
+/// Runs `packets` fuzzed inputs from `seed` through a freshly loaded datapath.
+pub fn run(packets: u64, seed: u64) -> Report {
+    let mut loaded = Loaded::new("fuzz");
+    program_services(&mut loaded);
+    for program in [Program::FromPod, Program::ToPod] {
+        classifier(&mut loaded, program)
+            .load()
+            .expect("the program loads");
+    }
+    let mut report = Report {
+        seed,
+        packets,
+        elapsed: Duration::ZERO,
+        refused: 0,
+        verdicts: BTreeMap::new(),
+        outcomes: BTreeMap::new(),
+        flows: 0,
+        failures: 0,
+        examples: Vec::new(),
+    };
+    let mut generator = Generator::new(seed);
+    let mut model = Model::default();
+    let mut input = Vec::with_capacity(4096);
+    let mut output = vec![0u8; 4096];
+    let started = Instant::now();
+    for index in 0..packets {
+        let program = generator.next(&mut input);
+        let result = classifier(&mut loaded, program).test_run(TestRunOptions {
+            data_in: Some(&input),
+            data_out: Some(&mut output),
+            ..Default::default()
+        });
+        let checked = match result {
+            Ok(result) => {
+                *report.verdicts.entry(result.return_value).or_default() += 1;
+                let output = &output[..result.data_size_out as usize];
+                model
+                    .check(program, &input, result.return_value, output)
+                    .map_err(|error| (error, output.to_vec()))
+            }
+            Err(_) if kernel_refuses(&input) => {
+                report.refused += 1;
+                continue;
+            }
+            Err(error) => Err((format!("BPF_PROG_TEST_RUN failed: {error}"), Vec::new())),
+        };
+        match checked {
+            Ok(outcome) => *report.outcomes.entry(outcome).or_default() += 1,
+            Err((error, output)) => report.fail(format!(
+                "packet {index} through {}: {error}\n  input  {}\n  output {}",
+                program.name(),
+                hex(&input),
+                hex(&output)
+            )),
+        }
+    }
+    report.elapsed = started.elapsed();
+    report.flows = model.counts.new_flows;
+    check_counters(&loaded, &model, &mut report);
+    report
+}
+
+/// BPF_PROG_TEST_RUN builds no skb from a frame shorter than Ethernet, or than Ethernet and an
+/// IPv4 (IPv6) header when the EtherType says IPv4 (IPv6): EINVAL before the program runs.
+fn kernel_refuses(frame: &[u8]) -> bool {
+    let network_header = match frame.get(12..14) {
+        Some([0x08, 0x00]) => 20,
+        Some([0x86, 0xdd]) => 40,
+        Some(_) => 0,
+        None => return true,
+    };
+    frame.len() < 14 + network_header
+}
+
+/// The datapath's own counters must agree with what the oracle saw it do.
+fn check_counters(loaded: &Loaded, model: &Model, report: &mut Report) {
+    let stat = |stat| loaded.maps.stat(stat).expect("the stats map reads");
+    let counted = [
+        (
+            "service_packets",
+            stat(Stat::ServicePackets),
+            model.counts.service_packets,
+        ),
+        ("new_flows", stat(Stat::NewFlows), model.counts.new_flows),
+        ("no_backend_drops", stat(Stat::NoBackend), model.counts.no_backend),
+        (
+            "undefined_port_drops",
+            stat(Stat::UndefinedPort),
+            model.counts.undefined_port,
+        ),
+        (
+            "reply_packets",
+            stat(Stat::ReplyPackets),
+            model.counts.reply_packets,
+        ),
+        ("conntrack_insert_failures", stat(Stat::CtInsertFailed), 0),
+    ];
+    for (name, datapath, oracle) in counted {
+        if datapath != oracle {
+            report.fail(format!(
+                "counter {name}: the datapath counted {datapath}, the oracle {oracle}"
+            ));
+        }
+    }
+}
+
+fn program_services(loaded: &mut Loaded) {
+    let desired = SERVICES
+        .iter()
+        .map(|service| {
+            let key = ServiceKey {
+                addr: service.frontend.0,
+                port: service.frontend.1,
+                proto: service.proto,
+                pad: 0,
+            };
+            let desired = DesiredService {
+                name: format!("fuzz/{:?}", service.frontend),
+                backends: service.backends.to_vec(),
+                maglev: service.maglev.then_some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+                affinity_timeout: service.affinity.then_some(10_800),
+                cluster_ip: true,
+                ..DesiredService::default()
+            };
+            (key, desired)
+        })
+        .collect();
+    let applied = loaded.reconciler.apply(&desired, &mut loaded.maps);
+    assert!(
+        applied.failed.is_empty(),
+        "programming failed: {:?}",
+        applied.failed
+    );
+}
+
+fn classifier(loaded: &mut Loaded, program: Program) -> &mut SchedClassifier {
+    loaded
+        .datapath
+        .ebpf
+        .program_mut(program.name())
+        .expect("the object has the program")
+        .try_into()
+        .expect("a TC classifier")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut out, byte| {
+            let _ = write!(out, "{byte:02x}");
+            out
+        })
+}
+
+impl Report {
+    fn fail(&mut self, description: String) {
+        self.failures += 1;
+        if self.examples.len() < FAILURES_KEPT {
+            self.examples.push(description);
+        }
+    }
+
+    /// The summary: packets, verdicts, what was checked, failures with their inputs.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let rate = self.packets as f64 / self.elapsed.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            out,
+            "fuzz seed {}: {} packets in {:.1} s ({:.0} k/s)",
+            self.seed,
+            self.packets,
+            self.elapsed.as_secs_f64(),
+            rate / 1000.0
+        );
+        let verdicts: Vec<String> = self
+            .verdicts
+            .iter()
+            .map(|(verdict, n)| format!("{} {n}", verdict_name(*verdict)))
+            .chain([format!("refused by the kernel {}", self.refused)])
+            .collect();
+        let _ = writeln!(out, "  verdicts: {}", verdicts.join(", "));
+        let count = |outcome| self.outcomes.get(&outcome).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "  rewrites checked: {} (DNAT {}, reverse NAT {}) over {} flows; rejects checked: RST {}, \
+             port unreachable {}; dropped {}; untouched {}",
+            count(Outcome::Dnat) + count(Outcome::ReverseNat),
+            count(Outcome::Dnat),
+            count(Outcome::ReverseNat),
+            self.flows,
+            count(Outcome::Reset),
+            count(Outcome::PortUnreachable),
+            count(Outcome::Dropped),
+            count(Outcome::Untouched),
+        );
+        let _ = writeln!(out, "  failures: {}", self.failures);
+        for example in &self.examples {
+            let _ = writeln!(out, "  FAILED (seed {}) {example}", self.seed);
+        }
+        out
+    }
+}
+
+fn verdict_name(verdict: u32) -> String {
+    match verdict {
+        0 => "TC_ACT_OK".into(),
+        2 => "TC_ACT_SHOT".into(),
+        7 => "TC_ACT_REDIRECT".into(),
+        other => format!("verdict {other}"),
+    }
+}

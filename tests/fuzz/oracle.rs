@@ -1,0 +1,377 @@
+//! What the datapath must have done with each input, decided from the input alone and a model of
+//! the flows it has seen, never from the datapath's own code.
+//!
+//! A frame is service traffic only if it is a well-formed, unfragmented IPv4 TCP or UDP packet,
+//! untagged, whole (its total length fits the frame), with a header length, TCP data offset and
+//! UDP length consistent with it. Everything else must come out byte-identical.
+use std::collections::HashMap;
+
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::{
+    checksum,
+    generate::Program,
+    topology::{Endpoint, Service, is_cluster_ip, service_at},
+};
+
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+const ETH_LEN: usize = 14;
+const IPPROTO_ICMP: u8 = 1;
+
+/// What the datapath did, once checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Passed byte-identical.
+    Untouched,
+    /// DNATed to a backend (`from_pod`).
+    Dnat,
+    /// Source restored to the frontend (`to_pod`).
+    ReverseNat,
+    /// A SYN to a service without endpoints, answered with a RST.
+    Reset,
+    /// A datagram to a service without endpoints, answered with an ICMP port unreachable.
+    PortUnreachable,
+    /// Other packets to a service without endpoints.
+    Dropped,
+}
+
+/// A parsed service-candidate packet.
+#[derive(Clone, Copy, Debug)]
+pub struct Packet {
+    src: Endpoint,
+    dst: Endpoint,
+    proto: u8,
+    /// Offset of the L4 header in the frame.
+    l4: usize,
+    /// End of the IP packet in the frame (the rest is padding).
+    end: usize,
+}
+
+impl Packet {
+    fn tuple(&self) -> Tuple {
+        (self.src, self.dst, self.proto)
+    }
+
+    fn l4_checksum_at(&self) -> usize {
+        self.l4 + if self.proto == IPPROTO_TCP { 16 } else { 6 }
+    }
+}
+
+type Tuple = (Endpoint, Endpoint, u8);
+
+/// What the datapath must do with a well-formed packet.
+enum Translation {
+    /// `from_pod`, to a frontend: DNAT to a backend, or the reject path.
+    ToService(&'static Service),
+    /// `to_pod`, the reply of a tracked flow: the source becomes this frontend again.
+    ReplyFrom(Endpoint),
+    /// `from_pod`, to a ClusterIP on a port its Service does not define: the reject path.
+    UndefinedPort,
+}
+
+/// The packet in `frame` if it is one the datapath may translate.
+pub fn parse(frame: &[u8]) -> Option<Packet> {
+    let ip = frame.get(ETH_LEN..)?;
+    if frame[12..14] != [0x08, 0x00] || ip.len() < 20 || ip[0] >> 4 != 4 {
+        return None;
+    }
+    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    if header_len < 20 || total > ip.len() || fragmented {
+        return None;
+    }
+    let proto = ip[9];
+    let l4_len = total.checked_sub(header_len)?;
+    let l4 = &ip[header_len..total];
+    let fits = match proto {
+        IPPROTO_TCP => {
+            l4_len >= 20 && usize::from(l4[12] >> 4) * 4 >= 20 && usize::from(l4[12] >> 4) * 4 <= l4_len
+        }
+        IPPROTO_UDP => l4_len >= 8 && (8..=l4_len).contains(&usize::from(u16::from_be_bytes([l4[4], l4[5]]))),
+        _ => false,
+    };
+    if !fits {
+        return None;
+    }
+    let addr = |at: usize| -> [u8; 4] { ip[at..at + 4].try_into().unwrap() };
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    Some(Packet {
+        src: (addr(12), port(0)),
+        dst: (addr(16), port(2)),
+        proto,
+        l4: ETH_LEN + header_len,
+        end: ETH_LEN + total,
+    })
+}
+
+/// The flows the datapath has been seen to create, as its conntrack and affinity maps hold them,
+/// and the counters it should have kept.
+#[derive(Default)]
+pub struct Model {
+    /// Client → frontend tuple → backend.
+    forward: HashMap<Tuple, Endpoint>,
+    /// Backend → client tuple → frontend.
+    reply: HashMap<Tuple, Endpoint>,
+    /// (frontend, client address) → backend, for services with affinity.
+    affinity: HashMap<(Endpoint, [u8; 4]), Endpoint>,
+    pub counts: Counts,
+}
+
+#[derive(Default, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub service_packets: u64,
+    pub new_flows: u64,
+    pub no_backend: u64,
+    pub undefined_port: u64,
+    pub reply_packets: u64,
+}
+
+impl Model {
+    /// Checks one run of `program` on `input` that returned `verdict` and left `output`.
+    pub fn check(
+        &mut self,
+        program: Program,
+        input: &[u8],
+        verdict: u32,
+        output: &[u8],
+    ) -> Result<Outcome, String> {
+        let packet = parse(input);
+        let expected = match (program, packet) {
+            (_, None) => None,
+            (Program::FromPod, Some(packet)) => match service_at(packet.dst.0, packet.dst.1, packet.proto) {
+                Some(service) => Some((packet, Translation::ToService(service))),
+                None if is_cluster_ip(packet.dst.0) => Some((packet, Translation::UndefinedPort)),
+                None => None,
+            },
+            (Program::ToPod, Some(packet)) => self
+                .reply
+                .get(&packet.tuple())
+                .map(|frontend| (packet, Translation::ReplyFrom(*frontend))),
+        };
+        let Some((packet, action)) = expected else {
+            expect_verdict(verdict, TC_ACT_OK)?;
+            if output != input {
+                return Err("not service traffic, yet changed".into());
+            }
+            return Ok(Outcome::Untouched);
+        };
+        match action {
+            Translation::ToService(service) if service.backends.is_empty() => {
+                self.counts.no_backend += 1;
+                check_reject(&packet, input, verdict, output)
+            }
+            Translation::ToService(service) => self.check_dnat(service, &packet, input, verdict, output),
+            Translation::UndefinedPort => {
+                self.counts.undefined_port += 1;
+                check_reject(&packet, input, verdict, output)
+            }
+            Translation::ReplyFrom(frontend) => {
+                expect_verdict(verdict, TC_ACT_OK)?;
+                let source = check_rewrite(&packet, input, output, Side::Source)?;
+                if source != frontend {
+                    return Err(format!(
+                        "reply's source became {source:?}, not the frontend {frontend:?}"
+                    ));
+                }
+                self.counts.reply_packets += 1;
+                Ok(Outcome::ReverseNat)
+            }
+        }
+    }
+
+    fn check_dnat(
+        &mut self,
+        service: &Service,
+        packet: &Packet,
+        input: &[u8],
+        verdict: u32,
+        output: &[u8],
+    ) -> Result<Outcome, String> {
+        expect_verdict(verdict, TC_ACT_OK)?;
+        let backend = check_rewrite(packet, input, output, Side::Destination)?;
+        if !service.backends.contains(&backend) {
+            return Err(format!(
+                "DNATed to {backend:?}, not a backend of {:?}",
+                service.frontend
+            ));
+        }
+        self.counts.service_packets += 1;
+        if let Some(tracked) = self.forward.get(&packet.tuple()) {
+            if *tracked != backend {
+                return Err(format!("flow moved from its backend {tracked:?} to {backend:?}"));
+            }
+            return Ok(Outcome::Dnat);
+        }
+        if service.affinity {
+            let client = (service.frontend, packet.src.0);
+            if let Some(sticky) = self.affinity.insert(client, backend)
+                && sticky != backend
+            {
+                return Err(format!("client with affinity to {sticky:?} sent to {backend:?}"));
+            }
+        }
+        self.counts.new_flows += 1;
+        self.forward.insert(packet.tuple(), backend);
+        self.reply
+            .insert((backend, packet.src, packet.proto), service.frontend);
+        Ok(Outcome::Dnat)
+    }
+}
+
+fn expect_verdict(verdict: u32, expected: u32) -> Result<(), String> {
+    if verdict == expected {
+        Ok(())
+    } else {
+        Err(format!("verdict {verdict}, expected {expected}"))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Checks that `output` is `input` with one side's address and port replaced and both checksums
+/// updated, and returns the new address and port. A checksum that was right must be right, one
+/// that was wrong must stay exactly as wrong (the receiver still drops the packet), and a UDP
+/// checksum of 0 (none) must stay 0.
+fn check_rewrite(packet: &Packet, input: &[u8], output: &[u8], side: Side) -> Result<Endpoint, String> {
+    if output.len() != input.len() {
+        return Err(format!("length {} became {}", input.len(), output.len()));
+    }
+    let (addr_at, port_at) = match side {
+        Side::Source => (ETH_LEN + 12, packet.l4),
+        Side::Destination => (ETH_LEN + 16, packet.l4 + 2),
+    };
+    let l4_checksum_at = packet.l4_checksum_at();
+    let rewritten = [
+        addr_at..addr_at + 4,
+        port_at..port_at + 2,
+        24..26,
+        l4_checksum_at..l4_checksum_at + 2,
+    ];
+    if let Some(at) =
+        (0..input.len()).find(|at| input[*at] != output[*at] && !rewritten.iter().any(|r| r.contains(at)))
+    {
+        return Err(format!(
+            "byte {at} changed, outside the address, port and checksums"
+        ));
+    }
+    let header = ETH_LEN..packet.l4;
+    if checksum::fold(checksum::add(0, &input[header.clone()]))
+        != checksum::fold(checksum::add(0, &output[header]))
+    {
+        return Err("IPv4 header checksum not updated to match".into());
+    }
+    let udp_unchecked = packet.proto == IPPROTO_UDP && input[l4_checksum_at..l4_checksum_at + 2] == [0, 0];
+    if udp_unchecked {
+        if output[l4_checksum_at..l4_checksum_at + 2] != [0, 0] {
+            return Err("a UDP checksum of 0 (none) was changed".into());
+        }
+    } else {
+        if packet.proto == IPPROTO_UDP && output[l4_checksum_at..l4_checksum_at + 2] == [0, 0] {
+            return Err("a UDP checksum became 0 (none)".into());
+        }
+        if l4_sum(packet, input) != l4_sum(packet, output) {
+            return Err(format!(
+                "{} checksum not updated to match",
+                proto_name(packet.proto)
+            ));
+        }
+    }
+    let addr = output[addr_at..addr_at + 4].try_into().unwrap();
+    Ok((addr, u16::from_be_bytes([output[port_at], output[port_at + 1]])))
+}
+
+/// The folded sum over the pseudo-header and the L4 bytes the checksum covers, checksum field
+/// included: 0xffff when the checksum is right.
+fn l4_sum(packet: &Packet, frame: &[u8]) -> u16 {
+    let l4 = &frame[packet.l4..packet.end];
+    let len = if packet.proto == IPPROTO_UDP {
+        usize::from(u16::from_be_bytes([l4[4], l4[5]]))
+    } else {
+        l4.len()
+    };
+    let src = frame[ETH_LEN + 12..ETH_LEN + 16].try_into().unwrap();
+    let dst = frame[ETH_LEN + 16..ETH_LEN + 20].try_into().unwrap();
+    checksum::fold(checksum::add(
+        checksum::pseudo_header(src, dst, packet.proto, len as u16),
+        &l4[..len],
+    ))
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    if proto == IPPROTO_TCP { "TCP" } else { "UDP" }
+}
+
+/// A service without endpoints: a pure SYN (plain 20-byte IP header) is answered with a RST|ACK
+/// and a datagram with an ICMP port unreachable, both from the frontend, sent back; anything
+/// else is dropped.
+fn check_reject(packet: &Packet, input: &[u8], verdict: u32, output: &[u8]) -> Result<Outcome, String> {
+    let plain_header = packet.l4 == ETH_LEN + 20;
+    // SYN set; ACK and RST clear.
+    let pure_syn = packet.proto == IPPROTO_TCP && input[packet.l4 + 13] & 0x16 == 0x02;
+    if !plain_header || (packet.proto == IPPROTO_TCP && !pure_syn) {
+        expect_verdict(verdict, TC_ACT_SHOT)?;
+        return Ok(Outcome::Dropped);
+    }
+    expect_verdict(verdict, TC_ACT_REDIRECT)?;
+    let (proto, l4_len) = if pure_syn {
+        (IPPROTO_TCP, 20)
+    } else {
+        (IPPROTO_ICMP, 8 + 28)
+    };
+    if output.len() != ETH_LEN + 20 + l4_len {
+        return Err(format!("reply of {} bytes", output.len()));
+    }
+    if output[..6] != input[6..12] || output[6..12] != input[..6] || output[12..14] != [0x08, 0x00] {
+        return Err("reply's Ethernet header is not the request's, swapped".into());
+    }
+    let ip = &output[ETH_LEN..ETH_LEN + 20];
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if ip[0] != 0x45
+        || total != 20 + l4_len
+        || ip[9] != proto
+        || ip[8] == 0
+        || u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0
+    {
+        return Err("reply's IPv4 header is malformed".into());
+    }
+    if (&ip[12..16], &ip[16..20]) != (&packet.dst.0[..], &packet.src.0[..]) {
+        return Err("reply does not go from the frontend to the client".into());
+    }
+    if checksum::fold(checksum::add(0, ip)) != 0xffff {
+        return Err("reply's IPv4 header checksum is wrong".into());
+    }
+    let l4 = &output[ETH_LEN + 20..];
+    if pure_syn {
+        let seq = u32::from_be_bytes(input[packet.l4 + 4..packet.l4 + 8].try_into().unwrap());
+        let ports = (
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        );
+        if ports != (packet.dst.1, packet.src.1) {
+            return Err(format!("RST's ports {ports:?} are not the SYN's swapped"));
+        }
+        if l4[12] >> 4 != 5 || l4[13] != 0x14 || l4[8..12] != seq.wrapping_add(1).to_be_bytes() {
+            return Err("not a RST|ACK acknowledging the SYN".into());
+        }
+        let pseudo = checksum::pseudo_header(packet.dst.0, packet.src.0, IPPROTO_TCP, 20);
+        if checksum::fold(checksum::add(pseudo, l4)) != 0xffff {
+            return Err("RST's TCP checksum is wrong".into());
+        }
+        Ok(Outcome::Reset)
+    } else {
+        if l4[..2] != [3, 3] || checksum::fold(checksum::add(0, l4)) != 0xffff {
+            return Err("not a port unreachable with a right checksum".into());
+        }
+        if l4[8..] != input[ETH_LEN..ETH_LEN + 28] {
+            return Err("the ICMP error does not quote the datagram's IP header and 8 bytes".into());
+        }
+        Ok(Outcome::PortUnreachable)
+    }
+}
