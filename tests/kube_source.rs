@@ -147,7 +147,9 @@ fn list_then_watch_events_are_programmed() {
     assert_eq!(
         rows,
         json!([{"service": "default/web", "kind": "ClusterIP", "frontend": "10.96.0.10:80/TCP",
-                             "endpoints": 2, "algorithm": "default", "programmed": true}])
+                             "endpoints": 2, "algorithm": "default", "programmed": true,
+                             "traffic": {"packets": 0, "bytes": 0, "new_flows": 0,
+                                         "reply_packets": 0, "reply_bytes": 0}}])
     );
 }
 
@@ -232,4 +234,74 @@ fn an_api_server_that_is_down_leaves_the_maps_serving_and_is_caught_up_with() {
     api.set_down(false);
     agent.wait_for(WEB, Some(2), "after the API came back");
     agent.wait_for(API, Some(0), "a Service created during the outage");
+}
+
+/// Events the agent published about Service `name`.
+fn events_about(api: &FakeApi, name: &str) -> Vec<(String, Value)> {
+    api.events()
+        .into_iter()
+        .filter(|(_, event)| event["regarding"]["name"] == name)
+        .collect()
+}
+
+fn wait_for_event(api: &FakeApi, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some((_, event)) = events_about(api, name).into_iter().next() {
+            return event;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no Event about {name}: {:?}",
+            api.events()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A warning the model has about a Service (here an unknown `switchboard.io/lb-algorithm`)
+/// becomes a Warning Event on that Service, published once while the warning stands, however
+/// many passes the agent makes.
+#[test]
+fn a_service_warning_becomes_one_kubernetes_event_on_the_service() {
+    let api = FakeApi::start();
+    let mut web = service("web", "10.96.0.10");
+    web["metadata"]["uid"] = json!("0b6d7f6c-web");
+    web["metadata"]["annotations"] = json!({"switchboard.io/lb-algorithm": "round-robin"});
+    api.apply(web);
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11", "10.244.0.12"]));
+    let agent = Agent::start(&api, "kev");
+    agent.wait_for(
+        WEB,
+        Some(3),
+        "the Service is programmed (with the default algorithm)",
+    );
+
+    let event = wait_for_event(&api, "web");
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["regarding"]["kind"], "Service");
+    assert_eq!(event["regarding"]["namespace"], "default");
+    assert_eq!(event["regarding"]["uid"], "0b6d7f6c-web");
+    assert_eq!(event["reportingController"], "switchboard");
+    assert_eq!(event["metadata"]["namespace"], "default");
+    let note = event["note"].as_str().unwrap();
+    assert!(
+        note.contains("switchboard.io/lb-algorithm") && note.contains("round-robin"),
+        "the note says what is wrong: {note}"
+    );
+
+    // More passes while the warning stands publish nothing more. Events go out in order, so
+    // once another Service's Event has arrived, any repeat about `web` would have too.
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11"]));
+    agent.wait_for(WEB, Some(2), "another pass");
+    let mut other = service("api", "10.96.0.20");
+    other["metadata"]["annotations"] = json!({"switchboard.io/lb-algorithm": "fastest"});
+    api.apply(other);
+    wait_for_event(&api, "api");
+    assert_eq!(
+        events_about(&api, "web").len(),
+        1,
+        "one Event per warning: {:?}",
+        api.events()
+    );
 }

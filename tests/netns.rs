@@ -848,3 +848,310 @@ fn a_pod_reaches_itself_through_its_own_service() {
             .unwrap_or_else(|e| panic!("datagram {i} from {name} to its own Service: {e:#}"));
     }
 }
+/// The value of `name` (labels included), or 0 when the scrape does not have it yet.
+fn metric_or_zero(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Per-service counters: each frontend's new-flows counter moves by exactly the connections
+/// made to it, packets and bytes move with them, and `get services` shows the same counts.
+#[test]
+fn per_service_metrics_count_each_frontends_connections() {
+    let cluster = Cluster::start("oc");
+    let tcp = r#"{service="default/web",frontend="10.96.0.10:80/TCP"}"#;
+    let udp = r#"{service="default/web",frontend="10.96.0.10:53/UDP"}"#;
+    let counter = |body: &str, name: &str, labels: &str| {
+        metric_or_zero(body, &format!("switchboard_service_{name}_total{labels}"))
+    };
+    let (_, before) = scrape(&cluster, "/metrics");
+    const CONNECTIONS: u64 = 20;
+    const REQUESTS: u64 = 7;
+    for _ in 0..CONNECTIONS {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    }
+    for _ in 0..REQUESTS {
+        servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap();
+    }
+    let (_, after) = scrape(&cluster, "/metrics");
+    let moved = |name: &str, labels: &str| counter(&after, name, labels) - counter(&before, name, labels);
+    assert_eq!(
+        moved("new_flows", tcp),
+        CONNECTIONS,
+        "one flow per connection:\n{after}"
+    );
+    assert_eq!(
+        moved("new_flows", udp),
+        REQUESTS,
+        "one flow per request:\n{after}"
+    );
+    // SYN, ACK, request and FIN at least, each with Ethernet, IPv4 and TCP headers.
+    let packets = moved("packets", tcp);
+    assert!(
+        packets >= 4 * CONNECTIONS,
+        "{packets} packets for {CONNECTIONS} connections"
+    );
+    assert!(moved("bytes", tcp) >= packets * 54, "bytes count whole packets");
+    assert!(
+        moved("reply_packets", tcp) >= 2 * CONNECTIONS,
+        "SYN-ACK and answer at least"
+    );
+    assert!(moved("reply_bytes", tcp) > 0);
+    assert_eq!(moved("packets", udp), REQUESTS);
+    assert_eq!(moved("reply_packets", udp), REQUESTS);
+    assert!(
+        !after.contains(r#"frontend="10.96.0.11:80/TCP""#),
+        "a frontend without traffic has no counters yet"
+    );
+    assert!(
+        metric(&after, r#"switchboard_map_entries{map="SB_CONNTRACK"}"#) >= 2 * (CONNECTIONS + REQUESTS),
+        "both directions of every flow are tracked"
+    );
+    assert_eq!(
+        metric(&after, r#"switchboard_map_capacity{map="SB_CONNTRACK"}"#),
+        u64::from(lb_common::capacity::CONNTRACK)
+    );
+
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["get", "services", "-o", "json", "--manifests"])
+        .arg(cluster.manifests.path())
+        .arg("--pin-dir")
+        .arg(cluster.pins.path())
+        .output()
+        .unwrap();
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout).unwrap();
+    let row = |frontend: &str| {
+        rows.iter()
+            .find(|r| r["frontend"] == frontend)
+            .unwrap_or_else(|| panic!("no row for {frontend}: {rows:?}"))
+    };
+    assert_eq!(
+        row("10.96.0.10:80/TCP")["traffic"]["new_flows"],
+        counter(&after, "new_flows", tcp),
+        "get services shows the datapath's counters"
+    );
+    assert_eq!(
+        row("10.96.0.10:53/UDP")["traffic"]["packets"],
+        counter(&after, "packets", udp)
+    );
+    assert_eq!(row("10.96.0.11:80/TCP")["traffic"]["packets"], 0);
+}
+
+/// The program each pinned link under `pins` runs, by pin name (`<ifindex>-<program>`).
+fn linked_programs(pins: &Path) -> BTreeMap<String, u32> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    std::fs::read_dir(pins.join("links"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let link = FdLink::from(PinnedLink::from_pin(entry.path()).unwrap());
+            let name = entry.file_name().into_string().unwrap();
+            (name, link.info().unwrap().program_id())
+        })
+        .collect()
+}
+
+/// An upgrade: the agent is replaced by one loading a rebuilt datapath object (`--bpf-object`)
+/// while a client keeps connecting. No connection fails, the pinned links now run the new
+/// programs, and those use the same pinned maps (so conntrack and counters carry over).
+#[test]
+fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_connection() {
+    let mut cluster = Cluster::start("ou");
+    // The rebuilt object: this build's datapath as an operator ships it, a file beside the agent.
+    let build = tempfile::tempdir().unwrap();
+    let object = build.path().join("lb-ebpf.o");
+    std::fs::write(&object, lb_userspace::datapath::OBJECT).unwrap();
+    let before = linked_programs(cluster.pins.path());
+    let pod_links = before
+        .keys()
+        .filter(|link| link.ends_with("from_pod") || link.ends_with("to_pod"))
+        .count();
+    assert_eq!(
+        pod_links,
+        2 * (PODS.len() + 1),
+        "from_pod and to_pod on every pod"
+    );
+    let pinned_maps: Vec<u32> = lb_common::map_names::ALL
+        .iter()
+        .filter_map(|name| aya::maps::MapInfo::from_pin(cluster.pins.path().join(name)).ok())
+        .map(|info| info.id())
+        .collect();
+    let conntrack_map =
+        aya::maps::MapInfo::from_pin(cluster.pins.path().join(lb_common::map_names::CONNTRACK))
+            .unwrap()
+            .id();
+
+    let (stop, ok, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|scope| {
+        let client = &cluster.lab.pod(CLIENT.0).ns;
+        scope.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                match servers::http_get(client, WEB, 80, TIMEOUT) {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        // The old version goes as a DaemonSet rollout stops it; its links stay pinned.
+        cluster.agent.kill().unwrap();
+        cluster.agent.wait().unwrap();
+        cluster.agent = spawn_agent(
+            &cluster.lab,
+            cluster.manifests.path(),
+            cluster.pins.path(),
+            Stdio::piped(),
+            &["--bpf-object", object.to_str().unwrap()],
+        );
+        let events = log_events(&mut cluster.agent);
+        let mut from_file = false;
+        for event in events.iter() {
+            let message = &event["fields"]["message"];
+            from_file |= message.as_str().is_some_and(|m| m.contains("object file"))
+                && event["fields"]["object"] == object.display().to_string();
+            if message == "maps in sync" {
+                break;
+            }
+        }
+        assert!(from_file, "the new agent said it loaded {}", object.display());
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "no connection failed across the upgrade"
+    );
+    assert!(
+        ok.load(Ordering::SeqCst) >= 50,
+        "the client kept connecting: {} connections",
+        ok.load(Ordering::SeqCst)
+    );
+
+    let after = linked_programs(cluster.pins.path());
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        before.keys().collect::<Vec<_>>(),
+        "the same links, updated in place"
+    );
+    let loaded: BTreeMap<u32, aya::programs::ProgramInfo> = aya::programs::loaded_programs()
+        .map(Result::unwrap)
+        .map(|info| (info.id(), info))
+        .collect();
+    for (link, program) in &after {
+        assert_ne!(*program, before[link], "{link} runs a newly loaded program");
+        let info = &loaded[program];
+        // The kernel keeps the first 15 bytes of a program's name.
+        assert!(
+            link.rsplit_once('-')
+                .unwrap()
+                .1
+                .starts_with(info.name_as_str().unwrap()),
+            "{link} runs program {:?}",
+            info.name_as_str()
+        );
+        let maps = info.map_ids().unwrap().unwrap();
+        if link.ends_with("from_pod") || link.ends_with("to_pod") {
+            assert!(
+                maps.contains(&conntrack_map),
+                "{link}'s new program uses the pinned conntrack map"
+            );
+        } else {
+            assert!(
+                maps.iter().any(|id| pinned_maps.contains(id)),
+                "{link}'s new program uses the pinned maps"
+            );
+        }
+    }
+    // Nothing holds the old programs any more: the kernel frees them (after an RCU grace period).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .any(|info| before.values().any(|id| *id == info.id()))
+    {
+        assert!(Instant::now() < deadline, "the old programs are still loaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn log_level(cluster: &Cluster, level: &str) {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["log-level", level, "--pin-dir"])
+        .arg(cluster.pins.path())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout)
+            .to_lowercase()
+            .contains(level),
+        "it says the new level: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// The datapath's aya-log output, switched at run time: off by default; with
+/// `switchboard log-level info` a connection to a service makes the agent print a line naming
+/// the flow and its backend, and `off` silences it again. Connections made while logging is off
+/// go to another frontend, so the first datapath line the agent prints tells which were logged.
+#[test]
+fn switching_datapath_logging_on_makes_a_connection_print_its_backend() {
+    let mut cluster = Cluster::start("ol");
+    cluster.agent.kill().unwrap();
+    cluster.agent.wait().unwrap();
+    cluster.agent = spawn_agent(
+        &cluster.lab,
+        cluster.manifests.path(),
+        cluster.pins.path(),
+        Stdio::piped(),
+        &[],
+    );
+    let events = log_events(&mut cluster.agent);
+    let datapath_line = || {
+        events
+            .iter()
+            .find(|event| event["target"].as_str().is_some_and(|t| t.starts_with("lb_ebpf")))
+            .expect("the agent prints a datapath line")
+    };
+    assert!(
+        events
+            .iter()
+            .any(|event| event["fields"]["message"] == "maps in sync"),
+        "the agent synced"
+    );
+    let other_frontend = || servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap();
+    for _ in 0..5 {
+        other_frontend();
+    }
+    log_level(&cluster, "info");
+    let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    let line = datapath_line();
+    let message = line["fields"]["message"].as_str().unwrap();
+    let backend = PODS.iter().find(|(pod, _)| *pod == reply.pod).unwrap().1;
+    assert!(
+        message.contains(&format!("{}:", CLIENT.1))
+            && message.contains("-> 10.96.0.10:80 ")
+            && message.contains(&format!("backend {backend}:3000")),
+        "the first datapath line is the connection made after switching on, to {backend}: {line}"
+    );
+
+    log_level(&cluster, "off");
+    for _ in 0..5 {
+        other_frontend();
+    }
+    log_level(&cluster, "info");
+    servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+    let line = datapath_line();
+    assert!(
+        line["fields"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("-> 10.96.0.10:80 "),
+        "nothing was logged while off: {line}"
+    );
+}

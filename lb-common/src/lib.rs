@@ -20,6 +20,7 @@ pub mod map_names {
     pub const NODE_ADDRS: &str = "SB_NODE_ADDRS";
     pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
+    pub const SERVICE_STATS: &str = "SB_SERVICE_STATS";
     pub const SOCK_REVNAT: &str = "SB_SOCK_REVNAT";
     pub const CONFIG: &str = "SB_CONFIG";
     pub const CLUSTER_IPS: &str = "SB_CLUSTER_IPS";
@@ -28,7 +29,7 @@ pub mod map_names {
     /// Per-CPU token buckets of that limit (not pinned).
     pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
     /// The maps pinned under their names.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKEND_SLOTS,
         BACKENDS,
@@ -39,10 +40,21 @@ pub mod map_names {
         NODE_ADDRS,
         SNAT_ADDRS,
         SOURCE_RANGES,
+        SERVICE_STATS,
         SOCK_REVNAT,
         CONFIG,
         CLUSTER_IPS,
     ];
+}
+
+/// The datapath's log levels, numbered as aya-log numbers them.
+pub mod log_level {
+    pub const OFF: u64 = 0;
+    pub const ERROR: u64 = 1;
+    pub const WARN: u64 = 2;
+    pub const INFO: u64 = 3;
+    pub const DEBUG: u64 = 4;
+    pub const TRACE: u64 = 5;
 }
 
 /// Names of the programs in the object file.
@@ -72,11 +84,14 @@ pub mod program_names {
     pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
 }
 
-/// Indexes of [`map_names::CONFIG`], an array of `u64` the agent writes.
+/// Indexes of [`map_names::CONFIG`], an array of `u64` the agent (and `switchboard log-level`)
+/// writes and the programs read on each use, so a change takes effect at once.
 pub mod config {
     /// The network namespace (cookie) whose sockets the socket programs translate: the node's.
     /// Zero: none.
     pub const NETNS_COOKIE: u32 = 0;
+    /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
+    pub const LOG_LEVEL: u32 = 1;
     pub const LEN: u32 = 8;
 }
 
@@ -90,6 +105,8 @@ pub mod capacity {
     pub const NODE_ADDRS: u32 = 256;
     pub const SNAT_ADDRS: u32 = 256;
     pub const SOURCE_RANGES: u32 = 16_384;
+    /// One entry per service id that saw traffic; allocated on first use, not up front.
+    pub const SERVICE_STATS: u32 = SERVICES;
     pub const SOCK_REVNAT: u32 = 65_536;
 }
 
@@ -518,6 +535,33 @@ impl Stat {
     }
 }
 
+/// Per-service traffic counters, one copy per CPU, in [`map_names::SERVICE_STATS`] under the
+/// service id. The datapath creates a service's entry on its first packet; the agent removes it
+/// when it gives the id to a new frontend, so counters never carry over.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// Packets DNATed to one of the service's backends.
+    pub packets: u64,
+    /// Their bytes, as the packets were seen at the hook (link-layer header included).
+    pub bytes: u64,
+    /// Flows given a backend.
+    pub new_flows: u64,
+    /// Backend replies translated back to the frontend.
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl core::ops::AddAssign for ServiceStats {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.reply_packets += other.reply_packets;
+        self.reply_bytes += other.reply_bytes;
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
@@ -533,6 +577,7 @@ mod pod_impls {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for SourceRangeKey {}
+    unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SockRevEntry {}
     unsafe impl aya::Pod for ClusterIpKey {}
@@ -660,6 +705,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(size_of::<CtEntry>(), 24);
+        assert_eq!(size_of::<ServiceStats>(), 40);
         assert_eq!(size_of::<SockRevKey>(), 16);
         assert_eq!(size_of::<SockRevEntry>(), 8);
     }

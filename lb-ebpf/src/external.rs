@@ -12,7 +12,7 @@ use lb_common::{Stat, service_flags};
 use crate::{
     conntrack::{self, Forward},
     context::Packet,
-    maps::count,
+    maps::{self, count},
     nat,
     packet::Flow,
     service,
@@ -31,7 +31,7 @@ pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
     if service::is_node_addr(flow.dst_addr)
         && let Some((client_addr, client_port)) = conntrack::snat_in(flow)
     {
-        count(Stat::ReplyPackets);
+        // Counted as a reply at egress, where its source becomes the frontend.
         return done(nat::rewrite_destination(ctx, flow, client_addr, client_port));
     }
     let Some(service) = service::lookup_frontend(flow) else {
@@ -55,6 +55,7 @@ pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
                 };
             };
             conntrack::track(flow, &service, id, &backend);
+            maps::count_service_flow(service.id);
             if service.flags & service_flags::EXTERNAL_SNAT != 0 {
                 conntrack::expect_snat(flow, &service, id, &backend);
             }
@@ -62,6 +63,7 @@ pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
         }
     };
     count(Stat::ServicePackets);
+    maps::count_service_packet(service.id, ctx.len() as u32);
     done(nat::rewrite_destination(ctx, flow, backend.addr, backend.port))
 }
 
@@ -69,6 +71,7 @@ pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
 pub fn egress(ctx: &impl Packet, flow: &Flow, ifindex: u32) -> Verdict {
     if let Some(frontend) = conntrack::reply(flow) {
         count(Stat::ReplyPackets);
+        maps::count_service_reply(frontend.service_id, ctx.len() as u32);
         return done(nat::rewrite_source(
             ctx,
             flow,

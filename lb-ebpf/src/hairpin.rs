@@ -5,7 +5,13 @@
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use lb_common::{Backend, HAIRPIN_ADDR, Stat};
 
-use crate::{conntrack, maps::count, nat, packet::Flow, reject};
+use crate::{
+    conntrack,
+    maps::{self, count},
+    nat,
+    packet::Flow,
+    reject,
+};
 
 /// Whether `backend` is the client itself.
 #[inline(always)]
@@ -33,6 +39,7 @@ pub fn reply(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     }
     let frontend = conntrack::reply(flow)?;
     count(Stat::ReplyPackets);
+    maps::count_service_reply(frontend.service_id, ctx.len());
     let rewritten = nat::rewrite_source(ctx, flow, frontend.nat_addr, frontend.nat_port)
         .and_then(|()| nat::rewrite_destination(ctx, flow, flow.src_addr, flow.dst_port));
     Some(

@@ -7,6 +7,7 @@ mod conntrack;
 mod context;
 mod external;
 mod hairpin;
+mod log;
 mod maps;
 mod nat;
 mod packet;
@@ -46,10 +47,13 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Forward::New => match service::choose_backend(&service, &flow) {
             Some((id, backend)) => {
                 conntrack::track(&flow, &service, id, &backend);
+                maps::count_service_flow(service.id);
+                log::new_flow(&ctx, &flow, service.id, &backend);
                 backend
             }
             None => {
                 count(Stat::NoBackend);
+                log::refused(&ctx, &flow, service.id);
                 return reject::refuse(&ctx, &flow);
             }
         },
@@ -58,6 +62,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     if hairpin::is_hairpin(&flow, &backend) {
         return hairpin::forward(&ctx, &flow, &backend);
     }
+    maps::count_service_packet(service.id, ctx.len());
     match nat::rewrite_destination(&ctx, &flow, backend.addr, backend.port) {
         Ok(()) => TC_ACT_OK,
         // The packet was checked to hold every field written, so this is a kernel refusal; a
@@ -77,6 +82,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         return TC_ACT_OK;
     };
     count(Stat::ReplyPackets);
+    maps::count_service_reply(frontend.service_id, ctx.len());
     match nat::rewrite_source(&ctx, &flow, frontend.nat_addr, frontend.nat_port) {
         Ok(()) => TC_ACT_OK,
         Err(_) => TC_ACT_SHOT,

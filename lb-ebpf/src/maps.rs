@@ -1,14 +1,14 @@
 //! The maps, declared with BTF so `bpftool map dump` prints field names. The agent pins each one
 //! under its own name; see `lb_common::map_names`.
 use aya_ebpf::{
-    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE},
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray},
+    bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, SlotKey, SockRevEntry,
-    SockRevKey, SourceRangeKey, Stat, capacity, config,
+    MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats, SlotKey,
+    SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -94,5 +94,60 @@ pub fn count(stat: Stat) {
     if let Some(counter) = SB_STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot; nothing else on this CPU runs while this program does.
         unsafe { *counter += 1 };
+    }
+}
+
+/// Service id → per-CPU traffic counters. Not preallocated: an entry per CPU for every possible
+/// service would cost megabytes per CPU up front.
+#[btf_map]
+pub static SB_SERVICE_STATS: PerCpuHashMap<
+    u32,
+    ServiceStats,
+    { capacity::SERVICE_STATS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = PerCpuHashMap::new();
+
+/// This CPU's counters of `service_id`, created on the service's first packet (the kernel
+/// zeroes the other CPUs' copies).
+#[inline(always)]
+fn service_stats(service_id: u32) -> Option<*mut ServiceStats> {
+    if let Some(stats) = SB_SERVICE_STATS.get_ptr_mut(service_id) {
+        return Some(stats);
+    }
+    // NOEXIST: when another CPU creates the entry at the same moment, its count is kept.
+    let _ = SB_SERVICE_STATS.insert(service_id, ServiceStats::default(), u64::from(BPF_NOEXIST));
+    SB_SERVICE_STATS.get_ptr_mut(service_id)
+}
+
+/// A packet of `bytes` DNATed to one of the service's backends.
+#[inline(always)]
+pub fn count_service_packet(service_id: u32, bytes: u32) {
+    if let Some(stats) = service_stats(service_id) {
+        // SAFETY: per-CPU value; nothing else on this CPU runs while this program does.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// A flow given one of the service's backends.
+#[inline(always)]
+pub fn count_service_flow(service_id: u32) {
+    if let Some(stats) = service_stats(service_id) {
+        // SAFETY: as above.
+        unsafe { (*stats).new_flows += 1 };
+    }
+}
+
+/// A backend's reply of `bytes` translated back to the service's frontend.
+#[inline(always)]
+pub fn count_service_reply(service_id: u32, bytes: u32) {
+    if let Some(stats) = service_stats(service_id) {
+        // SAFETY: as above.
+        unsafe {
+            (*stats).reply_packets += 1;
+            (*stats).reply_bytes += u64::from(bytes);
+        }
     }
 }

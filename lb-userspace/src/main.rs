@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
         Command::Get(args) => lb_userspace::cli::get::main(args),
         Command::Explain(args) => lb_userspace::cli::explain::main(args),
         Command::Uninstall(args) => lb_userspace::cli::uninstall::main(args),
+        Command::LogLevel(args) => lb_userspace::cli::log_level::main(args),
     };
     match result {
         Ok(code) => code,

@@ -33,7 +33,12 @@ struct State {
     held: Vec<String>,
     down: bool,
     requests: Vec<String>,
+    /// Events the agent published: (POST or PATCH, the Event as sent).
+    events_received: Vec<(String, Value)>,
 }
+
+/// Where events.k8s.io/v1 Events are created (`<namespace>/events`) and patched.
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/";
 
 pub struct FakeApi {
     pub addr: SocketAddr,
@@ -126,6 +131,11 @@ impl FakeApi {
         self.change(|state| state.held.clear());
     }
 
+    /// The Events published so far: (POST or PATCH, the Event).
+    pub fn events(&self) -> Vec<(String, Value)> {
+        self.state.0.lock().unwrap().events_received.clone()
+    }
+
     /// The request lines seen so far (e.g. to check that a re-list happened).
     pub fn requests(&self) -> Vec<String> {
         self.state.0.lock().unwrap().requests.clone()
@@ -170,13 +180,22 @@ fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) -> std::io::Re
         if reader.read_line(&mut request_line)? == 0 {
             return Ok(());
         }
+        let mut content_length = 0;
         loop {
             let mut header = String::new();
             reader.read_line(&mut header)?;
             if header.trim().is_empty() {
                 break;
             }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                content_length = value.trim().parse().unwrap_or(0);
+            }
         }
+        let mut body = vec![0u8; content_length];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
+        let method = request_line.split_whitespace().next().unwrap_or("GET").to_owned();
         let target = request_line.split_whitespace().nth(1).unwrap_or("/").to_owned();
         {
             let mut guard = state.0.lock().unwrap();
@@ -187,6 +206,19 @@ fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) -> std::io::Re
             }
         }
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        if path.starts_with(EVENTS) && matches!(method.as_str(), "POST" | "PATCH") {
+            // events.k8s.io/v1 Events, created and patched (a repeat's series): kept as sent,
+            // and echoed back as the API server answers.
+            let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            state
+                .0
+                .lock()
+                .unwrap()
+                .events_received
+                .push((method.clone(), event.clone()));
+            respond(&mut stream, if method == "POST" { 201 } else { 200 }, &event)?;
+            continue;
+        }
         let params: BTreeMap<&str, &str> = query.split('&').filter_map(|p| p.split_once('=')).collect();
         let Some((collection, list_kind)) = COLLECTIONS.iter().find(|(c, _)| *c == path) else {
             respond(&mut stream, 404, &json!({"kind": "Status", "code": 404}))?;

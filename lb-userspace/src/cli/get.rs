@@ -1,18 +1,14 @@
 //! `switchboard get services|endpoints|backends|conntrack`: kubectl-like tables (or JSON/YAML)
 //! of the model and of what the kernel holds.
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-    process::ExitCode,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, process::ExitCode};
 
-use lb_common::{IPPROTO_TCP, ServiceKey, ct_direction};
+use lb_common::{IPPROTO_TCP, ServiceStats, ct_direction};
 use serde::Serialize;
 
 use super::{PinDir, source::SourceArgs};
 use crate::{
-    datapath::maps::ServiceMaps,
-    model::{LbAlgorithm, Model, Protocol},
+    datapath::maps::{ServiceMaps, frontend_key, frontend_text},
+    model::{LbAlgorithm, Model},
 };
 
 #[derive(clap::Args, Debug)]
@@ -133,9 +129,34 @@ pub struct ServiceRow {
     /// Backend selection: the Service's `switchboard.io/lb-algorithm` annotation, else the
     /// agent's default (`default`).
     pub algorithm: &'static str,
-    /// `true` when the kernel's maps hold this frontend (`null`: no agent's maps to read, or a
-    /// kind the datapath does not program yet).
+    /// `true` when the kernel's maps hold this frontend (`null`: no agent's maps to read, or an
+    /// IPv6 frontend, which the datapath does not program yet).
     pub programmed: Option<bool>,
+    /// The datapath's counters for this frontend since it was programmed (`null` when not
+    /// programmed).
+    pub traffic: Option<Traffic>,
+}
+
+/// A frontend's datapath counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+impl From<ServiceStats> for Traffic {
+    fn from(stats: ServiceStats) -> Self {
+        Self {
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+            reply_packets: stats.reply_packets,
+            reply_bytes: stats.reply_bytes,
+        }
+    }
 }
 
 impl Row for ServiceRow {
@@ -146,6 +167,9 @@ impl Row for ServiceRow {
         "ENDPOINTS",
         "ALGORITHM",
         "PROGRAMMED",
+        "PACKETS",
+        "BYTES",
+        "NEW FLOWS",
     ];
 
     fn cells(&self) -> Vec<String> {
@@ -159,6 +183,11 @@ impl Row for ServiceRow {
             Some(false) => "no",
             None => "-",
         };
+        let counter = |field: fn(&Traffic) -> u64| {
+            self.traffic
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |t| field(t).to_string())
+        };
         vec![
             self.service.clone(),
             self.kind.to_owned(),
@@ -166,29 +195,24 @@ impl Row for ServiceRow {
             endpoints,
             self.algorithm.to_owned(),
             programmed.to_owned(),
+            counter(|t| t.packets),
+            counter(|t| t.bytes),
+            counter(|t| t.new_flows),
         ]
     }
 }
 
 fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
+    let stats = maps
+        .and_then(|maps| maps.service_stats().ok())
+        .unwrap_or_default();
     model
         .frontends
         .iter()
         .map(|f| {
             // A NodePort is keyed with its unspecified address, as the model has it.
-            let programmed = match (f.address, maps) {
-                (IpAddr::V4(address), Some(maps)) => {
-                    let key = ServiceKey {
-                        addr: address.octets(),
-                        port: f.port,
-                        proto: match f.protocol {
-                            Protocol::Tcp => IPPROTO_TCP,
-                            Protocol::Udp => lb_common::IPPROTO_UDP,
-                        },
-                        pad: 0,
-                    };
-                    Some(maps.services.get(&key, 0).is_ok())
-                }
+            let info = match (frontend_key(f), maps) {
+                (Some(key), Some(maps)) => Some(maps.services.get(&key, 0).ok()),
                 _ => None,
             };
             ServiceRow {
@@ -197,7 +221,10 @@ fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
                 frontend: format!("{}:{}/{}", f.address, f.port, f.protocol.as_str()),
                 endpoints: f.backends.len(),
                 algorithm: f.algorithm.map_or("default", LbAlgorithm::as_str),
-                programmed,
+                programmed: info.map(|i| i.is_some()),
+                traffic: info
+                    .flatten()
+                    .map(|i| stats.get(&i.id).copied().unwrap_or_default().into()),
             }
         })
         .collect()
@@ -279,12 +306,6 @@ impl Row for BackendRow {
             self.slot.map_or_else(|| "-".into(), |s| s.to_string()),
         ]
     }
-}
-
-/// `10.96.0.10:80/TCP`
-pub(super) fn frontend_text(key: &ServiceKey) -> String {
-    let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-    format!("{}:{}/{proto}", Ipv4Addr::from(key.addr), key.port)
 }
 
 fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {

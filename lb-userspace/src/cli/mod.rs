@@ -2,6 +2,7 @@
 pub mod demo;
 pub mod explain;
 pub mod get;
+pub mod log_level;
 pub mod plan;
 pub mod run;
 pub mod source;
@@ -17,7 +18,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser, Debug)]
 #[command(name = "switchboard", version)]
 pub struct Cli {
-    /// Log format. The level comes from RUST_LOG (default: info).
+    /// Log format. The level comes from RUST_LOG (default: info, and every datapath message that
+    /// `switchboard log-level` lets through).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
@@ -41,6 +43,8 @@ pub enum Command {
     Explain(explain::Args),
     /// Detach the datapath and remove the pinned maps and links (stop the agent first).
     Uninstall(uninstall::Args),
+    /// Show or switch, at run time, what the datapath logs (printed by the agent); off by default.
+    LogLevel(log_level::Args),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -58,7 +62,8 @@ pub struct PinDir {
 }
 
 pub fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{}=trace", crate::observe::datapath_log::TARGET)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

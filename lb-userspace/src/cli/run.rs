@@ -20,12 +20,13 @@ use crate::{
         Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
         conntrack_gc::{self, Timeouts},
-        maps::ServiceMaps,
+        maps::{ServiceMaps, frontend_key},
         socket::SocketHooks,
     },
     model::{self, LbAlgorithm},
     observe::{
         self,
+        events::Events,
         health::Health,
         health_check::HealthChecks,
         metrics::{AgentMetrics, ReasonLabel, ServiceLabel},
@@ -76,6 +77,11 @@ pub struct Args {
     /// table takes 4 bytes per position (64 KiB at the default).
     #[arg(long, env = "SWITCHBOARD_MAGLEV_TABLE_SIZE", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = prime)]
     pub maglev_table_size: u32,
+    /// Load the datapath from this eBPF object (built from the same sources, e.g. by `cargo
+    /// xtask build-ebpf`) instead of the one built into the binary. Its programs replace the
+    /// running ones atomically and reuse the pinned maps, like any agent upgrade.
+    #[arg(long, env = "SWITCHBOARD_BPF_OBJECT", value_name = "PATH")]
+    pub bpf_object: Option<PathBuf>,
     /// How often the agent deletes finished flows from the conntrack map.
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = duration)]
     pub conntrack_gc_interval: Duration,
@@ -126,6 +132,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(args.source.connection.client().await?),
     };
+    // In a cluster, warnings about a Service also become Events on it.
+    let events = client.as_ref().map(|client| {
+        let instance = args
+            .source
+            .node_name
+            .clone()
+            .or_else(|| {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+                Some(host.trim().to_owned())
+            })
+            .unwrap_or_else(|| "switchboard".into());
+        Events::start(client.clone(), instance)
+    });
     let metrics = Arc::new(AgentMetrics::default());
     let health = Arc::new(Health::default());
     let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
@@ -138,9 +157,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
 
-    let mut datapath = Datapath::load(&args.pin_dir.pin_dir)?;
+    let mut datapath = match &args.bpf_object {
+        Some(object) => Datapath::load_file(object, &args.pin_dir.pin_dir)?,
+        None => Datapath::load(&args.pin_dir.pin_dir)?,
+    };
     datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
     let mut maps = datapath.maps()?;
+    observe::datapath_log::forward(&mut datapath.ebpf)?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(
         services = reconciler.programmed().services.len(),
@@ -185,6 +208,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let links_changed = Arc::new(Notify::new());
     attach::watch_links(links_changed.clone())?;
     sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
+    datapath.finish_migrations()?;
 
     let options = PlanOptions {
         default_algorithm: args.lb_algorithm,
@@ -221,6 +245,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 health.update_received();
                 let snapshot = snapshots.borrow_and_update().clone();
                 let model = model::compute(&args.source.input(&snapshot));
+                if let Some(events) = &events {
+                    publish_events(events, &model, &snapshot.services, &notices);
+                }
                 sync(&model, &options, &mut reconciler, &mut maps, &metrics, &mut notices);
                 health_checks.update(&model);
                 health.update_applied();
@@ -285,6 +312,12 @@ fn sync(
     metrics: &AgentMetrics,
     notices: &mut BTreeSet<String>,
 ) {
+    let names = model
+        .frontends
+        .iter()
+        .filter_map(|f| Some((frontend_key(f)?, f.service.to_string())))
+        .collect();
+    *metrics.service_names.write().unwrap_or_else(|e| e.into_inner()) = names;
     let current: BTreeSet<String> = model
         .warnings
         .iter()
@@ -341,6 +374,32 @@ fn sync(
         elapsed_us = elapsed.as_micros() as u64,
         "maps in sync"
     );
+}
+
+/// A Warning Event on each Service the model has a warning about that was not among the
+/// `notices` of the previous pass: once per appearance, not on every pass.
+fn publish_events(
+    events: &Events,
+    model: &model::Model,
+    services: &[k8s_openapi::api::core::v1::Service],
+    notices: &BTreeSet<String>,
+) {
+    for warning in model
+        .warnings
+        .iter()
+        .filter(|w| !notices.contains(&w.to_string()))
+    {
+        if let Some(service) = services.iter().find(|s| is_object(s, &warning.object)) {
+            events.warn(service, &warning.message);
+        }
+    }
+}
+
+/// Whether `object`, as a model warning names it (`Service namespace/name`), is `service`.
+fn is_object(service: &k8s_openapi::api::core::v1::Service, object: &str) -> bool {
+    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+    let name = service.metadata.name.as_deref().unwrap_or_default();
+    object.strip_prefix("Service ") == Some(&format!("{namespace}/{name}"))
 }
 
 /// Deletes finished flows every `interval`, off the async threads (a full map is a quarter

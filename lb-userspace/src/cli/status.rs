@@ -22,12 +22,13 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
             *flows.entry(entry.service_id).or_default() += 1;
         }
     }
+    let traffic = maps.service_stats()?;
     println!(
-        "{:<24} {:>4} {:<16} {:>9} {:>6}  BACKENDS",
-        "FRONTEND", "ID", "ALGORITHM", "ENDPOINTS", "FLOWS"
+        "{:<24} {:>4} {:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  BACKENDS",
+        "FRONTEND", "ID", "ALGORITHM", "ENDPOINTS", "FLOWS", "PACKETS", "BYTES", "NEW FLOWS"
     );
     for (key, info) in &programmed.services {
-        let frontend = super::get::frontend_text(key);
+        let frontend = crate::datapath::maps::frontend_text(key);
         let backends: Vec<String> = (0..info.backend_count)
             .filter_map(|slot| {
                 programmed.slots.get(&lb_common::SlotKey {
@@ -64,11 +65,15 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         if info.flags & service_flags::SOURCE_RANGES != 0 {
             algorithm += "+ranges";
         }
+        let counted = traffic.get(&info.id).copied().unwrap_or_default();
         println!(
-            "{frontend:<24} {:>4} {algorithm:<16} {:>9} {:>6}  {backends}",
+            "{frontend:<24} {:>4} {algorithm:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  {backends}",
             info.id,
             info.backend_count,
-            flows.get(&info.id).copied().unwrap_or(0)
+            flows.get(&info.id).copied().unwrap_or(0),
+            counted.packets,
+            counted.bytes,
+            counted.new_flows,
         );
     }
     println!();

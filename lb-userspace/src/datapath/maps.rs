@@ -7,79 +7,16 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{
-    Array, HashMap, HashOfMaps, Map, MapData, MapInfo, PerCpuArray,
+    Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap,
     lpm_trie::{Key, LpmTrie},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, MAGLEV_TABLE_FLAGS,
-    ServiceInfo, ServiceKey, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, map_names,
-    service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, config,
+    map_names, service_flags,
 };
 
 use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
-
-/// Key and value sizes each pinned map must have for this build of the datapath.
-const LAYOUTS: [(&str, usize, usize); 13] = [
-    (
-        map_names::SERVICES,
-        size_of::<ServiceKey>(),
-        size_of::<ServiceInfo>(),
-    ),
-    (
-        map_names::BACKEND_SLOTS,
-        size_of::<SlotKey>(),
-        size_of::<BackendId>(),
-    ),
-    (map_names::BACKENDS, size_of::<BackendId>(), size_of::<Backend>()),
-    (map_names::CONNTRACK, size_of::<CtKey>(), size_of::<CtEntry>()),
-    (map_names::STATS, size_of::<u32>(), size_of::<u64>()),
-    (map_names::MAGLEV, size_of::<u32>(), size_of::<u32>()),
-    (
-        map_names::AFFINITY,
-        size_of::<AffinityKey>(),
-        size_of::<AffinityEntry>(),
-    ),
-    (map_names::NODE_ADDRS, size_of::<[u8; 4]>(), size_of::<u32>()),
-    (map_names::SNAT_ADDRS, size_of::<u32>(), size_of::<[u8; 4]>()),
-    (
-        map_names::SOURCE_RANGES,
-        size_of::<Key<SourceRangeKey>>(),
-        size_of::<u8>(),
-    ),
-    (
-        map_names::SOCK_REVNAT,
-        size_of::<SockRevKey>(),
-        size_of::<SockRevEntry>(),
-    ),
-    (map_names::CONFIG, size_of::<u32>(), size_of::<u64>()),
-    (
-        map_names::CLUSTER_IPS,
-        size_of::<ClusterIpKey>(),
-        size_of::<u32>(),
-    ),
-];
-
-/// aya reuses a pinned map without checking its layout; a pin left by a build with other key or
-/// value sizes is removed here so the loader creates a fresh map instead of misreading it.
-pub fn drop_incompatible_pins(pin_dir: &Path) -> anyhow::Result<()> {
-    for (name, key_size, value_size) in LAYOUTS {
-        let path = pin_dir.join(name);
-        let Ok(info) = MapInfo::from_pin(&path) else {
-            continue;
-        };
-        // The counters array also grows with each new counter.
-        let entries_differ = name == map_names::STATS && info.max_entries() != Stat::COUNT;
-        if (info.key_size() as usize, info.value_size() as usize) != (key_size, value_size) || entries_differ
-        {
-            tracing::warn!(
-                map = name,
-                "pinned map has another layout; recreating it (its entries are lost)"
-            );
-            std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-        }
-    }
-    Ok(())
-}
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceInfo>,
@@ -92,6 +29,9 @@ pub struct ServiceMaps {
     pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub cluster_ips: HashMap<MapData, ClusterIpKey, u32>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
+    pub config: Array<MapData, u64>,
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -109,6 +49,8 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
         aya::maps::MapType::LruHash => Map::LruHashMap(data),
         aya::maps::MapType::HashOfMaps => Map::HashOfMaps(data),
         aya::maps::MapType::LpmTrie => Map::LpmTrie(data),
+        aya::maps::MapType::PerCpuHash => Map::PerCpuHashMap(data),
+        aya::maps::MapType::Array => Map::Array(data),
         _ => Map::HashMap(data),
     })
 }
@@ -127,6 +69,9 @@ impl ServiceMaps {
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
             cluster_ips: open(pin_dir, map_names::CLUSTER_IPS)?.try_into()?,
+            affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
+            service_stats: open(pin_dir, map_names::SERVICE_STATS)?.try_into()?,
+            config: open(pin_dir, map_names::CONFIG)?.try_into()?,
         })
     }
 
@@ -210,6 +155,52 @@ impl ServiceMaps {
     pub fn stat(&self, stat: Stat) -> anyhow::Result<u64> {
         Ok(self.stats.get(&(stat as u32), 0)?.iter().sum())
     }
+
+    /// The most verbose `lb_common::log_level` the datapath logs at.
+    pub fn log_level(&self) -> anyhow::Result<u64> {
+        Ok(self.config.get(&config::LOG_LEVEL, 0)?)
+    }
+
+    pub fn set_log_level(&mut self, level: u64) -> anyhow::Result<()> {
+        Ok(self.config.set(config::LOG_LEVEL, level, 0)?)
+    }
+
+    /// Every service id's traffic counters, summed over CPUs. A service without traffic since
+    /// its id was given out has none.
+    pub fn service_stats(&self) -> anyhow::Result<BTreeMap<u32, ServiceStats>> {
+        let mut sums = BTreeMap::new();
+        for entry in self.service_stats.iter() {
+            let (id, per_cpu) = entry?;
+            let sum: &mut ServiceStats = sums.entry(id).or_default();
+            for stats in per_cpu.iter() {
+                *sum += *stats;
+            }
+        }
+        Ok(sums)
+    }
+}
+
+/// `10.96.0.10:80/TCP`
+pub fn frontend_text(key: &ServiceKey) -> String {
+    let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+    format!("{}:{}/{proto}", std::net::Ipv4Addr::from(key.addr), key.port)
+}
+
+/// The key a frontend of the model is programmed under: NodePorts carry the unspecified
+/// address. `None` for what the maps cannot hold (IPv6).
+pub fn frontend_key(frontend: &crate::model::Frontend) -> Option<ServiceKey> {
+    let std::net::IpAddr::V4(address) = frontend.address else {
+        return None;
+    };
+    Some(ServiceKey {
+        addr: address.octets(),
+        port: frontend.port,
+        proto: match frontend.protocol {
+            crate::model::Protocol::Tcp => IPPROTO_TCP,
+            crate::model::Protocol::Udp => IPPROTO_UDP,
+        },
+        pad: 0,
+    })
 }
 
 fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
@@ -277,6 +268,16 @@ impl MapWriter for ServiceMaps {
         self.source_ranges
             .remove(&source_range_key(range))
             .map_err(failed(map_names::SOURCE_RANGES))
+    }
+
+    fn forget_service_stats(&mut self, service_id: u32) {
+        match self.service_stats.remove(&service_id) {
+            Ok(()) => {}
+            // The usual case: no traffic since the id was last forgotten.
+            Err(aya::maps::MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(error) => tracing::warn!(service_id, "cannot reset the service's counters: {error}"),
+        }
     }
 
     fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {

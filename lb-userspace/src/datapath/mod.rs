@@ -5,6 +5,8 @@ pub mod attach;
 pub mod bpffs;
 pub mod conntrack_gc;
 pub mod maps;
+pub mod migrate;
+mod raw;
 pub mod socket;
 
 use std::path::{Path, PathBuf};
@@ -52,8 +54,23 @@ impl Datapath {
     }
 
     pub fn load_with_capacity(pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
+        Self::load_object(OBJECT, pin_dir, capacity)
+    }
+
+    /// Loads the datapath from an object file instead of the embedded one: a datapath rebuilt
+    /// from these sources (same maps and programs), rolled out without a new agent binary.
+    pub fn load_file(object: &Path, pin_dir: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(object)
+            .with_context(|| format!("cannot read the eBPF object {}", object.display()))?;
+        let datapath = Self::load_object(&bytes, pin_dir, Capacity::default())
+            .with_context(|| format!("cannot load the eBPF object {}", object.display()))?;
+        tracing::info!(object = %object.display(), "the datapath comes from this object file, not the built-in one");
+        Ok(datapath)
+    }
+
+    fn load_object(object: &[u8], pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
         bpffs::prepare_pin_dir(pin_dir)?;
-        maps::drop_incompatible_pins(pin_dir)?;
+        migrate::set_aside(pin_dir, capacity)?;
         let pins: Vec<(&str, PathBuf)> = map_names::ALL
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
@@ -66,17 +83,25 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES, capacity.services)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
-            .map_max_entries(map_names::CONNTRACK, capacity.conntrack);
-        let ebpf = loader.load(OBJECT).map_err(|error| {
+            .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
+            .map_max_entries(map_names::SERVICE_STATS, capacity.services);
+        let ebpf = loader.load(object).map_err(|error| {
             anyhow::Error::new(error).context(
                 "cannot load the eBPF datapath: switchboard needs root (CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)",
             )
         })?;
+        migrate::carry_over(pin_dir, migrate::Finish::No)?;
         tracing::info!(pin_dir = %pin_dir.display(), "datapath loaded, maps pinned");
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
+    }
+
+    /// Once the programs are attached (the old ones no longer write to maps set aside by a
+    /// migration): carries over what they wrote since loading, and unpins the old maps.
+    pub fn finish_migrations(&self) -> anyhow::Result<()> {
+        migrate::carry_over(&self.pin_dir, migrate::Finish::Yes)
     }
 
     /// Sets how many RST / ICMP unreachable replies each CPU may generate; before attaching, so

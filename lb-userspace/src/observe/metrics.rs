@@ -1,12 +1,18 @@
 //! The agent's metrics. Datapath counters and conntrack occupancy are read from the pinned maps
 //! at scrape time; the agent's own counters are kept here.
-use std::{path::PathBuf, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
 
-use lb_common::{Stat, ct_direction};
+use aya::maps::IterableMap as _;
+use lb_common::{ServiceKey, ServiceStats, Stat, ct_direction, map_names};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
     metrics::{
+        MetricType,
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
@@ -15,7 +21,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::{conntrack_gc, maps::ServiceMaps};
+use crate::datapath::{
+    conntrack_gc,
+    maps::{ServiceMaps, frontend_text},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
@@ -32,6 +41,18 @@ pub struct SourceLabel {
     pub source: String,
 }
 
+/// A frontend's traffic counters are labelled with its Service and the frontend itself.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrontendLabels {
+    service: String,
+    frontend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: &'static str,
+}
+
 /// Counters and gauges the agent updates as it works.
 #[derive(Debug)]
 pub struct AgentMetrics {
@@ -43,6 +64,9 @@ pub struct AgentMetrics {
     pub model_warnings: Gauge,
     pub programming_failures: Family<ServiceLabel, Counter>,
     pub source_errors: Family<SourceLabel, Counter>,
+    /// `namespace/name` of the Service behind each programmed frontend, for the datapath's
+    /// per-service counters (the maps know frontends and ids only).
+    pub service_names: RwLock<BTreeMap<ServiceKey, String>>,
     pub conntrack_collected: Family<ReasonLabel, Counter>,
 }
 
@@ -58,6 +82,7 @@ impl Default for AgentMetrics {
             model_warnings: Gauge::default(),
             programming_failures: Family::default(),
             source_errors: Family::default(),
+            service_names: RwLock::default(),
             conntrack_collected: {
                 // Every reason from the start, so a rate over it never starts from nothing.
                 let family: Family<ReasonLabel, Counter> = Family::default();
@@ -124,7 +149,10 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
         "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle)",
         agent.conntrack_collected.clone(),
     );
-    registry.register_collector(Box::new(DatapathCollector { pin_dir }));
+    registry.register_collector(Box::new(DatapathCollector {
+        pin_dir,
+        agent: agent.clone(),
+    }));
     registry
 }
 
@@ -132,7 +160,36 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
 #[derive(Debug)]
 struct DatapathCollector {
     pin_dir: PathBuf,
+    agent: Arc<AgentMetrics>,
 }
+
+/// Metric name, help, and the field of [`ServiceStats`] it reports.
+type ServiceCounter = (&'static str, &'static str, fn(&ServiceStats) -> u64);
+
+/// The per-service counters.
+const SERVICE_COUNTERS: [ServiceCounter; 5] = [
+    (
+        "service_packets",
+        "Packets DNATed to one of the frontend's backends",
+        |s| s.packets,
+    ),
+    (
+        "service_bytes",
+        "Bytes of those packets, link-layer header included",
+        |s| s.bytes,
+    ),
+    (
+        "service_new_flows",
+        "Flows given one of the frontend's backends",
+        |s| s.new_flows,
+    ),
+    (
+        "service_reply_packets",
+        "Backend replies translated back to the frontend",
+        |s| s.reply_packets,
+    ),
+    ("service_reply_bytes", "Bytes of those replies", |s| s.reply_bytes),
+];
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -147,10 +204,10 @@ impl Collector for DatapathCollector {
             let metric = encoder.encode_descriptor(&name, stat.help(), None, counter.metric_type())?;
             counter.encode(metric)?;
         }
-        let flows = maps
-            .conntrack
-            .keys()
-            .filter_map(Result::ok)
+        self.encode_services(&maps, &mut encoder)?;
+        let conntrack: Vec<_> = maps.conntrack.keys().filter_map(Result::ok).collect();
+        let flows = conntrack
+            .iter()
             .filter(|key| key.direction == ct_direction::FORWARD)
             .count();
         let gauge = ConstGauge::new(flows as i64);
@@ -160,6 +217,86 @@ impl Collector for DatapathCollector {
             None,
             gauge.metric_type(),
         )?;
-        gauge.encode(metric)
+        gauge.encode(metric)?;
+        let occupancy = [
+            (map_names::CONNTRACK, conntrack.len(), maps.conntrack.map()),
+            (
+                map_names::AFFINITY,
+                maps.affinity.keys().filter(Result::is_ok).count(),
+                maps.affinity.map(),
+            ),
+            (
+                map_names::SERVICES,
+                maps.services.keys().filter(Result::is_ok).count(),
+                maps.services.map(),
+            ),
+            (
+                map_names::BACKENDS,
+                maps.backends.keys().filter(Result::is_ok).count(),
+                maps.backends.map(),
+            ),
+        ];
+        encode_occupancy(&occupancy, &mut encoder)
     }
+}
+
+impl DatapathCollector {
+    /// Counters of every programmed frontend that has seen traffic.
+    fn encode_services(
+        &self,
+        maps: &ServiceMaps,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let Ok(stats) = maps.service_stats() else {
+            return Ok(());
+        };
+        let names = self.agent.service_names.read().unwrap_or_else(|e| e.into_inner());
+        // Counters are kept by service id; ids of frontends no longer programmed are left out.
+        let frontends: Vec<(FrontendLabels, ServiceStats)> = maps
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, info)| {
+                let labels = FrontendLabels {
+                    service: names.get(&key).cloned().unwrap_or_default(),
+                    frontend: frontend_text(&key),
+                };
+                Some((labels, *stats.get(&info.id)?))
+            })
+            .collect();
+        drop(names);
+        for (name, help, field) in SERVICE_COUNTERS {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, stats) in &frontends {
+                ConstCounter::new(field(stats)).encode(family.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Entries and capacity of the maps that fill with traffic (LRU maps evict their oldest entries
+/// when full) or with Services.
+fn encode_occupancy(
+    maps: &[(&'static str, usize, &aya::maps::MapData)],
+    encoder: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    let mut entries =
+        encoder.encode_descriptor("map_entries", "Entries in a pinned map", None, MetricType::Gauge)?;
+    for &(map, count, _) in maps {
+        ConstGauge::new(count as i64).encode(entries.encode_family(&MapLabel { map })?)?;
+    }
+    let mut capacity = encoder.encode_descriptor(
+        "map_capacity",
+        "Entries a pinned map can hold",
+        None,
+        MetricType::Gauge,
+    )?;
+    for &(map, _, data) in maps {
+        if let Ok(info) = data.info() {
+            ConstGauge::new(i64::from(info.max_entries()))
+                .encode(capacity.encode_family(&MapLabel { map })?)?;
+        }
+    }
+    Ok(())
 }

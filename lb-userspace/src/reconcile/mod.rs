@@ -29,6 +29,10 @@ pub trait MapWriter {
     fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError>;
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
+    /// Drops the traffic counters kept under a service id that is being given to a new frontend
+    /// or freed, so counts never carry over from a previous owner. Best effort: counters are
+    /// not worth failing a service for.
+    fn forget_service_stats(&mut self, _service_id: u32) {}
 }
 
 /// One `loadBalancerSourceRanges` prefix admitted by a service.
@@ -275,7 +279,11 @@ impl Reconciler {
         let old = self.programmed.services.get(&key).copied();
         let service_id = match old {
             Some(info) => info.id,
-            None => next_free(&mut self.next_service_id, |id| index.service_ids.contains(&id)),
+            None => {
+                let id = next_free(&mut self.next_service_id, |id| index.service_ids.contains(&id));
+                maps.forget_service_stats(id);
+                id
+            }
         };
         index.service_ids.insert(service_id);
         let mut ids = Vec::with_capacity(service.backends.len());
@@ -479,6 +487,7 @@ impl Reconciler {
         maps.delete_service(key)?;
         self.programmed.services.remove(&key);
         report.deletes += 1;
+        maps.forget_service_stats(info.id);
         self.delete_maglev(info.id, maps, report)?;
         let ranges = self.source_ranges_of(info.id).collect();
         self.delete_source_ranges(ranges, maps, report)?;
