@@ -233,6 +233,8 @@ fn node_ports_answer_only_on_node_addresses_and_other_traffic_passes_untouched()
     );
     for packet in [
         tcp_syn(CLIENT, ([192, 168, 50, 3], NODE_PORT)),
+        // The NodePort's own key (0.0.0.0) is no node address either: found by the fuzzer.
+        tcp_syn(CLIENT, ([0; 4], NODE_PORT)),
         tcp_syn(CLIENT, (NODE, NODE_PORT + 1)),
         udp(CLIENT, (NODE, NODE_PORT), b"udp is another frontend"),
         tcp_data(BACKEND, CLIENT, b"no flow"),

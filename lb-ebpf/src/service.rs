@@ -41,6 +41,10 @@ pub fn is_node_addr(addr: [u8; 4]) -> bool {
 /// externalIP with its port, or a NodePort on any of this node's addresses.
 #[inline(always)]
 pub fn lookup_frontend(flow: &Flow) -> Option<ServiceInfo> {
+    // NodePorts are keyed with 0.0.0.0: a packet to 0.0.0.0 itself must not match one.
+    if flow.dst_addr == [0; 4] {
+        return None;
+    }
     let mut frontend = ServiceKey {
         addr: flow.dst_addr,
         port: flow.dst_port,

@@ -1,20 +1,21 @@
 //! The loop: generate an input, run it through the loaded program with BPF_PROG_TEST_RUN, check
-//! the verdict and the output against the oracle.
+//! the verdict and the output against the oracle. The five programs share one set of maps, as on
+//! a node.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     time::{Duration, Instant},
 };
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use lb_common::{ServiceKey, Stat};
-use lb_userspace::reconcile::DesiredService;
+use lb_userspace::reconcile::{DesiredService, External};
 
 use crate::{
     common::Loaded,
     generate::{Generator, Program},
     oracle::{Model, Outcome},
-    topology::SERVICES,
+    topology::{Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX},
 };
 
 /// Failures are counted past this many, but only this many are kept to print.
@@ -27,7 +28,8 @@ pub struct Report {
     /// Inputs the kernel refused before running the program (shorter than Ethernet and the
     /// network header its EtherType announces).
     pub refused: u64,
-    pub verdicts: BTreeMap<u32, u64>,
+    /// Per program: verdict → how many.
+    pub verdicts: BTreeMap<(Program, u32), u64>,
     pub outcomes: BTreeMap<Outcome, u64>,
     /// Flows the datapath created (each holds two conntrack entries).
     pub flows: u64,
@@ -39,10 +41,13 @@ pub struct Report {
 pub fn run(packets: u64, seed: u64) -> Report {
     let mut loaded = Loaded::new("fuzz");
     program_services(&mut loaded);
-    for program in [Program::FromPod, Program::ToPod] {
-        classifier(&mut loaded, program)
-            .load()
-            .expect("the program loads");
+    for program in Program::ALL {
+        if program.is_xdp() {
+            xdp(&mut loaded).load()
+        } else {
+            classifier(&mut loaded, program).load()
+        }
+        .expect("the program loads");
     }
     let mut report = Report {
         seed,
@@ -62,20 +67,25 @@ pub fn run(packets: u64, seed: u64) -> Report {
     let started = Instant::now();
     for index in 0..packets {
         let program = generator.next(&mut input);
-        let result = classifier(&mut loaded, program).test_run(TestRunOptions {
+        let options = TestRunOptions {
             data_in: Some(&input),
             data_out: Some(&mut output),
             ..Default::default()
-        });
+        };
+        let result = if program.is_xdp() {
+            xdp(&mut loaded).test_run(options)
+        } else {
+            classifier(&mut loaded, program).test_run(options)
+        };
         let checked = match result {
             Ok(result) => {
-                *report.verdicts.entry(result.return_value).or_default() += 1;
+                *report.verdicts.entry((program, result.return_value)).or_default() += 1;
                 let output = &output[..result.data_size_out as usize];
                 model
                     .check(program, &input, result.return_value, output)
                     .map_err(|error| (error, output.to_vec()))
             }
-            Err(_) if kernel_refuses(&input) => {
+            Err(_) if kernel_refuses(program, &input) => {
                 report.refused += 1;
                 continue;
             }
@@ -97,9 +107,13 @@ pub fn run(packets: u64, seed: u64) -> Report {
     report
 }
 
-/// BPF_PROG_TEST_RUN builds no skb from a frame shorter than Ethernet, or than Ethernet and an
-/// IPv4 (IPv6) header when the EtherType says IPv4 (IPv6): EINVAL before the program runs.
-fn kernel_refuses(frame: &[u8]) -> bool {
+/// BPF_PROG_TEST_RUN takes no frame shorter than Ethernet, and builds no skb from one shorter
+/// than Ethernet and an IPv4 (IPv6) header when the EtherType says IPv4 (IPv6): EINVAL before
+/// the program runs.
+fn kernel_refuses(program: Program, frame: &[u8]) -> bool {
+    if program.is_xdp() {
+        return frame.len() < 14;
+    }
     let network_header = match frame.get(12..14) {
         Some([0x08, 0x00]) => 20,
         Some([0x86, 0xdd]) => 40,
@@ -130,7 +144,16 @@ fn check_counters(loaded: &Loaded, model: &Model, report: &mut Report) {
             stat(Stat::ReplyPackets),
             model.counts.reply_packets,
         ),
+        (
+            "source_range_drops",
+            stat(Stat::SourceRangeDrops),
+            model.counts.source_range_drops,
+        ),
         ("conntrack_insert_failures", stat(Stat::CtInsertFailed), 0),
+        // Backends never go away here, no port runs out, no refusal is rate-limited.
+        ("rebalanced_flows", stat(Stat::Rebalanced), 0),
+        ("snat_failures", stat(Stat::SnatFailed), 0),
+        ("rate_limited_rejects", stat(Stat::RejectRateLimited), 0),
     ];
     for (name, datapath, oracle) in counted {
         if datapath != oracle {
@@ -141,6 +164,7 @@ fn check_counters(loaded: &Loaded, model: &Model, report: &mut Report) {
     }
 }
 
+/// The services, the node's addresses and the address flows leaving for other nodes take.
 fn program_services(loaded: &mut Loaded) {
     let desired = SERVICES
         .iter()
@@ -156,7 +180,14 @@ fn program_services(loaded: &mut Loaded) {
                 backends: service.backends.to_vec(),
                 maglev: service.maglev.then_some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
                 affinity_timeout: service.affinity.then_some(10_800),
-                cluster_ip: true,
+                cluster_ip: service.kind == Kind::ClusterIp,
+                external: match service.kind {
+                    Kind::ClusterIp => None,
+                    Kind::External { local, source_ranges } => Some(External {
+                        local,
+                        source_ranges: source_ranges.map(<[_]>::to_vec),
+                    }),
+                },
                 ..DesiredService::default()
             };
             (key, desired)
@@ -168,6 +199,24 @@ fn program_services(loaded: &mut Loaded) {
         "programming failed: {:?}",
         applied.failed
     );
+    loaded
+        .maps
+        .set_node_addrs(&BTreeSet::from(NODE_ADDRS))
+        .expect("the node addresses are set");
+    loaded
+        .maps
+        .set_snat_addrs(&BTreeMap::from([(SNAT_IFINDEX, SNAT_ADDR)]))
+        .expect("the SNAT address is set");
+}
+
+fn xdp(loaded: &mut Loaded) -> &mut Xdp {
+    loaded
+        .datapath
+        .ebpf
+        .program_mut(Program::Nodeport.name())
+        .expect("the object has the program")
+        .try_into()
+        .expect("an XDP program")
 }
 
 fn classifier(loaded: &mut Loaded, program: Program) -> &mut SchedClassifier {
@@ -209,26 +258,44 @@ impl Report {
             self.elapsed.as_secs_f64(),
             rate / 1000.0
         );
-        let verdicts: Vec<String> = self
-            .verdicts
-            .iter()
-            .map(|(verdict, n)| format!("{} {n}", verdict_name(*verdict)))
-            .chain([format!("refused by the kernel {}", self.refused)])
-            .collect();
-        let _ = writeln!(out, "  verdicts: {}", verdicts.join(", "));
+        for program in Program::ALL {
+            let verdicts: Vec<String> = self
+                .verdicts
+                .range((program, 0)..=(program, u32::MAX))
+                .map(|((_, verdict), n)| format!("{} {n}", verdict_name(program, *verdict)))
+                .collect();
+            let _ = writeln!(out, "  {}: {}", program.name(), verdicts.join(", "));
+        }
+        let _ = writeln!(out, "  refused by the kernel: {}", self.refused);
         let count = |outcome| self.outcomes.get(&outcome).copied().unwrap_or(0);
         let _ = writeln!(
             out,
-            "  rewrites checked: {} (DNAT {}, reverse NAT {}, hairpin {}) over {} flows; rejects checked: \
-             RST {}, port unreachable {}; dropped {}; untouched {}",
-            count(Outcome::Dnat) + count(Outcome::ReverseNat) + count(Outcome::Hairpin),
+            "  rewrites checked: {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {}) over {} flows",
+            count(Outcome::Dnat)
+                + count(Outcome::ReverseNat)
+                + count(Outcome::Snat)
+                + count(Outcome::SnatReply)
+                + count(Outcome::Hairpin),
             count(Outcome::Dnat),
             count(Outcome::ReverseNat),
+            count(Outcome::Snat),
+            count(Outcome::SnatReply),
             count(Outcome::Hairpin),
             self.flows,
+        );
+        let _ = writeln!(
+            out,
+            "  rejects checked: RST {}, port unreachable {}, dropped {}, left to TC by XDP {}",
             count(Outcome::Reset),
             count(Outcome::PortUnreachable),
             count(Outcome::Dropped),
+            count(Outcome::LeftToTc),
+        );
+        let _ = writeln!(
+            out,
+            "  drops checked: outside source ranges {}, eTP Local without endpoints {}; untouched {}",
+            count(Outcome::SourceRangeDropped),
+            count(Outcome::LocalDropped),
             count(Outcome::Untouched),
         );
         let _ = writeln!(out, "  failures: {}", self.failures);
@@ -239,11 +306,13 @@ impl Report {
     }
 }
 
-fn verdict_name(verdict: u32) -> String {
-    match verdict {
-        0 => "TC_ACT_OK".into(),
-        2 => "TC_ACT_SHOT".into(),
-        7 => "TC_ACT_REDIRECT".into(),
-        other => format!("verdict {other}"),
+fn verdict_name(program: Program, verdict: u32) -> String {
+    match (program.is_xdp(), verdict) {
+        (true, 1) => "XDP_DROP".into(),
+        (true, 2) => "XDP_PASS".into(),
+        (false, 0) => "TC_ACT_OK".into(),
+        (false, 2) => "TC_ACT_SHOT".into(),
+        (false, 7) => "TC_ACT_REDIRECT".into(),
+        (_, other) => format!("verdict {other}"),
     }
 }

@@ -1,11 +1,14 @@
-//! Inputs: frames of real service flows, of everything else a pod's interface carries, and
-//! mutations of both. They depend on the seed alone, never on the datapath's answers, so a seed
+//! Inputs: frames of real service flows, of everything else a pod's or an external interface
+//! carries, and mutations of both. They depend on the seed alone, never on the datapath's answers, so a seed
 //! replays the same inputs.
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::{
     checksum,
-    topology::{CLIENT_MAC, CLIENT_PORTS, CLIENTS, Endpoint, GATEWAY_MAC, SERVICES, Service},
+    topology::{
+        CLIENT_MAC, CLIENT_PORTS, CLIENTS, EXTERNAL_CLIENTS, EXTERNAL_PORTS, Endpoint, GATEWAY_MAC,
+        NODE_ADDRS, OTHER_ADDRS, SERVICES, SNAT_ADDR, SNAT_PORTS, Service,
+    },
 };
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -21,25 +24,42 @@ const MAX_PAYLOAD: usize = 1400;
 /// Frames cut at every offset are cut to this length first (what follows is payload).
 const SWEPT_LEN: usize = 128;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Program {
+    /// TC ingress on a pod's interface.
     FromPod,
+    /// TC egress on a pod's interface.
     ToPod,
+    /// XDP on an external interface.
+    Nodeport,
+    /// TC ingress on an external interface.
+    NodeportTc,
+    /// TC egress on an external interface.
+    NodeportEgress,
 }
 
 impl Program {
+    pub const ALL: [Self; 5] = [
+        Self::FromPod,
+        Self::ToPod,
+        Self::Nodeport,
+        Self::NodeportTc,
+        Self::NodeportEgress,
+    ];
+
     pub fn name(self) -> &'static str {
+        use lb_common::program_names;
         match self {
-            Self::FromPod => lb_common::program_names::FROM_POD,
-            Self::ToPod => lb_common::program_names::TO_POD,
+            Self::FromPod => program_names::FROM_POD,
+            Self::ToPod => program_names::TO_POD,
+            Self::Nodeport => program_names::NODEPORT_XDP,
+            Self::NodeportTc => program_names::NODEPORT_TC,
+            Self::NodeportEgress => program_names::NODEPORT_EGRESS,
         }
     }
 
-    fn other(self) -> Self {
-        match self {
-            Self::FromPod => Self::ToPod,
-            Self::ToPod => Self::FromPod,
-        }
+    pub fn is_xdp(self) -> bool {
+        self == Self::Nodeport
     }
 }
 
@@ -139,16 +159,20 @@ impl Generator {
             return program;
         }
         let program = match self.rng.below(100) {
-            0..28 => self.service_request(frame),
-            28..44 => self.backend_reply(frame),
-            44..52 => self.mixed_ipv4(frame),
-            52..56 => self.icmp_error(frame),
-            56..60 => self.fragment(frame),
-            60..64 => self.vlan(frame),
-            64..68 => self.ipv6(frame),
-            68..70 => self.arp(frame),
-            70..76 => self.garbage(frame),
-            76..99 => {
+            0..16 => self.service_request(frame),
+            16..26 => self.backend_reply(frame),
+            26..38 => self.external_request(frame),
+            38..44 => self.forwarded(frame),
+            44..48 => self.snat_reply(frame),
+            48..52 => self.external_reply(frame),
+            52..58 => self.mixed_ipv4(frame),
+            58..61 => self.icmp_error(frame),
+            61..64 => self.fragment(frame),
+            64..67 => self.vlan(frame),
+            67..70 => self.ipv6(frame),
+            70..72 => self.arp(frame),
+            72..77 => self.garbage(frame),
+            77..99 => {
                 let program = self.service_packet(frame);
                 self.mutate(frame);
                 program
@@ -169,23 +193,146 @@ impl Generator {
         };
         // Every kind of frame also goes the "wrong" way now and then.
         if self.rng.percent(10) {
-            program.other()
+            self.other(program)
         } else {
             program
         }
     }
 
+    /// Any program but `program`.
+    fn other(&mut self, program: Program) -> Program {
+        loop {
+            let other = *self.rng.pick(&Program::ALL);
+            if other != program {
+                return other;
+            }
+        }
+    }
+
     fn service_packet(&mut self, frame: &mut Vec<u8>) -> Program {
-        if self.rng.percent(60) {
-            self.service_request(frame)
-        } else {
-            self.backend_reply(frame)
+        match self.rng.below(10) {
+            0..3 => self.service_request(frame),
+            3..5 => self.backend_reply(frame),
+            5..7 => self.external_request(frame),
+            7 => self.forwarded(frame),
+            8 => self.snat_reply(frame),
+            _ => self.external_reply(frame),
         }
     }
 
     fn client(&mut self) -> Endpoint {
         let port = CLIENT_PORTS.start + self.rng.below(CLIENT_PORTS.len()) as u16;
         (*self.rng.pick(&CLIENTS), port)
+    }
+
+    fn external_client(&mut self) -> Endpoint {
+        (*self.rng.pick(&EXTERNAL_CLIENTS), *self.rng.pick(&EXTERNAL_PORTS))
+    }
+
+    /// Where a packet to `service` is sent: a NodePort on one of the node's addresses, now and
+    /// then on another address (where it must not answer).
+    fn frontend_of(&mut self, service: &Service) -> Endpoint {
+        let (addr, port) = service.frontend;
+        if addr != [0; 4] {
+            (addr, port)
+        } else if self.rng.percent(85) {
+            (*self.rng.pick(&NODE_ADDRS), port)
+        } else {
+            (*self.rng.pick(&OTHER_ADDRS), port)
+        }
+    }
+
+    /// XDP first, TC when XDP is not there (or passed the packet on).
+    fn external_ingress(&mut self) -> Program {
+        if self.rng.percent(50) {
+            Program::Nodeport
+        } else {
+            Program::NodeportTc
+        }
+    }
+
+    fn external_service(&mut self) -> &'static Service {
+        loop {
+            let service = self.rng.pick(&SERVICES);
+            if service.is_external() {
+                return service;
+            }
+        }
+    }
+
+    fn snat_service(&mut self) -> &'static Service {
+        loop {
+            let service = self.external_service();
+            if service.snats() && !service.backends.is_empty() {
+                return service;
+            }
+        }
+    }
+
+    /// An outside client's SYN, data segment or datagram to an external frontend (now and then
+    /// to a ClusterIP), arriving on the external interface.
+    fn external_request(&mut self, frame: &mut Vec<u8>) -> Program {
+        let service = if self.rng.percent(90) {
+            self.external_service()
+        } else {
+            self.rng.pick(&SERVICES)
+        };
+        let client = self.external_client();
+        let frontend = self.frontend_of(service);
+        let segment = self.segment(client, frontend, service.proto);
+        let options = self.options();
+        self.write_segment(frame, &segment, options);
+        self.maybe_pad(frame);
+        self.external_ingress()
+    }
+
+    /// An external flow as DNATed on the way in, leaving the node for its backend on another
+    /// node: source NAT when the flow was tracked with externalTrafficPolicy Cluster.
+    fn forwarded(&mut self, frame: &mut Vec<u8>) -> Program {
+        let service = self.snat_service();
+        let backend = *self.rng.pick(service.backends);
+        let client = self.external_client();
+        let segment = self.segment(client, backend, service.proto);
+        self.write_segment(frame, &segment, 0);
+        self.maybe_pad(frame);
+        Program::NodeportEgress
+    }
+
+    /// A backend on another node answering a source-NATed flow: to the node's address, on the
+    /// port the client kept (or a probed one, or another address of the node).
+    fn snat_reply(&mut self, frame: &mut Vec<u8>) -> Program {
+        let service = self.snat_service();
+        let backend = *self.rng.pick(service.backends);
+        let port = if self.rng.percent(85) {
+            *self.rng.pick(&EXTERNAL_PORTS)
+        } else {
+            SNAT_PORTS.start + self.rng.below(SNAT_PORTS.len()) as u16
+        };
+        let addr = if self.rng.percent(90) {
+            SNAT_ADDR
+        } else {
+            *self.rng.pick(&NODE_ADDRS)
+        };
+        let segment = self.segment(backend, (addr, port), service.proto);
+        self.write_segment(frame, &segment, 0);
+        self.maybe_pad(frame);
+        self.external_ingress()
+    }
+
+    /// A backend answering an outside client, on its way out of the external interface.
+    fn external_reply(&mut self, frame: &mut Vec<u8>) -> Program {
+        let service = loop {
+            let service = self.external_service();
+            if !service.backends.is_empty() {
+                break service;
+            }
+        };
+        let backend = *self.rng.pick(service.backends);
+        let client = self.external_client();
+        let segment = self.segment(backend, client, service.proto);
+        self.write_segment(frame, &segment, 0);
+        self.maybe_pad(frame);
+        Program::NodeportEgress
     }
 
     fn segment(&mut self, src: Endpoint, dst: Endpoint, proto: u8) -> Segment {
@@ -207,7 +354,8 @@ impl Generator {
     fn service_request(&mut self, frame: &mut Vec<u8>) -> Program {
         let service = self.rng.pick(&SERVICES);
         let client = self.client();
-        let segment = self.segment(client, service.frontend, service.proto);
+        let frontend = self.frontend_of(service);
+        let segment = self.segment(client, frontend, service.proto);
         let options = self.options();
         self.write_segment(frame, &segment, options);
         self.maybe_pad(frame);
@@ -261,27 +409,26 @@ impl Generator {
             write_ipv4(frame, src.0, dst.0, proto, &[], 0, &self.l4);
         }
         self.maybe_pad(frame);
-        if self.rng.percent(50) {
-            Program::FromPod
-        } else {
-            Program::ToPod
-        }
+        *self.rng.pick(&Program::ALL)
     }
 
     fn address(&mut self) -> [u8; 4] {
-        match self.rng.below(5) {
+        match self.rng.below(8) {
             0 => *self.rng.pick(&CLIENTS),
             1 => self.rng.pick(&SERVICES).frontend.0,
             2 => self.service_with_backends().backends[0].0,
             3 => [10, 96, 0, self.rng.byte()],
+            4 => *self.rng.pick(&NODE_ADDRS),
+            5 => *self.rng.pick(&EXTERNAL_CLIENTS),
             _ => self.rng.next_u64().to_be_bytes()[..4].try_into().unwrap(),
         }
     }
 
     fn port(&mut self) -> u16 {
-        match self.rng.below(3) {
+        match self.rng.below(4) {
             0 => self.rng.pick(&SERVICES).frontend.1,
             1 => CLIENT_PORTS.start + self.rng.below(CLIENT_PORTS.len()) as u16,
+            2 => *self.rng.pick(&EXTERNAL_PORTS),
             _ => self.rng.next_u64() as u16,
         }
     }
@@ -306,7 +453,7 @@ impl Generator {
             [192, 168, 0, 1]
         };
         write_ipv4(frame, from, sender, IPPROTO_ICMP, &[], 0, &self.l4);
-        program.other()
+        self.other(program)
     }
 
     /// A service packet cut into a first fragment (More Fragments) or a later one (an offset;
@@ -379,7 +526,7 @@ impl Generator {
         frame.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20]);
         frame.extend_from_slice(&dst);
         frame.extend_from_slice(&self.l4);
-        Program::FromPod
+        *self.rng.pick(&Program::ALL)
     }
 
     /// Who has a frontend's (or a client's) address?
@@ -392,7 +539,7 @@ impl Generator {
         frame.extend_from_slice(&[0; 6]);
         frame.extend_from_slice(&self.address());
         self.maybe_pad(frame);
-        Program::FromPod
+        *self.rng.pick(&Program::ALL)
     }
 
     /// Random bytes; half of them under an IPv4 EtherType and version/IHL byte, so that they get
@@ -403,11 +550,7 @@ impl Generator {
         if frame.len() > 14 && self.rng.percent(50) {
             frame[12..15].copy_from_slice(&[0x08, 0x00, 0x45]);
         }
-        if self.rng.percent(50) {
-            Program::FromPod
-        } else {
-            Program::ToPod
-        }
+        *self.rng.pick(&Program::ALL)
     }
 
     /// One to three of: a cut, flipped bytes, zeroed or wrong checksums, a wrong IHL, total

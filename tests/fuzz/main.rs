@@ -1,5 +1,5 @@
-//! `cargo xtask fuzz`: the datapath fuzzer. Runs fuzzed frames through `from_pod` and `to_pod`
-//! with BPF_PROG_TEST_RUN and checks every verdict and output (see `oracle`); exits non-zero on
+//! `cargo xtask fuzz`: the datapath fuzzer. Runs fuzzed frames through `from_pod`, `to_pod`,
+//! `nodeport` (XDP), `nodeport_tc` and `nodeport_egress` with BPF_PROG_TEST_RUN and checks every verdict and output (see `oracle`); exits non-zero on
 //! any violation, printing the seed and the offending input. Needs root.
 #[path = "../common/mod.rs"]
 mod common;

@@ -3,7 +3,11 @@
 //!
 //! A frame is service traffic only if it is a well-formed, unfragmented IPv4 TCP or UDP packet,
 //! untagged, whole (its total length fits the frame), with a header length, TCP data offset and
-//! UDP length consistent with it. Everything else must come out byte-identical.
+//! UDP length consistent with it. Everything else must come out byte-identical, from every
+//! program.
+//!
+//! The programs share their maps, as on a node: a flow a pod started is the same flow when its
+//! packets show up on the external interface, and the other way round.
 use std::collections::HashMap;
 
 use lb_common::{HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP};
@@ -11,12 +15,14 @@ use lb_common::{HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP};
 use crate::{
     checksum,
     generate::Program,
-    topology::{Endpoint, Service, is_cluster_ip, service_at},
+    topology::{Endpoint, NODE_ADDRS, SNAT_ADDR, SNAT_PORTS, Service, is_cluster_ip, service_at},
 };
 
 pub const TC_ACT_OK: u32 = 0;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
 const ETH_LEN: usize = 14;
 const IPPROTO_ICMP: u8 = 1;
 
@@ -25,19 +31,30 @@ const IPPROTO_ICMP: u8 = 1;
 pub enum Outcome {
     /// Passed byte-identical.
     Untouched,
-    /// DNATed to a backend (`from_pod`).
+    /// DNATed to a backend (`from_pod`, `nodeport`, `nodeport_tc`).
     Dnat,
-    /// Source restored to the frontend (`to_pod`).
+    /// Source restored to the frontend (`to_pod`, `nodeport_egress`).
     ReverseNat,
     /// A pod's packet to its own Service, or its reply: both addresses rewritten and sent
     /// straight back into the pod (`from_pod`).
     Hairpin,
+    /// Source-NATed to the node on its way to another node's backend (`nodeport_egress`).
+    Snat,
+    /// A reply to a source-NATed flow, its client restored as destination (`nodeport`,
+    /// `nodeport_tc`).
+    SnatReply,
     /// A SYN to a service without endpoints, answered with a RST.
     Reset,
     /// A datagram to a service without endpoints, answered with an ICMP port unreachable.
     PortUnreachable,
     /// Other packets to a service without endpoints.
     Dropped,
+    /// A new flow to a LoadBalancer IP from outside its source ranges, dropped.
+    SourceRangeDropped,
+    /// A new flow to an externalTrafficPolicy Local frontend without endpoints, dropped.
+    LocalDropped,
+    /// A connection to be refused, passed on untouched by XDP for TC to refuse.
+    LeftToTc,
 }
 
 /// A parsed service-candidate packet.
@@ -63,18 +80,6 @@ impl Packet {
 }
 
 type Tuple = (Endpoint, Endpoint, u8);
-
-/// What the datapath must do with a well-formed packet.
-enum Translation {
-    /// `from_pod`, to a frontend: DNAT to a backend, or the reject path.
-    ToService(&'static Service),
-    /// `to_pod`, the reply of a tracked flow: the source becomes this frontend again.
-    ReplyFrom(Endpoint),
-    /// `from_pod`, to a ClusterIP on a port its Service does not define: the reject path.
-    UndefinedPort,
-    /// `from_pod`, a pod's reply to a connection it made to itself: from this frontend, back in.
-    HairpinReply(Endpoint),
-}
 
 /// The packet in `frame` if it is one the datapath may translate.
 pub fn parse(frame: &[u8]) -> Option<Packet> {
@@ -122,6 +127,11 @@ pub struct Model {
     reply: HashMap<Tuple, Endpoint>,
     /// (frontend, client address) → backend, for services with affinity.
     affinity: HashMap<(Endpoint, [u8; 4]), Endpoint>,
+    /// External flows of eTP Cluster frontends, as DNATed (client → backend) → the node address
+    /// and port they leave with, once given.
+    snat_out: HashMap<Tuple, Option<Endpoint>>,
+    /// The replies of those (backend → node address and port) → the client.
+    snat_in: HashMap<Tuple, Endpoint>,
     pub counts: Counts,
 }
 
@@ -132,6 +142,7 @@ pub struct Counts {
     pub no_backend: u64,
     pub undefined_port: u64,
     pub reply_packets: u64,
+    pub source_range_drops: u64,
 }
 
 impl Model {
@@ -143,83 +154,176 @@ impl Model {
         verdict: u32,
         output: &[u8],
     ) -> Result<Outcome, String> {
-        let packet = parse(input);
-        let expected = match (program, packet) {
-            (_, None) => None,
-            (Program::FromPod, Some(packet)) if packet.dst.0 == HAIRPIN_ADDR => self
-                .reply
-                .get(&packet.tuple())
-                .map(|frontend| (packet, Translation::HairpinReply(*frontend))),
-            (Program::FromPod, Some(packet)) => match service_at(packet.dst.0, packet.dst.1, packet.proto) {
-                Some(service) => Some((packet, Translation::ToService(service))),
-                None if is_cluster_ip(packet.dst.0) => Some((packet, Translation::UndefinedPort)),
-                None => None,
+        let run = Run {
+            program,
+            input,
+            verdict,
+            output,
+        };
+        let Some(packet) = parse(input) else {
+            return run.untouched();
+        };
+        match program {
+            Program::FromPod => self.pod_request(&run, &packet),
+            Program::ToPod => match self.reply.get(&packet.tuple()) {
+                Some(frontend) => self.reverse_nat(&run, &packet, *frontend),
+                None => run.untouched(),
             },
-            (Program::ToPod, Some(packet)) => self
-                .reply
-                .get(&packet.tuple())
-                .map(|frontend| (packet, Translation::ReplyFrom(*frontend))),
-        };
-        let Some((packet, action)) = expected else {
-            expect_verdict(verdict, TC_ACT_OK)?;
-            if output != input {
-                return Err("not service traffic, yet changed".into());
-            }
-            return Ok(Outcome::Untouched);
-        };
-        match action {
-            Translation::ToService(service) if service.backends.is_empty() => {
-                self.counts.no_backend += 1;
-                check_reject(&packet, input, verdict, output)
-            }
-            Translation::ToService(service) => self.check_dnat(service, &packet, input, verdict, output),
-            Translation::UndefinedPort => {
-                self.counts.undefined_port += 1;
-                check_reject(&packet, input, verdict, output)
-            }
-            Translation::HairpinReply(frontend) => {
-                let client = (packet.src.0, packet.dst.1);
-                check_hairpin(&packet, input, verdict, output, (frontend, client))?;
-                self.counts.reply_packets += 1;
-                Ok(Outcome::Hairpin)
-            }
-            Translation::ReplyFrom(frontend) => {
-                expect_verdict(verdict, TC_ACT_OK)?;
-                let source = check_rewrite(&packet, input, output, Side::Source)?;
-                if source != frontend {
-                    return Err(format!(
-                        "reply's source became {source:?}, not the frontend {frontend:?}"
-                    ));
-                }
-                self.counts.reply_packets += 1;
-                Ok(Outcome::ReverseNat)
-            }
+            Program::Nodeport | Program::NodeportTc => self.external_ingress(&run, &packet),
+            Program::NodeportEgress => self.external_egress(&run, &packet),
         }
     }
 
-    fn check_dnat(
-        &mut self,
-        service: &Service,
-        packet: &Packet,
-        input: &[u8],
-        verdict: u32,
-        output: &[u8],
-    ) -> Result<Outcome, String> {
-        // A pod given itself as backend: masqueraded and bounced back (checked below once the
-        // backend is known from the output's destination).
-        let hairpin = verdict == TC_ACT_REDIRECT;
+    /// To a frontend: DNAT to a backend, or the reject path. A pod is inside every source
+    /// range, and refused (not dropped) by an eTP Local frontend without endpoints.
+    fn pod_request(&mut self, run: &Run, packet: &Packet) -> Result<Outcome, String> {
+        if packet.dst.0 == HAIRPIN_ADDR
+            && let Some(frontend) = self.reply.get(&packet.tuple()).copied()
+        {
+            // A pod's reply to a connection it made to itself: from the frontend, back in.
+            check_hairpin(packet, run, (frontend, (packet.src.0, packet.dst.1)))?;
+            self.counts.reply_packets += 1;
+            return Ok(Outcome::Hairpin);
+        }
+        match service_at(packet.dst.0, packet.dst.1, packet.proto) {
+            Some(service) if service.backends.is_empty() => {
+                self.counts.no_backend += 1;
+                check_reject(packet, run)
+            }
+            Some(service) => self.check_dnat(service, packet, run),
+            None if is_cluster_ip(packet.dst.0) => {
+                self.counts.undefined_port += 1;
+                check_reject(packet, run)
+            }
+            None => run.untouched(),
+        }
+    }
+
+    /// The reply of a tracked flow: the source becomes the frontend the client dialled.
+    fn reverse_nat(&mut self, run: &Run, packet: &Packet, frontend: Endpoint) -> Result<Outcome, String> {
+        run.expect(run.pass())?;
+        let source = check_rewrite(packet, run, Side::Source)?;
+        if source != frontend {
+            return Err(format!(
+                "reply's source became {source:?}, not the frontend {frontend:?}"
+            ));
+        }
+        self.counts.reply_packets += 1;
+        Ok(Outcome::ReverseNat)
+    }
+
+    /// From outside, on the external interface (XDP or TC): a reply to a source-NATed flow gets
+    /// its client back; a new flow from outside a source range, or to an eTP Local frontend
+    /// without endpoints, is dropped; to a frontend without endpoints otherwise, refused (by TC:
+    /// XDP passes it on untouched).
+    fn external_ingress(&mut self, run: &Run, packet: &Packet) -> Result<Outcome, String> {
+        if NODE_ADDRS.contains(&packet.dst.0)
+            && let Some(client) = self.snat_in.get(&packet.tuple()).copied()
+        {
+            run.expect(run.pass())?;
+            let destination = check_rewrite(packet, run, Side::Destination)?;
+            if destination != client {
+                return Err(format!(
+                    "reply to a source-NATed flow sent to {destination:?}, not its client {client:?}"
+                ));
+            }
+            // Counted as a reply at egress, where its source becomes the frontend.
+            return Ok(Outcome::SnatReply);
+        }
+        let Some(service) = service_at(packet.dst.0, packet.dst.1, packet.proto) else {
+            return run.untouched();
+        };
+        if self.forward.contains_key(&packet.tuple()) {
+            return self.check_dnat(service, packet, run);
+        }
+        if !service.admits(packet.src.0) {
+            self.counts.source_range_drops += 1;
+            run.expect(run.drop())?;
+            return Ok(Outcome::SourceRangeDropped);
+        }
+        if service.backends.is_empty() {
+            self.counts.no_backend += 1;
+            if service.is_local() {
+                run.expect(run.drop())?;
+                return Ok(Outcome::LocalDropped);
+            }
+            if run.program.is_xdp() {
+                run.untouched()?;
+                return Ok(Outcome::LeftToTc);
+            }
+            return check_reject(packet, run);
+        }
+        let outcome = self.check_dnat(service, packet, run)?;
+        if service.snats() {
+            let backend = self.forward[&packet.tuple()];
+            // A new flow's expectation replaces any older one of the same client and backend.
+            self.snat_out.insert((packet.src, backend, packet.proto), None);
+        }
+        Ok(outcome)
+    }
+
+    /// Out of the external interface: a reply gets its frontend back as source; an eTP Cluster
+    /// flow leaving for its backend gets the node's address, with the client's port when no
+    /// other client of that backend holds it, else one from the ephemeral range.
+    fn external_egress(&mut self, run: &Run, packet: &Packet) -> Result<Outcome, String> {
+        if let Some(frontend) = self.reply.get(&packet.tuple()).copied() {
+            return self.reverse_nat(run, packet, frontend);
+        }
+        let Some(given) = self.snat_out.get(&packet.tuple()).copied() else {
+            return run.untouched();
+        };
+        run.expect(TC_ACT_OK)?;
+        let source = check_rewrite(packet, run, Side::Source)?;
+        if let Some(given) = given {
+            if source != given {
+                return Err(format!("source-NATed to {source:?}, earlier to {given:?}"));
+            }
+            return Ok(Outcome::Snat);
+        }
+        let (client, backend) = (packet.src, packet.dst);
+        if source.0 != SNAT_ADDR {
+            return Err(format!(
+                "source-NATed to {source:?}, not to the node's {SNAT_ADDR:?}"
+            ));
+        }
+        let holder = |port: u16| {
+            self.snat_in
+                .get(&(backend, (SNAT_ADDR, port), packet.proto))
+                .filter(|holder| **holder != client)
+        };
+        if client.1 >= 1024 && holder(client.1).is_none() {
+            if source.1 != client.1 {
+                return Err(format!(
+                    "source port {} given though the client's {} was free",
+                    source.1, client.1
+                ));
+            }
+        } else if !SNAT_PORTS.contains(&source.1) {
+            return Err(format!("source port {} outside {SNAT_PORTS:?}", source.1));
+        }
+        if let Some(holder) = holder(source.1) {
+            return Err(format!("source port {} already held by {holder:?}", source.1));
+        }
+        self.snat_in.insert((backend, source, packet.proto), client);
+        self.snat_out.insert(packet.tuple(), Some(source));
+        Ok(Outcome::Snat)
+    }
+
+    fn check_dnat(&mut self, service: &Service, packet: &Packet, run: &Run) -> Result<Outcome, String> {
+        // A pod given itself as backend is masqueraded and bounced back (`from_pod` only).
+        let hairpin = run.program == Program::FromPod && run.verdict == TC_ACT_REDIRECT;
         let backend = if hairpin {
-            let backend = (packet.src.0, endpoint_at(output, packet, Side::Destination));
-            let masqueraded = (HAIRPIN_ADDR, packet.src.1);
-            check_hairpin(packet, input, verdict, output, (masqueraded, backend))?;
+            let backend = (packet.src.0, endpoint_at(run.output, packet, Side::Destination));
+            check_hairpin(packet, run, ((HAIRPIN_ADDR, packet.src.1), backend))?;
             backend
         } else {
-            expect_verdict(verdict, TC_ACT_OK)?;
-            check_rewrite(packet, input, output, Side::Destination)?
+            run.expect(run.pass())?;
+            check_rewrite(packet, run, Side::Destination)?
         };
-        if backend.0 == packet.src.0 && !hairpin {
+        if run.program == Program::FromPod && backend.0 == packet.src.0 && !hairpin {
             return Err(format!("{backend:?} reached itself without hairpin masquerading"));
         }
+        let outcome = if hairpin { Outcome::Hairpin } else { Outcome::Dnat };
         if !service.backends.contains(&backend) {
             return Err(format!(
                 "DNATed to {backend:?}, not a backend of {:?}",
@@ -231,7 +335,7 @@ impl Model {
             if *tracked != backend {
                 return Err(format!("flow moved from its backend {tracked:?} to {backend:?}"));
             }
-            return Ok(if hairpin { Outcome::Hairpin } else { Outcome::Dnat });
+            return Ok(outcome);
         }
         if service.affinity {
             let client = (service.frontend, packet.src.0);
@@ -243,22 +347,57 @@ impl Model {
         }
         self.counts.new_flows += 1;
         self.forward.insert(packet.tuple(), backend);
-        let client = if hairpin {
+        // Conntrack keys the reply of a flow to the client itself as going to HAIRPIN_ADDR.
+        let client = if backend.0 == packet.src.0 {
             (HAIRPIN_ADDR, packet.src.1)
         } else {
             packet.src
         };
-        self.reply
-            .insert((backend, client, packet.proto), service.frontend);
-        Ok(if hairpin { Outcome::Hairpin } else { Outcome::Dnat })
+        self.reply.insert((backend, client, packet.proto), packet.dst);
+        Ok(outcome)
     }
 }
 
-fn expect_verdict(verdict: u32, expected: u32) -> Result<(), String> {
-    if verdict == expected {
-        Ok(())
-    } else {
-        Err(format!("verdict {verdict}, expected {expected}"))
+/// One run of a program: what went in and what came out.
+struct Run<'a> {
+    program: Program,
+    input: &'a [u8],
+    verdict: u32,
+    output: &'a [u8],
+}
+
+impl Run<'_> {
+    fn expect(&self, expected: u32) -> Result<(), String> {
+        if self.verdict == expected {
+            Ok(())
+        } else {
+            Err(format!("verdict {}, expected {expected}", self.verdict))
+        }
+    }
+
+    fn pass(&self) -> u32 {
+        if self.program.is_xdp() {
+            XDP_PASS
+        } else {
+            TC_ACT_OK
+        }
+    }
+
+    fn drop(&self) -> u32 {
+        if self.program.is_xdp() {
+            XDP_DROP
+        } else {
+            TC_ACT_SHOT
+        }
+    }
+
+    /// Passed on byte-identical.
+    fn untouched(&self) -> Result<Outcome, String> {
+        self.expect(self.pass())?;
+        if self.output != self.input {
+            return Err("not service traffic, yet changed".into());
+        }
+        Ok(Outcome::Untouched)
     }
 }
 
@@ -272,7 +411,8 @@ enum Side {
 /// updated, and returns the new address and port. A checksum that was right must be right, one
 /// that was wrong must stay exactly as wrong (the receiver still drops the packet), and a UDP
 /// checksum of 0 (none) must stay 0.
-fn check_rewrite(packet: &Packet, input: &[u8], output: &[u8], side: Side) -> Result<Endpoint, String> {
+fn check_rewrite(packet: &Packet, run: &Run, side: Side) -> Result<Endpoint, String> {
+    let (input, output) = (run.input, run.output);
     if output.len() != input.len() {
         return Err(format!("length {} became {}", input.len(), output.len()));
     }
@@ -333,12 +473,11 @@ fn endpoint_at(frame: &[u8], packet: &Packet, side: Side) -> u16 {
 /// `(source, destination)`, nothing else changed, and each checksum as right or wrong as before.
 fn check_hairpin(
     packet: &Packet,
-    input: &[u8],
-    verdict: u32,
-    output: &[u8],
+    run: &Run,
     (source, destination): (Endpoint, Endpoint),
 ) -> Result<(), String> {
-    expect_verdict(verdict, TC_ACT_REDIRECT)?;
+    run.expect(TC_ACT_REDIRECT)?;
+    let (input, output) = (run.input, run.output);
     if output.len() != input.len() {
         return Err(format!("length {} became {}", input.len(), output.len()));
     }
@@ -411,15 +550,16 @@ fn proto_name(proto: u8) -> &'static str {
 /// A service without endpoints: a pure SYN (plain 20-byte IP header) is answered with a RST|ACK
 /// and a datagram with an ICMP port unreachable, both from the frontend, sent back; anything
 /// else is dropped.
-fn check_reject(packet: &Packet, input: &[u8], verdict: u32, output: &[u8]) -> Result<Outcome, String> {
+fn check_reject(packet: &Packet, run: &Run) -> Result<Outcome, String> {
+    let (input, output) = (run.input, run.output);
     let plain_header = packet.l4 == ETH_LEN + 20;
     // SYN set; ACK and RST clear.
     let pure_syn = packet.proto == IPPROTO_TCP && input[packet.l4 + 13] & 0x16 == 0x02;
     if !plain_header || (packet.proto == IPPROTO_TCP && !pure_syn) {
-        expect_verdict(verdict, TC_ACT_SHOT)?;
+        run.expect(TC_ACT_SHOT)?;
         return Ok(Outcome::Dropped);
     }
-    expect_verdict(verdict, TC_ACT_REDIRECT)?;
+    run.expect(TC_ACT_REDIRECT)?;
     let (proto, l4_len) = if pure_syn {
         (IPPROTO_TCP, 20)
     } else {

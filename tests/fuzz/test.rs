@@ -21,8 +21,9 @@ fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
     assert_eq!(report.failures, 0, "{}", report.summary());
     assert_eq!(
         report.outcomes.len(),
-        6,
-        "every outcome (untouched, DNAT, reverse NAT, RST, port unreachable, dropped) was seen: {:?}",
+        11,
+        "every outcome (untouched, DNAT, reverse NAT, SNAT, SNAT reply, RST, port unreachable, \
+         dropped, source-range drop, eTP Local drop, left to TC) was seen: {:?}",
         report.outcomes
     );
 }

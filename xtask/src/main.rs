@@ -34,8 +34,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Fuzz the datapath: random and mutated frames through from_pod and to_pod with
-    /// BPF_PROG_TEST_RUN, every verdict and output checked; fails on any violation (needs root).
+    /// Fuzz the datapath: random and mutated frames through from_pod, to_pod and the nodeport
+    /// programs (XDP, TC ingress, TC egress) with BPF_PROG_TEST_RUN, every verdict and output
+    /// checked; fails on any violation (needs root).
     Fuzz {
         /// How many packets to run.
         #[arg(long, default_value_t = CI_FUZZ_PACKETS)]
