@@ -1,6 +1,7 @@
 //! `switchboard demo`: the classic scenario on network-namespace pods. Three `app=web` pods
-//! answer `{"pod":"<name>"}` on port 3000, Service `web` maps 10.96.0.10:80 to them, and a client
-//! pod asks six times. Everything is removed afterwards, also on Ctrl-C.
+//! answer `{"pod":"<name>"}` on port 3000, Service `web` maps 10.96.0.10:80 (and NodePort 30007)
+//! to them, a client pod asks the ClusterIP six times and the node itself asks
+//! `localhost:30007`. Everything is removed afterwards, also on Ctrl-C.
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
@@ -29,6 +30,7 @@ const PREFIX: &str = "sbdemo";
 const PIN_DIR: &str = "/sys/fs/bpf/switchboard-demo";
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
+const NODE_PORT: u16 = 30007;
 const TARGET_PORT: u16 = 3000;
 const WEB_PODS: [(&str, Ipv4Addr); 3] = [
     ("web-7d4b9-0", Ipv4Addr::new(10, 244, 0, 10)),
@@ -111,15 +113,23 @@ fn demo(args: &Args, manifest_dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .map(|(name, _)| servers::http_server(&lab.pod(name).ns, name, TARGET_PORT))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let service = lab::service_manifest(
-        "web",
-        CLUSTER_IP,
-        &[("app", "web")],
-        &[("http", "TCP", SERVICE_PORT, TARGET_PORT)],
+    let service = format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: {CLUSTER_IP}
+  selector: {{app: web}}
+  ports:
+  - {{name: http, protocol: TCP, port: {SERVICE_PORT}, targetPort: {TARGET_PORT}, nodePort: {NODE_PORT}}}
+"
     );
     std::fs::write(manifest_dir.join("service.yaml"), &service)?;
     std::fs::write(manifest_dir.join("pods.yaml"), pod_yaml.join("---\n"))?;
-    println!("Service web: {CLUSTER_IP}:{SERVICE_PORT} → app=web pods, targetPort {TARGET_PORT}\n");
+    println!(
+        "Service web (NodePort): {CLUSTER_IP}:{SERVICE_PORT} and <node>:{NODE_PORT} → app=web pods, targetPort {TARGET_PORT}\n"
+    );
 
     println!("Starting the agent in the node namespace:");
     let exe = std::env::current_exe().context("cannot find the switchboard binary")?;
@@ -150,10 +160,27 @@ fn demo(args: &Args, manifest_dir: &std::path::Path) -> anyhow::Result<()> {
         answered_by.insert(reply.pod);
     }
     println!(
-        "\n{} requests to the ClusterIP were answered by {} different pods: {}.",
+        "\n{} requests to the ClusterIP were answered by {} different pods: {}.\n",
         args.requests,
         answered_by.len(),
         answered_by.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    // The node's own processes reach the NodePort on localhost through the socket hooks.
+    let mut answered_by = BTreeSet::new();
+    for i in 1..=args.requests {
+        interrupted()?;
+        let reply = servers::http_get(&lab.node, Ipv4Addr::LOCALHOST, NODE_PORT, Duration::from_secs(2))
+            .with_context(|| format!("request {i} to localhost:{NODE_PORT} from the node"))?;
+        println!(
+            "  node   → http://localhost:{NODE_PORT}/  ←  {{\"pod\":\"{}\"}}   (reply from {})",
+            reply.pod, reply.from
+        );
+        answered_by.insert(reply.pod);
+    }
+    println!(
+        "\n{} requests from the node to localhost:{NODE_PORT} were answered by {} different pods.",
+        args.requests,
+        answered_by.len(),
     );
     let answered: usize = servers.iter().map(servers::Server::answered).sum();
     println!("The pods' own counters agree: {answered} requests served (one extra per readiness probe).");
