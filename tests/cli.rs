@@ -162,3 +162,29 @@ fn explain_names_the_selector_key_that_failed_and_the_near_misses() {
         "no agent: the kernel's view is unknown, not 'no'"
     );
 }
+
+/// The README's first command: the demo answers from the ClusterIP and from localhost on the
+/// NodePort, and leaves no namespace or pin behind.
+#[test]
+fn the_demo_answers_on_the_cluster_ip_and_on_localhost_and_cleans_up() {
+    assert!(nix::unistd::geteuid().is_root(), "the demo needs root, as CI has");
+    let (ok, stdout, stderr) = switchboard(&["demo", "--requests", "3"]);
+    assert!(ok, "the demo succeeds: {stdout}\n{stderr}");
+    assert!(
+        stdout.contains("3 requests to the ClusterIP were answered by"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("3 requests from the node to localhost:30007 were answered by"),
+        "{stdout}"
+    );
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains("sbdemo"),
+        "the demo's namespaces are gone"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/switchboard-demo").exists(),
+        "its pins are gone"
+    );
+}
