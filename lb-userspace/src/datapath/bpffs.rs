@@ -1,5 +1,8 @@
 //! The BPF filesystem the maps are pinned in. A fresh machine may not have it mounted.
-use std::path::Path;
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+};
 
 use anyhow::{Context as _, bail};
 use nix::{
@@ -35,7 +38,25 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> anyhow::Result<()> {
     if !is_bpffs(pin_dir) {
         bail!("{} is not on a BPF filesystem", pin_dir.display());
     }
-    Ok(())
+    restrict(pin_dir)
+}
+
+/// The pins are the datapath's state and its controls: only their owner may reach them. bpffs is
+/// often world-writable (sticky, like /tmp), so a directory someone else made beforehand is
+/// refused rather than trusted.
+fn restrict(pin_dir: &Path) -> anyhow::Result<()> {
+    let owner = std::fs::metadata(pin_dir)
+        .with_context(|| format!("cannot read {}", pin_dir.display()))?
+        .uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if owner != me {
+        bail!(
+            "{} belongs to uid {owner}, not to this agent (uid {me}); remove it or choose another --pin-dir",
+            pin_dir.display()
+        );
+    }
+    std::fs::set_permissions(pin_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict {} to its owner", pin_dir.display()))
 }
 
 fn is_bpffs(path: &Path) -> bool {
