@@ -373,10 +373,12 @@ fn conntrack(maps: &ServiceMaps) -> anyhow::Result<Vec<FlowRow>> {
     for entry in maps.conntrack.iter() {
         let (key, value) = entry?;
         rows.push(FlowRow {
-            direction: if key.direction == ct_direction::FORWARD {
-                "forward"
-            } else {
-                "reply"
+            direction: match key.direction {
+                ct_direction::FORWARD => "forward",
+                ct_direction::REPLY => "reply",
+                ct_direction::SNAT_OUT => "snat-out",
+                ct_direction::SNAT_IN => "snat-in",
+                _ => "unknown",
             },
             protocol: if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
             source: format!("{}:{}", Ipv4Addr::from(key.src_addr), key.src_port),
