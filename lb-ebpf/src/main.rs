@@ -59,10 +59,10 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         },
     };
     count(Stat::ServicePackets);
+    maps::count_service_packet(service.id, ctx.len());
     if hairpin::is_hairpin(&flow, &backend) {
         return hairpin::forward(&ctx, &flow, &backend);
     }
-    maps::count_service_packet(service.id, ctx.len());
     match nat::rewrite_destination(&ctx, &flow, backend.addr, backend.port) {
         Ok(()) => TC_ACT_OK,
         // The packet was checked to hold every field written, so this is a kernel refusal; a
