@@ -44,6 +44,8 @@ pub struct AgentMetrics {
     pub programming_failures: Family<ServiceLabel, Counter>,
     pub source_errors: Family<SourceLabel, Counter>,
     pub conntrack_collected: Family<ReasonLabel, Counter>,
+    pub conntrack_full: Counter,
+    pub affinity_collected: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -70,6 +72,8 @@ impl Default for AgentMetrics {
                 }
                 family
             },
+            conntrack_full: Counter::default(),
+            affinity_collected: Counter::default(),
         }
     }
 }
@@ -123,6 +127,16 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
         "conntrack_gc_collected",
         "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle)",
         agent.conntrack_collected.clone(),
+    );
+    registry.register(
+        "conntrack_full",
+        "Garbage collection passes that found the conntrack map full (its oldest flows are being evicted)",
+        agent.conntrack_full.clone(),
+    );
+    registry.register(
+        "affinity_gc_collected",
+        "Session affinity entries deleted because their client's timeout ran out or their frontend lost affinity",
+        agent.affinity_collected.clone(),
     );
     registry.register_collector(Box::new(DatapathCollector { pin_dir }));
     registry
