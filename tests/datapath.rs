@@ -929,3 +929,47 @@ fn a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back() {
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(addresses_with_valid_checksums(&out), ((CLUSTER_IP, 80), client));
 }
+
+/// A conntrack map far too small for its traffic (8 entries, 200 flows): the LRU evicts the
+/// oldest flows, and every new one is still balanced, tracked and translated both ways.
+#[test]
+fn a_full_conntrack_map_evicts_old_flows_and_keeps_balancing_new_ones() {
+    let capacity = lb_userspace::datapath::Capacity {
+        conntrack: 8,
+        ..Default::default()
+    };
+    let mut lb = Loaded::with_capacity("ctfull", capacity);
+    lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS)]);
+    for name in [program_names::FROM_POD, program_names::TO_POD] {
+        program(&mut lb, name).load().unwrap();
+    }
+    let mut chosen = BTreeSet::new();
+    for port in 0..200u16 {
+        let client = (CLIENT, 41000 + port);
+        let (verdict, out) = run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_syn(client, (CLUSTER_IP, 80)),
+        );
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, backend) = addresses_with_valid_checksums(&out);
+        assert_eq!(src, client);
+        assert!(BACKENDS.contains(&backend), "flow {port} went to {backend:?}");
+        chosen.insert(backend);
+        // The newest flow is tracked: its reply is translated back to the ClusterIP.
+        let (_, reply) = run(
+            &mut lb,
+            program_names::TO_POD,
+            &tcp_data(backend, client, b"hello"),
+        );
+        assert_eq!(
+            addresses_with_valid_checksums(&reply),
+            ((CLUSTER_IP, 80), client),
+            "the reply of flow {port} comes from the ClusterIP"
+        );
+    }
+    assert_eq!(chosen.len(), 3, "new flows reach every backend: {chosen:?}");
+    let entries = lb.maps.conntrack.keys().count();
+    assert!(entries <= 8, "the map holds at most its capacity, has {entries}");
+    assert_eq!(lb.maps.conntrack_capacity().unwrap(), 8);
+}

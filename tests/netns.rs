@@ -56,6 +56,17 @@ impl Cluster {
     }
 
     fn start_with(tag: &str, agent_args: &[&str]) -> Self {
+        Self::start_logging(tag, agent_args, Stdio::inherit())
+    }
+
+    /// With the agent's JSON log events, for tests of what it reports.
+    fn start_with_logs(tag: &str, agent_args: &[&str]) -> (Self, mpsc::Receiver<serde_json::Value>) {
+        let mut cluster = Self::start_logging(tag, agent_args, Stdio::piped());
+        let events = log_events(&mut cluster.agent);
+        (cluster, events)
+    }
+
+    fn start_logging(tag: &str, agent_args: &[&str], logs: Stdio) -> Self {
         require_root();
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         let mut lab = Lab::new(&prefix).unwrap();
@@ -96,7 +107,7 @@ impl Cluster {
         write_web_slice(manifests.path(), &ready);
 
         let pins = PinDir::new("sbtest", tag);
-        let agent = spawn_agent(&lab, manifests.path(), pins.path(), Stdio::inherit(), agent_args);
+        let agent = spawn_agent(&lab, manifests.path(), pins.path(), logs, agent_args);
         let cluster = Self {
             agent,
             http,
@@ -1153,5 +1164,135 @@ fn switching_datapath_logging_on_makes_a_connection_print_its_backend() {
             .unwrap()
             .contains("-> 10.96.0.10:80 "),
         "nothing was logged while off: {line}"
+    );
+}
+
+/// Messages of the events received so far at `level` (drains `events`).
+fn messages(events: &mpsc::Receiver<serde_json::Value>, level: &str) -> Vec<String> {
+    events
+        .try_iter()
+        .filter(|event| event["level"] == level)
+        .filter_map(|event| event["fields"]["message"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn a_removed_manifest_directory_keeps_the_programmed_state_and_is_caught_up_when_back() {
+    let cluster = Cluster::start("ng");
+    let dir = cluster.manifests.path();
+    let away = dir.with_extension("away");
+    std::fs::rename(dir, &away).unwrap();
+    // Edited while the agent cannot see it: nothing changes until the directory is back.
+    write_pods(&away, &PODS[..2]);
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut answered = 0;
+    while Instant::now() < until {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("TCP served without manifests");
+        servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).expect("UDP served without manifests");
+        answered += 1;
+    }
+    assert!(answered >= 5, "only {answered} rounds in 1.5 s");
+    cluster.wait_for_backends(3);
+
+    std::fs::rename(&away, dir).unwrap();
+    cluster.wait_for_backends(2);
+    let removed_before = cluster.http[2].answered();
+    for _ in 0..20 {
+        assert_ne!(
+            servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap().pod,
+            "web-2"
+        );
+    }
+    assert_eq!(cluster.http[2].answered(), removed_before);
+    // Watched again: later edits are seen, also in a directory put in place of the old one.
+    write_pods(dir, &PODS);
+    cluster.wait_for_backends(3);
+    std::fs::remove_dir_all(dir).unwrap();
+    std::fs::create_dir(dir).unwrap();
+    std::fs::write(
+        dir.join("services.yaml"),
+        lab::service_manifest(
+            "web",
+            WEB,
+            &[("app", "web")],
+            &[
+                ("http", "TCP", 80, 3000),
+                ("dns", "UDP", 53, 5353),
+                ("lines", "TCP", 7000, 7000),
+            ],
+        ),
+    )
+    .unwrap();
+    write_pods(dir, &PODS[1..]);
+    cluster.wait_for_backends(2);
+    write_pods(dir, &PODS[..1]);
+    cluster.wait_for_backends(1);
+}
+
+#[test]
+fn a_full_conntrack_map_still_balances_new_flows_and_is_reported_once_per_pass() {
+    let (cluster, events) = Cluster::start_with_logs(
+        "nf",
+        &["--conntrack-capacity", "16", "--conntrack-gc-interval", "1s"],
+    );
+    let started = Instant::now();
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    let mut connections = 0;
+    while connections < 100 || started.elapsed() < Duration::from_secs(4) {
+        let reply = servers::http_get(cluster.client(), WEB, 80, TIMEOUT)
+            .unwrap_or_else(|e| panic!("connection {connections} with a full conntrack map: {e:#}"));
+        assert_eq!(reply.from, SocketAddr::from((WEB, 80)));
+        *by_pod.entry(reply.pod).or_default() += 1;
+        connections += 1;
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(by_pod.len(), 3, "new flows reach every backend: {by_pod:?}");
+    let maps = ServiceMaps::open(cluster.pins.path()).unwrap();
+    assert_eq!(maps.conntrack_capacity().unwrap(), 16);
+    let entries = maps.conntrack.keys().count();
+    assert!(entries <= 16, "{entries} entries in a map of 16");
+
+    let full: Vec<String> = messages(&events, "WARN")
+        .into_iter()
+        .filter(|m| m.starts_with("the conntrack map is full"))
+        .collect();
+    // One report per garbage collection pass (1 s), not one per connection or packet.
+    assert!(!full.is_empty(), "the agent never said the map was full");
+    assert!(
+        full.len() as u64 <= elapsed.as_secs() + 2,
+        "{} reports in {elapsed:?} for {connections} connections",
+        full.len()
+    );
+    let (_, body) = scrape(&cluster, "/metrics");
+    assert!(metric(&body, "switchboard_conntrack_full_total") >= 1, "{body}");
+}
+
+#[test]
+fn frontends_beyond_a_full_services_map_are_reported_by_name_and_the_rest_keep_working() {
+    // `web`'s three frontends fit (the reconciler writes them in address order); `nobody`'s
+    // two do not.
+    let (cluster, events) = Cluster::start_with_logs("ns", &["--services-capacity", "3"]);
+    for _ in 0..10 {
+        servers::http_get(cluster.client(), WEB, 80, TIMEOUT).unwrap();
+        servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap();
+    }
+    let maps = ServiceMaps::open(cluster.pins.path()).unwrap();
+    assert_eq!(maps.services.keys().count(), 3);
+    let errors = messages(&events, "ERROR");
+    for port in [80, 53] {
+        let name = format!("default/nobody:{port}");
+        assert!(
+            errors
+                .iter()
+                .any(|m| m.starts_with(&format!("cannot program {name}: SB_SERVICES: the map is full"))),
+            "no error names {name}: {errors:?}"
+        );
+        let (_, body) = scrape(&cluster, "/metrics");
+        let line = format!("switchboard_programming_failures_total{{service=\"{name}\"}}");
+        assert!(metric(&body, &line) >= 1, "{body}");
+    }
+    assert!(
+        !errors.iter().any(|m| m.contains("default/web")),
+        "web was programmed: {errors:?}"
     );
 }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use lb_common::ServiceKey;
 pub use lb_userspace::lab::PinDir;
 use lb_userspace::{
-    datapath::{Datapath, maps::ServiceMaps},
+    datapath::{Capacity, Datapath, maps::ServiceMaps},
     reconcile::{BackendAddr, DesiredService, Reconciler},
 };
 
@@ -32,9 +32,14 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new(tag: &str) -> Self {
+        Self::with_capacity(tag, Capacity::default())
+    }
+
+    /// A datapath whose maps hold `capacity` entries, for tests of full maps.
+    pub fn with_capacity(tag: &str, capacity: Capacity) -> Self {
         require_root();
         let pins = PinDir::new("sbtest", tag);
-        let datapath = Datapath::load(pins.path()).expect("the datapath loads");
+        let datapath = Datapath::load_with_capacity(pins.path(), capacity).expect("the datapath loads");
         let maps = datapath.maps().expect("the pinned maps open");
         let reconciler = Reconciler::new(maps.read_programmed().unwrap());
         Self {

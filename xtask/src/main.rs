@@ -27,8 +27,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit, BPF_PROG_TEST_RUN datapath, netns integration tests, and the datapath
-    /// fuzzer on a million packets (needs root).
+    /// Run every test: unit, BPF_PROG_TEST_RUN datapath, netns integration tests, the datapath
+    /// fuzzer on a million packets (needs root). The churn soak is `cargo xtask soak`.
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -42,6 +42,17 @@ enum Task {
         #[arg(long, default_value_t = CI_FUZZ_PACKETS)]
         packets: u64,
         /// The seed of an earlier run, to replay its inputs [default: a new one, printed].
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Churn soak: the real agent on a netns lab with three Services under continuous TCP and UDP
+    /// load while pods come, terminate and go and Services change; fails on any failed request
+    /// or if conntrack and affinity occupancy do not return to their baseline (needs root).
+    Soak {
+        /// How long to keep the load and the churn going.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The seed of an earlier run, to replay its churn [default: a new one, printed].
         #[arg(long)]
         seed: Option<u64>,
     },
@@ -104,6 +115,11 @@ fn main() -> anyhow::Result<()> {
             require_root("the fuzzer")?;
             fuzz(packets, seed)
         }
+        Task::Soak { seconds, seed } => {
+            setup::run()?;
+            require_root("the soak")?;
+            soak(seconds, seed)
+        }
         Task::Bench { args } => {
             setup::run()?;
             require_root("the benchmarks")?;
@@ -135,6 +151,32 @@ fn fuzz(packets: u64, seed: Option<u64>) -> anyhow::Result<()> {
     }
     cargo(
         &["run", "--package", "lb-userspace", "--example", "fuzz", "--"],
+        &args,
+    )
+}
+
+/// Runs the churn soak (tests/soak/, an example of lb-userspace beside the agent binary it
+/// starts); it prints a summary and exits non-zero on a failed request or leaked state.
+fn soak(seconds: u64, seed: Option<u64>) -> anyhow::Result<()> {
+    // The example finds the agent beside it; `cargo run` alone would not build the binary.
+    cargo(
+        &[
+            "build",
+            "--package",
+            "lb-userspace",
+            "--bin",
+            "switchboard",
+            "--example",
+            "soak",
+        ],
+        &[],
+    )?;
+    let mut args = vec!["--seconds".to_owned(), seconds.to_string()];
+    if let Some(seed) = seed {
+        args.extend(["--seed".to_owned(), seed.to_string()]);
+    }
+    cargo(
+        &["run", "--package", "lb-userspace", "--example", "soak", "--"],
         &args,
     )
 }

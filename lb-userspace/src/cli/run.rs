@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::RejectLimit;
+use lb_common::{RejectLimit, Stat};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, watch},
@@ -17,7 +17,7 @@ use tokio::{
 use super::{PinDir, source::SourceArgs};
 use crate::{
     datapath::{
-        Datapath, addresses,
+        Capacity, Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
         conntrack_gc::{self, Timeouts},
         maps::{ServiceMaps, frontend_key},
@@ -95,6 +95,17 @@ pub struct Args {
     /// How long a UDP flow may stay idle before it is forgotten.
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_UDP_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub conntrack_udp_timeout: Duration,
+    /// Entries the conntrack map holds (a flow takes two: client side and reply side). When it
+    /// is full the oldest flows are evicted, and the agent says so once per
+    /// --conntrack-gc-interval. A map pinned by an earlier run keeps its size: run `switchboard
+    /// uninstall` first to change it.
+    #[arg(long, env = "SWITCHBOARD_CONNTRACK_CAPACITY", default_value_t = lb_common::capacity::CONNTRACK, value_parser = clap::value_parser!(u32).range(1..))]
+    pub conntrack_capacity: u32,
+    /// Frontends (ClusterIP, NodePort, … × port × protocol) the services map holds. Frontends
+    /// beyond it are not programmed: logged by Service and counted in
+    /// switchboard_programming_failures_total. A pinned map keeps its size, as above.
+    #[arg(long, env = "SWITCHBOARD_SERVICES_CAPACITY", default_value_t = lb_common::capacity::SERVICES, value_parser = clap::value_parser!(u32).range(1..))]
+    pub services_capacity: u32,
     /// RST / ICMP unreachable replies (connections refused for want of an endpoint or port)
     /// each CPU may send per second; beyond it, and a burst of --reject-burst, the packets are
     /// dropped. 0: no limit.
@@ -157,9 +168,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await?;
 
+    let capacity = Capacity {
+        services: args.services_capacity,
+        conntrack: args.conntrack_capacity,
+        ..Capacity::default()
+    };
     let mut datapath = match &args.bpf_object {
-        Some(object) => Datapath::load_file(object, &args.pin_dir.pin_dir)?,
-        None => Datapath::load(&args.pin_dir.pin_dir)?,
+        Some(object) => Datapath::load_file(object, &args.pin_dir.pin_dir, capacity)?,
+        None => Datapath::load_with_capacity(&args.pin_dir.pin_dir, capacity)?,
     };
     datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
     let mut maps = datapath.maps()?;
@@ -402,8 +418,8 @@ fn is_object(service: &k8s_openapi::api::core::v1::Service, object: &str) -> boo
     object.strip_prefix("Service ") == Some(&format!("{namespace}/{name}"))
 }
 
-/// Deletes finished flows every `interval`, off the async threads (a full map is a quarter
-/// million lookups).
+/// Deletes finished flows and stale affinity entries every `interval`, off the async threads (a
+/// full map is a quarter million lookups), and says once per pass when the conntrack map is full.
 async fn collect_conntrack(
     pin_dir: PathBuf,
     interval: Duration,
@@ -412,37 +428,85 @@ async fn collect_conntrack(
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut insert_failures = None;
     loop {
         ticks.tick().await;
         let pin_dir = pin_dir.clone();
-        let pass = tokio::task::spawn_blocking(move || {
-            let mut maps = ServiceMaps::open(&pin_dir)?;
-            anyhow::Ok(conntrack_gc::collect(
-                &mut maps.conntrack,
-                conntrack_gc::monotonic_now_ns(),
-                &timeouts,
-            ))
-        })
-        .await;
-        match pass {
-            Ok(Ok(collected)) => {
-                for (reason, flows) in &collected {
-                    metrics
-                        .conntrack_collected
-                        .get_or_create(&ReasonLabel {
-                            reason: reason.as_str(),
-                        })
-                        .inc_by(*flows);
-                }
-                let total: u64 = collected.values().sum();
-                if total > 0 {
-                    tracing::debug!(flows = total, "conntrack garbage collected");
-                }
+        let pass = tokio::task::spawn_blocking(move || gc_pass(&pin_dir, &timeouts)).await;
+        let pass = match pass {
+            Ok(Ok(pass)) => pass,
+            Ok(Err(error)) => {
+                tracing::warn!("conntrack garbage collection failed: {error:#}");
+                continue;
             }
-            Ok(Err(error)) => tracing::warn!("conntrack garbage collection failed: {error:#}"),
-            Err(error) => tracing::warn!("conntrack garbage collection panicked: {error}"),
+            Err(error) => {
+                tracing::warn!("conntrack garbage collection panicked: {error}");
+                continue;
+            }
+        };
+        for (reason, flows) in &pass.collected {
+            metrics
+                .conntrack_collected
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .inc_by(*flows);
+        }
+        metrics.affinity_collected.inc_by(pass.affinity_collected);
+        let total: u64 = pass.collected.values().sum();
+        if total > 0 || pass.affinity_collected > 0 {
+            tracing::debug!(
+                flows = total,
+                affinity = pass.affinity_collected,
+                "conntrack garbage collected"
+            );
+        }
+        // Once per pass, whatever the packet rate: a full map is a condition, not an event.
+        if conntrack_gc::is_full(pass.entries, pass.capacity) {
+            metrics.conntrack_full.inc();
+            tracing::warn!(
+                entries = pass.entries,
+                capacity = pass.capacity,
+                "the conntrack map is full: its oldest flows are evicted to make room (raise --conntrack-capacity)"
+            );
+        }
+        let refused = pass
+            .insert_failures
+            .saturating_sub(insert_failures.unwrap_or(pass.insert_failures));
+        insert_failures = Some(pass.insert_failures);
+        if refused > 0 {
+            tracing::warn!(
+                flows = refused,
+                "the conntrack map refused new flows since the last pass; they were balanced without state"
+            );
         }
     }
+}
+
+/// What one garbage collection pass did and saw.
+struct GcPass {
+    collected: conntrack_gc::Collected,
+    affinity_collected: u64,
+    /// Conntrack entries found before collecting, and how many the map can hold.
+    entries: usize,
+    capacity: u32,
+    /// The datapath's count of refused conntrack inserts so far.
+    insert_failures: u64,
+}
+
+fn gc_pass(pin_dir: &Path, timeouts: &Timeouts) -> anyhow::Result<GcPass> {
+    let mut maps = ServiceMaps::open(pin_dir)?;
+    let now = conntrack_gc::monotonic_now_ns();
+    // Occupancy before collecting: what the datapath had to live with since the last pass.
+    let entries = maps.conntrack.keys().filter_map(Result::ok).count();
+    let collected = conntrack_gc::collect(&mut maps.conntrack, now, timeouts);
+    Ok(GcPass {
+        collected,
+        affinity_collected: conntrack_gc::collect_affinity(&mut maps.affinity, &maps.services, now),
+        entries,
+        capacity: maps.conntrack_capacity()?,
+        insert_failures: maps.stat(Stat::CtInsertFailed)?,
+    })
 }
 
 /// `10s`, `5m`, `24h` or plain seconds.

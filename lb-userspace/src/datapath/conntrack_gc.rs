@@ -5,7 +5,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use lb_common::{CtEntry, CtKey, IPPROTO_TCP, ct_direction, ct_flags};
+use lb_common::{
+    AffinityEntry, AffinityKey, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, ServiceKey, ct_direction, ct_flags,
+    service_flags,
+};
 
 /// How long a flow may stay idle, by kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +156,47 @@ pub fn collect(
     collected
 }
 
+/// Whether a conntrack map holding `entries` of `capacity` counts as full: its LRU evicts the
+/// oldest flows (established ones too) to make room, and it frees entries in batches, so a map
+/// under that pressure hovers a little below its size rather than at it.
+pub fn is_full(entries: usize, capacity: u32) -> bool {
+    entries as u64 * 10 >= u64::from(capacity) * 9
+}
+
+/// Deletes the session affinity entries that no longer steer anything: their frontend is gone
+/// or has affinity switched off, or the client has not connected for the frontend's timeout.
+/// The datapath ignores such entries already; deleting them keeps the LRU map for live clients.
+/// Returns how many were deleted.
+pub fn collect_affinity(
+    affinity: &mut BpfHashMap<MapData, AffinityKey, AffinityEntry>,
+    services: &BpfHashMap<MapData, ServiceKey, ServiceInfo>,
+    now_ns: u64,
+) -> u64 {
+    // Service id → affinity timeout, for the frontends that have affinity.
+    let timeouts: HashMap<u32, Duration> = services
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, info)| info.flags & service_flags::AFFINITY != 0)
+        .map(|(_, info)| (info.id, Duration::from_secs(info.affinity_timeout_s.into())))
+        .collect();
+    let entries: Vec<(AffinityKey, AffinityEntry)> = affinity.iter().filter_map(Result::ok).collect();
+    let mut collected = 0;
+    for (key, entry) in entries {
+        let idle = Duration::from_nanos(now_ns.saturating_sub(entry.last_used_ns));
+        let steers = timeouts
+            .get(&key.service_id)
+            .is_some_and(|timeout| idle < *timeout);
+        // A client that connected again meanwhile keeps its entry.
+        let refreshed = affinity
+            .get(&key, 0)
+            .is_ok_and(|now| now.last_used_ns != entry.last_used_ns);
+        if !steers && !refreshed && affinity.remove(&key).is_ok() {
+            collected += 1;
+        }
+    }
+    collected
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +229,16 @@ mod tests {
             None,
             "a time after now (refreshed meanwhile) is not idle"
         );
+    }
+
+    #[test]
+    fn a_map_at_nine_tenths_of_its_capacity_is_full() {
+        assert!(!is_full(0, 16));
+        assert!(!is_full(14, 16));
+        assert!(is_full(15, 16));
+        assert!(is_full(16, 16));
+        assert!(!is_full(235_929, 262_144));
+        assert!(is_full(235_930, 262_144));
     }
 
     #[test]

@@ -23,13 +23,13 @@ pub struct ServiceMaps {
     pub slots: HashMap<MapData, SlotKey, BackendId>,
     pub backends: HashMap<MapData, BackendId, Backend>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
     pub node_addrs: HashMap<MapData, [u8; 4], u32>,
     pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     pub cluster_ips: HashMap<MapData, ClusterIpKey, u32>,
-    pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     pub config: Array<MapData, u64>,
 }
@@ -63,13 +63,13 @@ impl ServiceMaps {
             slots: open(pin_dir, map_names::BACKEND_SLOTS)?.try_into()?,
             backends: open(pin_dir, map_names::BACKENDS)?.try_into()?,
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
+            affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
             maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
             node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
             cluster_ips: open(pin_dir, map_names::CLUSTER_IPS)?.try_into()?,
-            affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
             service_stats: open(pin_dir, map_names::SERVICE_STATS)?.try_into()?,
             config: open(pin_dir, map_names::CONFIG)?.try_into()?,
         })
@@ -151,6 +151,11 @@ impl ServiceMaps {
         Ok(())
     }
 
+    /// How many entries the conntrack map was created to hold (a pinned map keeps its size).
+    pub fn conntrack_capacity(&self) -> anyhow::Result<u32> {
+        Ok(aya::maps::IterableMap::map(&self.conntrack).info()?.max_entries())
+    }
+
     /// A datapath counter summed over CPUs.
     pub fn stat(&self, stat: Stat) -> anyhow::Result<u64> {
         Ok(self.stats.get(&(stat as u32), 0)?.iter().sum())
@@ -204,9 +209,16 @@ pub fn frontend_key(frontend: &crate::model::Frontend) -> Option<ServiceKey> {
 }
 
 fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
-    move |error| MapError {
-        map,
-        message: error.to_string(),
+    move |error| {
+        let message = match &error {
+            // What a hash map answers when every entry is taken.
+            aya::maps::MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                "the map is full".to_owned()
+            }
+            aya::maps::MapError::SyscallError(e) => format!("{}: {}", e.call, e.io_error),
+            _ => error.to_string(),
+        };
+        MapError { map, message }
     }
 }
 

@@ -59,10 +59,10 @@ impl Datapath {
 
     /// Loads the datapath from an object file instead of the embedded one: a datapath rebuilt
     /// from these sources (same maps and programs), rolled out without a new agent binary.
-    pub fn load_file(object: &Path, pin_dir: &Path) -> anyhow::Result<Self> {
+    pub fn load_file(object: &Path, pin_dir: &Path, capacity: Capacity) -> anyhow::Result<Self> {
         let bytes = std::fs::read(object)
             .with_context(|| format!("cannot read the eBPF object {}", object.display()))?;
-        let datapath = Self::load_object(&bytes, pin_dir, Capacity::default())
+        let datapath = Self::load_object(&bytes, pin_dir, capacity)
             .with_context(|| format!("cannot load the eBPF object {}", object.display()))?;
         tracing::info!(object = %object.display(), "the datapath comes from this object file, not the built-in one");
         Ok(datapath)

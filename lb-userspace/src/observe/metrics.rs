@@ -68,6 +68,8 @@ pub struct AgentMetrics {
     /// per-service counters (the maps know frontends and ids only).
     pub service_names: RwLock<BTreeMap<ServiceKey, String>>,
     pub conntrack_collected: Family<ReasonLabel, Counter>,
+    pub conntrack_full: Counter,
+    pub affinity_collected: Counter,
 }
 
 impl Default for AgentMetrics {
@@ -95,6 +97,8 @@ impl Default for AgentMetrics {
                 }
                 family
             },
+            conntrack_full: Counter::default(),
+            affinity_collected: Counter::default(),
         }
     }
 }
@@ -148,6 +152,16 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
         "conntrack_gc_collected",
         "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle)",
         agent.conntrack_collected.clone(),
+    );
+    registry.register(
+        "conntrack_full",
+        "Garbage collection passes that found the conntrack map full (its oldest flows are being evicted)",
+        agent.conntrack_full.clone(),
+    );
+    registry.register(
+        "affinity_gc_collected",
+        "Session affinity entries deleted because their client's timeout ran out or their frontend lost affinity",
+        agent.affinity_collected.clone(),
     );
     registry.register_collector(Box::new(DatapathCollector {
         pin_dir,

@@ -196,9 +196,13 @@ fn object_name(value: &serde_yaml_ng::Value) -> String {
 
 /// How long to wait for a burst of file events to settle before re-reading.
 const SETTLE: Duration = Duration::from_millis(100);
+/// How often a directory that went away is looked for again.
+const RETRY: Duration = Duration::from_secs(1);
 
 /// Reads `dir` now, then again whenever a file in it changes, publishing each snapshot. Errors
 /// are logged with file and field; the previous good state of a broken file keeps being served.
+/// A directory that is removed or replaced keeps the last state programmed until it is back
+/// (looked for every second), then is read and watched again.
 pub async fn watch(
     mut manifests: ManifestDir,
     snapshots: watch::Sender<Snapshot>,
@@ -216,27 +220,60 @@ pub async fn watch(
     watcher
         .watch(manifests.dir(), RecursiveMode::NonRecursive)
         .with_context(|| format!("cannot watch {}", manifests.dir().display()))?;
+    // The inotify watch follows the directory itself: once it is removed, or renamed away and
+    // another put in its place, the path has to be watched anew.
+    let mut watched = identity(manifests.dir());
+    let mut available = true;
     loop {
-        publish(&mut manifests, &snapshots, &metrics);
-        if events.recv().await.is_none() {
-            return Ok(());
+        let now = identity(manifests.dir());
+        if now != watched {
+            let _ = watcher.unwatch(manifests.dir());
+            watched = now.filter(|_| {
+                watcher
+                    .watch(manifests.dir(), RecursiveMode::NonRecursive)
+                    .is_ok()
+            });
+        }
+        // Read after (re)watching, so no change falls between the two.
+        let read = publish(&mut manifests, &snapshots, &metrics);
+        match (&read, available) {
+            (Err(error), true) => {
+                tracing::error!(
+                    "cannot read {}: {error}; the programmed state stays in effect until it is back",
+                    manifests.dir().display()
+                );
+                metrics.source_error("manifests");
+            }
+            (Ok(()), false) => tracing::info!("{} is back", manifests.dir().display()),
+            _ => {}
+        }
+        available = read.is_ok() && watched.is_some();
+        tokio::select! {
+            event = events.recv() => if event.is_none() {
+                return Ok(());
+            },
+            () = tokio::time::sleep(RETRY), if !available => {}
         }
         tokio::time::sleep(SETTLE).await;
         while events.try_recv().is_ok() {}
     }
 }
 
-fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>, metrics: &AgentMetrics) {
-    let (snapshot, errors) = match manifests.read() {
-        Ok(read) => read,
-        Err(error) => {
-            tracing::error!(
-                "cannot read {}: {error}; the programmed state stays in effect",
-                manifests.dir().display()
-            );
-            return;
-        }
-    };
+/// The device and inode of `dir`, if it is a directory.
+fn identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn publish(
+    manifests: &mut ManifestDir,
+    snapshots: &watch::Sender<Snapshot>,
+    metrics: &AgentMetrics,
+) -> std::io::Result<()> {
+    let (snapshot, errors) = manifests.read()?;
     for error in &errors {
         tracing::error!("{error}; its last good contents stay in effect");
         metrics.source_error("manifests");
@@ -248,6 +285,7 @@ fn publish(manifests: &mut ManifestDir, snapshots: &watch::Sender<Snapshot>, met
         manifests.dir().display()
     );
     snapshots.send_replace(snapshot);
+    Ok(())
 }
 
 #[cfg(test)]

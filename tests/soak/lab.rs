@@ -1,0 +1,267 @@
+//! The soak's cluster: a node namespace running the agent on a manifest directory, a pool of
+//! pods per Service (their servers are started and stopped by the churn) and two client pods.
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use lb_common::{IPPROTO_TCP, ServiceKey};
+use lb_userspace::{
+    datapath::maps::ServiceMaps,
+    lab::{self, Lab, PinDir, SliceEndpoint},
+};
+
+/// The Services: name, ClusterIP, and the letter their pods are named with.
+pub const SERVICES: [(&str, Ipv4Addr, char); 3] = [
+    ("alpha", Ipv4Addr::new(10, 96, 7, 1), 'a'),
+    ("beta", Ipv4Addr::new(10, 96, 7, 2), 'b'),
+    ("gamma", Ipv4Addr::new(10, 96, 7, 3), 'g'),
+];
+/// Pods per Service, in and out of its endpoints as the churn goes.
+pub const POOL: usize = 4;
+pub const CLIENTS: [(&str, Ipv4Addr); 2] = [
+    ("c0", Ipv4Addr::new(10, 244, 9, 10)),
+    ("c1", Ipv4Addr::new(10, 244, 9, 11)),
+];
+/// Every Service has `http` (TCP 80 → 3000) and `dns` (UDP 53 → 5353), and the churn adds and
+/// removes `alt` (TCP 8080 → 3000).
+pub const HTTP: (u16, u16) = (80, 3000);
+pub const DNS: (u16, u16) = (53, 5353);
+pub const ALT: u16 = 8080;
+
+/// Short conntrack timeouts and a 1 s collection, so occupancy settles soon after the load.
+const AGENT_ARGS: [&str; 10] = [
+    "--conntrack-gc-interval",
+    "1s",
+    "--conntrack-tcp-closing-timeout",
+    "2s",
+    "--conntrack-tcp-timeout",
+    "5s",
+    "--conntrack-udp-timeout",
+    "2s",
+    "--endpoints-from",
+    "slices",
+];
+
+/// Pod `index` of Service `service`: its name and address.
+pub fn pod(service: usize, index: usize) -> (String, Ipv4Addr) {
+    (
+        format!("{}{index}", SERVICES[service].2),
+        Ipv4Addr::new(10, 244, service as u8 + 1, 10 + index as u8),
+    )
+}
+
+/// A Service as the churn has it now.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceSpec {
+    pub affinity: bool,
+    pub maglev: bool,
+    pub alt: bool,
+}
+
+/// Entries in the maps the datapath fills by itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Occupancy {
+    pub conntrack: usize,
+    pub affinity: usize,
+}
+
+impl Occupancy {
+    pub fn within(&self, baseline: &Occupancy) -> bool {
+        self.conntrack <= baseline.conntrack && self.affinity <= baseline.affinity
+    }
+}
+
+pub struct Cluster {
+    agent: Child,
+    agent_log: PathBuf,
+    manifests: tempfile::TempDir,
+    pins: PinDir,
+    pub lab: Lab,
+}
+
+impl Cluster {
+    pub fn start(agent: &Path) -> anyhow::Result<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the soak builds network namespaces and loads eBPF: run it as root");
+        }
+        let prefix = format!("sk{}", std::process::id() % 100_000);
+        let mut lab = Lab::new(&prefix)?;
+        for service in 0..SERVICES.len() {
+            for index in 0..POOL {
+                let (name, ip) = pod(service, index);
+                lab.add_pod(&name, ip)?;
+            }
+        }
+        for (name, ip) in CLIENTS {
+            lab.add_pod(name, ip)?;
+        }
+        let manifests = tempfile::tempdir()?;
+        let pins = PinDir::new("sbsoak", "churn");
+        let agent_log = manifests.path().with_extension("agent.log");
+        let mut command = Command::new(agent);
+        command
+            .args(["run", "--interfaces", &lab.interface_pattern(), "--manifests"])
+            .arg(manifests.path())
+            .arg("--pin-dir")
+            .arg(pins.path())
+            .args(AGENT_ARGS)
+            .stdout(Stdio::null())
+            .stderr(File::create(&agent_log)?);
+        let agent = lab
+            .node
+            .spawn(&mut command)
+            .with_context(|| format!("cannot start {}", agent.display()))?;
+        Ok(Self {
+            agent,
+            agent_log,
+            manifests,
+            pins,
+            lab,
+        })
+    }
+
+    /// Writes every Service and its EndpointSlice, each file replaced at once (write, then
+    /// rename) so the agent never reads half of one.
+    pub fn write(&self, specs: &[ServiceSpec], endpoints: &[Vec<SliceEndpoint<'_>>]) -> anyhow::Result<()> {
+        let services: Vec<String> = SERVICES
+            .iter()
+            .zip(specs)
+            .map(|(&(name, ip, _), spec)| service_manifest(name, ip, spec))
+            .collect();
+        let slices: Vec<String> = SERVICES
+            .iter()
+            .zip(endpoints)
+            .map(|(&(name, ..), endpoints)| {
+                lab::endpoint_slice_manifest(
+                    name,
+                    &[
+                        ("http", "TCP", HTTP.1),
+                        ("dns", "UDP", DNS.1),
+                        ("alt", "TCP", HTTP.1),
+                    ],
+                    endpoints,
+                )
+            })
+            .collect();
+        self.replace("services.yaml", &services.join("---\n"))?;
+        self.replace("slices.yaml", &slices.join("---\n"))
+    }
+
+    fn replace(&self, file: &str, text: &str) -> anyhow::Result<()> {
+        let staging = self.manifests.path().join(format!(".{file}.tmp"));
+        std::fs::write(&staging, text)?;
+        std::fs::rename(staging, self.manifests.path().join(file))?;
+        Ok(())
+    }
+
+    fn maps(&self) -> anyhow::Result<ServiceMaps> {
+        ServiceMaps::open(self.pins.path())
+    }
+
+    /// Waits (10 s at most) until the kernel's maps satisfy `done`.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&ServiceMaps) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.maps().is_ok_and(|maps| done(&maps)) {
+            if Instant::now() > deadline {
+                bail!("the agent did not program {what} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn occupancy(&self) -> anyhow::Result<Occupancy> {
+        let maps = self.maps()?;
+        Ok(Occupancy {
+            conntrack: maps.conntrack.keys().filter_map(Result::ok).count(),
+            affinity: maps.affinity.keys().filter_map(Result::ok).count(),
+        })
+    }
+
+    pub fn print_agent_log_tail(&self, lines: usize) {
+        let log = std::fs::read_to_string(&self.agent_log).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        println!("  the agent's last log lines ({}):", self.agent_log.display());
+        for line in &all[all.len().saturating_sub(lines)..] {
+            println!("    {line}");
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.agent.kill();
+        let _ = self.agent.wait();
+        let _ = std::fs::remove_file(&self.agent_log);
+    }
+}
+
+/// Whether `maps` has a backend at `ip` (in a slot or draining).
+pub fn has_backend(maps: &ServiceMaps, ip: Ipv4Addr) -> bool {
+    maps.backends
+        .iter()
+        .filter_map(Result::ok)
+        .any(|(_, backend)| backend.addr == ip.octets())
+}
+
+/// How many backends the frontend `cluster_ip:port/proto` has in `maps`, if it is there.
+pub fn backend_count(maps: &ServiceMaps, cluster_ip: Ipv4Addr, port: u16, proto: u8) -> Option<u32> {
+    let key = ServiceKey {
+        addr: cluster_ip.octets(),
+        port,
+        proto,
+        pad: 0,
+    };
+    maps.services.get(&key, 0).ok().map(|info| info.backend_count)
+}
+
+/// Whether `maps` has the `alt` frontend of the Service at `cluster_ip`.
+pub fn has_alt(maps: &ServiceMaps, cluster_ip: Ipv4Addr) -> bool {
+    backend_count(maps, cluster_ip, ALT, IPPROTO_TCP).is_some()
+}
+
+fn service_manifest(name: &str, cluster_ip: Ipv4Addr, spec: &ServiceSpec) -> String {
+    let algorithm = if spec.maglev { "maglev" } else { "random" };
+    let affinity = if spec.affinity {
+        // Short, so affinity occupancy returns to its baseline soon after the load.
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 3\n"
+    } else {
+        "  sessionAffinity: None\n"
+    };
+    let alt = if spec.alt {
+        format!(
+            "  - name: alt\n    protocol: TCP\n    port: {ALT}\n    targetPort: {}\n",
+            HTTP.1
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: default
+  annotations:
+    switchboard.io/lb-algorithm: {algorithm}
+spec:
+  type: ClusterIP
+  clusterIP: {cluster_ip}
+{affinity}  ports:
+  - name: http
+    protocol: TCP
+    port: {}
+    targetPort: {}
+  - name: dns
+    protocol: UDP
+    port: {}
+    targetPort: {}
+{alt}",
+        HTTP.0, HTTP.1, DNS.0, DNS.1
+    )
+}
