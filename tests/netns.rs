@@ -397,28 +397,63 @@ fn a_pod_added_after_the_agent_started_is_balanced_to_and_from() {
     }
 }
 
+/// A client connecting to the web Service over and over, counting what succeeds and fails.
+#[derive(Default)]
+struct Load {
+    stop: AtomicBool,
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+}
+
+impl Load {
+    /// Keeps connecting from `client` until [`Load::stop`].
+    fn run(&self, client: &lab::NetNs) {
+        while !self.stop.load(Ordering::SeqCst) {
+            match servers::http_get(client, WEB, 80, TIMEOUT) {
+                Ok(_) => self.ok.fetch_add(1, Ordering::SeqCst),
+                Err(_) => self.failed.fetch_add(1, Ordering::SeqCst),
+            };
+        }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn ok(&self) -> usize {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// No connection failed `across` what happened, and the client kept connecting.
+    fn assert_unbroken(&self, across: &str) {
+        assert_eq!(
+            self.failed.load(Ordering::SeqCst),
+            0,
+            "no connection failed {across}"
+        );
+        assert!(
+            self.ok() >= 50,
+            "the client kept connecting: {} connections",
+            self.ok()
+        );
+    }
+}
+
 #[test]
 fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_nothing() {
     let mut cluster = Cluster::start("nk");
-    let (stop, ok, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    let load = Load::default();
     let first_sync = std::thread::scope(|scope| {
         let client = &cluster.lab.pod(CLIENT.0).ns;
-        scope.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                match servers::http_get(client, WEB, 80, TIMEOUT) {
-                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                };
-            }
-        });
+        scope.spawn(|| load.run(client));
         std::thread::sleep(Duration::from_millis(300));
         // kill -9: no cleanup at all. The pinned links and maps keep the datapath serving.
         cluster.agent.kill().unwrap();
         cluster.agent.wait().unwrap();
-        let served_at_kill = ok.load(Ordering::SeqCst);
+        let served_at_kill = load.ok();
         std::thread::sleep(Duration::from_millis(500));
         assert!(
-            ok.load(Ordering::SeqCst) > served_at_kill,
+            load.ok() > served_at_kill,
             "connections kept succeeding with no agent running"
         );
 
@@ -435,19 +470,10 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
             .find(|event| event["fields"]["message"] == "maps in sync")
             .expect("the restarted agent synced");
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
+        load.stop();
         first_sync
     });
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "no connection failed across the kill and restart"
-    );
-    assert!(
-        ok.load(Ordering::SeqCst) >= 50,
-        "the client kept connecting: {} connections",
-        ok.load(Ordering::SeqCst)
-    );
+    load.assert_unbroken("across the kill and restart");
     let fields = &first_sync["fields"];
     assert_eq!(
         (fields["writes"].as_u64(), fields["deletes"].as_u64()),
@@ -993,17 +1019,10 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
             .unwrap()
             .id();
 
-    let (stop, ok, failed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    let load = Load::default();
     std::thread::scope(|scope| {
         let client = &cluster.lab.pod(CLIENT.0).ns;
-        scope.spawn(|| {
-            while !stop.load(Ordering::SeqCst) {
-                match servers::http_get(client, WEB, 80, TIMEOUT) {
-                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
-                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                };
-            }
-        });
+        scope.spawn(|| load.run(client));
         std::thread::sleep(Duration::from_millis(300));
         // The old version goes as a DaemonSet rollout stops it; its links stay pinned.
         cluster.agent.kill().unwrap();
@@ -1027,18 +1046,9 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
         }
         assert!(from_file, "the new agent said it loaded {}", object.display());
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::SeqCst);
+        load.stop();
     });
-    assert_eq!(
-        failed.load(Ordering::SeqCst),
-        0,
-        "no connection failed across the upgrade"
-    );
-    assert!(
-        ok.load(Ordering::SeqCst) >= 50,
-        "the client kept connecting: {} connections",
-        ok.load(Ordering::SeqCst)
-    );
+    load.assert_unbroken("across the upgrade");
 
     let after = linked_programs(cluster.pins.path());
     assert_eq!(
