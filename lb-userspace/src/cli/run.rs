@@ -429,6 +429,8 @@ async fn collect_conntrack(
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut insert_failures = None;
+    // (entries left after the previous pass, new flows counted then)
+    let mut previous: Option<(usize, u64)> = None;
     loop {
         ticks.tick().await;
         let pin_dir = pin_dir.clone();
@@ -462,7 +464,14 @@ async fn collect_conntrack(
             );
         }
         // Once per pass, whatever the packet rate: a full map is a condition, not an event.
-        if conntrack_gc::is_full(pass.entries, pass.capacity) {
+        let overflowed = previous.is_some_and(|(left, flows)| {
+            conntrack_gc::overflowed(left, pass.new_flows.saturating_sub(flows), pass.capacity)
+        });
+        let left = pass
+            .entries
+            .saturating_sub(pass.collected.values().sum::<u64>() as usize * 2);
+        previous = Some((left, pass.new_flows));
+        if overflowed || conntrack_gc::is_full(pass.entries, pass.capacity) {
             metrics.conntrack_full.inc();
             tracing::warn!(
                 entries = pass.entries,
@@ -492,6 +501,8 @@ struct GcPass {
     capacity: u32,
     /// The datapath's count of refused conntrack inserts so far.
     insert_failures: u64,
+    /// The datapath's count of new flows so far.
+    new_flows: u64,
 }
 
 fn gc_pass(pin_dir: &Path, timeouts: &Timeouts) -> anyhow::Result<GcPass> {
@@ -506,6 +517,7 @@ fn gc_pass(pin_dir: &Path, timeouts: &Timeouts) -> anyhow::Result<GcPass> {
         entries,
         capacity: maps.conntrack_capacity()?,
         insert_failures: maps.stat(Stat::CtInsertFailed)?,
+        new_flows: maps.stat(Stat::NewFlows)?,
     })
 }
 

@@ -163,6 +163,13 @@ pub fn is_full(entries: usize, capacity: u32) -> bool {
     entries as u64 * 10 >= u64::from(capacity) * 9
 }
 
+/// Whether the map must have evicted since the last pass: it held `before` entries then, and
+/// `new_flows` flows were tracked since (two entries each at least), more than it has room for.
+/// This catches pressure that an occupancy sample misses, as the LRU frees in batches.
+pub fn overflowed(before: usize, new_flows: u64, capacity: u32) -> bool {
+    before as u64 + new_flows.saturating_mul(2) > u64::from(capacity)
+}
+
 /// Deletes the session affinity entries that no longer steer anything: their frontend is gone
 /// or has affinity switched off, or the client has not connected for the frontend's timeout.
 /// The datapath ignores such entries already; deleting them keeps the LRU map for live clients.
@@ -239,6 +246,14 @@ mod tests {
         assert!(is_full(16, 16));
         assert!(!is_full(235_929, 262_144));
         assert!(is_full(235_930, 262_144));
+    }
+
+    #[test]
+    fn more_new_flows_than_room_since_the_last_pass_means_evictions() {
+        assert!(!overflowed(0, 8, 16), "8 flows fill 16 entries exactly");
+        assert!(overflowed(0, 9, 16));
+        assert!(overflowed(10, 4, 16));
+        assert!(!overflowed(10, 3, 16));
     }
 
     #[test]
