@@ -210,10 +210,19 @@ pub async fn watch(
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let dir = manifests.dir().to_owned();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Our own reads show up as access events; only changes matter.
-        if event.as_ref().map_or(true, |e| !e.kind.is_access()) {
-            let _ = events_tx.send(());
+        // Our own reads show up as access events; only changes matter. `true`: the directory
+        // itself went, so its watch is dead even if a new one gets the same inode number.
+        match event {
+            Ok(event) if event.kind.is_access() => {}
+            Ok(event) => {
+                let gone = event.kind.is_remove() && event.paths.contains(&dir);
+                let _ = events_tx.send(gone);
+            }
+            Err(_) => {
+                let _ = events_tx.send(true);
+            }
         }
     })
     .context("cannot watch the manifest directory")?;
@@ -224,9 +233,11 @@ pub async fn watch(
     // another put in its place, the path has to be watched anew.
     let mut watched = identity(manifests.dir());
     let mut available = true;
+    let mut watch_lost = false;
     loop {
         let now = identity(manifests.dir());
-        if now != watched {
+        if now != watched || watch_lost {
+            watch_lost = false;
             let _ = watcher.unwatch(manifests.dir());
             watched = now.filter(|_| {
                 watcher
@@ -249,13 +260,16 @@ pub async fn watch(
         }
         available = read.is_ok() && watched.is_some();
         tokio::select! {
-            event = events.recv() => if event.is_none() {
-                return Ok(());
+            event = events.recv() => match event {
+                None => return Ok(()),
+                Some(gone) => watch_lost |= gone,
             },
             () = tokio::time::sleep(RETRY), if !available => {}
         }
         tokio::time::sleep(SETTLE).await;
-        while events.try_recv().is_ok() {}
+        while let Ok(gone) = events.try_recv() {
+            watch_lost |= gone;
+        }
     }
 }
 
