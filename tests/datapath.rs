@@ -5,10 +5,11 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use aya::programs::{TestRun as _, TestRunOptions};
 use common::{
     Loaded, frontend,
     packets::{addresses_with_valid_checksums, tcp_close, tcp_data, tcp_syn, udp},
+    run_on,
 };
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
@@ -44,38 +45,13 @@ fn loaded(tag: &str) -> Loaded {
         ),
     ]);
     for name in [program_names::FROM_POD, program_names::TO_POD] {
-        program(&mut loaded, name).load().unwrap();
+        loaded.tc(name).load().unwrap();
     }
     loaded
 }
 
-fn program<'a>(loaded: &'a mut Loaded, name: &str) -> &'a mut SchedClassifier {
-    loaded
-        .datapath
-        .ebpf
-        .program_mut(name)
-        .unwrap()
-        .try_into()
-        .unwrap()
-}
-
-/// Runs `name` on `packet`; the verdict and the packet as the program left it.
 fn run(loaded: &mut Loaded, name: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = program(loaded, name)
-        .test_run(TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| {
-            panic!(
-                "BPF_PROG_TEST_RUN of {name} on {} bytes failed: {e}",
-                packet.len()
-            )
-        });
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    run_on(loaded.tc(name), name, packet)
 }
 
 #[test]
@@ -332,7 +308,8 @@ fn truncated_packets_pass_byte_identical_at_every_length() {
             // that starts accepting them makes this test exercise those lengths too.
             if len < MIN_IPV4_FRAME {
                 let mut out = vec![0u8; 64];
-                let refused = program(&mut lb, program_names::FROM_POD)
+                let refused = lb
+                    .tc(program_names::FROM_POD)
                     .test_run(TestRunOptions {
                         data_in: Some(truncated),
                         data_out: Some(&mut out),
@@ -429,7 +406,7 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow() {
     {
         // The second node lists the backends in another order: ids differ, choices must not.
         node.program_with(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &backends)], maglev);
-        program(node, program_names::FROM_POD).load().unwrap();
+        node.tc(program_names::FROM_POD).load().unwrap();
     }
     let mut chosen = BTreeSet::new();
     for port in 0..200u16 {
@@ -471,7 +448,7 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend() {
         None,
         Some(10_800),
     );
-    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    lb.tc(program_names::FROM_POD).load().unwrap();
     let backend_of = |lb: &mut Loaded, client: [u8; 4], port: u16| {
         addresses_with_valid_checksums(
             &run(
@@ -543,7 +520,7 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
         },
     )]);
     lb.apply(&desired);
-    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    lb.tc(program_names::FROM_POD).load().unwrap();
     let backend_of = |lb: &mut Loaded, packet: &[u8]| {
         addresses_with_valid_checksums(&run(lb, program_names::FROM_POD, packet).1).1
     };
@@ -591,7 +568,7 @@ fn affinity_expires_after_its_timeout() {
         None,
         Some(1),
     );
-    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    lb.tc(program_names::FROM_POD).load().unwrap();
     let mut choices = BTreeSet::new();
     // Each round waits out the 1 s timeout, so each first connection is balanced anew.
     for round in 0..6u16 {
@@ -907,7 +884,7 @@ fn a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back() {
     let mut lb = Loaded::new("hairpin");
     let itself = (CLIENT, 3000);
     lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[itself])]);
-    program(&mut lb, program_names::FROM_POD).load().unwrap();
+    lb.tc(program_names::FROM_POD).load().unwrap();
     let client = (CLIENT, 40200);
     let hairpin = (lb_common::HAIRPIN_ADDR, client.1);
 
@@ -941,7 +918,7 @@ fn a_full_conntrack_map_evicts_old_flows_and_keeps_balancing_new_ones() {
     let mut lb = Loaded::with_capacity("ctfull", capacity);
     lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &BACKENDS)]);
     for name in [program_names::FROM_POD, program_names::TO_POD] {
-        program(&mut lb, name).load().unwrap();
+        lb.tc(name).load().unwrap();
     }
     let mut chosen = BTreeSet::new();
     for port in 0..200u16 {

@@ -335,16 +335,7 @@ fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
         "refused within 100 ms, took {elapsed:?}"
     );
     // A connected UDP socket hears of the ICMP port unreachable: refused too.
-    let socket = cluster
-        .client()
-        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
-        .unwrap()
-        .unwrap();
-    socket.connect((NOBODY, 53)).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    socket.send(b"anyone?").unwrap();
-    let error = socket.recv(&mut [0u8; 64]).expect_err("no pod answers");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    assert_udp_refused(&cluster, (NOBODY, 53));
     let answered: usize = cluster
         .http
         .iter()
@@ -352,6 +343,25 @@ fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
         .map(servers::Server::answered)
         .sum();
     assert_eq!(answered, 0, "no pod answered");
+}
+
+/// A datagram from the client's connected UDP socket to `target` is answered with an ICMP port
+/// unreachable, which the socket reports as "connection refused".
+fn assert_udp_refused(cluster: &Cluster, target: (Ipv4Addr, u16)) {
+    let socket = cluster
+        .client()
+        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+        .unwrap()
+        .unwrap();
+    socket.connect(target).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    socket.send(b"anyone?").unwrap();
+    let error = socket.recv(&mut [0u8; 64]).expect_err("no pod answers");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{target:?}: {error}"
+    );
 }
 
 #[test]
@@ -846,17 +856,8 @@ fn a_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
         "refused within 100 ms, took {:?}",
         started.elapsed()
     );
-    let socket = cluster
-        .client()
-        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
-        .unwrap()
-        .unwrap();
     // 80 is the Service's port for TCP only.
-    socket.connect((WEB, 80)).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    socket.send(b"anyone?").unwrap();
-    let error = socket.recv(&mut [0u8; 64]).expect_err("no UDP port 80");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+    assert_udp_refused(&cluster, (WEB, 80));
     servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("port 80/TCP still works");
 }
 

@@ -5,10 +5,10 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use common::{
     Loaded, frontend,
     packets::{Endpoint, addresses_with_valid_checksums, tcp_data, tcp_syn, udp},
+    run_on,
 };
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey, Stat, program_names};
 use lb_userspace::reconcile::{DesiredService, External};
@@ -47,50 +47,22 @@ fn loaded(tag: &str, services: &[(ServiceKey, DesiredService)]) -> Loaded {
         .maps
         .set_snat_addrs(&BTreeMap::from([(LOOPBACK_INDEX, SNAT)]))
         .unwrap();
-    xdp(&mut loaded).load().unwrap();
+    loaded.xdp(program_names::NODEPORT_XDP).load().unwrap();
     for name in [program_names::NODEPORT_TC, program_names::NODEPORT_EGRESS] {
-        tc(&mut loaded, name).load().unwrap();
+        loaded.tc(name).load().unwrap();
     }
     loaded
-}
-
-fn xdp(loaded: &mut Loaded) -> &mut Xdp {
-    let program = loaded.datapath.ebpf.program_mut(program_names::NODEPORT_XDP);
-    program.unwrap().try_into().unwrap()
-}
-
-fn tc<'a>(loaded: &'a mut Loaded, name: &str) -> &'a mut SchedClassifier {
-    loaded
-        .datapath
-        .ebpf
-        .program_mut(name)
-        .unwrap()
-        .try_into()
-        .unwrap()
-}
-
-fn options<'a>(packet: &'a [u8], out: &'a mut [u8]) -> TestRunOptions<'a> {
-    TestRunOptions {
-        data_in: Some(packet),
-        data_out: Some(out),
-        ..Default::default()
-    }
 }
 
 /// XDP ingress: the verdict and the frame as the program left it.
 fn ingress(loaded: &mut Loaded, packet: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = xdp(loaded).test_run(options(packet, &mut out)).unwrap();
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    let name = program_names::NODEPORT_XDP;
+    run_on(loaded.xdp(name), name, packet)
 }
 
 /// A TC program: the verdict and the packet as the program left it.
 fn run_tc(loaded: &mut Loaded, name: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; packet.len() + 256];
-    let result = tc(loaded, name).test_run(options(packet, &mut out)).unwrap();
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    run_on(loaded.tc(name), name, packet)
 }
 
 fn egress(loaded: &mut Loaded, packet: &[u8]) -> (u32, Vec<u8>) {

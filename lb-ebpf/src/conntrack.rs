@@ -3,7 +3,6 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
     Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags,
-    flow_hash,
 };
 
 use crate::{
@@ -197,13 +196,7 @@ pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
         count(Stat::SnatFailed);
         return None;
     };
-    let hash = flow_hash(
-        flow.src_addr,
-        flow.dst_addr,
-        flow.src_port,
-        flow.dst_port,
-        flow.proto,
-    );
+    let hash = flow.hash();
     let back = CtEntry {
         service_id,
         backend_id,

@@ -1,6 +1,6 @@
 //! Parsing: just enough of Ethernet, IPv4 and TCP/UDP to find a flow's 5-tuple and the offsets
 //! NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, flow_hash};
 
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -35,6 +35,18 @@ pub struct Flow {
 impl Flow {
     pub fn is_udp(&self) -> bool {
         self.proto == IPPROTO_UDP
+    }
+
+    /// The 5-tuple's hash, the same on every node (see `lb_common::flow_hash`).
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        flow_hash(
+            self.src_addr,
+            self.dst_addr,
+            self.src_port,
+            self.dst_port,
+            self.proto,
+        )
     }
 }
 

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, ServiceInfo, ServiceKey, SlotKey,
-    SourceRangeKey, backend_flags, flow_hash, service_flags,
+    SourceRangeKey, backend_flags, service_flags,
 };
 
 use crate::{
@@ -150,14 +150,7 @@ fn balance(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
 
 #[inline(always)]
 fn maglev(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
-    let hash = flow_hash(
-        flow.src_addr,
-        flow.dst_addr,
-        flow.src_port,
-        flow.dst_port,
-        flow.proto,
-    );
-    let position = hash.checked_rem(service.maglev_table_size)?;
+    let position = flow.hash().checked_rem(service.maglev_table_size)?;
     // SAFETY: copied out at once; tables are replaced whole, never written in place.
     let id = unsafe { SB_MAGLEV.get_value(&service.id, &position).copied() }?;
     Some((id, backend(service, id)?))

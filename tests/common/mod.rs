@@ -7,6 +7,7 @@ pub mod packets;
 
 use std::collections::BTreeMap;
 
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
 use lb_common::ServiceKey;
 pub use lb_userspace::lab::PinDir;
 use lb_userspace::{
@@ -86,6 +87,18 @@ impl Loaded {
         self.apply(&desired);
     }
 
+    /// The TC program `name` of the loaded object.
+    pub fn tc(&mut self, name: &str) -> &mut SchedClassifier {
+        let program = self.datapath.ebpf.program_mut(name);
+        program.unwrap().try_into().unwrap()
+    }
+
+    /// The XDP program `name` of the loaded object.
+    pub fn xdp(&mut self, name: &str) -> &mut Xdp {
+        let program = self.datapath.ebpf.program_mut(name);
+        program.unwrap().try_into().unwrap()
+    }
+
     /// Programs exactly `desired` and asserts every write succeeded.
     pub fn apply(&mut self, desired: &BTreeMap<ServiceKey, DesiredService>) {
         let report = self.reconciler.apply(desired, &mut self.maps);
@@ -95,6 +108,29 @@ impl Loaded {
             report.failed
         );
     }
+}
+
+/// Runs `program` once on `packet` by BPF_PROG_TEST_RUN: the verdict and the packet as the
+/// program left it. `name` is for the panic message.
+pub fn run_on<P>(program: &P, name: &str, packet: &[u8]) -> (u32, Vec<u8>)
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; packet.len() + 256];
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "BPF_PROG_TEST_RUN of {name} on {} bytes failed: {e}",
+                packet.len()
+            )
+        });
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
 }
 
 pub fn frontend(addr: [u8; 4], port: u16, proto: u8) -> ServiceKey {
