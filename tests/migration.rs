@@ -134,6 +134,7 @@ fn flow(port: u16, id: u32) -> [(CtKey, CtEntry); 2] {
         nat_port: backend_port,
         flags: 0,
         last_seen_ns: 1,
+        ..CtEntry::default()
     };
     let reply = CtKey {
         src_addr: addr,

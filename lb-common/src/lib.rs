@@ -1,49 +1,134 @@
 //! The contract between the datapath (`lb-ebpf`) and the agent (`lb-userspace`).
 //!
-//! Every type here is `#[repr(C)]`, has no implicit padding (explicit `pad` fields instead), and is
-//! read by both sides. Addresses are stored as network-order byte arrays and ports as host-order
-//! `u16`, so `bpftool map dump` prints `addr: [10,96,0,10]` and `port: 80`.
+//! Every map type here is `#[repr(C)]`, has no implicit padding (explicit `pad` fields instead),
+//! and is read by both sides. Addresses are stored as network-order byte arrays and ports as
+//! host-order `u16`, so `bpftool map dump` prints `addr: [10,96,0,10]` and `port: 80`.
+//!
+//! IPv4 and IPv6 have twin maps (`SB_SERVICES` and `SB_SERVICES6`, …) whose keys and values are
+//! the same generic types over the [`Address`] they hold, so the datapath's logic is written once
+//! for both families and an IPv4-only node pays nothing for IPv6 entries. Service ids, backend
+//! ids, slots, Maglev tables and counters are one space shared by both families.
 #![no_std]
+
+mod checksum;
+mod conntrack;
+mod hash;
+mod reject;
+mod service;
+mod sock;
+mod stats;
+
+pub use checksum::*;
+pub use conntrack::*;
+pub use hash::*;
+pub use reject::*;
+pub use service::*;
+pub use sock::*;
+pub use stats::*;
 
 /// Where the agent pins the maps unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/switchboard";
 
-/// Names of the maps, which are also the names they are pinned under.
+/// An IPv4 address as the maps store it (network order).
+pub type Ipv4 = [u8; 4];
+/// An IPv6 address as the maps store it (network order).
+pub type Ipv6 = [u8; 16];
+
+/// The address of one family, as the maps store it: [`Ipv4`] or [`Ipv6`].
+pub trait Address:
+    Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + AsRef<[u8]> + 'static
+{
+    /// Bytes that keep a struct of (12 bytes of fields, one address, then a `u64`) free of
+    /// implicit padding: none after an IPv4 address, 4 after an IPv6 one.
+    type Pad: Copy + Default + Eq + Ord + core::hash::Hash + core::fmt::Debug + 'static;
+    /// The unspecified address (`0.0.0.0`, `::`), which keys NodePort frontends.
+    const UNSPECIFIED: Self;
+    /// The source a pod sees on a connection to itself through its own Service (hairpin).
+    const HAIRPIN: Self;
+}
+
+impl Address for Ipv4 {
+    type Pad = [u8; 0];
+    const UNSPECIFIED: Self = [0; 4];
+    const HAIRPIN: Self = HAIRPIN_ADDR;
+}
+
+impl Address for Ipv6 {
+    type Pad = [u8; 4];
+    const UNSPECIFIED: Self = [0; 16];
+    const HAIRPIN: Self = HAIRPIN_ADDR6;
+}
+
+/// The IPv4 source a pod sees on a connection to itself through its own Service (hairpin): its
+/// own address would make it drop the packets as martians. Link-local, so never a real peer.
+pub const HAIRPIN_ADDR: Ipv4 = [169, 254, 42, 1];
+
+/// The IPv6 hairpin source: `100::2a01`, from the discard-only prefix `100::/64` (RFC 6666),
+/// so never a real peer, yet reached through the pod's default route (a link-local address
+/// would be resolved on the pod's own link and never reach the host).
+pub const HAIRPIN_ADDR6: Ipv6 = [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x2a, 0x01];
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// Names of the maps, which are also the names they are pinned under. A name ending in `6` is
+/// the IPv6 twin of the map without it.
 pub mod map_names {
     pub const SERVICES: &str = "SB_SERVICES";
+    pub const SERVICES6: &str = "SB_SERVICES6";
     pub const BACKEND_SLOTS: &str = "SB_BACKEND_SLOTS";
     pub const BACKENDS: &str = "SB_BACKENDS";
+    pub const BACKENDS6: &str = "SB_BACKENDS6";
     pub const CONNTRACK: &str = "SB_CONNTRACK";
+    pub const CONNTRACK6: &str = "SB_CONNTRACK6";
     pub const STATS: &str = "SB_STATS";
     pub const MAGLEV: &str = "SB_MAGLEV";
     pub const AFFINITY: &str = "SB_AFFINITY";
+    pub const AFFINITY6: &str = "SB_AFFINITY6";
     pub const NODE_ADDRS: &str = "SB_NODE_ADDRS";
+    pub const NODE_ADDRS6: &str = "SB_NODE_ADDRS6";
     pub const SNAT_ADDRS: &str = "SB_SNAT_ADDRS";
+    pub const SNAT_ADDRS6: &str = "SB_SNAT_ADDRS6";
     pub const SOURCE_RANGES: &str = "SB_SOURCE_RANGES";
+    pub const SOURCE_RANGES6: &str = "SB_SOURCE_RANGES6";
     pub const SERVICE_STATS: &str = "SB_SERVICE_STATS";
     pub const SOCK_REVNAT: &str = "SB_SOCK_REVNAT";
+    pub const SOCK_REVNAT6: &str = "SB_SOCK_REVNAT6";
     pub const CONFIG: &str = "SB_CONFIG";
     pub const CLUSTER_IPS: &str = "SB_CLUSTER_IPS";
+    pub const CLUSTER_IPS6: &str = "SB_CLUSTER_IPS6";
     /// The rate limit of RST/ICMP replies (written by the agent at start; not pinned).
     pub const REJECT_LIMIT: &str = "SB_REJECT_LIMIT";
     /// Per-CPU token buckets of that limit (not pinned).
     pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
     /// The maps pinned under their names.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 23] = [
         SERVICES,
+        SERVICES6,
         BACKEND_SLOTS,
         BACKENDS,
+        BACKENDS6,
         CONNTRACK,
+        CONNTRACK6,
         STATS,
         MAGLEV,
         AFFINITY,
+        AFFINITY6,
         NODE_ADDRS,
+        NODE_ADDRS6,
         SNAT_ADDRS,
+        SNAT_ADDRS6,
         SOURCE_RANGES,
+        SOURCE_RANGES6,
         SERVICE_STATS,
         SOCK_REVNAT,
+        SOCK_REVNAT6,
         CONFIG,
         CLUSTER_IPS,
+        CLUSTER_IPS6,
     ];
 }
 
@@ -57,7 +142,8 @@ pub mod log_level {
     pub const TRACE: u64 = 5;
 }
 
-/// Names of the programs in the object file.
+/// Names of the programs in the object file. The packet programs take both families; the socket
+/// hooks are per family, as the kernel's attach types are.
 pub mod program_names {
     /// TC ingress on a pod's host-side interface: traffic leaving the pod.
     pub const FROM_POD: &str = "from_pod";
@@ -81,7 +167,22 @@ pub mod program_names {
     pub const SOCK_RECVMSG: &str = "sock_recvmsg";
     /// cgroup getpeername4: a connected socket's peer is shown as the service.
     pub const SOCK_GETPEERNAME: &str = "sock_getpeername";
-    pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
+    /// The IPv6 twins (connect6, sendmsg6, recvmsg6, getpeername6). An IPv4-mapped address
+    /// (`::ffff:10.96.0.10`) on a dual-stack socket is served from the IPv4 maps.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
+    pub const SOCKET: [&str; 8] = [
+        SOCK_CONNECT,
+        SOCK_SENDMSG,
+        SOCK_RECVMSG,
+        SOCK_GETPEERNAME,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME6,
+    ];
 }
 
 /// Indexes of [`map_names::CONFIG`], an array of `u64` the agent (and `switchboard log-level`)
@@ -95,7 +196,8 @@ pub mod config {
     pub const LEN: u32 = 8;
 }
 
-/// Default map capacities; the agent may override them at load time.
+/// Default map capacities, the same for each family's twin; the agent may override them at load
+/// time.
 pub mod capacity {
     pub const SERVICES: u32 = 65_536;
     pub const BACKENDS: u32 = 262_144;
@@ -110,603 +212,66 @@ pub mod capacity {
     pub const SOCK_REVNAT: u32 = 65_536;
 }
 
-/// A backend a socket of the node was sent to: (socket cookie, backend address and port).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevKey {
-    pub cookie: u64,
-    pub addr: [u8; 4],
-    pub port: u16,
-    pub pad: u16,
-}
-
-/// The service frontend that socket asked for.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockRevEntry {
-    pub addr: [u8; 4],
-    pub port: u16,
-    pub pad: u16,
-}
-
-/// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
-/// visits every position; 100× the backend count keeps each backend within a few percent of its
-/// share.
-pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
-
-/// Flags of every Maglev table (inner map): BPF_F_INNER_MAP (sizes may differ from the
-/// template's) | BPF_F_MMAPABLE (filled through one mapping). The kernel requires the same flags
-/// on every inner map.
-pub const MAGLEV_TABLE_FLAGS: u32 = (1 << 12) | (1 << 10);
-
-/// The source a pod sees on a connection to itself through its own Service (hairpin): its own
-/// address would make it drop the packets as martians. Link-local, so never a real peer.
-pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
-
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-
-/// A service frontend as a packet addresses it: destination address, port and protocol.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ServiceKey {
-    pub addr: [u8; 4],
-    pub port: u16,
-    pub proto: u8,
-    pub pad: u8,
-}
-
-/// What the datapath knows of a frontend. Written last on add and first on delete, so a packet
-/// that finds it also finds `backend_count` valid slots.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceInfo {
-    /// Stable id, chosen by the agent; keys the slots and is recorded in conntrack.
-    pub id: u32,
-    /// Slots `0..backend_count` in [`map_names::BACKEND_SLOTS`] are valid. Zero: no endpoints.
-    pub backend_count: u32,
-    /// [`service_flags`].
-    pub flags: u32,
-    /// With [`service_flags::MAGLEV`]: the size of the service's table in [`map_names::MAGLEV`].
-    pub maglev_table_size: u32,
-    /// With [`service_flags::AFFINITY`]: how long a client sticks to its backend after its last
-    /// new connection, in seconds.
-    pub affinity_timeout_s: u32,
-}
-
-/// A ClusterIP, whatever the port: the key of [`map_names::CLUSTER_IPS`], whose value is how
-/// many frontends the address has. A packet to a ClusterIP on a port no frontend defines is
-/// refused like one to a closed port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClusterIpKey {
-    pub addr: [u8; 4],
-}
-
-pub mod service_flags {
-    /// Choose backends by Maglev consistent hashing of the flow instead of at random.
-    pub const MAGLEV: u32 = 1;
-    /// `sessionAffinity: ClientIP`: a client's new connections go to the backend its previous
-    /// ones went to, while that one serves and the timeout has not run out.
-    pub const AFFINITY: u32 = 2;
-    /// An external frontend (NodePort, LoadBalancer IP, externalIP) with
-    /// `externalTrafficPolicy: Cluster`: a flow that leaves the node for a backend elsewhere
-    /// takes the node's address as its source, so the reply comes back through this node.
-    pub const EXTERNAL_SNAT: u32 = 4;
-    /// An external frontend with `externalTrafficPolicy: Local`: the client address is kept,
-    /// only this node's endpoints serve, and without one the traffic is dropped (not refused),
-    /// so a load balancer's health check steers clients elsewhere.
-    pub const EXTERNAL_LOCAL: u32 = 8;
-    /// A LoadBalancer frontend with `loadBalancerSourceRanges`: a new flow from a client outside
-    /// them (see [`crate::map_names::SOURCE_RANGES`]) is dropped.
-    pub const SOURCE_RANGES: u32 = 16;
-}
-
-/// A key of [`map_names::SOURCE_RANGES`], an LPM trie: the prefix length counts the service id's
-/// 32 bits plus the range's prefix, so one trie holds every service's ranges.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SourceRangeKey {
-    pub service_id: [u8; 4],
-    pub addr: [u8; 4],
-}
-
-/// `checksum` (an RFC 1071 checksum as stored) after the bytes `old` of the data it covers were
-/// replaced by `new` (RFC 1624, eq. 3). Both must have the same even length.
-#[inline(always)]
-pub fn checksum_replace(checksum: u16, old: &[u8], new: &[u8]) -> u16 {
-    let mut sum = u32::from(!checksum);
-    let mut i = 0;
-    while i + 1 < old.len() && i + 1 < new.len() {
-        sum += u32::from(!u16::from_be_bytes([old[i], old[i + 1]]));
-        sum += u32::from(u16::from_be_bytes([new[i], new[i + 1]]));
-        i += 2;
-    }
-    checksum_fold(sum)
-}
-
-/// The Internet checksum (RFC 1071) of `bytes` added to `sum`, not yet folded.
-#[inline(always)]
-pub fn checksum_add(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
-    }
-    if i < bytes.len() {
-        sum += u32::from(bytes[i]) << 8;
-    }
-    sum
-}
-
-/// Folds a 32-bit sum into the one's complement 16-bit checksum.
-#[inline(always)]
-pub fn checksum_fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-/// The TCP checksum of a header-only segment (no payload) between two IPv4 addresses.
-#[inline(always)]
-pub fn tcp_ipv4_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8; 20]) -> u16 {
-    let mut sum = checksum_add(0, &src);
-    sum = checksum_add(sum, &dst);
-    sum += u32::from(IPPROTO_TCP) + segment.len() as u32;
-    checksum_fold(checksum_add(sum, segment))
-}
-
-/// A client of a service with session affinity.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct AffinityKey {
-    pub service_id: u32,
-    pub client_addr: [u8; 4],
-}
-
-/// The backend a client sticks to, and when it last opened a connection.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AffinityEntry {
-    pub backend_id: BackendId,
-    pub pad: u32,
-    pub last_used_ns: u64,
-}
-
-/// Hash of a flow's 5-tuple that every node computes alike (no per-boot seed), so the same flow
-/// meets the same Maglev table position on any node. MurmurHash3's mixing steps.
-#[inline(always)]
-pub fn flow_hash(src_addr: [u8; 4], dst_addr: [u8; 4], src_port: u16, dst_port: u16, proto: u8) -> u32 {
-    #[inline(always)]
-    fn mix(hash: u32, word: u32) -> u32 {
-        let k = word
-            .wrapping_mul(0xcc9e_2d51)
-            .rotate_left(15)
-            .wrapping_mul(0x1b87_3593);
-        (hash ^ k)
-            .rotate_left(13)
-            .wrapping_mul(5)
-            .wrapping_add(0xe654_6b64)
-    }
-    let mut hash = mix(0x5b0a_2d9f, u32::from_be_bytes(src_addr));
-    hash = mix(hash, u32::from_be_bytes(dst_addr));
-    hash = mix(hash, (u32::from(src_port) << 16) | u32::from(dst_port));
-    hash = mix(hash, u32::from(proto));
-    hash ^= hash >> 16;
-    hash = hash.wrapping_mul(0x85eb_ca6b);
-    hash ^= hash >> 13;
-    hash = hash.wrapping_mul(0xc2b2_ae35);
-    hash ^ (hash >> 16)
-}
-
-/// One slot of a service's backend set: `(service id, slot index)`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
-    pub service_id: u32,
-    pub slot: u32,
-}
-
-/// A backend id, the value of a slot and the key of [`map_names::BACKENDS`].
-pub type BackendId = u32;
-
-/// A backend of one service. Ids are per service, so removing an endpoint from a service removes
-/// its id, and a conntrack entry that still names it is re-balanced instead of black-holed.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
-    pub addr: [u8; 4],
-    pub port: u16,
-    pub proto: u8,
-    /// [`backend_flags`].
-    pub flags: u8,
-    /// The service this backend belongs to; guards against a recycled id.
-    pub service_id: u32,
-}
-
-pub mod backend_flags {
-    /// Keeps the flows it has but is given no new one (a terminating endpoint while ready ones
-    /// exist, or one a traffic policy leaves out): it is in no slot and no Maglev table, and a
-    /// client's session affinity to it is not honoured.
-    pub const DRAINING: u8 = 1;
-}
-
-/// Which way a conntrack entry looks at a flow.
-pub mod ct_direction {
-    /// Client → frontend, keyed as the client sent it; maps to the chosen backend.
-    pub const FORWARD: u8 = 0;
-    /// Backend → client, keyed as the backend replies; maps back to the frontend.
-    pub const REPLY: u8 = 1;
-    /// Client → backend, keyed as a DNATed external flow leaves the node for another one; maps
-    /// to the node address and port it takes as its source (unset until the first packet leaves).
-    pub const SNAT_OUT: u8 = 2;
-    /// Backend → node address and port, keyed as a source-NATed flow's reply arrives; maps back
-    /// to the client.
-    pub const SNAT_IN: u8 = 3;
-}
-
-/// [`CtEntry::flags`].
-pub mod ct_flags {
-    /// A TCP flow that has seen a FIN or a RST: the agent forgets it a short while after its
-    /// last packet instead of after the long established timeout.
-    pub const CLOSING: u16 = 1;
-
-    /// TCP header flag bits, as on the wire.
-    pub const TCP_FIN: u8 = 0x01;
-    pub const TCP_SYN: u8 = 0x02;
-    pub const TCP_RST: u8 = 0x04;
-    pub const TCP_ACK: u8 = 0x10;
-
-    /// An entry's flags after a TCP segment with `tcp_flags`: a FIN or RST marks the flow
-    /// closing; a pure SYN reopens it (the client reused the 5-tuple for a new connection).
-    #[inline(always)]
-    pub fn after_tcp_segment(flags: u16, tcp_flags: u8) -> u16 {
-        if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-            flags | CLOSING
-        } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            flags & !CLOSING
-        } else {
-            flags
-        }
-    }
-}
-
-/// A flow's 5-tuple as seen in one direction.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct CtKey {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
-    pub direction: u8,
-    pub pad: [u8; 2],
-}
-
-/// A conntrack entry. For [`ct_direction::FORWARD`] `nat_*` is the backend the flow was given;
-/// for [`ct_direction::REPLY`] it is the frontend the client dialled.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CtEntry {
-    pub service_id: u32,
-    pub backend_id: BackendId,
-    pub nat_addr: [u8; 4],
-    pub nat_port: u16,
-    /// [`ct_flags`].
-    pub flags: u16,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet in this direction, refreshed
-    /// at most once a second.
-    pub last_seen_ns: u64,
-}
-
-/// How many RST / ICMP unreachable replies the datapath may generate: a token bucket per CPU,
-/// kept in nanoseconds of credit so the datapath never divides. All zero: no limit.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RejectLimit {
-    /// Credit one reply costs: a second over the rate.
-    pub interval_ns: u64,
-    /// Most credit a bucket holds: `burst` replies.
-    pub burst_ns: u64,
-}
-
-impl RejectLimit {
-    /// `rate` replies per second and CPU, up to `burst` at once. A rate of 0: no limit.
-    pub const fn per_second(rate: u32, burst: u32) -> Self {
-        if rate == 0 {
-            return Self {
-                interval_ns: 0,
-                burst_ns: 0,
-            };
-        }
-        let interval_ns = 1_000_000_000 / rate as u64;
-        Self {
-            interval_ns,
-            burst_ns: interval_ns * burst as u64,
-        }
-    }
-}
-
-/// One CPU's bucket of [`RejectLimit`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RejectBucket {
-    pub credit_ns: u64,
-    pub last_ns: u64,
-}
-
-impl RejectBucket {
-    /// Whether one more reply may go out at `now_ns`, taking its credit if so. A fresh bucket
-    /// starts full.
-    #[inline(always)]
-    pub fn take(&mut self, limit: &RejectLimit, now_ns: u64) -> bool {
-        if limit.interval_ns == 0 {
-            return true;
-        }
-        let earned = now_ns.wrapping_sub(self.last_ns);
-        self.credit_ns = self.credit_ns.saturating_add(earned).min(limit.burst_ns);
-        self.last_ns = now_ns;
-        if self.credit_ns < limit.interval_ns {
-            return false;
-        }
-        self.credit_ns -= limit.interval_ns;
-        true
-    }
-}
-
-/// Indexes of the per-CPU datapath counters in [`map_names::STATS`].
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stat {
-    /// Packets DNATed to a backend (every packet of a service flow, not just the first).
-    ServicePackets = 0,
-    /// New flows: a conntrack miss that chose a backend.
-    NewFlows = 1,
-    /// Flows whose backend had gone and were given a live one.
-    Rebalanced = 2,
-    /// Packets to a frontend with no usable backend: a TCP SYN answered with a RST, UDP with an
-    /// ICMP port unreachable, the rest dropped.
-    NoBackend = 3,
-    /// Replies translated back to the frontend.
-    ReplyPackets = 4,
-    /// Conntrack inserts that failed (the map refused the entry).
-    CtInsertFailed = 5,
-    /// New flows to a LoadBalancer IP from a client outside `loadBalancerSourceRanges`, dropped.
-    SourceRangeDrops = 6,
-    /// External flows leaving for another node that could not be given a source address and port
-    /// (no address for the interface, or every probed port taken); sent with the client's.
-    SnatFailed = 7,
-    /// RST or ICMP unreachable replies not sent (the packet dropped) because of the rate limit.
-    RejectRateLimited = 8,
-    /// Packets to a ClusterIP on a port its Service does not define: refused like [`Stat::NoBackend`].
-    UndefinedPort = 9,
-}
-
-impl Stat {
-    pub const COUNT: u32 = 10;
-    pub const ALL: [Stat; Self::COUNT as usize] = [
-        Stat::ServicePackets,
-        Stat::NewFlows,
-        Stat::Rebalanced,
-        Stat::NoBackend,
-        Stat::ReplyPackets,
-        Stat::CtInsertFailed,
-        Stat::SourceRangeDrops,
-        Stat::SnatFailed,
-        Stat::RejectRateLimited,
-        Stat::UndefinedPort,
-    ];
-
-    pub const fn help(self) -> &'static str {
-        match self {
-            Stat::ServicePackets => "Packets DNATed to a backend",
-            Stat::NewFlows => "Flows given a backend (conntrack misses)",
-            Stat::Rebalanced => "Flows moved to a live backend because theirs had gone",
-            Stat::NoBackend => {
-                "Packets to a frontend without usable backend (refused with a RST or ICMP port unreachable, or dropped)"
-            }
-            Stat::ReplyPackets => "Replies translated back to the frontend",
-            Stat::CtInsertFailed => "Conntrack entries the map refused",
-            Stat::SourceRangeDrops => {
-                "New flows to a LoadBalancer IP from outside its loadBalancerSourceRanges, dropped"
-            }
-            Stat::SnatFailed => "External flows to another node's backend that could not be source-NATed",
-            Stat::RejectRateLimited => "Refusals dropped instead of answered (RST/ICMP rate limit)",
-            Stat::UndefinedPort => {
-                "Packets to a ClusterIP on a port its Service does not define (refused with a RST or ICMP port unreachable, or dropped)"
-            }
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Stat::ServicePackets => "service_packets",
-            Stat::NewFlows => "new_flows",
-            Stat::Rebalanced => "rebalanced_flows",
-            Stat::NoBackend => "no_backend_drops",
-            Stat::ReplyPackets => "reply_packets",
-            Stat::CtInsertFailed => "conntrack_insert_failures",
-            Stat::SourceRangeDrops => "source_range_drops",
-            Stat::SnatFailed => "snat_failures",
-            Stat::RejectRateLimited => "rate_limited_rejects",
-            Stat::UndefinedPort => "undefined_port_drops",
-        }
-    }
-}
-
-/// Per-service traffic counters, one copy per CPU, in [`map_names::SERVICE_STATS`] under the
-/// service id. The datapath creates a service's entry on its first packet; the agent removes it
-/// when it gives the id to a new frontend, so counters never carry over.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceStats {
-    /// Packets DNATed to one of the service's backends.
-    pub packets: u64,
-    /// Their bytes, as the packets were seen at the hook (link-layer header included).
-    pub bytes: u64,
-    /// Flows given a backend.
-    pub new_flows: u64,
-    /// Backend replies translated back to the frontend.
-    pub reply_packets: u64,
-    pub reply_bytes: u64,
-}
-
-impl core::ops::AddAssign for ServiceStats {
-    fn add_assign(&mut self, other: Self) {
-        self.packets += other.packets;
-        self.bytes += other.bytes;
-        self.new_flows += other.new_flows;
-        self.reply_packets += other.reply_packets;
-        self.reply_bytes += other.reply_bytes;
-    }
-}
-
 #[cfg(feature = "user")]
 mod pod_impls {
     use super::*;
 
-    // SAFETY: all of these are #[repr(C)] with explicit padding, so every bit pattern is valid
-    // and no byte is uninitialised.
-    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: all of these are #[repr(C)] with explicit padding (`Address::Pad` included), so
+    // every bit pattern is valid and no byte is uninitialised.
+    macro_rules! pod_for_both_families {
+        ($($ty:ident),* $(,)?) => {$(
+            unsafe impl aya::Pod for $ty<Ipv4> {}
+            unsafe impl aya::Pod for $ty<Ipv6> {}
+        )*};
+    }
+    pod_for_both_families!(
+        ServiceKey,
+        Backend,
+        CtKey,
+        CtEntry,
+        AffinityKey,
+        SourceRangeKey,
+        SockRevKey,
+        SockRevEntry,
+        ClusterIpKey,
+    );
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for SlotKey {}
-    unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityEntry {}
-    unsafe impl aya::Pod for SourceRangeKey {}
     unsafe impl aya::Pod for ServiceStats {}
-    unsafe impl aya::Pod for SockRevKey {}
-    unsafe impl aya::Pod for SockRevEntry {}
-    unsafe impl aya::Pod for ClusterIpKey {}
     unsafe impl aya::Pod for RejectLimit {}
     unsafe impl aya::Pod for RejectBucket {}
 }
 
 #[cfg(test)]
 mod tests {
-    extern crate std;
     use super::*;
     use core::mem::size_of;
 
-    /// The worked example of RFC 1071 §3, and an IPv4 header whose checksum verifies to zero.
-    #[test]
-    fn internet_checksum() {
-        let sum = checksum_add(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]);
-        assert_eq!(checksum_fold(sum), !0xddf2);
-        let header = [
-            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0, 1, 0xc0, 0xa8, 0, 0xc7,
-        ];
-        assert_eq!(
-            checksum_fold(checksum_add(0, &header)),
-            0,
-            "a correct header sums to zero"
-        );
-    }
-
-    /// An incremental update agrees with a checksum computed from scratch, for an address and
-    /// for a port.
-    #[test]
-    fn checksum_replace_matches_a_full_recomputation() {
-        let mut header = [
-            0x45, 0, 0, 0x73, 0, 0, 0x40, 0, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0, 1, 0xc0, 0xa8, 0, 0xc7,
-        ];
-        let check = checksum_fold(checksum_add(0, &header));
-        header[10..12].copy_from_slice(&check.to_be_bytes());
-        let updated = checksum_replace(check, &[0xc0, 0xa8, 0, 0xc7], &[10, 244, 2, 17]);
-        header[16..20].copy_from_slice(&[10, 244, 2, 17]);
-        header[10..12].copy_from_slice(&updated.to_be_bytes());
-        assert_eq!(
-            checksum_fold(checksum_add(0, &header)),
-            0,
-            "the updated header verifies"
-        );
-        header[10..12].copy_from_slice(&[0, 0]);
-        assert_eq!(updated, checksum_fold(checksum_add(0, &header)));
-        assert_eq!(
-            checksum_replace(0x1234, &[0, 80], &[0, 80]),
-            0x1234,
-            "no change, same sum"
-        );
-    }
-
-    #[test]
-    fn flow_hash_is_stable_and_spreads() {
-        // A pinned value: every node and every build must agree on it, or an upgrade would move
-        // flows between backends.
-        assert_eq!(
-            flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 40000, 80, 6),
-            1_861_148_423
-        );
-        let buckets = (0..10_000u16).fold([0u32; 10], |mut buckets, port| {
-            buckets[(flow_hash([10, 0, 0, 1], [10, 96, 0, 10], port, 80, 6) % 10) as usize] += 1;
-            buckets
-        });
-        assert!(
-            buckets.iter().all(|&n| (900..1100).contains(&n)),
-            "ports spread evenly: {buckets:?}"
-        );
-        assert_ne!(
-            flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 1, 2, 6),
-            flow_hash([10, 0, 0, 1], [10, 96, 0, 10], 2, 1, 6)
-        );
-    }
-
-    #[test]
-    fn fin_and_rst_mark_a_flow_closing_and_a_new_syn_reopens_it() {
-        use ct_flags::*;
-        assert_eq!(after_tcp_segment(0, TCP_SYN), 0);
-        assert_eq!(after_tcp_segment(0, TCP_ACK), 0);
-        assert_eq!(after_tcp_segment(0, TCP_FIN | TCP_ACK), CLOSING);
-        assert_eq!(after_tcp_segment(0, TCP_RST), CLOSING);
-        assert_eq!(
-            after_tcp_segment(CLOSING, TCP_ACK),
-            CLOSING,
-            "the last ACK stays closing"
-        );
-        assert_eq!(
-            after_tcp_segment(CLOSING, TCP_SYN | TCP_ACK),
-            CLOSING,
-            "a SYN-ACK is no new connection"
-        );
-        assert_eq!(after_tcp_segment(CLOSING, TCP_SYN), 0, "the tuple reused");
-    }
-
-    #[test]
-    fn the_reject_bucket_allows_a_burst_then_the_rate() {
-        const MS: u64 = 1_000_000;
-        let limit = RejectLimit::per_second(100, 5);
-        let mut bucket = RejectBucket::default();
-        let start = 1_000_000 * MS;
-        let burst = (0..20).filter(|_| bucket.take(&limit, start)).count();
-        assert_eq!(burst, 5, "a fresh bucket holds the burst");
-        assert!(
-            !bucket.take(&limit, start + 9 * MS),
-            "10 ms earn one reply, 9 do not"
-        );
-        assert!(bucket.take(&limit, start + 10 * MS));
-        let later = (0..20)
-            .filter(|_| bucket.take(&limit, start + 10_000 * MS))
-            .count();
-        assert_eq!(later, 5, "credit never exceeds the burst");
-        let mut unlimited = RejectBucket::default();
-        assert!((0..1000).all(|_| unlimited.take(&RejectLimit::default(), start)));
-    }
-
+    /// The IPv4 layouts are those earlier builds pinned (pinned maps are reused across
+    /// upgrades); the IPv6 twins add no implicit padding.
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<ServiceKey<Ipv6>>(), 20);
         assert_eq!(size_of::<ServiceInfo>(), 20);
         assert_eq!(size_of::<AffinityKey>(), 8);
+        assert_eq!(size_of::<AffinityKey<Ipv6>>(), 20);
         assert_eq!(size_of::<AffinityEntry>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 12);
+        assert_eq!(size_of::<Backend<Ipv6>>(), 24);
         assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtKey<Ipv6>>(), 40);
         assert_eq!(size_of::<CtEntry>(), 24);
+        assert_eq!(size_of::<CtEntry<Ipv6>>(), 40);
         assert_eq!(size_of::<ServiceStats>(), 40);
         assert_eq!(size_of::<SockRevKey>(), 16);
+        assert_eq!(size_of::<SockRevKey<Ipv6>>(), 32);
         assert_eq!(size_of::<SockRevEntry>(), 8);
+        assert_eq!(size_of::<SockRevEntry<Ipv6>>(), 20);
+        assert_eq!(size_of::<SourceRangeKey>(), 8);
+        assert_eq!(size_of::<SourceRangeKey<Ipv6>>(), 20);
+        assert_eq!(size_of::<ClusterIpKey<Ipv6>>(), 16);
     }
 }

@@ -92,6 +92,7 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags,
+        pad: Default::default(),
         last_seen_ns: now,
     };
     // A pod reaching itself (hairpin) sees the connection come from HAIRPIN_ADDR, and replies
@@ -203,6 +204,7 @@ pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
         nat_addr: flow.src_addr,
         nat_port: flow.src_port,
         flags: 0,
+        pad: Default::default(),
         // SAFETY: a plain helper call without arguments.
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
     };

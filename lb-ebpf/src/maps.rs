@@ -1,5 +1,6 @@
 //! The maps, declared with BTF so `bpftool map dump` prints field names. The agent pins each one
-//! under its own name; see `lb_common::map_names`.
+//! under its own name; see `lb_common::map_names`. Each map keyed or valued by an address has an
+//! IPv6 twin named with a `6`, of the same generic type over `Ipv6`.
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
@@ -7,7 +8,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats, SlotKey,
+    Ipv6, MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats, SlotKey,
     SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
@@ -16,6 +17,9 @@ const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
 pub static SB_SERVICES: HashMap<ServiceKey, ServiceInfo, { capacity::SERVICES as usize }> = HashMap::new();
+#[btf_map]
+pub static SB_SERVICES6: HashMap<ServiceKey<Ipv6>, ServiceInfo, { capacity::SERVICES as usize }> =
+    HashMap::new();
 
 /// (service id, slot) → backend id; slots `0..backend_count` are valid.
 #[btf_map]
@@ -25,11 +29,16 @@ pub static SB_BACKEND_SLOTS: HashMap<SlotKey, BackendId, { capacity::BACKEND_SLO
 /// Backend id → address, port and owning service.
 #[btf_map]
 pub static SB_BACKENDS: HashMap<BackendId, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+#[btf_map]
+pub static SB_BACKENDS6: HashMap<BackendId, Backend<Ipv6>, { capacity::BACKENDS as usize }> = HashMap::new();
 
 /// Both directions of every service flow. LRU: when full, the least recently used flow is
 /// forgotten instead of refusing a new one.
 #[btf_map]
 pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+#[btf_map]
+pub static SB_CONNTRACK6: LruHashMap<CtKey<Ipv6>, CtEntry<Ipv6>, { capacity::CONNTRACK as usize }> =
+    LruHashMap::new();
 
 /// Service id → its Maglev lookup table (table position → backend id). The agent writes a new
 /// table whole and then swaps it in, so a packet always sees a complete one. BPF_F_INNER_MAP lets
@@ -47,10 +56,16 @@ pub static SB_MAGLEV: HashOfMaps<
 #[btf_map]
 pub static SB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
     LruHashMap::new();
+#[btf_map]
+pub static SB_AFFINITY6: LruHashMap<AffinityKey<Ipv6>, AffinityEntry, { capacity::AFFINITY as usize }> =
+    LruHashMap::new();
 
 /// Every ClusterIP (→ its number of frontends), whatever the port.
 #[btf_map]
 pub static SB_CLUSTER_IPS: HashMap<ClusterIpKey, u32, { capacity::SERVICES as usize }> = HashMap::new();
+#[btf_map]
+pub static SB_CLUSTER_IPS6: HashMap<ClusterIpKey<Ipv6>, u32, { capacity::SERVICES as usize }> =
+    HashMap::new();
 
 /// The rate limit of RST/ICMP replies, written by the agent at start (all zero: none).
 #[btf_map]
@@ -64,15 +79,22 @@ pub static SB_REJECT_TOKENS: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
 /// answers on any of them.
 #[btf_map]
 pub static SB_NODE_ADDRS: HashMap<[u8; 4], u32, { capacity::NODE_ADDRS as usize }> = HashMap::new();
+#[btf_map]
+pub static SB_NODE_ADDRS6: HashMap<Ipv6, u32, { capacity::NODE_ADDRS as usize }> = HashMap::new();
 
 /// External interface index → the address a flow leaving through it for a backend on another
 /// node takes as its source.
 #[btf_map]
 pub static SB_SNAT_ADDRS: HashMap<u32, [u8; 4], { capacity::SNAT_ADDRS as usize }> = HashMap::new();
+#[btf_map]
+pub static SB_SNAT_ADDRS6: HashMap<u32, Ipv6, { capacity::SNAT_ADDRS as usize }> = HashMap::new();
 
 /// (service id, client prefix) → allowed, for LoadBalancer frontends with source ranges.
 #[btf_map]
 pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+#[btf_map]
+pub static SB_SOURCE_RANGES6: LpmTrie<SourceRangeKey<Ipv6>, u8, { capacity::SOURCE_RANGES as usize }> =
     LpmTrie::new();
 
 /// (socket cookie, backend) → the frontend a socket of the node asked for, so its peer and the
@@ -80,6 +102,12 @@ pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANG
 #[btf_map]
 pub static SB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { capacity::SOCK_REVNAT as usize }> =
     LruHashMap::new();
+#[btf_map]
+pub static SB_SOCK_REVNAT6: LruHashMap<
+    SockRevKey<Ipv6>,
+    SockRevEntry<Ipv6>,
+    { capacity::SOCK_REVNAT as usize },
+> = LruHashMap::new();
 
 /// Settings the agent writes, indexed by `lb_common::config`.
 #[btf_map]

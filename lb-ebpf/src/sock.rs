@@ -73,6 +73,7 @@ pub fn translate_destination(ctx: &SockAddrContext) -> bool {
         addr: backend.addr,
         port: backend.port,
         pad: 0,
+        pad_addr: Default::default(),
     };
     let frontend = SockRevEntry {
         addr: flow.dst_addr,
@@ -104,6 +105,7 @@ pub fn restore_peer(ctx: &SockAddrContext) {
         addr: ip.to_ne_bytes(),
         port: u16::from_be(port as u16),
         pad: 0,
+        pad_addr: Default::default(),
     };
     // SAFETY: copied out at once.
     if let Some(frontend) = unsafe { SB_SOCK_REVNAT.get(key).copied() } {
