@@ -19,13 +19,19 @@ pub fn checksum_replace(checksum: u16, old: &[u8], new: &[u8]) -> u16 {
 /// The Internet checksum (RFC 1071) of `bytes` added to `sum`, not yet folded.
 #[inline(always)]
 pub fn checksum_add(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
-        i += 2;
+    // Read by 32-bit words: the eBPF backend keeps an address read this way in whole words,
+    // where 16-bit reads would split it into twice as many registers (and stack slots).
+    let (words, rest) = bytes.as_chunks::<4>();
+    for word in words {
+        let word = u32::from_be_bytes(*word);
+        sum += (word >> 16) + (word & 0xffff);
     }
-    if i < bytes.len() {
-        sum += u32::from(bytes[i]) << 8;
+    let (pairs, last) = rest.as_chunks::<2>();
+    for pair in pairs {
+        sum += u32::from(u16::from_be_bytes(*pair));
+    }
+    if let [byte] = last {
+        sum += u32::from(*byte) << 8;
     }
     sum
 }
