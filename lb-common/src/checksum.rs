@@ -1,6 +1,5 @@
 //! Internet checksum arithmetic (RFC 1071, RFC 1624), plain functions over bytes so the host's
 //! tests cover what the datapath runs.
-use crate::IPPROTO_TCP;
 
 /// `checksum` (an RFC 1071 checksum as stored) after the bytes `old` of the data it covers were
 /// replaced by `new` (RFC 1624, eq. 3). Both must have the same even length.
@@ -42,15 +41,6 @@ pub fn checksum_fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
-}
-
-/// The TCP checksum of a header-only segment (no payload) between two IPv4 addresses.
-#[inline(always)]
-pub fn tcp_ipv4_checksum(src: [u8; 4], dst: [u8; 4], segment: &[u8; 20]) -> u16 {
-    let mut sum = checksum_add(0, &src);
-    sum = checksum_add(sum, &dst);
-    sum += u32::from(IPPROTO_TCP) + segment.len() as u32;
-    checksum_fold(checksum_add(sum, segment))
 }
 
 #[cfg(test)]

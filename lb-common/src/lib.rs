@@ -175,10 +175,12 @@ pub mod program_names {
     pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
     pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
     pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
-    /// The IPv4 hooks.
-    pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
-    /// The IPv6 hooks.
-    pub const SOCKET6: [&str; 4] = [
+    /// Every socket hook, both families'.
+    pub const SOCKET: [&str; 8] = [
+        SOCK_CONNECT,
+        SOCK_SENDMSG,
+        SOCK_RECVMSG,
+        SOCK_GETPEERNAME,
         SOCK_CONNECT6,
         SOCK_SENDMSG6,
         SOCK_RECVMSG6,
