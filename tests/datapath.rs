@@ -512,7 +512,7 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
         DesiredService {
             name: "test/web".into(),
             cluster_ip: true,
-            backends: BACKENDS.to_vec(),
+            backends: BACKENDS.map(Into::into).to_vec(),
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: Some(10_800),
@@ -528,8 +528,8 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
     let old = backend_of(&mut lb, &tcp_syn(established, (CLUSTER_IP, 80)));
 
     let service = desired.get_mut(&web).unwrap();
-    service.backends.retain(|b| *b != old);
-    service.draining = vec![old];
+    service.backends.retain(|b| *b != old.into());
+    service.draining = vec![old.into()];
     lb.apply(&desired);
     for _ in 0..5 {
         assert_eq!(
@@ -624,7 +624,7 @@ fn a_cluster_ip_on_a_port_no_service_defines_is_refused() {
     assert_eq!(lb.maps.stat(Stat::UndefinedPort).unwrap(), 3);
     assert_eq!(lb.maps.stat(Stat::NewFlows).unwrap(), 0);
 
-    lb.program(&[]);
+    lb.program::<lb_common::Ipv4>(&[]);
     let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, syn, "no longer a ClusterIP: untouched");

@@ -31,7 +31,7 @@ const BACKEND: Endpoint = ([10, 244, 2, 10], 3000);
 fn service(external: External, backends: &[Endpoint]) -> DesiredService {
     DesiredService {
         name: "test/web".into(),
-        backends: backends.to_vec(),
+        backends: backends.iter().map(|&b| b.into()).collect(),
         external: Some(external),
         ..DesiredService::default()
     }
@@ -164,7 +164,7 @@ fn load_balancer_source_ranges_admit_only_their_clients() {
     let lb = frontend(LB_IP, 80, IPPROTO_TCP);
     let ranges = External {
         local: false,
-        source_ranges: Some(vec![([203, 0, 113, 0], 24)]),
+        source_ranges: Some(vec![([203, 0, 113, 0].into(), 24)]),
     };
     let mut loaded = loaded("np-ranges", &[(lb, service(ranges, &[BACKEND]))]);
     let (verdict, forwarded) = ingress(&mut loaded, &tcp_syn(CLIENT, (LB_IP, 80)));
@@ -222,7 +222,7 @@ fn node_ports_answer_only_on_node_addresses_and_other_traffic_passes_untouched()
 fn a_restarted_agent_reads_external_frontends_back_and_rewrites_nothing() {
     let ranges = External {
         local: false,
-        source_ranges: Some(vec![([203, 0, 113, 0], 24), ([10, 0, 0, 0], 8)]),
+        source_ranges: Some(vec![([203, 0, 113, 0].into(), 24), ([10, 0, 0, 0].into(), 8)]),
     };
     let services = [
         (
@@ -236,7 +236,10 @@ fn a_restarted_agent_reads_external_frontends_back_and_rewrites_nothing() {
         (key, DesiredService { maglev, ..service })
     });
     let loaded = loaded("np-restart", &services);
-    let desired = services.iter().cloned().collect();
+    let desired = services
+        .iter()
+        .map(|(key, service)| ((*key).into(), service.clone()))
+        .collect();
     let mut restarted = lb_userspace::reconcile::Reconciler::new(loaded.maps.read_programmed().unwrap());
     let mut maps = loaded.datapath.maps().unwrap();
     let report = restarted.apply(&desired, &mut maps);
