@@ -5,27 +5,32 @@
 //! Most tests are written once over the address family and run for each
 //! (`test_name::ipv4`, `test_name::ipv6`); what only one family has is tested for it alone.
 mod common;
-#[path = "common/families.rs"]
-mod families;
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use common::{
-    Loaded,
+    Loaded, frontend,
     packets::{
-        Endpoint, addresses_with_valid_checksums, tcp_close, tcp_data, tcp_syn, udp, v6, with_ipv6_extensions,
+        Endpoint, Family, addresses_with_valid_checksums, tcp_close, tcp_data, tcp_syn, udp, v6,
+        with_ipv6_extensions,
     },
     run_on,
 };
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
-use families::{Desired, Programmable, cluster_ip, frontend, program};
 use lb_common::{
-    CtEntry, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, RejectLimit, Stat, ct_direction, ct_flags, program_names,
+    CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, RejectLimit, Stat, ct_direction, ct_flags,
+    program_names,
 };
-use lb_userspace::datapath::conntrack_gc;
+use lb_userspace::{
+    datapath::conntrack_gc,
+    reconcile::{DesiredService, FrontendKey},
+};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -35,7 +40,7 @@ const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 20];
 const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 
 /// The addresses the tests use, in each family, and what differs in how a family is refused.
-trait Net: Programmable {
+trait Net: Family {
     const CLIENT: Self;
     const CLUSTER_IP: Self;
     const BACKENDS: [Endpoint<Self>; 3];
@@ -51,6 +56,8 @@ trait Net: Programmable {
     /// What a port unreachable quotes of `datagram` (a frame): its IP header and 8 bytes for
     /// IPv4, the whole packet (as far as 1280 bytes allow) for IPv6.
     fn quoted(datagram: &[u8]) -> &[u8];
+    /// This family's conntrack entries.
+    fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)>;
 }
 
 impl Net for Ipv4 {
@@ -92,6 +99,10 @@ impl Net for Ipv4 {
 
     fn quoted(datagram: &[u8]) -> &[u8] {
         &datagram[14..14 + 28]
+    }
+
+    fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)> {
+        lb.maps.conntrack.iter().map(Result::unwrap).collect()
     }
 }
 
@@ -137,6 +148,10 @@ impl Net for Ipv6 {
     fn quoted(datagram: &[u8]) -> &[u8] {
         &datagram[14..datagram.len().min(14 + 1232)]
     }
+
+    fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)> {
+        lb.maps.conntrack6.iter().map(Result::unwrap).collect()
+    }
 }
 
 /// Runs each test written over the family once per family, as `name::ipv4` and `name::ipv6`.
@@ -173,23 +188,34 @@ for_each_family!(
     a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back,
 );
 
+/// What the reconciler is given for a ClusterIP frontend with `backends`.
+fn cluster_ip<A: Net>(backends: &[Endpoint<A>]) -> DesiredService {
+    DesiredService {
+        name: "test/cluster-ip".into(),
+        cluster_ip: true,
+        backends: socket_addrs(backends),
+        ..DesiredService::default()
+    }
+}
+
+fn socket_addrs<A: Net>(endpoints: &[Endpoint<A>]) -> Vec<SocketAddr> {
+    endpoints.iter().map(|&endpoint| endpoint.into()).collect()
+}
+
 /// The TCP frontend CLUSTER_IP:80 and the UDP one CLUSTER_IP:53 of family `A`, with `tcp` and
 /// `udp` backends.
-fn web_and_dns<A: Net>(
-    tcp: &[Endpoint<A>],
-    udp: &[Endpoint<A>],
-) -> [(lb_common::ServiceKey<A>, Desired<A>); 2] {
-    [
-        (frontend(A::CLUSTER_IP, 80, IPPROTO_TCP), cluster_ip(tcp)),
-        (frontend(A::CLUSTER_IP, 53, IPPROTO_UDP), cluster_ip(udp)),
-    ]
+fn web_and_dns<A: Net>(tcp: &[Endpoint<A>], udp: &[Endpoint<A>]) -> BTreeMap<FrontendKey, DesiredService> {
+    BTreeMap::from([
+        (frontend(A::CLUSTER_IP, 80, IPPROTO_TCP).into(), cluster_ip(tcp)),
+        (frontend(A::CLUSTER_IP, 53, IPPROTO_UDP).into(), cluster_ip(udp)),
+    ])
 }
 
 /// A datapath with TCP and UDP frontends on CLUSTER_IP:80 and :53 of family `A`, three backends
 /// and two.
 fn loaded<A: Net>(tag: &str) -> Loaded {
     let mut loaded = Loaded::new(tag);
-    A::apply(&mut loaded, &web_and_dns(&A::BACKENDS, &A::DNS_BACKENDS));
+    loaded.apply(&web_and_dns(&A::BACKENDS, &A::DNS_BACKENDS));
     for name in [program_names::FROM_POD, program_names::TO_POD] {
         loaded.tc(name).load().unwrap();
     }
@@ -297,7 +323,7 @@ fn a_flow_whose_backend_was_removed_is_rebalanced_not_black_holed<A: Net>() {
     let query = udp((A::CLIENT, 34000), (A::CLUSTER_IP, 53), b"q1");
     let first = backend_of::<A>(&mut lb, &query);
     let survivor = A::DNS_BACKENDS.into_iter().find(|b| *b != first).unwrap();
-    A::apply(&mut lb, &web_and_dns(&A::BACKENDS, &[survivor]));
+    lb.apply(&web_and_dns(&A::BACKENDS, &[survivor]));
 
     assert_eq!(
         backend_of(&mut lb, &udp((A::CLIENT, 34000), (A::CLUSTER_IP, 53), b"q2")),
@@ -321,7 +347,7 @@ fn a_flow_whose_backend_was_removed_is_rebalanced_not_black_holed<A: Net>() {
 /// quoting the datagram, as a closed port would; it never leaks to the ClusterIP.
 fn udp_to_a_service_without_endpoints_gets_a_port_unreachable_back<A: Net>() {
     let mut lb = loaded::<A>("empty");
-    A::apply(&mut lb, &web_and_dns(&A::BACKENDS, &[]));
+    lb.apply(&web_and_dns(&A::BACKENDS, &[]));
     // Odd-length, so the checksum's padding of the last byte counts.
     let query = udp(
         (A::CLIENT, 40002),
@@ -397,8 +423,7 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow<A: 
         .zip([A::BACKENDS.to_vec(), A::BACKENDS.iter().rev().copied().collect()])
     {
         // The second node lists the backends in another order: ids differ, choices must not.
-        program(
-            node,
+        node.program_all(
             &[(frontend(A::CLUSTER_IP, 80, IPPROTO_TCP), &backends)],
             maglev,
             None,
@@ -424,8 +449,7 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow<A: 
     let before = backend_of::<A>(&mut nodes[0], &flow);
     let fresh = Loaded::new("maglev-c");
     let mut fresh = fresh;
-    program(
-        &mut fresh,
+    fresh.program_all(
         &[(frontend(A::CLUSTER_IP, 80, IPPROTO_TCP), &A::BACKENDS)],
         maglev,
         None,
@@ -443,7 +467,7 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow<A: 
 fn with_client_ip_affinity_a_client_sticks_to_its_backend<A: Net>() {
     let mut lb = Loaded::new("affinity");
     let web = frontend(A::CLUSTER_IP, 80, IPPROTO_TCP);
-    program(&mut lb, &[(web, &A::BACKENDS)], None, Some(10_800));
+    lb.program_all(&[(web, &A::BACKENDS)], None, Some(10_800));
     lb.tc(program_names::FROM_POD).load().unwrap();
     let backend_for = |lb: &mut Loaded, client: A, port: u16| {
         backend_of::<A>(lb, &tcp_syn((client, port), (A::CLUSTER_IP, 80)))
@@ -463,7 +487,7 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend<A: Net>() {
 
     // The client's backend is removed: its next connection goes to a live one, and sticks there.
     let survivors: Vec<_> = A::BACKENDS.into_iter().filter(|b| *b != first).collect();
-    program(&mut lb, &[(web, &survivors)], None, Some(10_800));
+    lb.program_all(&[(web, &survivors)], None, Some(10_800));
     let moved = backend_for(&mut lb, A::CLIENT, 21000);
     assert!(
         survivors.contains(&moved),
@@ -474,7 +498,7 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend<A: Net>() {
     }
 
     // Switched off live: the same client is balanced again.
-    program(&mut lb, &[(web, &survivors)], None, None);
+    lb.program_all(&[(web, &survivors)], None, None);
     let spread: BTreeSet<_> = (22000..22040)
         .map(|port| backend_for(&mut lb, A::CLIENT, port))
         .collect();
@@ -490,19 +514,23 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend<A: Net>() {
 fn a_draining_backend_keeps_its_flows_and_gets_no_new_one<A: Net>() {
     let mut lb = Loaded::new("draining");
     let web = frontend(A::CLUSTER_IP, 80, IPPROTO_TCP);
-    let mut desired = Desired {
-        maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
-        affinity_timeout: Some(10_800),
-        ..cluster_ip(&A::BACKENDS)
-    };
-    A::apply(&mut lb, &[(web, desired.clone())]);
+    let mut desired = BTreeMap::from([(
+        web,
+        DesiredService {
+            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            affinity_timeout: Some(10_800),
+            ..cluster_ip(&A::BACKENDS)
+        },
+    )]);
+    lb.apply(&desired);
     lb.tc(program_names::FROM_POD).load().unwrap();
     let established = (A::CLIENT, 40100);
     let old = backend_of::<A>(&mut lb, &tcp_syn(established, (A::CLUSTER_IP, 80)));
 
-    desired.backends.retain(|b| *b != old);
-    desired.draining = vec![old];
-    A::apply(&mut lb, &[(web, desired.clone())]);
+    let service = desired.get_mut(&web).unwrap();
+    service.backends.retain(|b| *b != old.into());
+    service.draining = socket_addrs(&[old]);
+    lb.apply(&desired);
     for _ in 0..5 {
         assert_eq!(
             backend_of(&mut lb, &tcp_data(established, (A::CLUSTER_IP, 80), b"more")),
@@ -525,8 +553,8 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one<A: Net>() {
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
 
     // Gone for good: its flow moves to a live backend instead of being black-holed.
-    desired.draining.clear();
-    A::apply(&mut lb, &[(web, desired)]);
+    desired.get_mut(&web).unwrap().draining.clear();
+    lb.apply(&desired);
     let moved = backend_of(&mut lb, &tcp_data(established, (A::CLUSTER_IP, 80), b"again"));
     assert_ne!(moved, old);
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 1);
@@ -564,7 +592,7 @@ fn a_cluster_ip_on_a_port_no_service_defines_is_refused<A: Net>() {
     assert_eq!(lb.maps.stat(Stat::UndefinedPort).unwrap(), 3);
     assert_eq!(lb.maps.stat(Stat::NewFlows).unwrap(), 0);
 
-    A::apply(&mut lb, &[]);
+    lb.apply(&BTreeMap::<FrontendKey, DesiredService>::new());
     let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(out, syn, "no longer a ClusterIP: untouched");
@@ -574,7 +602,7 @@ fn a_cluster_ip_on_a_port_no_service_defines_is_refused<A: Net>() {
 /// back towards the pod, so the client sees "connection refused" instead of a timeout.
 fn a_syn_to_a_service_without_endpoints_gets_a_reset_back<A: Net>() {
     let mut lb = loaded::<A>("reset");
-    A::apply(&mut lb, &web_and_dns(&[], &A::DNS_BACKENDS));
+    lb.apply(&web_and_dns(&[], &A::DNS_BACKENDS));
     let syn = tcp_syn((A::CLIENT, 40010), (A::CLUSTER_IP, 80));
     let (verdict, out) = run(&mut lb, program_names::FROM_POD, &syn);
     assert_eq!(
@@ -675,7 +703,7 @@ fn refusals_beyond_the_rate_limit_are_dropped<A: Net>() {
     one_cpu.set(0).unwrap();
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
     let mut lb = loaded::<A>("ratelimit");
-    A::apply(&mut lb, &web_and_dns(&[], &[]));
+    lb.apply(&web_and_dns::<A>(&[], &[]));
     lb.datapath
         .set_reject_limit(RejectLimit::per_second(1, 5))
         .unwrap();
@@ -715,8 +743,7 @@ fn refusals_beyond_the_rate_limit_are_dropped<A: Net>() {
 fn a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back<A: Net>() {
     let mut lb = Loaded::new("hairpin");
     let itself = (A::CLIENT, 3000);
-    program(
-        &mut lb,
+    lb.program_all(
         &[(frontend(A::CLUSTER_IP, 80, IPPROTO_TCP), &[itself])],
         None,
         None,
@@ -1048,7 +1075,7 @@ fn ipv6_extension_headers_are_walked_and_kept() {
         ((Ipv6::CLUSTER_IP, 80), (Ipv6::CLIENT, 40300))
     );
 
-    Ipv6::apply(&mut lb, &web_and_dns(&[], &[]));
+    lb.apply(&web_and_dns::<Ipv6>(&[], &[]));
     let refused = with_ipv6_extensions(
         &tcp_syn((Ipv6::CLIENT, 40301), (Ipv6::CLUSTER_IP, 80)),
         &[(DESTINATION_OPTIONS, 0)],
@@ -1069,13 +1096,13 @@ fn ipv6_packets_that_are_not_ours_pass_byte_identical() {
     const ESP: u8 = 50;
     const AH: u8 = 51;
     const DESTINATION_OPTIONS: u8 = 60;
-    let mut lb = loaded::<Ipv6>("v6-other");
-    program(
-        &mut lb,
-        &[(frontend(Ipv4::CLUSTER_IP, 80, IPPROTO_TCP), &Ipv4::BACKENDS)],
-        None,
-        None,
-    );
+    let mut lb = Loaded::new("v6-other");
+    let mut both = web_and_dns(&Ipv6::BACKENDS, &Ipv6::DNS_BACKENDS);
+    both.extend(web_and_dns(&Ipv4::BACKENDS, &Ipv4::DNS_BACKENDS));
+    lb.apply(&both);
+    for name in [program_names::FROM_POD, program_names::TO_POD] {
+        lb.tc(name).load().unwrap();
+    }
     let (client, web) = ((Ipv6::CLIENT, 40400), (Ipv6::CLUSTER_IP, 80));
     let syn = tcp_syn(client, web);
     let mut zero_checksum = udp(client, (Ipv6::CLUSTER_IP, 53), b"q");
@@ -1137,7 +1164,7 @@ fn ipv6_packets_that_are_not_ours_pass_byte_identical() {
 #[test]
 fn a_port_unreachable_quotes_a_long_datagram_up_to_1280_bytes() {
     let mut lb = loaded::<Ipv6>("long-quote");
-    Ipv6::apply(&mut lb, &web_and_dns(&Ipv6::BACKENDS, &[]));
+    lb.apply(&web_and_dns(&Ipv6::BACKENDS, &[]));
     let query = udp((Ipv6::CLIENT, 40500), (Ipv6::CLUSTER_IP, 53), &[0x5a; 1400]);
     let (verdict, out) = run(&mut lb, program_names::FROM_POD, &query);
     assert_eq!(verdict, TC_ACT_REDIRECT);

@@ -1,20 +1,31 @@
-//! Map layout migration on real pinned maps: maps pinned by an earlier build (an older value
-//! layout, a smaller capacity) are created and filled with raw bpf(2) calls, then this build's
-//! datapath is loaded over them and a packet of a carried flow goes through it.
+//! Pinned maps across loads of the datapath. Layout migration: maps pinned by an earlier build
+//! (an older value layout, a smaller capacity) are created and filled with raw bpf(2) calls,
+//! then this build's datapath is loaded over them and a packet of a carried flow goes through
+//! it. And both address families' maps, programmed and read back by a reloaded datapath.
 mod common;
 
-use std::{ffi::CString, os::fd::AsFd as _, os::fd::AsRawFd as _, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::CString,
+    net::{Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    os::fd::AsRawFd as _,
+    path::Path,
+};
 
 use aya::{
     maps::{MapData, MapInfo},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use common::{PinDir, packets, require_root};
+use common::{Loaded, PinDir, packets, require_root};
 use lb_common::{
-    Backend, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, ServiceKey, SlotKey, capacity, ct_direction,
-    map_names, program_names,
+    Backend, BackendId, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, Ipv6, ServiceInfo, ServiceKey, SlotKey,
+    SourceRangeKey, backend_flags, capacity, ct_direction, map_names, program_names, service_flags,
 };
-use lb_userspace::datapath::{Datapath, bpffs};
+use lb_userspace::{
+    datapath::{Datapath, bpffs},
+    reconcile::{DesiredService, External, FrontendKey, Reconciler},
+};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
@@ -298,5 +309,182 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
         (stats.packets, stats.new_flows),
         (2, 0),
         "both flows were established ones"
+    );
+}
+
+/// A dual-stack Service programmed through the reconciler: each family's frontends, backends,
+/// ClusterIPs and source ranges are in that family's pinned maps, slots and Maglev tables in the
+/// shared ones under ids of one space; a datapath loaded again over the same pins (an agent
+/// restart) reads both families back, and the restarted reconciler rewrites nothing.
+#[test]
+fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
+    let mut loaded = Loaded::new("dualstack");
+    let key = |addr: &str, port| FrontendKey {
+        addr: addr.parse().unwrap(),
+        port,
+        proto: IPPROTO_TCP,
+    };
+    let socket = |text: &str| -> SocketAddr { text.parse().unwrap() };
+    let cluster_service = |backends: &[&str], draining: &[&str]| DesiredService {
+        name: "test/web:80".into(),
+        cluster_ip: true,
+        backends: backends.iter().map(|b| socket(b)).collect(),
+        draining: draining.iter().map(|b| socket(b)).collect(),
+        maglev: Some(251),
+        ..DesiredService::default()
+    };
+    let (web4, web6, lb6) = (
+        key("10.96.0.10", 80),
+        key("fd00::10", 80),
+        key("2001:db8:7::7", 80),
+    );
+    let desired = BTreeMap::from([
+        (
+            web4,
+            cluster_service(&["10.244.0.10:3000", "10.244.0.11:3000"], &[]),
+        ),
+        (
+            web6,
+            cluster_service(
+                &["[fd00:244::10]:3000", "[fd00:244::11]:3000"],
+                &["[fd00:244::12]:3000"],
+            ),
+        ),
+        (
+            lb6,
+            DesiredService {
+                name: "test/web:80 (LoadBalancer)".into(),
+                backends: vec![socket("[fd00:244::10]:3000")],
+                external: Some(External {
+                    local: false,
+                    source_ranges: Some(vec![("2001:db8::".parse().unwrap(), 32)]),
+                }),
+                ..DesiredService::default()
+            },
+        ),
+    ]);
+    loaded.apply(&desired);
+    let maps = &loaded.maps;
+
+    let service6 = |addr: &str| ServiceKey::<Ipv6> {
+        addr: addr.parse::<Ipv6Addr>().unwrap().octets(),
+        port: 80,
+        proto: IPPROTO_TCP,
+        pad: 0,
+    };
+    let info6 = maps
+        .services6
+        .get(&service6("fd00::10"), 0)
+        .expect("the IPv6 ClusterIP frontend is in SB_SERVICES6");
+    let lb_info6 = maps.services6.get(&service6("2001:db8:7::7"), 0).unwrap();
+    assert_eq!(
+        (info6.backend_count, info6.flags, info6.maglev_table_size),
+        (2, service_flags::MAGLEV, 251)
+    );
+    assert_eq!(
+        lb_info6.flags & (service_flags::EXTERNAL_SNAT | service_flags::SOURCE_RANGES),
+        service_flags::EXTERNAL_SNAT | service_flags::SOURCE_RANGES
+    );
+    let info4 = maps
+        .services
+        .get(
+            &ServiceKey {
+                addr: [10, 96, 0, 10],
+                ..FRONTEND
+            },
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        maps.services.keys().count(),
+        1,
+        "SB_SERVICES holds the IPv4 frontend alone"
+    );
+    let ids = [info4.id, info6.id, lb_info6.id];
+    assert_eq!(BTreeSet::from(ids).len(), 3, "one service id space: {ids:?}");
+
+    let backends4: BTreeMap<BackendId, Backend> = maps.backends.iter().map(Result::unwrap).collect();
+    let backends6: BTreeMap<BackendId, Backend<Ipv6>> = maps.backends6.iter().map(Result::unwrap).collect();
+    assert_eq!(backends4.len(), 2, "{backends4:?}");
+    assert_eq!(
+        backends6.len(),
+        4,
+        "two ready, one draining, one of the LoadBalancer: {backends6:?}"
+    );
+    assert!(
+        backends4.keys().all(|id| !backends6.contains_key(id)),
+        "one backend id space: {backends4:?} {backends6:?}"
+    );
+    let draining: Vec<Ipv6Addr> = backends6
+        .values()
+        .filter(|b| b.flags == backend_flags::DRAINING)
+        .map(|b| b.addr.into())
+        .collect();
+    assert_eq!(draining, ["fd00:244::12".parse::<Ipv6Addr>().unwrap()]);
+    for slot in 0..2 {
+        let id = maps
+            .slots
+            .get(
+                &SlotKey {
+                    service_id: info6.id,
+                    slot,
+                },
+                0,
+            )
+            .expect("the IPv6 frontend's slots are in the shared slots map");
+        let backend = backends6[&id];
+        assert_eq!(
+            (backend.service_id, backend.port, backend.flags),
+            (info6.id, 3000, 0)
+        );
+    }
+    assert!(
+        maps.maglev.get(&info6.id, 0).is_ok(),
+        "its Maglev table is in the shared SB_MAGLEV"
+    );
+    assert_eq!(
+        maps.cluster_ips6
+            .get(
+                &ClusterIpKey {
+                    addr: "fd00::10".parse::<Ipv6Addr>().unwrap().octets()
+                },
+                0
+            )
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        maps.cluster_ips6.keys().count(),
+        1,
+        "a LoadBalancer IP is no ClusterIP"
+    );
+    let ranges: Vec<(u32, SourceRangeKey<Ipv6>)> = maps
+        .source_ranges6
+        .keys()
+        .map(|key| {
+            let key = key.unwrap();
+            (key.prefix_len(), key.data())
+        })
+        .collect();
+    let range = SourceRangeKey {
+        service_id: lb_info6.id.to_be_bytes(),
+        addr: "2001:db8::".parse::<Ipv6Addr>().unwrap().octets(),
+    };
+    assert_eq!(ranges, [(32 + 32, range)]);
+
+    // An agent restart: a new datapath over the same pins, a reconciler from what it reads.
+    let reloaded = Datapath::load(loaded.pins.path()).unwrap();
+    let mut maps = reloaded.maps().unwrap();
+    let programmed = maps.read_programmed().unwrap();
+    assert_eq!(
+        &programmed,
+        loaded.reconciler.programmed(),
+        "both families are read back"
+    );
+    let report = Reconciler::new(programmed).apply(&desired, &mut maps);
+    assert_eq!(
+        (report.writes, report.deletes, report.failed.len()),
+        (0, 0, 0),
+        "nothing is rewritten: {report:?}"
     );
 }

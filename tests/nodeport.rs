@@ -3,16 +3,16 @@
 //! (`nodeport_egress`), with maps programmed by the real reconciler. Each test is written once
 //! over the address family and run for each (`test_name::ipv4`, `test_name::ipv6`).
 mod common;
-#[path = "common/families.rs"]
-mod families;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use common::{
-    Loaded,
-    packets::{Endpoint, addresses_with_valid_checksums, tcp_data, tcp_syn, udp, v6},
+    Loaded, frontend,
+    packets::{Endpoint, Family, addresses_with_valid_checksums, tcp_data, tcp_syn, udp, v6},
     run_on,
 };
-use families::{Desired, ExternalPolicy, Programmable, desired_services, frontend};
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, ServiceKey, Stat, program_names};
+use lb_userspace::reconcile::{DesiredService, External, FrontendKey, Reconciler};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -25,7 +25,7 @@ const NODE_PORT: u16 = 30_080;
 const LOOPBACK_INDEX: u32 = 1;
 
 /// The addresses the tests use, in each family.
-trait Net: Programmable {
+trait Net: Family {
     /// The node's address, which flows leaving for other nodes also take.
     const NODE: Self;
     /// Another node's address.
@@ -90,16 +90,25 @@ for_each_family!(
 
 /// An external frontend with `backends`: `externalTrafficPolicy: Local` or not, and its source
 /// ranges.
-fn service<A: Net>(local: bool, source_ranges: Option<Vec<(A, u8)>>, backends: &[Endpoint<A>]) -> Desired<A> {
-    Desired {
-        backends: backends.to_vec(),
-        external: Some(ExternalPolicy { local, source_ranges }),
-        ..Desired::default()
+fn service<A: Net>(
+    local: bool,
+    source_ranges: Option<Vec<(A, u8)>>,
+    backends: &[Endpoint<A>],
+) -> DesiredService {
+    let source_ranges = source_ranges.map(|ranges| {
+        let ranges = ranges.into_iter();
+        ranges.map(|(addr, len)| (addr.into(), len)).collect()
+    });
+    DesiredService {
+        name: "test/web".into(),
+        backends: backends.iter().map(|&backend| backend.into()).collect(),
+        external: Some(External { local, source_ranges }),
+        ..DesiredService::default()
     }
 }
 
 /// A NodePort frontend of `proto` with policy Cluster and `backends`.
-fn node_port<A: Net>(proto: u8, backends: &[Endpoint<A>]) -> (ServiceKey<A>, Desired<A>) {
+fn node_port<A: Net>(proto: u8, backends: &[Endpoint<A>]) -> (ServiceKey<A>, DesiredService) {
     (
         frontend(A::UNSPECIFIED, NODE_PORT, proto),
         service(false, None, backends),
@@ -108,10 +117,12 @@ fn node_port<A: Net>(proto: u8, backends: &[Endpoint<A>]) -> (ServiceKey<A>, Des
 
 /// A datapath with the node's address and its SNAT address set, `services` programmed and the
 /// three programs loaded.
-fn loaded<A: Net>(tag: &str, services: &[(ServiceKey<A>, Desired<A>)]) -> Loaded {
+fn loaded<A: Net>(tag: &str, services: &[(ServiceKey<A>, DesiredService)]) -> Loaded {
     let mut loaded = Loaded::new(tag);
-    A::apply(&mut loaded, services);
-    A::set_node_addrs(&mut loaded, &[A::NODE], &[(LOOPBACK_INDEX, A::NODE)]);
+    loaded.apply(&services.iter().cloned().collect());
+    loaded.maps.set_node_addrs(&BTreeSet::from([A::NODE])).unwrap();
+    let snat = BTreeMap::from([(LOOPBACK_INDEX, A::NODE)]);
+    loaded.maps.set_snat_addrs(&snat).unwrap();
     loaded.xdp(program_names::NODEPORT_XDP).load().unwrap();
     for name in [program_names::NODEPORT_TC, program_names::NODEPORT_EGRESS] {
         loaded.tc(name).load().unwrap();
@@ -197,7 +208,7 @@ fn external_traffic_policy_local_keeps_the_client_and_drops_without_local_endpoi
         "np-local",
         &[
             (with, service(true, None, &[A::BACKEND])),
-            (without, service(true, None, &[])),
+            (without, service::<A>(true, None, &[])),
         ],
     );
     let (verdict, forwarded) = ingress(&mut loaded, &tcp_syn(A::CLIENT, (A::NODE, NODE_PORT)));
@@ -273,11 +284,15 @@ fn a_restarted_agent_reads_external_frontends_back_and_rewrites_nothing() {
     ];
     let services = services.map(|(key, service)| {
         let maglev = Some(31);
-        (key, Desired { maglev, ..service })
+        (key, DesiredService { maglev, ..service })
     });
     let loaded = loaded("np-restart", &services);
-    let mut restarted = lb_userspace::reconcile::Reconciler::new(loaded.maps.read_programmed().unwrap());
+    let desired: BTreeMap<FrontendKey, DesiredService> = services
+        .iter()
+        .map(|(key, service)| ((*key).into(), service.clone()))
+        .collect();
+    let mut restarted = Reconciler::new(loaded.maps.read_programmed().unwrap());
     let mut maps = loaded.datapath.maps().unwrap();
-    let report = restarted.apply(&desired_services(&services), &mut maps);
+    let report = restarted.apply(&desired, &mut maps);
     assert_eq!((report.writes, report.deletes, report.failed.len()), (0, 0, 0));
 }

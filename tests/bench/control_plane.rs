@@ -18,11 +18,10 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use lb_common::ServiceKey;
 use lb_userspace::{
     datapath::{Capacity, Datapath},
     lab::NetNs,
-    reconcile::{DesiredService, Reconciler},
+    reconcile::{DesiredService, FrontendKey, Reconciler},
 };
 use serde::{Deserialize, Serialize};
 
@@ -268,7 +267,7 @@ pub fn child(count: usize, changes: usize, budget: Duration) -> anyhow::Result<(
     let mut maps = datapath.maps()?;
     let mut reconciler = Reconciler::new(maps.read_programmed()?);
     let ports: Vec<_> = (0..count).map(services::filler).collect();
-    let mut desired: BTreeMap<ServiceKey, DesiredService> = services::desired(&ports);
+    let mut desired: BTreeMap<FrontendKey, DesiredService> = services::desired(&ports);
     drop(ports);
 
     let started = Instant::now();
@@ -276,7 +275,7 @@ pub fn child(count: usize, changes: usize, budget: Duration) -> anyhow::Result<(
     let full_sync_seconds = started.elapsed().as_secs_f64();
     ensure!(report.failed.is_empty(), "map writes failed: {:?}", report.failed);
 
-    let keys: Vec<ServiceKey> = desired.keys().copied().collect();
+    let keys: Vec<FrontendKey> = desired.keys().copied().collect();
     let mut change_seconds = Vec::new();
     let changes_started = Instant::now();
     for k in 0..changes {
@@ -289,9 +288,10 @@ pub fn child(count: usize, changes: usize, budget: Duration) -> anyhow::Result<(
             .expect("a key of the map");
         let slot = k % service.backends.len();
         service.backends[slot] = (
-            Ipv4Addr::from(u32::from_be_bytes([10, 64, 0, 0]) + k as u32).octets(),
+            Ipv4Addr::from(u32::from_be_bytes([10, 64, 0, 0]) + k as u32),
             8080,
-        );
+        )
+            .into();
         let started = Instant::now();
         let report = reconciler.apply(&desired, &mut maps);
         change_seconds.push(started.elapsed().as_secs_f64());

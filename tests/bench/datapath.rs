@@ -21,10 +21,10 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, bail, ensure};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use etherparse::PacketBuilder;
-use lb_common::{Backend, IPPROTO_TCP, ServiceInfo, ServiceKey, SlotKey, Stat, program_names};
+use lb_common::{IPPROTO_TCP, ServiceInfo, SlotKey, Stat, program_names};
 use lb_userspace::{
     datapath::{Capacity, Datapath, maps::ServiceMaps},
-    reconcile::MapWriter as _,
+    reconcile::{BackendEntry, MapWriter as _},
 };
 use serde::Serialize;
 
@@ -382,9 +382,8 @@ fn write_services(maps: &mut ServiceMaps, ports: &[ServicePort]) -> anyhow::Resu
     for (index, port) in ports.iter().enumerate() {
         let service_id = index as u32 + 1;
         for (slot, (ip, backend_port)) in port.endpoints.iter().enumerate() {
-            let backend = Backend {
-                addr: ip.octets(),
-                port: *backend_port,
+            let backend = BackendEntry {
+                addr: (*ip, *backend_port).into(),
                 proto: IPPROTO_TCP,
                 flags: 0,
                 service_id,
@@ -399,7 +398,7 @@ fn write_services(maps: &mut ServiceMaps, ports: &[ServicePort]) -> anyhow::Resu
             )?;
             next_backend += 1;
         }
-        let key: ServiceKey = services::service_key(port);
+        let key = services::service_key(port);
         let info = ServiceInfo {
             id: service_id,
             backend_count: port.endpoints.len() as u32,

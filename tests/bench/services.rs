@@ -3,8 +3,8 @@
 //! and the measured services whose endpoints are real pods.
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
-use lb_userspace::reconcile::DesiredService;
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_userspace::reconcile::{DesiredService, FrontendKey};
 
 use crate::kube_proxy_rules::{ClusterCidrs, Protocol, ServicePort};
 
@@ -50,31 +50,26 @@ pub fn with_fillers(measured: &[ServicePort], fillers: usize) -> Vec<ServicePort
     all
 }
 
-pub fn service_key(port: &ServicePort) -> ServiceKey {
-    ServiceKey {
-        addr: port.cluster_ip.octets(),
+pub fn service_key(port: &ServicePort) -> FrontendKey {
+    FrontendKey {
+        addr: port.cluster_ip.into(),
         port: port.port,
         proto: match port.protocol {
             Protocol::Tcp => IPPROTO_TCP,
             Protocol::Udp => IPPROTO_UDP,
         },
-        pad: 0,
     }
 }
 
 /// What Switchboard's planner would produce for these service ports: the reconciler's input.
-pub fn desired(ports: &[ServicePort]) -> BTreeMap<ServiceKey, DesiredService> {
+pub fn desired(ports: &[ServicePort]) -> BTreeMap<FrontendKey, DesiredService> {
     ports
         .iter()
         .map(|port| {
             let service = DesiredService {
                 name: format!("{}/{}:{}", port.namespace, port.name, port.port),
                 cluster_ip: true,
-                backends: port
-                    .endpoints
-                    .iter()
-                    .map(|(ip, port)| (ip.octets(), *port))
-                    .collect(),
+                backends: port.endpoints.iter().map(|&endpoint| endpoint.into()).collect(),
                 draining: Vec::new(),
                 // Random backend choice, like kube-proxy's.
                 maglev: None,

@@ -1,18 +1,22 @@
 //! What the integration tests share: a datapath loaded with its own pin directory, and its
-//! maps programmed through the real reconciler.
+//! maps programmed through the real reconciler, with frontends and backends of either family.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod agent;
 pub mod fake_api;
 pub mod packets;
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, TestRunResult, Xdp};
-use lb_common::ServiceKey;
+use lb_common::{Address, ServiceKey};
 pub use lb_userspace::lab::PinDir;
 use lb_userspace::{
     datapath::{Capacity, Datapath, maps::ServiceMaps},
-    reconcile::{BackendAddr, DesiredService, Reconciler},
+    reconcile::{DesiredService, FrontendKey, Reconciler},
 };
 
 /// Fails loudly instead of skipping: CI runs as root, and a skipped datapath test proves nothing.
@@ -22,6 +26,10 @@ pub fn require_root() {
         "these tests load eBPF programs and create network namespaces: run them as root (`cargo xtask test`)"
     );
 }
+
+/// ClusterIP frontends of one family (`[u8; 4]` or `[u8; 16]` addresses), each with its backends
+/// (address, port).
+pub type Frontends<'a, A> = [(ServiceKey<A>, &'a [(A, u16)])];
 
 /// A loaded datapath with its maps and a reconciler to program them.
 pub struct Loaded {
@@ -52,30 +60,34 @@ impl Loaded {
     }
 
     /// Programs exactly `services`, choosing backends at random, and asserts every write
-    /// succeeded.
-    pub fn program(&mut self, services: &[(ServiceKey, &[BackendAddr])]) {
+    /// succeeded. Both families at once: [`Loaded::apply`].
+    pub fn program<A: Address + Into<IpAddr>>(&mut self, services: &Frontends<'_, A>) {
         self.program_with(services, None);
     }
 
     /// Like [`Loaded::program`], with Maglev tables of `maglev` positions when given.
-    pub fn program_with(&mut self, services: &[(ServiceKey, &[BackendAddr])], maglev: Option<u32>) {
+    pub fn program_with<A: Address + Into<IpAddr>>(
+        &mut self,
+        services: &Frontends<'_, A>,
+        maglev: Option<u32>,
+    ) {
         self.program_all(services, maglev, None);
     }
 
     /// Like [`Loaded::program_with`], with session affinity of `affinity_timeout` seconds.
-    pub fn program_all(
+    pub fn program_all<A: Address + Into<IpAddr>>(
         &mut self,
-        services: &[(ServiceKey, &[BackendAddr])],
+        services: &Frontends<'_, A>,
         maglev: Option<u32>,
         affinity_timeout: Option<u32>,
     ) {
-        let desired: BTreeMap<ServiceKey, DesiredService> = services
+        let desired: BTreeMap<ServiceKey<A>, DesiredService> = services
             .iter()
             .map(|(key, backends)| {
                 let service = DesiredService {
-                    name: format!("test/{key:?}"),
+                    name: format!("test/{}", FrontendKey::from(*key)),
                     cluster_ip: true,
-                    backends: backends.to_vec(),
+                    backends: backends.iter().map(|&b| SocketAddr::from(b)).collect(),
                     draining: Vec::new(),
                     maglev,
                     affinity_timeout,
@@ -99,9 +111,14 @@ impl Loaded {
         program.unwrap().try_into().unwrap()
     }
 
-    /// Programs exactly `desired` and asserts every write succeeded.
-    pub fn apply(&mut self, desired: &BTreeMap<ServiceKey, DesiredService>) {
-        let report = self.reconciler.apply(desired, &mut self.maps);
+    /// Programs exactly `desired` (keyed by [`FrontendKey`], or by either family's
+    /// `ServiceKey`) and asserts every write succeeded.
+    pub fn apply<K: Into<FrontendKey> + Copy>(&mut self, desired: &BTreeMap<K, DesiredService>) {
+        let desired: BTreeMap<FrontendKey, DesiredService> = desired
+            .iter()
+            .map(|(key, service)| ((*key).into(), service.clone()))
+            .collect();
+        let report = self.reconciler.apply(&desired, &mut self.maps);
         assert!(
             report.failed.is_empty(),
             "programming failed: {:?}",
@@ -133,7 +150,9 @@ where
     (result.return_value, out)
 }
 
-pub fn frontend(addr: [u8; 4], port: u16, proto: u8) -> ServiceKey {
+/// A frontend of `addr`'s family: `frontend([10, 96, 0, 10], 80, IPPROTO_TCP)`, or with a
+/// `[u8; 16]` IPv6 address.
+pub fn frontend<A: Address>(addr: A, port: u16, proto: u8) -> ServiceKey<A> {
     ServiceKey {
         addr,
         port,

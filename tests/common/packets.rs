@@ -18,8 +18,9 @@ pub const fn v6(v4: [u8; 4]) -> [u8; 16] {
     [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, a, b, c, d]
 }
 
-/// An address family as the tests build its packets: `[u8; 4]` or `[u8; 16]`.
-pub trait Family: lb_common::Address + Debug {
+/// An address family as the tests build its packets (`[u8; 4]` or `[u8; 16]`) and program its
+/// maps.
+pub trait Family: lb_userspace::datapath::maps::Family + Debug {
     /// Ethernet and this family's IP header, from `src` to `dst`.
     fn ip(ethernet: PacketBuilderStep<Ethernet2Header>, src: Self, dst: Self)
     -> PacketBuilderStep<IpHeaders>;

@@ -177,7 +177,7 @@ fn program_services(loaded: &mut Loaded) {
             };
             let desired = DesiredService {
                 name: format!("fuzz/{:?}", service.frontend),
-                backends: service.backends.to_vec(),
+                backends: service.backends.iter().map(|&b| b.into()).collect(),
                 maglev: service.maglev.then_some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
                 affinity_timeout: service.affinity.then_some(10_800),
                 cluster_ip: service.kind == Kind::ClusterIp,
@@ -185,12 +185,13 @@ fn program_services(loaded: &mut Loaded) {
                     Kind::ClusterIp => None,
                     Kind::External { local, source_ranges } => Some(External {
                         local,
-                        source_ranges: source_ranges.map(<[_]>::to_vec),
+                        source_ranges: source_ranges
+                            .map(|ranges| ranges.iter().map(|&(addr, len)| (addr.into(), len)).collect()),
                     }),
                 },
                 ..DesiredService::default()
             };
-            (key, desired)
+            (key.into(), desired)
         })
         .collect();
     let applied = loaded.reconciler.apply(&desired, &mut loaded.maps);

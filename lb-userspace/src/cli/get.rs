@@ -1,14 +1,23 @@
 //! `switchboard get services|endpoints|backends|conntrack`: kubectl-like tables (or JSON/YAML)
 //! of the model and of what the kernel holds.
-use std::{collections::BTreeMap, net::Ipv4Addr, process::ExitCode};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    process::ExitCode,
+};
 
-use lb_common::{IPPROTO_TCP, ServiceStats, ct_direction};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData},
+};
+use lb_common::{Address, CtEntry, CtKey, ServiceStats, ct_direction};
 use serde::Serialize;
 
 use super::{PinDir, source::SourceArgs};
 use crate::{
-    datapath::maps::{ServiceMaps, frontend_key, frontend_text},
-    model::{LbAlgorithm, Model},
+    datapath::maps::ServiceMaps,
+    model::{LbAlgorithm, Model, Protocol},
+    reconcile::FrontendKey,
 };
 
 #[derive(clap::Args, Debug)]
@@ -129,8 +138,7 @@ pub struct ServiceRow {
     /// Backend selection: the Service's `switchboard.io/lb-algorithm` annotation, else the
     /// agent's default (`default`).
     pub algorithm: &'static str,
-    /// `true` when the kernel's maps hold this frontend (`null`: no agent's maps to read, or an
-    /// IPv6 frontend, which the datapath does not program yet).
+    /// `true` when the kernel's maps hold this frontend (`null`: no agent's maps to read).
     pub programmed: Option<bool>,
     /// The datapath's counters for this frontend since it was programmed (`null` when not
     /// programmed).
@@ -211,14 +219,11 @@ fn services(model: &Model, maps: Option<&ServiceMaps>) -> Vec<ServiceRow> {
         .iter()
         .map(|f| {
             // A NodePort is keyed with its unspecified address, as the model has it.
-            let info = match (frontend_key(f), maps) {
-                (Some(key), Some(maps)) => Some(maps.services.get(&key, 0).ok()),
-                _ => None,
-            };
+            let info = maps.map(|maps| maps.service(&FrontendKey::of(f)));
             ServiceRow {
                 service: f.service.to_string(),
                 kind: f.kind.as_str(),
-                frontend: format!("{}:{}/{}", f.address, f.port, f.protocol.as_str()),
+                frontend: f.dialled(),
                 endpoints: f.backends.len(),
                 algorithm: f.algorithm.map_or("default", LbAlgorithm::as_str),
                 programmed: info.map(|i| i.is_some()),
@@ -260,7 +265,7 @@ impl Row for EndpointRow {
 pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
     let mut rows = Vec::new();
     for f in &model.frontends {
-        let frontend = format!("{}:{}/{}", f.address, f.port, f.protocol.as_str());
+        let frontend = f.dialled();
         if f.backends.is_empty() {
             rows.push(EndpointRow {
                 service: f.service.to_string(),
@@ -275,7 +280,7 @@ pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
             rows.push(EndpointRow {
                 service: f.service.to_string(),
                 frontend: frontend.clone(),
-                endpoint: Some(format!("{}:{}", e.address, e.port)),
+                endpoint: Some(e.socket_addr().to_string()),
                 pod: Some(e.pod.clone()),
                 node: e.node_name.clone(),
                 terminating: e.terminating,
@@ -313,7 +318,7 @@ fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {
     let frontends: BTreeMap<u32, String> = programmed
         .services
         .iter()
-        .map(|(key, info)| (info.id, frontend_text(key)))
+        .map(|(key, info)| (info.id, key.to_string()))
         .collect();
     let slots: BTreeMap<u32, u32> = programmed.slots.iter().map(|(key, id)| (*id, key.slot)).collect();
     Ok(programmed
@@ -326,7 +331,7 @@ fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {
                 .get(&b.service_id)
                 .cloned()
                 .unwrap_or_else(|| "?".into()),
-            backend: format!("{}:{}", Ipv4Addr::from(b.addr), b.port),
+            backend: b.addr.to_string(),
             slot: slots.get(id).copied(),
         })
         .collect())
@@ -368,9 +373,23 @@ impl Row for FlowRow {
     }
 }
 
+/// The flows of both families' conntrack maps.
 fn conntrack(maps: &ServiceMaps) -> anyhow::Result<Vec<FlowRow>> {
+    let mut rows = flow_rows(&maps.conntrack)?;
+    rows.extend(flow_rows(&maps.conntrack6)?);
+    Ok(rows)
+}
+
+fn flow_rows<A: Address + Into<IpAddr>>(
+    conntrack: &HashMap<MapData, CtKey<A>, CtEntry<A>>,
+) -> anyhow::Result<Vec<FlowRow>>
+where
+    CtKey<A>: Pod,
+    CtEntry<A>: Pod,
+{
+    let socket = |addr: A, port| SocketAddr::new(addr.into(), port).to_string();
     let mut rows = Vec::new();
-    for entry in maps.conntrack.iter() {
+    for entry in conntrack.iter() {
         let (key, value) = entry?;
         rows.push(FlowRow {
             direction: match key.direction {
@@ -380,10 +399,10 @@ fn conntrack(maps: &ServiceMaps) -> anyhow::Result<Vec<FlowRow>> {
                 ct_direction::SNAT_IN => "snat-in",
                 _ => "unknown",
             },
-            protocol: if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" },
-            source: format!("{}:{}", Ipv4Addr::from(key.src_addr), key.src_port),
-            destination: format!("{}:{}", Ipv4Addr::from(key.dst_addr), key.dst_port),
-            translated_to: format!("{}:{}", Ipv4Addr::from(value.nat_addr), value.nat_port),
+            protocol: Protocol::from_ip_protocol(key.proto).map_or("unknown", Protocol::as_str),
+            source: socket(key.src_addr, key.src_port),
+            destination: socket(key.dst_addr, key.dst_port),
+            translated_to: socket(value.nat_addr, value.nat_port),
             service_id: value.service_id,
             backend_id: value.backend_id,
         });

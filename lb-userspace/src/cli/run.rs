@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_common::{RejectLimit, Stat};
+use lb_common::{RejectLimit, Stat, map_names};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{Notify, watch},
@@ -20,7 +20,7 @@ use crate::{
         Capacity, Datapath, addresses,
         attach::{self, Attacher, XdpChoice},
         conntrack_gc::{self, Timeouts},
-        maps::{ServiceMaps, frontend_key},
+        maps::{self, ServiceMaps},
         socket::SocketHooks,
     },
     model::{self, LbAlgorithm},
@@ -32,7 +32,7 @@ use crate::{
         metrics::{AgentMetrics, ReasonLabel, ServiceLabel},
         server::Observed,
     },
-    reconcile::{self, PlanOptions, Reconciler},
+    reconcile::{self, FrontendKey, PlanOptions, Reconciler},
     source::{
         self, Snapshot,
         manifests::{self, ManifestDir},
@@ -331,7 +331,7 @@ fn sync(
     let names = model
         .frontends
         .iter()
-        .filter_map(|f| Some((frontend_key(f)?, f.service.to_string())))
+        .map(|f| (FrontendKey::of(f), f.service.to_string()))
         .collect();
     *metrics.service_names.write().unwrap_or_else(|e| e.into_inner()) = names;
     let current: BTreeSet<String> = model
@@ -344,13 +344,7 @@ fn sync(
             } else {
                 "has no endpoints; connections to it are refused"
             };
-            format!(
-                "Service {} {}:{}/{} {what}",
-                f.service,
-                f.address,
-                f.port,
-                f.protocol.as_str()
-            )
+            format!("Service {} {} {what}", f.service, f.dialled())
         }))
         .collect();
     // Said once when it appears, not on every pass.
@@ -463,19 +457,30 @@ async fn collect_conntrack(
                 "conntrack garbage collected"
             );
         }
-        // Once per pass, whatever the packet rate: a full map is a condition, not an event.
+        // Once per pass, whatever the packet rate: a full map is a condition, not an event. New
+        // flows are counted for both families together, so the maps are judged together too:
+        // more new flows than room in both means one of them evicted.
+        let entries: usize = pass.conntrack.iter().map(|map| map.entries).sum();
+        let capacity: u32 = pass.conntrack.iter().map(|map| map.capacity).sum();
         let overflowed = previous.is_some_and(|(left, flows)| {
-            conntrack_gc::overflowed(left, pass.new_flows.saturating_sub(flows), pass.capacity)
+            conntrack_gc::overflowed(left, pass.new_flows.saturating_sub(flows), capacity)
         });
-        let left = pass
-            .entries
-            .saturating_sub(pass.collected.values().sum::<u64>() as usize * 2);
+        let left = entries.saturating_sub(pass.collected.values().sum::<u64>() as usize * 2);
         previous = Some((left, pass.new_flows));
-        if overflowed || conntrack_gc::is_full(pass.entries, pass.capacity) {
+        if overflowed
+            || pass
+                .conntrack
+                .iter()
+                .any(|map| conntrack_gc::is_full(map.entries, map.capacity))
+        {
             metrics.conntrack_full.inc();
+            let occupancy: Vec<String> = pass
+                .conntrack
+                .iter()
+                .map(|map| format!("{} {}/{}", map.name, map.entries, map.capacity))
+                .collect();
             tracing::warn!(
-                entries = pass.entries,
-                capacity = pass.capacity,
+                occupancy = occupancy.join(", "),
                 "the conntrack map is full: its oldest flows are evicted to make room (raise --conntrack-capacity)"
             );
         }
@@ -496,26 +501,52 @@ async fn collect_conntrack(
 struct GcPass {
     collected: conntrack_gc::Collected,
     affinity_collected: u64,
-    /// Conntrack entries found before collecting, and how many the map can hold.
-    entries: usize,
-    capacity: u32,
+    /// Each family's conntrack map, before collecting.
+    conntrack: [ConntrackOccupancy; 2],
     /// The datapath's count of refused conntrack inserts so far.
     insert_failures: u64,
-    /// The datapath's count of new flows so far.
+    /// The datapath's count of new flows so far (both families).
     new_flows: u64,
+}
+
+struct ConntrackOccupancy {
+    name: &'static str,
+    entries: usize,
+    capacity: u32,
+}
+
+impl ConntrackOccupancy {
+    fn of<K: aya::Pod, V: aya::Pod>(
+        name: &'static str,
+        map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            name,
+            entries: map.keys().filter_map(Result::ok).count(),
+            capacity: maps::capacity(map)?,
+        })
+    }
 }
 
 fn gc_pass(pin_dir: &Path, timeouts: &Timeouts) -> anyhow::Result<GcPass> {
     let mut maps = ServiceMaps::open(pin_dir)?;
     let now = conntrack_gc::monotonic_now_ns();
     // Occupancy before collecting: what the datapath had to live with since the last pass.
-    let entries = maps.conntrack.keys().filter_map(Result::ok).count();
-    let collected = conntrack_gc::collect(&mut maps.conntrack, now, timeouts);
+    let conntrack = [
+        ConntrackOccupancy::of(map_names::CONNTRACK, &maps.conntrack)?,
+        ConntrackOccupancy::of(map_names::CONNTRACK6, &maps.conntrack6)?,
+    ];
+    let mut collected = conntrack_gc::collect(&mut maps.conntrack, now, timeouts);
+    for (reason, flows) in conntrack_gc::collect(&mut maps.conntrack6, now, timeouts) {
+        *collected.entry(reason).or_default() += flows;
+    }
+    let affinity_timeouts = conntrack_gc::affinity_timeouts(maps.services()?.values());
+    let affinity_collected = conntrack_gc::collect_affinity(&mut maps.affinity, &affinity_timeouts, now)
+        + conntrack_gc::collect_affinity(&mut maps.affinity6, &affinity_timeouts, now);
     Ok(GcPass {
         collected,
-        affinity_collected: conntrack_gc::collect_affinity(&mut maps.affinity, &maps.services, now),
-        entries,
-        capacity: maps.conntrack_capacity()?,
+        affinity_collected,
+        conntrack,
         insert_failures: maps.stat(Stat::CtInsertFailed)?,
         new_flows: maps.stat(Stat::NewFlows)?,
     })

@@ -1,7 +1,7 @@
 //! `switchboard status`: what the kernel is programmed with, read from the pinned maps.
-use std::{collections::BTreeMap, net::Ipv4Addr, process::ExitCode};
+use std::process::ExitCode;
 
-use lb_common::{Stat, ct_direction, service_flags};
+use lb_common::{Stat, service_flags};
 
 use super::PinDir;
 use crate::datapath::maps::ServiceMaps;
@@ -15,20 +15,22 @@ pub struct Args {
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let maps = ServiceMaps::open(&args.pin_dir.pin_dir)?;
     let programmed = maps.read_programmed()?;
-    let mut flows: BTreeMap<u32, usize> = BTreeMap::new();
-    for entry in maps.conntrack.iter() {
-        let (key, entry) = entry?;
-        if key.direction == ct_direction::FORWARD {
-            *flows.entry(entry.service_id).or_default() += 1;
-        }
-    }
+    let flows = maps.flows_by_service();
     let traffic = maps.service_stats()?;
+    // IPv6 frontends are wider than IPv4 ones: the column fits the widest.
+    let width = programmed
+        .services
+        .keys()
+        .map(|key| key.to_string().len())
+        .chain([24])
+        .max()
+        .unwrap_or_default();
     println!(
-        "{:<24} {:>4} {:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  BACKENDS",
+        "{:<width$} {:>4} {:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  BACKENDS",
         "FRONTEND", "ID", "ALGORITHM", "ENDPOINTS", "FLOWS", "PACKETS", "BYTES", "NEW FLOWS"
     );
     for (key, info) in &programmed.services {
-        let frontend = crate::datapath::maps::frontend_text(key);
+        let frontend = key.to_string();
         let backends: Vec<String> = (0..info.backend_count)
             .filter_map(|slot| {
                 programmed.slots.get(&lb_common::SlotKey {
@@ -37,7 +39,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
                 })
             })
             .filter_map(|id| programmed.backends.get(id))
-            .map(|b| format!("{}:{}", Ipv4Addr::from(b.addr), b.port))
+            .map(|b| b.addr.to_string())
             .collect();
         let backends = match (
             backends.is_empty(),
@@ -67,7 +69,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         }
         let counted = traffic.get(&info.id).copied().unwrap_or_default();
         println!(
-            "{frontend:<24} {:>4} {algorithm:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  {backends}",
+            "{frontend:<width$} {:>4} {algorithm:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  {backends}",
             info.id,
             info.backend_count,
             flows.get(&info.id).copied().unwrap_or(0),

@@ -1,12 +1,15 @@
 //! Conntrack garbage collection: the datapath only ever adds and refreshes entries, and its LRU
 //! map forgets the oldest only when full. The agent deletes the flows that are over: TCP flows
 //! closed by a FIN or RST shortly after their last packet, other flows after a long idle time.
-//! Both directions of a flow go together.
+//! Both directions of a flow go together. Each family's maps are collected alike.
 use std::{collections::HashMap, time::Duration};
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::{
+    Pod,
+    maps::{HashMap as BpfHashMap, MapData},
+};
 use lb_common::{
-    AffinityEntry, AffinityKey, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, ServiceKey, ct_direction, ct_flags,
+    Address, AffinityEntry, AffinityKey, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, ct_direction, ct_flags,
     service_flags,
 };
 
@@ -54,6 +57,10 @@ impl Reason {
 /// Flows collected by one pass, by reason.
 pub type Collected = HashMap<Reason, u64>;
 
+/// Service id → how long a client's affinity lasts, for the frontends (of both families) that
+/// have affinity.
+pub type AffinityTimeouts = HashMap<u32, Duration>;
+
 /// Whether a flow last seen at `last_seen_ns` has expired at `now_ns`, and why.
 pub fn expired(
     proto: u8,
@@ -84,7 +91,7 @@ pub fn monotonic_now_ns() -> u64 {
 
 /// The forward entry's key of the flow `key` belongs to, and the reply entry's. A source NAT
 /// entry stands alone: each is refreshed by the packets that use it, and goes on its own.
-fn flow_keys(key: &CtKey, entry: &CtEntry) -> (CtKey, CtKey) {
+fn flow_keys<A: Address>(key: &CtKey<A>, entry: &CtEntry<A>) -> (CtKey<A>, CtKey<A>) {
     if matches!(key.direction, ct_direction::SNAT_OUT | ct_direction::SNAT_IN) {
         return (*key, *key);
     }
@@ -118,14 +125,18 @@ fn flow_keys(key: &CtKey, entry: &CtEntry) -> (CtKey, CtKey) {
 /// One pass over the conntrack map at `now_ns`: deletes both entries of every flow idle past
 /// its timeout (a flow is as recent as its most recent direction, and closing if either saw a
 /// FIN or RST). A flow refreshed by the datapath while the pass ran is left alone.
-pub fn collect(
-    conntrack: &mut BpfHashMap<MapData, CtKey, CtEntry>,
+pub fn collect<A: Address>(
+    conntrack: &mut BpfHashMap<MapData, CtKey<A>, CtEntry<A>>,
     now_ns: u64,
     timeouts: &Timeouts,
-) -> Collected {
+) -> Collected
+where
+    CtKey<A>: Pod,
+    CtEntry<A>: Pod,
+{
     // Entries may vanish while iterating (LRU eviction, the datapath); those are skipped.
-    let entries: HashMap<CtKey, CtEntry> = conntrack.iter().filter_map(Result::ok).collect();
-    let mut flows: HashMap<CtKey, [Option<CtKey>; 2]> = HashMap::new();
+    let entries: HashMap<CtKey<A>, CtEntry<A>> = conntrack.iter().filter_map(Result::ok).collect();
+    let mut flows: HashMap<CtKey<A>, [Option<CtKey<A>>; 2]> = HashMap::new();
     for (key, entry) in &entries {
         let (forward, _) = flow_keys(key, entry);
         let keys = flows.entry(forward).or_default();
@@ -133,7 +144,7 @@ pub fn collect(
     }
     let mut collected = Collected::new();
     for (forward, keys) in flows {
-        let present: Vec<(CtKey, CtEntry)> = keys.iter().flatten().map(|k| (*k, entries[k])).collect();
+        let present: Vec<(CtKey<A>, CtEntry<A>)> = keys.iter().flatten().map(|k| (*k, entries[k])).collect();
         let last_seen = present.iter().map(|(_, e)| e.last_seen_ns).max().unwrap_or(0);
         let closing = present.iter().any(|(_, e)| e.flags & ct_flags::CLOSING != 0);
         let Some(reason) = expired(forward.proto, closing, last_seen, now_ns, timeouts) else {
@@ -170,23 +181,28 @@ pub fn overflowed(before: usize, new_flows: u64, capacity: u32) -> bool {
     before as u64 + new_flows.saturating_mul(2) > u64::from(capacity)
 }
 
+/// The affinity timeout of each of `services` that has affinity.
+pub fn affinity_timeouts<'a>(services: impl IntoIterator<Item = &'a ServiceInfo>) -> AffinityTimeouts {
+    services
+        .into_iter()
+        .filter(|info| info.flags & service_flags::AFFINITY != 0)
+        .map(|info| (info.id, Duration::from_secs(info.affinity_timeout_s.into())))
+        .collect()
+}
+
 /// Deletes the session affinity entries that no longer steer anything: their frontend is gone
-/// or has affinity switched off, or the client has not connected for the frontend's timeout.
-/// The datapath ignores such entries already; deleting them keeps the LRU map for live clients.
-/// Returns how many were deleted.
-pub fn collect_affinity(
-    affinity: &mut BpfHashMap<MapData, AffinityKey, AffinityEntry>,
-    services: &BpfHashMap<MapData, ServiceKey, ServiceInfo>,
+/// or has affinity switched off (it has no entry in `timeouts`), or the client has not connected
+/// for the frontend's timeout. The datapath ignores such entries already; deleting them keeps
+/// the LRU map for live clients. Returns how many were deleted.
+pub fn collect_affinity<A: Address>(
+    affinity: &mut BpfHashMap<MapData, AffinityKey<A>, AffinityEntry>,
+    timeouts: &AffinityTimeouts,
     now_ns: u64,
-) -> u64 {
-    // Service id → affinity timeout, for the frontends that have affinity.
-    let timeouts: HashMap<u32, Duration> = services
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, info)| info.flags & service_flags::AFFINITY != 0)
-        .map(|(_, info)| (info.id, Duration::from_secs(info.affinity_timeout_s.into())))
-        .collect();
-    let entries: Vec<(AffinityKey, AffinityEntry)> = affinity.iter().filter_map(Result::ok).collect();
+) -> u64
+where
+    AffinityKey<A>: Pod,
+{
+    let entries: Vec<(AffinityKey<A>, AffinityEntry)> = affinity.iter().filter_map(Result::ok).collect();
     let mut collected = 0;
     for (key, entry) in entries {
         let idle = Duration::from_nanos(now_ns.saturating_sub(entry.last_used_ns));
@@ -279,6 +295,36 @@ mod tests {
         );
         let to_frontend = CtEntry {
             nat_addr: [10, 96, 0, 10],
+            nat_port: 80,
+            ..CtEntry::default()
+        };
+        assert_eq!(flow_keys(&reply, &to_frontend), (forward, reply));
+    }
+
+    #[test]
+    fn an_ipv6_flow_pairs_its_entries_alike() {
+        let ip = |text: &str| text.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let forward = CtKey {
+            src_addr: ip("fd00:244::20"),
+            dst_addr: ip("fd00:96::10"),
+            src_port: 40000,
+            dst_port: 80,
+            proto: IPPROTO_UDP,
+            direction: ct_direction::FORWARD,
+            pad: [0; 2],
+        };
+        let to_backend = CtEntry {
+            nat_addr: ip("fd00:244::11"),
+            nat_port: 3000,
+            ..CtEntry::default()
+        };
+        let (_, reply) = flow_keys(&forward, &to_backend);
+        assert_eq!(
+            (reply.src_addr, reply.src_port, reply.dst_addr, reply.dst_port),
+            (ip("fd00:244::11"), 3000, ip("fd00:244::20"), 40000)
+        );
+        let to_frontend = CtEntry {
+            nat_addr: forward.dst_addr,
             nat_port: 80,
             ..CtEntry::default()
         };

@@ -1,37 +1,80 @@
-//! Typed handles on the pinned maps: what the reconciler writes through and `status` reads.
+//! Typed handles on the pinned maps: what the reconciler writes through and `status` reads. Each
+//! map keyed or valued by an address has an IPv6 twin, named with a `6` here as in
+//! `lb_common::map_names`; the reconciler's family-neutral entries go to the twin of their
+//! address's family.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     mem::size_of,
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
-use aya::maps::{
-    Array, HashMap, HashOfMaps, Map, MapData, PerCpuArray, PerCpuHashMap,
-    lpm_trie::{Key, LpmTrie},
+use aya::{
+    Pod,
+    maps::{
+        Array, HashMap, HashOfMaps, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, IPPROTO_UDP,
+    Address, AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, Ipv4, Ipv6,
     MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, config,
-    map_names, service_flags,
+    ct_direction, map_names, service_flags,
 };
 
-use crate::reconcile::{MaglevInput, MapError, MapWriter, Programmed, SourceRange};
+use crate::reconcile::{
+    BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, Programmed, SourceRange,
+};
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceInfo>,
+    pub services6: HashMap<MapData, ServiceKey<Ipv6>, ServiceInfo>,
     pub slots: HashMap<MapData, SlotKey, BackendId>,
     pub backends: HashMap<MapData, BackendId, Backend>,
+    pub backends6: HashMap<MapData, BackendId, Backend<Ipv6>>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub conntrack6: HashMap<MapData, CtKey<Ipv6>, CtEntry<Ipv6>>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub affinity6: HashMap<MapData, AffinityKey<Ipv6>, AffinityEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
-    pub node_addrs: HashMap<MapData, [u8; 4], u32>,
-    pub snat_addrs: HashMap<MapData, u32, [u8; 4]>,
+    pub node_addrs: HashMap<MapData, Ipv4, u32>,
+    pub node_addrs6: HashMap<MapData, Ipv6, u32>,
+    pub snat_addrs: HashMap<MapData, u32, Ipv4>,
+    pub snat_addrs6: HashMap<MapData, u32, Ipv6>,
     pub source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    pub source_ranges6: LpmTrie<MapData, SourceRangeKey<Ipv6>, u8>,
     pub cluster_ips: HashMap<MapData, ClusterIpKey, u32>,
+    pub cluster_ips6: HashMap<MapData, ClusterIpKey<Ipv6>, u32>,
     pub service_stats: PerCpuHashMap<MapData, u32, ServiceStats>,
     pub config: Array<MapData, u64>,
+}
+
+/// An address family, with its twin of each map the agent fills with the node's own addresses.
+pub trait Family: Address + Pod + Into<IpAddr> {
+    fn node_addrs(maps: &mut ServiceMaps) -> &mut HashMap<MapData, Self, u32>;
+    fn snat_addrs(maps: &mut ServiceMaps) -> &mut HashMap<MapData, u32, Self>;
+}
+
+impl Family for Ipv4 {
+    fn node_addrs(maps: &mut ServiceMaps) -> &mut HashMap<MapData, Self, u32> {
+        &mut maps.node_addrs
+    }
+
+    fn snat_addrs(maps: &mut ServiceMaps) -> &mut HashMap<MapData, u32, Self> {
+        &mut maps.snat_addrs
+    }
+}
+
+impl Family for Ipv6 {
+    fn node_addrs(maps: &mut ServiceMaps) -> &mut HashMap<MapData, Self, u32> {
+        &mut maps.node_addrs6
+    }
+
+    fn snat_addrs(maps: &mut ServiceMaps) -> &mut HashMap<MapData, u32, Self> {
+        &mut maps.snat_addrs6
+    }
 }
 
 fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
@@ -60,24 +103,47 @@ impl ServiceMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         Ok(Self {
             services: open(pin_dir, map_names::SERVICES)?.try_into()?,
+            services6: open(pin_dir, map_names::SERVICES6)?.try_into()?,
             slots: open(pin_dir, map_names::BACKEND_SLOTS)?.try_into()?,
             backends: open(pin_dir, map_names::BACKENDS)?.try_into()?,
+            backends6: open(pin_dir, map_names::BACKENDS6)?.try_into()?,
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
+            conntrack6: open(pin_dir, map_names::CONNTRACK6)?.try_into()?,
             affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
+            affinity6: open(pin_dir, map_names::AFFINITY6)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
             maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
             node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
+            node_addrs6: open(pin_dir, map_names::NODE_ADDRS6)?.try_into()?,
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
+            snat_addrs6: open(pin_dir, map_names::SNAT_ADDRS6)?.try_into()?,
             source_ranges: open(pin_dir, map_names::SOURCE_RANGES)?.try_into()?,
+            source_ranges6: open(pin_dir, map_names::SOURCE_RANGES6)?.try_into()?,
             cluster_ips: open(pin_dir, map_names::CLUSTER_IPS)?.try_into()?,
+            cluster_ips6: open(pin_dir, map_names::CLUSTER_IPS6)?.try_into()?,
             service_stats: open(pin_dir, map_names::SERVICE_STATS)?.try_into()?,
             config: open(pin_dir, map_names::CONFIG)?.try_into()?,
         })
     }
 
-    /// Everything the reconciler manages, as the kernel holds it now.
+    /// The frontends of both families, as the kernel holds them now.
+    pub fn services(&self) -> Result<BTreeMap<FrontendKey, ServiceInfo>, aya::maps::MapError> {
+        let mut services = entries(&self.services, |key, info| (key.into(), info))?;
+        services.extend(entries(&self.services6, |key, info| (key.into(), info))?);
+        Ok(services)
+    }
+
+    /// The frontend `key`'s entry in its family's services map, if it has one.
+    pub fn service(&self, key: &FrontendKey) -> Option<ServiceInfo> {
+        match key.addr {
+            IpAddr::V4(addr) => self.services.get(&key.service_key(addr.octets()), 0).ok(),
+            IpAddr::V6(addr) => self.services6.get(&key.service_key(addr.octets()), 0).ok(),
+        }
+    }
+
+    /// Everything the reconciler manages, in both families' maps, as the kernel holds it now.
     pub fn read_programmed(&self) -> anyhow::Result<Programmed> {
-        let services: BTreeMap<ServiceKey, ServiceInfo> = self.services.iter().collect::<Result<_, _>>()?;
+        let services = self.services()?;
         let slots: BTreeMap<SlotKey, BackendId> = self.slots.iter().collect::<Result<_, _>>()?;
         // A table in place was written whole from the service's backends and size (tables are
         // swapped in complete), so its input is known without reading its positions back. A
@@ -101,59 +167,55 @@ impl ServiceMaps {
             });
             maglev.insert(service_id, input);
         }
+        let mut backends = entries(&self.backends, |id, backend| (id, backend.into()))?;
+        backends.extend(entries(&self.backends6, |id, backend| (id, backend.into()))?);
+        let mut source_ranges = source_ranges(&self.source_ranges)?;
+        source_ranges.extend(self::source_ranges(&self.source_ranges6)?);
+        let mut cluster_ips = entries(&self.cluster_ips, |key, frontends| (key.addr.into(), frontends))?;
+        cluster_ips.extend(entries(&self.cluster_ips6, |key, frontends| {
+            (key.addr.into(), frontends)
+        })?);
         Ok(Programmed {
             services,
             slots,
-            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            backends,
             maglev,
-            source_ranges: self
-                .source_ranges
-                .keys()
-                .map(|key| {
-                    let key = key?;
-                    let data = key.data();
-                    Ok(SourceRange {
-                        service_id: u32::from_be_bytes(data.service_id),
-                        addr: data.addr,
-                        prefix_len: (key.prefix_len() - 32) as u8,
-                    })
-                })
-                .collect::<Result<_, aya::maps::MapError>>()?,
-            cluster_ips: self
-                .cluster_ips
-                .iter()
-                .map(|entry| entry.map(|(key, frontends)| (key.addr, frontends)))
-                .collect::<Result<_, _>>()?,
+            source_ranges,
+            cluster_ips,
         })
     }
 
-    /// Makes [`map_names::NODE_ADDRS`] hold exactly `addrs`, the node's IPv4 addresses.
-    pub fn set_node_addrs(&mut self, addrs: &std::collections::BTreeSet<[u8; 4]>) -> anyhow::Result<()> {
-        let held: Vec<[u8; 4]> = self.node_addrs.keys().collect::<Result<_, _>>()?;
+    /// Makes `A`'s node addresses map ([`map_names::NODE_ADDRS`] or its twin) hold exactly
+    /// `addrs`, the node's addresses of that family.
+    pub fn set_node_addrs<A: Family>(&mut self, addrs: &BTreeSet<A>) -> anyhow::Result<()> {
+        let map = A::node_addrs(self);
+        let held: Vec<A> = map.keys().collect::<Result<_, _>>()?;
         for addr in addrs {
-            self.node_addrs.insert(addr, 0, 0)?;
+            map.insert(addr, 0, 0)?;
         }
         for addr in held.iter().filter(|a| !addrs.contains(*a)) {
-            self.node_addrs.remove(addr)?;
+            map.remove(addr)?;
         }
         Ok(())
     }
 
-    /// Makes [`map_names::SNAT_ADDRS`] hold exactly `addrs` (interface index → address).
-    pub fn set_snat_addrs(&mut self, addrs: &BTreeMap<u32, [u8; 4]>) -> anyhow::Result<()> {
-        let held: Vec<u32> = self.snat_addrs.keys().collect::<Result<_, _>>()?;
+    /// Makes `A`'s SNAT addresses map ([`map_names::SNAT_ADDRS`] or its twin) hold exactly
+    /// `addrs` (interface index → address).
+    pub fn set_snat_addrs<A: Family>(&mut self, addrs: &BTreeMap<u32, A>) -> anyhow::Result<()> {
+        let map = A::snat_addrs(self);
+        let held: Vec<u32> = map.keys().collect::<Result<_, _>>()?;
         for (index, addr) in addrs {
-            self.snat_addrs.insert(index, addr, 0)?;
+            map.insert(index, addr, 0)?;
         }
         for index in held.iter().filter(|i| !addrs.contains_key(*i)) {
-            self.snat_addrs.remove(index)?;
+            map.remove(index)?;
         }
         Ok(())
     }
 
     /// How many entries the conntrack map was created to hold (a pinned map keeps its size).
     pub fn conntrack_capacity(&self) -> anyhow::Result<u32> {
-        Ok(aya::maps::IterableMap::map(&self.conntrack).info()?.max_entries())
+        capacity(&self.conntrack)
     }
 
     /// A datapath counter summed over CPUs.
@@ -168,6 +230,15 @@ impl ServiceMaps {
 
     pub fn set_log_level(&mut self, level: u64) -> anyhow::Result<()> {
         Ok(self.config.set(config::LOG_LEVEL, level, 0)?)
+    }
+
+    /// Flows tracked in both families' conntrack maps (their forward entries), by service id.
+    /// Entries the datapath evicts meanwhile are skipped.
+    pub fn flows_by_service(&self) -> BTreeMap<u32, usize> {
+        let mut flows = BTreeMap::new();
+        count_flows(&self.conntrack, &mut flows);
+        count_flows(&self.conntrack6, &mut flows);
+        flows
     }
 
     /// Every service id's traffic counters, summed over CPUs. A service without traffic since
@@ -185,27 +256,23 @@ impl ServiceMaps {
     }
 }
 
-/// `10.96.0.10:80/TCP`
-pub fn frontend_text(key: &ServiceKey) -> String {
-    let proto = if key.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-    format!("{}:{}/{proto}", std::net::Ipv4Addr::from(key.addr), key.port)
+fn count_flows<A: Address>(
+    conntrack: &HashMap<MapData, CtKey<A>, CtEntry<A>>,
+    flows: &mut BTreeMap<u32, usize>,
+) where
+    CtKey<A>: Pod,
+    CtEntry<A>: Pod,
+{
+    for (key, entry) in conntrack.iter().filter_map(Result::ok) {
+        if key.direction == ct_direction::FORWARD {
+            *flows.entry(entry.service_id).or_default() += 1;
+        }
+    }
 }
 
-/// The key a frontend of the model is programmed under: NodePorts carry the unspecified
-/// address. `None` for what the maps cannot hold (IPv6).
-pub fn frontend_key(frontend: &crate::model::Frontend) -> Option<ServiceKey> {
-    let std::net::IpAddr::V4(address) = frontend.address else {
-        return None;
-    };
-    Some(ServiceKey {
-        addr: address.octets(),
-        port: frontend.port,
-        proto: match frontend.protocol {
-            crate::model::Protocol::Tcp => IPPROTO_TCP,
-            crate::model::Protocol::Udp => IPPROTO_UDP,
-        },
-        pad: 0,
-    })
+/// How many entries `map` was created to hold.
+pub fn capacity<K: Pod, V>(map: &impl IterableMap<K, V>) -> anyhow::Result<u32> {
+    Ok(map.map().info()?.max_entries())
 }
 
 fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
@@ -222,35 +289,128 @@ fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
     }
 }
 
+/// Every entry of `map`, converted.
+fn entries<K: Pod, V: Pod, T: Ord, U>(
+    map: &HashMap<MapData, K, V>,
+    convert: impl Fn(K, V) -> (T, U),
+) -> Result<BTreeMap<T, U>, aya::maps::MapError> {
+    map.iter()
+        .map(|entry| entry.map(|(k, v)| convert(k, v)))
+        .collect()
+}
+
+fn source_ranges<A: Address + Into<IpAddr>>(
+    trie: &LpmTrie<MapData, SourceRangeKey<A>, u8>,
+) -> Result<BTreeSet<SourceRange>, aya::maps::MapError>
+where
+    SourceRangeKey<A>: Pod,
+{
+    trie.keys()
+        .map(|key| {
+            let key = key?;
+            let data = key.data();
+            Ok(SourceRange {
+                service_id: u32::from_be_bytes(data.service_id),
+                addr: data.addr.into(),
+                prefix_len: (key.prefix_len() - 32) as u8,
+            })
+        })
+        .collect()
+}
+
+/// The trie key: the service id's 32 bits, then the range's prefix.
+fn source_range_key<A: Address>(range: &SourceRange, addr: A) -> Key<SourceRangeKey<A>>
+where
+    SourceRangeKey<A>: Pod,
+{
+    let data = SourceRangeKey {
+        service_id: range.service_id.to_be_bytes(),
+        addr,
+    };
+    Key::new(32 + u32::from(range.prefix_len), data)
+}
+
+fn insert<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: K,
+    value: V,
+    name: &'static str,
+) -> Result<(), MapError> {
+    map.insert(key, value, 0).map_err(failed(name))
+}
+
+fn remove<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: K,
+    name: &'static str,
+) -> Result<(), MapError> {
+    map.remove(&key).map_err(failed(name))
+}
+
+/// Each write of an entry with an address goes to its family's twin map.
 impl MapWriter for ServiceMaps {
-    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapError> {
-        self.backends
-            .insert(id, backend, 0)
-            .map_err(failed(map_names::BACKENDS))
+    fn put_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
+        match backend.addr.ip() {
+            IpAddr::V4(addr) => insert(
+                &mut self.backends,
+                id,
+                backend.with_addr(addr.octets()),
+                map_names::BACKENDS,
+            ),
+            IpAddr::V6(addr) => insert(
+                &mut self.backends6,
+                id,
+                backend.with_addr(addr.octets()),
+                map_names::BACKENDS6,
+            ),
+        }
     }
 
     fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError> {
-        self.slots
-            .insert(key, id, 0)
-            .map_err(failed(map_names::BACKEND_SLOTS))
+        insert(&mut self.slots, key, id, map_names::BACKEND_SLOTS)
     }
 
-    fn put_service(&mut self, key: ServiceKey, info: ServiceInfo) -> Result<(), MapError> {
-        self.services
-            .insert(key, info, 0)
-            .map_err(failed(map_names::SERVICES))
+    fn put_service(&mut self, key: FrontendKey, info: ServiceInfo) -> Result<(), MapError> {
+        match key.addr {
+            IpAddr::V4(addr) => insert(
+                &mut self.services,
+                key.service_key(addr.octets()),
+                info,
+                map_names::SERVICES,
+            ),
+            IpAddr::V6(addr) => insert(
+                &mut self.services6,
+                key.service_key(addr.octets()),
+                info,
+                map_names::SERVICES6,
+            ),
+        }
     }
 
-    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError> {
-        self.backends.remove(&id).map_err(failed(map_names::BACKENDS))
+    fn delete_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
+        match backend.addr {
+            std::net::SocketAddr::V4(_) => remove(&mut self.backends, id, map_names::BACKENDS),
+            std::net::SocketAddr::V6(_) => remove(&mut self.backends6, id, map_names::BACKENDS6),
+        }
     }
 
     fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError> {
-        self.slots.remove(&key).map_err(failed(map_names::BACKEND_SLOTS))
+        remove(&mut self.slots, key, map_names::BACKEND_SLOTS)
     }
 
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
-        self.services.remove(&key).map_err(failed(map_names::SERVICES))
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), MapError> {
+        match key.addr {
+            IpAddr::V4(addr) => remove(
+                &mut self.services,
+                key.service_key(addr.octets()),
+                map_names::SERVICES,
+            ),
+            IpAddr::V6(addr) => remove(
+                &mut self.services6,
+                key.service_key(addr.octets()),
+                map_names::SERVICES6,
+            ),
+        }
     }
 
     fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError> {
@@ -271,15 +431,29 @@ impl MapWriter for ServiceMaps {
     }
 
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
-        self.source_ranges
-            .insert(&source_range_key(range), 1, 0)
-            .map_err(failed(map_names::SOURCE_RANGES))
+        match range.addr {
+            IpAddr::V4(addr) => self
+                .source_ranges
+                .insert(&source_range_key(&range, addr.octets()), 1, 0)
+                .map_err(failed(map_names::SOURCE_RANGES)),
+            IpAddr::V6(addr) => self
+                .source_ranges6
+                .insert(&source_range_key(&range, addr.octets()), 1, 0)
+                .map_err(failed(map_names::SOURCE_RANGES6)),
+        }
     }
 
     fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
-        self.source_ranges
-            .remove(&source_range_key(range))
-            .map_err(failed(map_names::SOURCE_RANGES))
+        match range.addr {
+            IpAddr::V4(addr) => self
+                .source_ranges
+                .remove(&source_range_key(&range, addr.octets()))
+                .map_err(failed(map_names::SOURCE_RANGES)),
+            IpAddr::V6(addr) => self
+                .source_ranges6
+                .remove(&source_range_key(&range, addr.octets()))
+                .map_err(failed(map_names::SOURCE_RANGES6)),
+        }
     }
 
     fn forget_service_stats(&mut self, service_id: u32) {
@@ -292,26 +466,37 @@ impl MapWriter for ServiceMaps {
         }
     }
 
-    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
-        self.cluster_ips
-            .insert(ClusterIpKey { addr }, frontends, 0)
-            .map_err(failed(map_names::CLUSTER_IPS))
+    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
+        match addr {
+            IpAddr::V4(addr) => insert(
+                &mut self.cluster_ips,
+                ClusterIpKey { addr: addr.octets() },
+                frontends,
+                map_names::CLUSTER_IPS,
+            ),
+            IpAddr::V6(addr) => insert(
+                &mut self.cluster_ips6,
+                ClusterIpKey { addr: addr.octets() },
+                frontends,
+                map_names::CLUSTER_IPS6,
+            ),
+        }
     }
 
-    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
-        self.cluster_ips
-            .remove(&ClusterIpKey { addr })
-            .map_err(failed(map_names::CLUSTER_IPS))
+    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError> {
+        match addr {
+            IpAddr::V4(addr) => remove(
+                &mut self.cluster_ips,
+                ClusterIpKey { addr: addr.octets() },
+                map_names::CLUSTER_IPS,
+            ),
+            IpAddr::V6(addr) => remove(
+                &mut self.cluster_ips6,
+                ClusterIpKey { addr: addr.octets() },
+                map_names::CLUSTER_IPS6,
+            ),
+        }
     }
-}
-
-/// The trie key: the service id's 32 bits, then the range's prefix.
-fn source_range_key(range: SourceRange) -> Key<SourceRangeKey> {
-    let data = SourceRangeKey {
-        service_id: range.service_id.to_be_bytes(),
-        addr: range.addr,
-    };
-    Key::new(32 + u32::from(range.prefix_len), data)
 }
 
 /// Copies `table` into a fresh BPF_F_MMAPABLE array through a shared mapping: one pass instead
@@ -327,7 +512,7 @@ fn fill_mmapped(array: &Array<MapData, BackendId>, table: &[BackendId]) -> nix::
     let Some(length) = NonZeroUsize::new((table.len() * STRIDE).next_multiple_of(PAGE)) else {
         return Ok(());
     };
-    let fd = aya::maps::IterableMap::map(array).fd().as_fd();
+    let fd = IterableMap::map(array).fd().as_fd();
     // SAFETY: a fresh shared mapping of the array's values, written within its length, unmapped
     // below and never aliased.
     unsafe {

@@ -28,7 +28,8 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
 }
 
-/// How many entries each map holds. A pinned map keeps the size it was created with.
+/// How many entries each map holds, and its IPv6 twin alike. A pinned map keeps the size it
+/// was created with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
     pub services: u32,
@@ -81,9 +82,12 @@ impl Datapath {
         }
         loader
             .map_max_entries(map_names::SERVICES, capacity.services)
+            .map_max_entries(map_names::SERVICES6, capacity.services)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
+            .map_max_entries(map_names::BACKENDS6, capacity.backends)
             .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
             .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
+            .map_max_entries(map_names::CONNTRACK6, capacity.conntrack)
             .map_max_entries(map_names::SERVICE_STATS, capacity.services);
         let ebpf = loader.load(object).map_err(|error| {
             anyhow::Error::new(error).context(

@@ -9,7 +9,11 @@ pub mod selector;
 mod topology;
 mod validate;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
 
 use k8s_openapi::api::{
     core::v1::{Pod, Service, ServicePort, ServiceSpec},
@@ -35,13 +39,25 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The protocol of a Service or container port; `None` when the datapath cannot carry it.
+    pub const ALL: [Self; 2] = [Self::Tcp, Self::Udp];
+
+    /// The protocol of a Service or container port (`TCP` when unset); `None` when the datapath
+    /// cannot carry it.
     pub fn from_k8s(protocol: Option<&str>) -> Option<Self> {
-        match protocol.unwrap_or("TCP") {
-            "TCP" => Some(Self::Tcp),
-            "UDP" => Some(Self::Udp),
-            _ => None,
+        let protocol = protocol.unwrap_or("TCP");
+        Self::ALL.into_iter().find(|p| p.as_str() == protocol)
+    }
+
+    /// The IP protocol number, as the maps key frontends.
+    pub fn ip_protocol(self) -> u8 {
+        match self {
+            Self::Tcp => lb_common::IPPROTO_TCP,
+            Self::Udp => lb_common::IPPROTO_UDP,
         }
+    }
+
+    pub fn from_ip_protocol(number: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.ip_protocol() == number)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -50,6 +66,17 @@ impl Protocol {
             Self::Udp => "UDP",
         }
     }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a client dials, as every command prints it: `10.96.0.10:80/TCP`, `[fd00::10]:80/TCP`.
+pub fn dialled(address: IpAddr, port: u16, protocol: impl fmt::Display) -> String {
+    format!("{}/{protocol}", SocketAddr::new(address, port))
 }
 
 /// `namespace/name` of a Service.
@@ -137,6 +164,13 @@ pub struct Frontend {
     pub algorithm: Option<LbAlgorithm>,
 }
 
+impl Frontend {
+    /// `10.96.0.10:80/TCP`, `[fd00::10]:80/TCP`.
+    pub fn dialled(&self) -> String {
+        dialled(self.address, self.port, self.protocol)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
     pub address: IpAddr,
@@ -152,6 +186,13 @@ pub struct Endpoint {
     pub zone_hints: Vec<String>,
     /// `hints.forNodes`: the nodes that should use it.
     pub node_hints: Vec<String>,
+}
+
+impl Endpoint {
+    /// `10.244.0.10:3000`, `[fd00:10::1]:3000`.
+    pub fn socket_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.port)
+    }
 }
 
 /// The per-Service settings a frontend carries to the datapath.

@@ -6,8 +6,11 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use aya::maps::IterableMap as _;
-use lb_common::{ServiceKey, ServiceStats, Stat, ct_direction, map_names};
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap as _, MapData},
+};
+use lb_common::{ServiceStats, Stat, map_names};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -21,9 +24,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath::{
-    conntrack_gc,
-    maps::{ServiceMaps, frontend_text},
+use crate::{
+    datapath::{conntrack_gc, maps::ServiceMaps},
+    reconcile::FrontendKey,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,7 +69,7 @@ pub struct AgentMetrics {
     pub source_errors: Family<SourceLabel, Counter>,
     /// `namespace/name` of the Service behind each programmed frontend, for the datapath's
     /// per-service counters (the maps know frontends and ids only).
-    pub service_names: RwLock<BTreeMap<ServiceKey, String>>,
+    pub service_names: RwLock<BTreeMap<FrontendKey, String>>,
     pub conntrack_collected: Family<ReasonLabel, Counter>,
     pub conntrack_full: Counter,
     pub affinity_collected: Counter,
@@ -219,36 +222,24 @@ impl Collector for DatapathCollector {
             counter.encode(metric)?;
         }
         self.encode_services(&maps, &mut encoder)?;
-        let conntrack: Vec<_> = maps.conntrack.keys().filter_map(Result::ok).collect();
-        let flows = conntrack
-            .iter()
-            .filter(|key| key.direction == ct_direction::FORWARD)
-            .count();
+        let flows: usize = maps.flows_by_service().values().sum();
         let gauge = ConstGauge::new(flows as i64);
         let metric = encoder.encode_descriptor(
             "conntrack_flows",
-            "Flows tracked by the datapath (forward entries of the conntrack map)",
+            "Flows tracked by the datapath (forward entries of both conntrack maps)",
             None,
             gauge.metric_type(),
         )?;
         gauge.encode(metric)?;
         let occupancy = [
-            (map_names::CONNTRACK, conntrack.len(), maps.conntrack.map()),
-            (
-                map_names::AFFINITY,
-                maps.affinity.keys().filter(Result::is_ok).count(),
-                maps.affinity.map(),
-            ),
-            (
-                map_names::SERVICES,
-                maps.services.keys().filter(Result::is_ok).count(),
-                maps.services.map(),
-            ),
-            (
-                map_names::BACKENDS,
-                maps.backends.keys().filter(Result::is_ok).count(),
-                maps.backends.map(),
-            ),
+            Occupancy::of(map_names::CONNTRACK, &maps.conntrack),
+            Occupancy::of(map_names::CONNTRACK6, &maps.conntrack6),
+            Occupancy::of(map_names::AFFINITY, &maps.affinity),
+            Occupancy::of(map_names::AFFINITY6, &maps.affinity6),
+            Occupancy::of(map_names::SERVICES, &maps.services),
+            Occupancy::of(map_names::SERVICES6, &maps.services6),
+            Occupancy::of(map_names::BACKENDS, &maps.backends),
+            Occupancy::of(map_names::BACKENDS6, &maps.backends6),
         ];
         encode_occupancy(&occupancy, &mut encoder)
     }
@@ -267,13 +258,13 @@ impl DatapathCollector {
         let names = self.agent.service_names.read().unwrap_or_else(|e| e.into_inner());
         // Counters are kept by service id; ids of frontends no longer programmed are left out.
         let frontends: Vec<(FrontendLabels, ServiceStats)> = maps
-            .services
-            .iter()
-            .filter_map(Result::ok)
+            .services()
+            .unwrap_or_default()
+            .into_iter()
             .filter_map(|(key, info)| {
                 let labels = FrontendLabels {
                     service: names.get(&key).cloned().unwrap_or_default(),
-                    frontend: frontend_text(&key),
+                    frontend: key.to_string(),
                 };
                 Some((labels, *stats.get(&info.id)?))
             })
@@ -289,16 +280,30 @@ impl DatapathCollector {
     }
 }
 
+/// A map's entries now and the entries it can hold.
+struct Occupancy<'a> {
+    name: &'static str,
+    entries: usize,
+    map: &'a MapData,
+}
+
+impl<'a> Occupancy<'a> {
+    fn of<K: Pod, V: Pod>(name: &'static str, map: &'a HashMap<MapData, K, V>) -> Self {
+        Self {
+            name,
+            entries: map.keys().filter(Result::is_ok).count(),
+            map: map.map(),
+        }
+    }
+}
+
 /// Entries and capacity of the maps that fill with traffic (LRU maps evict their oldest entries
-/// when full) or with Services.
-fn encode_occupancy(
-    maps: &[(&'static str, usize, &aya::maps::MapData)],
-    encoder: &mut DescriptorEncoder,
-) -> Result<(), std::fmt::Error> {
+/// when full) or with Services, labelled by map name (each family's twin on its own).
+fn encode_occupancy(maps: &[Occupancy<'_>], encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     let mut entries =
         encoder.encode_descriptor("map_entries", "Entries in a pinned map", None, MetricType::Gauge)?;
-    for &(map, count, _) in maps {
-        ConstGauge::new(count as i64).encode(entries.encode_family(&MapLabel { map })?)?;
+    for map in maps {
+        ConstGauge::new(map.entries as i64).encode(entries.encode_family(&MapLabel { map: map.name })?)?;
     }
     let mut capacity = encoder.encode_descriptor(
         "map_capacity",
@@ -306,10 +311,10 @@ fn encode_occupancy(
         None,
         MetricType::Gauge,
     )?;
-    for &(map, _, data) in maps {
-        if let Ok(info) = data.info() {
+    for map in maps {
+        if let Ok(info) = map.map.info() {
             ConstGauge::new(i64::from(info.max_entries()))
-                .encode(capacity.encode_family(&MapLabel { map })?)?;
+                .encode(capacity.encode_family(&MapLabel { map: map.name })?)?;
         }
     }
     Ok(())

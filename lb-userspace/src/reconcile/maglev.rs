@@ -4,6 +4,19 @@
 //! Each backend walks its own permutation of the positions, `offset + j·skip (mod size)`, derived
 //! from two independent hashes of its identity (address and port, never a node-local id); in
 //! turns, each takes its next free position. Weights give a backend that many turns per round.
+use std::net::{IpAddr, SocketAddr};
+
+/// A backend's identity for hashing: its address bytes (4 or 16, network order), then its port
+/// (big-endian). An IPv4 backend's is the 6 bytes every earlier build used, so an upgrade leaves
+/// its tables as they were.
+pub fn identity(backend: SocketAddr) -> Vec<u8> {
+    let mut identity = match backend.ip() {
+        IpAddr::V4(addr) => addr.octets().to_vec(),
+        IpAddr::V6(addr) => addr.octets().to_vec(),
+    };
+    identity.extend_from_slice(&backend.port().to_be_bytes());
+    identity
+}
 
 /// Builds a table of `size` positions (a prime, larger than the number of backends) over
 /// `backends` given as (identity, weight). Returns, per position, the index into `backends` of
@@ -172,6 +185,18 @@ mod tests {
             (2.9..3.1).contains(&ratio),
             "weight 3 owns three times as much: {counts:?}"
         );
+    }
+
+    #[test]
+    fn identities_are_address_bytes_then_the_port() {
+        assert_eq!(
+            identity("10.244.0.10:8080".parse().unwrap()),
+            [10, 244, 0, 10, 0x1f, 0x90],
+            "the IPv4 identity earlier builds hashed"
+        );
+        let mut ipv6 = vec![0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+        ipv6.extend_from_slice(&[0x1f, 0x90]);
+        assert_eq!(identity("[fd00:10::a]:8080".parse().unwrap()), ipv6);
     }
 
     #[test]

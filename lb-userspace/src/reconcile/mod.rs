@@ -1,75 +1,21 @@
 //! From the model to map contents: [`plan`] says what the maps should hold, [`Reconciler`] writes
 //! only the difference, in an order that never shows a packet a half-written service.
+mod entries;
 pub mod maglev;
 mod plan;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-
-use lb_common::{Backend, BackendId, ServiceInfo, ServiceKey, SlotKey, backend_flags, service_flags};
-
-pub use self::{
-    maglev::is_prime,
-    plan::{BackendAddr, DesiredService, External, PlanOptions, plan},
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
-/// The writes the reconciler makes. Implemented over the pinned BPF maps by the datapath, and by
-/// a recorder in tests.
-pub trait MapWriter {
-    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapError>;
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError>;
-    fn put_service(&mut self, key: ServiceKey, info: ServiceInfo) -> Result<(), MapError>;
-    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError>;
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError>;
-    /// Writes a complete Maglev table for `service_id` and swaps it in for the old one.
-    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError>;
-    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
-    /// Marks `addr` as a ClusterIP with `frontends` frontends.
-    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError>;
-    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError>;
-    fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
-    fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
-    /// Drops the traffic counters kept under a service id that is being given to a new frontend
-    /// or freed, so counts never carry over from a previous owner. Best effort: counters are
-    /// not worth failing a service for.
-    fn forget_service_stats(&mut self, _service_id: u32) {}
-}
+use lb_common::{BackendId, ServiceInfo, SlotKey, backend_flags, map_names, service_flags};
 
-/// One `loadBalancerSourceRanges` prefix admitted by a service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceRange {
-    pub service_id: u32,
-    pub addr: [u8; 4],
-    pub prefix_len: u8,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{map}: {message}")]
-pub struct MapError {
-    pub map: &'static str,
-    pub message: String,
-}
-
-/// What the maps hold, as read back from the pinned maps at start-up and kept in step since.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Programmed {
-    pub services: BTreeMap<ServiceKey, ServiceInfo>,
-    pub slots: BTreeMap<SlotKey, BackendId>,
-    pub backends: BTreeMap<BackendId, Backend>,
-    /// Services with a Maglev table, and what it was built from.
-    pub maglev: BTreeMap<u32, MaglevInput>,
-    pub source_ranges: BTreeSet<SourceRange>,
-    /// ClusterIPs → how many frontends each has.
-    pub cluster_ips: BTreeMap<[u8; 4], u32>,
-}
-
-/// What a Maglev table is a function of: its size and the service's backends (ids, sorted).
-/// Equal inputs give equal tables, so comparing inputs tells whether to rebuild.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MaglevInput {
-    pub size: u32,
-    pub backends: Vec<BackendId>,
-}
+pub use self::{
+    entries::{BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, Programmed, SourceRange},
+    maglev::is_prime,
+    plan::{DesiredService, External, PlanOptions, plan},
+};
 
 /// What one [`Reconciler::apply`] did.
 #[derive(Debug, Default)]
@@ -84,7 +30,7 @@ pub struct Reconciler {
     programmed: Programmed,
     /// What each frontend was last programmed from, successfully: an unchanged frontend costs a
     /// comparison, so one endpoint change does not revisit every service.
-    applied: HashMap<ServiceKey, DesiredService>,
+    applied: HashMap<FrontendKey, DesiredService>,
     /// Whether entries of no service may exist: at start (recovered maps) and after a failure.
     orphans_possible: bool,
     next_service_id: u32,
@@ -126,7 +72,7 @@ impl Reconciler {
     /// then draining backends, stale slots and stale backends. Removed services: the service entry first.
     pub fn apply(
         &mut self,
-        desired: &BTreeMap<ServiceKey, DesiredService>,
+        desired: &BTreeMap<FrontendKey, DesiredService>,
         maps: &mut impl MapWriter,
     ) -> Report {
         let mut report = Report::default();
@@ -160,7 +106,7 @@ impl Reconciler {
                 }
             }
         }
-        let removed: Vec<ServiceKey> = self
+        let removed: Vec<FrontendKey> = self
             .programmed
             .services
             .keys()
@@ -171,7 +117,7 @@ impl Reconciler {
             self.applied.remove(&key);
             let index = index.get_or_insert_with(|| Index::new(&self.programmed));
             if let Err(error) = self.remove_service(key, index, maps, &mut report) {
-                report.failed.push((format!("removed frontend {key:?}"), error));
+                report.failed.push((format!("removed frontend {key}"), error));
             }
         }
         if let Err(error) = self.delete_cluster_ips(&cluster_ips, maps, &mut report) {
@@ -188,7 +134,7 @@ impl Reconciler {
 
     fn put_cluster_ips(
         &mut self,
-        wanted: &BTreeMap<[u8; 4], u32>,
+        wanted: &BTreeMap<IpAddr, u32>,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<(), MapError> {
@@ -204,11 +150,11 @@ impl Reconciler {
 
     fn delete_cluster_ips(
         &mut self,
-        wanted: &BTreeMap<[u8; 4], u32>,
+        wanted: &BTreeMap<IpAddr, u32>,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<(), MapError> {
-        let stale: Vec<[u8; 4]> = self
+        let stale: Vec<IpAddr> = self
             .programmed
             .cluster_ips
             .keys()
@@ -270,12 +216,13 @@ impl Reconciler {
 
     fn apply_service(
         &mut self,
-        key: ServiceKey,
+        key: FrontendKey,
         service: &DesiredService,
         index: &mut Index,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<(), MapError> {
+        check_families(&key, service)?;
         let old = self.programmed.services.get(&key).copied();
         let service_id = match old {
             Some(info) => info.id,
@@ -287,8 +234,8 @@ impl Reconciler {
         };
         index.service_ids.insert(service_id);
         let mut ids = Vec::with_capacity(service.backends.len());
-        for &(addr, port) in &service.backends {
-            ids.push(self.put_backend(service_id, key.proto, (addr, port), 0, index, maps, report)?);
+        for &addr in &service.backends {
+            ids.push(self.put_backend(service_id, key.proto, addr, 0, index, maps, report)?);
         }
         for (slot, &id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
@@ -394,20 +341,19 @@ impl Reconciler {
         &mut self,
         service_id: u32,
         proto: u8,
-        (addr, port): BackendAddr,
+        addr: SocketAddr,
         flags: u8,
         index: &Index,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<BackendId, MapError> {
-        let backend = Backend {
+        let backend = BackendEntry {
             addr,
-            port,
             proto,
             flags,
             service_id,
         };
-        let id = match index.backend_ids.get(&(service_id, addr, port)) {
+        let id = match index.backend_ids.get(&(service_id, addr)) {
             Some(&id) => id,
             None => self.allocate_backend_id(),
         };
@@ -441,14 +387,7 @@ impl Reconciler {
         }
         // Identity for hashing is the address and port, the same on every node; the table
         // stores this node's ids for them.
-        let identities: Vec<[u8; 6]> = service
-            .backends
-            .iter()
-            .map(|(addr, port)| {
-                let [p0, p1] = port.to_be_bytes();
-                [addr[0], addr[1], addr[2], addr[3], p0, p1]
-            })
-            .collect();
+        let identities: Vec<Vec<u8>> = service.backends.iter().map(|b| maglev::identity(*b)).collect();
         let weighted: Vec<(&[u8], u32)> = identities.iter().map(|id| (id.as_slice(), 1)).collect();
         let table: Vec<BackendId> = maglev::table(&weighted, size)
             .into_iter()
@@ -476,7 +415,7 @@ impl Reconciler {
 
     fn remove_service(
         &mut self,
-        key: ServiceKey,
+        key: FrontendKey,
         index: &Index,
         maps: &mut impl MapWriter,
         report: &mut Report,
@@ -534,7 +473,10 @@ impl Reconciler {
         report: &mut Report,
     ) -> Result<(), MapError> {
         for id in ids {
-            maps.delete_backend(id)?;
+            let Some(backend) = self.programmed.backends.get(&id) else {
+                continue;
+            };
+            maps.delete_backend(id, backend)?;
             self.programmed.backends.remove(&id);
             report.deletes += 1;
         }
@@ -542,9 +484,10 @@ impl Reconciler {
     }
 
     fn source_ranges_of(&self, service_id: u32) -> impl Iterator<Item = SourceRange> + use<'_> {
+        // The smallest range of the service: IPv4 ranges sort before IPv6 ones.
         let first = SourceRange {
             service_id,
-            addr: [0; 4],
+            addr: Ipv4Addr::UNSPECIFIED.into(),
             prefix_len: 0,
         };
         self.programmed
@@ -576,8 +519,36 @@ impl Reconciler {
     }
 }
 
+/// A backend or source range of the other family than its frontend's would land in the other
+/// family's maps, where no packet of the frontend looks: refused before anything is written.
+/// The model never plans one (it picks endpoints by family); this guards every other caller.
+fn check_families(key: &FrontendKey, service: &DesiredService) -> Result<(), MapError> {
+    let ipv4 = key.addr.is_ipv4();
+    let backends = service
+        .backends
+        .iter()
+        .chain(&service.draining)
+        .map(SocketAddr::ip);
+    let ranges = service
+        .external
+        .iter()
+        .flat_map(|e| e.source_ranges.iter().flatten())
+        .map(|(addr, _)| *addr);
+    match backends.chain(ranges).find(|addr| addr.is_ipv4() != ipv4) {
+        None => Ok(()),
+        Some(other) => Err(MapError {
+            map: if ipv4 {
+                map_names::BACKENDS
+            } else {
+                map_names::BACKENDS6
+            },
+            message: format!("{other} is not of the address family of the frontend {key}"),
+        }),
+    }
+}
+
 /// Each ClusterIP of `desired`, with how many of its frontends it has.
-fn cluster_ips(desired: &BTreeMap<ServiceKey, DesiredService>) -> BTreeMap<[u8; 4], u32> {
+fn cluster_ips(desired: &BTreeMap<FrontendKey, DesiredService>) -> BTreeMap<IpAddr, u32> {
     let mut ips = BTreeMap::new();
     for key in desired.iter().filter(|(_, s)| s.cluster_ip).map(|(key, _)| key) {
         *ips.entry(key.addr).or_default() += 1;
@@ -588,8 +559,8 @@ fn cluster_ips(desired: &BTreeMap<ServiceKey, DesiredService>) -> BTreeMap<[u8; 
 /// What one apply looks up per service, built once from the programmed state so that an apply
 /// costs O(backends), not O(services × backends).
 struct Index {
-    /// (service id, address, port) → backend id.
-    backend_ids: HashMap<(u32, [u8; 4], u16), BackendId>,
+    /// (service id, address and port) → backend id.
+    backend_ids: HashMap<(u32, SocketAddr), BackendId>,
     /// Service id → the ids of its backends, as programmed when the apply began.
     backends: HashMap<u32, Vec<BackendId>>,
     /// Ids of programmed services, and of those given out during this apply.
@@ -604,9 +575,7 @@ impl Index {
             service_ids: programmed.services.values().map(|s| s.id).collect(),
         };
         for (&id, backend) in &programmed.backends {
-            index
-                .backend_ids
-                .insert((backend.service_id, backend.addr, backend.port), id);
+            index.backend_ids.insert((backend.service_id, backend.addr), id);
             index.backends.entry(backend.service_id).or_default().push(id);
         }
         index

@@ -1,12 +1,11 @@
 //! The model's frontends as desired map contents.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
-
-use crate::model::{Endpoint, Frontend, FrontendKind, LbAlgorithm, Model, Protocol, parse_cidr};
-
-/// A backend's IPv4 address and port, as the maps store them.
-pub type BackendAddr = ([u8; 4], u16);
+use super::FrontendKey;
+use crate::model::{Endpoint, Frontend, FrontendKind, LbAlgorithm, Model, parse_cidr};
 
 /// What one frontend's entries should be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -15,11 +14,11 @@ pub struct DesiredService {
     pub name: String,
     /// A ClusterIP frontend: the address's ports that no frontend defines are refused.
     pub cluster_ip: bool,
-    /// Backend addresses and ports, in slot order.
-    pub backends: Vec<BackendAddr>,
+    /// Backend addresses and ports, in slot order; of the frontend's address family.
+    pub backends: Vec<SocketAddr>,
     /// Backends kept for the flows they have, never chosen for a new one (terminating
     /// endpoints, or endpoints a traffic policy leaves out).
-    pub draining: Vec<BackendAddr>,
+    pub draining: Vec<SocketAddr>,
     /// Maglev table size when the service uses Maglev; `None`: random choice.
     pub maglev: Option<u32>,
     /// `sessionAffinity: ClientIP` timeout in seconds; `None`: no affinity.
@@ -35,9 +34,9 @@ pub struct External {
     /// serve, and without one the traffic is dropped. Otherwise flows to another node's backend
     /// are source-NATed to this node.
     pub local: bool,
-    /// A LoadBalancer frontend's `loadBalancerSourceRanges` (IPv4 prefix, length): only clients
-    /// inside them get in. `None`: every client.
-    pub source_ranges: Option<Vec<([u8; 4], u8)>>,
+    /// A LoadBalancer frontend's `loadBalancerSourceRanges` of its address family (prefix,
+    /// length): only clients inside them get in. `None`: every client.
+    pub source_ranges: Option<Vec<(IpAddr, u8)>>,
 }
 
 /// The agent-wide settings the plan applies.
@@ -57,69 +56,42 @@ impl Default for PlanOptions {
     }
 }
 
-/// The map contents for `model`. IPv4 only: the datapath has no IPv6 maps yet, so IPv6
-/// frontends are left out (and said so once per call at debug level). A NodePort frontend is
-/// keyed with address 0.0.0.0: the datapath matches it on any of the node's addresses.
-pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<ServiceKey, DesiredService> {
-    let mut desired = BTreeMap::new();
-    let mut ipv6 = 0;
-    for frontend in &model.frontends {
-        let IpAddr::V4(address) = frontend.address else {
-            ipv6 += 1;
-            continue;
-        };
-        let key = ServiceKey {
-            addr: address.octets(),
-            port: frontend.port,
-            proto: match frontend.protocol {
-                Protocol::Tcp => IPPROTO_TCP,
-                Protocol::Udp => IPPROTO_UDP,
-            },
-            pad: 0,
-        };
-        let ipv4 = |endpoints: &[Endpoint]| {
-            endpoints
-                .iter()
-                .filter_map(|e| match e.address {
-                    IpAddr::V4(a) => Some((a.octets(), e.port)),
-                    IpAddr::V6(_) => None,
-                })
-                .collect()
-        };
-        let name = match frontend.kind {
-            FrontendKind::ClusterIp => format!("{}:{}", frontend.service, frontend.port),
-            kind => format!("{}:{} ({})", frontend.service, frontend.port, kind.as_str()),
-        };
-        let maglev = (frontend.algorithm.unwrap_or(options.default_algorithm) == LbAlgorithm::Maglev)
-            .then_some(options.maglev_table_size);
-        desired.insert(
-            key,
-            DesiredService {
+/// The map contents for `model`, frontends of both address families alike. A NodePort frontend is
+/// keyed with its family's unspecified address: the datapath matches it on any of the node's
+/// addresses of that family.
+pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<FrontendKey, DesiredService> {
+    model
+        .frontends
+        .iter()
+        .map(|frontend| {
+            let name = match frontend.kind {
+                FrontendKind::ClusterIp => format!("{}:{}", frontend.service, frontend.port),
+                kind => format!("{}:{} ({})", frontend.service, frontend.port, kind.as_str()),
+            };
+            let algorithm = frontend.algorithm.unwrap_or(options.default_algorithm);
+            let service = DesiredService {
                 name,
                 cluster_ip: frontend.kind == FrontendKind::ClusterIp,
-                backends: ipv4(&frontend.backends),
-                draining: ipv4(&frontend.draining),
-                maglev,
+                backends: frontend.backends.iter().map(Endpoint::socket_addr).collect(),
+                draining: frontend.draining.iter().map(Endpoint::socket_addr).collect(),
+                maglev: (algorithm == LbAlgorithm::Maglev).then_some(options.maglev_table_size),
                 affinity_timeout: frontend.policy.affinity_timeout_seconds,
                 external: frontend.kind.is_external().then(|| external(frontend)),
-            },
-        );
-    }
-    if ipv6 > 0 {
-        tracing::debug!(frontends = ipv6, "IPv6 frontends are not programmed yet");
-    }
-    desired
+            };
+            (FrontendKey::of(frontend), service)
+        })
+        .collect()
 }
 
+/// A range of the other family can never hold a client of this frontend, and an unparsable one
+/// holds none: both are left out, so a frontend whose ranges all are admits no client.
 fn external(frontend: &Frontend) -> External {
     let ranges = &frontend.policy.source_ranges;
     let source_ranges = (frontend.kind == FrontendKind::LoadBalancer && !ranges.is_empty()).then(|| {
         ranges
             .iter()
-            .filter_map(|range| match parse_cidr(range)? {
-                (IpAddr::V4(address), prefix) => Some((address.octets(), prefix)),
-                (IpAddr::V6(_), _) => None,
-            })
+            .filter_map(|range| parse_cidr(range))
+            .filter(|(addr, _)| addr.is_ipv4() == frontend.address.is_ipv4())
             .collect()
     });
     External {

@@ -1,5 +1,8 @@
 //! The reconciler against a recording [`MapWriter`], and [`plan`] on hand-built models.
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, map_names};
 
@@ -10,16 +13,16 @@ use crate::model::{Endpoint, Frontend, FrontendKind, Model, Policy, Protocol, Se
 enum Op {
     PutBackend(BackendId),
     PutSlot(SlotKey),
-    PutService(ServiceKey),
+    PutService(FrontendKey),
     DeleteBackend(BackendId),
     DeleteSlot(SlotKey),
-    DeleteService(ServiceKey),
+    DeleteService(FrontendKey),
     PutMaglev(u32),
     DeleteMaglev(u32),
     PutSourceRange(SourceRange),
     DeleteSourceRange(SourceRange),
-    PutClusterIp([u8; 4]),
-    DeleteClusterIp([u8; 4]),
+    PutClusterIp(IpAddr),
+    DeleteClusterIp(IpAddr),
 }
 
 /// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
@@ -56,7 +59,7 @@ fn missing(map: &'static str) -> MapError {
 }
 
 impl MapWriter for Recorder {
-    fn put_backend(&mut self, id: BackendId, backend: &Backend) -> Result<(), MapError> {
+    fn put_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
         if let Some(capacity) = self.backend_capacity
             && !self.state.backends.contains_key(&id)
             && self.state.backends.len() >= capacity
@@ -77,17 +80,17 @@ impl MapWriter for Recorder {
         Ok(())
     }
 
-    fn put_service(&mut self, key: ServiceKey, info: ServiceInfo) -> Result<(), MapError> {
+    fn put_service(&mut self, key: FrontendKey, info: ServiceInfo) -> Result<(), MapError> {
         self.ops.push(Op::PutService(key));
         self.state.services.insert(key, info);
         Ok(())
     }
 
-    fn delete_backend(&mut self, id: BackendId) -> Result<(), MapError> {
-        self.state
-            .backends
-            .remove(&id)
-            .ok_or_else(|| missing(map_names::BACKENDS))?;
+    fn delete_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
+        if self.state.backends.get(&id) != Some(backend) {
+            return Err(missing(map_names::BACKENDS));
+        }
+        self.state.backends.remove(&id);
         self.ops.push(Op::DeleteBackend(id));
         Ok(())
     }
@@ -107,7 +110,7 @@ impl MapWriter for Recorder {
         Ok(())
     }
 
-    fn delete_service(&mut self, key: ServiceKey) -> Result<(), MapError> {
+    fn delete_service(&mut self, key: FrontendKey) -> Result<(), MapError> {
         self.state
             .services
             .remove(&key)
@@ -158,13 +161,13 @@ impl MapWriter for Recorder {
         Ok(())
     }
 
-    fn put_cluster_ip(&mut self, addr: [u8; 4], frontends: u32) -> Result<(), MapError> {
+    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
         self.ops.push(Op::PutClusterIp(addr));
         self.state.cluster_ips.insert(addr, frontends);
         Ok(())
     }
 
-    fn delete_cluster_ip(&mut self, addr: [u8; 4]) -> Result<(), MapError> {
+    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError> {
         self.state
             .cluster_ips
             .remove(&addr)
@@ -177,7 +180,7 @@ impl MapWriter for Recorder {
 /// Applies and checks that the reconciler's idea of the maps is what the maps hold.
 fn apply(
     reconciler: &mut Reconciler,
-    desired: &BTreeMap<ServiceKey, DesiredService>,
+    desired: &BTreeMap<FrontendKey, DesiredService>,
     maps: &mut Recorder,
 ) -> Report {
     let report = reconciler.apply(desired, maps);
@@ -189,20 +192,19 @@ fn apply(
     report
 }
 
-fn key(last_octet: u8, port: u16) -> ServiceKey {
-    ServiceKey {
-        addr: [10, 96, 0, last_octet],
+fn key(last_octet: u8, port: u16) -> FrontendKey {
+    FrontendKey {
+        addr: [10, 96, 0, last_octet].into(),
         port,
         proto: IPPROTO_TCP,
-        pad: 0,
     }
 }
 
-fn backend(last_octet: u8) -> BackendAddr {
-    ([10, 0, 0, last_octet], 8080)
+fn backend(last_octet: u8) -> SocketAddr {
+    ([10, 0, 0, last_octet], 8080).into()
 }
 
-fn desired(services: &[(ServiceKey, &str, Vec<BackendAddr>)]) -> BTreeMap<ServiceKey, DesiredService> {
+fn desired(services: &[(FrontendKey, &str, Vec<SocketAddr>)]) -> BTreeMap<FrontendKey, DesiredService> {
     services
         .iter()
         .map(|(key, name, backends)| {
@@ -228,7 +230,7 @@ fn position(ops: &[Op], op: Op) -> usize {
         .unwrap_or_else(|| panic!("{op:?} should have been written; ops were {ops:?}"))
 }
 
-fn service_info(programmed: &Programmed, key: ServiceKey) -> ServiceInfo {
+fn service_info(programmed: &Programmed, key: FrontendKey) -> ServiceInfo {
     *programmed
         .services
         .get(&key)
@@ -236,7 +238,7 @@ fn service_info(programmed: &Programmed, key: ServiceKey) -> ServiceInfo {
 }
 
 /// The backend id behind each address of a service, read through its slots.
-fn backend_ids(programmed: &Programmed, key: ServiceKey) -> BTreeMap<BackendAddr, BackendId> {
+fn backend_ids(programmed: &Programmed, key: FrontendKey) -> BTreeMap<SocketAddr, BackendId> {
     let info = service_info(programmed, key);
     (0..info.backend_count)
         .map(|slot| {
@@ -257,7 +259,7 @@ fn backend_ids(programmed: &Programmed, key: ServiceKey) -> BTreeMap<BackendAddr
                 "backend {id} should belong to service {}",
                 info.id
             );
-            ((backend.addr, backend.port), id)
+            (backend.addr, id)
         })
         .collect()
 }
@@ -379,7 +381,7 @@ fn a_backend_that_starts_draining_keeps_its_id_and_leaves_the_slots_first() {
     let draining_id = before[&backend(3)];
     let drained = reconciler.programmed().backends[&draining_id];
     assert_eq!(drained.flags, backend_flags::DRAINING);
-    assert_eq!((drained.addr, drained.port), backend(3));
+    assert_eq!(drained.addr, backend(3));
     assert_eq!(
         service_info(reconciler.programmed(), web).backend_count,
         2,
@@ -700,9 +702,8 @@ fn new_ids_are_never_zero_nor_in_use_even_when_the_counter_wraps() {
         );
         found.backends.insert(
             id,
-            Backend {
-                addr: backend(slot as u8 + 1).0,
-                port: 8080,
+            BackendEntry {
+                addr: backend(slot as u8 + 1),
                 proto: IPPROTO_TCP,
                 flags: 0,
                 service_id: u32::MAX,
@@ -944,24 +945,12 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         warnings: vec![],
     };
     let planned = plan(&model, &PlanOptions::default());
-    let tcp = ServiceKey {
-        addr: [10, 96, 0, 10],
-        port: 80,
-        proto: IPPROTO_TCP,
-        pad: 0,
-    };
-    let udp = ServiceKey {
-        addr: [10, 96, 0, 53],
-        port: 53,
+    let tcp = key(10, 80);
+    let udp = FrontendKey {
         proto: IPPROTO_UDP,
-        pad: 0,
+        ..key(53, 53)
     };
-    let empty = ServiceKey {
-        addr: [10, 96, 0, 11],
-        port: 8080,
-        proto: IPPROTO_TCP,
-        pad: 0,
-    };
+    let empty = key(11, 8080);
     assert_eq!(planned.keys().copied().collect::<Vec<_>>(), {
         let mut keys = vec![tcp, udp, empty];
         keys.sort();
@@ -972,7 +961,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         DesiredService {
             name: "default/web:80".into(),
             cluster_ip: true,
-            backends: vec![([10, 0, 0, 2], 8080), ([10, 0, 0, 1], 8080)],
+            backends: vec![backend(2), backend(1)],
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
@@ -985,7 +974,7 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
         DesiredService {
             name: "kube-system/dns:53".into(),
             cluster_ip: true,
-            backends: vec![([10, 0, 0, 53], 5353)],
+            backends: vec![([10, 0, 0, 53], 5353).into()],
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
@@ -1000,17 +989,20 @@ fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
 }
 
 #[test]
-fn plan_leaves_out_ipv6_and_keys_external_frontends_with_their_policy() {
-    let mut local_lb = frontend(
-        "default/web",
-        FrontendKind::LoadBalancer,
-        "198.51.100.7",
-        80,
-        Protocol::Tcp,
-        &["10.0.0.1:8080"],
-    );
-    local_lb.policy.external_local = true;
-    local_lb.policy.source_ranges = vec!["203.0.113.9/24".into(), "2001:db8::/32".into(), "junk".into()];
+fn plan_keys_frontends_of_both_families_and_external_ones_with_their_policy() {
+    let load_balancer = |address| {
+        let mut lb = frontend(
+            "default/web",
+            FrontendKind::LoadBalancer,
+            address,
+            80,
+            Protocol::Tcp,
+            &[],
+        );
+        lb.policy.external_local = true;
+        lb.policy.source_ranges = vec!["203.0.113.9/24".into(), "2001:db8::1/32".into(), "junk".into()];
+        lb
+    };
     let model = Model {
         frontends: vec![
             frontend(
@@ -1019,7 +1011,7 @@ fn plan_leaves_out_ipv6_and_keys_external_frontends_with_their_policy() {
                 "10.96.0.10",
                 80,
                 Protocol::Tcp,
-                &["10.0.0.1:8080", "[fd00:10::1]:8080"],
+                &["10.0.0.1:8080"],
             ),
             frontend(
                 "default/web",
@@ -1039,49 +1031,63 @@ fn plan_leaves_out_ipv6_and_keys_external_frontends_with_their_policy() {
             ),
             frontend(
                 "default/web",
+                FrontendKind::NodePort,
+                "::",
+                30080,
+                Protocol::Tcp,
+                &["[fd00:10::1]:8080"],
+            ),
+            frontend(
+                "default/web",
                 FrontendKind::ExternalIp,
                 "192.0.2.1",
                 80,
                 Protocol::Tcp,
                 &["10.0.0.1:8080"],
             ),
-            local_lb,
+            load_balancer("198.51.100.7"),
+            load_balancer("2001:db8:7::7"),
         ],
         warnings: vec![],
     };
     let planned = plan(&model, &PlanOptions::default());
-    let key = |addr, port| ServiceKey {
-        addr,
+    let key = |addr: &str, port| FrontendKey {
+        addr: addr.parse().unwrap(),
         port,
         proto: IPPROTO_TCP,
-        pad: 0,
     };
-    assert_eq!(planned.len(), 4, "every IPv4 frontend is planned: {planned:?}");
-    let cluster_ip = &planned[&key([10, 96, 0, 10], 80)];
+    assert_eq!(planned.len(), 7, "every frontend is planned: {planned:?}");
+    let cluster_ip6 = &planned[&key("fd00::10", 80)];
+    assert_eq!(cluster_ip6.name, "default/web:80");
+    assert!(cluster_ip6.cluster_ip);
+    assert_eq!(cluster_ip6.backends, vec!["[fd00:10::1]:8080".parse().unwrap()]);
+    assert_eq!(cluster_ip6.external, None);
+    assert_eq!(planned[&key("10.96.0.10", 80)].backends, vec![backend(1)]);
+    for any in ["0.0.0.0", "::"] {
+        let node_port = &planned[&key(any, 30080)];
+        assert_eq!(node_port.name, "default/web:30080 (NodePort)");
+        assert_eq!(
+            node_port.external,
+            Some(External::default()),
+            "externalTrafficPolicy Cluster, no source ranges (they are for LoadBalancer IPs only)"
+        );
+    }
+    assert_eq!(planned[&key("192.0.2.1", 80)].external, Some(External::default()));
     assert_eq!(
-        cluster_ip.backends,
-        vec![([10, 0, 0, 1], 8080)],
-        "IPv6 endpoints are left out of an IPv4 frontend"
-    );
-    assert_eq!(cluster_ip.external, None);
-    let node_port = &planned[&key([0; 4], 30080)];
-    assert_eq!(node_port.name, "default/web:30080 (NodePort)");
-    assert_eq!(
-        node_port.external,
-        Some(External::default()),
-        "externalTrafficPolicy Cluster, no source ranges (they are for LoadBalancer IPs only)"
-    );
-    assert_eq!(
-        planned[&key([192, 0, 2, 1], 80)].external,
-        Some(External::default())
-    );
-    assert_eq!(
-        planned[&key([198, 51, 100, 7], 80)].external,
+        planned[&key("198.51.100.7", 80)].external,
         Some(External {
             local: true,
-            source_ranges: Some(vec![([203, 0, 113, 0], 24)]),
+            source_ranges: Some(vec![([203, 0, 113, 0].into(), 24)]),
         }),
         "IPv6 and unparsable ranges admit no IPv4 client"
+    );
+    assert_eq!(
+        planned[&key("2001:db8:7::7", 80)].external,
+        Some(External {
+            local: true,
+            source_ranges: Some(vec![("2001:db8::".parse().unwrap(), 32)]),
+        }),
+        "IPv4 and unparsable ranges admit no IPv6 client; the range is masked to its prefix"
     );
 }
 
@@ -1093,7 +1099,7 @@ fn source_ranges_are_written_before_their_service_and_removed_after_it() {
         backends: vec![backend(1)],
         external: Some(External {
             local: false,
-            source_ranges: Some(vec![([192, 0, 2, 0], 24), ([198, 51, 100, 0], 24)]),
+            source_ranges: Some(vec![([192, 0, 2, 0].into(), 24), ([198, 51, 100, 0].into(), 24)]),
         }),
         ..DesiredService::default()
     };
@@ -1121,11 +1127,11 @@ fn source_ranges_are_written_before_their_service_and_removed_after_it() {
     );
 
     // One range goes: only it is deleted.
-    service.external.as_mut().unwrap().source_ranges = Some(vec![([192, 0, 2, 0], 24)]);
+    service.external.as_mut().unwrap().source_ranges = Some(vec![([192, 0, 2, 0].into(), 24)]);
     apply(&mut reconciler, &BTreeMap::from([(lb, service)]), &mut maps);
     let gone = SourceRange {
         service_id: info.id,
-        addr: [198, 51, 100, 0],
+        addr: [198, 51, 100, 0].into(),
         prefix_len: 24,
     };
     assert_eq!(maps.take_ops(), vec![Op::DeleteSourceRange(gone)]);
@@ -1164,7 +1170,7 @@ status:
         Some(&DesiredService {
             name: "shop/web:80".into(),
             cluster_ip: true,
-            backends: vec![([10, 0, 0, 1], 8080)],
+            backends: vec![backend(1)],
             draining: Vec::new(),
             maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
             affinity_timeout: None,
@@ -1212,9 +1218,8 @@ fn a_new_service_that_fails_part_way_leaves_no_backend_behind() {
 #[test]
 fn orphans_left_in_the_pinned_maps_are_removed_on_the_first_apply() {
     let mut maps = Recorder::default();
-    let orphan = Backend {
-        addr: [10, 0, 0, 1],
-        port: 80,
+    let orphan = BackendEntry {
+        addr: backend(1),
         proto: IPPROTO_TCP,
         flags: 0,
         service_id: 42,
@@ -1256,9 +1261,9 @@ fn a_slot_whose_delete_failed_is_still_known_and_deleted_later() {
 }
 
 fn with_maglev(
-    mut services: BTreeMap<ServiceKey, DesiredService>,
+    mut services: BTreeMap<FrontendKey, DesiredService>,
     size: u32,
-) -> BTreeMap<ServiceKey, DesiredService> {
+) -> BTreeMap<FrontendKey, DesiredService> {
     for service in services.values_mut() {
         service.maglev = Some(size);
     }
@@ -1317,7 +1322,7 @@ fn a_maglev_table_is_written_after_the_backends_and_before_the_entry_that_uses_i
 fn a_backend_change_swaps_in_one_new_table_that_keeps_most_positions() {
     let mut reconciler = Reconciler::new(Programmed::default());
     let mut maps = Recorder::default();
-    let before: Vec<BackendAddr> = (1..=10).map(backend).collect();
+    let before: Vec<SocketAddr> = (1..=10).map(backend).collect();
     apply(
         &mut reconciler,
         &with_maglev(desired(&[(key(1, 80), "default/web:80", before.clone())]), 4093),
@@ -1328,7 +1333,7 @@ fn a_backend_change_swaps_in_one_new_table_that_keeps_most_positions() {
     let removed = backend_ids(&maps.state, key(1, 80))[&backend(5)];
     maps.take_ops();
 
-    let after: Vec<BackendAddr> = before.into_iter().filter(|b| *b != backend(5)).collect();
+    let after: Vec<SocketAddr> = before.into_iter().filter(|b| *b != backend(5)).collect();
     apply(
         &mut reconciler,
         &with_maglev(desired(&[(key(1, 80), "default/web:80", after)]), 4093),
@@ -1420,8 +1425,8 @@ fn session_affinity_is_a_flag_and_a_timeout_on_the_service_entry() {
 fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
     let mut desired = BTreeMap::new();
     desired.insert(
-        ServiceKey {
-            addr: [0; 4],
+        FrontendKey {
+            addr: [0; 4].into(),
             ..key(0, 30080)
         },
         DesiredService {
@@ -1439,7 +1444,7 @@ fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
             backends: vec![backend(1)],
             external: Some(External {
                 local: true,
-                source_ranges: Some(vec![([192, 0, 2, 0], 24)]),
+                source_ranges: Some(vec![([192, 0, 2, 0].into(), 24)]),
             }),
             ..DesiredService::default()
         },
