@@ -7,6 +7,9 @@
 //!   client back as destination. The kernel then routes the packet, to a local pod or out again.
 //! * egress (TC): a flow leaving for another node's backend takes this node's address as source;
 //!   a reply on its way to an external client gets the frontend back as source.
+//!
+//! The handlers are not inlined into the entry functions, so each family has a stack frame of
+//! its own: both families' code in one frame would not fit the 512 bytes the verifier allows.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     programs::{TcContext, XdpContext},

@@ -6,7 +6,10 @@ use core::net::IpAddr;
 use lb_common::{
     Address, IPPROTO_ICMP, IPPROTO_ICMPV6, Ipv4, Ipv6, ipv4_header, ipv6_header, pseudo_header_sum,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     context::Packet,

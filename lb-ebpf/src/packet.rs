@@ -93,7 +93,8 @@ struct Transport {
     tcp_flags: u8,
 }
 
-/// The flow of a frame of family `A` (the caller matched its EtherType).
+/// The flow of a frame of family `A` (the caller matched its EtherType). Another transport
+/// protocol is one more arm giving its `Transport`.
 #[inline(always)]
 pub fn parse<A: Family>(ctx: &impl Packet) -> Option<Flow<A>> {
     let network = A::parse_network(ctx)?;

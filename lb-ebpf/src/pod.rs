@@ -1,5 +1,8 @@
 //! Pods' traffic, on their host-side interfaces: service packets DNATed towards a backend as
 //! they leave a pod, replies given their frontend back as they enter one.
+//!
+//! The handlers are not inlined into the entry functions, so each family has a stack frame of
+//! its own: both families' code in one frame would not fit the 512 bytes the verifier allows.
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     programs::TcContext,
