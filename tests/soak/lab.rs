@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{IPPROTO_TCP, ServiceKey};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
 use lb_userspace::{
     datapath::maps::ServiceMaps,
     lab::{self, Lab, PinDir, SliceEndpoint},
@@ -33,6 +33,82 @@ pub const HTTP: (u16, u16) = (80, 3000);
 pub const DNS: (u16, u16) = (53, 5353);
 pub const ALT: u16 = 8080;
 
+/// One frontend of a Service: `http`, `dns` or `alt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    pub service: usize,
+    pub port: u16,
+    pub proto: u8,
+}
+
+impl Frontend {
+    pub fn http(service: usize) -> Self {
+        Self {
+            service,
+            port: HTTP.0,
+            proto: IPPROTO_TCP,
+        }
+    }
+
+    pub fn dns(service: usize) -> Self {
+        Self {
+            service,
+            port: DNS.0,
+            proto: IPPROTO_UDP,
+        }
+    }
+
+    pub fn alt(service: usize) -> Self {
+        Self {
+            service,
+            port: ALT,
+            proto: IPPROTO_TCP,
+        }
+    }
+
+    /// The ClusterIP and port a client dials.
+    pub fn socket(&self) -> std::net::SocketAddrV4 {
+        std::net::SocketAddrV4::new(SERVICES[self.service].1, self.port)
+    }
+
+    pub fn key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: SERVICES[self.service].1.octets(),
+            port: self.port,
+            proto: self.proto,
+            pad: 0,
+        }
+    }
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = if self.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
+        write!(
+            f,
+            "{} {}:{}/{proto}",
+            SERVICES[self.service].0, SERVICES[self.service].1, self.port
+        )
+    }
+}
+
+/// Every frontend the churn may program, Service by Service.
+pub fn frontends() -> Vec<Frontend> {
+    (0..SERVICES.len())
+        .flat_map(|service| {
+            [
+                Frontend::http(service),
+                Frontend::dns(service),
+                Frontend::alt(service),
+            ]
+        })
+        .collect()
+}
+
+/// The agent's own log: the reconciler's per-frontend lines and the conntrack collection's
+/// passes too, which a failure is explained with.
+const AGENT_LOG_FILTER: &str = "info,lb_userspace::reconcile=debug,lb_userspace::cli::run=debug";
+
 /// Short conntrack timeouts and a 1 s collection, so occupancy settles soon after the load.
 const AGENT_ARGS: [&str; 10] = [
     "--conntrack-gc-interval",
@@ -46,6 +122,15 @@ const AGENT_ARGS: [&str; 10] = [
     "--endpoints-from",
     "slices",
 ];
+
+/// The name of the pod (or client) at `ip`, if it is one of the lab's.
+pub fn pod_at(ip: Ipv4Addr) -> Option<String> {
+    let pods = (0..SERVICES.len()).flat_map(|service| (0..POOL).map(move |index| pod(service, index)));
+    let clients = CLIENTS.iter().map(|&(name, ip)| (name.to_owned(), ip));
+    pods.chain(clients)
+        .find(|(_, at)| *at == ip)
+        .map(|(name, _)| name)
+}
 
 /// Pod `index` of Service `service`: its name and address.
 pub fn pod(service: usize, index: usize) -> (String, Ipv4Addr) {
@@ -110,6 +195,7 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(pins.path())
             .args(AGENT_ARGS)
+            .env("RUST_LOG", AGENT_LOG_FILTER)
             .stdout(Stdio::null())
             .stderr(File::create(&agent_log)?);
         let agent = lab
@@ -163,6 +249,14 @@ impl Cluster {
         ServiceMaps::open(self.pins.path())
     }
 
+    pub fn pins(&self) -> &Path {
+        self.pins.path()
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.id()
+    }
+
     /// Waits (10 s at most) until the kernel's maps satisfy `done`.
     pub fn wait_for(&self, what: &str, done: impl Fn(&ServiceMaps) -> bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -191,6 +285,21 @@ impl Cluster {
             println!("    {line}");
         }
     }
+
+    /// The agent's log lines stamped between `from` and `to` (as [`Clock::log_time`] writes
+    /// them): each line starts with its UTC time, which orders as text.
+    ///
+    /// [`Clock::log_time`]: crate::timeline::Clock::log_time
+    pub fn agent_log_between(&self, from: &str, to: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.agent_log).unwrap_or_default();
+        log.lines()
+            .filter(|line| {
+                let stamp = line.split_whitespace().next().unwrap_or_default();
+                (from..=to).contains(&stamp)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Cluster {
@@ -209,20 +318,12 @@ pub fn has_backend(maps: &ServiceMaps, ip: Ipv4Addr) -> bool {
         .any(|(_, backend)| backend.addr == ip.octets())
 }
 
-/// How many backends the frontend `cluster_ip:port/proto` has in `maps`, if it is there.
-pub fn backend_count(maps: &ServiceMaps, cluster_ip: Ipv4Addr, port: u16, proto: u8) -> Option<u32> {
-    let key = ServiceKey {
-        addr: cluster_ip.octets(),
-        port,
-        proto,
-        pad: 0,
-    };
-    maps.services.get(&key, 0).ok().map(|info| info.backend_count)
-}
-
-/// Whether `maps` has the `alt` frontend of the Service at `cluster_ip`.
-pub fn has_alt(maps: &ServiceMaps, cluster_ip: Ipv4Addr) -> bool {
-    backend_count(maps, cluster_ip, ALT, IPPROTO_TCP).is_some()
+/// How many backends `frontend` has in `maps`, if it is there.
+pub fn backend_count(maps: &ServiceMaps, frontend: Frontend) -> Option<u32> {
+    maps.services
+        .get(&frontend.key(), 0)
+        .ok()
+        .map(|info| info.backend_count)
 }
 
 fn service_manifest(name: &str, cluster_ip: Ipv4Addr, spec: &ServiceSpec) -> String {

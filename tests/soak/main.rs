@@ -6,8 +6,11 @@
 //! the load, conntrack and affinity occupancy must return to where they started. Prints a
 //! summary and exits non-zero on any failure. Needs root.
 mod churn;
+mod diagnose;
 mod lab;
 mod load;
+mod monitor;
+mod timeline;
 
 use std::{
     path::PathBuf,
@@ -66,16 +69,20 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.seconds
     );
     let cluster = lab::Cluster::start(&agent)?;
-    let shared = Arc::new(load::Shared::new());
+    let shared = Arc::new(load::Shared::new(cluster.pins().to_owned()));
     let mut churn = churn::Churn::start(&cluster, shared.clone(), seed)?;
+    let monitor = Arc::new(monitor::Monitor::default());
+    let sampler = monitor.start(cluster.pins().to_owned(), cluster.agent_pid(), shared.clone())?;
     let before = cluster.occupancy()?;
     let clients = load::start(&cluster, &shared)?;
     let started = Instant::now();
+    let load_start = shared.clock.now();
     let churned = churn.run_until(started + Duration::from_secs(args.seconds));
     shared.stop.store(true, Ordering::SeqCst);
     for client in clients {
         let _ = client.join();
     }
+    let _ = sampler.join();
     let duration = started.elapsed();
     churned?;
 
@@ -112,8 +119,21 @@ fn run(args: Args) -> anyhow::Result<bool> {
         "  occupancy: conntrack {} entries before, {} at most under load, {} after; affinity {} before, {} under load, {} after",
         before.conntrack, peak.conntrack, after.conntrack, before.affinity, peak.affinity, after.affinity
     );
+    println!(
+        "  machine: {}",
+        monitor.starvation(load_start, shared.clock.now())
+    );
+    let context = diagnose::Context {
+        cluster: &cluster,
+        shared: &shared,
+        monitor: &monitor,
+    };
     for failure in shared.failure_samples() {
-        println!("  failed: {failure}");
+        let mut lines = diagnose::explain(&failure, &context).into_iter();
+        println!("  failed: {}", lines.next().unwrap_or_default());
+        for line in lines {
+            println!("  {line}");
+        }
     }
     let settled = after.within(&before);
     if !settled {
