@@ -502,7 +502,7 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend() {
 }
 
 /// A terminating backend (draining): the flows it has keep reaching it, new flows never do, and
-/// a client with affinity to it is given a ready one; once it is gone its flows are re-balanced.
+/// a client with affinity to it is given a ready one.
 #[test]
 fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
     let mut lb = Loaded::new("draining");
@@ -552,12 +552,69 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one() {
     }
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
 
-    // Gone for good: its flow moves to a live backend instead of being black-holed.
+    // Gone for good: the connection it has still reaches it (see the next test).
     desired.get_mut(&web).unwrap().draining.clear();
     lb.apply(&desired);
-    let moved = backend_of(&mut lb, &tcp_data(established, (CLUSTER_IP, 80), b"again"));
-    assert_ne!(moved, old);
+    assert_eq!(
+        backend_of(&mut lb, &tcp_data(established, (CLUSTER_IP, 80), b"again")),
+        old,
+        "the open connection stays with its pod"
+    );
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
+}
+
+/// A backend that leaves its service while a connection to it is open (its pod deleted, no
+/// longer ready, or relabelled away; the soak's churn found this): the connection keeps going
+/// to it both ways, since any other backend could only reset it, as kube-proxy keeps it. A new
+/// connection on the same tuple is balanced among the live backends.
+#[test]
+fn an_open_connection_keeps_its_backend_after_the_backend_left_the_service() {
+    let mut lb = loaded("left");
+    let client = (CLIENT, 40200);
+    let backend_of = |lb: &mut Loaded, packet: &[u8]| {
+        let (verdict, out) = run(lb, program_names::FROM_POD, packet);
+        assert_eq!(verdict, TC_ACT_OK);
+        addresses_with_valid_checksums(&out).1
+    };
+    let old = backend_of(&mut lb, &tcp_syn(client, (CLUSTER_IP, 80)));
+    let live: Vec<([u8; 4], u16)> = BACKENDS.into_iter().filter(|b| *b != old).collect();
+    lb.program(&[(frontend(CLUSTER_IP, 80, IPPROTO_TCP), &live)]);
+
+    for segment in [
+        tcp_data(client, (CLUSTER_IP, 80), b"GET / HTTP/1.1"),
+        tcp_close(client, (CLUSTER_IP, 80), false),
+    ] {
+        assert_eq!(
+            backend_of(&mut lb, &segment),
+            old,
+            "a segment of the open connection reaches its own pod, not a live backend that would reset it"
+        );
+    }
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::TO_POD,
+        &tcp_data(old, client, b"HTTP/1.1 200 OK"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses_with_valid_checksums(&out),
+        ((CLUSTER_IP, 80), client),
+        "its replies still come from the frontend"
+    );
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
+
+    let reopened = backend_of(&mut lb, &tcp_syn(client, (CLUSTER_IP, 80)));
+    assert!(
+        live.contains(&reopened),
+        "a new connection on the tuple goes to a live backend, got {reopened:?}"
+    );
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 1);
+    let (_, out) = run(&mut lb, program_names::TO_POD, &tcp_data(reopened, client, b"ok"));
+    assert_eq!(
+        addresses_with_valid_checksums(&out).0,
+        (CLUSTER_IP, 80),
+        "the new connection's replies are translated"
+    );
 }
 
 #[test]

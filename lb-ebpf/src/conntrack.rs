@@ -2,7 +2,8 @@
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags,
+    Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, backend_flags,
+    ct_direction, ct_flags,
 };
 
 use crate::{
@@ -33,23 +34,43 @@ fn forward_key(flow: &Flow) -> CtKey {
     }
 }
 
-/// The flow's backend if it has one that still serves `service`. A flow whose backend was
-/// removed counts as new, so it is re-balanced rather than black-holed.
+/// The flow's backend. One that left `service` (its pod no longer ready, relabelled away or
+/// deleted) keeps the TCP connections it has, as with kube-proxy: their segments still go to
+/// the address recorded at their first packet, where the pod finishes them if it still runs and
+/// resets them if it does not; any other backend would reset them for sure. A UDP flow whose
+/// backend left, or a new connection on the tuple, counts as new: it is re-balanced rather than
+/// black-holed.
 #[inline(always)]
 pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
     let Some(entry) = SB_CONNTRACK.get_ptr_mut(forward_key(flow)) else {
         return Forward::New;
     };
-    // SAFETY: the pointer comes from a successful lookup; fields are read and written whole.
-    let (service_id, backend_id) = unsafe { ((*entry).service_id, (*entry).backend_id) };
-    if service_id == service.id
-        && let Some(backend) = service::backend(service, backend_id)
-    {
-        seen(entry, flow);
-        return Forward::Established(backend);
+    // SAFETY: the pointer comes from a successful lookup; copied out at once.
+    let recorded = unsafe { *entry };
+    if recorded.service_id == service.id {
+        let backend = service::backend(service, recorded.backend_id).or_else(|| {
+            continues_connection(flow).then_some(Backend {
+                addr: recorded.nat_addr,
+                port: recorded.nat_port,
+                proto: flow.proto,
+                flags: backend_flags::DRAINING,
+                service_id: service.id,
+            })
+        });
+        if let Some(backend) = backend {
+            seen(entry, flow);
+            return Forward::Established(backend);
+        }
     }
     count(Stat::Rebalanced);
     Forward::New
+}
+
+/// Whether the packet is a segment of a TCP connection under way: anything but the SYN that
+/// opens one.
+#[inline(always)]
+fn continues_connection(flow: &Flow) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) != ct_flags::TCP_SYN
 }
 
 /// Records a packet of the flow on one of its entries: when it was last seen, for the agent's
