@@ -814,6 +814,40 @@ fn fin_or_rst_from_either_side_marks_a_flow_closing() {
     }
 }
 
+/// Two frontends with the same backend, dialled one after the other from the same client port:
+/// their flows share the reply entry (backend → client), which the later one rewrites. A new
+/// connection reusing the earlier flow's tuple must make it its own again, or its SYN-ACK comes
+/// back from the other frontend and the client never connects (the soak's churn found this).
+#[test]
+fn a_new_connection_on_a_closed_tuple_gets_replies_from_its_own_frontend() {
+    let mut lb = loaded("reused");
+    let backend = BACKENDS[0];
+    lb.program(&[
+        (frontend(CLUSTER_IP, 80, IPPROTO_TCP), &[backend]),
+        (frontend(CLUSTER_IP, 8080, IPPROTO_TCP), &[backend]),
+    ]);
+    let client = (CLIENT, 40300);
+    let reply_source = |lb: &mut Loaded, port: u16| {
+        let (_, out) = run(lb, program_names::FROM_POD, &tcp_syn(client, (CLUSTER_IP, port)));
+        assert_eq!(addresses_with_valid_checksums(&out).1, backend);
+        let (verdict, out) = run(lb, program_names::TO_POD, &tcp_data(backend, client, b""));
+        assert_eq!(verdict, TC_ACT_OK);
+        addresses_with_valid_checksums(&out).0
+    };
+    for port in [80, 8080, 80] {
+        assert_eq!(
+            reply_source(&mut lb, port),
+            (CLUSTER_IP, port),
+            "the reply comes from the frontend this connection dialled"
+        );
+        run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_close(client, (CLUSTER_IP, port), false),
+        );
+    }
+}
+
 /// The agent's garbage collection on the real map: each kind of flow is deleted, both
 /// directions, once idle past its own timeout, and not before.
 #[test]

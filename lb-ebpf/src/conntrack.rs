@@ -48,8 +48,9 @@ pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
     let recorded = unsafe { *entry };
     if recorded.service_id == service.id {
+        let opening = opens_connection(flow);
         let backend = service::backend(service, recorded.backend_id).or_else(|| {
-            continues_connection(flow).then_some(Backend {
+            (flow.proto == IPPROTO_TCP && !opening).then_some(Backend {
                 addr: recorded.nat_addr,
                 port: recorded.nat_port,
                 proto: flow.proto,
@@ -59,6 +60,9 @@ pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
         });
         if let Some(backend) = backend {
             seen(entry, flow);
+            if opening {
+                reclaim_reply(flow, &backend, recorded);
+            }
             return Forward::Established(backend);
         }
     }
@@ -66,11 +70,29 @@ pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
     Forward::New
 }
 
-/// Whether the packet is a segment of a TCP connection under way: anything but the SYN that
-/// opens one.
+/// Whether the packet is the SYN that opens a TCP connection.
 #[inline(always)]
-fn continues_connection(flow: &Flow) -> bool {
-    flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) != ct_flags::TCP_SYN
+fn opens_connection(flow: &Flow) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) == ct_flags::TCP_SYN
+}
+
+/// A SYN on a tracked tuple: a new connection reusing a closed one's client port, or a SYN sent
+/// again. The reply entry (backend → client) is shared by every frontend's flow from that
+/// client port to that backend port, so a flow to another frontend may have taken it since;
+/// it is made this flow's again, or the backend's answer would come back from the other
+/// frontend and the client would never connect.
+#[inline(always)]
+fn reclaim_reply(flow: &Flow, backend: &Backend, forward: CtEntry) {
+    let opened = CtEntry {
+        flags: 0,
+        // SAFETY: a plain helper call without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        ..forward
+    };
+    let (key, reply) = reply_of(flow, backend, opened);
+    if SB_CONNTRACK.insert(key, reply, 0).is_err() {
+        count(Stat::CtInsertFailed);
+    }
 }
 
 /// Records a packet of the flow on one of its entries: when it was last seen, for the agent's
@@ -116,6 +138,21 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         pad: Default::default(),
         last_seen_ns: now,
     };
+    let (reply_key, reply) = reply_of(flow, backend, forward);
+    let inserted = SB_CONNTRACK
+        .insert(forward_key(flow), forward, 0)
+        .and_then(|()| SB_CONNTRACK.insert(reply_key, reply, 0));
+    if inserted.is_err() {
+        count(Stat::CtInsertFailed);
+    } else {
+        count(Stat::NewFlows);
+    }
+}
+
+/// The reply entry of a flow to `backend` whose forward entry is `forward`: keyed as the
+/// backend answers, it restores the frontend the client dialled.
+#[inline(always)]
+fn reply_of(flow: &Flow, backend: &Backend, forward: CtEntry) -> (CtKey, CtEntry) {
     // A pod reaching itself (hairpin) sees the connection come from HAIRPIN_ADDR, and replies
     // there.
     let client_at_backend = if hairpin::is_hairpin(flow, backend) {
@@ -123,7 +160,7 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
     } else {
         flow.src_addr
     };
-    let reply_key = CtKey {
+    let key = CtKey {
         src_addr: backend.addr,
         dst_addr: client_at_backend,
         src_port: backend.port,
@@ -137,14 +174,7 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         nat_port: flow.dst_port,
         ..forward
     };
-    let inserted = SB_CONNTRACK
-        .insert(forward_key(flow), forward, 0)
-        .and_then(|()| SB_CONNTRACK.insert(reply_key, reply, 0));
-    if inserted.is_err() {
-        count(Stat::CtInsertFailed);
-    } else {
-        count(Stat::NewFlows);
-    }
+    (key, reply)
 }
 
 /// The frontend to restore as the source of a backend's reply, if `flow` is one.
