@@ -10,8 +10,9 @@ use std::{
 use lb_userspace::lab::{SliceEndpoint, servers};
 
 use crate::{
-    lab::{self, Cluster, DNS, Frontend, HTTP, POOL, SERVICES, ServiceSpec},
+    lab::{self, Cluster, ServiceSpec},
     load::Shared,
+    topology::{self, DNS, Frontend, HTTP, POOL, SERVICES},
 };
 
 /// Between two changes.
@@ -62,7 +63,7 @@ impl<'a> Churn<'a> {
             .map(|service| {
                 (0..POOL)
                     .map(|index| {
-                        let (name, ip) = lab::pod(service, index);
+                        let (name, ip) = topology::pod(service, index);
                         Pod {
                             name,
                             ip,
@@ -126,8 +127,9 @@ impl<'a> Churn<'a> {
 
     pub fn summary(&self) -> String {
         let t = &self.tally;
+        let changes = t.added + t.terminating + t.removed + t.affinity + t.algorithm + t.ports;
         format!(
-            "{} pods added, {} marked terminating, {} removed; affinity switched {} times, algorithm {} times, a port added or removed {} times",
+            "{changes} changes: {} pods added, {} marked terminating, {} removed; affinity switched {} times, algorithm {} times, a port added or removed {} times",
             t.added, t.terminating, t.removed, t.affinity, t.algorithm, t.ports
         )
     }

@@ -11,10 +11,11 @@ use lb_common::{CtEntry, CtKey, ct_direction, ct_flags};
 use lb_userspace::datapath::{conntrack_gc::monotonic_now_ns, maps::ServiceMaps};
 
 use crate::{
-    lab::{self, Cluster, Frontend, SERVICES},
+    lab::Cluster,
     load::Shared,
     monitor::{self, COUNTERS, Monitor},
     timeline::show,
+    topology::{self, Frontend, SERVICES},
 };
 
 /// How far before a failed request its context reaches, and how far after its end.
@@ -157,7 +158,7 @@ fn describe_flow(flow: &Flow) -> String {
     let (key, entry) = (&flow.key, &flow.entry);
     let endpoint = |addr: [u8; 4], port: u16| {
         let ip = Ipv4Addr::from(addr);
-        match lab::pod_at(ip) {
+        match topology::pod_at(ip) {
             Some(pod) => format!("{pod} {ip}:{port}"),
             None => format!("{ip}:{port}"),
         }

@@ -19,8 +19,9 @@ use nix::sched::{CloneFlags, setns};
 
 use crate::{
     diagnose::{self, Failure},
-    lab::{self, CLIENTS, Cluster, Frontend, Occupancy, POOL, SERVICES},
+    lab::{Cluster, Occupancy},
     timeline::{Clock, Events},
+    topology::{self, CLIENTS, Frontend, POOL, SERVICES},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -67,7 +68,7 @@ pub struct Counts {
 impl Shared {
     pub fn new(pins: PathBuf) -> Self {
         let gone = (0..SERVICES.len())
-            .flat_map(|service| (0..POOL).map(move |index| lab::pod(service, index).0))
+            .flat_map(|service| (0..POOL).map(move |index| topology::pod(service, index).0))
             .map(|name| (name, Instant::now()))
             .collect();
         Self {

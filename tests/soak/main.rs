@@ -11,6 +11,7 @@ mod lab;
 mod load;
 mod monitor;
 mod timeline;
+mod topology;
 
 use std::{
     path::PathBuf,
@@ -84,23 +85,23 @@ fn run(args: Args) -> anyhow::Result<bool> {
     }
     let _ = sampler.join();
     let duration = started.elapsed();
+    let load_end = shared.clock.now();
     churned?;
 
     // Occupancy back to its baseline: every flow closed or idle, every affinity timed out.
     let deadline = Instant::now() + SETTLE;
-    let peak = shared.peak_occupancy();
     let mut after = cluster.occupancy()?;
     while !after.within(&before) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(250));
         after = cluster.occupancy()?;
     }
-    let counts = shared.counts();
     println!(
-        "soak: {:.1} s, {} Services; churn: {}",
+        "soak: {:.1} s, {} Services, seed {seed}",
         duration.as_secs_f64(),
-        lab::SERVICES.len(),
-        churn.summary()
+        topology::SERVICES.len()
     );
+    println!("  churn: {}", churn.summary());
+    let counts = shared.counts();
     println!(
         "  TCP connections: {}, UDP requests: {}, requests in all: {}",
         counts.tcp,
@@ -115,14 +116,12 @@ fn run(args: Args) -> anyhow::Result<bool> {
         "  not counted: {} (a backend of their Service stopped, or their port came or went, during them)",
         counts.excused
     );
+    let peak = shared.peak_occupancy();
     println!(
         "  occupancy: conntrack {} entries before, {} at most under load, {} after; affinity {} before, {} under load, {} after",
         before.conntrack, peak.conntrack, after.conntrack, before.affinity, peak.affinity, after.affinity
     );
-    println!(
-        "  machine: {}",
-        monitor.starvation(load_start, shared.clock.now())
-    );
+    println!("  machine: {}", monitor.starvation(load_start, load_end));
     let context = diagnose::Context {
         cluster: &cluster,
         shared: &shared,
@@ -138,11 +137,9 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let settled = after.within(&before);
     if !settled {
         println!("  occupancy did not return to its baseline within {SETTLE:?}");
-    }
-    let passed = counts.failures == 0 && counts.misrouted == 0 && settled && counts.tcp > 0 && counts.udp > 0;
-    if !passed {
         cluster.print_agent_log_tail(30);
     }
+    let passed = counts.failures == 0 && counts.misrouted == 0 && settled && counts.tcp > 0 && counts.udp > 0;
     println!("soak: {}", if passed { "passed" } else { "FAILED" });
     Ok(passed)
 }

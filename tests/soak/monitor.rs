@@ -12,8 +12,8 @@ use lb_common::{ServiceInfo, Stat};
 use lb_userspace::datapath::maps::ServiceMaps;
 
 use crate::{
-    lab::{self, Frontend},
     load::Shared,
+    topology::{self, Frontend},
 };
 
 const INTERVAL: Duration = Duration::from_millis(50);
@@ -34,7 +34,7 @@ pub struct Sample {
     pub lag: Duration,
     /// [`COUNTERS`], summed over CPUs.
     pub counters: [u64; COUNTERS.len()],
-    /// Each of [`lab::frontends`] as the services map holds it (`None`: not there).
+    /// Each of [`topology::frontends`] as the services map holds it (`None`: not there).
     pub frontends: Vec<Option<ServiceInfo>>,
     /// How long the agent's threads have waited for a CPU while runnable, so far.
     pub agent_waited: Duration,
@@ -109,7 +109,7 @@ impl Monitor {
         std::array::from_fn(|i| last.counters[i].saturating_sub(first.counters[i]))
     }
 
-    /// Frontend `index` of [`lab::frontends`] as it was at `from`, then each time it changed
+    /// Frontend `index` of [`topology::frontends`] as it was at `from`, then each time it changed
     /// until `to`.
     pub fn frontend_history(
         &self,
@@ -154,7 +154,7 @@ fn take(maps: &ServiceMaps, agent: u32, at: Duration, lag: Duration) -> anyhow::
         at,
         lag,
         counters,
-        frontends: lab::frontends()
+        frontends: topology::frontends()
             .iter()
             .map(|frontend| maps.services.get(&frontend.key(), 0).ok())
             .collect(),
@@ -210,10 +210,10 @@ pub fn describe(info: Option<ServiceInfo>) -> String {
     text
 }
 
-/// Where `frontend` is in [`lab::frontends`], the order samples keep frontends in.
+/// Where `frontend` is in [`topology::frontends`], the order samples keep frontends in.
 pub fn frontend_index(frontend: &Frontend) -> usize {
-    lab::frontends()
+    topology::frontends()
         .iter()
         .position(|f| f == frontend)
-        .expect("every frontend is one of lab::frontends()")
+        .expect("every frontend is one of topology::frontends()")
 }
