@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_userspace::lab::{SliceEndpoint, servers};
+use lb_userspace::{
+    datapath::maps::ServiceMaps,
+    lab::{SliceEndpoint, servers},
+};
 
 use crate::{
     lab::{self, Cluster, ServiceSpec},
@@ -245,23 +248,27 @@ impl<'a> Churn<'a> {
         Ok(())
     }
 
-    /// Adds or removes the `alt` port. Its clients are told before it goes and after it is
+    /// Adds or removes the `alt` port, and waits until the maps have the change: with the agent
+    /// starved, a removal may still be pending when the port is added again, and the old
+    /// frontend would pass for the new one. Its clients are told before it goes and after it is
     /// programmed, so they only count requests made while it was there.
     fn toggle_alt(&mut self, service: usize) -> anyhow::Result<()> {
         let state = &self.shared.alt[service];
+        let programmed = |maps: &ServiceMaps| lab::backend_count(maps, Frontend::alt(service)).is_some();
         self.tally.ports += 1;
         if self.specs[service].alt {
             state.fetch_add(1, Ordering::SeqCst);
             self.specs[service].alt = false;
             self.write()?;
             self.record(service, "alt port removed".to_owned());
+            self.cluster
+                .wait_for("the removal of the alt port", |maps| !programmed(maps))?;
+            self.record(service, "alt port gone from the maps".to_owned());
         } else {
             self.specs[service].alt = true;
             self.write()?;
             self.record(service, "alt port added".to_owned());
-            self.cluster.wait_for("the alt port", |maps| {
-                lab::backend_count(maps, Frontend::alt(service)).is_some()
-            })?;
+            self.cluster.wait_for("the alt port", programmed)?;
             state.fetch_add(1, Ordering::SeqCst);
             self.record(service, "alt port programmed".to_owned());
         }

@@ -10,6 +10,7 @@ mod diagnose;
 mod lab;
 mod load;
 mod monitor;
+mod starve;
 mod timeline;
 mod topology;
 
@@ -33,6 +34,10 @@ struct Args {
     /// Seed of the churn's choices [default: from the clock].
     #[arg(long)]
     seed: Option<u64>,
+    /// Starve the agent of CPU (nice 19 beside a busy loop per CPU) while the load runs: no
+    /// request may fail for it.
+    #[arg(long)]
+    starve: bool,
 }
 
 /// How long occupancy may take to return to its baseline once the load stops: the agent's
@@ -75,6 +80,10 @@ fn run(args: Args) -> anyhow::Result<bool> {
     let monitor = Arc::new(monitor::Monitor::default());
     let sampler = monitor.start(cluster.pins().to_owned(), cluster.agent_pid(), shared.clone())?;
     let before = cluster.occupancy()?;
+    let starved = args
+        .starve
+        .then(|| starve::Starvation::start(cluster.agent_pid()))
+        .transpose()?;
     let clients = load::start(&cluster, &shared)?;
     let started = Instant::now();
     let load_start = shared.clock.now();
@@ -83,6 +92,7 @@ fn run(args: Args) -> anyhow::Result<bool> {
     for client in clients {
         let _ = client.join();
     }
+    drop(starved);
     let _ = sampler.join();
     let duration = started.elapsed();
     let load_end = shared.clock.now();
