@@ -4,7 +4,8 @@
 //! Services' ports, session affinity and algorithm changed. Every request whose backend was
 //! live for the whole request must succeed and be answered by a pod the Service had then; after
 //! the load, conntrack and affinity occupancy must return to where they started. Prints a
-//! summary and exits non-zero on any failure. Needs root.
+//! summary, each failed request with what explains it (`diagnose`), and exits non-zero on any
+//! failure. Needs root.
 mod churn;
 mod diagnose;
 mod lab;
