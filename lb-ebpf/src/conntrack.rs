@@ -2,7 +2,8 @@
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags,
+    Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, backend_flags,
+    ct_direction, ct_flags,
 };
 
 use crate::{
@@ -33,23 +34,65 @@ fn forward_key(flow: &Flow) -> CtKey {
     }
 }
 
-/// The flow's backend if it has one that still serves `service`. A flow whose backend was
-/// removed counts as new, so it is re-balanced rather than black-holed.
+/// The flow's backend. One that left `service` (its pod no longer ready, relabelled away or
+/// deleted) keeps the TCP connections it has, as with kube-proxy: their segments still go to
+/// the address recorded at their first packet, where the pod finishes them if it still runs and
+/// resets them if it does not; any other backend would reset them for sure. A UDP flow whose
+/// backend left, or a new connection on the tuple, counts as new: it is re-balanced rather than
+/// black-holed.
 #[inline(always)]
 pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
     let Some(entry) = SB_CONNTRACK.get_ptr_mut(forward_key(flow)) else {
         return Forward::New;
     };
-    // SAFETY: the pointer comes from a successful lookup; fields are read and written whole.
-    let (service_id, backend_id) = unsafe { ((*entry).service_id, (*entry).backend_id) };
-    if service_id == service.id
-        && let Some(backend) = service::backend(service, backend_id)
-    {
-        seen(entry, flow);
-        return Forward::Established(backend);
+    // SAFETY: the pointer comes from a successful lookup; copied out at once.
+    let recorded = unsafe { *entry };
+    if recorded.service_id == service.id {
+        let opening = opens_connection(flow);
+        let backend = service::backend(service, recorded.backend_id).or_else(|| {
+            (flow.proto == IPPROTO_TCP && !opening).then_some(Backend {
+                addr: recorded.nat_addr,
+                port: recorded.nat_port,
+                proto: flow.proto,
+                flags: backend_flags::DRAINING,
+                service_id: service.id,
+            })
+        });
+        if let Some(backend) = backend {
+            seen(entry, flow);
+            if opening {
+                reclaim_reply(flow, &backend, recorded);
+            }
+            return Forward::Established(backend);
+        }
     }
     count(Stat::Rebalanced);
     Forward::New
+}
+
+/// Whether the packet is the SYN that opens a TCP connection.
+#[inline(always)]
+fn opens_connection(flow: &Flow) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) == ct_flags::TCP_SYN
+}
+
+/// A SYN on a tracked tuple: a new connection reusing a closed one's client port, or a SYN sent
+/// again. The reply entry (backend → client) is shared by every frontend's flow from that
+/// client port to that backend port, so a flow to another frontend may have taken it since;
+/// it is made this flow's again, or the backend's answer would come back from the other
+/// frontend and the client would never connect.
+#[inline(always)]
+fn reclaim_reply(flow: &Flow, backend: &Backend, forward: CtEntry) {
+    let opened = CtEntry {
+        flags: 0,
+        // SAFETY: a plain helper call without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        ..forward
+    };
+    let (key, reply) = reply_of(flow, backend, opened);
+    if SB_CONNTRACK.insert(key, reply, 0).is_err() {
+        count(Stat::CtInsertFailed);
+    }
 }
 
 /// Records a packet of the flow on one of its entries: when it was last seen, for the agent's
@@ -95,6 +138,21 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         pad: Default::default(),
         last_seen_ns: now,
     };
+    let (reply_key, reply) = reply_of(flow, backend, forward);
+    let inserted = SB_CONNTRACK
+        .insert(forward_key(flow), forward, 0)
+        .and_then(|()| SB_CONNTRACK.insert(reply_key, reply, 0));
+    if inserted.is_err() {
+        count(Stat::CtInsertFailed);
+    } else {
+        count(Stat::NewFlows);
+    }
+}
+
+/// The reply entry of a flow to `backend` whose forward entry is `forward`: keyed as the
+/// backend answers, it restores the frontend the client dialled.
+#[inline(always)]
+fn reply_of(flow: &Flow, backend: &Backend, forward: CtEntry) -> (CtKey, CtEntry) {
     // A pod reaching itself (hairpin) sees the connection come from HAIRPIN_ADDR, and replies
     // there.
     let client_at_backend = if hairpin::is_hairpin(flow, backend) {
@@ -102,7 +160,7 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
     } else {
         flow.src_addr
     };
-    let reply_key = CtKey {
+    let key = CtKey {
         src_addr: backend.addr,
         dst_addr: client_at_backend,
         src_port: backend.port,
@@ -116,14 +174,7 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         nat_port: flow.dst_port,
         ..forward
     };
-    let inserted = SB_CONNTRACK
-        .insert(forward_key(flow), forward, 0)
-        .and_then(|()| SB_CONNTRACK.insert(reply_key, reply, 0));
-    if inserted.is_err() {
-        count(Stat::CtInsertFailed);
-    } else {
-        count(Stat::NewFlows);
-    }
+    (key, reply)
 }
 
 /// The frontend to restore as the source of a backend's reply, if `flow` is one.
