@@ -181,6 +181,8 @@ for_each_family!(
     two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow,
     with_client_ip_affinity_a_client_sticks_to_its_backend,
     a_draining_backend_keeps_its_flows_and_gets_no_new_one,
+    an_open_connection_keeps_its_backend_after_the_backend_left_the_service,
+    a_new_connection_on_a_closed_tuple_gets_replies_from_its_own_frontend,
     a_cluster_ip_on_a_port_no_service_defines_is_refused,
     a_syn_to_a_service_without_endpoints_gets_a_reset_back,
     fin_or_rst_from_either_side_marks_a_flow_closing,
@@ -510,7 +512,7 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend<A: Net>() {
 }
 
 /// A terminating backend (draining): the flows it has keep reaching it, new flows never do, and
-/// a client with affinity to it is given a ready one; once it is gone its flows are re-balanced.
+/// a client with affinity to it is given a ready one.
 fn a_draining_backend_keeps_its_flows_and_gets_no_new_one<A: Net>() {
     let mut lb = Loaded::new("draining");
     let web = frontend(A::CLUSTER_IP, 80, IPPROTO_TCP);
@@ -552,12 +554,98 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one<A: Net>() {
     }
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
 
-    // Gone for good: its flow moves to a live backend instead of being black-holed.
+    // Gone for good: the connection it has still reaches it (see the next test).
     desired.get_mut(&web).unwrap().draining.clear();
     lb.apply(&desired);
-    let moved = backend_of(&mut lb, &tcp_data(established, (A::CLUSTER_IP, 80), b"again"));
-    assert_ne!(moved, old);
+    assert_eq!(
+        backend_of(&mut lb, &tcp_data(established, (A::CLUSTER_IP, 80), b"again")),
+        old,
+        "the open connection stays with its pod"
+    );
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
+}
+
+/// A backend that leaves its service while a connection to it is open (its pod deleted, no
+/// longer ready, or relabelled away; the soak's churn found this): the connection keeps going
+/// to it both ways, since any other backend could only reset it, as kube-proxy keeps it. A new
+/// connection on the same tuple is balanced among the live backends.
+fn an_open_connection_keeps_its_backend_after_the_backend_left_the_service<A: Net>() {
+    let mut lb = loaded::<A>("left");
+    let (client, web) = ((A::CLIENT, 40200), (A::CLUSTER_IP, 80));
+    let old = backend_of::<A>(&mut lb, &tcp_syn(client, web));
+    let live: Vec<Endpoint<A>> = A::BACKENDS.into_iter().filter(|b| *b != old).collect();
+    lb.apply(&web_and_dns(&live, &A::DNS_BACKENDS));
+
+    for segment in [
+        tcp_data(client, web, b"GET / HTTP/1.1"),
+        tcp_close(client, web, false),
+    ] {
+        assert_eq!(
+            backend_of(&mut lb, &segment),
+            old,
+            "a segment of the open connection reaches its own pod, not a live backend that would reset it"
+        );
+    }
+    let (verdict, out) = run(
+        &mut lb,
+        program_names::TO_POD,
+        &tcp_data(old, client, b"HTTP/1.1 200 OK"),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(
+        addresses_with_valid_checksums(&out),
+        (web, client),
+        "its replies still come from the frontend"
+    );
+    assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 0);
+
+    let reopened = backend_of(&mut lb, &tcp_syn(client, web));
+    assert!(
+        live.contains(&reopened),
+        "a new connection on the tuple goes to a live backend, got {reopened:?}"
+    );
     assert_eq!(lb.maps.stat(Stat::Rebalanced).unwrap(), 1);
+    let (_, out) = run(&mut lb, program_names::TO_POD, &tcp_data(reopened, client, b"ok"));
+    assert_eq!(
+        addresses_with_valid_checksums(&out).0,
+        web,
+        "the new connection's replies are translated"
+    );
+}
+
+/// Two frontends with the same backend, dialled one after the other from the same client port:
+/// their flows share the reply entry (backend → client), which the later one rewrites. A new
+/// connection reusing the earlier flow's tuple must make it its own again, or its SYN-ACK comes
+/// back from the other frontend and the client never connects (the soak's churn found this).
+fn a_new_connection_on_a_closed_tuple_gets_replies_from_its_own_frontend<A: Net>() {
+    let mut lb = loaded::<A>("reused");
+    let backend = A::BACKENDS[0];
+    lb.program(&[
+        (frontend(A::CLUSTER_IP, 80, IPPROTO_TCP), &[backend]),
+        (frontend(A::CLUSTER_IP, 8080, IPPROTO_TCP), &[backend]),
+    ]);
+    let client = (A::CLIENT, 40300);
+    let reply_source = |lb: &mut Loaded, port: u16| {
+        assert_eq!(
+            backend_of::<A>(lb, &tcp_syn(client, (A::CLUSTER_IP, port))),
+            backend
+        );
+        let (verdict, out) = run(lb, program_names::TO_POD, &tcp_data(backend, client, b""));
+        assert_eq!(verdict, TC_ACT_OK);
+        addresses_with_valid_checksums::<A>(&out).0
+    };
+    for port in [80, 8080, 80] {
+        assert_eq!(
+            reply_source(&mut lb, port),
+            (A::CLUSTER_IP, port),
+            "the reply comes from the frontend this connection dialled"
+        );
+        run(
+            &mut lb,
+            program_names::FROM_POD,
+            &tcp_close(client, (A::CLUSTER_IP, port), false),
+        );
+    }
 }
 
 /// A ClusterIP reached on a port its Service does not define is refused as a closed port would

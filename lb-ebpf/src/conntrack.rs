@@ -1,7 +1,9 @@
 //! Connection tracking: a flow keeps its backend for its whole life. Each flow has two entries,
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use lb_common::{Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, Stat, ct_direction, ct_flags};
+use lb_common::{
+    Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, Stat, backend_flags, ct_direction, ct_flags,
+};
 
 use crate::{family::Family, hairpin, maps::count, packet::Flow, service};
 
@@ -27,23 +29,65 @@ fn forward_key<A: Family>(flow: &Flow<A>) -> CtKey<A> {
     }
 }
 
-/// The flow's backend if it has one that still serves `service`. A flow whose backend was
-/// removed counts as new, so it is re-balanced rather than black-holed.
+/// The flow's backend. One that left `service` (its pod no longer ready, relabelled away or
+/// deleted) keeps the TCP connections it has, as with kube-proxy: their segments still go to
+/// the address recorded at their first packet, where the pod finishes them if it still runs and
+/// resets them if it does not; any other backend would reset them for sure. A UDP flow whose
+/// backend left, or a new connection on the tuple, counts as new: it is re-balanced rather than
+/// black-holed.
 #[inline(always)]
 pub fn forward<A: Family>(flow: &Flow<A>, service: &ServiceInfo) -> Forward<A> {
     let Some(entry) = A::conntrack().get_ptr_mut(forward_key(flow)) else {
         return Forward::New;
     };
-    // SAFETY: the pointer comes from a successful lookup; fields are read and written whole.
-    let (service_id, backend_id) = unsafe { ((*entry).service_id, (*entry).backend_id) };
-    if service_id == service.id
-        && let Some(backend) = service::backend(service, backend_id)
-    {
-        seen(entry, flow);
-        return Forward::Established(backend);
+    // SAFETY: the pointer comes from a successful lookup; copied out at once.
+    let recorded = unsafe { *entry };
+    if recorded.service_id == service.id {
+        let opening = opens_connection(flow);
+        let backend = service::backend(service, recorded.backend_id).or_else(|| {
+            (flow.proto == IPPROTO_TCP && !opening).then_some(Backend {
+                addr: recorded.nat_addr,
+                port: recorded.nat_port,
+                proto: flow.proto,
+                flags: backend_flags::DRAINING,
+                service_id: service.id,
+            })
+        });
+        if let Some(backend) = backend {
+            seen(entry, flow);
+            if opening {
+                reclaim_reply(flow, &backend, recorded);
+            }
+            return Forward::Established(backend);
+        }
     }
     count(Stat::Rebalanced);
     Forward::New
+}
+
+/// Whether the packet is the SYN that opens a TCP connection.
+#[inline(always)]
+fn opens_connection<A: Family>(flow: &Flow<A>) -> bool {
+    flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) == ct_flags::TCP_SYN
+}
+
+/// A SYN on a tracked tuple: a new connection reusing a closed one's client port, or a SYN sent
+/// again. The reply entry (backend → client) is shared by every frontend's flow from that
+/// client port to that backend port, so a flow to another frontend may have taken it since;
+/// it is made this flow's again, or the backend's answer would come back from the other
+/// frontend and the client would never connect.
+#[inline(always)]
+fn reclaim_reply<A: Family>(flow: &Flow<A>, backend: &Backend<A>, forward: CtEntry<A>) {
+    let opened = CtEntry {
+        flags: 0,
+        // SAFETY: a plain helper call without arguments.
+        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        ..forward
+    };
+    let (key, reply) = reply_of(flow, backend, opened);
+    if A::conntrack().insert(key, reply, 0).is_err() {
+        count(Stat::CtInsertFailed);
+    }
 }
 
 /// Records a packet of the flow on one of its entries: when it was last seen, for the agent's
@@ -89,6 +133,22 @@ pub fn track<A: Family>(flow: &Flow<A>, service: &ServiceInfo, backend_id: Backe
         pad: Default::default(),
         last_seen_ns: now,
     };
+    let (reply_key, reply) = reply_of(flow, backend, forward);
+    let conntrack = A::conntrack();
+    let inserted = conntrack
+        .insert(forward_key(flow), forward, 0)
+        .and_then(|()| conntrack.insert(reply_key, reply, 0));
+    if inserted.is_err() {
+        count(Stat::CtInsertFailed);
+    } else {
+        count(Stat::NewFlows);
+    }
+}
+
+/// The reply entry of a flow to `backend` whose forward entry is `forward`: keyed as the
+/// backend answers, it restores the frontend the client dialled.
+#[inline(always)]
+fn reply_of<A: Family>(flow: &Flow<A>, backend: &Backend<A>, forward: CtEntry<A>) -> (CtKey<A>, CtEntry<A>) {
     // A pod reaching itself (hairpin) sees the connection come from the family's hairpin
     // address, and replies there.
     let client_at_backend = if hairpin::is_hairpin(flow, backend) {
@@ -96,7 +156,7 @@ pub fn track<A: Family>(flow: &Flow<A>, service: &ServiceInfo, backend_id: Backe
     } else {
         flow.src_addr
     };
-    let reply_key = CtKey {
+    let key = CtKey {
         src_addr: backend.addr,
         dst_addr: client_at_backend,
         src_port: backend.port,
@@ -110,15 +170,7 @@ pub fn track<A: Family>(flow: &Flow<A>, service: &ServiceInfo, backend_id: Backe
         nat_port: flow.dst_port,
         ..forward
     };
-    let conntrack = A::conntrack();
-    let inserted = conntrack
-        .insert(forward_key(flow), forward, 0)
-        .and_then(|()| conntrack.insert(reply_key, reply, 0));
-    if inserted.is_err() {
-        count(Stat::CtInsertFailed);
-    } else {
-        count(Stat::NewFlows);
-    }
+    (key, reply)
 }
 
 /// The frontend to restore as the source of a backend's reply, if `flow` is one.

@@ -335,6 +335,11 @@ impl Model {
             if *tracked != backend {
                 return Err(format!("flow moved from its backend {tracked:?} to {backend:?}"));
             }
+            // A SYN opens a connection on the tuple anew: the reply entry, which flows from the
+            // same client port to other frontends of the same backend share, is its own again.
+            if packet.proto == IPPROTO_TCP && run.input[packet.l4 + 13] & 0x12 == 0x02 {
+                self.reply.insert(reply_tuple(packet, backend), packet.dst);
+            }
             return Ok(outcome);
         }
         if service.affinity {
@@ -347,15 +352,20 @@ impl Model {
         }
         self.counts.new_flows += 1;
         self.forward.insert(packet.tuple(), backend);
-        // Conntrack keys the reply of a flow to the client itself as going to HAIRPIN_ADDR.
-        let client = if backend.0 == packet.src.0 {
-            (HAIRPIN_ADDR, packet.src.1)
-        } else {
-            packet.src
-        };
-        self.reply.insert((backend, client, packet.proto), packet.dst);
+        self.reply.insert(reply_tuple(packet, backend), packet.dst);
         Ok(outcome)
     }
+}
+
+/// How the reply of `packet`'s flow to `backend` is keyed: from the backend to the client, or to
+/// HAIRPIN_ADDR when the client is the backend itself.
+fn reply_tuple(packet: &Packet, backend: Endpoint) -> Tuple {
+    let client = if backend.0 == packet.src.0 {
+        (HAIRPIN_ADDR, packet.src.1)
+    } else {
+        packet.src
+    };
+    (backend, client, packet.proto)
 }
 
 /// One run of a program: what went in and what came out.

@@ -7,12 +7,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
-use lb_userspace::lab::{SliceEndpoint, servers};
+use lb_userspace::{
+    datapath::maps::ServiceMaps,
+    lab::{SliceEndpoint, servers},
+};
 
 use crate::{
-    lab::{self, Cluster, DNS, HTTP, POOL, SERVICES, ServiceSpec},
+    lab::{self, Cluster, ServiceSpec},
     load::Shared,
+    topology::{self, DNS, Frontend, HTTP, POOL, SERVICES},
 };
 
 /// Between two changes.
@@ -63,7 +66,7 @@ impl<'a> Churn<'a> {
             .map(|service| {
                 (0..POOL)
                     .map(|index| {
-                        let (name, ip) = lab::pod(service, index);
+                        let (name, ip) = topology::pod(service, index);
                         Pod {
                             name,
                             ip,
@@ -96,10 +99,10 @@ impl<'a> Churn<'a> {
         // Every frontend whole: the agent writes them one after the other, each after its
         // backends.
         churn.cluster.wait_for("the first endpoints", |maps| {
-            SERVICES.iter().all(|&(_, cluster_ip, _)| {
-                [(HTTP.0, IPPROTO_TCP), (DNS.0, IPPROTO_UDP)]
-                    .iter()
-                    .all(|&(port, proto)| lab::backend_count(maps, cluster_ip, port, proto) == Some(2))
+            (0..SERVICES.len()).all(|service| {
+                [Frontend::http(service), Frontend::dns(service)]
+                    .into_iter()
+                    .all(|frontend| lab::backend_count(maps, frontend) == Some(2))
             })
         })?;
         churn.tally = Tally::default();
@@ -127,8 +130,9 @@ impl<'a> Churn<'a> {
 
     pub fn summary(&self) -> String {
         let t = &self.tally;
+        let changes = t.added + t.terminating + t.removed + t.affinity + t.algorithm + t.ports;
         format!(
-            "{} pods added, {} marked terminating, {} removed; affinity switched {} times, algorithm {} times, a port added or removed {} times",
+            "{changes} changes: {} pods added, {} marked terminating, {} removed; affinity switched {} times, algorithm {} times, a port added or removed {} times",
             t.added, t.terminating, t.removed, t.affinity, t.algorithm, t.ports
         )
     }
@@ -142,7 +146,8 @@ impl<'a> Churn<'a> {
 
     fn add(&mut self, service: usize, index: usize) -> anyhow::Result<()> {
         let pod = &mut self.pods[service][index];
-        if pod.servers.is_none() {
+        let started = pod.servers.is_none();
+        if started {
             let ns = &self.cluster.lab.pod(&pod.name).ns;
             pod.servers = Some([
                 servers::http_server(ns, &pod.name, HTTP.1)?,
@@ -154,7 +159,15 @@ impl<'a> Churn<'a> {
         // An endpoint from the moment it is written: the agent may program it at once.
         self.shared.gone.lock().unwrap().remove(&pod.name);
         self.tally.added += 1;
-        self.write()
+        let what = if started {
+            "its servers started"
+        } else {
+            "its servers still running"
+        };
+        let name = pod.name.clone();
+        self.write()?;
+        self.record(service, format!("{name} added, ready ({what})"));
+        Ok(())
     }
 
     fn terminate_one(&mut self, service: usize) -> anyhow::Result<()> {
@@ -163,7 +176,12 @@ impl<'a> Churn<'a> {
         };
         self.pods[service][index].stage = Stage::Terminating;
         self.tally.terminating += 1;
-        self.write()
+        self.write()?;
+        self.record(
+            service,
+            format!("{} marked terminating", self.pods[service][index].name),
+        );
+        Ok(())
     }
 
     /// Removes a terminating pod, or now and then a ready one at once (a pod deleted without a
@@ -184,14 +202,21 @@ impl<'a> Churn<'a> {
             return Ok(());
         };
         let pod = &mut self.pods[service][index];
+        let was = if pod.stage == Stage::Ready {
+            "ready"
+        } else {
+            "terminating"
+        };
         pod.stage = Stage::Absent;
         let (name, ip) = (pod.name.clone(), pod.ip);
         self.tally.removed += 1;
         self.write()?;
+        self.record(service, format!("{name} removed (it was {was})"));
         self.cluster.wait_for(&format!("the removal of {name}"), |maps| {
             !lab::has_backend(maps, ip)
         })?;
         let now = Instant::now();
+        self.record(service, format!("{name} gone from the maps"));
         self.shared.gone.lock().unwrap().insert(name, now);
         self.pods[service][index].stop_at = Some(now + GRACE);
         Ok(())
@@ -200,33 +225,54 @@ impl<'a> Churn<'a> {
     fn toggle_affinity(&mut self, service: usize) -> anyhow::Result<()> {
         self.specs[service].affinity = !self.specs[service].affinity;
         self.tally.affinity += 1;
-        self.write()
+        self.write()?;
+        let now = if self.specs[service].affinity {
+            "ClientIP"
+        } else {
+            "None"
+        };
+        self.record(service, format!("session affinity {now}"));
+        Ok(())
     }
 
     fn toggle_algorithm(&mut self, service: usize) -> anyhow::Result<()> {
         self.specs[service].maglev = !self.specs[service].maglev;
         self.tally.algorithm += 1;
-        self.write()
+        self.write()?;
+        let now = if self.specs[service].maglev {
+            "maglev"
+        } else {
+            "random"
+        };
+        self.record(service, format!("algorithm {now}"));
+        Ok(())
     }
 
-    /// Adds or removes the `alt` port. Its clients are told before it goes and after it is
+    /// Adds or removes the `alt` port, and waits until the maps have the change: with the agent
+    /// starved, a removal may still be pending when the port is added again, and the old
+    /// frontend would pass for the new one. Its clients are told before it goes and after it is
     /// programmed, so they only count requests made while it was there.
     fn toggle_alt(&mut self, service: usize) -> anyhow::Result<()> {
         let state = &self.shared.alt[service];
-        let cluster_ip = SERVICES[service].1;
+        let programmed = |maps: &ServiceMaps| lab::backend_count(maps, Frontend::alt(service)).is_some();
         self.tally.ports += 1;
         if self.specs[service].alt {
             state.fetch_add(1, Ordering::SeqCst);
             self.specs[service].alt = false;
-            self.write()
+            self.write()?;
+            self.record(service, "alt port removed".to_owned());
+            self.cluster
+                .wait_for("the removal of the alt port", |maps| !programmed(maps))?;
+            self.record(service, "alt port gone from the maps".to_owned());
         } else {
             self.specs[service].alt = true;
             self.write()?;
-            self.cluster
-                .wait_for("the alt port", |maps| lab::has_alt(maps, cluster_ip))?;
+            self.record(service, "alt port added".to_owned());
+            self.cluster.wait_for("the alt port", programmed)?;
             state.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            self.record(service, "alt port programmed".to_owned());
         }
+        Ok(())
     }
 
     /// Stops the servers of pods removed more than [`GRACE`] ago.
@@ -238,9 +284,20 @@ impl<'a> Churn<'a> {
                     pod.stop_at = None;
                     pod.servers = None;
                     self.shared.stops[service].fetch_add(1, Ordering::SeqCst);
+                    let at = self.shared.clock.now();
+                    let what = format!("{} {}'s servers stopped", SERVICES[service].0, pod.name);
+                    self.shared.events.record(at, what);
                 }
             }
         }
+    }
+
+    /// Notes a change to `service` on the timeline.
+    fn record(&self, service: usize, what: String) {
+        let at = self.shared.clock.now();
+        self.shared
+            .events
+            .record(at, format!("{} {what}", SERVICES[service].0));
     }
 
     fn write(&self) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
-//! The soak's cluster: a node namespace running the agent on a manifest directory, a pool of
-//! pods per Service (their servers are started and stopped by the churn) and two client pods.
+//! The soak's cluster running: a node namespace with the agent on a manifest directory, the
+//! pods of [`crate::topology`] (their servers are started and stopped by the churn), and what
+//! the agent programmed, read from its pinned maps.
 use std::{
     fs::File,
     net::Ipv4Addr,
@@ -9,29 +10,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use lb_common::{IPPROTO_TCP, ServiceKey};
 use lb_userspace::{
     datapath::maps::ServiceMaps,
     lab::{self, Lab, PinDir, SliceEndpoint},
 };
 
-/// The Services: name, ClusterIP, and the letter their pods are named with.
-pub const SERVICES: [(&str, Ipv4Addr, char); 3] = [
-    ("alpha", Ipv4Addr::new(10, 96, 7, 1), 'a'),
-    ("beta", Ipv4Addr::new(10, 96, 7, 2), 'b'),
-    ("gamma", Ipv4Addr::new(10, 96, 7, 3), 'g'),
-];
-/// Pods per Service, in and out of its endpoints as the churn goes.
-pub const POOL: usize = 4;
-pub const CLIENTS: [(&str, Ipv4Addr); 2] = [
-    ("c0", Ipv4Addr::new(10, 244, 9, 10)),
-    ("c1", Ipv4Addr::new(10, 244, 9, 11)),
-];
-/// Every Service has `http` (TCP 80 → 3000) and `dns` (UDP 53 → 5353), and the churn adds and
-/// removes `alt` (TCP 8080 → 3000).
-pub const HTTP: (u16, u16) = (80, 3000);
-pub const DNS: (u16, u16) = (53, 5353);
-pub const ALT: u16 = 8080;
+use crate::topology::{ALT, CLIENTS, DNS, Frontend, HTTP, POOL, SERVICES, pod};
+
+/// The agent's own log: the reconciler's per-frontend lines and the conntrack collection's
+/// passes too, which a failure is explained with.
+const AGENT_LOG_FILTER: &str = "info,lb_userspace::reconcile=debug,lb_userspace::cli::run=debug";
 
 /// Short conntrack timeouts and a 1 s collection, so occupancy settles soon after the load.
 const AGENT_ARGS: [&str; 10] = [
@@ -47,13 +35,9 @@ const AGENT_ARGS: [&str; 10] = [
     "slices",
 ];
 
-/// Pod `index` of Service `service`: its name and address.
-pub fn pod(service: usize, index: usize) -> (String, Ipv4Addr) {
-    (
-        format!("{}{index}", SERVICES[service].2),
-        Ipv4Addr::new(10, 244, service as u8 + 1, 10 + index as u8),
-    )
-}
+/// How long the agent may take to program a change: it takes milliseconds, but on a machine
+/// shared with compilers it has been seen waiting seconds for a CPU.
+const PROGRAMMED_WITHIN: Duration = Duration::from_secs(30);
 
 /// A Service as the churn has it now.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +94,7 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(pins.path())
             .args(AGENT_ARGS)
+            .env("RUST_LOG", AGENT_LOG_FILTER)
             .stdout(Stdio::null())
             .stderr(File::create(&agent_log)?);
         let agent = lab
@@ -163,12 +148,20 @@ impl Cluster {
         ServiceMaps::open(self.pins.path())
     }
 
-    /// Waits (10 s at most) until the kernel's maps satisfy `done`.
+    pub fn pins(&self) -> &Path {
+        self.pins.path()
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.id()
+    }
+
+    /// Waits until the kernel's maps satisfy `done`, [`PROGRAMMED_WITHIN`] at most.
     pub fn wait_for(&self, what: &str, done: impl Fn(&ServiceMaps) -> bool) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + PROGRAMMED_WITHIN;
         while !self.maps().is_ok_and(|maps| done(&maps)) {
             if Instant::now() > deadline {
-                bail!("the agent did not program {what} within 10 s");
+                bail!("the agent did not program {what} within {PROGRAMMED_WITHIN:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -191,6 +184,21 @@ impl Cluster {
             println!("    {line}");
         }
     }
+
+    /// The agent's log lines stamped between `from` and `to` (as [`Clock::log_time`] writes
+    /// them): each line starts with its UTC time, which orders as text.
+    ///
+    /// [`Clock::log_time`]: crate::timeline::Clock::log_time
+    pub fn agent_log_between(&self, from: &str, to: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.agent_log).unwrap_or_default();
+        log.lines()
+            .filter(|line| {
+                let stamp = line.split_whitespace().next().unwrap_or_default();
+                (from..=to).contains(&stamp)
+            })
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Cluster {
@@ -209,20 +217,12 @@ pub fn has_backend(maps: &ServiceMaps, ip: Ipv4Addr) -> bool {
         .any(|(_, backend)| backend.addr == ip.octets())
 }
 
-/// How many backends the frontend `cluster_ip:port/proto` has in `maps`, if it is there.
-pub fn backend_count(maps: &ServiceMaps, cluster_ip: Ipv4Addr, port: u16, proto: u8) -> Option<u32> {
-    let key = ServiceKey {
-        addr: cluster_ip.octets(),
-        port,
-        proto,
-        pad: 0,
-    };
-    maps.services.get(&key, 0).ok().map(|info| info.backend_count)
-}
-
-/// Whether `maps` has the `alt` frontend of the Service at `cluster_ip`.
-pub fn has_alt(maps: &ServiceMaps, cluster_ip: Ipv4Addr) -> bool {
-    backend_count(maps, cluster_ip, ALT, IPPROTO_TCP).is_some()
+/// How many backends `frontend` has in `maps`, if it is there.
+pub fn backend_count(maps: &ServiceMaps, frontend: Frontend) -> Option<u32> {
+    maps.services
+        .get(&frontend.key(), 0)
+        .ok()
+        .map(|info| info.backend_count)
 }
 
 fn service_manifest(name: &str, cluster_ip: Ipv4Addr, spec: &ServiceSpec) -> String {

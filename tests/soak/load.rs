@@ -4,7 +4,8 @@ use std::{
     collections::HashMap,
     fs::File,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -13,20 +14,31 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use nix::sched::{CloneFlags, setns};
 
-use crate::lab::{self, ALT, CLIENTS, Cluster, DNS, HTTP, Occupancy, POOL, SERVICES};
+use crate::{
+    diagnose::{self, Failure},
+    lab::{Cluster, Occupancy},
+    timeline::{Clock, Events},
+    topology::{self, CLIENTS, Frontend, POOL, SERVICES},
+};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Between two requests of a client thread: steady load that leaves the 2 cores of a
 /// development machine to the agent too (unpaced, the clients would fill the conntrack map).
 const PACE: Duration = Duration::from_millis(4);
-/// Failed requests kept for the summary.
+/// Failed requests kept, with their conntrack entries, for the report.
 const SAMPLES: usize = 10;
 
 /// What the churn tells the clients, and what the clients count.
 pub struct Shared {
-    pub stop: AtomicBool,
+    pub stop: Arc<AtomicBool>,
+    pub clock: Clock,
+    /// What the churn did and when: the context of a failure.
+    pub events: Events,
+    /// The agent's pinned maps, read when a request fails.
+    pins: PathBuf,
     /// Per Service: servers stopped so far. A request during which one of its Service's servers
     /// stopped may have been that server's, so its failure is not counted.
     pub stops: Vec<AtomicU64>,
@@ -41,7 +53,7 @@ pub struct Shared {
     failures: AtomicU64,
     misrouted: AtomicU64,
     excused: AtomicU64,
-    samples: Mutex<Vec<String>>,
+    samples: Mutex<Vec<Failure>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -54,13 +66,16 @@ pub struct Counts {
 }
 
 impl Shared {
-    pub fn new() -> Self {
+    pub fn new(pins: PathBuf) -> Self {
         let gone = (0..SERVICES.len())
-            .flat_map(|service| (0..POOL).map(move |index| lab::pod(service, index).0))
+            .flat_map(|service| (0..POOL).map(move |index| topology::pod(service, index).0))
             .map(|name| (name, Instant::now()))
             .collect();
         Self {
-            stop: AtomicBool::new(false),
+            stop: Arc::default(),
+            clock: Clock::start(),
+            events: Events::default(),
+            pins,
             stops: SERVICES.iter().map(|_| AtomicU64::new(0)).collect(),
             alt: SERVICES.iter().map(|_| AtomicU64::new(0)).collect(),
             gone: Mutex::new(gone),
@@ -84,7 +99,7 @@ impl Shared {
         }
     }
 
-    pub fn failure_samples(&self) -> Vec<String> {
+    pub fn failure_samples(&self) -> Vec<Failure> {
         self.samples.lock().unwrap().clone()
     }
 
@@ -98,11 +113,17 @@ impl Shared {
         *self.peak.lock().unwrap()
     }
 
-    fn fail(&self, counter: &AtomicU64, what: String) {
+    /// Counts a failure; the first [`SAMPLES`] are kept with the conntrack entries of their
+    /// client's address and port as they are right now.
+    fn fail(&self, counter: &AtomicU64, mut failure: Failure) {
         counter.fetch_add(1, Ordering::SeqCst);
+        if self.samples.lock().unwrap().len() >= SAMPLES {
+            return;
+        }
+        failure.flows = diagnose::flows_of(&self.pins, failure.client);
         let mut samples = self.samples.lock().unwrap();
         if samples.len() < SAMPLES {
-            samples.push(what);
+            samples.push(failure);
         }
     }
 }
@@ -114,10 +135,20 @@ enum Kind {
     Alt,
 }
 
+impl Kind {
+    fn frontend(self, service: usize) -> Frontend {
+        match self {
+            Kind::Http => Frontend::http(service),
+            Kind::Dns => Frontend::dns(service),
+            Kind::Alt => Frontend::alt(service),
+        }
+    }
+}
+
 /// One thread per client pod, Service and kind of request (and the `alt` port from one client).
 pub fn start(cluster: &Cluster, shared: &Arc<Shared>) -> anyhow::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
-    for (number, (client, _)) in CLIENTS.iter().enumerate() {
+    for (number, &(client, client_ip)) in CLIENTS.iter().enumerate() {
         let netns = cluster.lab.pod(client).ns.path();
         for service in 0..SERVICES.len() {
             let kinds: &[Kind] = if number == 0 {
@@ -130,7 +161,7 @@ pub fn start(cluster: &Cluster, shared: &Arc<Shared>) -> anyhow::Result<Vec<Join
                 threads.push(std::thread::spawn(move || {
                     setns(&netns, CloneFlags::CLONE_NEWNET).expect("cannot enter the client pod");
                     while !shared.stop.load(Ordering::SeqCst) {
-                        request(&shared, service, kind);
+                        request(&shared, client_ip, service, kind);
                         std::thread::sleep(PACE);
                     }
                 }));
@@ -140,8 +171,8 @@ pub fn start(cluster: &Cluster, shared: &Arc<Shared>) -> anyhow::Result<Vec<Join
     Ok(threads)
 }
 
-fn request(shared: &Shared, service: usize, kind: Kind) {
-    let (name, cluster_ip, _) = SERVICES[service];
+fn request(shared: &Shared, client: Ipv4Addr, service: usize, kind: Kind) {
+    let (name, _, letter) = SERVICES[service];
     let alt_before = shared.alt[service].load(Ordering::SeqCst);
     if matches!(kind, Kind::Alt) && alt_before.is_multiple_of(2) {
         // Not there: nothing to ask of it.
@@ -149,54 +180,62 @@ fn request(shared: &Shared, service: usize, kind: Kind) {
         return;
     }
     let stops_before = shared.stops[service].load(Ordering::SeqCst);
+    let frontend = kind.frontend(service);
     let started = Instant::now();
+    let mut local_port = 0;
     let answer = match kind {
-        Kind::Http => http_get(cluster_ip, HTTP.0),
-        Kind::Alt => http_get(cluster_ip, ALT),
-        Kind::Dns => udp_request(cluster_ip, DNS.0),
+        Kind::Http | Kind::Alt => http_get(frontend.socket(), &mut local_port),
+        Kind::Dns => udp_request(frontend.socket(), &mut local_port),
     };
+    let elapsed = started.elapsed();
     match kind {
         Kind::Dns => shared.udp.fetch_add(1, Ordering::SeqCst),
         Kind::Http | Kind::Alt => shared.tcp.fetch_add(1, Ordering::SeqCst),
     };
     let port_changed = shared.alt[service].load(Ordering::SeqCst) != alt_before;
     let server_stopped = shared.stops[service].load(Ordering::SeqCst) != stops_before;
+    let failure = |error: String| Failure {
+        frontend,
+        client: SocketAddrV4::new(client, local_port),
+        started: shared.clock.at(started),
+        elapsed,
+        error,
+        flows: Vec::new(),
+    };
     match answer {
         Err(_) if server_stopped || (matches!(kind, Kind::Alt) && port_changed) => {
             shared.excused.fetch_add(1, Ordering::SeqCst);
         }
-        Err(error) => shared.fail(
-            &shared.failures,
-            format!("{name} {kind:?} after {:?}: {error:#}", started.elapsed()),
-        ),
+        Err(error) => shared.fail(&shared.failures, failure(format!("{error:#}"))),
         Ok(pod) => {
             // The pod must have been one of the Service's endpoints at some time during the
             // request: programmed, or removed only after the request began.
-            let mine = pod.starts_with(SERVICES[service].2);
             let gone_before = shared
                 .gone
                 .lock()
                 .unwrap()
                 .get(&pod)
                 .is_some_and(|since| *since < started);
-            if !mine || gone_before {
-                shared.fail(
-                    &shared.misrouted,
-                    format!("{name} {kind:?} answered by {pod}, not an endpoint of {name} then"),
-                );
+            if !pod.starts_with(letter) || gone_before {
+                let error = format!("answered by {pod}, not an endpoint of {name} then");
+                shared.fail(&shared.misrouted, failure(error));
             }
         }
     }
 }
 
-/// `GET /` over a new connection; the pod that answered.
-fn http_get(addr: Ipv4Addr, port: u16) -> anyhow::Result<String> {
-    let target = SocketAddr::from((addr, port));
-    let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
+/// `GET /` over a new connection; the pod that answered. `local_port` is set as soon as the
+/// kernel has chosen it, so a failed attempt can be found in conntrack.
+fn http_get(target: SocketAddrV4, local_port: &mut u16) -> anyhow::Result<String> {
+    let mut stream = connect(target, local_port).context("connect")?;
     stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n")
+        .context("send the request")?;
     let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream
+        .read_to_string(&mut response)
+        .context("read the response")?;
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
     body.strip_prefix("{\"pod\":\"")
         .and_then(|rest| rest.strip_suffix("\"}"))
@@ -204,13 +243,60 @@ fn http_get(addr: Ipv4Addr, port: u16) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow::anyhow!("unexpected reply {response:?}"))
 }
 
+/// `TcpStream::connect_timeout`, but the local port is known before the handshake completes:
+/// a non-blocking connect, then a wait for the socket to become writable.
+fn connect(target: SocketAddrV4, local_port: &mut u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::AsRawFd as _;
+
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockname, getsockopt, socket, sockopt,
+    };
+
+    let socket = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(socket.as_raw_fd(), &SockaddrIn::from(target)) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(error) => return Err(error.into()),
+    }
+    *local_port = getsockname::<SockaddrIn>(socket.as_raw_fd())?.port();
+    let mut writable = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own, naming a descriptor that stays open for the call.
+    let ready = unsafe { libc::poll(&mut writable, 1, TIMEOUT.as_millis() as i32) };
+    match ready {
+        0 => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connection timed out",
+            ));
+        }
+        n if n < 0 => return Err(std::io::Error::last_os_error()),
+        _ => {}
+    }
+    let error = getsockopt(&socket, sockopt::SocketError)?;
+    if error != 0 {
+        return Err(std::io::Error::from_raw_os_error(error));
+    }
+    let stream = TcpStream::from(socket);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 /// One datagram from a new socket (a new flow) and its answer: the pod's name.
-fn udp_request(addr: Ipv4Addr, port: u16) -> anyhow::Result<String> {
+fn udp_request(target: SocketAddrV4, local_port: &mut u16) -> anyhow::Result<String> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    *local_port = socket.local_addr()?.port();
     socket.set_read_timeout(Some(TIMEOUT))?;
-    socket.connect((addr, port))?;
-    socket.send(b"who are you?")?;
+    socket.connect(target)?;
+    socket.send(b"who are you?").context("send")?;
     let mut buffer = [0u8; 256];
-    let n = socket.recv(&mut buffer)?;
+    let n = socket.recv(&mut buffer).context("receive")?;
     Ok(std::str::from_utf8(&buffer[..n])?.to_owned())
 }

@@ -4,10 +4,16 @@
 //! Services' ports, session affinity and algorithm changed. Every request whose backend was
 //! live for the whole request must succeed and be answered by a pod the Service had then; after
 //! the load, conntrack and affinity occupancy must return to where they started. Prints a
-//! summary and exits non-zero on any failure. Needs root.
+//! summary, each failed request with what explains it (`diagnose`), and exits non-zero on any
+//! failure. Needs root.
 mod churn;
+mod diagnose;
 mod lab;
 mod load;
+mod monitor;
+mod starve;
+mod timeline;
+mod topology;
 
 use std::{
     path::PathBuf,
@@ -29,6 +35,10 @@ struct Args {
     /// Seed of the churn's choices [default: from the clock].
     #[arg(long)]
     seed: Option<u64>,
+    /// Starve the agent of CPU (nice 19 beside a busy loop per CPU) while the load runs: no
+    /// request may fail for it.
+    #[arg(long)]
+    starve: bool,
 }
 
 /// How long occupancy may take to return to its baseline once the load stops: the agent's
@@ -66,34 +76,43 @@ fn run(args: Args) -> anyhow::Result<bool> {
         args.seconds
     );
     let cluster = lab::Cluster::start(&agent)?;
-    let shared = Arc::new(load::Shared::new());
+    let shared = Arc::new(load::Shared::new(cluster.pins().to_owned()));
     let mut churn = churn::Churn::start(&cluster, shared.clone(), seed)?;
+    let monitor = Arc::new(monitor::Monitor::default());
+    let sampler = monitor.start(cluster.pins().to_owned(), cluster.agent_pid(), shared.clone())?;
     let before = cluster.occupancy()?;
+    let starved = args
+        .starve
+        .then(|| starve::Starvation::start(cluster.agent_pid()))
+        .transpose()?;
     let clients = load::start(&cluster, &shared)?;
     let started = Instant::now();
+    let load_start = shared.clock.now();
     let churned = churn.run_until(started + Duration::from_secs(args.seconds));
     shared.stop.store(true, Ordering::SeqCst);
     for client in clients {
         let _ = client.join();
     }
+    drop(starved);
+    let _ = sampler.join();
     let duration = started.elapsed();
+    let load_end = shared.clock.now();
     churned?;
 
     // Occupancy back to its baseline: every flow closed or idle, every affinity timed out.
     let deadline = Instant::now() + SETTLE;
-    let peak = shared.peak_occupancy();
     let mut after = cluster.occupancy()?;
     while !after.within(&before) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(250));
         after = cluster.occupancy()?;
     }
-    let counts = shared.counts();
     println!(
-        "soak: {:.1} s, {} Services; churn: {}",
+        "soak: {:.1} s, {} Services, seed {seed}",
         duration.as_secs_f64(),
-        lab::SERVICES.len(),
-        churn.summary()
+        topology::SERVICES.len()
     );
+    println!("  churn: {}", churn.summary());
+    let counts = shared.counts();
     println!(
         "  TCP connections: {}, UDP requests: {}, requests in all: {}",
         counts.tcp,
@@ -108,21 +127,30 @@ fn run(args: Args) -> anyhow::Result<bool> {
         "  not counted: {} (a backend of their Service stopped, or their port came or went, during them)",
         counts.excused
     );
+    let peak = shared.peak_occupancy();
     println!(
         "  occupancy: conntrack {} entries before, {} at most under load, {} after; affinity {} before, {} under load, {} after",
         before.conntrack, peak.conntrack, after.conntrack, before.affinity, peak.affinity, after.affinity
     );
+    println!("  machine: {}", monitor.starvation(load_start, load_end));
+    let context = diagnose::Context {
+        cluster: &cluster,
+        shared: &shared,
+        monitor: &monitor,
+    };
     for failure in shared.failure_samples() {
-        println!("  failed: {failure}");
+        let mut lines = diagnose::explain(&failure, &context).into_iter();
+        println!("  failed: {}", lines.next().unwrap_or_default());
+        for line in lines {
+            println!("  {line}");
+        }
     }
     let settled = after.within(&before);
     if !settled {
         println!("  occupancy did not return to its baseline within {SETTLE:?}");
-    }
-    let passed = counts.failures == 0 && counts.misrouted == 0 && settled && counts.tcp > 0 && counts.udp > 0;
-    if !passed {
         cluster.print_agent_log_tail(30);
     }
+    let passed = counts.failures == 0 && counts.misrouted == 0 && settled && counts.tcp > 0 && counts.udp > 0;
     println!("soak: {}", if passed { "passed" } else { "FAILED" });
     Ok(passed)
 }

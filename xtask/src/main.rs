@@ -28,7 +28,7 @@ enum Task {
         args: Vec<String>,
     },
     /// Run every test: unit, BPF_PROG_TEST_RUN datapath, netns integration tests, the datapath
-    /// fuzzer on a million packets (needs root). The churn soak is `cargo xtask soak`.
+    /// fuzzer on a million packets and a 20 s churn soak (needs root).
     Test {
         /// Extra arguments for `cargo test`, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -55,6 +55,9 @@ enum Task {
         /// The seed of an earlier run, to replay its churn [default: a new one, printed].
         #[arg(long)]
         seed: Option<u64>,
+        /// Starve the agent of CPU meanwhile (nice 19 beside a busy loop per CPU).
+        #[arg(long)]
+        starve: bool,
     },
     /// Benchmark against kube-proxy's iptables and nftables modes and the direct path; writes
     /// bench/REPORT.md, bench/results.json and plots (needs root).
@@ -96,18 +99,16 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("the datapath and netns tests")?;
             let mut totals = cargo_test(&args);
-            // The fuzzer counts as one more test, with a new seed each run.
-            let fuzzed = fuzz(CI_FUZZ_PACKETS, None);
-            match fuzzed {
-                Ok(()) => totals.passed += 1,
-                Err(_) => totals.failed += 1,
-            }
+            // The fuzzer and the soak count as one more test each, with a new seed each run.
+            let fuzzed = totals.count(fuzz(CI_FUZZ_PACKETS, None));
+            let soaked = totals.count(soak(CI_SOAK_SECONDS, &[]));
             let smoke = bench_smoke();
             // One closing line for the whole suite: cargo prints a line per test binary, the
             // last of which (a doctest run) may well count none.
             println!("tests: {} passed, {} failed", totals.passed, totals.failed);
             totals.result?;
             fuzzed?;
+            soaked?;
             smoke
         }
         Task::Fuzz { packets, seed } => {
@@ -115,10 +116,21 @@ fn main() -> anyhow::Result<()> {
             require_root("the fuzzer")?;
             fuzz(packets, seed)
         }
-        Task::Soak { seconds, seed } => {
+        Task::Soak {
+            seconds,
+            seed,
+            starve,
+        } => {
             setup::run()?;
             require_root("the soak")?;
-            soak(seconds, seed)
+            let mut extra = Vec::new();
+            if let Some(seed) = seed {
+                extra.extend(["--seed".to_owned(), seed.to_string()]);
+            }
+            if starve {
+                extra.push("--starve".to_owned());
+            }
+            soak(seconds, &extra)
         }
         Task::Bench { args } => {
             setup::run()?;
@@ -140,6 +152,9 @@ fn main() -> anyhow::Result<()> {
 
 /// Packets `cargo xtask test` fuzzes, and the default of `cargo xtask fuzz`.
 const CI_FUZZ_PACKETS: u64 = 1_000_000;
+/// How long `cargo xtask test` soaks: long enough for every kind of churn to happen to every
+/// Service (a change every 150–400 ms), short beside the rest of the suite.
+const CI_SOAK_SECONDS: u64 = 20;
 
 /// Runs the datapath fuzzer (tests/fuzz/, an example of lb-userspace so that it shares the test
 /// build's artifacts); it prints its seed, counts and any failing input, and exits non-zero on a
@@ -156,8 +171,9 @@ fn fuzz(packets: u64, seed: Option<u64>) -> anyhow::Result<()> {
 }
 
 /// Runs the churn soak (tests/soak/, an example of lb-userspace beside the agent binary it
-/// starts); it prints a summary and exits non-zero on a failed request or leaked state.
-fn soak(seconds: u64, seed: Option<u64>) -> anyhow::Result<()> {
+/// starts), with `extra` arguments (`--seed`, `--starve`); it prints a summary and exits non-zero
+/// on a failed request or leaked state.
+fn soak(seconds: u64, extra: &[String]) -> anyhow::Result<()> {
     // The example finds the agent beside it; `cargo run` alone would not build the binary.
     cargo(
         &[
@@ -172,9 +188,7 @@ fn soak(seconds: u64, seed: Option<u64>) -> anyhow::Result<()> {
         &[],
     )?;
     let mut args = vec!["--seconds".to_owned(), seconds.to_string()];
-    if let Some(seed) = seed {
-        args.extend(["--seed".to_owned(), seed.to_string()]);
-    }
+    args.extend_from_slice(extra);
     cargo(
         &["run", "--package", "lb-userspace", "--example", "soak", "--"],
         &args,
@@ -245,6 +259,17 @@ struct Totals {
     passed: u64,
     failed: u64,
     result: anyhow::Result<()>,
+}
+
+impl Totals {
+    /// Counts a run that is one test by itself (the fuzzer, the soak), and hands its result on.
+    fn count(&mut self, run: anyhow::Result<()>) -> anyhow::Result<()> {
+        match run {
+            Ok(()) => self.passed += 1,
+            Err(_) => self.failed += 1,
+        }
+        run
+    }
 }
 
 /// `cargo test --no-fail-fast`, its output passed through, with the passed and failed tests of
