@@ -534,8 +534,10 @@ spec:
     );
 }
 
+/// An SCTP port is a frontend like any other: the model plans it, the datapath decides what it
+/// can carry.
 #[test]
-fn sctp_port_warns_and_other_ports_are_still_served() {
+fn sctp_port_is_a_frontend_of_its_own() {
     let svc = service(
         r#"
 metadata: {name: sig, namespace: default}
@@ -548,19 +550,15 @@ spec:
 "#,
     );
     let model = build(&[svc], &[ready_pod("default", "sig-1", "{app: sig}", "10.0.0.1")]);
-    let frontend = only_frontend(&model);
-    assert_eq!((frontend.port, frontend.protocol), (3869, Protocol::Tcp));
+    assert_eq!(model.warnings, vec![], "SCTP is no warning");
+    let ports: Vec<(u16, Protocol)> = model.frontends.iter().map(|f| (f.port, f.protocol)).collect();
+    assert_eq!(ports, vec![(3868, Protocol::Sctp), (3869, Protocol::Tcp)]);
+    assert_eq!(model.frontends[0].dialled(), "10.96.0.20:3868/SCTP");
+    assert_eq!(backends(&model.frontends[0]), vec![(ip("10.0.0.1"), 3868)]);
+    assert_eq!(Protocol::Sctp.ip_protocol(), lb_common::IPPROTO_SCTP);
     assert_eq!(
-        model.warnings.len(),
-        1,
-        "expected one warning, got {:?}",
-        model.warnings
-    );
-    assert_eq!(model.warnings[0].object, "Service default/sig");
-    assert!(
-        model.warnings[0].message.contains("SCTP") && model.warnings[0].message.contains("3868"),
-        "the warning should name the port and the protocol: {}",
-        model.warnings[0]
+        Protocol::from_ip_protocol(lb_common::IPPROTO_SCTP),
+        Some(Protocol::Sctp)
     );
 }
 

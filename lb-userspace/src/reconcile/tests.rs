@@ -1456,3 +1456,26 @@ fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
     let report = apply(&mut restarted, &desired, &mut maps);
     assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
 }
+
+#[test]
+fn an_sctp_frontend_is_planned_under_its_protocol_number() {
+    let model = Model {
+        frontends: vec![frontend(
+            "default/sig",
+            FrontendKind::ClusterIp,
+            "fd00::20",
+            3868,
+            Protocol::Sctp,
+            &["[fd00:10::1]:3868"],
+        )],
+        warnings: vec![],
+    };
+    let planned = plan(&model, &PlanOptions::default());
+    let key = FrontendKey {
+        addr: "fd00::20".parse().unwrap(),
+        port: 3868,
+        proto: lb_common::IPPROTO_SCTP,
+    };
+    assert_eq!(planned.keys().collect::<Vec<_>>(), [&key]);
+    assert_eq!(key.to_string(), "[fd00::20]:3868/SCTP");
+}
