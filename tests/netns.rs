@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{PinDir, require_root};
+use common::{PinDir, agent, require_root};
 use lb_common::{IPPROTO_TCP, ServiceKey};
 use lb_userspace::{
     datapath::maps::ServiceMaps,
@@ -107,7 +107,7 @@ impl Cluster {
         write_web_slice(manifests.path(), &ready);
 
         let pins = PinDir::new("sbtest", tag);
-        let agent = spawn_agent(&lab, manifests.path(), pins.path(), logs, agent_args);
+        let agent = agent::spawn(&lab, manifests.path(), pins.path(), logs, agent_args);
         let cluster = Self {
             agent,
             http,
@@ -185,25 +185,6 @@ impl Drop for Cluster {
     }
 }
 
-fn spawn_agent(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio, extra: &[&str]) -> Child {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-    command
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            "--interfaces",
-            &lab.interface_pattern(),
-            "--manifests",
-        ])
-        .arg(manifests)
-        .arg("--pin-dir")
-        .arg(pins)
-        .args(extra)
-        .stderr(logs);
-    lab.node.spawn(&mut command).unwrap()
-}
-
 /// The agent's JSON log events, line by line, from its piped stderr.
 fn log_events(agent: &mut Child) -> mpsc::Receiver<serde_json::Value> {
     let stderr = agent.stderr.take().expect("stderr is piped");
@@ -224,10 +205,7 @@ fn write_pods(dir: &Path, pods: &[(&str, Ipv4Addr)]) {
         .map(|(name, ip)| lab::pod_manifest(name, *ip, &[("app", "web")], 3000))
         .collect();
     let client = lab::pod_manifest(CLIENT.0, CLIENT.1, &[("app", "client")], 3000);
-    // Write then rename, as kubectl-style tools do, so the agent never reads half a file.
-    let staging = dir.join(".pods.yaml.tmp");
-    std::fs::write(&staging, [yaml.join("---\n"), client].join("---\n")).unwrap();
-    std::fs::rename(staging, dir.join("pods.yaml")).unwrap();
+    agent::write_manifest(dir, "pods.yaml", &[yaml.join("---\n"), client].join("---\n"));
 }
 
 /// The `web` Service's EndpointSlice (used with `--endpoints-from slices`), written atomically.
@@ -241,9 +219,7 @@ fn write_web_slice(dir: &Path, endpoints: &[lab::SliceEndpoint<'_>]) {
         ],
         endpoints,
     );
-    let staging = dir.join(".slices.yaml.tmp");
-    std::fs::write(&staging, slice).unwrap();
-    std::fs::rename(staging, dir.join("slices.yaml")).unwrap();
+    agent::write_manifest(dir, "slices.yaml", &slice);
 }
 
 #[test]
@@ -467,7 +443,7 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
             "connections kept succeeding with no agent running"
         );
 
-        cluster.agent = spawn_agent(
+        cluster.agent = agent::spawn(
             &cluster.lab,
             cluster.manifests.path(),
             cluster.pins.path(),
@@ -1028,7 +1004,7 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
         // The old version goes as a DaemonSet rollout stops it; its links stay pinned.
         cluster.agent.kill().unwrap();
         cluster.agent.wait().unwrap();
-        cluster.agent = spawn_agent(
+        cluster.agent = agent::spawn(
             &cluster.lab,
             cluster.manifests.path(),
             cluster.pins.path(),
@@ -1126,7 +1102,7 @@ fn switching_datapath_logging_on_makes_a_connection_print_its_backend() {
     let mut cluster = Cluster::start("ol");
     cluster.agent.kill().unwrap();
     cluster.agent.wait().unwrap();
-    cluster.agent = spawn_agent(
+    cluster.agent = agent::spawn(
         &cluster.lab,
         cluster.manifests.path(),
         cluster.pins.path(),

@@ -14,6 +14,7 @@ mod checksum;
 mod conntrack;
 mod hash;
 mod reject;
+mod sctp;
 mod service;
 mod sock;
 mod stats;
@@ -22,6 +23,7 @@ pub use checksum::*;
 pub use conntrack::*;
 pub use hash::*;
 pub use reject::*;
+pub use sctp::*;
 pub use service::*;
 pub use sock::*;
 pub use stats::*;
@@ -176,12 +178,7 @@ pub mod program_names {
     /// The IPv4 hooks.
     pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
     /// The IPv6 hooks.
-    pub const SOCKET6: [&str; 4] = [
-        SOCK_CONNECT6,
-        SOCK_SENDMSG6,
-        SOCK_RECVMSG6,
-        SOCK_GETPEERNAME6,
-    ];
+    pub const SOCKET6: [&str; 4] = [SOCK_CONNECT6, SOCK_SENDMSG6, SOCK_RECVMSG6, SOCK_GETPEERNAME6];
 }
 
 /// Indexes of [`map_names::CONFIG`], an array of `u64` the agent (and `switchboard log-level`)

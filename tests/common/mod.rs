@@ -2,6 +2,7 @@
 //! maps programmed through the real reconciler, with frontends and backends of either family.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod agent;
 pub mod fake_api;
 pub mod packets;
 

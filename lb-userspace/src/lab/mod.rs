@@ -1,15 +1,18 @@
 //! A node with pods, built from network namespaces and veth pairs, for the demo and the tests.
 //!
 //! ```text
-//!   pod netns: eth0 10.x.y.z/32 ── veth ── node netns: <prefix>-<n>  (169.254.1.1/32, route 10.x.y.z/32)
+//!   pod netns: eth0 10.x.y.z/32     ── veth ── node netns: <prefix>-<n>  169.254.1.1/32, route 10.x.y.z/32
+//!                   fd00:x:y:z::/128                                      fe80::1/64,     route fd00:x:y:z::/128
 //! ```
-//! Pods route everything to 169.254.1.1, which every host-side veth owns (as Calico does with
-//! proxy ARP). The node namespace forwards between pods; it is never the machine's own namespace.
+//! Pods route everything to 169.254.1.1 and fe80::1, which every host-side veth owns (as Calico
+//! does with proxy ARP). Every pod is dual-stack: its IPv6 address spells its IPv4 one
+//! ([`ipv6_of`]). The node namespace forwards between pods; it is never the machine's own
+//! namespace.
 pub mod servers;
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command},
@@ -46,6 +49,18 @@ impl Drop for PinDir {
 
 /// The pods' default gateway, owned by every host-side veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pods' IPv6 default gateway: link-local, owned by every host-side veth.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The IPv6 address of the lab pod (or ClusterIP) whose IPv4 address is `ip`: `fd00:a:b:c::d`
+/// for `a.b.c.d`, each group spelling its octet in decimal, so `10.244.0.10` is
+/// `fd00:10:244:0::10` and a reader sees which is which.
+pub fn ipv6_of(ip: Ipv4Addr) -> Ipv6Addr {
+    let group =
+        |octet: u8| u16::from_str_radix(&octet.to_string(), 16).expect("decimal digits are hex digits");
+    let [a, b, c, d] = ip.octets();
+    Ipv6Addr::new(0xfd00, group(a), group(b), group(c), 0, 0, 0, group(d))
+}
 
 /// A named network namespace (`ip netns add`); deleted on drop.
 pub struct NetNs {
@@ -131,10 +146,12 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A pod: its namespace, address and the host-side interface the datapath attaches to.
+/// A pod: its namespace, addresses and the host-side interface the datapath attaches to.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// [`ipv6_of`] `ip`.
+    pub ip6: Ipv6Addr,
     pub host_interface: String,
     pub ns: NetNs,
 }
@@ -156,6 +173,7 @@ impl Lab {
         }
         let node = NetNs::create(&format!("{prefix}-node"))?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         node.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
         node.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
         Ok(Self {
@@ -170,13 +188,17 @@ impl Lab {
         format!("{}-p*", self.prefix)
     }
 
-    /// Adds a pod with address `ip`, wired to the node.
+    /// Adds a pod with addresses `ip` and [`ipv6_of`] `ip`, wired to the node.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> anyhow::Result<&Pod> {
         let host_interface = format!("{}-p{}", self.prefix, self.pods.len());
         let ns = NetNs::create(&format!("{}-{name}", self.prefix))?;
         let address = format!("{ip}/32");
         let gateway = format!("{GATEWAY}/32");
         let gateway_ip = GATEWAY.to_string();
+        let ip6 = ipv6_of(ip);
+        let address6 = format!("{ip6}/128");
+        let gateway6 = format!("{GATEWAY6}/64");
+        let gateway6_ip = GATEWAY6.to_string();
         self.node.ip(&[
             "link",
             "add",
@@ -197,9 +219,26 @@ impl Lab {
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["route", "add", &gateway_ip, "dev", "eth0", "scope", "link"])?;
         ns.ip(&["route", "add", "default", "via", &gateway_ip, "dev", "eth0"])?;
+        // IPv6: no duplicate address detection, so the addresses work at once.
+        self.node
+            .ip(&["addr", "add", &gateway6, "dev", &host_interface, "nodad"])?;
+        self.node
+            .ip(&["-6", "route", "add", &address6, "dev", &host_interface])?;
+        ns.ip(&["addr", "add", &address6, "dev", "eth0", "nodad"])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &gateway6_ip,
+            "dev",
+            "eth0",
+        ])?;
         self.pods.push(Pod {
             name: name.to_owned(),
             ip,
+            ip6,
             host_interface,
             ns,
         });
@@ -214,8 +253,10 @@ impl Lab {
     }
 }
 
-/// The YAML of a ready Pod with `labels`, as `kubectl get pod -o yaml` would show it.
+/// The YAML of a ready dual-stack Pod with `labels`, as `kubectl get pod -o yaml` would show it:
+/// `podIP` is `ip`, `podIPs` adds [`ipv6_of`] `ip`.
 pub fn pod_manifest(name: &str, ip: Ipv4Addr, labels: &[(&str, &str)], container_port: u16) -> String {
+    let ip6 = ipv6_of(ip);
     let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
     format!(
         "apiVersion: v1
@@ -234,6 +275,9 @@ metadata:
 status:
   phase: Running
   podIP: {ip}
+  podIPs:
+  - ip: {ip}
+  - ip: \"{ip6}\"
   conditions:
   - type: Ready
     status: \"True\"
@@ -241,13 +285,36 @@ status:
     )
 }
 
-/// The YAML of a ClusterIP Service selecting `selector`, with one port per `(name, protocol)`.
+/// The YAML of an IPv4 ClusterIP Service selecting `selector`, with one port per
+/// `(name, protocol)`.
 pub fn service_manifest(
     name: &str,
     cluster_ip: Ipv4Addr,
     selector: &[(&str, &str)],
     ports: &[(&str, &str, u16, u16)],
 ) -> String {
+    multi_family_service_manifest(name, &[cluster_ip.into()], selector, ports)
+}
+
+/// Like [`service_manifest`], with the ClusterIPs `cluster_ips`, of either family, the first
+/// being the primary (`ipFamilyPolicy: RequireDualStack` when there is one of each).
+pub fn multi_family_service_manifest(
+    name: &str,
+    cluster_ips: &[IpAddr],
+    selector: &[(&str, &str)],
+    ports: &[(&str, &str, u16, u16)],
+) -> String {
+    let family = |ip: &IpAddr| if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let quoted = |ip: &IpAddr| format!("\"{ip}\"");
+    let list = |items: Vec<String>| items.join(", ");
+    let cluster_ip = quoted(&cluster_ips[0]);
+    let ips = list(cluster_ips.iter().map(quoted).collect());
+    let families = list(cluster_ips.iter().map(|ip| family(ip).to_owned()).collect());
+    let policy = if cluster_ips.len() > 1 {
+        "RequireDualStack"
+    } else {
+        "SingleStack"
+    };
     let selector: String = selector.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
     let ports: String = ports
         .iter()
@@ -264,6 +331,9 @@ metadata:
 spec:
   type: ClusterIP
   clusterIP: {cluster_ip}
+  clusterIPs: [{ips}]
+  ipFamilies: [{families}]
+  ipFamilyPolicy: {policy}
   selector:
 {selector}  ports:
 {ports}"
@@ -274,17 +344,17 @@ spec:
 #[derive(Clone, Copy, Debug)]
 pub struct SliceEndpoint<'a> {
     pub pod: &'a str,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
 }
 
 impl<'a> SliceEndpoint<'a> {
-    pub fn ready(pod: &'a str, ip: Ipv4Addr) -> Self {
+    pub fn ready(pod: &'a str, ip: impl Into<IpAddr>) -> Self {
         Self {
             pod,
-            ip,
+            ip: ip.into(),
             ready: true,
             serving: true,
             terminating: false,
@@ -292,7 +362,7 @@ impl<'a> SliceEndpoint<'a> {
     }
 
     /// A pod being deleted that still passes its readiness probe.
-    pub fn terminating(pod: &'a str, ip: Ipv4Addr) -> Self {
+    pub fn terminating(pod: &'a str, ip: impl Into<IpAddr>) -> Self {
         Self {
             ready: false,
             terminating: true,
@@ -301,13 +371,19 @@ impl<'a> SliceEndpoint<'a> {
     }
 }
 
-/// The YAML of an IPv4 EndpointSlice of Service `service`, as the EndpointSlice controller
-/// writes it, with one port per `(name, protocol, port)`.
+/// The YAML of an EndpointSlice of Service `service`, as the EndpointSlice controller writes it,
+/// with one port per `(name, protocol, port)`. A slice holds one family: that of its first
+/// endpoint (IPv4 when it has none); IPv6 slices are named apart, so a dual-stack Service can
+/// have one of each.
 pub fn endpoint_slice_manifest(
     service: &str,
     ports: &[(&str, &str, u16)],
     endpoints: &[SliceEndpoint<'_>],
 ) -> String {
+    let (address_type, name) = match endpoints.first() {
+        Some(e) if e.ip.is_ipv6() => ("IPv6", format!("{service}-lab-v6")),
+        _ => ("IPv4", format!("{service}-lab")),
+    };
     let ports: String = ports
         .iter()
         .map(|(name, protocol, port)| format!("- name: {name}\n  protocol: {protocol}\n  port: {port}\n"))
@@ -325,11 +401,11 @@ pub fn endpoint_slice_manifest(
         "apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: {service}-lab
+  name: {name}
   namespace: default
   labels:
     kubernetes.io/service-name: {service}
-addressType: IPv4
+addressType: {address_type}
 ports:
 {ports}endpoints:
 {endpoints}"

@@ -1,8 +1,9 @@
 //! What runs in lab pods: a tiny HTTP server, a line server and a UDP responder that all answer
-//! with the pod's name, and the client calls that talk to them.
+//! with the pod's name, and the client calls that talk to them. Servers listen on `[::]`, which
+//! on Linux takes IPv4 too, so every pod serves both families.
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -68,7 +69,7 @@ fn tcp_server(
     port: u16,
     answer: impl Fn(TcpStream, &AtomicUsize) -> std::io::Result<()> + Send + Sync + 'static,
 ) -> anyhow::Result<Server> {
-    let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    let listener = ns.run(move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??;
     listener.set_nonblocking(true)?;
     let server = Server::new(pod);
     let (answered, stop, answer) = (server.answered.clone(), server.stop.clone(), Arc::new(answer));
@@ -119,7 +120,9 @@ pub fn udp_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
 /// Answers every datagram on `port` in `ns` with `<pod name> <sender address>`: what the pod
 /// sees of its client, for tests of source NAT and client address preservation.
 pub fn udp_peer_server(ns: &NetNs, pod: &str, port: u16) -> anyhow::Result<Server> {
-    udp_responder(ns, pod, port, |name, peer| format!("{name} {}", peer.ip()))
+    udp_responder(ns, pod, port, |name, peer| {
+        format!("{name} {}", peer.ip().to_canonical())
+    })
 }
 
 fn udp_responder(
@@ -128,7 +131,7 @@ fn udp_responder(
     port: u16,
     answer: impl Fn(&str, SocketAddr) -> String + Send + 'static,
 ) -> anyhow::Result<Server> {
-    let socket = ns.run(move || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))??;
+    let socket = ns.run(move || UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)))??;
     socket.set_read_timeout(Some(POLL))?;
     let server = Server::new(pod);
     let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
@@ -166,8 +169,8 @@ pub struct Reply {
 }
 
 /// `GET /` to `addr:port` from `ns`; the pod name from the JSON body.
-pub fn http_get(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<Reply> {
-    let target = SocketAddr::V4(SocketAddrV4::new(addr, port));
+pub fn http_get(ns: &NetNs, addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> anyhow::Result<Reply> {
+    let target = SocketAddr::new(addr.into(), port);
     let mut stream = ns
         .run(move || TcpStream::connect_timeout(&target, timeout))?
         .with_context(|| format!("connect to {target}"))?;
@@ -190,8 +193,19 @@ pub fn http_get(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> any
 }
 
 /// One datagram to `addr:port` from `ns`, and the answer.
-pub fn udp_request(ns: &NetNs, addr: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<Reply> {
-    let socket = ns.run(|| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))??;
+pub fn udp_request(
+    ns: &NetNs,
+    addr: impl Into<IpAddr>,
+    port: u16,
+    timeout: Duration,
+) -> anyhow::Result<Reply> {
+    let addr = addr.into();
+    let any: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = ns.run(move || UdpSocket::bind((any, 0)))??;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"who are you?", (addr, port))?;
     let mut buffer = [0u8; 256];
