@@ -1,7 +1,7 @@
 //! The reconciler against a recording [`MapWriter`], and [`plan`] on hand-built models.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, map_names};
@@ -1484,14 +1484,14 @@ fn an_sctp_frontend_is_planned_under_its_protocol_number() {
 
 fn key6(last: u16, port: u16) -> FrontendKey {
     FrontendKey {
-        addr: std::net::Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last).into(),
+        addr: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last).into(),
         port,
         proto: IPPROTO_TCP,
     }
 }
 
 fn backend6(last: u16) -> SocketAddr {
-    (std::net::Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last), 8080).into()
+    (Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last), 8080).into()
 }
 
 /// The same write order as IPv4: ClusterIP, backends, slots, entry on add; entry, slots,
