@@ -5,13 +5,14 @@
 mod common;
 
 use std::{
+    net::{IpAddr, Ipv6Addr},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use common::{PinDir, fake_api::FakeApi, require_root};
-use lb_common::{IPPROTO_TCP, ServiceKey};
-use lb_userspace::datapath::maps::ServiceMaps;
+use lb_common::IPPROTO_TCP;
+use lb_userspace::{datapath::maps::ServiceMaps, reconcile::FrontendKey};
 use serde_json::{Value, json};
 
 fn service(name: &str, cluster_ip: &str) -> Value {
@@ -23,17 +24,20 @@ fn service(name: &str, cluster_ip: &str) -> Value {
     })
 }
 
-/// The EndpointSlice the endpoints controller would write for `service` with these pod IPs.
+/// The EndpointSlice the endpoints controller would write for `service` with these pod IPs, of
+/// one family (it writes one slice per family).
 fn slice(service: &str, ips: &[&str]) -> Value {
+    let ipv6 = ips.first().is_some_and(|ip| ip.contains(':'));
+    let (address_type, suffix) = if ipv6 { ("IPv6", "v6") } else { ("IPv4", "v4") };
     let endpoints: Vec<Value> = ips
         .iter()
         .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": "node-a"}))
         .collect();
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{service}-abcde"), "namespace": "default",
+        "metadata": {"name": format!("{service}-{suffix}"), "namespace": "default",
                      "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
+        "addressType": address_type,
         "ports": [{"name": "http", "protocol": "TCP", "port": 3000}],
         "endpoints": endpoints
     })
@@ -68,19 +72,19 @@ impl Agent {
         Self { child, pins }
     }
 
-    /// Backend count of ClusterIP:80/TCP as the kernel holds it (`None`: no such frontend).
-    fn backends(&self, cluster_ip: [u8; 4]) -> Option<u32> {
-        let key = ServiceKey {
-            addr: cluster_ip,
+    /// Backend count of ClusterIP:80/TCP, of either family, as the kernel holds it (`None`: no
+    /// such frontend).
+    fn backends(&self, cluster_ip: impl Into<IpAddr>) -> Option<u32> {
+        let key = FrontendKey {
+            addr: cluster_ip.into(),
             port: 80,
             proto: IPPROTO_TCP,
-            pad: 0,
         };
         let maps = ServiceMaps::open(self.pins.path()).ok()?;
-        maps.services.get(&key, 0).ok().map(|info| info.backend_count)
+        maps.service(&key).map(|info| info.backend_count)
     }
 
-    fn wait_for(&self, cluster_ip: [u8; 4], expected: Option<u32>, what: &str) {
+    fn wait_for(&self, cluster_ip: impl Into<IpAddr> + Copy, expected: Option<u32>, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(40);
         while self.backends(cluster_ip) != expected {
             assert!(
@@ -151,6 +155,32 @@ fn list_then_watch_events_are_programmed() {
                              "traffic": {"packets": 0, "bytes": 0, "new_flows": 0,
                                          "reply_packets": 0, "reply_bytes": 0}}])
     );
+}
+
+/// A dual-stack Service from the API, with one EndpointSlice per family: each family's frontend
+/// has its slice's endpoints, and a change to one family's slice leaves the other as it is.
+#[test]
+fn a_dual_stack_service_is_programmed_in_both_families() {
+    const WEB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10);
+    let api = FakeApi::start();
+    let mut web = service("web", "10.96.0.10");
+    web["spec"]["clusterIPs"] = json!(["10.96.0.10", "fd00::10"]);
+    web["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+    web["spec"]["ipFamilyPolicy"] = json!("RequireDualStack");
+    api.apply(web);
+    api.apply(slice("web", &["10.244.0.10", "10.244.0.11"]));
+    api.apply(slice("web", &["fd00:244::10"]));
+    let agent = Agent::start(&api, "kd");
+    agent.wait_for(WEB6, Some(1), "the IPv6 frontend after the initial list");
+    assert_eq!(
+        agent.backends(WEB),
+        Some(2),
+        "the IPv4 frontend has the IPv4 slice's"
+    );
+
+    api.apply(slice("web", &["fd00:244::10", "fd00:244::11", "fd00:244::12"]));
+    agent.wait_for(WEB6, Some(3), "after the IPv6 slice changed");
+    assert_eq!(agent.backends(WEB), Some(2), "the IPv4 frontend is untouched");
 }
 
 #[test]

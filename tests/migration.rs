@@ -312,6 +312,58 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
     );
 }
 
+/// An IPv6 conntrack map of another capacity (an earlier `--conntrack-capacity`) is carried into
+/// the new one as its IPv4 twin is, its flows kept.
+#[test]
+fn the_ipv6_conntrack_map_is_carried_like_its_ipv4_twin() {
+    require_root();
+    let pins = PinDir::new("sbtest", "migrate6");
+    bpffs::prepare_pin_dir(pins.path()).unwrap();
+    let ip = |text: &str| text.parse::<Ipv6Addr>().unwrap().octets();
+    let forward = CtKey {
+        src_addr: ip("fd00:244::20"),
+        dst_addr: ip("fd00:96::10"),
+        src_port: 40_000,
+        dst_port: 80,
+        proto: IPPROTO_TCP,
+        direction: ct_direction::FORWARD,
+        pad: [0; 2],
+    };
+    let entry = CtEntry {
+        service_id: SERVICE_ID,
+        backend_id: 1,
+        nat_addr: ip("fd00:244::10"),
+        nat_port: 3000,
+        last_seen_ns: 1,
+        ..CtEntry::default()
+    };
+    pin_old_map(
+        &pins.path().join(map_names::CONNTRACK6),
+        BPF_MAP_TYPE_LRU_HASH,
+        size_of::<CtKey<Ipv6>>() as u32,
+        size_of::<CtEntry<Ipv6>>() as u32,
+        1024,
+        &[(&bytes(&forward), &bytes(&entry))],
+    );
+    let datapath = Datapath::load(pins.path()).expect("the datapath loads over the old map");
+    datapath.finish_migrations().unwrap();
+    let info = MapInfo::from_pin(pins.path().join(map_names::CONNTRACK6)).unwrap();
+    assert_eq!(info.max_entries(), capacity::CONNTRACK, "the new capacity");
+    let maps = datapath.maps().unwrap();
+    assert_eq!(
+        maps.conntrack6.get(&forward, 0).unwrap(),
+        entry,
+        "the flow was carried"
+    );
+    assert!(
+        !pins
+            .path()
+            .join(format!("{}-old", map_names::CONNTRACK6))
+            .exists(),
+        "the old map is unpinned"
+    );
+}
+
 /// A dual-stack Service programmed through the reconciler: each family's frontends, backends,
 /// ClusterIPs and source ranges are in that family's pinned maps, slots and Maglev tables in the
 /// shared ones under ids of one space; a datapath loaded again over the same pins (an agent

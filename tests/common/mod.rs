@@ -2,6 +2,9 @@
 //! maps programmed through the real reconciler, with frontends and backends of either family.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+// The agent binary's path is known to integration tests only, not to the examples (the fuzzer,
+// the soak) that share this module.
+#[cfg(test)]
 pub mod agent;
 pub mod fake_api;
 pub mod packets;

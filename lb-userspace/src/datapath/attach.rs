@@ -333,9 +333,10 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp
         .with_context(|| format!("program {name} is not an XDP program"))
 }
 
-/// The rtnetlink multicast groups announcing link changes and IPv4 address changes.
+/// The rtnetlink multicast groups announcing link changes and address changes of each family.
 const RTMGRP_LINK: u32 = 1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
 
 /// Wakes `changed` whenever the kernel announces a link or address change in this network
 /// namespace. The messages themselves are not parsed: [`Attacher::sync`] re-lists the
@@ -350,7 +351,7 @@ pub fn watch_links(changed: Arc<Notify>) -> anyhow::Result<()> {
     .context("cannot open a netlink socket")?;
     bind(
         fd.as_raw_fd(),
-        &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR),
+        &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR),
     )
     .context("cannot subscribe to link changes")?;
     std::thread::Builder::new()

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     mem::size_of,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -169,8 +169,8 @@ impl ServiceMaps {
         }
         let mut backends = entries(&self.backends, |id, backend| (id, backend.into()))?;
         backends.extend(entries(&self.backends6, |id, backend| (id, backend.into()))?);
-        let mut source_ranges = source_ranges(&self.source_ranges)?;
-        source_ranges.extend(self::source_ranges(&self.source_ranges6)?);
+        let mut source_ranges = read_source_ranges(&self.source_ranges)?;
+        source_ranges.extend(read_source_ranges(&self.source_ranges6)?);
         let mut cluster_ips = entries(&self.cluster_ips, |key, frontends| (key.addr.into(), frontends))?;
         cluster_ips.extend(entries(&self.cluster_ips6, |key, frontends| {
             (key.addr.into(), frontends)
@@ -299,7 +299,8 @@ fn entries<K: Pod, V: Pod, T: Ord, U>(
         .collect()
 }
 
-fn source_ranges<A: Address + Into<IpAddr>>(
+/// The ranges of a family's trie, as the reconciler keeps them.
+fn read_source_ranges<A: Address + Into<IpAddr>>(
     trie: &LpmTrie<MapData, SourceRangeKey<A>, u8>,
 ) -> Result<BTreeSet<SourceRange>, aya::maps::MapError>
 where
@@ -389,8 +390,8 @@ impl MapWriter for ServiceMaps {
 
     fn delete_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
         match backend.addr {
-            std::net::SocketAddr::V4(_) => remove(&mut self.backends, id, map_names::BACKENDS),
-            std::net::SocketAddr::V6(_) => remove(&mut self.backends6, id, map_names::BACKENDS6),
+            SocketAddr::V4(_) => remove(&mut self.backends, id, map_names::BACKENDS),
+            SocketAddr::V6(_) => remove(&mut self.backends6, id, map_names::BACKENDS6),
         }
     }
 

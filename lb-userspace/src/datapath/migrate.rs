@@ -18,8 +18,8 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, MapInfo, lpm_trie::Key};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, ServiceInfo, ServiceKey,
-    ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, map_names,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, Ipv4, Ipv6, ServiceInfo,
+    ServiceKey, ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, map_names,
 };
 
 use super::{Capacity, raw};
@@ -71,7 +71,9 @@ fn zero_extended<const SIZE: usize>(key: &[u8], value: &[u8]) -> Option<(Vec<u8>
     Some((key.to_vec(), value))
 }
 
-fn layouts(capacity: Capacity) -> [Layout; 14] {
+/// Every pinned map, each IPv6 twin beside its IPv4 map and carried alike (a twin has no earlier
+/// layout: it is as old as this one).
+fn layouts(capacity: Capacity) -> [Layout; map_names::ALL.len()] {
     let plain = |name, key_size, value_size| Layout {
         name,
         key_size,
@@ -95,6 +97,13 @@ fn layouts(capacity: Capacity) -> [Layout; 14] {
             SERVICES_OLDER,
         ),
         carried(
+            map_names::SERVICES6,
+            size_of::<ServiceKey<Ipv6>>(),
+            size_of::<ServiceInfo>(),
+            capacity.services,
+            &[],
+        ),
+        carried(
             map_names::BACKEND_SLOTS,
             size_of::<SlotKey>(),
             size_of::<BackendId>(),
@@ -109,9 +118,23 @@ fn layouts(capacity: Capacity) -> [Layout; 14] {
             &[],
         ),
         carried(
+            map_names::BACKENDS6,
+            size_of::<BackendId>(),
+            size_of::<Backend<Ipv6>>(),
+            capacity.backends,
+            &[],
+        ),
+        carried(
             map_names::CONNTRACK,
             size_of::<CtKey>(),
             size_of::<CtEntry>(),
+            capacity.conntrack,
+            &[],
+        ),
+        carried(
+            map_names::CONNTRACK6,
+            size_of::<CtKey<Ipv6>>(),
+            size_of::<CtEntry<Ipv6>>(),
             capacity.conntrack,
             &[],
         ),
@@ -123,9 +146,23 @@ fn layouts(capacity: Capacity) -> [Layout; 14] {
             &[],
         ),
         carried(
+            map_names::AFFINITY6,
+            size_of::<AffinityKey<Ipv6>>(),
+            size_of::<AffinityEntry>(),
+            capacity::AFFINITY,
+            &[],
+        ),
+        carried(
             map_names::SOCK_REVNAT,
             size_of::<SockRevKey>(),
             size_of::<SockRevEntry>(),
+            capacity::SOCK_REVNAT,
+            &[],
+        ),
+        carried(
+            map_names::SOCK_REVNAT6,
+            size_of::<SockRevKey<Ipv6>>(),
+            size_of::<SockRevEntry<Ipv6>>(),
             capacity::SOCK_REVNAT,
             &[],
         ),
@@ -134,11 +171,18 @@ fn layouts(capacity: Capacity) -> [Layout; 14] {
             ..plain(map_names::STATS, size_of::<u32>(), size_of::<u64>())
         },
         plain(map_names::MAGLEV, size_of::<u32>(), size_of::<u32>()),
-        plain(map_names::NODE_ADDRS, size_of::<[u8; 4]>(), size_of::<u32>()),
-        plain(map_names::SNAT_ADDRS, size_of::<u32>(), size_of::<[u8; 4]>()),
+        plain(map_names::NODE_ADDRS, size_of::<Ipv4>(), size_of::<u32>()),
+        plain(map_names::NODE_ADDRS6, size_of::<Ipv6>(), size_of::<u32>()),
+        plain(map_names::SNAT_ADDRS, size_of::<u32>(), size_of::<Ipv4>()),
+        plain(map_names::SNAT_ADDRS6, size_of::<u32>(), size_of::<Ipv6>()),
         plain(
             map_names::SOURCE_RANGES,
             size_of::<Key<SourceRangeKey>>(),
+            size_of::<u8>(),
+        ),
+        plain(
+            map_names::SOURCE_RANGES6,
+            size_of::<Key<SourceRangeKey<Ipv6>>>(),
             size_of::<u8>(),
         ),
         plain(
@@ -150,6 +194,11 @@ fn layouts(capacity: Capacity) -> [Layout; 14] {
         plain(
             map_names::CLUSTER_IPS,
             size_of::<ClusterIpKey>(),
+            size_of::<u32>(),
+        ),
+        plain(
+            map_names::CLUSTER_IPS6,
+            size_of::<ClusterIpKey<Ipv6>>(),
             size_of::<u32>(),
         ),
     ]
@@ -280,4 +329,37 @@ pub fn carry_over(pin_dir: &Path, finish: Finish) -> anyhow::Result<()> {
 
 fn remove(path: &Path) -> anyhow::Result<()> {
     std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pinned map without a layout here would be reused whatever its key and value sizes.
+    #[test]
+    fn every_pinned_map_has_one_layout() {
+        let mut described: Vec<&str> = layouts(Capacity::default()).iter().map(|l| l.name).collect();
+        let mut pinned = map_names::ALL.to_vec();
+        described.sort_unstable();
+        pinned.sort_unstable();
+        assert_eq!(described, pinned);
+    }
+
+    /// Each IPv6 twin is carried (or refilled) as its IPv4 map is, at the same capacity.
+    #[test]
+    fn ipv6_twins_are_carried_as_their_ipv4_maps() {
+        let layouts = layouts(Capacity::default());
+        let layout = |name: &str| layouts.iter().find(|l| l.name == name).unwrap();
+        for name in map_names::ALL.iter().filter(|name| name.ends_with('6')) {
+            let ipv4 = layout(name.trim_end_matches('6'));
+            let ipv6 = layout(name);
+            assert_eq!(
+                ipv6.carried.map(|(entries, _)| entries),
+                ipv4.carried.map(|(entries, _)| entries),
+                "{name}"
+            );
+        }
+        assert_eq!(layout(map_names::CONNTRACK6).key_size, 40);
+        assert_eq!(layout(map_names::SOURCE_RANGES6).key_size, 4 + 20);
+    }
 }

@@ -79,17 +79,12 @@ pub fn explain(input: &Input<'_>, namespace: &str, name: &str) -> Option<Explana
 
 fn summary(frontend: &Frontend) -> FrontendSummary {
     FrontendSummary {
-        frontend: format!(
-            "{}:{}/{}",
-            frontend.address,
-            frontend.port,
-            frontend.protocol.as_str()
-        ),
+        frontend: frontend.dialled(),
         kind: frontend.kind.as_str().to_owned(),
         endpoints: frontend
             .backends
             .iter()
-            .map(|e| format!("{}:{} ({})", e.address, e.port, e.pod))
+            .map(|e| format!("{} ({})", e.socket_addr(), e.pod))
             .collect(),
     }
 }

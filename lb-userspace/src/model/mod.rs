@@ -36,13 +36,14 @@ pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
-    pub const ALL: [Self; 2] = [Self::Tcp, Self::Udp];
+    pub const ALL: [Self; 3] = [Self::Tcp, Self::Udp, Self::Sctp];
 
-    /// The protocol of a Service or container port (`TCP` when unset); `None` when the datapath
-    /// cannot carry it.
+    /// The protocol of a Service or container port (`TCP` when unset); `None` for one
+    /// Kubernetes does not define.
     pub fn from_k8s(protocol: Option<&str>) -> Option<Self> {
         let protocol = protocol.unwrap_or("TCP");
         Self::ALL.into_iter().find(|p| p.as_str() == protocol)
@@ -53,6 +54,7 @@ impl Protocol {
         match self {
             Self::Tcp => lb_common::IPPROTO_TCP,
             Self::Udp => lb_common::IPPROTO_UDP,
+            Self::Sctp => lb_common::IPPROTO_SCTP,
         }
     }
 
@@ -64,6 +66,7 @@ impl Protocol {
         match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         }
     }
 }
@@ -325,12 +328,8 @@ pub fn compute(input: &Input<'_>) -> Model {
             model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
         }
         for port in spec.ports.iter().flatten() {
+            // Validation has refused a protocol Kubernetes does not define.
             let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                let protocol = port.protocol.as_deref().unwrap_or_default();
-                model.warn(
-                    &name,
-                    &format!("port {}: protocol {protocol} is not supported yet", port.port),
-                );
                 continue;
             };
             let Ok(port_number) = u16::try_from(port.port) else {

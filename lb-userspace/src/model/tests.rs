@@ -534,8 +534,10 @@ spec:
     );
 }
 
+/// An SCTP port is a frontend like any other: the model plans it, the datapath decides what it
+/// can carry.
 #[test]
-fn sctp_port_warns_and_other_ports_are_still_served() {
+fn sctp_port_is_a_frontend_of_its_own() {
     let svc = service(
         r#"
 metadata: {name: sig, namespace: default}
@@ -548,19 +550,15 @@ spec:
 "#,
     );
     let model = build(&[svc], &[ready_pod("default", "sig-1", "{app: sig}", "10.0.0.1")]);
-    let frontend = only_frontend(&model);
-    assert_eq!((frontend.port, frontend.protocol), (3869, Protocol::Tcp));
+    assert_eq!(model.warnings, vec![], "SCTP is no warning");
+    let ports: Vec<(u16, Protocol)> = model.frontends.iter().map(|f| (f.port, f.protocol)).collect();
+    assert_eq!(ports, vec![(3868, Protocol::Sctp), (3869, Protocol::Tcp)]);
+    assert_eq!(model.frontends[0].dialled(), "10.96.0.20:3868/SCTP");
+    assert_eq!(backends(&model.frontends[0]), vec![(ip("10.0.0.1"), 3868)]);
+    assert_eq!(Protocol::Sctp.ip_protocol(), lb_common::IPPROTO_SCTP);
     assert_eq!(
-        model.warnings.len(),
-        1,
-        "expected one warning, got {:?}",
-        model.warnings
-    );
-    assert_eq!(model.warnings[0].object, "Service default/sig");
-    assert!(
-        model.warnings[0].message.contains("SCTP") && model.warnings[0].message.contains("3868"),
-        "the warning should name the port and the protocol: {}",
-        model.warnings[0]
+        Protocol::from_ip_protocol(lb_common::IPPROTO_SCTP),
+        Some(Protocol::Sctp)
     );
 }
 
@@ -617,6 +615,74 @@ status:
         backends(v6),
         vec![(ip("fd00:10::1"), 8080), (ip("fd00:10::2"), 8080)]
     );
+}
+
+/// An IPv6-primary dual-stack Service (ipFamilies IPv6 first) of type LoadBalancer: every kind
+/// of frontend exists once per family, each with the endpoints of its family, whichever
+/// family the Pods list first.
+#[test]
+fn ipv6_primary_dual_stack_service_has_every_frontend_in_both_families() {
+    let svc = service(
+        r#"
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: fd00::10
+  clusterIPs: [fd00::10, 10.96.0.10]
+  ipFamilies: [IPv6, IPv4]
+  ipFamilyPolicy: RequireDualStack
+  externalIPs: [192.0.2.1, "2001:db8::1"]
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 198.51.100.7}, {ip: "2001:db8:7::7"}]
+"#,
+    );
+    let pod = |name: &str, ips: [&str; 2]| {
+        pod(&format!(
+            r#"
+metadata: {{name: {name}, namespace: default, labels: {{app: web}}}}
+status:
+  podIP: "{}"
+  podIPs: [{{ip: "{}"}}, {{ip: "{}"}}]
+  conditions: [{{type: Ready, status: "True"}}]
+"#,
+            ips[0], ips[0], ips[1]
+        ))
+    };
+    let model = build(
+        &[svc],
+        &[
+            pod("v6-first", ["fd00:10::1", "10.0.0.1"]),
+            pod("v4-first", ["10.0.0.2", "fd00:10::2"]),
+        ],
+    );
+    assert_eq!(model.warnings, vec![]);
+    let frontends: Vec<(FrontendKind, String)> =
+        model.frontends.iter().map(|f| (f.kind, f.dialled())).collect();
+    assert_eq!(
+        frontends,
+        [
+            (FrontendKind::ClusterIp, "10.96.0.10:80/TCP"),
+            (FrontendKind::ClusterIp, "[fd00::10]:80/TCP"),
+            (FrontendKind::NodePort, "0.0.0.0:30080/TCP"),
+            (FrontendKind::NodePort, "[::]:30080/TCP"),
+            (FrontendKind::LoadBalancer, "198.51.100.7:80/TCP"),
+            (FrontendKind::LoadBalancer, "[2001:db8:7::7]:80/TCP"),
+            (FrontendKind::ExternalIp, "192.0.2.1:80/TCP"),
+            (FrontendKind::ExternalIp, "[2001:db8::1]:80/TCP"),
+        ]
+        .map(|(kind, text)| (kind, text.to_owned()))
+    );
+    for frontend in &model.frontends {
+        let expected = if frontend.address.is_ipv4() {
+            vec![(ip("10.0.0.1"), 8080), (ip("10.0.0.2"), 8080)]
+        } else {
+            vec![(ip("fd00:10::1"), 8080), (ip("fd00:10::2"), 8080)]
+        };
+        assert_eq!(backends(frontend), expected, "{}", frontend.dialled());
+    }
 }
 
 #[test]
@@ -758,6 +824,65 @@ fn malformed_cluster_ip_is_reported_at_its_path() {
         "metadata: {name: web}\nspec: {clusterIPs: [10.96.0.1, \"fd00::zz\"], ports: [{port: 80}]}\n",
     );
     assert_eq!(paths(&validate_service(&svc)), vec!["spec.clusterIPs[1]"]);
+}
+
+/// The API server's dual-stack rules: the i-th ClusterIP is of the i-th family, at most one of
+/// each, the first is `clusterIP`. A Service breaking them is not programmed (its manifest's
+/// last good version stays in effect).
+#[test]
+fn cluster_ips_must_match_ip_families_one_per_family() {
+    let errors = |spec: &str| {
+        let svc = service(&format!(
+            "metadata: {{name: web}}\nspec: {{ports: [{{port: 80}}], {spec}}}\n"
+        ));
+        validate_service(&svc)
+    };
+    assert_eq!(
+        errors(r#"clusterIPs: [fd00::10, 10.96.0.10], ipFamilies: [IPv6, IPv4]"#),
+        vec![],
+        "IPv6 first is as valid as IPv4 first"
+    );
+    assert_eq!(
+        errors(r#"clusterIPs: [10.96.0.10], ipFamilies: [IPv4, IPv6]"#),
+        vec![],
+        "a family may have no ClusterIP (yet)"
+    );
+    let swapped = errors(r#"clusterIPs: [fd00::10, 10.96.0.10], ipFamilies: [IPv4, IPv6]"#);
+    assert_eq!(paths(&swapped), vec!["spec.clusterIPs[0]", "spec.clusterIPs[1]"]);
+    assert_eq!(
+        swapped[0].message,
+        "fd00::10 is an IPv6 address, but spec.ipFamilies[0] is IPv4"
+    );
+    assert_eq!(
+        paths(&errors(r#"clusterIPs: [10.96.0.10, 10.96.0.11]"#)),
+        vec!["spec.clusterIPs[1]"],
+        "two IPv4 ClusterIPs"
+    );
+    assert_eq!(
+        paths(&errors(r#"clusterIPs: [10.96.0.10], ipFamilies: [IPv4, IPv4]"#)),
+        vec!["spec.ipFamilies[1]"]
+    );
+    assert_eq!(
+        paths(&errors(r#"clusterIPs: [10.96.0.10], ipFamilies: [IPX]"#)),
+        vec!["spec.ipFamilies[0]"]
+    );
+    assert_eq!(
+        paths(&errors(r#"clusterIP: 10.96.0.10, clusterIPs: [10.96.0.11]"#)),
+        vec!["spec.clusterIPs[0]"]
+    );
+    let svc = service(
+        r#"
+metadata: {name: web, namespace: default}
+spec: {clusterIPs: [fd00::10, 10.96.0.10], ipFamilies: [IPv4, IPv6], ports: [{port: 80}]}
+"#,
+    );
+    let model = build(&[svc], &[]);
+    assert_eq!(model.frontends, vec![], "not programmed");
+    assert!(
+        model.warnings[0].message.contains("spec.clusterIPs[0]"),
+        "{:?}",
+        model.warnings
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{Pod, Service},
+        core::v1::{Pod, Service, ServiceSpec},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -68,6 +68,7 @@ pub fn validate_service(service: &Service) -> Vec<FieldError> {
     for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
         cluster_ip(&mut errors, &format!("spec.clusterIPs[{i}]"), ip);
     }
+    ip_families(&mut errors, spec);
     labels(&mut errors, "spec.selector", spec.selector.as_ref());
     let ports = spec.ports.as_deref().unwrap_or_default();
     for (i, port) in ports.iter().enumerate() {
@@ -173,6 +174,62 @@ pub fn validate_endpoint_slice(slice: &EndpointSlice) -> Vec<FieldError> {
 fn cluster_ip(errors: &mut Errors, path: &str, ip: &str) {
     if !ip.is_empty() && ip != "None" && ip.parse::<IpAddr>().is_err() {
         errors.add(path, format!("{ip:?} is not an IP address"));
+    }
+}
+
+/// The API server's dual-stack rules, which the model relies on to give each family the
+/// ClusterIP listed for it: `spec.ipFamilies` names each family once; `spec.clusterIPs` holds
+/// at most one address of each, the first being `spec.clusterIP`, and the i-th of the family
+/// `spec.ipFamilies[i]` names.
+fn ip_families(errors: &mut Errors, spec: &ServiceSpec) {
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    for (i, family) in families.iter().enumerate() {
+        if !matches!(family.as_str(), "IPv4" | "IPv6") {
+            errors.add(
+                format!("spec.ipFamilies[{i}]"),
+                format!("{family:?} is not IPv4 or IPv6"),
+            );
+        } else if families[..i].contains(family) {
+            errors.add(
+                format!("spec.ipFamilies[{i}]"),
+                format!("{family} is listed twice"),
+            );
+        }
+    }
+    let cluster_ips = spec.cluster_ips.as_deref().unwrap_or_default();
+    if let (Some(ip), Some(first)) = (&spec.cluster_ip, cluster_ips.first())
+        && ip != first
+    {
+        errors.add(
+            "spec.clusterIPs[0]",
+            format!("{first:?} is not spec.clusterIP ({ip:?})"),
+        );
+    }
+    let parsed: Vec<Option<IpAddr>> = cluster_ips.iter().map(|ip| ip.parse().ok()).collect();
+    for (i, ip) in parsed.iter().enumerate() {
+        let Some(ip) = ip else {
+            continue;
+        };
+        let (family, other_family) = if ip.is_ipv4() {
+            ("IPv4", "IPv6")
+        } else {
+            ("IPv6", "IPv4")
+        };
+        if parsed[..i]
+            .iter()
+            .flatten()
+            .any(|other| other.is_ipv4() == ip.is_ipv4())
+        {
+            errors.add(
+                format!("spec.clusterIPs[{i}]"),
+                format!("{ip} is a second {family} address (at most one of each family)"),
+            );
+        } else if families.get(i).is_some_and(|listed| listed == other_family) {
+            errors.add(
+                format!("spec.clusterIPs[{i}]"),
+                format!("{ip} is an {family} address, but spec.ipFamilies[{i}] is {other_family}"),
+            );
+        }
     }
 }
 

@@ -233,9 +233,16 @@ impl Reconciler {
             }
         };
         index.service_ids.insert(service_id);
+        // The ids the service's backends have, by address: a backend keeps its id, so the flows
+        // tracked on it keep resolving.
+        let known: HashMap<SocketAddr, BackendId> = index
+            .backends_of(service_id)
+            .iter()
+            .filter_map(|id| Some((self.programmed.backends.get(id)?.addr, *id)))
+            .collect();
         let mut ids = Vec::with_capacity(service.backends.len());
         for &addr in &service.backends {
-            ids.push(self.put_backend(service_id, key.proto, addr, 0, index, maps, report)?);
+            ids.push(self.put_backend(service_id, key.proto, addr, 0, &known, maps, report)?);
         }
         for (slot, &id) in ids.iter().enumerate() {
             let slot_key = SlotKey {
@@ -311,7 +318,7 @@ impl Reconciler {
                 key.proto,
                 backend,
                 backend_flags::DRAINING,
-                index,
+                &known,
                 maps,
                 report,
             )?);
@@ -335,7 +342,7 @@ impl Reconciler {
     }
 
     /// Writes one backend of `service_id` unless it is already as wanted; its id is the one it
-    /// had, so flows tracked on it keep resolving.
+    /// had (in `known`), so flows tracked on it keep resolving.
     #[expect(clippy::too_many_arguments, reason = "the backend, and the apply's state")]
     fn put_backend(
         &mut self,
@@ -343,7 +350,7 @@ impl Reconciler {
         proto: u8,
         addr: SocketAddr,
         flags: u8,
-        index: &Index,
+        known: &HashMap<SocketAddr, BackendId>,
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) -> Result<BackendId, MapError> {
@@ -353,7 +360,7 @@ impl Reconciler {
             flags,
             service_id,
         };
-        let id = match index.backend_ids.get(&(service_id, addr)) {
+        let id = match known.get(&addr) {
             Some(&id) => id,
             None => self.allocate_backend_id(),
         };
@@ -559,8 +566,6 @@ fn cluster_ips(desired: &BTreeMap<FrontendKey, DesiredService>) -> BTreeMap<IpAd
 /// What one apply looks up per service, built once from the programmed state so that an apply
 /// costs O(backends), not O(services × backends).
 struct Index {
-    /// (service id, address and port) → backend id.
-    backend_ids: HashMap<(u32, SocketAddr), BackendId>,
     /// Service id → the ids of its backends, as programmed when the apply began.
     backends: HashMap<u32, Vec<BackendId>>,
     /// Ids of programmed services, and of those given out during this apply.
@@ -569,16 +574,14 @@ struct Index {
 
 impl Index {
     fn new(programmed: &Programmed) -> Self {
-        let mut index = Self {
-            backend_ids: HashMap::with_capacity(programmed.backends.len()),
-            backends: HashMap::new(),
-            service_ids: programmed.services.values().map(|s| s.id).collect(),
-        };
+        let mut backends: HashMap<u32, Vec<BackendId>> = HashMap::with_capacity(programmed.services.len());
         for (&id, backend) in &programmed.backends {
-            index.backend_ids.insert((backend.service_id, backend.addr), id);
-            index.backends.entry(backend.service_id).or_default().push(id);
+            backends.entry(backend.service_id).or_default().push(id);
         }
-        index
+        Self {
+            backends,
+            service_ids: programmed.services.values().map(|s| s.id).collect(),
+        }
     }
 
     fn backends_of(&self, service_id: u32) -> &[BackendId] {

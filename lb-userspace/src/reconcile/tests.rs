@@ -1,7 +1,7 @@
 //! The reconciler against a recording [`MapWriter`], and [`plan`] on hand-built models.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
 };
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP, map_names};
@@ -1455,4 +1455,314 @@ fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
     let mut restarted = Reconciler::new(maps.state.clone());
     let report = apply(&mut restarted, &desired, &mut maps);
     assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
+}
+
+#[test]
+fn an_sctp_frontend_is_planned_under_its_protocol_number() {
+    let model = Model {
+        frontends: vec![frontend(
+            "default/sig",
+            FrontendKind::ClusterIp,
+            "fd00::20",
+            3868,
+            Protocol::Sctp,
+            &["[fd00:10::1]:3868"],
+        )],
+        warnings: vec![],
+    };
+    let planned = plan(&model, &PlanOptions::default());
+    let key = FrontendKey {
+        addr: "fd00::20".parse().unwrap(),
+        port: 3868,
+        proto: lb_common::IPPROTO_SCTP,
+    };
+    assert_eq!(planned.keys().collect::<Vec<_>>(), [&key]);
+    assert_eq!(key.to_string(), "[fd00::20]:3868/SCTP");
+}
+
+// --- IPv6 and dual-stack --------------------------------------------------------------------
+
+fn key6(last: u16, port: u16) -> FrontendKey {
+    FrontendKey {
+        addr: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last).into(),
+        port,
+        proto: IPPROTO_TCP,
+    }
+}
+
+fn backend6(last: u16) -> SocketAddr {
+    (Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last), 8080).into()
+}
+
+/// The same write order as IPv4: ClusterIP, backends, slots, entry on add; entry, slots,
+/// backends, ClusterIP on removal.
+#[test]
+fn an_ipv6_service_is_written_and_removed_in_the_same_order() {
+    let web = key6(0x10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let want = desired(&[(web, "default/web:80", vec![backend6(1), backend6(2)])]);
+    let report = apply(&mut reconciler, &want, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let ops = maps.take_ops();
+    let info = service_info(&maps.state, web);
+    let ids = backend_ids(&maps.state, web);
+    assert_eq!(
+        ids.keys().copied().collect::<Vec<_>>(),
+        [backend6(1), backend6(2)]
+    );
+    let marked = position(&ops, Op::PutClusterIp(web.addr));
+    let last_backend = ids
+        .values()
+        .map(|id| position(&ops, Op::PutBackend(*id)))
+        .max()
+        .unwrap();
+    let slots: Vec<usize> = (0..2)
+        .map(|slot| {
+            position(
+                &ops,
+                Op::PutSlot(SlotKey {
+                    service_id: info.id,
+                    slot,
+                }),
+            )
+        })
+        .collect();
+    let entry = position(&ops, Op::PutService(web));
+    assert!(
+        marked < last_backend && last_backend < slots[0] && slots[1] < entry,
+        "ClusterIP, backends, slots, entry: {ops:?}"
+    );
+    assert_eq!(maps.state.cluster_ips, [(web.addr, 1)].into());
+
+    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
+    let ops = maps.take_ops();
+    assert_eq!(ops[0], Op::DeleteService(web), "the entry goes first: {ops:?}");
+    let last_slot = (0..2)
+        .map(|slot| {
+            position(
+                &ops,
+                Op::DeleteSlot(SlotKey {
+                    service_id: info.id,
+                    slot,
+                }),
+            )
+        })
+        .max()
+        .unwrap();
+    let first_backend = ids
+        .values()
+        .map(|id| position(&ops, Op::DeleteBackend(*id)))
+        .min()
+        .unwrap();
+    assert!(last_slot < first_backend, "slots before backends: {ops:?}");
+    assert_eq!(
+        ops.last(),
+        Some(&Op::DeleteClusterIp(web.addr)),
+        "its ClusterIP last"
+    );
+    assert_eq!(maps.state, Programmed::default(), "nothing is left");
+}
+
+/// A dual-stack Service's frontends share one space of service ids and one of backend ids:
+/// no two entries of either family get the same id, a restarted reconciler keeps them all and
+/// writes nothing, and a new frontend after the restart takes no id in use by either family.
+#[test]
+fn both_families_share_one_id_space_that_survives_a_restart() {
+    let (web4, web6, api6) = (key(10, 80), key6(0x10, 80), key6(0x11, 80));
+    let want = desired(&[
+        (web4, "default/web:80", vec![backend(1), backend(2)]),
+        (web6, "default/web:80", vec![backend6(1), backend6(2)]),
+    ]);
+    let mut maps = Recorder::default();
+    apply(&mut Reconciler::new(Programmed::default()), &want, &mut maps);
+    let found = maps.state.clone();
+    let (info4, info6) = (service_info(&found, web4), service_info(&found, web6));
+    assert_ne!(
+        info4.id, info6.id,
+        "one service id per frontend, whatever its family"
+    );
+    let (ids4, ids6) = (backend_ids(&found, web4), backend_ids(&found, web6));
+    assert!(
+        ids4.values().all(|id| !ids6.values().any(|other| other == id)),
+        "backend ids are unique across families: {ids4:?} {ids6:?}"
+    );
+    assert_eq!(
+        found.cluster_ips.len(),
+        2,
+        "one ClusterIP per family: {:?}",
+        found.cluster_ips
+    );
+
+    let mut restarted = Reconciler::new(found.clone());
+    let report = apply(&mut restarted, &want, &mut maps);
+    assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
+    let grown = desired(&[
+        (web4, "default/web:80", vec![backend(1), backend(2), backend(3)]),
+        (web6, "default/web:80", vec![backend6(1), backend6(2)]),
+        (api6, "default/api:80", vec![backend6(3)]),
+    ]);
+    apply(&mut restarted, &grown, &mut maps);
+    let api = service_info(restarted.programmed(), api6);
+    assert!(
+        ![info4.id, info6.id].contains(&api.id),
+        "a new service id is free in both families"
+    );
+    let new_ids = [
+        backend_ids(restarted.programmed(), api6)[&backend6(3)],
+        backend_ids(restarted.programmed(), web4)[&backend(3)],
+    ];
+    for id in new_ids {
+        assert!(
+            !found.backends.contains_key(&id),
+            "backend id {id} was in use by one of the families"
+        );
+    }
+    assert_eq!(
+        backend_ids(restarted.programmed(), web6),
+        ids6,
+        "IPv6 ids are kept"
+    );
+    assert_eq!(
+        backend_ids(restarted.programmed(), web4)[&backend(1)],
+        ids4[&backend(1)]
+    );
+}
+
+/// Removing a dual-stack Service's IPv6 frontend (the Service made single-stack) touches
+/// nothing of its IPv4 one.
+#[test]
+fn removing_the_ipv6_frontend_leaves_the_ipv4_one_alone() {
+    let (web4, web6) = (key(10, 80), key6(0x10, 80));
+    let mut want = desired(&[
+        (web4, "default/web:80", vec![backend(1)]),
+        (web6, "default/web:80", vec![backend6(1)]),
+    ]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let before4 = (service_info(&maps.state, web4), backend_ids(&maps.state, web4));
+    let id6 = backend_ids(&maps.state, web6)[&backend6(1)];
+    let info6 = service_info(&maps.state, web6);
+    maps.take_ops();
+
+    want.remove(&web6);
+    apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(
+        maps.take_ops(),
+        vec![
+            Op::DeleteService(web6),
+            Op::DeleteSlot(SlotKey {
+                service_id: info6.id,
+                slot: 0
+            }),
+            Op::DeleteBackend(id6),
+            Op::DeleteClusterIp(web6.addr),
+        ]
+    );
+    assert_eq!(
+        (service_info(&maps.state, web4), backend_ids(&maps.state, web4)),
+        before4
+    );
+}
+
+/// A terminating IPv6 endpoint drains as an IPv4 one does: same id, flagged, in no slot.
+#[test]
+fn an_ipv6_backend_drains_under_its_id() {
+    let web = key6(0x10, 80);
+    let mut want = desired(&[(web, "default/web:80", vec![backend6(1), backend6(2)])]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    apply(&mut reconciler, &want, &mut maps);
+    let id = backend_ids(&maps.state, web)[&backend6(2)];
+    let service = want.get_mut(&web).unwrap();
+    service.backends = vec![backend6(1)];
+    service.draining = vec![backend6(2)];
+    apply(&mut reconciler, &want, &mut maps);
+    let drained = maps.state.backends[&id];
+    assert_eq!(
+        (drained.addr, drained.flags),
+        (backend6(2), backend_flags::DRAINING)
+    );
+    assert!(!maps.state.slots.values().any(|slot| *slot == id), "in no slot");
+    assert_eq!(service_info(&maps.state, web).backend_count, 1);
+}
+
+/// A backend or source range of the other family could not be reached through the frontend's
+/// maps: the frontend is refused with a clear error and nothing of it is written.
+#[test]
+fn a_backend_of_the_other_family_is_refused_before_anything_is_written() {
+    let web = key6(0x10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let want = desired(&[
+        (web, "default/web:80", vec![backend6(1), backend(1)]),
+        (key(10, 80), "default/web:80", vec![backend(1)]),
+    ]);
+    let report = apply(&mut reconciler, &want, &mut maps);
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    let (name, error) = &report.failed[0];
+    assert_eq!(name, "default/web:80");
+    assert_eq!(error.map, map_names::BACKENDS6);
+    assert_eq!(
+        error.message,
+        "10.0.0.1 is not of the address family of the frontend [fd00:96::10]:80/TCP"
+    );
+    assert!(!maps.state.services.contains_key(&web), "{:?}", maps.state);
+    assert_eq!(maps.state.backends.len(), 1, "the IPv4 frontend's backend alone");
+
+    let lb = DesiredService {
+        backends: vec![backend6(1)],
+        external: Some(External {
+            local: false,
+            source_ranges: Some(vec![([192, 0, 2, 0].into(), 24)]),
+        }),
+        ..DesiredService::default()
+    };
+    let report = apply(&mut reconciler, &BTreeMap::from([(web, lb)]), &mut maps);
+    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
+    assert!(maps.state.source_ranges.is_empty());
+}
+
+/// Maglev tables of IPv4 backends are the ones earlier builds made (the identity stays the
+/// address's 4 bytes and the port): positions pinned before IPv6 was added. An IPv6 service's
+/// table is built alike from its 16-byte addresses.
+#[test]
+fn ipv4_maglev_tables_are_unchanged_and_ipv6_ones_are_built_alike() {
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let mut maps = Recorder::default();
+    let services = with_maglev(
+        desired(&[
+            (
+                key(1, 80),
+                "default/web:80",
+                vec![backend(1), backend(2), backend(3)],
+            ),
+            (
+                key6(1, 80),
+                "default/web:80",
+                vec![backend6(1), backend6(2), backend6(3)],
+            ),
+        ]),
+        lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
+    );
+    apply(&mut reconciler, &services, &mut maps);
+    let owners = |key: FrontendKey| -> Vec<SocketAddr> {
+        let table = &maps.tables[&service_info(&maps.state, key).id];
+        table.iter().map(|id| maps.state.backends[id].addr).collect()
+    };
+    let pinned = [
+        1, 2, 2, 3, 1, 1, 3, 2, 3, 2, 2, 1, 1, 1, 3, 1, 2, 2, 2, 1, 3, 3, 3, 1,
+    ]
+    .map(backend);
+    assert_eq!(owners(key(1, 80))[..pinned.len()], pinned);
+    let table6 = owners(key6(1, 80));
+    for backend in [backend6(1), backend6(2), backend6(3)] {
+        let share = table6.iter().filter(|owner| **owner == backend).count();
+        let fair = lb_common::DEFAULT_MAGLEV_TABLE_SIZE as usize / 3;
+        assert!(
+            share.abs_diff(fair) * 100 <= fair * 3,
+            "{backend} owns {share} of the positions, about a third"
+        );
+    }
 }

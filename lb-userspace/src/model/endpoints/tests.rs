@@ -65,7 +65,7 @@ fn addresses(frontend: &Frontend) -> Vec<String> {
     frontend
         .backends
         .iter()
-        .map(|e| format!("{}:{}", e.address, e.port))
+        .map(|e| e.socket_addr().to_string())
         .collect()
 }
 
@@ -121,7 +121,7 @@ fn draining_addresses(frontend: &Frontend) -> Vec<String> {
     frontend
         .draining
         .iter()
-        .map(|e| format!("{}:{}", e.address, e.port))
+        .map(|e| e.socket_addr().to_string())
         .collect()
 }
 
@@ -224,6 +224,40 @@ fn a_slice_of_the_other_family_or_fqdn_gives_nothing() {
     );
     let m = model(&[web_service()], &[v6, fqdn]);
     assert!(cluster_ip(&m).backends.is_empty());
+}
+
+/// A dual-stack Service's EndpointSlices come one per addressType: each family's frontend takes
+/// the endpoints of its family's slices only, and an address of the other family listed in a
+/// slice (which the API server would refuse) serves neither.
+#[test]
+fn each_family_takes_the_slices_of_its_address_type() {
+    let svc = service(
+        json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+        "ipFamilies": ["IPv4", "IPv6"], "selector": {"app": "web"},
+        "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}),
+    );
+    let of_type = |name: &str, address_type: &str, addresses: &[&str]| {
+        let endpoints: Vec<Value> = addresses.iter().map(|a| json!({"addresses": [a]})).collect();
+        slice(
+            name,
+            json!({"kubernetes.io/service-name": "web"}),
+            json!({"addressType": address_type, "endpoints": endpoints}),
+        )
+    };
+    let m = model(
+        &[svc],
+        &[
+            of_type("web-v4", "IPv4", &["10.0.0.1", "fd00:10::9"]),
+            of_type("web-v6", "IPv6", &["fd00:10::1", "fd00:10::2", "10.0.0.9"]),
+            of_type("web-fqdn", "FQDN", &["db.example"]),
+        ],
+    );
+    let of_family = |ipv4: bool| m.frontends.iter().find(|f| f.address.is_ipv4() == ipv4).unwrap();
+    assert_eq!(addresses(of_family(true)), ["10.0.0.1:8080"]);
+    assert_eq!(
+        addresses(of_family(false)),
+        ["[fd00:10::1]:8080", "[fd00:10::2]:8080"]
+    );
 }
 
 #[test]
