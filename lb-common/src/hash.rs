@@ -18,16 +18,11 @@ pub fn flow_hash<A: Address>(src_addr: A, dst_addr: A, src_port: u16, dst_port: 
             .wrapping_add(0xe654_6b64)
     }
     #[inline(always)]
-    fn mix_address(mut hash: u32, addr: &[u8]) -> u32 {
-        let mut i = 0;
-        while i + 4 <= addr.len() {
-            hash = mix(
-                hash,
-                u32::from_be_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]),
-            );
-            i += 4;
-        }
-        hash
+    fn mix_address(hash: u32, addr: &[u8]) -> u32 {
+        let (words, _) = addr.as_chunks::<4>();
+        words
+            .iter()
+            .fold(hash, |hash, word| mix(hash, u32::from_be_bytes(*word)))
     }
     let mut hash = mix_address(0x5b0a_2d9f, src_addr.as_ref());
     hash = mix_address(hash, dst_addr.as_ref());

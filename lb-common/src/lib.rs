@@ -14,6 +14,7 @@ mod checksum;
 mod conntrack;
 mod hash;
 mod reject;
+mod reply;
 mod sctp;
 mod service;
 mod sock;
@@ -23,6 +24,7 @@ pub use checksum::*;
 pub use conntrack::*;
 pub use hash::*;
 pub use reject::*;
+pub use reply::*;
 pub use sctp::*;
 pub use service::*;
 pub use sock::*;
@@ -175,10 +177,17 @@ pub mod program_names {
     pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
     pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
     pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
-    /// The IPv4 hooks.
-    pub const SOCKET: [&str; 4] = [SOCK_CONNECT, SOCK_SENDMSG, SOCK_RECVMSG, SOCK_GETPEERNAME];
-    /// The IPv6 hooks.
-    pub const SOCKET6: [&str; 4] = [SOCK_CONNECT6, SOCK_SENDMSG6, SOCK_RECVMSG6, SOCK_GETPEERNAME6];
+    /// Every socket hook, both families'.
+    pub const SOCKET: [&str; 8] = [
+        SOCK_CONNECT,
+        SOCK_SENDMSG,
+        SOCK_RECVMSG,
+        SOCK_GETPEERNAME,
+        SOCK_CONNECT6,
+        SOCK_SENDMSG6,
+        SOCK_RECVMSG6,
+        SOCK_GETPEERNAME6,
+    ];
 }
 
 /// Indexes of [`map_names::CONFIG`], an array of `u64` the agent (and `switchboard log-level`)

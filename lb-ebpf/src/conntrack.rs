@@ -2,27 +2,22 @@
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, HAIRPIN_ADDR, IPPROTO_TCP, ServiceInfo, Stat, backend_flags,
-    ct_direction, ct_flags,
+    Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, Stat, backend_flags, ct_direction, ct_flags,
 };
 
-use crate::{
-    hairpin,
-    maps::{SB_CONNTRACK, SB_SNAT_ADDRS, count},
-    packet::Flow,
-    service,
-};
+use crate::{family::Family, hairpin, maps::count, packet::Flow, service};
 
 /// How often an established flow's `last_seen_ns` is refreshed: writing it on every packet
 /// would bounce the entry's cache line between CPUs.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 
-pub enum Forward {
-    Established(Backend),
+pub enum Forward<A: Family> {
+    Established(Backend<A>),
     New,
 }
 
-fn forward_key(flow: &Flow) -> CtKey {
+#[inline(always)]
+fn forward_key<A: Family>(flow: &Flow<A>) -> CtKey<A> {
     CtKey {
         src_addr: flow.src_addr,
         dst_addr: flow.dst_addr,
@@ -41,8 +36,8 @@ fn forward_key(flow: &Flow) -> CtKey {
 /// backend left, or a new connection on the tuple, counts as new: it is re-balanced rather than
 /// black-holed.
 #[inline(always)]
-pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
-    let Some(entry) = SB_CONNTRACK.get_ptr_mut(forward_key(flow)) else {
+pub fn forward<A: Family>(flow: &Flow<A>, service: &ServiceInfo) -> Forward<A> {
+    let Some(entry) = A::conntrack().get_ptr_mut(forward_key(flow)) else {
         return Forward::New;
     };
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
@@ -72,7 +67,7 @@ pub fn forward(flow: &Flow, service: &ServiceInfo) -> Forward {
 
 /// Whether the packet is the SYN that opens a TCP connection.
 #[inline(always)]
-fn opens_connection(flow: &Flow) -> bool {
+fn opens_connection<A: Family>(flow: &Flow<A>) -> bool {
     flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) == ct_flags::TCP_SYN
 }
 
@@ -82,7 +77,7 @@ fn opens_connection(flow: &Flow) -> bool {
 /// it is made this flow's again, or the backend's answer would come back from the other
 /// frontend and the client would never connect.
 #[inline(always)]
-fn reclaim_reply(flow: &Flow, backend: &Backend, forward: CtEntry) {
+fn reclaim_reply<A: Family>(flow: &Flow<A>, backend: &Backend<A>, forward: CtEntry<A>) {
     let opened = CtEntry {
         flags: 0,
         // SAFETY: a plain helper call without arguments.
@@ -90,7 +85,7 @@ fn reclaim_reply(flow: &Flow, backend: &Backend, forward: CtEntry) {
         ..forward
     };
     let (key, reply) = reply_of(flow, backend, opened);
-    if SB_CONNTRACK.insert(key, reply, 0).is_err() {
+    if A::conntrack().insert(key, reply, 0).is_err() {
         count(Stat::CtInsertFailed);
     }
 }
@@ -98,7 +93,7 @@ fn reclaim_reply(flow: &Flow, backend: &Backend, forward: CtEntry) {
 /// Records a packet of the flow on one of its entries: when it was last seen, for the agent's
 /// garbage collection, and whether a FIN or RST is closing it.
 #[inline(always)]
-fn seen(entry: *mut CtEntry, flow: &Flow) {
+fn seen<A: Family>(entry: *mut CtEntry<A>, flow: &Flow<A>) {
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: the pointer comes from a successful lookup; fields are read and written whole,
@@ -119,7 +114,7 @@ fn seen(entry: *mut CtEntry, flow: &Flow) {
 
 /// Records a new flow in both directions.
 #[inline(always)]
-pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend: &Backend) {
+pub fn track<A: Family>(flow: &Flow<A>, service: &ServiceInfo, backend_id: BackendId, backend: &Backend<A>) {
     // SAFETY: a plain helper call without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     // A flow first met mid-stream (conntrack lost, or a flow from another node) may already be
@@ -139,9 +134,10 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
         last_seen_ns: now,
     };
     let (reply_key, reply) = reply_of(flow, backend, forward);
-    let inserted = SB_CONNTRACK
+    let conntrack = A::conntrack();
+    let inserted = conntrack
         .insert(forward_key(flow), forward, 0)
-        .and_then(|()| SB_CONNTRACK.insert(reply_key, reply, 0));
+        .and_then(|()| conntrack.insert(reply_key, reply, 0));
     if inserted.is_err() {
         count(Stat::CtInsertFailed);
     } else {
@@ -152,11 +148,11 @@ pub fn track(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend:
 /// The reply entry of a flow to `backend` whose forward entry is `forward`: keyed as the
 /// backend answers, it restores the frontend the client dialled.
 #[inline(always)]
-fn reply_of(flow: &Flow, backend: &Backend, forward: CtEntry) -> (CtKey, CtEntry) {
-    // A pod reaching itself (hairpin) sees the connection come from HAIRPIN_ADDR, and replies
-    // there.
+fn reply_of<A: Family>(flow: &Flow<A>, backend: &Backend<A>, forward: CtEntry<A>) -> (CtKey<A>, CtEntry<A>) {
+    // A pod reaching itself (hairpin) sees the connection come from the family's hairpin
+    // address, and replies there.
     let client_at_backend = if hairpin::is_hairpin(flow, backend) {
-        HAIRPIN_ADDR
+        A::HAIRPIN
     } else {
         flow.src_addr
     };
@@ -179,7 +175,7 @@ fn reply_of(flow: &Flow, backend: &Backend, forward: CtEntry) -> (CtKey, CtEntry
 
 /// The frontend to restore as the source of a backend's reply, if `flow` is one.
 #[inline(always)]
-pub fn reply(flow: &Flow) -> Option<CtEntry> {
+pub fn reply<A: Family>(flow: &Flow<A>) -> Option<CtEntry<A>> {
     let key = CtKey {
         src_addr: flow.src_addr,
         dst_addr: flow.dst_addr,
@@ -189,13 +185,14 @@ pub fn reply(flow: &Flow) -> Option<CtEntry> {
         direction: ct_direction::REPLY,
         pad: [0; 2],
     };
-    let entry = SB_CONNTRACK.get_ptr_mut(key)?;
+    let entry = A::conntrack().get_ptr_mut(key)?;
     seen(entry, flow);
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
     Some(unsafe { *entry })
 }
 
-fn keyed(flow: &Flow, direction: u8) -> CtKey {
+#[inline(always)]
+fn keyed<A: Family>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
     CtKey {
         direction,
         ..forward_key(flow)
@@ -205,7 +202,12 @@ fn keyed(flow: &Flow, direction: u8) -> CtKey {
 /// Marks a new external flow (as DNATed: client → backend) to be source-NATed if it leaves the
 /// node, which only a flow to a backend on another node does.
 #[inline(always)]
-pub fn expect_snat(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, backend: &Backend) {
+pub fn expect_snat<A: Family>(
+    flow: &Flow<A>,
+    service: &ServiceInfo,
+    backend_id: BackendId,
+    backend: &Backend<A>,
+) {
     let key = CtKey {
         dst_addr: backend.addr,
         dst_port: backend.port,
@@ -218,7 +220,7 @@ pub fn expect_snat(flow: &Flow, service: &ServiceInfo, backend_id: BackendId, ba
         last_seen_ns: unsafe { bpf_ktime_get_ns() },
         ..CtEntry::default()
     };
-    if SB_CONNTRACK.insert(key, entry, 0).is_err() {
+    if A::conntrack().insert(key, entry, 0).is_err() {
         count(Stat::CtInsertFailed);
     }
 }
@@ -233,8 +235,9 @@ const SNAT_PORT_SPAN: u32 = 28_232;
 /// `ifindex` takes as its source: given on its first packet out, the client's own port when free.
 /// `None` for flows that are not such (nothing to do), or when none could be given.
 #[inline(always)]
-pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
-    let entry = SB_CONNTRACK.get_ptr_mut(keyed(flow, ct_direction::SNAT_OUT))?;
+pub fn snat_out<A: Family>(flow: &Flow<A>, ifindex: u32) -> Option<(A, u16)> {
+    let conntrack = A::conntrack();
+    let entry = conntrack.get_ptr_mut(keyed(flow, ct_direction::SNAT_OUT))?;
     seen(entry, flow);
     // SAFETY: from a successful lookup; fields are read and written whole.
     let (service_id, backend_id, port) =
@@ -244,7 +247,7 @@ pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
         return Some((unsafe { (*entry).nat_addr }, port));
     }
     // SAFETY: copied out at once.
-    let Some(addr) = (unsafe { SB_SNAT_ADDRS.get(ifindex).copied() }) else {
+    let Some(addr) = (unsafe { A::snat_addrs().get(ifindex).copied() }) else {
         count(Stat::SnatFailed);
         return None;
     };
@@ -277,10 +280,10 @@ pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
         };
         // Another CPU may have given this flow the port a moment ago: then it is ours too.
         // SAFETY: copied out at once.
-        let taken = unsafe { SB_CONNTRACK.get(in_key).copied() };
+        let taken = unsafe { conntrack.get(in_key).copied() };
         let ours = match taken {
             Some(other) => other.nat_addr == flow.src_addr && other.nat_port == flow.src_port,
-            None => SB_CONNTRACK.insert(in_key, back, u64::from(BPF_NOEXIST)).is_ok(),
+            None => conntrack.insert(in_key, back, u64::from(BPF_NOEXIST)).is_ok(),
         };
         if ours {
             // SAFETY: as above.
@@ -297,8 +300,8 @@ pub fn snat_out(flow: &Flow, ifindex: u32) -> Option<([u8; 4], u16)> {
 
 /// The client to restore as the destination of a reply to a source-NATed flow, if `flow` is one.
 #[inline(always)]
-pub fn snat_in(flow: &Flow) -> Option<([u8; 4], u16)> {
-    let entry = SB_CONNTRACK.get_ptr_mut(keyed(flow, ct_direction::SNAT_IN))?;
+pub fn snat_in<A: Family>(flow: &Flow<A>) -> Option<(A, u16)> {
+    let entry = A::conntrack().get_ptr_mut(keyed(flow, ct_direction::SNAT_IN))?;
     seen(entry, flow);
     // SAFETY: from a successful lookup.
     Some(unsafe { ((*entry).nat_addr, (*entry).nat_port) })

@@ -3,19 +3,28 @@
 //! TC programs go through the kernel's skb helpers, which also keep `CHECKSUM_PARTIAL` skbs
 //! right. XDP sees frames as they come off the wire, with complete checksums, and updates them
 //! with plain RFC 1624 arithmetic.
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use aya_ebpf::{
     bindings::BPF_F_MARK_MANGLED_0,
+    helpers::bpf_xdp_load_bytes,
     programs::{TcContext, XdpContext},
 };
 use lb_common::checksum_replace;
+
+/// A copy of a header in memory aligned for word reads. The eBPF target reads memory it does not
+/// know to be aligned a byte at a time: an IPv6 header's addresses would be 32 bytes held apart,
+/// spilled to the stack slot by slot (and the stack is 512 bytes).
+#[repr(C, align(8))]
+pub struct Aligned<T>(pub T);
 
 pub trait Packet {
     /// The frame's length in bytes.
     fn len(&self) -> usize;
     /// A copy of the `T` at `offset`, if the packet holds all of it.
     fn load<T>(&self, offset: usize) -> Option<T>;
+    /// Like [`Packet::load`], into aligned memory; `T`'s size a multiple of 8.
+    fn load_aligned<T>(&self, offset: usize) -> Option<Aligned<T>>;
     fn store<T: Copy>(&self, offset: usize, value: &T) -> Result<(), i64>;
     /// Updates the IPv4 header checksum at `offset` for a 4-byte field changed `from` → `to`
     /// (both as they lie in the packet).
@@ -33,6 +42,12 @@ impl Packet for TcContext {
 
     #[inline(always)]
     fn load<T>(&self, offset: usize) -> Option<T> {
+        TcContext::load(self, offset).ok()
+    }
+
+    #[inline(always)]
+    fn load_aligned<T>(&self, offset: usize) -> Option<Aligned<T>> {
+        const { assert!(size_of::<Aligned<T>>() == size_of::<T>()) };
         TcContext::load(self, offset).ok()
     }
 
@@ -100,6 +115,25 @@ impl Packet for XdpContext {
     fn load<T>(&self, offset: usize) -> Option<T> {
         // SAFETY: bounds checked by xdp_ptr; read unaligned as packet data may be.
         xdp_ptr::<T>(self, offset).map(|ptr| unsafe { ptr.read_unaligned() })
+    }
+
+    /// Through the helper: read in place, the frame's bytes would be loaded one by one.
+    #[inline(always)]
+    fn load_aligned<T>(&self, offset: usize) -> Option<Aligned<T>> {
+        const { assert!(size_of::<Aligned<T>>() == size_of::<T>()) };
+        let mut copy = MaybeUninit::<Aligned<T>>::uninit();
+        // SAFETY: the helper writes at most `size_of::<T>()` bytes into `copy`, and fails unless
+        // the frame holds them all.
+        let loaded = unsafe {
+            bpf_xdp_load_bytes(
+                self.ctx,
+                offset as u32,
+                copy.as_mut_ptr().cast(),
+                size_of::<T>() as u32,
+            )
+        };
+        // SAFETY: every byte was written (`T`'s size is `Aligned<T>`'s).
+        (loaded == 0).then(|| unsafe { copy.assume_init() })
     }
 
     #[inline(always)]

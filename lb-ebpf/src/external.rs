@@ -7,18 +7,67 @@
 //!   client back as destination. The kernel then routes the packet, to a local pod or out again.
 //! * egress (TC): a flow leaving for another node's backend takes this node's address as source;
 //!   a reply on its way to an external client gets the frontend back as source.
+//!
+//! The handlers are not inlined into the entry functions, so each family has a stack frame of
+//! its own: both families' code in one frame would not fit the 512 bytes the verifier allows.
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    programs::{TcContext, XdpContext},
+};
 use lb_common::{Stat, service_flags};
 
 use crate::{
     conntrack::{self, Forward},
     context::Packet,
+    family::Family,
     maps::{self, count},
     nat,
-    packet::Flow,
-    service,
+    packet::{self, Flow},
+    reject, service,
 };
 
-pub enum Verdict {
+/// XDP on an external interface: traffic from outside the node, translated before the kernel
+/// builds an skb for it. What needs an skb (refusing a connection) is passed on to TC.
+#[inline(never)]
+pub fn xdp_ingress<A: Family>(ctx: &XdpContext) -> u32 {
+    let Some(flow) = packet::parse::<A>(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    match ingress(ctx, &flow) {
+        Verdict::Pass | Verdict::Refuse => xdp_action::XDP_PASS,
+        Verdict::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+/// TC ingress on an external interface: what XDP does, for interfaces without it and for what
+/// it passed on.
+#[inline(never)]
+pub fn tc_ingress<A: Family>(ctx: &TcContext) -> i32 {
+    let Some(flow) = packet::parse::<A>(ctx) else {
+        return TC_ACT_OK;
+    };
+    match ingress(ctx, &flow) {
+        Verdict::Pass => TC_ACT_OK,
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Refuse => reject::refuse(ctx, &flow),
+    }
+}
+
+/// TC egress on an external interface.
+#[inline(never)]
+pub fn tc_egress<A: Family>(ctx: &TcContext) -> i32 {
+    let Some(flow) = packet::parse::<A>(ctx) else {
+        return TC_ACT_OK;
+    };
+    // SAFETY: the context pointer the kernel passed in is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match egress(ctx, &flow, ifindex) {
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass | Verdict::Refuse => TC_ACT_OK,
+    }
+}
+
+enum Verdict {
     /// On to the kernel, rewritten or not.
     Pass,
     Drop,
@@ -26,8 +75,10 @@ pub enum Verdict {
     Refuse,
 }
 
+/// DNAT of new and established flows to external frontends; the client restored as the
+/// destination of replies to source-NATed ones.
 #[inline(always)]
-pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
+fn ingress<A: Family>(ctx: &impl Packet, flow: &Flow<A>) -> Verdict {
     if service::is_node_addr(flow.dst_addr)
         && let Some((client_addr, client_port)) = conntrack::snat_in(flow)
     {
@@ -67,8 +118,10 @@ pub fn ingress(ctx: &impl Packet, flow: &Flow) -> Verdict {
     done(nat::rewrite_destination(ctx, flow, backend.addr, backend.port))
 }
 
+/// Source NAT of flows leaving for another node's backend; the frontend restored as the source
+/// of replies to external clients.
 #[inline(always)]
-pub fn egress(ctx: &impl Packet, flow: &Flow, ifindex: u32) -> Verdict {
+fn egress<A: Family>(ctx: &impl Packet, flow: &Flow<A>, ifindex: u32) -> Verdict {
     if let Some(frontend) = conntrack::reply(flow) {
         count(Stat::ReplyPackets);
         maps::count_service_reply(frontend.service_id, ctx.len() as u32);

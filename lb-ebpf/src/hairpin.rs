@@ -1,12 +1,13 @@
 //! Hairpin: a pod that reaches itself through its own Service. Delivered as is, the pod would
 //! get a packet from its own address from outside and drop it as a martian, so the flow is
-//! masqueraded: the pod sees it come from `HAIRPIN_ADDR`, and both directions go straight back
-//! into the pod.
+//! masqueraded: the pod sees it come from the family's hairpin address (`Address::HAIRPIN`), and
+//! both directions go straight back into the pod.
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use lb_common::{Backend, HAIRPIN_ADDR, Stat};
+use lb_common::{Backend, Stat};
 
 use crate::{
     conntrack,
+    family::Family,
     maps::{self, count},
     nat,
     packet::Flow,
@@ -15,26 +16,26 @@ use crate::{
 
 /// Whether `backend` is the client itself.
 #[inline(always)]
-pub fn is_hairpin(flow: &Flow, backend: &Backend) -> bool {
+pub fn is_hairpin<A: Family>(flow: &Flow<A>, backend: &Backend<A>) -> bool {
     backend.addr == flow.src_addr
 }
 
 /// A packet of the pod to its own Service, given itself as backend.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, flow: &Flow, backend: &Backend) -> i32 {
+pub fn forward<A: Family>(ctx: &TcContext, flow: &Flow<A>, backend: &Backend<A>) -> i32 {
     let rewritten = nat::rewrite_destination(ctx, flow, backend.addr, backend.port)
-        .and_then(|()| nat::rewrite_source(ctx, flow, HAIRPIN_ADDR, flow.src_port));
+        .and_then(|()| nat::rewrite_source(ctx, flow, A::HAIRPIN, flow.src_port));
     rewritten
         .ok()
         .and_then(|()| reject::bounce(ctx))
         .unwrap_or(TC_ACT_SHOT)
 }
 
-/// The pod's reply to a hairpinned connection (to `HAIRPIN_ADDR`): it comes back from the
+/// The pod's reply to a hairpinned connection (to the hairpin address): it comes back from the
 /// frontend. `None`: not such a reply.
 #[inline(always)]
-pub fn reply(ctx: &TcContext, flow: &Flow) -> Option<i32> {
-    if flow.dst_addr != HAIRPIN_ADDR {
+pub fn reply<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> Option<i32> {
+    if flow.dst_addr != A::HAIRPIN {
         return None;
     }
     let frontend = conntrack::reply(flow)?;

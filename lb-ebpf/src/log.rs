@@ -1,11 +1,19 @@
 //! What the datapath says through aya-log, when asked to: `SB_CONFIG[LOG_LEVEL]` is read before
 //! each message, so logging is off (and costs one array lookup) until someone switches it on
 //! (`switchboard log-level`), and the agent prints what it says.
+use core::net::IpAddr;
+
 use aya_ebpf::programs::TcContext;
 use aya_log_ebpf::{info, warn};
 use lb_common::{Backend, config, log_level};
 
-use crate::{maps::SB_CONFIG, packet::Flow};
+use crate::{family::Family, maps::SB_CONFIG, packet::Flow};
+
+/// An address as aya-log prints either family's.
+#[inline(always)]
+fn ip<A: Family>(addr: A) -> IpAddr {
+    addr.into()
+}
 
 #[inline(always)]
 fn enabled(level: u64) -> bool {
@@ -14,18 +22,18 @@ fn enabled(level: u64) -> bool {
 
 /// A flow given a backend.
 #[inline(always)]
-pub fn new_flow(ctx: &TcContext, flow: &Flow, service_id: u32, backend: &Backend) {
+pub fn new_flow<A: Family>(ctx: &TcContext, flow: &Flow<A>, service_id: u32, backend: &Backend<A>) {
     if enabled(log_level::INFO) {
         info!(
             ctx,
             "new flow {:i}:{} -> {:i}:{} proto {}: service {} backend {:i}:{}",
-            flow.src_addr,
+            ip(flow.src_addr),
             flow.src_port,
-            flow.dst_addr,
+            ip(flow.dst_addr),
             flow.dst_port,
             flow.proto,
             service_id,
-            backend.addr,
+            ip(backend.addr),
             backend.port
         );
     }
@@ -33,14 +41,14 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, service_id: u32, backend: &Backend
 
 /// A new flow to a frontend without a usable backend, refused.
 #[inline(always)]
-pub fn refused(ctx: &TcContext, flow: &Flow, service_id: u32) {
+pub fn refused<A: Family>(ctx: &TcContext, flow: &Flow<A>, service_id: u32) {
     if enabled(log_level::WARN) {
         warn!(
             ctx,
             "refused {:i}:{} -> {:i}:{} proto {}: service {} has no backend",
-            flow.src_addr,
+            ip(flow.src_addr),
             flow.src_port,
-            flow.dst_addr,
+            ip(flow.dst_addr),
             flow.dst_port,
             flow.proto,
             service_id

@@ -8,18 +8,28 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    Ipv6, MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats, SlotKey,
-    SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
+    Ipv4, Ipv6, MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats,
+    SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 
+// The twin maps' types: one generic type per map, over the address of its family.
+pub type Services<A> = HashMap<ServiceKey<A>, ServiceInfo, { capacity::SERVICES as usize }>;
+pub type Backends<A> = HashMap<BackendId, Backend<A>, { capacity::BACKENDS as usize }>;
+pub type Conntrack<A> = LruHashMap<CtKey<A>, CtEntry<A>, { capacity::CONNTRACK as usize }>;
+pub type Affinity<A> = LruHashMap<AffinityKey<A>, AffinityEntry, { capacity::AFFINITY as usize }>;
+pub type ClusterIps<A> = HashMap<ClusterIpKey<A>, u32, { capacity::SERVICES as usize }>;
+pub type NodeAddrs<A> = HashMap<A, u32, { capacity::NODE_ADDRS as usize }>;
+pub type SnatAddrs<A> = HashMap<u32, A, { capacity::SNAT_ADDRS as usize }>;
+pub type SourceRanges<A> = LpmTrie<SourceRangeKey<A>, u8, { capacity::SOURCE_RANGES as usize }>;
+pub type SockRevNat<A> = LruHashMap<SockRevKey<A>, SockRevEntry<A>, { capacity::SOCK_REVNAT as usize }>;
+
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
-pub static SB_SERVICES: HashMap<ServiceKey, ServiceInfo, { capacity::SERVICES as usize }> = HashMap::new();
+pub static SB_SERVICES: Services<Ipv4> = HashMap::new();
 #[btf_map]
-pub static SB_SERVICES6: HashMap<ServiceKey<Ipv6>, ServiceInfo, { capacity::SERVICES as usize }> =
-    HashMap::new();
+pub static SB_SERVICES6: Services<Ipv6> = HashMap::new();
 
 /// (service id, slot) → backend id; slots `0..backend_count` are valid.
 #[btf_map]
@@ -28,17 +38,16 @@ pub static SB_BACKEND_SLOTS: HashMap<SlotKey, BackendId, { capacity::BACKEND_SLO
 
 /// Backend id → address, port and owning service.
 #[btf_map]
-pub static SB_BACKENDS: HashMap<BackendId, Backend, { capacity::BACKENDS as usize }> = HashMap::new();
+pub static SB_BACKENDS: Backends<Ipv4> = HashMap::new();
 #[btf_map]
-pub static SB_BACKENDS6: HashMap<BackendId, Backend<Ipv6>, { capacity::BACKENDS as usize }> = HashMap::new();
+pub static SB_BACKENDS6: Backends<Ipv6> = HashMap::new();
 
 /// Both directions of every service flow. LRU: when full, the least recently used flow is
 /// forgotten instead of refusing a new one.
 #[btf_map]
-pub static SB_CONNTRACK: LruHashMap<CtKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+pub static SB_CONNTRACK: Conntrack<Ipv4> = LruHashMap::new();
 #[btf_map]
-pub static SB_CONNTRACK6: LruHashMap<CtKey<Ipv6>, CtEntry<Ipv6>, { capacity::CONNTRACK as usize }> =
-    LruHashMap::new();
+pub static SB_CONNTRACK6: Conntrack<Ipv6> = LruHashMap::new();
 
 /// Service id → its Maglev lookup table (table position → backend id). The agent writes a new
 /// table whole and then swaps it in, so a packet always sees a complete one. BPF_F_INNER_MAP lets
@@ -54,18 +63,15 @@ pub static SB_MAGLEV: HashOfMaps<
 /// (service id, client address) → the backend the client sticks to, for services with session
 /// affinity. LRU: a forgotten client just gets a backend chosen anew.
 #[btf_map]
-pub static SB_AFFINITY: LruHashMap<AffinityKey, AffinityEntry, { capacity::AFFINITY as usize }> =
-    LruHashMap::new();
+pub static SB_AFFINITY: Affinity<Ipv4> = LruHashMap::new();
 #[btf_map]
-pub static SB_AFFINITY6: LruHashMap<AffinityKey<Ipv6>, AffinityEntry, { capacity::AFFINITY as usize }> =
-    LruHashMap::new();
+pub static SB_AFFINITY6: Affinity<Ipv6> = LruHashMap::new();
 
 /// Every ClusterIP (→ its number of frontends), whatever the port.
 #[btf_map]
-pub static SB_CLUSTER_IPS: HashMap<ClusterIpKey, u32, { capacity::SERVICES as usize }> = HashMap::new();
+pub static SB_CLUSTER_IPS: ClusterIps<Ipv4> = HashMap::new();
 #[btf_map]
-pub static SB_CLUSTER_IPS6: HashMap<ClusterIpKey<Ipv6>, u32, { capacity::SERVICES as usize }> =
-    HashMap::new();
+pub static SB_CLUSTER_IPS6: ClusterIps<Ipv6> = HashMap::new();
 
 /// The rate limit of RST/ICMP replies, written by the agent at start (all zero: none).
 #[btf_map]
@@ -78,36 +84,29 @@ pub static SB_REJECT_TOKENS: PerCpuArray<RejectBucket, 1> = PerCpuArray::new();
 /// This node's IPv4 addresses (value unused): a NodePort frontend, keyed with address 0.0.0.0,
 /// answers on any of them.
 #[btf_map]
-pub static SB_NODE_ADDRS: HashMap<[u8; 4], u32, { capacity::NODE_ADDRS as usize }> = HashMap::new();
+pub static SB_NODE_ADDRS: NodeAddrs<Ipv4> = HashMap::new();
 #[btf_map]
-pub static SB_NODE_ADDRS6: HashMap<Ipv6, u32, { capacity::NODE_ADDRS as usize }> = HashMap::new();
+pub static SB_NODE_ADDRS6: NodeAddrs<Ipv6> = HashMap::new();
 
 /// External interface index → the address a flow leaving through it for a backend on another
 /// node takes as its source.
 #[btf_map]
-pub static SB_SNAT_ADDRS: HashMap<u32, [u8; 4], { capacity::SNAT_ADDRS as usize }> = HashMap::new();
+pub static SB_SNAT_ADDRS: SnatAddrs<Ipv4> = HashMap::new();
 #[btf_map]
-pub static SB_SNAT_ADDRS6: HashMap<u32, Ipv6, { capacity::SNAT_ADDRS as usize }> = HashMap::new();
+pub static SB_SNAT_ADDRS6: SnatAddrs<Ipv6> = HashMap::new();
 
 /// (service id, client prefix) → allowed, for LoadBalancer frontends with source ranges.
 #[btf_map]
-pub static SB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> =
-    LpmTrie::new();
+pub static SB_SOURCE_RANGES: SourceRanges<Ipv4> = LpmTrie::new();
 #[btf_map]
-pub static SB_SOURCE_RANGES6: LpmTrie<SourceRangeKey<Ipv6>, u8, { capacity::SOURCE_RANGES as usize }> =
-    LpmTrie::new();
+pub static SB_SOURCE_RANGES6: SourceRanges<Ipv6> = LpmTrie::new();
 
 /// (socket cookie, backend) → the frontend a socket of the node asked for, so its peer and the
 /// sources of its datagrams read as the service. LRU: sockets come and go without telling.
 #[btf_map]
-pub static SB_SOCK_REVNAT: LruHashMap<SockRevKey, SockRevEntry, { capacity::SOCK_REVNAT as usize }> =
-    LruHashMap::new();
+pub static SB_SOCK_REVNAT: SockRevNat<Ipv4> = LruHashMap::new();
 #[btf_map]
-pub static SB_SOCK_REVNAT6: LruHashMap<
-    SockRevKey<Ipv6>,
-    SockRevEntry<Ipv6>,
-    { capacity::SOCK_REVNAT as usize },
-> = LruHashMap::new();
+pub static SB_SOCK_REVNAT6: SockRevNat<Ipv6> = LruHashMap::new();
 
 /// Settings the agent writes, indexed by `lb_common::config`.
 #[btf_map]

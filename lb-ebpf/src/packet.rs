@@ -1,38 +1,64 @@
-//! Parsing: just enough of Ethernet, IPv4 and TCP/UDP to find a flow's 5-tuple and the offsets
-//! NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, flow_hash};
-
+//! Parsing: just enough of Ethernet, IPv4 or IPv6 and TCP/UDP to find a flow's 5-tuple and the
+//! offsets NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, flow_hash};
 use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     udp::UdpHdr,
 };
 
-use crate::context::Packet;
-
-/// Byte offset of the IPv4 header checksum.
-pub const IPV4_CSUM_OFF: usize = EthHdr::LEN + 10;
-pub const IPV4_SRC_OFF: usize = EthHdr::LEN + 12;
-pub const IPV4_DST_OFF: usize = EthHdr::LEN + 16;
+use crate::{
+    context::{Aligned, Packet},
+    family::Family,
+};
 
 const IPV4_MORE_FRAGMENTS: u8 = 0b001;
 
-pub struct Flow {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+/// IPv6 extension headers walked to find the transport header (RFC 8200 §4): each starts with
+/// the next header's number and its own length in 8-byte units, not counting the first 8.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_DESTINATION_OPTIONS: u8 = 60;
+/// More extension headers than this: not ours. A fragment, AH or ESP header ends the walk too,
+/// as no transport protocol a frontend has.
+const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+
+/// The EtherType of the frame, as `EthHdr::ether_type` holds it.
+#[inline(always)]
+pub fn ether_type(ctx: &impl Packet) -> Option<u16> {
+    ctx.load::<EthHdr>(0).map(|eth| eth.ether_type)
+}
+
+/// A whole network header, with where its transport header starts and its packet ends.
+pub struct Network<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
+    /// The transport protocol (after any extension headers).
+    pub proto: u8,
+    pub l4_off: usize,
+    /// Offset just past the IP packet as its header gives its length (link-layer padding
+    /// after it excluded).
+    pub end: usize,
+}
+
+pub struct Flow<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
     /// TCP header flags as on the wire (`lb_common::ct_flags::TCP_*`); 0 for UDP.
     pub tcp_flags: u8,
-    /// Offset of the L4 header (IHL honoured).
+    /// Offset of the L4 header (IPv4 options and IPv6 extension headers honoured).
     pub l4_off: usize,
     /// Offset of the L4 checksum.
     pub l4_csum_off: usize,
+    /// Offset just past the IP packet.
+    pub end: usize,
 }
 
-impl Flow {
+impl<A: Family> Flow<A> {
     pub fn is_udp(&self) -> bool {
         self.proto == IPPROTO_UDP
     }
@@ -48,14 +74,91 @@ impl Flow {
             self.proto,
         )
     }
+
+    /// Whether nothing lies between the fixed network header and the transport header (no IPv4
+    /// options, no IPv6 extension headers).
+    #[inline(always)]
+    pub fn has_plain_header(&self) -> bool {
+        self.l4_off == EthHdr::LEN + A::HEADER_LEN
+    }
+}
+
+/// The transport header's ports, checksum offset and length.
+struct Transport {
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    csum_off: usize,
+    /// The TCP header with its options, or the whole UDP datagram as its header says.
+    len: usize,
+    tcp_flags: u8,
+}
+
+/// The flow of a frame of family `A` (the caller matched its EtherType). Another transport
+/// protocol is one more arm giving its `Transport`.
+#[inline(always)]
+pub fn parse<A: Family>(ctx: &impl Packet) -> Option<Flow<A>> {
+    let network = A::parse_network(ctx)?;
+    let l4_off = network.l4_off;
+    let transport = match network.proto {
+        IPPROTO_TCP => tcp(ctx, l4_off)?,
+        IPPROTO_UDP => udp::<A>(ctx, l4_off)?,
+        _ => return None,
+    };
+    // The TCP header with its options, or the UDP datagram as long as its header says, must fit
+    // in the IP packet (the loads above only checked that the fixed header is in the frame).
+    if l4_off + transport.len > network.end {
+        return None;
+    }
+    Some(Flow {
+        src_addr: network.src_addr,
+        dst_addr: network.dst_addr,
+        src_port: u16::from_be_bytes(transport.src_port),
+        dst_port: u16::from_be_bytes(transport.dst_port),
+        proto: network.proto,
+        tcp_flags: transport.tcp_flags,
+        l4_off,
+        l4_csum_off: transport.csum_off,
+        end: network.end,
+    })
 }
 
 #[inline(always)]
-pub fn parse_ipv4(ctx: &impl Packet) -> Option<Flow> {
-    let eth: EthHdr = ctx.load(0)?;
-    if eth.ether_type != EtherType::Ipv4 as u16 {
+fn tcp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
+    let tcp: TcpHdr = ctx.load(l4_off)?;
+    let len = usize::from(tcp.doff()) * 4;
+    if len < TcpHdr::LEN {
         return None;
     }
+    let flags = tcp.fin() | tcp.syn() << 1 | tcp.rst() << 2 | tcp.ack() << 4;
+    Some(Transport {
+        src_port: tcp.source,
+        dst_port: tcp.dest,
+        csum_off: l4_off + 16,
+        len,
+        tcp_flags: flags as u8,
+    })
+}
+
+#[inline(always)]
+fn udp<A: Family>(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
+    let udp: UdpHdr = ctx.load(l4_off)?;
+    let len = usize::from(udp.len());
+    if len < UdpHdr::LEN || (A::UDP_CHECKSUM_REQUIRED && udp.check == [0, 0]) {
+        return None;
+    }
+    Some(Transport {
+        src_port: udp.src,
+        dst_port: udp.dst,
+        csum_off: l4_off + 6,
+        len,
+        tcp_flags: 0,
+    })
+}
+
+/// An IPv4 header (IHL honoured), unless the packet is a fragment or cut shorter than its total
+/// length.
+#[inline(always)]
+pub fn ipv4_network(ctx: &impl Packet) -> Option<Network<Ipv4>> {
     let ip: Ipv4Hdr = ctx.load(EthHdr::LEN)?;
     let ihl = usize::from(ip.ihl());
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
@@ -65,49 +168,53 @@ pub fn parse_ipv4(ctx: &impl Packet) -> Option<Flow> {
     if ip.frag_offset() != 0 || ip.frag_flags() & IPV4_MORE_FRAGMENTS != 0 {
         return None;
     }
-    // A packet longer than its frame was cut on the way, and one whose TCP data offset or UDP
-    // length runs past its end is malformed: neither is ours to rewrite (the kernel drops both).
+    // A packet longer than its frame was cut on the way: not ours to rewrite (the kernel drops
+    // it).
     let ip_len = usize::from(ip.tot_len());
-    if ip_len > ctx.len().saturating_sub(EthHdr::LEN) {
+    if ip_len < ihl || ip_len > ctx.len().saturating_sub(EthHdr::LEN) {
         return None;
     }
-    let l4_off = EthHdr::LEN + ihl;
-    let (src_port, dst_port, l4_csum_off, l4_len, tcp_flags) = match ip.proto {
-        IPPROTO_TCP => {
-            let tcp: TcpHdr = ctx.load(l4_off)?;
-            let flags = tcp.fin() | tcp.syn() << 1 | tcp.rst() << 2 | tcp.ack() << 4;
-            (
-                tcp.source,
-                tcp.dest,
-                l4_off + 16,
-                usize::from(tcp.doff()) * 4,
-                flags as u8,
-            )
-        }
-        IPPROTO_UDP => {
-            let udp: UdpHdr = ctx.load(l4_off)?;
-            (udp.src, udp.dst, l4_off + 6, usize::from(udp.len()), 0)
-        }
-        _ => return None,
-    };
-    // The TCP header with its options, or the UDP datagram as long as its header says, must fit
-    // in the IP packet (the loads above only checked that the fixed header is in the frame).
-    let min_len = if ip.proto == IPPROTO_TCP {
-        TcpHdr::LEN
-    } else {
-        UdpHdr::LEN
-    };
-    if l4_len < min_len || ip_len < ihl + l4_len {
-        return None;
-    }
-    Some(Flow {
+    Some(Network {
         src_addr: ip.src_addr,
         dst_addr: ip.dst_addr,
-        src_port: u16::from_be_bytes(src_port),
-        dst_port: u16::from_be_bytes(dst_port),
         proto: ip.proto,
-        tcp_flags,
+        l4_off: EthHdr::LEN + ihl,
+        end: EthHdr::LEN + ip_len,
+    })
+}
+
+/// An IPv6 header and the extension headers after it, unless the packet is cut shorter than its
+/// payload length says, or the walk meets a fragment header, AH, ESP, a routing header with
+/// segments left (the destination is not the final one the checksum covers) or too many
+/// extension headers: then the transport protocol is none a frontend has.
+#[inline(always)]
+pub fn ipv6_network(ctx: &impl Packet) -> Option<Network<Ipv6>> {
+    let Aligned(ip) = ctx.load_aligned::<Ipv6Hdr>(EthHdr::LEN)?;
+    if ip.version() != 6 {
+        return None;
+    }
+    let end = EthHdr::LEN + Ipv6Hdr::LEN + usize::from(ip.payload_len());
+    if end > ctx.len() {
+        return None;
+    }
+    let mut proto = ip.next_hdr;
+    let mut l4_off = EthHdr::LEN + Ipv6Hdr::LEN;
+    for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
+        if !matches!(proto, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS) {
+            break;
+        }
+        let [next, len, _, segments_left]: [u8; 4] = ctx.load(l4_off)?;
+        if proto == IPV6_ROUTING && segments_left != 0 {
+            return None;
+        }
+        proto = next;
+        l4_off += (usize::from(len) + 1) * 8;
+    }
+    Some(Network {
+        src_addr: ip.src_addr,
+        dst_addr: ip.dst_addr,
+        proto,
         l4_off,
-        l4_csum_off,
+        end,
     })
 }

@@ -1,19 +1,28 @@
 //! Refusing a connection to a service without endpoints the way a closed port does: a TCP SYN
-//! gets a RST back, a UDP datagram an ICMP port unreachable, at once, so the client sees
+//! gets a RST back, a UDP datagram an ICMP (ICMPv6) port unreachable, at once, so the client sees
 //! "connection refused" instead of a timeout. Both are sent back out of the interface the packet
 //! came in on, towards the pod. Replies are rate-limited per CPU (`SB_REJECT_LIMIT`).
+//!
+//! The reply is built in the packet itself, from fixed offsets: the headers come from
+//! `lb_common`'s builders, only the quoted datagram stays where it was.
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_tail},
+    helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Stat, checksum_add, checksum_fold, tcp_ipv4_checksum};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, Stat, checksum_add, icmp_error_header, tcp_reset as reset_segment,
+};
+use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 use crate::{
+    family::Family,
     maps::{SB_REJECT_LIMIT, SB_REJECT_TOKENS, count},
     packet::Flow,
 };
+
+/// The ICMP and ICMPv6 error header: type, code, checksum, 4 unused bytes.
+const ICMP_HEADER_LEN: usize = 8;
 
 /// Whether one more reply may be generated now; a refused one is counted, and its packet is
 /// dropped: a flood towards a dead service must not turn into a flood of replies.
@@ -33,28 +42,24 @@ fn within_rate() -> bool {
     false
 }
 
-const RST_ACK: u8 = 0x14;
-/// Ethernet, a 20-byte IPv4 header, a 20-byte TCP header.
-const RST_LEN: u32 = 54;
-/// Ethernet, IPv4, the ICMP header, and the quoted IPv4 header with the first 8 bytes after it.
-const UNREACHABLE_LEN: u32 = 14 + 20 + 8 + 20 + 8;
-const IPPROTO_ICMP: u8 = 1;
-
-/// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram an ICMP port
-/// unreachable; anything else (a mid-stream TCP segment) is dropped.
+/// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram a port
+/// unreachable; anything else (a mid-stream TCP segment, a packet with IPv4 options or IPv6
+/// extension headers) is dropped.
 #[inline(always)]
-pub fn refuse(ctx: &TcContext, flow: &Flow) -> i32 {
+pub fn refuse<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> i32 {
+    if !flow.has_plain_header() {
+        return TC_ACT_SHOT;
+    }
     tcp_reset(ctx, flow)
         .or_else(|| port_unreachable(ctx, flow))
         .unwrap_or(TC_ACT_SHOT)
 }
 
-/// Rewrites a pure SYN (no ACK, no RST, no IP options) into the RST|ACK its destination would
-/// answer with and sends it back out of the interface it came in on, towards the pod. `None`:
-/// not such a SYN, left to the caller (which drops it).
+/// Rewrites a pure SYN (no ACK, no RST) into the RST|ACK its destination would answer with and
+/// sends it back towards the pod. `None`: not such a SYN, left to the caller (which drops it).
 #[inline(always)]
-pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
-    if flow.proto != IPPROTO_TCP || flow.l4_off != EthHdr::LEN + Ipv4Hdr::LEN {
+fn tcp_reset<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> Option<i32> {
+    if flow.proto != IPPROTO_TCP {
         return None;
     }
     let tcp: TcpHdr = ctx.load(flow.l4_off).ok()?;
@@ -66,81 +71,123 @@ pub fn tcp_reset(ctx: &TcContext, flow: &Flow) -> Option<i32> {
     }
     let eth: EthHdr = ctx.load(0).ok()?;
     let acknowledged = u32::from_be_bytes(tcp.seq).wrapping_add(1);
+    let segment = reset_segment(
+        (flow.dst_addr, flow.dst_port),
+        (flow.src_addr, flow.src_port),
+        acknowledged,
+    );
+    let ip = A::reply_header(flow.dst_addr, flow.src_addr, IPPROTO_TCP, segment.len() as u16);
 
-    let ip = reply_ipv4_header(flow, IPPROTO_TCP, 20);
-
-    let mut segment = [0u8; 20];
-    segment[0..2].copy_from_slice(&flow.dst_port.to_be_bytes());
-    segment[2..4].copy_from_slice(&flow.src_port.to_be_bytes());
-    segment[8..12].copy_from_slice(&acknowledged.to_be_bytes());
-    segment[12] = 5 << 4;
-    segment[13] = RST_ACK;
-    let tcp_check = tcp_ipv4_checksum(flow.dst_addr, flow.src_addr, &segment);
-    segment[16..18].copy_from_slice(&tcp_check.to_be_bytes());
-
-    resize(ctx, RST_LEN)?;
-    ctx.store(0, &swapped_macs(&eth), 0).ok()?;
+    resize(ctx, EthHdr::LEN + A::HEADER_LEN + segment.len())?;
+    ctx.store(0, &reply_ethernet::<A>(&eth), 0).ok()?;
     ctx.store(EthHdr::LEN, &ip, 0).ok()?;
-    ctx.store(flow.l4_off, &segment, 0).ok()?;
+    ctx.store(EthHdr::LEN + A::HEADER_LEN, &segment, 0).ok()?;
     Some(back_to_the_pod(ctx))
 }
 
-/// Rewrites a UDP datagram (plain 20-byte IPv4 header) into the ICMP port unreachable the
-/// frontend would answer with, quoting the datagram's IP header and first 8 bytes.
+/// Turns a UDP datagram into the port unreachable the frontend would answer with, quoting the
+/// datagram from its IP header on, as far as `A::QUOTE_MAX` allows. `None`: not UDP.
 #[inline(always)]
-pub fn port_unreachable(ctx: &TcContext, flow: &Flow) -> Option<i32> {
-    if flow.proto != IPPROTO_UDP || flow.l4_off != EthHdr::LEN + Ipv4Hdr::LEN {
+fn port_unreachable<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> Option<i32> {
+    if flow.proto != IPPROTO_UDP {
         return None;
     }
     if !within_rate() {
         return Some(TC_ACT_SHOT);
     }
     let eth: EthHdr = ctx.load(0).ok()?;
-    let quoted_ip: [u8; 20] = ctx.load(EthHdr::LEN).ok()?;
-    let quoted_udp: [u8; 8] = ctx.load(flow.l4_off).ok()?;
-    let ip = reply_ipv4_header(flow, IPPROTO_ICMP, 8 + 20 + 8);
-    // Type 3 (destination unreachable), code 3 (port unreachable), checksum, unused.
-    let mut icmp = [3u8, 3, 0, 0, 0, 0, 0, 0];
-    let sum = checksum_add(checksum_add(checksum_add(0, &icmp), &quoted_ip), &quoted_udp);
-    icmp[2..4].copy_from_slice(&checksum_fold(sum).to_be_bytes());
-
-    resize(ctx, UNREACHABLE_LEN)?;
-    ctx.store(0, &swapped_macs(&eth), 0).ok()?;
+    let quote_len = (flow.end - EthHdr::LEN).min(A::QUOTE_MAX);
+    // The frame is cut to the quote (dropping the rest and any link-layer padding), and room for
+    // the reply's IP and ICMP headers is made in front of it: the old Ethernet header's place
+    // is taken by those, and a new one goes before them.
+    resize(ctx, EthHdr::LEN + quote_len)?;
+    let quote_sum = sum_from(ctx, EthHdr::LEN)?;
+    let headers_len = A::HEADER_LEN + ICMP_HEADER_LEN;
+    // SAFETY: the context's own skb; the helper checks the length.
+    if unsafe { bpf_skb_change_head(ctx.skb.skb, headers_len as u32, 0) } != 0 {
+        return None;
+    }
+    let icmp_len = (ICMP_HEADER_LEN + quote_len) as u16;
+    let checksum_start = A::icmp_checksum_start(flow.dst_addr, flow.src_addr, icmp_len);
+    let icmp = icmp_error_header(A::PORT_UNREACHABLE, checksum_start + quote_sum);
+    let ip = A::reply_header(flow.dst_addr, flow.src_addr, A::ICMP, icmp_len);
+    ctx.store(0, &reply_ethernet::<A>(&eth), 0).ok()?;
     ctx.store(EthHdr::LEN, &ip, 0).ok()?;
-    ctx.store(flow.l4_off, &icmp, 0).ok()?;
-    ctx.store(flow.l4_off + 8, &quoted_ip, 0).ok()?;
-    ctx.store(flow.l4_off + 28, &quoted_udp, 0).ok()?;
+    ctx.store(EthHdr::LEN + A::HEADER_LEN, &icmp, 0).ok()?;
     Some(back_to_the_pod(ctx))
 }
 
-/// An IPv4 header from the frontend the client dialled back to the client.
+/// The unfolded Internet checksum sum of the packet's bytes from `offset` to its end, which lies
+/// at most `QUOTE_MAX` bytes further (the caller cut it there). Every read has a fixed size, as
+/// the verifier wants: whole chunks, then the rest in pieces of 32, 16, 8, 4, 2 and 1 bytes (so
+/// only the last piece can be odd, as the checksum's pairing of bytes requires).
 #[inline(always)]
-fn reply_ipv4_header(flow: &Flow, proto: u8, payload_len: u16) -> [u8; 20] {
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(20 + payload_len).to_be_bytes());
-    ip[6] = 0x40; // Don't Fragment
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&flow.dst_addr);
-    ip[16..20].copy_from_slice(&flow.src_addr);
-    let check = checksum_fold(checksum_add(0, &ip));
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    ip
+fn sum_from(ctx: &TcContext, offset: usize) -> Option<u32> {
+    const CHUNK: usize = 64;
+    // Enough chunks for the longest quote (IPv6's).
+    const CHUNKS: usize = <lb_common::Ipv6 as Family>::QUOTE_MAX / CHUNK;
+    let mut piece = Piece {
+        sum: 0,
+        offset,
+        left: (ctx.len() as usize).saturating_sub(offset),
+    };
+    for _ in 0..CHUNKS {
+        if piece.left < CHUNK {
+            break;
+        }
+        piece.add::<CHUNK>(ctx)?;
+    }
+    piece.add_if_left::<32>(ctx)?;
+    piece.add_if_left::<16>(ctx)?;
+    piece.add_if_left::<8>(ctx)?;
+    piece.add_if_left::<4>(ctx)?;
+    piece.add_if_left::<2>(ctx)?;
+    piece.add_if_left::<1>(ctx)?;
+    (piece.left == 0).then_some(piece.sum)
+}
+
+/// [`sum_from`]'s progress: the sum so far, where it goes on, and how many bytes are left.
+struct Piece {
+    sum: u32,
+    offset: usize,
+    left: usize,
+}
+
+impl Piece {
+    /// Adds the next `N` bytes.
+    #[inline(always)]
+    fn add<const N: usize>(&mut self, ctx: &TcContext) -> Option<()> {
+        let bytes: [u8; N] = ctx.load(self.offset).ok()?;
+        self.sum = checksum_add(self.sum, &bytes);
+        self.offset += N;
+        self.left -= N;
+        Some(())
+    }
+
+    /// Adds the next `N` bytes if the rest, shorter than `2 * N`, holds them.
+    #[inline(always)]
+    fn add_if_left<const N: usize>(&mut self, ctx: &TcContext) -> Option<()> {
+        if self.left & N == 0 {
+            return Some(());
+        }
+        self.add::<N>(ctx)
+    }
+}
+
+/// The reply's Ethernet header: the MAC addresses swapped as the host would have set them.
+#[inline(always)]
+fn reply_ethernet<A: Family>(eth: &EthHdr) -> EthHdr {
+    EthHdr {
+        dst_addr: eth.src_addr,
+        src_addr: eth.dst_addr,
+        ether_type: A::ETHER_TYPE,
+    }
 }
 
 #[inline(always)]
-fn swapped_macs(eth: &EthHdr) -> [u8; 12] {
-    let mut macs = [0u8; 12];
-    macs[0..6].copy_from_slice(&eth.src_addr);
-    macs[6..12].copy_from_slice(&eth.dst_addr);
-    macs
-}
-
-#[inline(always)]
-fn resize(ctx: &TcContext, len: u32) -> Option<()> {
+fn resize(ctx: &TcContext, len: usize) -> Option<()> {
     // SAFETY: the context's own skb; the helper checks the length.
-    (unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } == 0).then_some(())
+    (unsafe { bpf_skb_change_tail(ctx.skb.skb, len as u32, 0) } == 0).then_some(())
 }
 
 /// Sends the packet (already rewritten) straight back into the pod it came from, with the MAC
@@ -149,7 +196,8 @@ fn resize(ctx: &TcContext, len: u32) -> Option<()> {
 #[inline(always)]
 pub fn bounce(ctx: &TcContext) -> Option<i32> {
     let eth: EthHdr = ctx.load(0).ok()?;
-    ctx.store(0, &swapped_macs(&eth), 0).ok()?;
+    let macs = [eth.src_addr, eth.dst_addr];
+    ctx.store(0, &macs, 0).ok()?;
     Some(back_to_the_pod(ctx))
 }
 

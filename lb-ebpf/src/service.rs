@@ -9,40 +9,39 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{
-        SB_AFFINITY, SB_BACKEND_SLOTS, SB_BACKENDS, SB_CLUSTER_IPS, SB_MAGLEV, SB_NODE_ADDRS, SB_SERVICES,
-        SB_SOURCE_RANGES,
-    },
+    family::Family,
+    maps::{SB_BACKEND_SLOTS, SB_MAGLEV},
     packet::Flow,
 };
 
 /// Whether `addr` is a ClusterIP: a packet to it that matched no frontend is for a port its
 /// Service does not define.
 #[inline(always)]
-pub fn is_cluster_ip(addr: [u8; 4]) -> bool {
+pub fn is_cluster_ip<A: Family>(addr: A) -> bool {
     // SAFETY: only the presence is read.
-    unsafe { SB_CLUSTER_IPS.get(ClusterIpKey { addr }) }.is_some()
+    unsafe { A::cluster_ips().get(ClusterIpKey { addr }) }.is_some()
 }
 
 #[inline(always)]
-fn lookup(frontend: &ServiceKey) -> Option<ServiceInfo> {
+fn lookup<A: Family>(frontend: &ServiceKey<A>) -> Option<ServiceInfo> {
     // SAFETY: copied out at once; the agent replaces entries whole.
-    unsafe { SB_SERVICES.get(frontend).copied() }
+    unsafe { A::services().get(frontend).copied() }
 }
 
 /// Whether `addr` is one of this node's addresses.
 #[inline(always)]
-pub fn is_node_addr(addr: [u8; 4]) -> bool {
+pub fn is_node_addr<A: Family>(addr: A) -> bool {
     // SAFETY: only presence is read.
-    unsafe { SB_NODE_ADDRS.get(addr).is_some() }
+    unsafe { A::node_addrs().get(addr).is_some() }
 }
 
 /// The service whose frontend `flow` is addressed to: a ClusterIP, LoadBalancer IP or
 /// externalIP with its port, or a NodePort on any of this node's addresses.
 #[inline(always)]
-pub fn lookup_frontend(flow: &Flow) -> Option<ServiceInfo> {
-    // NodePorts are keyed with 0.0.0.0: a packet to 0.0.0.0 itself must not match one.
-    if flow.dst_addr == [0; 4] {
+pub fn lookup_frontend<A: Family>(flow: &Flow<A>) -> Option<ServiceInfo> {
+    // NodePorts are keyed with the unspecified address (0.0.0.0, ::): a packet to it must not
+    // match one.
+    if flow.dst_addr == A::UNSPECIFIED {
         return None;
     }
     let mut frontend = ServiceKey {
@@ -57,33 +56,32 @@ pub fn lookup_frontend(flow: &Flow) -> Option<ServiceInfo> {
     if !is_node_addr(flow.dst_addr) {
         return None;
     }
-    frontend.addr = [0; 4];
+    frontend.addr = A::UNSPECIFIED;
     lookup(&frontend)
 }
 
 /// Whether a LoadBalancer frontend with source ranges admits a new flow from `client`.
 #[inline(always)]
-pub fn source_allowed(service: &ServiceInfo, client: [u8; 4]) -> bool {
+pub fn source_allowed<A: Family>(service: &ServiceInfo, client: A) -> bool {
     if service.flags & service_flags::SOURCE_RANGES == 0 {
         return true;
     }
-    let key = Key::new(
-        64,
-        SourceRangeKey {
-            service_id: service.id.to_be_bytes(),
-            addr: client,
-        },
-    );
-    SB_SOURCE_RANGES.get(&key).is_some()
+    let key = SourceRangeKey {
+        service_id: service.id.to_be_bytes(),
+        addr: client,
+    };
+    // The whole key: the service id's bits and every bit of the client address.
+    let key = Key::new((8 * size_of::<SourceRangeKey<A>>()) as u32, key);
+    A::source_ranges().get(&key).is_some()
 }
 
 /// The backend behind `id` if it still belongs to `service` (draining or not). Ids are per
 /// service and recycled only after wrapping, so the owner check catches a flow whose backend was
 /// removed.
 #[inline(always)]
-pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
+pub fn backend<A: Family>(service: &ServiceInfo, id: BackendId) -> Option<Backend<A>> {
     // SAFETY: copied out at once.
-    let backend = unsafe { SB_BACKENDS.get(id).copied() }?;
+    let backend = unsafe { A::backends().get(id).copied() }?;
     (backend.service_id == service.id).then_some(backend)
 }
 
@@ -92,7 +90,7 @@ pub fn backend(service: &ServiceInfo, id: BackendId) -> Option<Backend> {
 /// Otherwise by Maglev consistent hashing of the 5-tuple when the service has a table (every
 /// node picks the same one), else at random among the service's slots.
 #[inline(always)]
-pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
+pub fn choose_backend<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendId, Backend<A>)> {
     if service.backend_count == 0 {
         return None;
     }
@@ -107,7 +105,8 @@ pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, 
     let now = unsafe { bpf_ktime_get_ns() };
     let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
     // SAFETY: copied out at once.
-    let sticky = unsafe { SB_AFFINITY.get(key).copied() }
+    let affinity = A::affinity();
+    let sticky = unsafe { affinity.get(key).copied() }
         .filter(|entry| now.wrapping_sub(entry.last_used_ns) < timeout_ns)
         .and_then(|entry| Some((entry.backend_id, backend(service, entry.backend_id)?)))
         .filter(|(_, backend)| backend.flags & backend_flags::DRAINING == 0);
@@ -122,14 +121,14 @@ pub fn choose_backend(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, 
         last_used_ns: now,
     };
     // A full LRU map evicts; a failed insert only means the next connection chooses anew.
-    let _ = SB_AFFINITY.insert(key, entry, 0);
+    let _ = affinity.insert(key, entry, 0);
     Some(chosen)
 }
 
 /// Maglev when the service has a table, else random. Random rather than round-robin: a shared
 /// cursor would race across CPUs and cost an atomic per flow.
 #[inline(always)]
-fn balance(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
+fn balance<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendId, Backend<A>)> {
     if service.flags & service_flags::MAGLEV != 0
         && let Some(chosen) = maglev(service, flow)
     {
@@ -149,7 +148,7 @@ fn balance(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
 }
 
 #[inline(always)]
-fn maglev(service: &ServiceInfo, flow: &Flow) -> Option<(BackendId, Backend)> {
+fn maglev<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendId, Backend<A>)> {
     let position = flow.hash().checked_rem(service.maglev_table_size)?;
     // SAFETY: copied out at once; tables are replaced whole, never written in place.
     let id = unsafe { SB_MAGLEV.get_value(&service.id, &position).copied() }?;
