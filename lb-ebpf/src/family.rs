@@ -32,8 +32,6 @@ pub trait Family: Address + Into<IpAddr> {
     const DST_OFF: usize;
     /// The header checksum, which covers the addresses: IPv4's. IPv6 has none.
     const HEADER_CHECKSUM_OFF: Option<usize>;
-    /// Whether a UDP checksum of zero is invalid rather than "none" (IPv6, RFC 8200 §8.1).
-    const UDP_CHECKSUM_REQUIRED: bool;
     /// ICMP or ICMPv6, and its port unreachable (type, code).
     const ICMP: u8;
     const PORT_UNREACHABLE: [u8; 2];
@@ -79,7 +77,6 @@ impl Family for Ipv4 {
     const SRC_OFF: usize = EthHdr::LEN + 12;
     const DST_OFF: usize = EthHdr::LEN + 16;
     const HEADER_CHECKSUM_OFF: Option<usize> = Some(EthHdr::LEN + 10);
-    const UDP_CHECKSUM_REQUIRED: bool = false;
     const ICMP: u8 = IPPROTO_ICMP;
     const PORT_UNREACHABLE: [u8; 2] = [3, 3];
     const QUOTE_MAX: usize = Ipv4Hdr::LEN + 8;
@@ -119,7 +116,6 @@ impl Family for Ipv6 {
     const SRC_OFF: usize = EthHdr::LEN + 8;
     const DST_OFF: usize = EthHdr::LEN + 24;
     const HEADER_CHECKSUM_OFF: Option<usize> = None;
-    const UDP_CHECKSUM_REQUIRED: bool = true;
     const ICMP: u8 = IPPROTO_ICMPV6;
     const PORT_UNREACHABLE: [u8; 2] = [1, 4];
     const QUOTE_MAX: usize = 1280 - Ipv6Hdr::LEN - 8;

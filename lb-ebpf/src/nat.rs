@@ -27,7 +27,7 @@ pub fn rewrite_source<A: Family>(ctx: &impl Packet, flow: &Flow<A>, addr: A, por
     rewrite_port(ctx, flow, flow.l4_off, flow.src_port, port)
 }
 
-/// UDP: a zero checksum means "none" and stays zero; a result of zero is sent as 0xffff.
+/// UDP: a zero checksum stays zero (see `packet::udp`); a result of zero is sent as 0xffff.
 #[inline(always)]
 fn udp_flag<A: Family>(flow: &Flow<A>) -> u64 {
     if flow.is_udp() {
