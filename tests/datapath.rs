@@ -4,6 +4,7 @@
 //!
 //! Most tests are written once over the address family and run for each
 //! (`test_name::ipv4`, `test_name::ipv6`); what only one family has is tested for it alone.
+#[macro_use]
 mod common;
 
 use std::{
@@ -152,23 +153,6 @@ impl Net for Ipv6 {
     fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)> {
         lb.maps.conntrack6.iter().map(Result::unwrap).collect()
     }
-}
-
-/// Runs each test written over the family once per family, as `name::ipv4` and `name::ipv6`.
-macro_rules! for_each_family {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn ipv4() {
-                super::$test::<lb_common::Ipv4>();
-            }
-
-            #[test]
-            fn ipv6() {
-                super::$test::<lb_common::Ipv6>();
-            }
-        }
-    )*};
 }
 
 for_each_family!(

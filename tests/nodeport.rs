@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN: XDP ingress (`nodeport`), TC ingress (`nodeport_tc`) and TC egress
 //! (`nodeport_egress`), with maps programmed by the real reconciler. Each test is written once
 //! over the address family and run for each (`test_name::ipv4`, `test_name::ipv6`).
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,23 +61,6 @@ impl Net for Ipv6 {
     const OUTSIDER: Endpoint<Self> = (v6(Ipv4::OUTSIDER.0), 40_000);
     const LB_IP: Self = v6(Ipv4::LB_IP);
     const BACKEND: Endpoint<Self> = (v6(Ipv4::BACKEND.0), 3000);
-}
-
-/// Runs each test written over the family once per family, as `name::ipv4` and `name::ipv6`.
-macro_rules! for_each_family {
-    ($($test:ident),* $(,)?) => {$(
-        mod $test {
-            #[test]
-            fn ipv4() {
-                super::$test::<lb_common::Ipv4>();
-            }
-
-            #[test]
-            fn ipv6() {
-                super::$test::<lb_common::Ipv6>();
-            }
-        }
-    )*};
 }
 
 for_each_family!(

@@ -2,7 +2,7 @@
 //! one keyed as the client sends (→ backend) and one keyed as the backend replies (→ frontend).
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use lb_common::{
-    Backend, BackendId, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, Stat, backend_flags, ct_direction, ct_flags,
+    Backend, BackendId, CtEntry, CtKey, ServiceInfo, Stat, backend_flags, ct_direction, ct_flags,
 };
 
 use crate::{family::Family, hairpin, maps::count, packet::Flow, service};
@@ -30,9 +30,10 @@ fn forward_key<A: Family>(flow: &Flow<A>) -> CtKey<A> {
 }
 
 /// The flow's backend. One that left `service` (its pod no longer ready, relabelled away or
-/// deleted) keeps the TCP connections it has, as with kube-proxy: their segments still go to
-/// the address recorded at their first packet, where the pod finishes them if it still runs and
-/// resets them if it does not; any other backend would reset them for sure. A UDP flow whose
+/// deleted) keeps the TCP connections (and SCTP associations) it has, as with kube-proxy: their
+/// segments still go to the address recorded at their first packet, where the pod finishes them
+/// if it still runs and resets them if it does not; any other backend would reset them for
+/// sure. A UDP flow whose
 /// backend left, or a new connection on the tuple, counts as new: it is re-balanced rather than
 /// black-holed.
 #[inline(always)]
@@ -43,9 +44,9 @@ pub fn forward<A: Family>(flow: &Flow<A>, service: &ServiceInfo) -> Forward<A> {
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
     let recorded = unsafe { *entry };
     if recorded.service_id == service.id {
-        let opening = opens_connection(flow);
+        let opening = flow.opens_connection();
         let backend = service::backend(service, recorded.backend_id).or_else(|| {
-            (flow.proto == IPPROTO_TCP && !opening).then_some(Backend {
+            (flow.is_connection() && !opening).then_some(Backend {
                 addr: recorded.nat_addr,
                 port: recorded.nat_port,
                 proto: flow.proto,
@@ -65,13 +66,7 @@ pub fn forward<A: Family>(flow: &Flow<A>, service: &ServiceInfo) -> Forward<A> {
     Forward::New
 }
 
-/// Whether the packet is the SYN that opens a TCP connection.
-#[inline(always)]
-fn opens_connection<A: Family>(flow: &Flow<A>) -> bool {
-    flow.proto == IPPROTO_TCP && flow.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) == ct_flags::TCP_SYN
-}
-
-/// A SYN on a tracked tuple: a new connection reusing a closed one's client port, or a SYN sent
+/// A SYN (or SCTP INIT) on a tracked tuple: a new connection reusing a closed one's client port, or a SYN sent
 /// again. The reply entry (backend → client) is shared by every frontend's flow from that
 /// client port to that backend port, so a flow to another frontend may have taken it since;
 /// it is made this flow's again, or the backend's answer would come back from the other
@@ -102,7 +97,7 @@ fn seen<A: Family>(entry: *mut CtEntry<A>, flow: &Flow<A>) {
         if now.wrapping_sub((*entry).last_seen_ns) > LAST_SEEN_GRANULARITY_NS {
             (*entry).last_seen_ns = now;
         }
-        if flow.proto == IPPROTO_TCP {
+        if flow.is_connection() {
             let flags = (*entry).flags;
             let updated = ct_flags::after_tcp_segment(flags, flow.tcp_flags);
             if updated != flags {
@@ -119,7 +114,7 @@ pub fn track<A: Family>(flow: &Flow<A>, service: &ServiceInfo, backend_id: Backe
     let now = unsafe { bpf_ktime_get_ns() };
     // A flow first met mid-stream (conntrack lost, or a flow from another node) may already be
     // closing.
-    let flags = if flow.proto == IPPROTO_TCP {
+    let flags = if flow.is_connection() {
         ct_flags::after_tcp_segment(0, flow.tcp_flags)
     } else {
         0

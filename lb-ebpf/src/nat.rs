@@ -4,7 +4,11 @@
 //! generated traffic on veth carries, where the L4 field holds only the pseudo-header sum. An
 //! address enters the L4 checksum through the pseudo-header (and IPv4's header checksum), one
 //! 32-bit word at a time: one word for IPv4, up to four for IPv6.
+//!
+//! SCTP's checksum is a CRC32c over the SCTP packet alone: an address change leaves it valid, a
+//! port change updates it (`lb_common::sctp_checksum_after_port_change`).
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
+use lb_common::sctp_checksum_after_port_change;
 
 use crate::{context::Packet, family::Family, packet::Flow};
 
@@ -53,7 +57,9 @@ fn rewrite_address<A: Family>(
     for (from, to) in old_words.iter().zip(new_words) {
         let (from, to) = (u32::from_ne_bytes(*from), u32::from_ne_bytes(*to));
         if from != to {
-            ctx.l4_csum_replace(flow.l4_csum_off, from, to, pseudo_hdr)?;
+            if !flow.is_sctp() {
+                ctx.l4_csum_replace(flow.l4_csum_off, from, to, pseudo_hdr)?;
+            }
             if let Some(header_csum_off) = A::HEADER_CHECKSUM_OFF {
                 ctx.l3_csum_replace(header_csum_off, from, to)?;
             }
@@ -74,6 +80,27 @@ fn rewrite_port<A: Family>(
         return Ok(());
     }
     let (from, to) = (old.to_be(), new.to_be());
-    ctx.l4_csum_replace(flow.l4_csum_off, from.into(), to.into(), udp_flag(flow) | 2)?;
+    if flow.is_sctp() {
+        let field: [u8; 4] = ctx.load(flow.l4_csum_off).ok_or(-1i64)?;
+        let updated = sctp_checksum(
+            u32::from_ne_bytes(field),
+            (offset - flow.l4_off) as u32,
+            (flow.end - flow.l4_off) as u32,
+            old,
+            new,
+        );
+        ctx.store(flow.l4_csum_off, &updated.to_ne_bytes())?;
+    } else {
+        ctx.l4_csum_replace(flow.l4_csum_off, from.into(), to.into(), udp_flag(flow) | 2)?;
+    }
     ctx.store(offset, &to)
+}
+
+/// The SCTP checksum field after a port change. A few hundred steps of bounded loops: called,
+/// not inlined, so the verifier checks one copy whatever the number of rewrite sites.
+#[inline(never)]
+fn sctp_checksum(field: u32, port_offset: u32, len: u32, old: u16, new: u16) -> u32 {
+    let field =
+        sctp_checksum_after_port_change(field.to_ne_bytes(), port_offset as usize, len as usize, old, new);
+    u32::from_ne_bytes(field)
 }

@@ -1,6 +1,8 @@
-//! Parsing: just enough of Ethernet, IPv4 or IPv6 and TCP/UDP to find a flow's 5-tuple and the
-//! offsets NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, flow_hash};
+//! Parsing: just enough of Ethernet, IPv4 or IPv6 and TCP/UDP/SCTP to find a flow's 5-tuple and
+//! the offsets NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
+use lb_common::{
+    IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, SCTP_CHECKSUM_OFFSET, ct_flags, flow_hash,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -23,6 +25,16 @@ const IPV6_DESTINATION_OPTIONS: u8 = 60;
 /// More extension headers than this: not ours. A fragment, AH or ESP header ends the walk too,
 /// as no transport protocol a frontend has.
 const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+
+/// SCTP's common header (ports, verification tag, checksum) and the chunk header after it (RFC
+/// 9260 §3): what a packet must hold at least.
+const SCTP_COMMON_HEADER_LEN: usize = 12;
+const SCTP_CHUNK_HEADER_LEN: usize = 4;
+/// The chunk types that open and close an association (RFC 9260 §3.2).
+const SCTP_INIT: u8 = 1;
+const SCTP_INIT_ACK: u8 = 2;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 
 /// The EtherType of the frame, as `EthHdr::ether_type` holds it.
 #[inline(always)]
@@ -48,7 +60,8 @@ pub struct Flow<A> {
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: u8,
-    /// TCP header flags as on the wire (`lb_common::ct_flags::TCP_*`); 0 for UDP.
+    /// TCP header flags as on the wire (`lb_common::ct_flags::TCP_*`); for SCTP, the flags its
+    /// first chunk stands for (see [`sctp`]); 0 for UDP.
     pub tcp_flags: u8,
     /// Offset of the L4 header (IPv4 options and IPv6 extension headers honoured).
     pub l4_off: usize,
@@ -61,6 +74,22 @@ pub struct Flow<A> {
 impl<A: Family> Flow<A> {
     pub fn is_udp(&self) -> bool {
         self.proto == IPPROTO_UDP
+    }
+
+    pub fn is_sctp(&self) -> bool {
+        self.proto == IPPROTO_SCTP
+    }
+
+    /// A TCP connection or an SCTP association: it has a beginning and an end, which conntrack
+    /// follows, and it stays with its backend.
+    pub fn is_connection(&self) -> bool {
+        self.proto == IPPROTO_TCP || self.is_sctp()
+    }
+
+    /// Whether the packet opens a connection: a TCP SYN, or an SCTP INIT.
+    #[inline(always)]
+    pub fn opens_connection(&self) -> bool {
+        self.is_connection() && self.tcp_flags & (ct_flags::TCP_SYN | ct_flags::TCP_ACK) == ct_flags::TCP_SYN
     }
 
     /// The 5-tuple's hash, the same on every node (see `lb_common::flow_hash`).
@@ -88,7 +117,8 @@ struct Transport {
     src_port: [u8; 2],
     dst_port: [u8; 2],
     csum_off: usize,
-    /// The TCP header with its options, or the whole UDP datagram as its header says.
+    /// The TCP header with its options, the whole UDP datagram as its header says, or SCTP's
+    /// headers up to the first chunk's.
     len: usize,
     tcp_flags: u8,
 }
@@ -102,10 +132,12 @@ pub fn parse<A: Family>(ctx: &impl Packet) -> Option<Flow<A>> {
     let transport = match network.proto {
         IPPROTO_TCP => tcp(ctx, l4_off)?,
         IPPROTO_UDP => udp(ctx, l4_off)?,
+        IPPROTO_SCTP => sctp(ctx, l4_off)?,
         _ => return None,
     };
-    // The TCP header with its options, or the UDP datagram as long as its header says, must fit
-    // in the IP packet (the loads above only checked that the fixed header is in the frame).
+    // The TCP header with its options, the UDP datagram as long as its header says, or SCTP's
+    // first chunk header must fit in the IP packet (the loads above only checked that the fixed
+    // header is in the frame).
     if l4_off + transport.len > network.end {
         return None;
     }
@@ -155,6 +187,28 @@ fn udp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
         csum_off: l4_off + 6,
         len,
         tcp_flags: 0,
+    })
+}
+
+/// SCTP's common header, and its first chunk's type standing for TCP flags, so that conntrack
+/// follows an association as a connection: INIT opens it (a SYN), INIT ACK answers (SYN+ACK),
+/// ABORT resets it (RST), SHUTDOWN COMPLETE ends it (FIN); anything else is traffic on it (ACK).
+#[inline(always)]
+fn sctp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
+    let header: [u8; SCTP_COMMON_HEADER_LEN + SCTP_CHUNK_HEADER_LEN] = ctx.load(l4_off)?;
+    let flags = match header[SCTP_COMMON_HEADER_LEN] {
+        SCTP_INIT => ct_flags::TCP_SYN,
+        SCTP_INIT_ACK => ct_flags::TCP_SYN | ct_flags::TCP_ACK,
+        SCTP_ABORT => ct_flags::TCP_RST,
+        SCTP_SHUTDOWN_COMPLETE => ct_flags::TCP_FIN | ct_flags::TCP_ACK,
+        _ => ct_flags::TCP_ACK,
+    };
+    Some(Transport {
+        src_port: [header[0], header[1]],
+        dst_port: [header[2], header[3]],
+        csum_off: l4_off + SCTP_CHECKSUM_OFFSET,
+        len: header.len(),
+        tcp_flags: flags,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Refusing a connection to a service without endpoints the way a closed port does: a TCP SYN
-//! gets a RST back, a UDP datagram an ICMP (ICMPv6) port unreachable, at once, so the client sees
+//! gets a RST back, a UDP datagram or an SCTP INIT an ICMP (ICMPv6) port unreachable (as
+//! kube-proxy's REJECT rule answers SCTP too), at once, so the client sees
 //! "connection refused" instead of a timeout. Both are sent back out of the interface the packet
 //! came in on, towards the pod. Replies are rate-limited per CPU (`SB_REJECT_LIMIT`).
 //!
@@ -10,9 +11,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{
-    IPPROTO_TCP, IPPROTO_UDP, Stat, checksum_add, icmp_error_header, tcp_reset as reset_segment,
-};
+use lb_common::{IPPROTO_TCP, Stat, checksum_add, icmp_error_header, tcp_reset as reset_segment};
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 use crate::{
@@ -42,9 +41,9 @@ fn within_rate() -> bool {
     false
 }
 
-/// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram a port
-/// unreachable; anything else (a mid-stream TCP segment, a packet with IPv4 options or IPv6
-/// extension headers) is dropped.
+/// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram or an SCTP INIT a
+/// port unreachable; anything else (a mid-stream TCP segment or SCTP chunk, a packet with IPv4
+/// options or IPv6 extension headers) is dropped.
 #[inline(always)]
 pub fn refuse<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> i32 {
     if !flow.has_plain_header() {
@@ -85,11 +84,11 @@ fn tcp_reset<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> Option<i32> {
     Some(back_to_the_pod(ctx))
 }
 
-/// Turns a UDP datagram into the port unreachable the frontend would answer with, quoting the
-/// datagram from its IP header on, as far as `A::QUOTE_MAX` allows. `None`: not UDP.
+/// Turns a UDP datagram or SCTP INIT into the port unreachable the frontend would answer with,
+/// quoting the packet from its IP header on, as far as `A::QUOTE_MAX` allows. `None`: neither.
 #[inline(always)]
 fn port_unreachable<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> Option<i32> {
-    if flow.proto != IPPROTO_UDP {
+    if !(flow.is_udp() || flow.is_sctp() && flow.opens_connection()) {
         return None;
     }
     if !within_rate() {

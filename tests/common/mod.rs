@@ -2,6 +2,24 @@
 //! maps programmed through the real reconciler, with frontends and backends of either family.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+/// Runs each test written over the family once per family, as `name::ipv4` and `name::ipv6`.
+#[allow(unused_macros, reason = "not every test binary has tests per family")]
+macro_rules! for_each_family {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn ipv4() {
+                super::$test::<lb_common::Ipv4>();
+            }
+
+            #[test]
+            fn ipv6() {
+                super::$test::<lb_common::Ipv6>();
+            }
+        }
+    )*};
+}
+
 // The agent binary's path is known to integration tests only, not to the examples (the fuzzer,
 // the soak) that share this module.
 #[cfg(test)]

@@ -3,7 +3,8 @@
 use std::fmt::Debug;
 
 use etherparse::{
-    Ethernet2Header, IpHeaders, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders, TransportHeader,
+    Ethernet2Header, IpHeaders, IpNumber, NetHeaders, PacketBuilder, PacketBuilderStep, PacketHeaders,
+    TransportHeader,
 };
 
 /// An address and a port.
@@ -99,6 +100,88 @@ pub fn tcp_close<A: Family>(src: Endpoint<A>, dst: Endpoint<A>, reset: bool) -> 
 pub fn udp<A: Family>(src: Endpoint<A>, dst: Endpoint<A>, payload: &[u8]) -> Vec<u8> {
     let builder = builder(src.0, dst.0).udp(src.1, dst.1);
     written(|packet| builder.write(packet, payload).unwrap())
+}
+
+/// SCTP chunk types (RFC 9260 §3.2) the tests send.
+pub mod sctp_chunk {
+    pub const DATA: u8 = 0;
+    pub const INIT: u8 = 1;
+    pub const INIT_ACK: u8 = 2;
+    pub const ABORT: u8 = 6;
+    pub const SHUTDOWN_COMPLETE: u8 = 14;
+}
+
+const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// An SCTP packet (common header and one chunk of `chunk_type` carrying `value`) with its CRC32c,
+/// which covers the SCTP packet alone (RFC 9260 §6.8).
+pub fn sctp_packet(src_port: u16, dst_port: u16, chunk_type: u8, value: &[u8]) -> Vec<u8> {
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&src_port.to_be_bytes());
+    packet.extend_from_slice(&dst_port.to_be_bytes());
+    // The verification tag; an INIT carries 0.
+    let tag: u32 = if chunk_type == sctp_chunk::INIT {
+        0
+    } else {
+        0x5eed_5eed
+    };
+    packet.extend_from_slice(&tag.to_be_bytes());
+    packet.extend_from_slice(&[0; 4]);
+    packet.extend_from_slice(&[chunk_type, 0]);
+    packet.extend_from_slice(&((4 + value.len()) as u16).to_be_bytes());
+    packet.extend_from_slice(value);
+    packet.resize(packet.len().next_multiple_of(4), 0);
+    let crc = CASTAGNOLI.checksum(&packet);
+    packet[8..12].copy_from_slice(&crc.to_le_bytes());
+    packet
+}
+
+/// An SCTP packet's (source port, destination port, first chunk type, chunk value), after
+/// asserting that its CRC32c is what a computation from scratch gives.
+pub fn parse_sctp(packet: &[u8]) -> (u16, u16, u8, Vec<u8>) {
+    assert!(packet.len() >= 16, "an SCTP packet holds a chunk: {packet:?}");
+    let mut zeroed = packet.to_vec();
+    zeroed[8..12].fill(0);
+    assert_eq!(
+        packet[8..12],
+        CASTAGNOLI.checksum(&zeroed).to_le_bytes(),
+        "SCTP CRC32c"
+    );
+    // The chunk's length counts its 4-byte header.
+    let chunk_end = 12 + usize::from(u16::from_be_bytes([packet[14], packet[15]]));
+    (
+        u16::from_be_bytes([packet[0], packet[1]]),
+        u16::from_be_bytes([packet[2], packet[3]]),
+        packet[12],
+        packet[16..chunk_end.clamp(16, packet.len())].to_vec(),
+    )
+}
+
+/// A frame carrying an SCTP packet with one chunk.
+pub fn sctp<A: Family>(src: Endpoint<A>, dst: Endpoint<A>, chunk_type: u8, value: &[u8]) -> Vec<u8> {
+    let payload = sctp_packet(src.1, dst.1, chunk_type, value);
+    written(|packet| {
+        builder(src.0, dst.0)
+            .write(packet, IpNumber::SCTP, &payload)
+            .unwrap()
+    })
+}
+
+/// A frame's SCTP (source, destination, first chunk type), after asserting its IPv4 header
+/// checksum and SCTP CRC32c.
+pub fn sctp_with_valid_checksums<A: Family>(frame: &[u8]) -> (Endpoint<A>, Endpoint<A>, u8) {
+    let headers = PacketHeaders::from_ethernet_slice(frame).expect("the output parses");
+    let net = headers.net.as_ref().expect("an IP packet");
+    let (src, dst) = A::addresses(net).unwrap_or_else(|| panic!("not of the expected family: {net:?}"));
+    if let NetHeaders::Ipv4(ip, _) = net {
+        assert_eq!(
+            ip.header_checksum,
+            ip.calc_header_checksum(),
+            "IPv4 header checksum"
+        );
+    }
+    let (src_port, dst_port, chunk_type, _) = parse_sctp(headers.payload.slice());
+    ((src, src_port), (dst, dst_port), chunk_type)
 }
 
 /// Where an IPv6 frame's next header field and payload length lie, and its extension headers

@@ -85,11 +85,12 @@ pub struct Args {
     /// How often the agent deletes finished flows from the conntrack map.
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_GC_INTERVAL", default_value = "30s", value_parser = duration)]
     pub conntrack_gc_interval: Duration,
-    /// How long an established TCP flow may stay idle before it is forgotten (a later packet of
-    /// it is balanced anew; with Maglev to the same backend).
+    /// How long an established TCP flow (or SCTP association) may stay idle before it is
+    /// forgotten (a later packet of it is balanced anew; with Maglev to the same backend).
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_TCP_TIMEOUT", default_value = "24h", value_parser = duration)]
     pub conntrack_tcp_timeout: Duration,
-    /// How long a TCP flow that has seen a FIN or RST is kept after its last packet.
+    /// How long a TCP flow that has seen a FIN or RST (an SCTP association an ABORT or SHUTDOWN
+    /// COMPLETE) is kept after its last packet.
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_TCP_CLOSING_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub conntrack_tcp_closing_timeout: Duration,
     /// How long a UDP flow may stay idle before it is forgotten.

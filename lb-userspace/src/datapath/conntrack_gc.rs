@@ -9,8 +9,8 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData},
 };
 use lb_common::{
-    Address, AffinityEntry, AffinityKey, CtEntry, CtKey, IPPROTO_TCP, ServiceInfo, ct_direction, ct_flags,
-    service_flags,
+    Address, AffinityEntry, AffinityKey, CtEntry, CtKey, IPPROTO_SCTP, IPPROTO_TCP, ServiceInfo,
+    ct_direction, ct_flags, service_flags,
 };
 
 /// How long a flow may stay idle, by kind.
@@ -40,16 +40,26 @@ pub enum Reason {
     TcpClosed,
     TcpIdle,
     UdpIdle,
+    SctpClosed,
+    SctpIdle,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 3] = [Reason::TcpClosed, Reason::TcpIdle, Reason::UdpIdle];
+    pub const ALL: [Reason; 5] = [
+        Reason::TcpClosed,
+        Reason::TcpIdle,
+        Reason::UdpIdle,
+        Reason::SctpClosed,
+        Reason::SctpIdle,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::TcpClosed => "tcp_closed",
             Reason::TcpIdle => "tcp_idle",
             Reason::UdpIdle => "udp_idle",
+            Reason::SctpClosed => "sctp_closed",
+            Reason::SctpIdle => "sctp_idle",
         }
     }
 }
@@ -61,7 +71,8 @@ pub type Collected = HashMap<Reason, u64>;
 /// have affinity.
 pub type AffinityTimeouts = HashMap<u32, Duration>;
 
-/// Whether a flow last seen at `last_seen_ns` has expired at `now_ns`, and why.
+/// Whether a flow last seen at `last_seen_ns` has expired at `now_ns`, and why. An SCTP
+/// association, a connection like TCP's whose heartbeats keep it seen, has TCP's timeouts.
 pub fn expired(
     proto: u8,
     closing: bool,
@@ -72,6 +83,8 @@ pub fn expired(
     let (reason, timeout) = match (proto, closing) {
         (IPPROTO_TCP, true) => (Reason::TcpClosed, timeouts.tcp_closing),
         (IPPROTO_TCP, false) => (Reason::TcpIdle, timeouts.tcp),
+        (IPPROTO_SCTP, true) => (Reason::SctpClosed, timeouts.tcp_closing),
+        (IPPROTO_SCTP, false) => (Reason::SctpIdle, timeouts.tcp),
         _ => (Reason::UdpIdle, timeouts.udp),
     };
     let idle = Duration::from_nanos(now_ns.saturating_sub(last_seen_ns));
@@ -246,6 +259,15 @@ mod tests {
         assert_eq!(
             expired(IPPROTO_UDP, false, ago(61), now, &timeouts),
             Some(Reason::UdpIdle)
+        );
+        assert_eq!(
+            expired(IPPROTO_SCTP, true, ago(11), now, &timeouts),
+            Some(Reason::SctpClosed)
+        );
+        assert_eq!(expired(IPPROTO_SCTP, false, ago(3600), now, &timeouts), None);
+        assert_eq!(
+            expired(IPPROTO_SCTP, false, ago(25 * 3600), now, &timeouts),
+            Some(Reason::SctpIdle)
         );
         assert_eq!(
             expired(IPPROTO_UDP, false, now + SECOND, now, &timeouts),

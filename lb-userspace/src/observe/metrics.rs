@@ -153,7 +153,7 @@ pub fn registry(agent: &Arc<AgentMetrics>, pin_dir: PathBuf) -> Registry {
     );
     registry.register(
         "conntrack_gc_collected",
-        "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle)",
+        "Flows the agent's conntrack garbage collection deleted, by reason (tcp_closed, tcp_idle, udp_idle, sctp_closed, sctp_idle)",
         agent.conntrack_collected.clone(),
     );
     registry.register(
