@@ -9,10 +9,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{
     Loaded, frontend,
-    packets::{Endpoint, Family, addresses_with_valid_checksums, tcp_data, tcp_syn, udp, v6},
+    packets::{
+        Endpoint, Family, addresses_with_valid_checksums, sctp, sctp_chunk, sctp_with_valid_checksums,
+        tcp_data, tcp_syn, udp, v6,
+    },
     run_on,
 };
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, ServiceKey, Stat, program_names};
+use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, ServiceKey, Stat, program_names};
 use lb_userspace::reconcile::{DesiredService, External, FrontendKey, Reconciler};
 
 const XDP_DROP: u32 = 1;
@@ -66,6 +69,7 @@ impl Net for Ipv6 {
 for_each_family!(
     node_port_flow_to_another_node_is_dnated_snated_and_its_reply_restored,
     a_second_client_on_the_same_port_gets_another_source_port,
+    sctp_associations_through_a_node_port_keep_valid_checksums_both_ways,
     external_traffic_policy_local_keeps_the_client_and_drops_without_local_endpoints,
     load_balancer_source_ranges_admit_only_their_clients,
     a_syn_to_a_node_port_without_endpoints_is_refused_by_tc,
@@ -182,6 +186,37 @@ fn a_second_client_on_the_same_port_gets_another_source_port<A: Net>() {
     for (client, source) in [A::CLIENT, A::OTHER_CLIENT].into_iter().zip(sources) {
         let (_, returned) = ingress(&mut loaded, &udp(A::BACKEND, source, b"a"));
         assert_eq!(addresses_with_valid_checksums(&returned), (A::BACKEND, client));
+    }
+}
+
+/// SCTP's CRC32c covers the ports, not the addresses: it is updated for the DNAT to the target
+/// port, for a source port the SNAT had to change, and for both on the way back.
+fn sctp_associations_through_a_node_port_keep_valid_checksums_both_ways<A: Net>() {
+    let mut loaded = loaded("np-sctp", &[node_port(IPPROTO_SCTP, &[A::BACKEND])]);
+    let mut sources = Vec::new();
+    for client in [A::CLIENT, A::OTHER_CLIENT] {
+        let init = sctp(client, (A::NODE, NODE_PORT), sctp_chunk::INIT, b"hello");
+        let (verdict, forwarded) = ingress(&mut loaded, &init);
+        assert_eq!(verdict, XDP_PASS);
+        let (_, to, _) = sctp_with_valid_checksums(&forwarded);
+        assert_eq!(to, A::BACKEND);
+        let (_, leaving) = egress(&mut loaded, &forwarded);
+        let (source, to, chunk) = sctp_with_valid_checksums(&leaving);
+        assert_eq!((source.0, to, chunk), (A::NODE, A::BACKEND, sctp_chunk::INIT));
+        sources.push(source);
+    }
+    assert_ne!(sources[0].1, sources[1].1, "the second client's port was changed");
+    for (client, source) in [A::CLIENT, A::OTHER_CLIENT].into_iter().zip(sources) {
+        let answer = sctp(A::BACKEND, source, sctp_chunk::INIT_ACK, b"welcome");
+        let (_, returned) = ingress(&mut loaded, &answer);
+        let (_, restored, _) = sctp_with_valid_checksums(&returned);
+        assert_eq!(restored, client);
+        let (_, reply) = egress(&mut loaded, &returned);
+        let (from, to, chunk) = sctp_with_valid_checksums(&reply);
+        assert_eq!(
+            (from, to, chunk),
+            ((A::NODE, NODE_PORT), client, sctp_chunk::INIT_ACK)
+        );
     }
 }
 
