@@ -207,5 +207,5 @@ fn back_to_the_pod(ctx: &TcContext) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: a plain helper call.
     unsafe { bpf_redirect(ifindex, 0) };
-    TC_ACT_REDIRECT as i32
+    TC_ACT_REDIRECT
 }

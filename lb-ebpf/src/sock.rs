@@ -95,6 +95,10 @@ impl SockAddress for MappedIp4 {
 /// The kernel's `bpf_sock_addr` of this run. Helpers given the context's pointer are called
 /// before it is borrowed, or after the borrow ends.
 #[inline(always)]
+#[allow(
+    clippy::mut_from_ref,
+    reason = "the context is a pointer to kernel memory the program may write, not Rust-owned data"
+)]
 fn sock_addr(ctx: &SockAddrContext) -> &mut bpf_sock_addr {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's run; callers hold one
     // borrow of it at a time.
