@@ -20,6 +20,7 @@ use common::{
         with_ipv6_extensions,
     },
     run_on,
+    verdict::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 use etherparse::{
     IpHeaders, Ipv4Header, Ipv4Options, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
@@ -32,10 +33,6 @@ use lb_userspace::{
     datapath::conntrack_gc,
     reconcile::{DesiredService, FrontendKey},
 };
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 20];
 const GATEWAY_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];

@@ -14,14 +14,10 @@ use common::{
         tcp_data, tcp_syn, udp, v6,
     },
     run_on,
+    verdict::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS},
 };
 use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, ServiceKey, Stat, program_names};
 use lb_userspace::reconcile::{DesiredService, External, FrontendKey, Reconciler};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE_PORT: u16 = 30_080;
 /// BPF_PROG_TEST_RUN runs TC programs on the loopback device (index 1), so that is where the

@@ -20,6 +20,7 @@ use common::{
     Loaded, PinDir, agent, frontend,
     packets::{Endpoint, Family, parse_sctp, sctp, sctp_chunk, sctp_packet, sctp_with_valid_checksums, v6},
     run_on,
+    verdict::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
 use lb_common::{CtEntry, CtKey, IPPROTO_SCTP, Ipv4, Ipv6, Stat, ct_direction, ct_flags, program_names};
@@ -28,10 +29,6 @@ use lb_userspace::{
     reconcile::{DesiredService, FrontendKey},
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 /// Diameter's port, rewritten to another target port, and SIGTRAN's M3UA port, kept.
 const DIAMETER: u16 = 3868;

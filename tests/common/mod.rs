@@ -40,6 +40,15 @@ use lb_userspace::{
     reconcile::{DesiredService, FrontendKey, Reconciler},
 };
 
+/// The verdicts BPF_PROG_TEST_RUN returns, as the programs give them.
+pub mod verdict {
+    pub const TC_ACT_OK: u32 = 0;
+    pub const TC_ACT_SHOT: u32 = 2;
+    pub const TC_ACT_REDIRECT: u32 = 7;
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+}
+
 /// Fails loudly instead of skipping: CI runs as root, and a skipped datapath test proves nothing.
 pub fn require_root() {
     assert!(

@@ -170,16 +170,7 @@ pub fn sctp<A: Family>(src: Endpoint<A>, dst: Endpoint<A>, chunk_type: u8, value
 /// A frame's SCTP (source, destination, first chunk type), after asserting its IPv4 header
 /// checksum and SCTP CRC32c.
 pub fn sctp_with_valid_checksums<A: Family>(frame: &[u8]) -> (Endpoint<A>, Endpoint<A>, u8) {
-    let headers = PacketHeaders::from_ethernet_slice(frame).expect("the output parses");
-    let net = headers.net.as_ref().expect("an IP packet");
-    let (src, dst) = A::addresses(net).unwrap_or_else(|| panic!("not of the expected family: {net:?}"));
-    if let NetHeaders::Ipv4(ip, _) = net {
-        assert_eq!(
-            ip.header_checksum,
-            ip.calc_header_checksum(),
-            "IPv4 header checksum"
-        );
-    }
+    let (headers, src, dst) = ip_with_valid_checksum::<A>(frame);
     let (src_port, dst_port, chunk_type, _) = parse_sctp(headers.payload.slice());
     ((src, src_port), (dst, dst_port), chunk_type)
 }
@@ -227,16 +218,8 @@ pub fn with_ipv6_extensions(packet: &[u8], headers: &[(u8, u8)], segments_left: 
 /// The packet's (source, destination), after asserting that its IP header (IPv4) and L4
 /// checksums are what etherparse computes from scratch.
 pub fn addresses_with_valid_checksums<A: Family>(packet: &[u8]) -> (Endpoint<A>, Endpoint<A>) {
-    let headers = PacketHeaders::from_ethernet_slice(packet).expect("the output parses");
+    let (headers, src, dst) = ip_with_valid_checksum::<A>(packet);
     let net = headers.net.as_ref().expect("an IP packet");
-    let (src, dst) = A::addresses(net).unwrap_or_else(|| panic!("not of the expected family: {net:?}"));
-    if let NetHeaders::Ipv4(ip, _) = net {
-        assert_eq!(
-            ip.header_checksum,
-            ip.calc_header_checksum(),
-            "IPv4 header checksum"
-        );
-    }
     let payload = headers.payload.slice();
     let (src_port, dst_port) = match &headers.transport {
         Some(TransportHeader::Tcp(tcp)) => {
@@ -262,4 +245,20 @@ pub fn addresses_with_valid_checksums<A: Family>(packet: &[u8]) -> (Endpoint<A>,
         other => panic!("unexpected transport {other:?}"),
     };
     ((src, src_port), (dst, dst_port))
+}
+
+/// A frame's headers and its (source, destination) addresses, after asserting that it is of
+/// family `A` and, for IPv4, that its header checksum is right.
+fn ip_with_valid_checksum<A: Family>(frame: &[u8]) -> (PacketHeaders<'_>, A, A) {
+    let headers = PacketHeaders::from_ethernet_slice(frame).expect("the output parses");
+    let net = headers.net.as_ref().expect("an IP packet");
+    let (src, dst) = A::addresses(net).unwrap_or_else(|| panic!("not of the expected family: {net:?}"));
+    if let NetHeaders::Ipv4(ip, _) = net {
+        assert_eq!(
+            ip.header_checksum,
+            ip.calc_header_checksum(),
+            "IPv4 header checksum"
+        );
+    }
+    (headers, src, dst)
 }
