@@ -102,6 +102,7 @@ impl<'a> Churn<'a> {
             (0..SERVICES.len()).all(|service| {
                 [Frontend::http(service), Frontend::dns(service)]
                     .into_iter()
+                    .flat_map(|frontend| [frontend, frontend.in_ipv6(true)])
                     .all(|frontend| lab::backend_count(maps, frontend) == Some(2))
             })
         })?;
@@ -254,15 +255,17 @@ impl<'a> Churn<'a> {
     /// programmed, so they only count requests made while it was there.
     fn toggle_alt(&mut self, service: usize) -> anyhow::Result<()> {
         let state = &self.shared.alt[service];
-        let programmed = |maps: &ServiceMaps| lab::backend_count(maps, Frontend::alt(service)).is_some();
+        let alt = Frontend::alt(service);
+        let in_maps = |maps: &ServiceMaps, ipv6| lab::backend_count(maps, alt.in_ipv6(ipv6)).is_some();
+        let programmed = |maps: &ServiceMaps| in_maps(maps, false) && in_maps(maps, true);
+        let removed = |maps: &ServiceMaps| !in_maps(maps, false) && !in_maps(maps, true);
         self.tally.ports += 1;
         if self.specs[service].alt {
             state.fetch_add(1, Ordering::SeqCst);
             self.specs[service].alt = false;
             self.write()?;
             self.record(service, "alt port removed".to_owned());
-            self.cluster
-                .wait_for("the removal of the alt port", |maps| !programmed(maps))?;
+            self.cluster.wait_for("the removal of the alt port", removed)?;
             self.record(service, "alt port gone from the maps".to_owned());
         } else {
             self.specs[service].alt = true;

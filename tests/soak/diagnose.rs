@@ -2,12 +2,16 @@
 //! to its Service around it, how the services map had its frontend, which datapath counters
 //! moved, how starved the machine was, and what the agent logged meanwhile.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::Path,
     time::Duration,
 };
 
-use lb_common::{CtEntry, CtKey, ct_direction, ct_flags};
+use aya::{
+    Pod,
+    maps::{HashMap, MapData},
+};
+use lb_common::{Address, CtEntry, CtKey, ct_direction, ct_flags};
 use lb_userspace::datapath::{conntrack_gc::monotonic_now_ns, maps::ServiceMaps};
 
 use crate::{
@@ -28,39 +32,43 @@ const LOG_LINES: usize = 40;
 pub struct Failure {
     pub frontend: Frontend,
     /// The client pod's address and the port its socket had (0 if it never got one).
-    pub client: SocketAddrV4,
+    pub client: SocketAddr,
     pub started: Duration,
     pub elapsed: Duration,
     pub error: String,
-    /// Conntrack entries of the client's address and port, read just after the failure.
-    pub flows: Vec<Flow>,
+    /// Conntrack entries of the client's address and port, in words, read just after the
+    /// failure.
+    pub flows: Vec<String>,
 }
 
-/// A conntrack entry and how long before it was read it had last seen a packet.
-#[derive(Clone, Debug)]
-pub struct Flow {
-    pub key: CtKey,
-    pub entry: CtEntry,
-    pub idle: Duration,
-}
-
-/// The conntrack entries whose client side is `client`: flows it sent and replies to it.
-pub fn flows_of(pins: &Path, client: SocketAddrV4) -> Vec<Flow> {
+/// The conntrack entries whose client side is `client`, flows it sent and replies to it, in
+/// words.
+pub fn flows_of(pins: &Path, client: SocketAddr) -> Vec<String> {
     let Ok(maps) = ServiceMaps::open(pins) else {
         return Vec::new();
     };
+    match client.ip() {
+        IpAddr::V4(ip) => flows_in(&maps.conntrack, ip.octets(), client.port()),
+        IpAddr::V6(ip) => flows_in(&maps.conntrack6, ip.octets(), client.port()),
+    }
+}
+
+fn flows_in<A>(conntrack: &HashMap<MapData, CtKey<A>, CtEntry<A>>, addr: A, port: u16) -> Vec<String>
+where
+    A: Address + Into<IpAddr>,
+    CtKey<A>: Pod,
+    CtEntry<A>: Pod,
+{
     let now = monotonic_now_ns();
-    let (addr, port) = (client.ip().octets(), client.port());
-    maps.conntrack
+    conntrack
         .iter()
         .filter_map(Result::ok)
         .filter(|(key, _)| {
             (key.src_addr == addr && key.src_port == port) || (key.dst_addr == addr && key.dst_port == port)
         })
-        .map(|(key, entry)| Flow {
-            key,
-            entry,
-            idle: Duration::from_nanos(now.saturating_sub(entry.last_seen_ns)),
+        .map(|(key, entry)| {
+            let idle = Duration::from_nanos(now.saturating_sub(entry.last_seen_ns));
+            describe_flow(&key, &entry, idle)
         })
         .collect()
 }
@@ -89,12 +97,7 @@ pub fn explain(failure: &Failure, context: &Context<'_>) -> Vec<String> {
         lines.push("  conntrack, just after: nothing for this client port".to_owned());
     } else {
         lines.push("  conntrack, just after:".to_owned());
-        lines.extend(
-            failure
-                .flows
-                .iter()
-                .map(|flow| format!("    {}", describe_flow(flow))),
-        );
+        lines.extend(failure.flows.iter().map(|flow| format!("    {flow}")));
     }
     let service = SERVICES[failure.frontend.service].0;
     lines.push(format!(
@@ -153,14 +156,14 @@ pub fn explain(failure: &Failure, context: &Context<'_>) -> Vec<String> {
     lines
 }
 
-/// One conntrack entry in words, with pods named.
-fn describe_flow(flow: &Flow) -> String {
-    let (key, entry) = (&flow.key, &flow.entry);
-    let endpoint = |addr: [u8; 4], port: u16| {
-        let ip = Ipv4Addr::from(addr);
-        match topology::pod_at(ip) {
-            Some(pod) => format!("{pod} {ip}:{port}"),
-            None => format!("{ip}:{port}"),
+/// One conntrack entry in words, with pods named; `idle`: how long before it was read it had
+/// last seen a packet.
+fn describe_flow<A: Address + Into<IpAddr>>(key: &CtKey<A>, entry: &CtEntry<A>, idle: Duration) -> String {
+    let endpoint = |addr: A, port: u16| {
+        let at = SocketAddr::new(addr.into(), port);
+        match topology::pod_at(at.ip()) {
+            Some(pod) => format!("{pod} {at}"),
+            None => at.to_string(),
         }
     };
     let from = endpoint(key.src_addr, key.src_port);
@@ -180,6 +183,6 @@ fn describe_flow(flow: &Flow) -> String {
         "{mapping} (service id {}, backend id {}{closing}, last packet {:.0} ms before)",
         entry.service_id,
         entry.backend_id,
-        flow.idle.as_secs_f64() * 1e3
+        idle.as_secs_f64() * 1e3
     )
 }

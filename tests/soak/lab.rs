@@ -3,7 +3,7 @@
 //! the agent programmed, read from its pinned maps.
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -110,29 +110,29 @@ impl Cluster {
         })
     }
 
-    /// Writes every Service and its EndpointSlice, each file replaced at once (write, then
-    /// rename) so the agent never reads half of one.
+    /// Writes every Service and its EndpointSlices, one per family (the pods' IPv4 `endpoints`
+    /// and their IPv6 twins), each file replaced at once (write, then rename) so the agent never
+    /// reads half of one.
     pub fn write(&self, specs: &[ServiceSpec], endpoints: &[Vec<SliceEndpoint<'_>>]) -> anyhow::Result<()> {
         let services: Vec<String> = SERVICES
             .iter()
             .zip(specs)
             .map(|(&(name, ip, _), spec)| service_manifest(name, ip, spec))
             .collect();
-        let slices: Vec<String> = SERVICES
-            .iter()
-            .zip(endpoints)
-            .map(|(&(name, ..), endpoints)| {
-                lab::endpoint_slice_manifest(
-                    name,
-                    &[
-                        ("http", "TCP", HTTP.1),
-                        ("dns", "UDP", DNS.1),
-                        ("alt", "TCP", HTTP.1),
-                    ],
-                    endpoints,
-                )
-            })
-            .collect();
+        let ports = [
+            ("http", "TCP", HTTP.1),
+            ("dns", "UDP", DNS.1),
+            ("alt", "TCP", HTTP.1),
+        ];
+        let mut slices = Vec::new();
+        for (&(name, ..), endpoints) in SERVICES.iter().zip(endpoints) {
+            slices.push(lab::endpoint_slice_manifest(name, &ports, endpoints));
+            let ipv6: Vec<SliceEndpoint<'_>> = endpoints.iter().map(|&e| in_ipv6(e)).collect();
+            // A slice without endpoints would be taken for an IPv4 one: none, as no endpoint.
+            if !ipv6.is_empty() {
+                slices.push(lab::endpoint_slice_manifest(name, &ports, &ipv6));
+            }
+        }
         self.replace("services.yaml", &services.join("---\n"))?;
         self.replace("slices.yaml", &slices.join("---\n"))
     }
@@ -168,11 +168,16 @@ impl Cluster {
         Ok(())
     }
 
+    /// Both families' entries.
     pub fn occupancy(&self) -> anyhow::Result<Occupancy> {
         let maps = self.maps()?;
+        let conntrack = maps.conntrack.keys().filter_map(Result::ok).count();
+        let conntrack6 = maps.conntrack6.keys().filter_map(Result::ok).count();
+        let affinity = maps.affinity.keys().filter_map(Result::ok).count();
+        let affinity6 = maps.affinity6.keys().filter_map(Result::ok).count();
         Ok(Occupancy {
-            conntrack: maps.conntrack.keys().filter_map(Result::ok).count(),
-            affinity: maps.affinity.keys().filter_map(Result::ok).count(),
+            conntrack: conntrack + conntrack6,
+            affinity: affinity + affinity6,
         })
     }
 
@@ -209,23 +214,36 @@ impl Drop for Cluster {
     }
 }
 
-/// Whether `maps` has a backend at `ip` (in a slot or draining).
+/// Whether `maps` has a backend at pod address `ip` or its IPv6 twin (in a slot or draining).
 pub fn has_backend(maps: &ServiceMaps, ip: Ipv4Addr) -> bool {
-    maps.backends
-        .iter()
-        .filter_map(Result::ok)
+    let ip6 = lab::ipv6_of(ip).octets();
+    let backends = maps.backends.iter().filter_map(Result::ok);
+    let backends6 = maps.backends6.iter().filter_map(Result::ok);
+    backends
+        .into_iter()
         .any(|(_, backend)| backend.addr == ip.octets())
+        || backends6.into_iter().any(|(_, backend)| backend.addr == ip6)
 }
 
 /// How many backends `frontend` has in `maps`, if it is there.
 pub fn backend_count(maps: &ServiceMaps, frontend: Frontend) -> Option<u32> {
-    maps.services
-        .get(&frontend.key(), 0)
-        .ok()
-        .map(|info| info.backend_count)
+    maps.service(&frontend.key()).map(|info| info.backend_count)
 }
 
+/// The IPv6 twin of a pod's IPv4 endpoint.
+fn in_ipv6(endpoint: SliceEndpoint<'_>) -> SliceEndpoint<'_> {
+    let IpAddr::V4(ip) = endpoint.ip else {
+        return endpoint;
+    };
+    SliceEndpoint {
+        ip: lab::ipv6_of(ip).into(),
+        ..endpoint
+    }
+}
+
+/// A dual-stack Service: `cluster_ip` and its IPv6 twin.
 fn service_manifest(name: &str, cluster_ip: Ipv4Addr, spec: &ServiceSpec) -> String {
+    let cluster_ip6 = lab::ipv6_of(cluster_ip);
     let algorithm = if spec.maglev { "maglev" } else { "random" };
     let affinity = if spec.affinity {
         // Short, so affinity occupancy returns to its baseline soon after the load.
@@ -252,6 +270,9 @@ metadata:
 spec:
   type: ClusterIP
   clusterIP: {cluster_ip}
+  clusterIPs: [\"{cluster_ip}\", \"{cluster_ip6}\"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
 {affinity}  ports:
   - name: http
     protocol: TCP

@@ -1,10 +1,10 @@
-//! The clients: threads in the client pods that connect and send without pause, each request
-//! judged against what the churn did while it ran.
+//! The clients: threads in the client pods that connect and send without pause, to the IPv4 and
+//! the IPv6 ClusterIP in turn, each request judged against what the churn did while it ran.
 use std::{
     collections::HashMap,
     fs::File,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -136,12 +136,13 @@ enum Kind {
 }
 
 impl Kind {
-    fn frontend(self, service: usize) -> Frontend {
-        match self {
+    fn frontend(self, service: usize, ipv6: bool) -> Frontend {
+        let frontend = match self {
             Kind::Http => Frontend::http(service),
             Kind::Dns => Frontend::dns(service),
             Kind::Alt => Frontend::alt(service),
-        }
+        };
+        frontend.in_ipv6(ipv6)
     }
 }
 
@@ -160,8 +161,10 @@ pub fn start(cluster: &Cluster, shared: &Arc<Shared>) -> anyhow::Result<Vec<Join
                 let (netns, shared) = (File::open(&netns)?, shared.clone());
                 threads.push(std::thread::spawn(move || {
                     setns(&netns, CloneFlags::CLONE_NEWNET).expect("cannot enter the client pod");
+                    let mut ipv6 = false;
                     while !shared.stop.load(Ordering::SeqCst) {
-                        request(&shared, client_ip, service, kind);
+                        request(&shared, client_ip, service, kind.frontend(service, ipv6));
+                        ipv6 = !ipv6;
                         std::thread::sleep(PACE);
                     }
                 }));
@@ -171,39 +174,44 @@ pub fn start(cluster: &Cluster, shared: &Arc<Shared>) -> anyhow::Result<Vec<Join
     Ok(threads)
 }
 
-fn request(shared: &Shared, client: Ipv4Addr, service: usize, kind: Kind) {
+fn request(shared: &Shared, client: Ipv4Addr, service: usize, frontend: Frontend) {
     let (name, _, letter) = SERVICES[service];
+    let is_alt = frontend.port == topology::ALT;
     let alt_before = shared.alt[service].load(Ordering::SeqCst);
-    if matches!(kind, Kind::Alt) && alt_before.is_multiple_of(2) {
+    if is_alt && alt_before.is_multiple_of(2) {
         // Not there: nothing to ask of it.
         std::thread::sleep(Duration::from_millis(20));
         return;
     }
     let stops_before = shared.stops[service].load(Ordering::SeqCst);
-    let frontend = kind.frontend(service);
     let started = Instant::now();
     let mut local_port = 0;
-    let answer = match kind {
-        Kind::Http | Kind::Alt => http_get(frontend.socket(), &mut local_port),
-        Kind::Dns => udp_request(frontend.socket(), &mut local_port),
+    let is_tcp = frontend.proto == lb_common::IPPROTO_TCP;
+    let answer = if is_tcp {
+        http_get(frontend.socket(), &mut local_port)
+    } else {
+        udp_request(frontend.socket(), &mut local_port)
     };
     let elapsed = started.elapsed();
-    match kind {
-        Kind::Dns => shared.udp.fetch_add(1, Ordering::SeqCst),
-        Kind::Http | Kind::Alt => shared.tcp.fetch_add(1, Ordering::SeqCst),
-    };
+    let counter = if is_tcp { &shared.tcp } else { &shared.udp };
+    counter.fetch_add(1, Ordering::SeqCst);
     let port_changed = shared.alt[service].load(Ordering::SeqCst) != alt_before;
     let server_stopped = shared.stops[service].load(Ordering::SeqCst) != stops_before;
+    let client = if frontend.ipv6 {
+        IpAddr::from(lb_userspace::lab::ipv6_of(client))
+    } else {
+        client.into()
+    };
     let failure = |error: String| Failure {
         frontend,
-        client: SocketAddrV4::new(client, local_port),
+        client: SocketAddr::new(client, local_port),
         started: shared.clock.at(started),
         elapsed,
         error,
         flows: Vec::new(),
     };
     match answer {
-        Err(_) if server_stopped || (matches!(kind, Kind::Alt) && port_changed) => {
+        Err(_) if server_stopped || (is_alt && port_changed) => {
             shared.excused.fetch_add(1, Ordering::SeqCst);
         }
         Err(error) => shared.fail(&shared.failures, failure(format!("{error:#}"))),
@@ -226,7 +234,7 @@ fn request(shared: &Shared, client: Ipv4Addr, service: usize, kind: Kind) {
 
 /// `GET /` over a new connection; the pod that answered. `local_port` is set as soon as the
 /// kernel has chosen it, so a failed attempt can be found in conntrack.
-fn http_get(target: SocketAddrV4, local_port: &mut u16) -> anyhow::Result<String> {
+fn http_get(target: SocketAddr, local_port: &mut u16) -> anyhow::Result<String> {
     let mut stream = connect(target, local_port).context("connect")?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream
@@ -245,24 +253,34 @@ fn http_get(target: SocketAddrV4, local_port: &mut u16) -> anyhow::Result<String
 
 /// `TcpStream::connect_timeout`, but the local port is known before the handshake completes:
 /// a non-blocking connect, then a wait for the socket to become writable.
-fn connect(target: SocketAddrV4, local_port: &mut u16) -> std::io::Result<TcpStream> {
+fn connect(target: SocketAddr, local_port: &mut u16) -> std::io::Result<TcpStream> {
     use std::os::fd::AsRawFd as _;
 
     use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockname, getsockopt, socket, sockopt,
+        AddressFamily, SockFlag, SockType, SockaddrStorage, connect, getsockname, getsockopt, socket, sockopt,
     };
 
+    let family = if target.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
     let socket = socket(
-        AddressFamily::Inet,
+        family,
         SockType::Stream,
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
-    match connect(socket.as_raw_fd(), &SockaddrIn::from(target)) {
+    match connect(socket.as_raw_fd(), &SockaddrStorage::from(target)) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
         Err(error) => return Err(error.into()),
     }
-    *local_port = getsockname::<SockaddrIn>(socket.as_raw_fd())?.port();
+    let local = getsockname::<SockaddrStorage>(socket.as_raw_fd())?;
+    *local_port = match (local.as_sockaddr_in(), local.as_sockaddr_in6()) {
+        (Some(v4), _) => v4.port(),
+        (_, Some(v6)) => v6.port(),
+        _ => 0,
+    };
     let mut writable = libc::pollfd {
         fd: socket.as_raw_fd(),
         events: libc::POLLOUT,
@@ -290,8 +308,13 @@ fn connect(target: SocketAddrV4, local_port: &mut u16) -> std::io::Result<TcpStr
 }
 
 /// One datagram from a new socket (a new flow) and its answer: the pod's name.
-fn udp_request(target: SocketAddrV4, local_port: &mut u16) -> anyhow::Result<String> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+fn udp_request(target: SocketAddr, local_port: &mut u16) -> anyhow::Result<String> {
+    let any: IpAddr = if target.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0))?;
     *local_port = socket.local_addr()?.port();
     socket.set_read_timeout(Some(TIMEOUT))?;
     socket.connect(target)?;

@@ -156,7 +156,7 @@ fn take(maps: &ServiceMaps, agent: u32, at: Duration, lag: Duration) -> anyhow::
         counters,
         frontends: topology::frontends()
             .iter()
-            .map(|frontend| maps.services.get(&frontend.key(), 0).ok())
+            .map(|frontend| maps.service(&frontend.key()))
             .collect(),
         agent_waited: run_queue_wait(agent),
         cpu_stalled: cpu_pressure(),

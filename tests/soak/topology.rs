@@ -1,10 +1,13 @@
 //! Who is who in the soak's cluster: the Services with their ports, the pods that may back
-//! them, the client pods, and the frontends the churn programs.
-use std::net::{Ipv4Addr, SocketAddrV4};
+//! them, the client pods, and the frontends the churn programs. Every Service is dual-stack:
+//! each port is a frontend on its IPv4 ClusterIP and on its IPv6 one.
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, ServiceKey};
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_userspace::{lab::ipv6_of, reconcile::FrontendKey};
 
-/// The Services: name, ClusterIP, and the letter their pods are named with.
+/// The Services: name, IPv4 ClusterIP ([`ipv6_of`] it is the IPv6 one), and the letter their
+/// pods are named with.
 pub const SERVICES: [(&str, Ipv4Addr, char); 3] = [
     ("alpha", Ipv4Addr::new(10, 96, 7, 1), 'a'),
     ("beta", Ipv4Addr::new(10, 96, 7, 2), 'b'),
@@ -28,6 +31,7 @@ pub struct Frontend {
     pub service: usize,
     pub port: u16,
     pub proto: u8,
+    pub ipv6: bool,
 }
 
 impl Frontend {
@@ -36,6 +40,7 @@ impl Frontend {
             service,
             port: HTTP.0,
             proto: IPPROTO_TCP,
+            ipv6: false,
         }
     }
 
@@ -44,6 +49,7 @@ impl Frontend {
             service,
             port: DNS.0,
             proto: IPPROTO_UDP,
+            ipv6: false,
         }
     }
 
@@ -52,20 +58,32 @@ impl Frontend {
             service,
             port: ALT,
             proto: IPPROTO_TCP,
+            ipv6: false,
         }
     }
 
-    /// The ClusterIP and port a client dials.
-    pub fn socket(&self) -> SocketAddrV4 {
-        SocketAddrV4::new(SERVICES[self.service].1, self.port)
+    /// The same port on the Service's ClusterIP of the other family.
+    pub fn in_ipv6(self, ipv6: bool) -> Self {
+        Self { ipv6, ..self }
     }
 
-    pub fn key(&self) -> ServiceKey {
-        ServiceKey {
-            addr: SERVICES[self.service].1.octets(),
-            port: self.port,
+    /// The ClusterIP and port a client dials.
+    pub fn socket(&self) -> SocketAddr {
+        let ip = SERVICES[self.service].1;
+        let ip = if self.ipv6 {
+            IpAddr::from(ipv6_of(ip))
+        } else {
+            ip.into()
+        };
+        SocketAddr::new(ip, self.port)
+    }
+
+    pub fn key(&self) -> FrontendKey {
+        let socket = self.socket();
+        FrontendKey {
+            addr: socket.ip(),
+            port: socket.port(),
             proto: self.proto,
-            pad: 0,
         }
     }
 }
@@ -73,15 +91,11 @@ impl Frontend {
 impl std::fmt::Display for Frontend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let proto = if self.proto == IPPROTO_TCP { "TCP" } else { "UDP" };
-        write!(
-            f,
-            "{} {}:{}/{proto}",
-            SERVICES[self.service].0, SERVICES[self.service].1, self.port
-        )
+        write!(f, "{} {}/{proto}", SERVICES[self.service].0, self.socket())
     }
 }
 
-/// Every frontend the churn may program, Service by Service.
+/// Every frontend the churn may program, Service by Service, in both families.
 pub fn frontends() -> Vec<Frontend> {
     (0..SERVICES.len())
         .flat_map(|service| {
@@ -91,15 +105,16 @@ pub fn frontends() -> Vec<Frontend> {
                 Frontend::alt(service),
             ]
         })
+        .flat_map(|frontend| [frontend, frontend.in_ipv6(true)])
         .collect()
 }
 
-/// The name of the pod (or client) at `ip`, if it is one of the lab's.
-pub fn pod_at(ip: Ipv4Addr) -> Option<String> {
+/// The name of the pod (or client) at `ip`, of either family, if it is one of the lab's.
+pub fn pod_at(ip: IpAddr) -> Option<String> {
     let pods = (0..SERVICES.len()).flat_map(|service| (0..POOL).map(move |index| pod(service, index)));
     let clients = CLIENTS.iter().map(|&(name, ip)| (name.to_owned(), ip));
     pods.chain(clients)
-        .find(|(_, at)| *at == ip)
+        .find(|&(_, at)| ip == IpAddr::from(at) || ip == IpAddr::from(ipv6_of(at)))
         .map(|(name, _)| name)
 }
 
