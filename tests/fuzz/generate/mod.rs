@@ -1,28 +1,30 @@
-//! Inputs: frames of real service flows, of everything else a pod's or an external interface
-//! carries, and mutations of both. They depend on the seed alone, never on the datapath's answers, so a seed
-//! replays the same inputs.
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+//! Inputs: frames of real service flows in both families, of everything else a pod's or an
+//! external interface carries, and mutations of both (`mutate`), written by `frames`. They depend
+//! on the seed alone, never on the datapath's answers, so a seed replays the same inputs.
+mod frames;
+mod mutate;
 
-use crate::{
-    checksum,
-    topology::{
-        CLIENT_MAC, CLIENT_PORTS, CLIENTS, EXTERNAL_CLIENTS, EXTERNAL_PORTS, Endpoint, GATEWAY_MAC,
-        NODE_ADDRS, OTHER_ADDRS, SERVICES, SNAT_ADDR, SNAT_PORTS, Service,
-    },
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use frames::{
+    ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_QINQ, ETHERTYPE_VLAN, IPV6_AUTHENTICATION, IPV6_DESTINATION_OPTIONS,
+    IPV6_FRAGMENT, IPV6_HOP_BY_HOP, IPV6_NO_NEXT_HEADER, IPV6_ROUTING, addr_at, fix_ipv4_checksum,
+    insert_ipv4_options, insert_ipv6_header, l4_checksum, push_ethernet, write_ip,
+};
+use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+use crate::topology::{
+    CLIENT_MAC, CLIENT_PORTS, CLIENTS, EXTERNAL_CLIENTS, EXTERNAL_PORTS, Endpoint, Family, NODE_ADDRS,
+    OTHER_ADDRS, SNAT_ADDR, SNAT_PORTS, Service, services,
 };
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_ARP: u16 = 0x0806;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_QINQ: u16 = 0x88a8;
-const IPPROTO_ICMP: u8 = 1;
 const TCP_SYN: u8 = 0x02;
 const TCP_PSH_ACK: u8 = 0x18;
 /// Frames stay well inside what BPF_PROG_TEST_RUN takes for an skb (a page with room around).
 const MAX_PAYLOAD: usize = 1400;
-/// Frames cut at every offset are cut to this length first (what follows is payload).
-const SWEPT_LEN: usize = 128;
+/// Frames cut at every offset are cut to this length first (what follows is payload): past an
+/// IPv6 header, a few extension headers and a TCP header.
+const SWEPT_LEN: usize = 160;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Program {
@@ -92,11 +94,11 @@ impl Rng {
         &items[self.below(items.len())]
     }
 
-    fn byte(&mut self) -> u8 {
+    pub fn byte(&mut self) -> u8 {
         self.next_u64() as u8
     }
 
-    fn fill(&mut self, bytes: &mut [u8]) {
+    pub fn fill(&mut self, bytes: &mut [u8]) {
         for chunk in bytes.chunks_mut(8) {
             let random = self.next_u64().to_le_bytes();
             chunk.copy_from_slice(&random[..chunk.len()]);
@@ -134,6 +136,8 @@ struct Sweep {
 pub struct Generator {
     rng: Rng,
     sweep: Option<Sweep>,
+    /// The family of the current input's addresses: each input picks one.
+    family: Family,
     l4: Vec<u8>,
 }
 
@@ -142,6 +146,7 @@ impl Generator {
         Self {
             rng: Rng::new(seed),
             sweep: None,
+            family: Family::Ipv4,
             l4: Vec::with_capacity(2048),
         }
     }
@@ -158,26 +163,28 @@ impl Generator {
             }
             return program;
         }
+        self.family = *self.rng.pick(&Family::ALL);
         let program = match self.rng.below(100) {
-            0..16 => self.service_request(frame),
-            16..26 => self.backend_reply(frame),
-            26..38 => self.external_request(frame),
-            38..44 => self.forwarded(frame),
-            44..48 => self.snat_reply(frame),
-            48..52 => self.external_reply(frame),
-            52..58 => self.mixed_ipv4(frame),
-            58..61 => self.icmp_error(frame),
-            61..64 => self.fragment(frame),
-            64..67 => self.vlan(frame),
-            67..70 => self.ipv6(frame),
-            70..72 => self.arp(frame),
-            72..77 => self.garbage(frame),
-            77..99 => {
+            0..14 => self.service_request(frame),
+            14..23 => self.backend_reply(frame),
+            23..34 => self.external_request(frame),
+            34..40 => self.forwarded(frame),
+            40..44 => self.snat_reply(frame),
+            44..48 => self.external_reply(frame),
+            48..51 => self.hairpin(frame),
+            51..57 => self.mixed(frame),
+            57..60 => self.icmp_error(frame),
+            60..63 => self.fragment(frame),
+            63..66 => self.vlan(frame),
+            66..68 => self.ipv4_mapped(frame),
+            68..70 => self.arp(frame),
+            70..75 => self.garbage(frame),
+            75..99 => {
                 let program = self.service_packet(frame);
-                self.mutate(frame);
+                mutate::mutate(&mut self.rng, frame);
                 program
             }
-            // A sweep yields a packet per byte: rare, and over frames of up to 128 bytes, so
+            // A sweep yields a packet per byte: rare, and over frames of up to 160 bytes, so
             // that sweeps are about a fifth of all packets.
             _ if self.rng.percent(70) => self.service_packet(frame),
             _ => {
@@ -210,35 +217,50 @@ impl Generator {
     }
 
     fn service_packet(&mut self, frame: &mut Vec<u8>) -> Program {
-        match self.rng.below(10) {
+        match self.rng.below(11) {
             0..3 => self.service_request(frame),
             3..5 => self.backend_reply(frame),
             5..7 => self.external_request(frame),
             7 => self.forwarded(frame),
             8 => self.snat_reply(frame),
+            9 => self.hairpin(frame),
             _ => self.external_reply(frame),
         }
     }
 
+    /// This input's family's twin of the IPv4 address `v4`.
+    fn at(&self, v4: [u8; 4]) -> IpAddr {
+        self.family.addr(v4)
+    }
+
+    /// One of `table`'s addresses, in this input's family.
+    fn pick_addr(&mut self, table: &[[u8; 4]]) -> IpAddr {
+        let v4 = *self.rng.pick(table);
+        self.family.addr(v4)
+    }
+
     fn client(&mut self) -> Endpoint {
         let port = CLIENT_PORTS.start + self.rng.below(CLIENT_PORTS.len()) as u16;
-        (*self.rng.pick(&CLIENTS), port)
+        (self.pick_addr(&CLIENTS), port)
     }
 
     fn external_client(&mut self) -> Endpoint {
-        (*self.rng.pick(&EXTERNAL_CLIENTS), *self.rng.pick(&EXTERNAL_PORTS))
+        (self.pick_addr(&EXTERNAL_CLIENTS), *self.rng.pick(&EXTERNAL_PORTS))
     }
 
     /// Where a packet to `service` is sent: a NodePort on one of the node's addresses, now and
-    /// then on another address (where it must not answer).
+    /// then on another address (where it must not answer; over IPv6 also a node's IPv4 address,
+    /// IPv4-mapped).
     fn frontend_of(&mut self, service: &Service) -> Endpoint {
         let (addr, port) = service.frontend;
-        if addr != [0; 4] {
+        if !addr.is_unspecified() {
             (addr, port)
         } else if self.rng.percent(85) {
-            (*self.rng.pick(&NODE_ADDRS), port)
+            (self.pick_addr(&NODE_ADDRS), port)
+        } else if self.family == Family::Ipv6 && self.rng.percent(25) {
+            (ipv4_mapped(*self.rng.pick(&NODE_ADDRS)), port)
         } else {
-            (*self.rng.pick(&OTHER_ADDRS), port)
+            (self.pick_addr(&OTHER_ADDRS), port)
         }
     }
 
@@ -251,22 +273,30 @@ impl Generator {
         }
     }
 
-    fn external_service(&mut self) -> &'static Service {
+    /// Any service of this input's family.
+    fn service(&mut self) -> &'static Service {
+        self.rng.pick(services(self.family))
+    }
+
+    fn service_where(&mut self, wanted: impl Fn(&Service) -> bool) -> &'static Service {
         loop {
-            let service = self.rng.pick(&SERVICES);
-            if service.is_external() {
+            let service = self.service();
+            if wanted(service) {
                 return service;
             }
         }
     }
 
+    fn external_service(&mut self) -> &'static Service {
+        self.service_where(Service::is_external)
+    }
+
     fn snat_service(&mut self) -> &'static Service {
-        loop {
-            let service = self.external_service();
-            if service.snats() && !service.backends.is_empty() {
-                return service;
-            }
-        }
+        self.service_where(|s| s.snats() && !s.backends.is_empty())
+    }
+
+    fn service_with_backends(&mut self) -> &'static Service {
+        self.service_where(|s| !s.backends.is_empty())
     }
 
     /// An outside client's SYN, data segment or datagram to an external frontend (now and then
@@ -275,13 +305,13 @@ impl Generator {
         let service = if self.rng.percent(90) {
             self.external_service()
         } else {
-            self.rng.pick(&SERVICES)
+            self.service()
         };
         let client = self.external_client();
         let frontend = self.frontend_of(service);
         let segment = self.segment(client, frontend, service.proto);
-        let options = self.options();
-        self.write_segment(frame, &segment, options);
+        self.write_segment(frame, &segment);
+        self.between_headers(frame);
         self.maybe_pad(frame);
         self.external_ingress()
     }
@@ -290,10 +320,10 @@ impl Generator {
     /// node: source NAT when the flow was tracked with externalTrafficPolicy Cluster.
     fn forwarded(&mut self, frame: &mut Vec<u8>) -> Program {
         let service = self.snat_service();
-        let backend = *self.rng.pick(service.backends);
+        let backend = *self.rng.pick(&service.backends);
         let client = self.external_client();
         let segment = self.segment(client, backend, service.proto);
-        self.write_segment(frame, &segment, 0);
+        self.write_segment(frame, &segment);
         self.maybe_pad(frame);
         Program::NodeportEgress
     }
@@ -302,7 +332,7 @@ impl Generator {
     /// port the client kept (or a probed one, or another address of the node).
     fn snat_reply(&mut self, frame: &mut Vec<u8>) -> Program {
         let service = self.snat_service();
-        let backend = *self.rng.pick(service.backends);
+        let backend = *self.rng.pick(&service.backends);
         let port = if self.rng.percent(85) {
             *self.rng.pick(&EXTERNAL_PORTS)
         } else {
@@ -313,24 +343,19 @@ impl Generator {
         } else {
             *self.rng.pick(&NODE_ADDRS)
         };
-        let segment = self.segment(backend, (addr, port), service.proto);
-        self.write_segment(frame, &segment, 0);
+        let segment = self.segment(backend, (self.at(addr), port), service.proto);
+        self.write_segment(frame, &segment);
         self.maybe_pad(frame);
         self.external_ingress()
     }
 
     /// A backend answering an outside client, on its way out of the external interface.
     fn external_reply(&mut self, frame: &mut Vec<u8>) -> Program {
-        let service = loop {
-            let service = self.external_service();
-            if !service.backends.is_empty() {
-                break service;
-            }
-        };
-        let backend = *self.rng.pick(service.backends);
+        let service = self.service_where(|s| s.is_external() && !s.backends.is_empty());
+        let backend = *self.rng.pick(&service.backends);
         let client = self.external_client();
         let segment = self.segment(backend, client, service.proto);
-        self.write_segment(frame, &segment, 0);
+        self.write_segment(frame, &segment);
         self.maybe_pad(frame);
         Program::NodeportEgress
     }
@@ -350,14 +375,14 @@ impl Generator {
     }
 
     /// A client's SYN, data segment or datagram to a frontend, the way a pod sends it: sometimes
-    /// with IP options or Ethernet padding.
+    /// with IP options or IPv6 extension headers, or Ethernet padding.
     fn service_request(&mut self, frame: &mut Vec<u8>) -> Program {
-        let service = self.rng.pick(&SERVICES);
+        let service = self.service();
         let client = self.client();
         let frontend = self.frontend_of(service);
         let segment = self.segment(client, frontend, service.proto);
-        let options = self.options();
-        self.write_segment(frame, &segment, options);
+        self.write_segment(frame, &segment);
+        self.between_headers(frame);
         self.maybe_pad(frame);
         Program::FromPod
     }
@@ -365,35 +390,54 @@ impl Generator {
     /// A backend answering a client: part of a tracked flow when the client and port match one.
     fn backend_reply(&mut self, frame: &mut Vec<u8>) -> Program {
         let service = self.service_with_backends();
-        let backend = *self.rng.pick(service.backends);
+        let backend = *self.rng.pick(&service.backends);
         let client = self.client();
         let segment = self.segment(backend, client, service.proto);
-        let options = self.options();
-        self.write_segment(frame, &segment, options);
+        self.write_segment(frame, &segment);
+        self.between_headers(frame);
         self.maybe_pad(frame);
         Program::ToPod
     }
 
-    fn service_with_backends(&mut self) -> &'static Service {
-        loop {
-            let service = self.rng.pick(&SERVICES);
-            if !service.backends.is_empty() {
-                return service;
-            }
-        }
+    /// A backend pod reaching its own Service (given itself now and then), or answering such a
+    /// connection: to the hairpin address, on a client port.
+    fn hairpin(&mut self, frame: &mut Vec<u8>) -> Program {
+        let service = self.service_with_backends();
+        let pod = *self.rng.pick(&service.backends);
+        let port = CLIENT_PORTS.start + self.rng.below(CLIENT_PORTS.len()) as u16;
+        let segment = if self.rng.percent(50) {
+            let frontend = self.frontend_of(service);
+            self.segment((pod.0, port), frontend, service.proto)
+        } else {
+            self.segment(pod, (self.family.hairpin(), port), service.proto)
+        };
+        self.write_segment(frame, &segment);
+        self.maybe_pad(frame);
+        Program::FromPod
     }
 
-    /// IPv4 between any of the addresses around (or random ones), any protocol, ports that are
-    /// sometimes a frontend's.
-    fn mixed_ipv4(&mut self, frame: &mut Vec<u8>) -> Program {
+    /// IP between any of the addresses around (or random ones), any protocol (SCTP included,
+    /// which no frontend has yet), ports that are sometimes a frontend's.
+    fn mixed(&mut self, frame: &mut Vec<u8>) -> Program {
         let src = (self.address(), self.port());
         let dst = (self.address(), self.port());
-        let proto = *self
-            .rng
-            .pick(&[IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, 47, 132, 0, 255]);
+        let icmp = match self.family {
+            Family::Ipv4 => IPPROTO_ICMP,
+            Family::Ipv6 => IPPROTO_ICMPV6,
+        };
+        let proto = *self.rng.pick(&[
+            IPPROTO_TCP,
+            IPPROTO_UDP,
+            icmp,
+            47,
+            IPPROTO_SCTP,
+            0,
+            IPV6_NO_NEXT_HEADER,
+            255,
+        ]);
         if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
             let segment = self.segment(src, dst, proto);
-            self.write_segment(frame, &segment, 0);
+            self.write_segment(frame, &segment);
         } else {
             // ICMP echo, GRE, SCTP...: a header whose first bytes could pass for ports.
             self.l4.clear();
@@ -401,63 +445,99 @@ impl Generator {
             self.l4.extend_from_slice(&dst.1.to_be_bytes());
             let len = self.rng.payload_len();
             self.random_bytes(len + 4);
-            if proto == IPPROTO_ICMP {
-                self.l4[..4].copy_from_slice(&[8, 0, 0, 0]);
-                let sum = checksum::of(checksum::add(0, &self.l4));
+            if proto == icmp {
+                let echo = if icmp == IPPROTO_ICMP { 8 } else { 128 };
+                self.l4[..4].copy_from_slice(&[echo, 0, 0, 0]);
+                let sum = if icmp == IPPROTO_ICMP {
+                    crate::checksum::of(crate::checksum::add(0, &self.l4))
+                } else {
+                    l4_checksum(src.0, dst.0, icmp, &self.l4)
+                };
                 self.l4[2..4].copy_from_slice(&sum.to_be_bytes());
             }
-            write_ipv4(frame, src.0, dst.0, proto, &[], 0, &self.l4);
+            write_ip(frame, src.0, dst.0, proto, 0, &self.l4);
         }
         self.maybe_pad(frame);
         *self.rng.pick(&Program::ALL)
     }
 
-    fn address(&mut self) -> [u8; 4] {
-        match self.rng.below(8) {
-            0 => *self.rng.pick(&CLIENTS),
-            1 => self.rng.pick(&SERVICES).frontend.0,
+    fn address(&mut self) -> IpAddr {
+        match self.rng.below(9) {
+            0 => self.pick_addr(&CLIENTS),
+            1 => self.service().frontend.0,
             2 => self.service_with_backends().backends[0].0,
-            3 => [10, 96, 0, self.rng.byte()],
-            4 => *self.rng.pick(&NODE_ADDRS),
-            5 => *self.rng.pick(&EXTERNAL_CLIENTS),
-            _ => self.rng.next_u64().to_be_bytes()[..4].try_into().unwrap(),
+            3 => {
+                let last = self.rng.byte();
+                self.at([10, 96, 0, last])
+            }
+            4 => self.pick_addr(&NODE_ADDRS),
+            5 => self.pick_addr(&EXTERNAL_CLIENTS),
+            6 => self.family.hairpin(),
+            _ => match self.family {
+                Family::Ipv4 => Ipv4Addr::from(self.rng.next_u64() as u32).into(),
+                Family::Ipv6 => {
+                    Ipv6Addr::from(u128::from(self.rng.next_u64()) << 64 | u128::from(self.rng.next_u64()))
+                        .into()
+                }
+            },
         }
     }
 
     fn port(&mut self) -> u16 {
         match self.rng.below(4) {
-            0 => self.rng.pick(&SERVICES).frontend.1,
+            0 => self.service().frontend.1,
             1 => CLIENT_PORTS.start + self.rng.below(CLIENT_PORTS.len()) as u16,
             2 => *self.rng.pick(&EXTERNAL_PORTS),
             _ => self.rng.next_u64() as u16,
         }
     }
 
-    /// An ICMP error (port unreachable, fragmentation needed, time exceeded) quoting a packet of
-    /// a service flow, sent towards the flow's sender.
+    /// An ICMP or ICMPv6 error (port unreachable, fragmentation needed or packet too big, time
+    /// exceeded) quoting a packet of a service flow (a translated one too), sent towards the
+    /// packet's sender.
     fn icmp_error(&mut self, frame: &mut Vec<u8>) -> Program {
         let mut quoted = Vec::new();
         let program = self.service_packet(&mut quoted);
-        let (sender, receiver) = (addr_at(&quoted, 26), addr_at(&quoted, 30));
-        let (kind, code) = *self.rng.pick(&[(3u8, 3u8), (3, 4), (11, 0)]);
+        let (sender, receiver, quote_max, kinds, proto) = match self.family {
+            Family::Ipv4 => (
+                addr_at(&quoted, ETH_LEN + 12, 4),
+                addr_at(&quoted, ETH_LEN + 16, 4),
+                20 + 8,
+                [(3u8, 3u8), (3, 4), (11, 0)],
+                IPPROTO_ICMP,
+            ),
+            Family::Ipv6 => (
+                addr_at(&quoted, ETH_LEN + 8, 16),
+                addr_at(&quoted, ETH_LEN + 24, 16),
+                1280 - 48,
+                [(1, 4), (2, 0), (3, 0)],
+                IPPROTO_ICMPV6,
+            ),
+        };
+        let (kind, code) = *self.rng.pick(&kinds);
         self.l4.clear();
         self.l4.extend_from_slice(&[kind, code, 0, 0, 0, 0, 0x05, 0xdc]);
-        let quote_len = (20 + 8).min(quoted.len() - 14);
-        self.l4.extend_from_slice(&quoted[14..14 + quote_len]);
-        let sum = checksum::of(checksum::add(0, &self.l4));
-        self.l4[2..4].copy_from_slice(&sum.to_be_bytes());
+        let quote_len = quote_max.min(quoted.len() - ETH_LEN);
+        self.l4.extend_from_slice(&quoted[ETH_LEN..ETH_LEN + quote_len]);
         // From the packet's destination (or a router on the way) back to its sender.
         let from = if self.rng.percent(50) {
             receiver
         } else {
-            [192, 168, 0, 1]
+            self.at([192, 168, 0, 1])
         };
-        write_ipv4(frame, from, sender, IPPROTO_ICMP, &[], 0, &self.l4);
+        let sum = if proto == IPPROTO_ICMP {
+            crate::checksum::of(crate::checksum::add(0, &self.l4))
+        } else {
+            l4_checksum(from, sender, proto, &self.l4)
+        };
+        self.l4[2..4].copy_from_slice(&sum.to_be_bytes());
+        write_ip(frame, from, sender, proto, 0, &self.l4);
         self.other(program)
     }
 
     /// A service packet cut into a first fragment (More Fragments) or a later one (an offset;
-    /// what would be ports is payload), with a correct header checksum.
+    /// what would be ports is payload), and over IPv6 also an atomic fragment (offset 0, no more
+    /// fragments), which the datapath does not look into either.
     fn fragment(&mut self, frame: &mut Vec<u8>) -> Program {
         let program = self.service_packet(frame);
         let offset = if self.rng.percent(50) {
@@ -465,13 +545,23 @@ impl Generator {
         } else {
             1 + self.rng.below(0x1fff) as u16
         };
-        let more = if offset == 0 || self.rng.percent(50) {
-            0x2000
-        } else {
-            0
+        let more = match self.family {
+            Family::Ipv6 if offset == 0 && self.rng.percent(30) => false,
+            _ => offset == 0 || self.rng.percent(50),
         };
-        frame[20..22].copy_from_slice(&(more | offset).to_be_bytes());
-        fix_ipv4_checksum(frame);
+        match self.family {
+            Family::Ipv4 => {
+                let flags = if more { 0x2000 } else { 0 };
+                frame[20..22].copy_from_slice(&(flags | offset).to_be_bytes());
+                fix_ipv4_checksum(frame);
+            }
+            Family::Ipv6 => {
+                let mut header = vec![0; 8];
+                header[2..4].copy_from_slice(&(offset << 3 | u16::from(more)).to_be_bytes());
+                self.rng.fill(&mut header[4..]);
+                insert_ipv6_header(frame, IPV6_FRAGMENT, header);
+            }
+        }
         program
     }
 
@@ -489,43 +579,20 @@ impl Generator {
         program
     }
 
-    /// IPv6 TCP/UDP with a frontend's port, after a chain of extension headers (hop-by-hop,
-    /// routing, fragment, destination options), to an IPv6 or IPv4-mapped address.
-    fn ipv6(&mut self, frame: &mut Vec<u8>) -> Program {
-        let service = self.rng.pick(&SERVICES);
-        let mut dst = [0u8; 16];
-        if self.rng.percent(50) {
-            dst[10..12].copy_from_slice(&[0xff, 0xff]);
-            dst[12..].copy_from_slice(&service.frontend.0);
-        } else {
-            dst[..2].copy_from_slice(&[0xfd, 0x00]);
-            dst[15] = 10;
-        }
-        let headers: Vec<u8> = (0..self.rng.below(4))
-            .map(|_| *self.rng.pick(&[0u8, 43, 44, 60]))
-            .collect();
-        self.l4.clear();
-        for (i, _) in headers.iter().enumerate() {
-            let next = headers.get(i + 1).copied().unwrap_or(service.proto);
-            self.l4.extend_from_slice(&[next, 0]);
-            let mut rest = [0u8; 6];
-            self.rng.fill(&mut rest);
-            self.l4.extend_from_slice(&rest);
-        }
+    /// IPv6 TCP/UDP to a frontend's IPv4 address, IPv4-mapped: not an IPv6 frontend (only the
+    /// socket hooks map such addresses), so not translated.
+    fn ipv4_mapped(&mut self, frame: &mut Vec<u8>) -> Program {
+        self.family = Family::Ipv4;
+        let service = self.service();
+        self.family = Family::Ipv6;
+        let IpAddr::V4(frontend) = service.frontend.0 else {
+            unreachable!("an IPv4 service")
+        };
         let client = self.client();
-        self.l4.extend_from_slice(&client.1.to_be_bytes());
-        self.l4.extend_from_slice(&service.frontend.1.to_be_bytes());
-        let l4_len = if service.proto == IPPROTO_TCP { 16 } else { 4 };
-        let payload = self.rng.payload_len();
-        self.random_bytes(l4_len + payload);
-        push_ethernet(frame, ETHERTYPE_IPV6);
-        frame.extend_from_slice(&[0x60, 0, 0, 0]);
-        frame.extend_from_slice(&(self.l4.len() as u16).to_be_bytes());
-        frame.push(headers.first().copied().unwrap_or(service.proto));
-        frame.push(64);
-        frame.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20]);
-        frame.extend_from_slice(&dst);
-        frame.extend_from_slice(&self.l4);
+        let dst = (ipv4_mapped(frontend.octets()), service.frontend.1);
+        let segment = self.segment(client, dst, service.proto);
+        self.write_segment(frame, &segment);
+        self.between_headers(frame);
         *self.rng.pick(&Program::ALL)
     }
 
@@ -534,105 +601,92 @@ impl Generator {
         push_ethernet(frame, ETHERTYPE_ARP);
         frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1 + self.rng.below(2) as u8]);
         frame.extend_from_slice(&CLIENT_MAC);
-        let sender = *self.rng.pick(&CLIENTS);
-        frame.extend_from_slice(&sender);
+        frame.extend_from_slice(&self.rng.pick(&CLIENTS)[..]);
         frame.extend_from_slice(&[0; 6]);
-        frame.extend_from_slice(&self.address());
+        self.family = Family::Ipv4;
+        let IpAddr::V4(target) = self.address() else {
+            unreachable!("an IPv4 address")
+        };
+        frame.extend_from_slice(&target.octets());
         self.maybe_pad(frame);
         *self.rng.pick(&Program::ALL)
     }
 
-    /// Random bytes; half of them under an IPv4 EtherType and version/IHL byte, so that they get
-    /// past the first checks.
+    /// Random bytes; two thirds of them under an IPv4 (IPv6) EtherType and version byte, so
+    /// that they get past the first checks.
     fn garbage(&mut self, frame: &mut Vec<u8>) -> Program {
         frame.resize(self.rng.below(200), 0);
         self.rng.fill(frame);
-        if frame.len() > 14 && self.rng.percent(50) {
-            frame[12..15].copy_from_slice(&[0x08, 0x00, 0x45]);
+        if frame.len() > ETH_LEN {
+            match self.rng.below(3) {
+                0 => frame[12..15].copy_from_slice(&[0x08, 0x00, 0x45]),
+                1 => frame[12..15].copy_from_slice(&[0x86, 0xdd, 0x60]),
+                _ => {}
+            }
         }
         *self.rng.pick(&Program::ALL)
     }
 
-    /// One to three of: a cut, flipped bytes, zeroed or wrong checksums, a wrong IHL, total
-    /// length, TCP data offset or UDP length, trailing bytes.
-    fn mutate(&mut self, frame: &mut Vec<u8>) {
-        for _ in 0..1 + self.rng.below(3) {
-            let l4 = l4_offset(frame);
-            match self.rng.below(9) {
-                0 => frame.truncate(self.rng.below(frame.len() + 1)),
-                1 | 2 => {
-                    // Mostly in the headers, where a flip changes what the packet is.
-                    let span = if self.rng.percent(80) {
-                        frame.len().min(64)
-                    } else {
-                        frame.len()
-                    };
-                    if span > 0 {
-                        let at = self.rng.below(span);
-                        frame[at] ^= 1 << self.rng.below(8);
-                    }
-                }
-                3 => set(frame, 24, &[0, 0]),
-                4 => {
-                    let csum_at = l4
-                        + if frame.get(23) == Some(&IPPROTO_UDP) {
-                            6
-                        } else {
-                            16
-                        };
-                    // Zero ("none" for UDP), or off by a non-zero difference.
-                    let zero = self.rng.percent(50);
-                    let difference = [self.rng.byte() | 1, self.rng.byte()];
-                    if let Some(field) = frame.get_mut(csum_at..csum_at + 2) {
-                        for (byte, d) in field.iter_mut().zip(difference) {
-                            *byte = if zero { 0 } else { *byte ^ d };
-                        }
-                    }
-                }
-                5 => {
-                    if let Some(byte) = frame.get_mut(14) {
-                        *byte = 0x40 | self.rng.below(16) as u8;
-                    }
-                }
-                6 => {
-                    let len = match self.rng.below(3) {
-                        0 => self.rng.next_u64() as u16,
-                        _ => (frame.len() as u16)
-                            .wrapping_sub(14)
-                            .wrapping_add(self.rng.below(9) as u16)
-                            .wrapping_sub(4),
-                    };
-                    set(frame, 16, &len.to_be_bytes());
-                }
-                7 => {
-                    if frame.get(23) == Some(&IPPROTO_UDP) {
-                        let len = self.rng.next_u64() as u16 % 64;
-                        set(frame, l4 + 4, &len.to_be_bytes());
-                    } else if let Some(byte) = frame.get_mut(l4 + 12) {
-                        *byte = (self.rng.below(16) as u8) << 4 | (*byte & 0x0f);
-                    }
-                }
-                _ => {
-                    let extra = 1 + self.rng.below(32);
-                    let start = frame.len();
-                    frame.resize(start + extra, 0);
-                    self.rng.fill(&mut frame[start..]);
-                }
+    /// What may lie between the IP and the transport header, on one packet in ten (IPv4
+    /// options) or five (IPv6 extension headers).
+    fn between_headers(&mut self, frame: &mut Vec<u8>) {
+        match self.family {
+            Family::Ipv4 if self.rng.percent(10) => {
+                insert_ipv4_options(frame, 4 * (1 + self.rng.below(10)));
             }
+            Family::Ipv6 if self.rng.percent(20) => self.extension_headers(frame),
+            _ => {}
         }
     }
 
-    /// IP options (NOPs, 4 to 40 bytes) on one packet in ten.
-    fn options(&mut self) -> usize {
-        if self.rng.percent(10) {
-            4 * (1 + self.rng.below(10))
-        } else {
-            0
+    /// A chain of IPv6 extension headers: mostly one to four the datapath walks past
+    /// (hop-by-hop, routing with no segments left, destination options, 8 to 32 bytes each), and
+    /// sometimes more than it walks, a routing header with segments left, a fragment header or
+    /// AH.
+    fn extension_headers(&mut self, frame: &mut Vec<u8>) {
+        let count = match self.rng.below(10) {
+            0..8 => 1 + self.rng.below(4),
+            _ => 5 + self.rng.below(2),
+        };
+        for _ in 0..count {
+            let kind = match self.rng.below(20) {
+                0 => IPV6_FRAGMENT,
+                1 => IPV6_AUTHENTICATION,
+                _ => *self
+                    .rng
+                    .pick(&[IPV6_HOP_BY_HOP, IPV6_ROUTING, IPV6_DESTINATION_OPTIONS]),
+            };
+            let units = self.rng.below(4);
+            let mut header = vec![0; (units + 1) * 8];
+            match kind {
+                IPV6_FRAGMENT => {
+                    header.truncate(8);
+                    self.rng.fill(&mut header[2..]);
+                }
+                IPV6_AUTHENTICATION => {
+                    // AH counts its length in 4-byte units, less 2.
+                    header[1] = (header.len() / 4 - 2) as u8;
+                    self.rng.fill(&mut header[2..]);
+                }
+                IPV6_ROUTING => {
+                    header[1] = units as u8;
+                    header[2] = self.rng.below(5) as u8;
+                    header[3] = if self.rng.percent(80) {
+                        0
+                    } else {
+                        1 + self.rng.below(3) as u8
+                    };
+                    self.rng.fill(&mut header[4..]);
+                }
+                // Options: Pad1 (zero bytes) only.
+                _ => header[1] = units as u8,
+            }
+            insert_ipv6_header(frame, kind, header);
         }
     }
 
     fn maybe_pad(&mut self, frame: &mut Vec<u8>) {
-        // Short frames are padded to Ethernet's 60-byte minimum; the IP total length excludes it.
+        // Short frames are padded to Ethernet's 60-byte minimum; the IP length excludes it.
         if self.rng.percent(10) && frame.len() < 60 {
             frame.resize(60, 0);
         }
@@ -644,8 +698,8 @@ impl Generator {
         self.rng.fill(&mut self.l4[start..]);
     }
 
-    /// A complete, correct Ethernet + IPv4 + TCP/UDP frame with `options` bytes of IP options.
-    fn write_segment(&mut self, frame: &mut Vec<u8>, segment: &Segment, options: usize) {
+    /// A complete, correct Ethernet + IP + TCP/UDP frame of the segment's family.
+    fn write_segment(&mut self, frame: &mut Vec<u8>, segment: &Segment) {
         self.l4.clear();
         self.l4.extend_from_slice(&segment.src.1.to_be_bytes());
         self.l4.extend_from_slice(&segment.dst.1.to_be_bytes());
@@ -663,11 +717,7 @@ impl Generator {
             6
         };
         self.random_bytes(payload);
-        let l4_len = self.l4.len() as u16;
-        let mut sum = checksum::of(checksum::add(
-            checksum::pseudo_header(segment.src.0, segment.dst.0, segment.proto, l4_len),
-            &self.l4,
-        ));
+        let mut sum = l4_checksum(segment.src.0, segment.dst.0, segment.proto, &self.l4);
         if segment.proto == IPPROTO_UDP {
             // 0 means "no checksum"; a computed 0 is sent as 0xffff.
             sum = if segment.no_udp_checksum {
@@ -679,67 +729,12 @@ impl Generator {
             };
         }
         self.l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
-        write_ipv4(
-            frame,
-            segment.src.0,
-            segment.dst.0,
-            segment.proto,
-            &[1; 40][..options],
-            self.rng.next_u64() as u16,
-            &self.l4,
-        );
+        let id = self.rng.next_u64() as u16;
+        write_ip(frame, segment.src.0, segment.dst.0, segment.proto, id, &self.l4);
     }
 }
 
-fn push_ethernet(frame: &mut Vec<u8>, ethertype: u16) {
-    frame.extend_from_slice(&GATEWAY_MAC);
-    frame.extend_from_slice(&CLIENT_MAC);
-    frame.extend_from_slice(&ethertype.to_be_bytes());
-}
-
-/// Ethernet and an IPv4 header (Don't Fragment, correct checksum) around `l4`.
-fn write_ipv4(
-    frame: &mut Vec<u8>,
-    src: [u8; 4],
-    dst: [u8; 4],
-    proto: u8,
-    options: &[u8],
-    id: u16,
-    l4: &[u8],
-) {
-    push_ethernet(frame, ETHERTYPE_IPV4);
-    let header_len = 20 + options.len();
-    let total = (header_len + l4.len()) as u16;
-    frame.push(0x40 | (header_len / 4) as u8);
-    frame.push(0);
-    frame.extend_from_slice(&total.to_be_bytes());
-    frame.extend_from_slice(&id.to_be_bytes());
-    frame.extend_from_slice(&[0x40, 0, 64, proto, 0, 0]);
-    frame.extend_from_slice(&src);
-    frame.extend_from_slice(&dst);
-    frame.extend_from_slice(options);
-    fix_ipv4_checksum(frame);
-    frame.extend_from_slice(l4);
-}
-
-fn fix_ipv4_checksum(frame: &mut [u8]) {
-    let header_len = usize::from(frame[14] & 0x0f) * 4;
-    frame[24..26].copy_from_slice(&[0, 0]);
-    let sum = checksum::of(checksum::add(0, &frame[14..14 + header_len]));
-    frame[24..26].copy_from_slice(&sum.to_be_bytes());
-}
-
-fn l4_offset(frame: &[u8]) -> usize {
-    14 + usize::from(frame.get(14).map_or(5, |b| b & 0x0f)) * 4
-}
-
-fn addr_at(frame: &[u8], at: usize) -> [u8; 4] {
-    frame[at..at + 4].try_into().unwrap()
-}
-
-/// Writes `bytes` at `at` where the frame is long enough.
-fn set(frame: &mut [u8], at: usize, bytes: &[u8]) {
-    if let Some(field) = frame.get_mut(at..at + bytes.len()) {
-        field.copy_from_slice(bytes);
-    }
+/// `::ffff:a.b.c.d`.
+fn ipv4_mapped(v4: [u8; 4]) -> IpAddr {
+    IpAddr::V6(Ipv4Addr::from(v4).to_ipv6_mapped())
 }
