@@ -286,6 +286,9 @@ impl Model {
             return Err(format!("{backend:?} reached itself without hairpin masquerading"));
         }
         let outcome = if hairpin { Outcome::Hairpin } else { Outcome::Dnat };
+        if backend == packet.dst {
+            return Err("a service packet passed untranslated".into());
+        }
         if !service.backends.contains(&backend) {
             return Err(format!(
                 "DNATed to {backend:?}, not a backend of {:?}",
