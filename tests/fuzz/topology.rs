@@ -218,10 +218,12 @@ pub static SERVICES: LazyLock<Vec<Service>> = LazyLock::new(|| {
         .collect()
 });
 
-/// The services, as IPv4 addresses (each also has an IPv6 twin). Random choice, Maglev, session affinity, a backend port equal to the frontend's (so only the
-/// address changes), TCP and UDP, and two services without endpoints (the reject path); then the
-/// external frontends: NodePorts with externalTrafficPolicy Cluster (source NAT) and Local, with
-/// and without endpoints, and LoadBalancer IPs with and without source ranges.
+/// The services in IPv4 (each has an IPv6 twin): random choice, Maglev, session affinity, a
+/// backend port equal to the frontend's (so only the address changes), TCP and UDP, and two
+/// services without endpoints (the reject path); then the external frontends: NodePorts with
+/// externalTrafficPolicy Cluster (source NAT) and Local, with and without endpoints, LoadBalancer
+/// IPs with and without source ranges, and externalIPs. Backend pods also act as clients of their
+/// own Service (hairpin).
 const SPECS: [Spec; 17] = [
     Spec::cluster_ip(
         ([10, 96, 0, 10], 80),
@@ -333,8 +335,8 @@ const LB_IP: [u8; 4] = [198, 51, 100, 7];
 
 /// This node's addresses: NodePorts answer on them and nowhere else.
 pub const NODE_ADDRS: [[u8; 4]; 2] = [[192, 168, 50, 2], [192, 168, 50, 3]];
-/// Addresses that are not the node's, where a NodePort must not answer (0.0.0.0 included: a
-/// NodePort's key must not match it).
+/// Addresses that are not the node's, where a NodePort must not answer (0.0.0.0 and `::`
+/// included: a NodePort's key must not match them).
 pub const OTHER_ADDRS: [[u8; 4]; 3] = [[192, 168, 50, 4], [0; 4], [10, 96, 0, 10]];
 /// The address flows leaving for other nodes' backends take, configured for the interface
 /// BPF_PROG_TEST_RUN runs TC programs on (loopback, index 1).
