@@ -26,9 +26,10 @@ pub fn of(acc: u32) -> u16 {
     !fold(acc)
 }
 
-/// The TCP/UDP pseudo-header of IPv4: addresses, protocol, L4 length.
-pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
-    add(add(0, &src), &dst) + u32::from(proto) + u32::from(len)
+/// The pseudo-header TCP, UDP and ICMPv6 checksums cover, of either family (4- or 16-byte
+/// addresses): addresses, protocol, length (IPv6's 32-bit length sums alike for any `u16`).
+pub fn pseudo_header(src: &[u8], dst: &[u8], proto: u8, len: u16) -> u32 {
+    add(add(0, src), dst) + u32::from(proto) + u32::from(len)
 }
 
 #[cfg(test)]

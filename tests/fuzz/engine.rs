@@ -2,20 +2,21 @@
 //! the verdict and the output against the oracle. The five programs share one set of maps, as on
 //! a node.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt::Write as _,
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
-use lb_common::{ServiceKey, Stat};
-use lb_userspace::reconcile::{DesiredService, External};
+use lb_common::{Ipv4, Ipv6, Stat};
+use lb_userspace::reconcile::{DesiredService, External, FrontendKey};
 
 use crate::{
     common::Loaded,
     generate::{Generator, Program},
-    oracle::{Model, Outcome},
-    topology::{Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX},
+    oracle::{Model, Outcome, family_of},
+    topology::{Family, Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX, in_family},
 };
 
 /// Failures are counted past this many, but only this many are kept to print.
@@ -30,7 +31,8 @@ pub struct Report {
     pub refused: u64,
     /// Per program: verdict → how many.
     pub verdicts: BTreeMap<(Program, u32), u64>,
-    pub outcomes: BTreeMap<Outcome, u64>,
+    /// Per family (`None`: neither IPv4 nor IPv6 by its EtherType): outcome → how many.
+    pub outcomes: BTreeMap<(Option<Family>, Outcome), u64>,
     /// Flows the datapath created (each holds two conntrack entries).
     pub flows: u64,
     pub failures: u64,
@@ -92,7 +94,7 @@ pub fn run(packets: u64, seed: u64) -> Report {
             Err(error) => Err((format!("BPF_PROG_TEST_RUN failed: {error}"), Vec::new())),
         };
         match checked {
-            Ok(outcome) => *report.outcomes.entry(outcome).or_default() += 1,
+            Ok(outcome) => *report.outcomes.entry((family_of(&input), outcome)).or_default() += 1,
             Err((error, output)) => report.fail(format!(
                 "packet {index} through {}: {error}\n  input  {}\n  output {}",
                 program.name(),
@@ -164,34 +166,33 @@ fn check_counters(loaded: &Loaded, model: &Model, report: &mut Report) {
     }
 }
 
-/// The services, the node's addresses and the address flows leaving for other nodes take.
+/// The services of both families, the node's addresses and the address flows leaving for other
+/// nodes take.
 fn program_services(loaded: &mut Loaded) {
     let desired = SERVICES
         .iter()
         .map(|service| {
-            let key = ServiceKey {
+            let key = FrontendKey {
                 addr: service.frontend.0,
                 port: service.frontend.1,
                 proto: service.proto,
-                pad: 0,
             };
             let desired = DesiredService {
-                name: format!("fuzz/{:?}", service.frontend),
+                name: format!("fuzz/{key}"),
                 backends: service.backends.iter().map(|&b| b.into()).collect(),
                 maglev: service.maglev.then_some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
                 affinity_timeout: service.affinity.then_some(10_800),
                 cluster_ip: service.kind == Kind::ClusterIp,
-                external: match service.kind {
+                external: match &service.kind {
                     Kind::ClusterIp => None,
                     Kind::External { local, source_ranges } => Some(External {
-                        local,
-                        source_ranges: source_ranges
-                            .map(|ranges| ranges.iter().map(|&(addr, len)| (addr.into(), len)).collect()),
+                        local: *local,
+                        source_ranges: source_ranges.clone(),
                     }),
                 },
                 ..DesiredService::default()
             };
-            (key.into(), desired)
+            (key, desired)
         })
         .collect();
     let applied = loaded.reconciler.apply(&desired, &mut loaded.maps);
@@ -200,14 +201,23 @@ fn program_services(loaded: &mut Loaded) {
         "programming failed: {:?}",
         applied.failed
     );
-    loaded
-        .maps
-        .set_node_addrs(&BTreeSet::from(NODE_ADDRS))
+    let maps = &mut loaded.maps;
+    maps.set_node_addrs::<Ipv4>(&NODE_ADDRS.into())
         .expect("the node addresses are set");
-    loaded
-        .maps
-        .set_snat_addrs(&BTreeMap::from([(SNAT_IFINDEX, SNAT_ADDR)]))
+    maps.set_node_addrs::<Ipv6>(&in_family(Family::Ipv6, NODE_ADDRS).map(v6_octets).into())
+        .expect("the node's IPv6 addresses are set");
+    maps.set_snat_addrs::<Ipv4>(&BTreeMap::from([(SNAT_IFINDEX, SNAT_ADDR)]))
         .expect("the SNAT address is set");
+    let snat6 = v6_octets(Family::Ipv6.addr(SNAT_ADDR));
+    maps.set_snat_addrs::<Ipv6>(&BTreeMap::from([(SNAT_IFINDEX, snat6)]))
+        .expect("the IPv6 SNAT address is set");
+}
+
+fn v6_octets(addr: IpAddr) -> Ipv6 {
+    match addr {
+        IpAddr::V6(addr) => addr.octets(),
+        IpAddr::V4(_) => unreachable!("an IPv6 twin"),
+    }
 }
 
 fn xdp(loaded: &mut Loaded) -> &mut Xdp {
@@ -268,25 +278,49 @@ impl Report {
             let _ = writeln!(out, "  {}: {}", program.name(), verdicts.join(", "));
         }
         let _ = writeln!(out, "  refused by the kernel: {}", self.refused);
-        let count = |outcome| self.outcomes.get(&outcome).copied().unwrap_or(0);
+        for family in [Some(Family::Ipv4), Some(Family::Ipv6), None] {
+            self.summarize_outcomes(&mut out, family);
+        }
+        let _ = writeln!(out, "  flows created: {}", self.flows);
+        let _ = writeln!(out, "  failures: {}", self.failures);
+        for example in &self.examples {
+            let _ = writeln!(out, "  FAILED (seed {}) {example}", self.seed);
+        }
+        out
+    }
+
+    /// How many inputs of `family` had `outcome`.
+    pub fn count(&self, family: Option<Family>, outcome: Outcome) -> u64 {
+        self.outcomes.get(&(family, outcome)).copied().unwrap_or(0)
+    }
+
+    fn summarize_outcomes(&self, out: &mut String, family: Option<Family>) {
+        let count = |outcome| self.count(family, outcome);
+        let name = family.map_or("other", Family::name);
+        if family.is_none() {
+            let _ = writeln!(out, "  {name}: untouched {}", count(Outcome::Untouched));
+            return;
+        }
+        let rewrites = [
+            Outcome::Dnat,
+            Outcome::ReverseNat,
+            Outcome::Snat,
+            Outcome::SnatReply,
+            Outcome::Hairpin,
+        ];
         let _ = writeln!(
             out,
-            "  rewrites checked: {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {}) over {} flows",
-            count(Outcome::Dnat)
-                + count(Outcome::ReverseNat)
-                + count(Outcome::Snat)
-                + count(Outcome::SnatReply)
-                + count(Outcome::Hairpin),
+            "  {name}: rewrites checked: {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {})",
+            rewrites.iter().map(|&outcome| count(outcome)).sum::<u64>(),
             count(Outcome::Dnat),
             count(Outcome::ReverseNat),
             count(Outcome::Snat),
             count(Outcome::SnatReply),
             count(Outcome::Hairpin),
-            self.flows,
         );
         let _ = writeln!(
             out,
-            "  rejects checked: RST {}, port unreachable {}, dropped {}, left to TC by XDP {}",
+            "    rejects checked: RST {}, port unreachable {}, dropped {}, left to TC by XDP {}",
             count(Outcome::Reset),
             count(Outcome::PortUnreachable),
             count(Outcome::Dropped),
@@ -294,16 +328,19 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "  drops checked: outside source ranges {}, eTP Local without endpoints {}; untouched {}",
+            "    drops checked: outside source ranges {}, eTP Local without endpoints {}; untouched {}",
             count(Outcome::SourceRangeDropped),
             count(Outcome::LocalDropped),
             count(Outcome::Untouched),
         );
-        let _ = writeln!(out, "  failures: {}", self.failures);
-        for example in &self.examples {
-            let _ = writeln!(out, "  FAILED (seed {}) {example}", self.seed);
+        let unseen: Vec<String> = Outcome::ALL
+            .iter()
+            .filter(|&&outcome| count(outcome) == 0)
+            .map(|outcome| format!("{outcome:?}"))
+            .collect();
+        if !unseen.is_empty() {
+            let _ = writeln!(out, "    never seen: {}", unseen.join(", "));
         }
-        out
     }
 }
 

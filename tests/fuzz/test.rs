@@ -9,6 +9,9 @@ mod generate;
 mod oracle;
 mod topology;
 
+use oracle::Outcome;
+use topology::Family;
+
 #[test]
 fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
     common::require_root();
@@ -19,11 +22,13 @@ fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
     let report = engine::run(20_000, seed);
     println!("{}", report.summary());
     assert_eq!(report.failures, 0, "{}", report.summary());
-    assert_eq!(
-        report.outcomes.len(),
-        11,
-        "every outcome (untouched, DNAT, reverse NAT, SNAT, SNAT reply, RST, port unreachable, \
-         dropped, source-range drop, eTP Local drop, left to TC) was seen: {:?}",
-        report.outcomes
-    );
+    // Every outcome (untouched, DNAT, reverse NAT, hairpin, SNAT, SNAT reply, RST, port
+    // unreachable, dropped, source-range drop, eTP Local drop, left to TC) in each family.
+    let unseen: Vec<(&str, Outcome)> = Family::ALL
+        .iter()
+        .flat_map(|&family| Outcome::ALL.iter().map(move |&outcome| (family, outcome)))
+        .filter(|&(family, outcome)| report.count(Some(family), outcome) == 0)
+        .map(|(family, outcome)| (family.name(), outcome))
+        .collect();
+    assert!(unseen.is_empty(), "never seen: {unseen:?}\n{}", report.summary());
 }

@@ -1,0 +1,118 @@
+//! Translated packets: what may change, and how the checksums must follow.
+use std::ops::Range;
+
+use lb_common::IPPROTO_UDP;
+
+use super::{
+    Run,
+    parse::{ETH_LEN, Packet, Side},
+};
+use crate::{checksum, topology::Endpoint};
+
+/// Checks that `output` is `input` with one side's address and port replaced and the checksums
+/// updated (see [`check_checksums`]), and returns the new address and port.
+pub fn check_rewrite(packet: &Packet, run: &Run, side: Side) -> Result<Endpoint, String> {
+    let (input, output) = (run.input, run.output);
+    if output.len() != input.len() {
+        return Err(format!("length {} became {}", input.len(), output.len()));
+    }
+    let mut rewritten = vec![
+        packet.addr_at(side),
+        packet.port_at(side),
+        packet.l4_checksum_at(),
+    ];
+    rewritten.extend(packet.header_checksum_at());
+    if let Some(at) = changed_outside(input, output, &rewritten) {
+        return Err(format!(
+            "byte {at} changed, outside the address, port and checksums"
+        ));
+    }
+    check_checksums(packet, input, output)?;
+    Ok(packet.endpoint_in(output, side))
+}
+
+/// A hairpinned packet: sent back (MACs swapped, redirected), both addresses and ports now
+/// `(source, destination)`, nothing else changed, and each checksum as right or wrong as before.
+pub fn check_hairpin(
+    packet: &Packet,
+    run: &Run,
+    (source, destination): (Endpoint, Endpoint),
+) -> Result<(), String> {
+    run.expect(super::TC_ACT_REDIRECT)?;
+    let (input, output) = (run.input, run.output);
+    if output.len() != input.len() {
+        return Err(format!("length {} became {}", input.len(), output.len()));
+    }
+    if output[..6] != input[6..12] || output[6..12] != input[..6] {
+        return Err("hairpin: MACs not swapped".into());
+    }
+    let src = packet.endpoint_in(output, Side::Source);
+    let dst = packet.endpoint_in(output, Side::Destination);
+    if (src, dst) != (source, destination) {
+        return Err(format!(
+            "hairpin: {src:?} → {dst:?}, expected {source:?} → {destination:?}"
+        ));
+    }
+    let mut rewritten = vec![
+        0..12,
+        packet.addr_at(Side::Source),
+        packet.addr_at(Side::Destination),
+        packet.l4..packet.l4 + 4,
+        packet.l4_checksum_at(),
+    ];
+    rewritten.extend(packet.header_checksum_at());
+    if let Some(at) = changed_outside(input, output, &rewritten) {
+        return Err(format!("hairpin: byte {at} changed"));
+    }
+    check_checksums(packet, input, output).map_err(|error| format!("hairpin: {error}"))
+}
+
+fn changed_outside(input: &[u8], output: &[u8], rewritten: &[Range<usize>]) -> Option<usize> {
+    (0..input.len()).find(|at| input[*at] != output[*at] && !rewritten.iter().any(|r| r.contains(at)))
+}
+
+/// A checksum that was right must be right, one that was wrong must stay exactly as wrong (the
+/// receiver still drops the packet), and a UDP checksum of 0 must stay 0 (none over IPv4; over
+/// IPv6 forwarded as it is, RFC 6936 §5). A UDP checksum must not become 0.
+fn check_checksums(packet: &Packet, input: &[u8], output: &[u8]) -> Result<(), String> {
+    if let Some(header) = packet.header_checksum_at().map(|_| ETH_LEN..packet.l4)
+        && checksum::fold(checksum::add(0, &input[header.clone()]))
+            != checksum::fold(checksum::add(0, &output[header]))
+    {
+        return Err("IPv4 header checksum not updated to match".into());
+    }
+    let at = packet.l4_checksum_at();
+    let udp = packet.proto == IPPROTO_UDP;
+    if udp && input[at.clone()] == [0, 0] {
+        if output[at] != [0, 0] {
+            return Err("a UDP checksum of 0 was changed".into());
+        }
+        return Ok(());
+    }
+    if udp && output[at] == [0, 0] {
+        return Err("a UDP checksum became 0".into());
+    }
+    if l4_sum(packet, input) != l4_sum(packet, output) {
+        let name = if udp { "UDP" } else { "TCP" };
+        return Err(format!("{name} checksum not updated to match"));
+    }
+    Ok(())
+}
+
+/// The folded sum over the pseudo-header and the L4 bytes the checksum covers, checksum field
+/// included: 0xffff when the checksum is right.
+fn l4_sum(packet: &Packet, frame: &[u8]) -> u16 {
+    let l4 = &frame[packet.l4..packet.end];
+    let len = if packet.proto == IPPROTO_UDP {
+        usize::from(u16::from_be_bytes([l4[4], l4[5]]))
+    } else {
+        l4.len()
+    };
+    let pseudo = checksum::pseudo_header(
+        &frame[packet.addr_at(Side::Source)],
+        &frame[packet.addr_at(Side::Destination)],
+        packet.proto,
+        len as u16,
+    );
+    checksum::fold(checksum::add(pseudo, &l4[..len]))
+}
