@@ -1,5 +1,5 @@
 //! `cargo xtask soak`: the churn soak. The real agent (`switchboard run --manifests DIR`) in a
-//! netns lab serves three ClusterIP Services (TCP and UDP) to clients that connect without
+//! netns lab serves three dual-stack ClusterIP Services (TCP and UDP, IPv4 and IPv6) to clients that connect without
 //! pause, while a churn loop edits the manifests: pods added, marked terminating and removed,
 //! Services' ports, session affinity and algorithm changed. Every request whose backend was
 //! live for the whole request must succeed and be answered by a pod the Service had then; after

@@ -1,8 +1,9 @@
 //! Which frames are service traffic, and where their fields lie.
 //!
-//! A frame is service traffic only if it is a whole, well-formed IPv4 or IPv6 TCP or UDP packet,
-//! untagged: its length fields fit the frame, its header length, TCP data offset and UDP length
-//! are consistent with them, and it is not a fragment. IPv6 extension headers are walked as far as
+//! A frame is service traffic only if it is a whole, well-formed IPv4 or IPv6 TCP, UDP or SCTP
+//! packet, untagged: its length fields fit the frame, its header length, TCP data offset and UDP
+//! length are consistent with them (SCTP: its common header and a chunk header fit), and it is
+//! not a fragment. IPv6 extension headers are walked as far as
 //! the README says the datapath does: up to four hop-by-hop, routing (with no segments left: else
 //! the destination is not the final one) and destination options headers; a fragment header (an
 //! atomic one included), AH, ESP or a fifth extension header ends the walk on a protocol no
@@ -12,7 +13,7 @@ use std::{
     ops::Range,
 };
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::topology::{Endpoint, Family};
 
@@ -24,6 +25,9 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_DESTINATION_OPTIONS: u8 = 60;
 /// How many extension headers the datapath walks before giving up on a packet.
 const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
+/// SCTP's common header and the first chunk's header, whose type opens an association (INIT).
+const SCTP_HEADERS_LEN: usize = 16;
+const SCTP_INIT: u8 = 1;
 
 /// A parsed service-candidate packet.
 #[derive(Clone, Copy, Debug)]
@@ -100,9 +104,13 @@ impl Packet {
         self.proto == IPPROTO_TCP && frame[self.l4 + 13] & 0x16 == 0x02
     }
 
-    /// A SYN without ACK: it opens a connection on its tuple.
+    /// A SYN without ACK, or an SCTP INIT: it opens a connection on its tuple.
     pub fn opens(&self, frame: &[u8]) -> bool {
-        self.proto == IPPROTO_TCP && frame[self.l4 + 13] & 0x12 == 0x02
+        match self.proto {
+            IPPROTO_TCP => frame[self.l4 + 13] & 0x12 == 0x02,
+            IPPROTO_SCTP => frame[self.l4 + 12] == SCTP_INIT,
+            _ => false,
+        }
     }
 }
 
@@ -153,16 +161,18 @@ pub fn parse(frame: &[u8]) -> Option<Packet> {
     })
 }
 
-/// The length of the transport header (TCP) or datagram (UDP) at the start of `segment`, if it
-/// is a protocol of frontends and fits. The one place another transport protocol goes: SCTP (132)
-/// is not one yet, and passes untouched.
+/// The length of the transport header (TCP), datagram (UDP) or headers (SCTP) at the start of
+/// `segment`, if it is a protocol of frontends and fits.
 fn transport_len(proto: u8, segment: &[u8]) -> Option<usize> {
-    let len = match proto {
-        IPPROTO_TCP => usize::from(segment.get(12)? >> 4) * 4,
-        IPPROTO_UDP => usize::from(u16::from_be_bytes(segment.get(4..6)?.try_into().unwrap())),
+    let (len, min) = match proto {
+        IPPROTO_TCP => (usize::from(segment.get(12)? >> 4) * 4, 20),
+        IPPROTO_UDP => (
+            usize::from(u16::from_be_bytes(segment.get(4..6)?.try_into().unwrap())),
+            8,
+        ),
+        IPPROTO_SCTP => (SCTP_HEADERS_LEN, SCTP_HEADERS_LEN),
         _ => return None,
     };
-    let min = if proto == IPPROTO_TCP { 20 } else { 8 };
     (min..=segment.len()).contains(&len).then_some(len)
 }
 

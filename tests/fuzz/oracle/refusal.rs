@@ -1,8 +1,8 @@
 //! A connection to a frontend without endpoints is refused as a closed port would refuse it: a
-//! pure SYN gets a RST|ACK, a UDP datagram an ICMP (ICMPv6) port unreachable, from the frontend,
-//! sent back; anything else, a packet with IPv4 options or IPv6 extension headers included, is
-//! dropped.
-use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP};
+//! pure SYN gets a RST|ACK, a UDP datagram or SCTP INIT an ICMP (ICMPv6) port unreachable, from
+//! the frontend, sent back; anything else, a packet with IPv4 options or IPv6 extension headers
+//! included, is dropped.
+use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP};
 
 use super::{
     Outcome, Run, TC_ACT_REDIRECT, TC_ACT_SHOT,
@@ -20,7 +20,12 @@ const ICMP_QUOTE_MAX: usize = 20 + 8;
 pub fn check_reject(packet: &Packet, run: &Run) -> Result<Outcome, String> {
     let input = run.input;
     let pure_syn = packet.is_pure_syn(input);
-    if !packet.has_plain_header() || (packet.proto == IPPROTO_TCP && !pure_syn) {
+    let refused = match packet.proto {
+        IPPROTO_TCP => pure_syn,
+        IPPROTO_SCTP => packet.opens(input),
+        _ => true,
+    };
+    if !packet.has_plain_header() || !refused {
         run.expect(TC_ACT_SHOT)?;
         return Ok(Outcome::Dropped);
     }
