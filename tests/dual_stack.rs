@@ -28,6 +28,25 @@ const STICKY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x12);
 /// `dual`, RequireDualStack: 10.96.0.20 and fd00:10:96::20.
 const DUAL4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+/// The node's address on the link to the outside client, and the client's: fd00:50::2 and
+/// fd00:50::100.
+const NODE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x2);
+const OUTSIDE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x100);
+/// `edge6`, an IPv6 NodePort Service: 30080/TCP → 3000 and 30053/UDP → 5353 on the web pods.
+const EDGE: &str = "apiVersion: v1
+kind: Service
+metadata: {name: edge6, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: \"fd00:10:96::30\"
+  clusterIPs: [\"fd00:10:96::30\"]
+  ipFamilies: [IPv6]
+  ipFamilyPolicy: SingleStack
+  selector: {app: web}
+  ports:
+  - {name: http, protocol: TCP, port: 80, targetPort: 3000, nodePort: 30080}
+  - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}
+";
 const PODS: [(&str, Ipv4Addr); 3] = [
     ("web-0", Ipv4Addr::new(10, 244, 1, 10)),
     ("web-1", Ipv4Addr::new(10, 244, 1, 11)),
@@ -47,13 +66,15 @@ struct Cluster {
     udp: Vec<servers::Server>,
     manifests: tempfile::TempDir,
     pins: PinDir,
+    /// The outside client's namespace, when the lab has one.
+    outside: Option<lab::NetNs>,
     lab: Lab,
 }
 
 impl Cluster {
     /// Endpoints from the pods' labels and `podIPs`.
     fn start(tag: &str) -> Self {
-        let cluster = Self::start_with(tag, &[]);
+        let cluster = Self::start_with(tag, &[], false);
         for service in [IpAddr::from(WEB), DUAL4.into(), DUAL6.into(), STICKY.into()] {
             cluster.wait_for_backends(service, 3);
         }
@@ -63,10 +84,16 @@ impl Cluster {
 
     /// Endpoints from EndpointSlices, which each test writes: none yet.
     fn start_on_slices(tag: &str) -> Self {
-        Self::start_with(tag, &["--endpoints-from", "slices"])
+        Self::start_with(tag, &["--endpoints-from", "slices"], false)
     }
 
-    fn start_with(tag: &str, agent_args: &[&str]) -> Self {
+    /// With an outside client namespace on a link to the node's external interface, IPv6 only:
+    /// the node is [`NODE`], the client [`OUTSIDE`].
+    fn start_with_outside(tag: &str) -> Self {
+        Self::start_with(tag, &[], true)
+    }
+
+    fn start_with(tag: &str, agent_args: &[&str], with_outside: bool) -> Self {
         require_root();
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         let mut lab = Lab::new(&prefix).unwrap();
@@ -93,14 +120,21 @@ impl Cluster {
             lab::multi_family_service_manifest("dual", &[DUAL4.into(), DUAL6.into()], &web, &PORTS),
         ];
         agent::write_manifest(manifests.path(), "services.yaml", &services.join("---\n"));
+        let mut agent_args = agent_args.to_vec();
+        let external = format!("{prefix}-ext");
+        let outside = with_outside.then(|| {
+            agent_args.extend(["--external-interfaces", &external]);
+            plug_outside(&lab, &external)
+        });
         let pins = PinDir::new("sbtest", tag);
-        let agent = agent::spawn(&lab, manifests.path(), pins.path(), Stdio::inherit(), agent_args);
+        let agent = agent::spawn(&lab, manifests.path(), pins.path(), Stdio::inherit(), &agent_args);
         Self {
             agent,
             http,
             udp,
             manifests,
             pins,
+            outside,
             lab,
         }
     }
@@ -113,15 +147,20 @@ impl Cluster {
     /// in the kernel's maps.
     fn wait_for_backends(&self, addr: impl Into<IpAddr>, count: u32) {
         let addr = addr.into();
-        let frontends =
-            [(80, IPPROTO_TCP), (53, IPPROTO_UDP)].map(|(port, proto)| FrontendKey { addr, port, proto });
-        agent::wait_until(&format!("{count} backends behind {addr}"), || {
+        self.wait_for_frontends(&[(addr, 80, IPPROTO_TCP), (addr, 53, IPPROTO_UDP)], count);
+    }
+
+    /// Waits until each of `frontends` (address, port, protocol) has `count` backends in the
+    /// kernel's maps.
+    fn wait_for_frontends(&self, frontends: &[(IpAddr, u16, u8)], count: u32) {
+        agent::wait_until(&format!("{count} backends behind {frontends:?}"), || {
             let Ok(maps) = ServiceMaps::open(self.pins.path()) else {
                 return false;
             };
-            frontends
-                .iter()
-                .all(|key| maps.service(key).is_some_and(|info| info.backend_count == count))
+            frontends.iter().all(|&(addr, port, proto)| {
+                let key = FrontendKey { addr, port, proto };
+                maps.service(&key).is_some_and(|info| info.backend_count == count)
+            })
         });
     }
 
@@ -136,6 +175,33 @@ impl Drop for Cluster {
         let _ = self.agent.kill();
         let _ = self.agent.wait();
     }
+}
+
+/// A namespace outside the node, linked to its interface `external`: the node has [`NODE`] on
+/// it, the namespace [`OUTSIDE`].
+fn plug_outside(lab: &Lab, external: &str) -> lab::NetNs {
+    let outside = lab::NetNs::create(&format!("{}-out", lab.prefix)).unwrap();
+    lab.node
+        .ip(&[
+            "link",
+            "add",
+            external,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            outside.name(),
+        ])
+        .unwrap();
+    // No duplicate address detection, so the addresses work at once.
+    for (ns, interface, address) in [(&lab.node, external, NODE), (&outside, "eth0", OUTSIDE)] {
+        ns.ip(&["addr", "add", &format!("{address}/64"), "dev", interface, "nodad"])
+            .unwrap();
+        ns.ip(&["link", "set", interface, "up"]).unwrap();
+    }
+    outside
 }
 
 /// Writes `service`'s EndpointSlice of the family of `endpoints` (one file per family).
@@ -483,5 +549,31 @@ fn an_ipv6_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
     std::thread::sleep(Duration::from_millis(200));
     for _ in 0..10 {
         assert_ne!(ask(), old, "the client moved to a live pod");
+    }
+}
+
+/// An IPv6 NodePort from a client outside the node, end to end: DNAT at the external interface,
+/// the reply translated back, every pod used; the local pods see the client's own address.
+#[test]
+fn an_outside_client_reaches_every_pod_through_an_ipv6_node_port() {
+    let cluster = Cluster::start_with_outside("d6x");
+    agent::write_manifest(cluster.manifests.path(), "edge.yaml", EDGE);
+    let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
+    cluster.wait_for_frontends(&[(any, 30080, IPPROTO_TCP), (any, 30053, IPPROTO_UDP)], 3);
+    let outside = cluster.outside.as_ref().expect("the lab has an outside client");
+    let tcp = count_by_pod(http_gets(outside, NODE, 30080, 30));
+    let udp = count_by_pod(udp_requests(outside, NODE, 30053, 30));
+    assert_eq!(
+        (tcp.len(), udp.len()),
+        (3, 3),
+        "every pod answered: {tcp:?} {udp:?}"
+    );
+    for server in cluster.http.iter().chain(&cluster.udp) {
+        assert_eq!(
+            server.clients(),
+            BTreeSet::from([IpAddr::from(OUTSIDE)]),
+            "{} sees the outside client's own address",
+            server.pod
+        );
     }
 }
