@@ -28,6 +28,16 @@ const STICKY: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x12);
 /// `dual`, RequireDualStack: 10.96.0.20 and fd00:10:96::20.
 const DUAL4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const DUAL6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x20);
+const PODS: [(&str, Ipv4Addr); 3] = [
+    ("web-0", Ipv4Addr::new(10, 244, 1, 10)),
+    ("web-1", Ipv4Addr::new(10, 244, 1, 11)),
+    ("web-2", Ipv4Addr::new(10, 244, 1, 12)),
+];
+const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 1, 20));
+/// Every Service's ports: 80/TCP → 3000 (HTTP) and 53/UDP → 5353.
+const PORTS: [(&str, &str, u16, u16); 2] = [("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)];
+const SLICE_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 3000), ("dns", "UDP", 5353)];
+const TIMEOUT: Duration = Duration::from_secs(2);
 /// The node's address on the link to the outside client, and the client's: fd00:50::2 and
 /// fd00:50::100.
 const NODE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x2);
@@ -47,16 +57,6 @@ spec:
   - {name: http, protocol: TCP, port: 80, targetPort: 3000, nodePort: 30080}
   - {name: dns, protocol: UDP, port: 53, targetPort: 5353, nodePort: 30053}
 ";
-const PODS: [(&str, Ipv4Addr); 3] = [
-    ("web-0", Ipv4Addr::new(10, 244, 1, 10)),
-    ("web-1", Ipv4Addr::new(10, 244, 1, 11)),
-    ("web-2", Ipv4Addr::new(10, 244, 1, 12)),
-];
-const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 1, 20));
-/// Every Service's ports: 80/TCP → 3000 (HTTP) and 53/UDP → 5353.
-const PORTS: [(&str, &str, u16, u16); 2] = [("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)];
-const SLICE_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 3000), ("dns", "UDP", 5353)];
-const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A lab of three dual-stack `app=web` pods serving HTTP on 3000 and UDP on 5353 (both
 /// families), a client pod, the Services above and the agent in the node namespace.
@@ -225,7 +225,8 @@ fn ready6() -> Vec<SliceEndpoint<'static>> {
         .collect()
 }
 
-fn ipv6_of(pod: (&str, Ipv4Addr)) -> IpAddr {
+/// The IPv6 address of a pod of the lab.
+fn ipv6_of_pod(pod: (&str, Ipv4Addr)) -> IpAddr {
     lab::ipv6_of(pod.1).into()
 }
 
@@ -322,7 +323,7 @@ fn tcp_connections_to_an_ipv6_cluster_ip_reach_every_pod_with_the_client_address
     for server in &cluster.http {
         assert_eq!(
             server.clients(),
-            BTreeSet::from([ipv6_of(CLIENT)]),
+            BTreeSet::from([ipv6_of_pod(CLIENT)]),
             "{} sees the client's own address",
             server.pod
         );
@@ -338,7 +339,7 @@ fn udp_requests_to_an_ipv6_cluster_ip_reach_every_pod_with_the_client_address() 
     for server in &cluster.udp {
         assert_eq!(
             server.clients(),
-            BTreeSet::from([ipv6_of(CLIENT)]),
+            BTreeSet::from([ipv6_of_pod(CLIENT)]),
             "{} sees the client's own address",
             server.pod
         );
@@ -357,11 +358,11 @@ fn each_cluster_ip_of_a_dual_stack_service_balances_over_its_own_family() {
     let client = cluster.client();
     for (addr, client_addr) in [
         (IpAddr::from(DUAL4), IpAddr::from(CLIENT.1)),
-        (DUAL6.into(), ipv6_of(CLIENT)),
+        (DUAL6.into(), ipv6_of_pod(CLIENT)),
     ] {
-        let by_pod = count_by_pod(http_gets(client, addr, 80, 30));
+        let by_pod = count_by_pod(http_gets(client, addr, 80, 60));
         assert_eq!(by_pod.len(), 3, "{addr} reaches every pod: {by_pod:?}");
-        let udp = count_by_pod(udp_requests(client, addr, 53, 30));
+        let udp = count_by_pod(udp_requests(client, addr, 53, 60));
         assert_eq!(udp.len(), 3, "{addr} reaches every pod over UDP: {udp:?}");
         for server in cluster.http.iter().chain(&cluster.udp) {
             assert!(
@@ -373,22 +374,22 @@ fn each_cluster_ip_of_a_dual_stack_service_balances_over_its_own_family() {
     }
 
     let (left_out, _) = PODS[2];
-    let ready6: Vec<_> = PODS[..2]
+    let others: Vec<_> = PODS[..2]
         .iter()
         .map(|&(name, ip)| SliceEndpoint::ready(name, lab::ipv6_of(ip)))
         .collect();
-    write_slice(cluster.manifests.path(), "dual", &ready6);
+    write_slice(cluster.manifests.path(), "dual", &others);
     cluster.wait_for_backends(DUAL6, 2);
-    let http6 = count_by_pod(http_gets(client, DUAL6, 80, 30));
-    let udp6 = count_by_pod(udp_requests(client, DUAL6, 53, 30));
+    let http6 = count_by_pod(http_gets(client, DUAL6, 80, 60));
+    let udp6 = count_by_pod(udp_requests(client, DUAL6, 53, 60));
     assert!(
         !http6.contains_key(left_out) && !udp6.contains_key(left_out),
         "{left_out}, out of the IPv6 slice, got IPv6 traffic: {http6:?} {udp6:?}"
     );
     assert_eq!((http6.len(), udp6.len()), (2, 2), "the other two share it");
     cluster.wait_for_backends(DUAL4, 3);
-    let http4 = count_by_pod(http_gets(client, DUAL4, 80, 30));
-    let udp4 = count_by_pod(udp_requests(client, DUAL4, 53, 30));
+    let http4 = count_by_pod(http_gets(client, DUAL4, 80, 60));
+    let udp4 = count_by_pod(udp_requests(client, DUAL4, 53, 60));
     assert!(
         http4.contains_key(left_out) && udp4.contains_key(left_out),
         "{left_out} still gets IPv4 traffic: {http4:?} {udp4:?}"
@@ -444,17 +445,17 @@ fn a_pod_reaches_itself_through_its_own_ipv6_service_from_the_hairpin_address() 
     let (name, _) = PODS[0];
     let pod = &cluster.lab.pod(name).ns;
     let hairpin = IpAddr::from(Ipv6Addr::from(lb_common::HAIRPIN_ADDR6));
-    let tcp = count_by_pod(http_gets(pod, WEB, 80, 30));
-    let udp = count_by_pod(udp_requests(pod, WEB, 53, 30));
+    let tcp = count_by_pod(http_gets(pod, WEB, 80, 60));
+    let udp = count_by_pod(udp_requests(pod, WEB, 53, 60));
     assert!(
         tcp.contains_key(name) && udp.contains_key(name),
-        "30 connections and 30 datagrams reached the pod itself: {tcp:?} {udp:?}"
+        "the pod itself answered some of 60 connections and 60 datagrams: {tcp:?} {udp:?}"
     );
     for server in cluster.http.iter().chain(&cluster.udp) {
         let expected = if server.pod == name {
             hairpin
         } else {
-            ipv6_of(PODS[0])
+            ipv6_of_pod(PODS[0])
         };
         if server.answered() > 0 {
             assert_eq!(
@@ -561,8 +562,8 @@ fn an_outside_client_reaches_every_pod_through_an_ipv6_node_port() {
     let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
     cluster.wait_for_frontends(&[(any, 30080, IPPROTO_TCP), (any, 30053, IPPROTO_UDP)], 3);
     let outside = cluster.outside.as_ref().expect("the lab has an outside client");
-    let tcp = count_by_pod(http_gets(outside, NODE, 30080, 30));
-    let udp = count_by_pod(udp_requests(outside, NODE, 30053, 30));
+    let tcp = count_by_pod(http_gets(outside, NODE, 30080, 60));
+    let udp = count_by_pod(udp_requests(outside, NODE, 30053, 60));
     assert_eq!(
         (tcp.len(), udp.len()),
         (3, 3),
