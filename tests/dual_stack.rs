@@ -38,9 +38,11 @@ const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 1, 20));
 const PORTS: [(&str, &str, u16, u16); 2] = [("http", "TCP", 80, 3000), ("dns", "UDP", 53, 5353)];
 const SLICE_PORTS: [(&str, &str, u16); 2] = [("http", "TCP", 3000), ("dns", "UDP", 5353)];
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// The node's own global IPv6 address (on its loopback): fd00:1::1.
+const NODE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x1, 0, 0, 0, 0, 0, 0x1);
 /// The node's address on the link to the outside client, and the client's: fd00:50::2 and
 /// fd00:50::100.
-const NODE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x2);
+const NODE_OUTSIDE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x2);
 const OUTSIDE: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x100);
 /// `edge6`, an IPv6 NodePort Service: 30080/TCP → 3000 and 30053/UDP → 5353 on the web pods.
 const EDGE: &str = "apiVersion: v1
@@ -88,7 +90,7 @@ impl Cluster {
     }
 
     /// With an outside client namespace on a link to the node's external interface, IPv6 only:
-    /// the node is [`NODE`], the client [`OUTSIDE`].
+    /// the node is [`NODE_OUTSIDE`] there, the client [`OUTSIDE`].
     fn start_with_outside(tag: &str) -> Self {
         Self::start_with(tag, &[], true)
     }
@@ -97,6 +99,13 @@ impl Cluster {
         require_root();
         let prefix = format!("{tag}{}", std::process::id() % 100_000);
         let mut lab = Lab::new(&prefix).unwrap();
+        // A node has a global IPv6 address (its InternalIP). With only the gateway's fe80::1, its
+        // own sockets would speak link-local, and a pod answers a link-local peer from its own
+        // link-local address, which no backend has: the node's datagrams would come back from
+        // an address no service translation knows.
+        lab.node
+            .ip(&["addr", "add", &format!("{NODE}/128"), "dev", "lo", "nodad"])
+            .unwrap();
         let manifests = tempfile::tempdir().unwrap();
         let (mut http, mut udp) = (Vec::new(), Vec::new());
         let mut pods = Vec::new();
@@ -177,8 +186,8 @@ impl Drop for Cluster {
     }
 }
 
-/// A namespace outside the node, linked to its interface `external`: the node has [`NODE`] on
-/// it, the namespace [`OUTSIDE`].
+/// A namespace outside the node, linked to its interface `external`: the node has
+/// [`NODE_OUTSIDE`] on it, the namespace [`OUTSIDE`].
 fn plug_outside(lab: &Lab, external: &str) -> lab::NetNs {
     let outside = lab::NetNs::create(&format!("{}-out", lab.prefix)).unwrap();
     lab.node
@@ -196,7 +205,7 @@ fn plug_outside(lab: &Lab, external: &str) -> lab::NetNs {
         ])
         .unwrap();
     // No duplicate address detection, so the addresses work at once.
-    for (ns, interface, address) in [(&lab.node, external, NODE), (&outside, "eth0", OUTSIDE)] {
+    for (ns, interface, address) in [(&lab.node, external, NODE_OUTSIDE), (&outside, "eth0", OUTSIDE)] {
         ns.ip(&["addr", "add", &format!("{address}/64"), "dev", interface, "nodad"])
             .unwrap();
         ns.ip(&["link", "set", interface, "up"]).unwrap();
@@ -562,8 +571,8 @@ fn an_outside_client_reaches_every_pod_through_an_ipv6_node_port() {
     let any = IpAddr::from(Ipv6Addr::UNSPECIFIED);
     cluster.wait_for_frontends(&[(any, 30080, IPPROTO_TCP), (any, 30053, IPPROTO_UDP)], 3);
     let outside = cluster.outside.as_ref().expect("the lab has an outside client");
-    let tcp = count_by_pod(http_gets(outside, NODE, 30080, 60));
-    let udp = count_by_pod(udp_requests(outside, NODE, 30053, 60));
+    let tcp = count_by_pod(http_gets(outside, NODE_OUTSIDE, 30080, 60));
+    let udp = count_by_pod(udp_requests(outside, NODE_OUTSIDE, 30053, 60));
     assert_eq!(
         (tcp.len(), udp.len()),
         (3, 3),
