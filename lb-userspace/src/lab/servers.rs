@@ -2,10 +2,11 @@
 //! with the pod's name, and the client calls that talk to them. Servers listen on `[::]`, which
 //! on Linux takes IPv4 too, so every pod serves both families.
 use std::{
+    collections::BTreeSet,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -15,10 +16,12 @@ use anyhow::{Context as _, bail};
 
 use super::NetNs;
 
-/// A server running in a pod; counts the requests it answered. Stops when dropped.
+/// A server running in a pod; counts the requests it answered and remembers the client
+/// addresses it saw. Stops when dropped.
 pub struct Server {
     pub pod: String,
     answered: Arc<AtomicUsize>,
+    clients: Arc<Mutex<BTreeSet<IpAddr>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -27,6 +30,7 @@ impl Server {
         Self {
             pod: pod.to_owned(),
             answered: Arc::default(),
+            clients: Arc::default(),
             stop: Arc::default(),
         }
     }
@@ -34,6 +38,18 @@ impl Server {
     pub fn answered(&self) -> usize {
         self.answered.load(Ordering::SeqCst)
     }
+
+    /// The source addresses of the connections and datagrams this server received, as the pod
+    /// saw them (an IPv4 client on the dual-stack socket as IPv4): what address translation
+    /// left of the client.
+    pub fn clients(&self) -> BTreeSet<IpAddr> {
+        self.clients.lock().expect("no holder panics").clone()
+    }
+}
+
+fn remember(clients: &Mutex<BTreeSet<IpAddr>>, peer: SocketAddr) {
+    let mut clients = clients.lock().expect("no holder panics");
+    clients.insert(peer.ip().to_canonical());
 }
 
 impl Drop for Server {
@@ -73,10 +89,12 @@ fn tcp_server(
     listener.set_nonblocking(true)?;
     let server = Server::new(pod);
     let (answered, stop, answer) = (server.answered.clone(), server.stop.clone(), Arc::new(answer));
+    let clients = server.clients.clone();
     std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
+                    remember(&clients, peer);
                     let (answered, answer) = (answered.clone(), answer.clone());
                     std::thread::spawn(move || answer(stream, &answered));
                 }
@@ -135,10 +153,12 @@ fn udp_responder(
     socket.set_read_timeout(Some(POLL))?;
     let server = Server::new(pod);
     let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
+    let clients = server.clients.clone();
     std::thread::spawn(move || {
         let mut buffer = [0u8; 1500];
         while !stop.load(Ordering::SeqCst) {
             if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
+                remember(&clients, peer);
                 answered.fetch_add(1, Ordering::SeqCst);
                 let _ = socket.send_to(answer(&name, peer).as_bytes(), peer);
             }
