@@ -546,7 +546,15 @@ fn keep_datapath_serves_after_the_agent_exits_and_uninstall_detaches_it() {
         .arg("--pin-dir")
         .arg(cluster.pins.path());
     cluster.agent = cluster.lab.node.spawn(&mut command).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Stopped once it runs (its metrics port answers), whatever it is doing then: a SIGTERM
+    // during startup must end in a clean exit too.
+    agent::wait_until("the new agent's metrics port", || {
+        let connected = cluster
+            .lab
+            .node
+            .run(|| std::net::TcpStream::connect("127.0.0.1:10249"));
+        connected.is_ok_and(|stream| stream.is_ok())
+    });
     let pid = nix::unistd::Pid::from_raw(cluster.agent.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(cluster.agent.wait().unwrap().success(), "a clean exit");

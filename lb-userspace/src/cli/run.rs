@@ -132,6 +132,11 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // First: a SIGTERM that comes while the datapath is loading (a rollout deleting a pod that is
+    // still starting) waits for the main loop, which exits cleanly, instead of killing the agent
+    // halfway.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     if let Some(dir) = &args.source.manifests
         && !dir.is_dir()
     {
@@ -250,8 +255,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
     let mut notices = BTreeSet::new();
     let mut health_checks = HealthChecks::default();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             changed = snapshots.changed() => {
