@@ -15,7 +15,7 @@ use lb_userspace::reconcile::{DesiredService, External, FrontendKey};
 use crate::{
     common::Loaded,
     generate::{Generator, Program},
-    oracle::{Model, Outcome, family_of},
+    oracle::{Model, Outcome, SctpCrc, family_of, sctp_of},
     topology::{Family, Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX, in_family},
 };
 
@@ -33,6 +33,8 @@ pub struct Report {
     pub verdicts: BTreeMap<(Program, u32), u64>,
     /// Per family (`None`: neither IPv4 nor IPv6 by its EtherType): outcome → how many.
     pub outcomes: BTreeMap<(Option<Family>, Outcome), u64>,
+    /// The SCTP packets among them, by how their CRC32c came in.
+    pub sctp: BTreeMap<(Family, Outcome, SctpCrc), u64>,
     /// Flows the datapath created (each holds two conntrack entries).
     pub flows: u64,
     pub failures: u64,
@@ -58,6 +60,7 @@ pub fn run(packets: u64, seed: u64) -> Report {
         refused: 0,
         verdicts: BTreeMap::new(),
         outcomes: BTreeMap::new(),
+        sctp: BTreeMap::new(),
         flows: 0,
         failures: 0,
         examples: Vec::new(),
@@ -94,7 +97,12 @@ pub fn run(packets: u64, seed: u64) -> Report {
             Err(error) => Err((format!("BPF_PROG_TEST_RUN failed: {error}"), Vec::new())),
         };
         match checked {
-            Ok(outcome) => *report.outcomes.entry((family_of(&input), outcome)).or_default() += 1,
+            Ok(outcome) => {
+                *report.outcomes.entry((family_of(&input), outcome)).or_default() += 1;
+                if let Some((family, crc)) = sctp_of(&input) {
+                    *report.sctp.entry((family, outcome, crc)).or_default() += 1;
+                }
+            }
             Err((error, output)) => report.fail(format!(
                 "packet {index} through {}: {error}\n  input  {}\n  output {}",
                 program.name(),
@@ -294,6 +302,15 @@ impl Report {
         self.outcomes.get(&(family, outcome)).copied().unwrap_or(0)
     }
 
+    /// How many SCTP packets of `family` had one of `outcomes`, their CRC32c one of `crcs`.
+    pub fn sctp_count(&self, family: Family, outcomes: &[Outcome], crcs: &[SctpCrc]) -> u64 {
+        self.sctp
+            .iter()
+            .filter(|((f, outcome, crc), _)| *f == family && outcomes.contains(outcome) && crcs.contains(crc))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     fn summarize_outcomes(&self, out: &mut String, family: Option<Family>) {
         let count = |outcome| self.count(family, outcome);
         let name = family.map_or("other", Family::name);
@@ -301,13 +318,7 @@ impl Report {
             let _ = writeln!(out, "  {name}: untouched {}", count(Outcome::Untouched));
             return;
         }
-        let rewrites = [
-            Outcome::Dnat,
-            Outcome::ReverseNat,
-            Outcome::Snat,
-            Outcome::SnatReply,
-            Outcome::Hairpin,
-        ];
+        let rewrites = Outcome::REWRITES;
         let _ = writeln!(
             out,
             "  {name}: rewrites checked: {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {})",
@@ -333,6 +344,7 @@ impl Report {
             count(Outcome::LocalDropped),
             count(Outcome::Untouched),
         );
+        self.summarize_sctp(out, family.expect("an IP family"));
         let unseen: Vec<String> = Outcome::ALL
             .iter()
             .filter(|&&outcome| count(outcome) == 0)
@@ -341,6 +353,34 @@ impl Report {
         if !unseen.is_empty() {
             let _ = writeln!(out, "    never seen: {}", unseen.join(", "));
         }
+    }
+}
+
+impl Report {
+    fn summarize_sctp(&self, out: &mut String, family: Family) {
+        let count = |outcome| self.sctp_count(family, &[outcome], &SctpCrc::ALL);
+        let translated = |crc| self.sctp_count(family, &Outcome::REWRITES, &[crc]);
+        let _ = writeln!(
+            out,
+            "    SCTP: translated {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {}; CRC32c right {}, wrong {}, zero {})",
+            self.sctp_count(family, &Outcome::REWRITES, &SctpCrc::ALL),
+            count(Outcome::Dnat),
+            count(Outcome::ReverseNat),
+            count(Outcome::Snat),
+            count(Outcome::SnatReply),
+            count(Outcome::Hairpin),
+            translated(SctpCrc::Right),
+            translated(SctpCrc::Wrong),
+            translated(SctpCrc::Zero),
+        );
+        let _ = writeln!(
+            out,
+            "      port unreachable {}, dropped {}, left to TC by XDP {}, untouched {}",
+            count(Outcome::PortUnreachable),
+            count(Outcome::Dropped),
+            count(Outcome::LeftToTc),
+            count(Outcome::Untouched),
+        );
     }
 }
 

@@ -13,14 +13,18 @@ mod rewrite;
 
 use std::{collections::HashMap, net::IpAddr};
 
+use lb_common::IPPROTO_SCTP;
 pub use parse::family_of;
 use parse::{Packet, Side, Tuple, parse};
 use refusal::check_reject;
 use rewrite::{check_hairpin, check_rewrite};
 
 use crate::{
+    checksum,
     generate::Program,
-    topology::{Endpoint, NODE_ADDRS, SNAT_ADDR, SNAT_PORTS, Service, in_family, is_cluster_ip, service_at},
+    topology::{
+        Endpoint, Family, NODE_ADDRS, SNAT_ADDR, SNAT_PORTS, Service, in_family, is_cluster_ip, service_at,
+    },
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -75,6 +79,42 @@ impl Outcome {
         Self::LocalDropped,
         Self::LeftToTc,
     ];
+
+    /// The translations.
+    pub const REWRITES: [Self; 5] = [
+        Self::Dnat,
+        Self::ReverseNat,
+        Self::Snat,
+        Self::SnatReply,
+        Self::Hairpin,
+    ];
+}
+
+/// How an SCTP packet's CRC32c came in, for the report: translations must keep it so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SctpCrc {
+    Right,
+    Wrong,
+    /// Left to checksum offload.
+    Zero,
+}
+
+impl SctpCrc {
+    pub const ALL: [Self; 3] = [Self::Right, Self::Wrong, Self::Zero];
+}
+
+/// The family and checksum of `frame` if it is an SCTP packet the datapath reads.
+pub fn sctp_of(frame: &[u8]) -> Option<(Family, SctpCrc)> {
+    let packet = parse(frame).filter(|packet| packet.proto == IPPROTO_SCTP)?;
+    let field = &frame[packet.l4_checksum_at()];
+    let crc = if field == [0; 4] {
+        SctpCrc::Zero
+    } else if field == checksum::sctp_crc(packet.l4_bytes(frame)) {
+        SctpCrc::Right
+    } else {
+        SctpCrc::Wrong
+    };
+    Some((packet.family, crc))
 }
 
 /// The flows the datapath has been seen to create, as its conntrack and affinity maps hold them,
