@@ -9,13 +9,13 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
-use lb_common::{Ipv4, Ipv6, Stat};
+use lb_common::{Address, CtEntry, CtKey, IPPROTO_SCTP, Ipv4, Ipv6, Stat, ct_direction, ct_flags};
 use lb_userspace::reconcile::{DesiredService, External, FrontendKey};
 
 use crate::{
     common::Loaded,
     generate::{Generator, Program},
-    oracle::{Model, Outcome, SctpCrc, family_of, sctp_of},
+    oracle::{Direction, Model, Outcome, SctpCrc, Tuple, addr_from, family_of, sctp_of},
     topology::{Family, Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX, in_family},
 };
 
@@ -37,6 +37,8 @@ pub struct Report {
     pub sctp: BTreeMap<(Family, Outcome, SctpCrc), u64>,
     /// Flows the datapath created (each holds two conntrack entries).
     pub flows: u64,
+    /// SCTP conntrack entries checked at the end, and how many of them were closing.
+    pub associations: (usize, usize),
     pub failures: u64,
     pub examples: Vec<String>,
 }
@@ -62,6 +64,7 @@ pub fn run(packets: u64, seed: u64) -> Report {
         outcomes: BTreeMap::new(),
         sctp: BTreeMap::new(),
         flows: 0,
+        associations: (0, 0),
         failures: 0,
         examples: Vec::new(),
     };
@@ -114,7 +117,42 @@ pub fn run(packets: u64, seed: u64) -> Report {
     report.elapsed = started.elapsed();
     report.flows = model.counts.new_flows;
     check_counters(&loaded, &model, &mut report);
+    check_associations(&loaded, &model, &mut report);
     report
+}
+
+/// The SCTP entries of conntrack must be those the oracle made, closing where it says.
+fn check_associations(loaded: &Loaded, model: &Model, report: &mut Report) {
+    let mut entries = sctp_entries(loaded.maps.conntrack.iter());
+    entries.extend(sctp_entries(loaded.maps.conntrack6.iter()));
+    match model.associations.check(&entries) {
+        Ok(checked) => report.associations = (checked, model.associations.closing()),
+        Err(errors) => errors.into_iter().for_each(|error| report.fail(error)),
+    }
+}
+
+/// The forward and reply entries of SCTP flows, as (direction, tuple, closing).
+fn sctp_entries<A: Address>(
+    entries: impl Iterator<Item = Result<(CtKey<A>, CtEntry<A>), aya::maps::MapError>>,
+) -> Vec<(Direction, Tuple, bool)> {
+    entries
+        .map(|entry| entry.expect("the conntrack map reads"))
+        .filter(|(key, _)| key.proto == IPPROTO_SCTP)
+        .filter_map(|(key, entry)| {
+            let direction = match key.direction {
+                ct_direction::FORWARD => Direction::Forward,
+                ct_direction::REPLY => Direction::Reply,
+                _ => return None,
+            };
+            let src = (addr_from(key.src_addr.as_ref()), key.src_port);
+            let dst = (addr_from(key.dst_addr.as_ref()), key.dst_port);
+            Some((
+                direction,
+                (src, dst, key.proto),
+                entry.flags & ct_flags::CLOSING != 0,
+            ))
+        })
+        .collect()
 }
 
 /// BPF_PROG_TEST_RUN takes no frame shorter than Ethernet, and builds no skb from one shorter
@@ -290,6 +328,11 @@ impl Report {
             self.summarize_outcomes(&mut out, family);
         }
         let _ = writeln!(out, "  flows created: {}", self.flows);
+        let _ = writeln!(
+            out,
+            "  SCTP conntrack entries checked: {} ({} closing)",
+            self.associations.0, self.associations.1
+        );
         let _ = writeln!(out, "  failures: {}", self.failures);
         for example in &self.examples {
             let _ = writeln!(out, "  FAILED (seed {}) {example}", self.seed);

@@ -7,15 +7,17 @@
 //!
 //! The programs share their maps, as on a node: a flow a pod started is the same flow when its
 //! packets show up on the external interface, and the other way round.
+mod associations;
 mod parse;
 mod refusal;
 mod rewrite;
 
 use std::{collections::HashMap, net::IpAddr};
 
+pub use associations::{Associations, Direction};
 use lb_common::IPPROTO_SCTP;
-pub use parse::family_of;
-use parse::{Packet, Side, Tuple, parse};
+use parse::{Packet, Side, parse};
+pub use parse::{Tuple, addr_from, family_of};
 use refusal::check_reject;
 use rewrite::{check_hairpin, check_rewrite};
 
@@ -132,6 +134,7 @@ pub struct Model {
     snat_out: HashMap<Tuple, Option<Endpoint>>,
     /// The replies of those (backend → node address and port) → the client.
     snat_in: HashMap<Tuple, Endpoint>,
+    pub associations: Associations,
     pub counts: Counts,
 }
 
@@ -182,6 +185,7 @@ impl Model {
         {
             // A pod's reply to a connection it made to itself: from the frontend, back in.
             check_hairpin(packet, run, (frontend, (packet.src.0, packet.dst.1)))?;
+            self.associations.reply(packet, run.input);
             self.counts.reply_packets += 1;
             return Ok(Outcome::Hairpin);
         }
@@ -208,6 +212,7 @@ impl Model {
                 "reply's source became {source:?}, not the frontend {frontend:?}"
             ));
         }
+        self.associations.reply(packet, run.input);
         self.counts.reply_packets += 1;
         Ok(Outcome::ReverseNat)
     }
@@ -345,6 +350,8 @@ impl Model {
             if packet.opens(run.input) {
                 self.reply.insert(reply_tuple(packet, backend), packet.dst);
             }
+            self.associations
+                .forward(packet, run.input, reply_tuple(packet, backend));
             return Ok(outcome);
         }
         if service.affinity {
@@ -358,6 +365,8 @@ impl Model {
         self.counts.new_flows += 1;
         self.forward.insert(packet.tuple(), backend);
         self.reply.insert(reply_tuple(packet, backend), packet.dst);
+        self.associations
+            .track(packet, run.input, reply_tuple(packet, backend));
         Ok(outcome)
     }
 }

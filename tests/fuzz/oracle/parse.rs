@@ -31,6 +31,8 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
 /// SCTP's common header and the first chunk's header, whose type opens an association (INIT).
 const SCTP_HEADERS_LEN: usize = 16;
 const SCTP_INIT: u8 = 1;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 
 /// A parsed service-candidate packet.
 #[derive(Clone, Copy, Debug)]
@@ -124,6 +126,11 @@ impl Packet {
             IPPROTO_SCTP => frame[self.l4 + 12] == SCTP_INIT,
             _ => false,
         }
+    }
+
+    /// An SCTP ABORT or SHUTDOWN COMPLETE (the first chunk): it ends the association.
+    pub fn closes(&self, frame: &[u8]) -> bool {
+        self.proto == IPPROTO_SCTP && [SCTP_ABORT, SCTP_SHUTDOWN_COMPLETE].contains(&frame[self.l4 + 12])
     }
 }
 
