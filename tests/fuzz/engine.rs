@@ -397,9 +397,7 @@ impl Report {
             let _ = writeln!(out, "    never seen: {}", unseen.join(", "));
         }
     }
-}
 
-impl Report {
     fn summarize_sctp(&self, out: &mut String, family: Family) {
         let count = |outcome| self.sctp_count(family, &[outcome], &SctpCrc::ALL);
         let translated = |crc| self.sctp_count(family, &Outcome::REWRITES, &[crc]);

@@ -54,4 +54,10 @@ fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
         "SCTP never seen: {unseen_sctp:?}\n{}",
         report.summary()
     );
+    // Conntrack was compared with associations both open and closing.
+    let (checked, closing) = report.associations;
+    assert!(
+        closing > 0 && checked > closing,
+        "SCTP conntrack entries checked: {checked}, {closing} closing"
+    );
 }

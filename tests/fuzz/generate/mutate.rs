@@ -80,7 +80,8 @@ pub fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
                     let len = rng.next_u64() as u16 % 64;
                     set(frame, l4 + 4, &len.to_be_bytes());
                 } else if proto == IPPROTO_SCTP {
-                    // What conntrack makes of the packet: an INIT becomes DATA, or an ABORT...
+                    // The first chunk's type, which conntrack reads: an INIT may become DATA,
+                    // DATA an ABORT.
                     set(frame, l4 + 12, &[*rng.pick(&sctp::CHUNKS)]);
                 } else if let Some(byte) = frame.get_mut(l4 + 12) {
                     *byte = (rng.below(16) as u8) << 4 | (*byte & 0x0f);

@@ -2,8 +2,8 @@
 //! the flows it has seen, never from the datapath's own code: `parse` says what is service
 //! traffic (everything else must come out byte-identical, from every program), `rewrite` how a
 //! translated packet may differ from its input, `refusal` how a connection to a frontend without
-//! endpoints is refused. The rules are the same for IPv4 and IPv6; the families' flows never
-//! meet.
+//! endpoints is refused, `associations` what the conntrack entries of SCTP flows must say at
+//! the end. The rules are the same for IPv4 and IPv6; the families' flows never meet.
 //!
 //! The programs share their maps, as on a node: a flow a pod started is the same flow when its
 //! packets show up on the external interface, and the other way round.

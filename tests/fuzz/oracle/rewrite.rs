@@ -73,7 +73,8 @@ fn changed_outside(input: &[u8], output: &[u8], rewritten: &[Range<usize>]) -> O
 
 /// A checksum that was right must be right, one that was wrong must stay exactly as wrong (the
 /// receiver still drops the packet), and a UDP checksum of 0 must stay 0 (none over IPv4; over
-/// IPv6 forwarded as it is, RFC 6936 §5). A UDP checksum must not become 0.
+/// IPv6 forwarded as it is, RFC 6936 §5). A UDP checksum must not become 0. SCTP's CRC32c:
+/// see [`check_sctp_crc`].
 fn check_checksums(packet: &Packet, input: &[u8], output: &[u8]) -> Result<(), String> {
     if let Some(header) = packet.header_checksum_at().map(|_| ETH_LEN..packet.l4)
         && checksum::fold(checksum::add(0, &input[header.clone()]))
