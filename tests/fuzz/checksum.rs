@@ -1,5 +1,21 @@
 //! The Internet checksum (RFC 1071), written here rather than taken from `lb_common` so that the
-//! datapath's arithmetic is checked against code it does not share.
+//! datapath's arithmetic is checked against code it does not share; SCTP's CRC32c from the `crc`
+//! crate, for the same reason.
+
+const CASTAGNOLI: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+/// Where an SCTP packet's checksum lies (after the ports and the verification tag).
+pub const SCTP_CRC_AT: std::ops::Range<usize> = 8..12;
+
+/// The CRC32c of an SCTP packet (RFC 9260 §6.8), its checksum field taken as zero: the field's
+/// right value, little-endian.
+pub fn sctp_crc(sctp: &[u8]) -> [u8; 4] {
+    let mut digest = CASTAGNOLI.digest();
+    digest.update(&sctp[..SCTP_CRC_AT.start]);
+    digest.update(&[0; 4]);
+    digest.update(&sctp[SCTP_CRC_AT.end..]);
+    digest.finalize().to_le_bytes()
+}
 
 /// The one's complement sum of `bytes` as big-endian 16-bit words added to `acc`, not folded.
 pub fn add(mut acc: u32, bytes: &[u8]) -> u32 {

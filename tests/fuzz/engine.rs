@@ -9,13 +9,13 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
-use lb_common::{Ipv4, Ipv6, Stat};
+use lb_common::{Address, CtEntry, CtKey, IPPROTO_SCTP, Ipv4, Ipv6, Stat, ct_direction, ct_flags};
 use lb_userspace::reconcile::{DesiredService, External, FrontendKey};
 
 use crate::{
     common::Loaded,
     generate::{Generator, Program},
-    oracle::{Model, Outcome, family_of},
+    oracle::{Direction, Model, Outcome, SctpCrc, Tuple, addr_from, family_of, sctp_of},
     topology::{Family, Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX, in_family},
 };
 
@@ -33,8 +33,12 @@ pub struct Report {
     pub verdicts: BTreeMap<(Program, u32), u64>,
     /// Per family (`None`: neither IPv4 nor IPv6 by its EtherType): outcome → how many.
     pub outcomes: BTreeMap<(Option<Family>, Outcome), u64>,
+    /// The SCTP packets among them, by how their CRC32c came in.
+    pub sctp: BTreeMap<(Family, Outcome, SctpCrc), u64>,
     /// Flows the datapath created (each holds two conntrack entries).
     pub flows: u64,
+    /// SCTP conntrack entries checked at the end, and how many of them were closing.
+    pub associations: (usize, usize),
     pub failures: u64,
     pub examples: Vec<String>,
 }
@@ -58,7 +62,9 @@ pub fn run(packets: u64, seed: u64) -> Report {
         refused: 0,
         verdicts: BTreeMap::new(),
         outcomes: BTreeMap::new(),
+        sctp: BTreeMap::new(),
         flows: 0,
+        associations: (0, 0),
         failures: 0,
         examples: Vec::new(),
     };
@@ -94,7 +100,12 @@ pub fn run(packets: u64, seed: u64) -> Report {
             Err(error) => Err((format!("BPF_PROG_TEST_RUN failed: {error}"), Vec::new())),
         };
         match checked {
-            Ok(outcome) => *report.outcomes.entry((family_of(&input), outcome)).or_default() += 1,
+            Ok(outcome) => {
+                *report.outcomes.entry((family_of(&input), outcome)).or_default() += 1;
+                if let Some((family, crc)) = sctp_of(&input) {
+                    *report.sctp.entry((family, outcome, crc)).or_default() += 1;
+                }
+            }
             Err((error, output)) => report.fail(format!(
                 "packet {index} through {}: {error}\n  input  {}\n  output {}",
                 program.name(),
@@ -106,7 +117,42 @@ pub fn run(packets: u64, seed: u64) -> Report {
     report.elapsed = started.elapsed();
     report.flows = model.counts.new_flows;
     check_counters(&loaded, &model, &mut report);
+    check_associations(&loaded, &model, &mut report);
     report
+}
+
+/// The SCTP entries of conntrack must be those the oracle made, closing where it says.
+fn check_associations(loaded: &Loaded, model: &Model, report: &mut Report) {
+    let mut entries = sctp_entries(loaded.maps.conntrack.iter());
+    entries.extend(sctp_entries(loaded.maps.conntrack6.iter()));
+    match model.associations.check(&entries) {
+        Ok(checked) => report.associations = (checked, model.associations.closing()),
+        Err(errors) => errors.into_iter().for_each(|error| report.fail(error)),
+    }
+}
+
+/// The forward and reply entries of SCTP flows, as (direction, tuple, closing).
+fn sctp_entries<A: Address>(
+    entries: impl Iterator<Item = Result<(CtKey<A>, CtEntry<A>), aya::maps::MapError>>,
+) -> Vec<(Direction, Tuple, bool)> {
+    entries
+        .map(|entry| entry.expect("the conntrack map reads"))
+        .filter(|(key, _)| key.proto == IPPROTO_SCTP)
+        .filter_map(|(key, entry)| {
+            let direction = match key.direction {
+                ct_direction::FORWARD => Direction::Forward,
+                ct_direction::REPLY => Direction::Reply,
+                _ => return None,
+            };
+            let src = (addr_from(key.src_addr.as_ref()), key.src_port);
+            let dst = (addr_from(key.dst_addr.as_ref()), key.dst_port);
+            Some((
+                direction,
+                (src, dst, key.proto),
+                entry.flags & ct_flags::CLOSING != 0,
+            ))
+        })
+        .collect()
 }
 
 /// BPF_PROG_TEST_RUN takes no frame shorter than Ethernet, and builds no skb from one shorter
@@ -282,6 +328,11 @@ impl Report {
             self.summarize_outcomes(&mut out, family);
         }
         let _ = writeln!(out, "  flows created: {}", self.flows);
+        let _ = writeln!(
+            out,
+            "  SCTP conntrack entries checked: {} ({} closing)",
+            self.associations.0, self.associations.1
+        );
         let _ = writeln!(out, "  failures: {}", self.failures);
         for example in &self.examples {
             let _ = writeln!(out, "  FAILED (seed {}) {example}", self.seed);
@@ -294,6 +345,15 @@ impl Report {
         self.outcomes.get(&(family, outcome)).copied().unwrap_or(0)
     }
 
+    /// How many SCTP packets of `family` had one of `outcomes`, their CRC32c one of `crcs`.
+    pub fn sctp_count(&self, family: Family, outcomes: &[Outcome], crcs: &[SctpCrc]) -> u64 {
+        self.sctp
+            .iter()
+            .filter(|((f, outcome, crc), _)| *f == family && outcomes.contains(outcome) && crcs.contains(crc))
+            .map(|(_, n)| n)
+            .sum()
+    }
+
     fn summarize_outcomes(&self, out: &mut String, family: Option<Family>) {
         let count = |outcome| self.count(family, outcome);
         let name = family.map_or("other", Family::name);
@@ -301,13 +361,7 @@ impl Report {
             let _ = writeln!(out, "  {name}: untouched {}", count(Outcome::Untouched));
             return;
         }
-        let rewrites = [
-            Outcome::Dnat,
-            Outcome::ReverseNat,
-            Outcome::Snat,
-            Outcome::SnatReply,
-            Outcome::Hairpin,
-        ];
+        let rewrites = Outcome::REWRITES;
         let _ = writeln!(
             out,
             "  {name}: rewrites checked: {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {})",
@@ -333,6 +387,7 @@ impl Report {
             count(Outcome::LocalDropped),
             count(Outcome::Untouched),
         );
+        self.summarize_sctp(out, family.expect("an IP family"));
         let unseen: Vec<String> = Outcome::ALL
             .iter()
             .filter(|&&outcome| count(outcome) == 0)
@@ -341,6 +396,32 @@ impl Report {
         if !unseen.is_empty() {
             let _ = writeln!(out, "    never seen: {}", unseen.join(", "));
         }
+    }
+
+    fn summarize_sctp(&self, out: &mut String, family: Family) {
+        let count = |outcome| self.sctp_count(family, &[outcome], &SctpCrc::ALL);
+        let translated = |crc| self.sctp_count(family, &Outcome::REWRITES, &[crc]);
+        let _ = writeln!(
+            out,
+            "    SCTP: translated {} (DNAT {}, reverse NAT {}, SNAT {}, SNAT reply {}, hairpin {}; CRC32c right {}, wrong {}, zero {})",
+            self.sctp_count(family, &Outcome::REWRITES, &SctpCrc::ALL),
+            count(Outcome::Dnat),
+            count(Outcome::ReverseNat),
+            count(Outcome::Snat),
+            count(Outcome::SnatReply),
+            count(Outcome::Hairpin),
+            translated(SctpCrc::Right),
+            translated(SctpCrc::Wrong),
+            translated(SctpCrc::Zero),
+        );
+        let _ = writeln!(
+            out,
+            "      port unreachable {}, dropped {}, left to TC by XDP {}, untouched {}",
+            count(Outcome::PortUnreachable),
+            count(Outcome::Dropped),
+            count(Outcome::LeftToTc),
+            count(Outcome::Untouched),
+        );
     }
 }
 

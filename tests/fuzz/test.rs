@@ -9,7 +9,7 @@ mod generate;
 mod oracle;
 mod topology;
 
-use oracle::Outcome;
+use oracle::{Outcome, SctpCrc};
 use topology::Family;
 
 #[test]
@@ -31,4 +31,33 @@ fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
         .map(|(family, outcome)| (family.name(), outcome))
         .collect();
     assert!(unseen.is_empty(), "never seen: {unseen:?}\n{}", report.summary());
+    // SCTP in each family: every translation, refusals, and translations of packets whose
+    // CRC32c was right, wrong and zero.
+    let mut unseen_sctp = Vec::new();
+    for family in Family::ALL {
+        let outcomes = Outcome::REWRITES
+            .into_iter()
+            .chain([Outcome::PortUnreachable, Outcome::Dropped]);
+        for outcome in outcomes {
+            if report.sctp_count(family, &[outcome], &SctpCrc::ALL) == 0 {
+                unseen_sctp.push(format!("{} {outcome:?}", family.name()));
+            }
+        }
+        for crc in SctpCrc::ALL {
+            if report.sctp_count(family, &Outcome::REWRITES, &[crc]) == 0 {
+                unseen_sctp.push(format!("{} translated with CRC32c {crc:?}", family.name()));
+            }
+        }
+    }
+    assert!(
+        unseen_sctp.is_empty(),
+        "SCTP never seen: {unseen_sctp:?}\n{}",
+        report.summary()
+    );
+    // Conntrack was compared with associations both open and closing.
+    let (checked, closing) = report.associations;
+    assert!(
+        closing > 0 && checked > closing,
+        "SCTP conntrack entries checked: {checked}, {closing} closing"
+    );
 }

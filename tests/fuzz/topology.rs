@@ -8,7 +8,7 @@ use std::{
     sync::LazyLock,
 };
 
-use lb_common::{HAIRPIN_ADDR, HAIRPIN_ADDR6, IPPROTO_TCP, IPPROTO_UDP};
+use lb_common::{HAIRPIN_ADDR, HAIRPIN_ADDR6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::common::packets::v6;
 
@@ -219,12 +219,12 @@ pub static SERVICES: LazyLock<Vec<Service>> = LazyLock::new(|| {
 });
 
 /// The services in IPv4 (each has an IPv6 twin): random choice, Maglev, session affinity, a
-/// backend port equal to the frontend's (so only the address changes), TCP and UDP, and two
+/// backend port equal to the frontend's (so only the address changes), TCP, UDP and SCTP, and
 /// services without endpoints (the reject path); then the external frontends: NodePorts with
 /// externalTrafficPolicy Cluster (source NAT) and Local, with and without endpoints, LoadBalancer
 /// IPs with and without source ranges, and externalIPs. Backend pods also act as clients of their
 /// own Service (hairpin).
-const SPECS: [Spec; 17] = [
+const SPECS: [Spec; 22] = [
     Spec::cluster_ip(
         ([10, 96, 0, 10], 80),
         IPPROTO_TCP,
@@ -269,6 +269,28 @@ const SPECS: [Spec; 17] = [
         false,
         true,
     ),
+    // SCTP: a targetPort that differs (the CRC32c follows the port), one that does not (the
+    // CRC32c is left as it is), and none on a port TCP serves (refused: frontends are per
+    // protocol).
+    Spec::cluster_ip(
+        ([10, 96, 0, 14], 9000),
+        IPPROTO_SCTP,
+        &[
+            ([10, 244, 8, 10], 9900),
+            ([10, 244, 8, 11], 9900),
+            ([10, 244, 8, 12], 9900),
+        ],
+        false,
+        false,
+    ),
+    Spec::cluster_ip(
+        ([10, 96, 0, 14], 3868),
+        IPPROTO_SCTP,
+        &[([10, 244, 8, 20], 3868), ([10, 244, 8, 21], 3868)],
+        true,
+        true,
+    ),
+    Spec::cluster_ip(([10, 96, 0, 10], 80), IPPROTO_SCTP, &[], false, false),
     Spec::cluster_ip(([10, 96, 0, 13], 80), IPPROTO_TCP, &[], false, false),
     Spec::cluster_ip(([10, 96, 0, 13], 53), IPPROTO_UDP, &[], false, false),
     Spec::external(
@@ -298,6 +320,14 @@ const SPECS: [Spec; 17] = [
     Spec::external(([0; 4], 30_082), IPPROTO_TCP, &[], true, None),
     Spec::external(([0; 4], 30_082), IPPROTO_UDP, &[], true, None),
     Spec::external(([0; 4], 30_090), IPPROTO_TCP, &[], false, None),
+    Spec::external(
+        ([0; 4], 30_132),
+        IPPROTO_SCTP,
+        &[([10, 244, 9, 10], 9900), ([10, 244, 9, 11], 9900)],
+        false,
+        None,
+    ),
+    Spec::external(([0; 4], 30_090), IPPROTO_SCTP, &[], false, None),
     Spec {
         affinity: true,
         ..Spec::external(

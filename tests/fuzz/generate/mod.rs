@@ -5,6 +5,7 @@ mod flows;
 mod frames;
 mod mutate;
 mod other;
+mod sctp;
 mod segment;
 
 use std::net::IpAddr;
@@ -111,7 +112,7 @@ impl Rng {
     }
 }
 
-/// A TCP or UDP packet's header fields, before it is written.
+/// A TCP, UDP or SCTP packet's header fields, before it is written.
 #[derive(Clone, Copy)]
 struct Segment {
     src: Endpoint,
@@ -120,6 +121,10 @@ struct Segment {
     tcp_flags: u8,
     /// UDP only: send without a checksum (0).
     no_udp_checksum: bool,
+    /// SCTP only: the first chunk's type.
+    sctp_chunk: u8,
+    /// SCTP only: the CRC32c as sent.
+    sctp_crc: sctp::Crc,
 }
 
 /// Walks every prefix of one frame: "truncated at every offset".

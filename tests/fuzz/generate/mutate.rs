@@ -1,14 +1,15 @@
 //! Mutations of a written frame, at every layer and in both families.
-use lb_common::IPPROTO_UDP;
+use lb_common::{IPPROTO_SCTP, IPPROTO_UDP};
 
 use super::{
     Rng,
     frames::{ETH_LEN, IPV6_FIXED_END, set, transport_of},
+    sctp,
 };
 
-/// One to three of: a cut, flipped bytes, zeroed or wrong checksums, a wrong IHL (IPv4) or
-/// version, next header or extension header length (IPv6), total or payload length, TCP data
-/// offset or UDP length, trailing bytes.
+/// One to three of: a cut, flipped bytes, zeroed or wrong checksums (SCTP's CRC32c too), a wrong
+/// IHL (IPv4) or version, next header or extension header length (IPv6), total or payload length,
+/// TCP data offset, UDP length or SCTP first chunk type, trailing bytes.
 pub fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
     for _ in 0..1 + rng.below(3) {
         let ipv6 = frame.get(12..14) == Some(&[0x86, 0xdd]);
@@ -33,11 +34,16 @@ pub fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
             }
             3 => set(frame, ETH_LEN + 10, &[0, 0]),
             4 => {
-                let csum_at = l4 + if proto == IPPROTO_UDP { 6 } else { 16 };
-                // Zero ("none" for UDP), or off by a non-zero difference.
+                let (csum_at, csum_len) = match proto {
+                    IPPROTO_UDP => (l4 + 6, 2),
+                    IPPROTO_SCTP => (l4 + 8, 4),
+                    _ => (l4 + 16, 2),
+                };
+                // Zero ("none" for UDP, left to offload for SCTP), or off by a non-zero
+                // difference.
                 let zero = rng.percent(50);
-                let difference = [rng.byte() | 1, rng.byte()];
-                if let Some(field) = frame.get_mut(csum_at..csum_at + 2) {
+                let difference = [rng.byte() | 1, rng.byte(), rng.byte(), rng.byte()];
+                if let Some(field) = frame.get_mut(csum_at..csum_at + csum_len) {
                     for (byte, d) in field.iter_mut().zip(difference) {
                         *byte = if zero { 0 } else { *byte ^ d };
                     }
@@ -73,6 +79,10 @@ pub fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
                 if proto == IPPROTO_UDP {
                     let len = rng.next_u64() as u16 % 64;
                     set(frame, l4 + 4, &len.to_be_bytes());
+                } else if proto == IPPROTO_SCTP {
+                    // The first chunk's type, which conntrack reads: an INIT may become DATA,
+                    // DATA an ABORT.
+                    set(frame, l4 + 12, &[*rng.pick(&sctp::CHUNKS)]);
                 } else if let Some(byte) = frame.get_mut(l4 + 12) {
                     *byte = (rng.below(16) as u8) << 4 | (*byte & 0x0f);
                 }

@@ -17,8 +17,9 @@ use crate::{
 };
 
 impl Generator {
-    /// IP between any of the addresses around (or random ones), any protocol (SCTP included,
-    /// which no frontend has yet), ports that are sometimes a frontend's.
+    /// IP between any of the addresses around (or random ones), any protocol, ports that are
+    /// sometimes a frontend's; SCTP as the generator writes it or as random bytes (any first
+    /// chunk type, a CRC32c that is almost surely wrong).
     pub(super) fn mixed(&mut self, frame: &mut Vec<u8>) -> Program {
         let src = (self.address(), self.port());
         let dst = (self.address(), self.port());
@@ -36,7 +37,7 @@ impl Generator {
             IPV6_NO_NEXT_HEADER,
             255,
         ]);
-        if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        if proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP && self.rng.percent(50) {
             let segment = self.segment(src, dst, proto);
             self.write_segment(frame, &segment);
         } else {

@@ -1,6 +1,6 @@
-//! Writing a TCP or UDP segment as a whole, correct frame, and what may lie between its IP and
-//! transport headers.
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
+//! Writing a TCP, UDP or SCTP packet as a whole frame (correct but for an SCTP CRC32c meant to
+//! be wrong), and what may lie between its IP and transport headers.
+use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 use super::{
     Generator, Segment,
@@ -26,12 +26,25 @@ impl Generator {
                 TCP_PSH_ACK
             },
             no_udp_checksum: self.rng.percent(20),
+            sctp_chunk: self.sctp_chunk(),
+            sctp_crc: self.sctp_crc(),
         }
     }
 
-    /// A complete, correct Ethernet + IP + TCP/UDP frame of the segment's family.
+    /// A complete Ethernet + IP + TCP/UDP/SCTP frame of the segment's family.
     pub(super) fn write_segment(&mut self, frame: &mut Vec<u8>, segment: &Segment) {
         self.l4.clear();
+        if segment.proto == IPPROTO_SCTP {
+            self.write_sctp(segment);
+        } else {
+            self.write_tcp_or_udp(segment);
+        }
+        let id = self.rng.next_u64() as u16;
+        write_ip(frame, segment.src.0, segment.dst.0, segment.proto, id, &self.l4);
+    }
+
+    /// A TCP segment or UDP datagram with a right checksum (or none, for UDP) into `l4`.
+    fn write_tcp_or_udp(&mut self, segment: &Segment) {
         self.l4.extend_from_slice(&segment.src.1.to_be_bytes());
         self.l4.extend_from_slice(&segment.dst.1.to_be_bytes());
         let payload = self.rng.payload_len();
@@ -60,8 +73,6 @@ impl Generator {
             };
         }
         self.l4[checksum_at..checksum_at + 2].copy_from_slice(&sum.to_be_bytes());
-        let id = self.rng.next_u64() as u16;
-        write_ip(frame, segment.src.0, segment.dst.0, segment.proto, id, &self.l4);
     }
 
     /// What may lie between the IP and the transport header, on one packet in ten (IPv4

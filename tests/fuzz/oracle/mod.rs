@@ -2,25 +2,31 @@
 //! the flows it has seen, never from the datapath's own code: `parse` says what is service
 //! traffic (everything else must come out byte-identical, from every program), `rewrite` how a
 //! translated packet may differ from its input, `refusal` how a connection to a frontend without
-//! endpoints is refused. The rules are the same for IPv4 and IPv6; the families' flows never
-//! meet.
+//! endpoints is refused, `associations` what the conntrack entries of SCTP flows must say at
+//! the end. The rules are the same for IPv4 and IPv6; the families' flows never meet.
 //!
 //! The programs share their maps, as on a node: a flow a pod started is the same flow when its
 //! packets show up on the external interface, and the other way round.
+mod associations;
 mod parse;
 mod refusal;
 mod rewrite;
 
 use std::{collections::HashMap, net::IpAddr};
 
-pub use parse::family_of;
-use parse::{Packet, Side, Tuple, parse};
+pub use associations::{Associations, Direction};
+use lb_common::IPPROTO_SCTP;
+use parse::{Packet, Side, parse};
+pub use parse::{Tuple, addr_from, family_of};
 use refusal::check_reject;
 use rewrite::{check_hairpin, check_rewrite};
 
 use crate::{
+    checksum,
     generate::Program,
-    topology::{Endpoint, NODE_ADDRS, SNAT_ADDR, SNAT_PORTS, Service, in_family, is_cluster_ip, service_at},
+    topology::{
+        Endpoint, Family, NODE_ADDRS, SNAT_ADDR, SNAT_PORTS, Service, in_family, is_cluster_ip, service_at,
+    },
 };
 
 pub const TC_ACT_OK: u32 = 0;
@@ -75,6 +81,42 @@ impl Outcome {
         Self::LocalDropped,
         Self::LeftToTc,
     ];
+
+    /// The translations.
+    pub const REWRITES: [Self; 5] = [
+        Self::Dnat,
+        Self::ReverseNat,
+        Self::Snat,
+        Self::SnatReply,
+        Self::Hairpin,
+    ];
+}
+
+/// How an SCTP packet's CRC32c came in, for the report: translations must keep it so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SctpCrc {
+    Right,
+    Wrong,
+    /// Left to checksum offload.
+    Zero,
+}
+
+impl SctpCrc {
+    pub const ALL: [Self; 3] = [Self::Right, Self::Wrong, Self::Zero];
+}
+
+/// The family and checksum of `frame` if it is an SCTP packet the datapath reads.
+pub fn sctp_of(frame: &[u8]) -> Option<(Family, SctpCrc)> {
+    let packet = parse(frame).filter(|packet| packet.proto == IPPROTO_SCTP)?;
+    let field = &frame[packet.l4_checksum_at()];
+    let crc = if field == [0; 4] {
+        SctpCrc::Zero
+    } else if field == checksum::sctp_crc(packet.l4_bytes(frame)) {
+        SctpCrc::Right
+    } else {
+        SctpCrc::Wrong
+    };
+    Some((packet.family, crc))
 }
 
 /// The flows the datapath has been seen to create, as its conntrack and affinity maps hold them,
@@ -92,6 +134,7 @@ pub struct Model {
     snat_out: HashMap<Tuple, Option<Endpoint>>,
     /// The replies of those (backend → node address and port) → the client.
     snat_in: HashMap<Tuple, Endpoint>,
+    pub associations: Associations,
     pub counts: Counts,
 }
 
@@ -142,6 +185,7 @@ impl Model {
         {
             // A pod's reply to a connection it made to itself: from the frontend, back in.
             check_hairpin(packet, run, (frontend, (packet.src.0, packet.dst.1)))?;
+            self.associations.reply(packet, run.input);
             self.counts.reply_packets += 1;
             return Ok(Outcome::Hairpin);
         }
@@ -168,6 +212,7 @@ impl Model {
                 "reply's source became {source:?}, not the frontend {frontend:?}"
             ));
         }
+        self.associations.reply(packet, run.input);
         self.counts.reply_packets += 1;
         Ok(Outcome::ReverseNat)
     }
@@ -305,6 +350,8 @@ impl Model {
             if packet.opens(run.input) {
                 self.reply.insert(reply_tuple(packet, backend), packet.dst);
             }
+            self.associations
+                .forward(packet, run.input, reply_tuple(packet, backend));
             return Ok(outcome);
         }
         if service.affinity {
@@ -318,6 +365,8 @@ impl Model {
         self.counts.new_flows += 1;
         self.forward.insert(packet.tuple(), backend);
         self.reply.insert(reply_tuple(packet, backend), packet.dst);
+        self.associations
+            .track(packet, run.input, reply_tuple(packet, backend));
         Ok(outcome)
     }
 }

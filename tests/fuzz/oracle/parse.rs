@@ -15,7 +15,10 @@ use std::{
 
 use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
-use crate::topology::{Endpoint, Family};
+use crate::{
+    checksum::SCTP_CRC_AT,
+    topology::{Endpoint, Family},
+};
 
 pub const ETH_LEN: usize = 14;
 const IPV4_HEADER_LEN: usize = 20;
@@ -28,6 +31,8 @@ const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
 /// SCTP's common header and the first chunk's header, whose type opens an association (INIT).
 const SCTP_HEADERS_LEN: usize = 16;
 const SCTP_INIT: u8 = 1;
+const SCTP_ABORT: u8 = 6;
+const SCTP_SHUTDOWN_COMPLETE: u8 = 14;
 
 /// A parsed service-candidate packet.
 #[derive(Clone, Copy, Debug)]
@@ -55,9 +60,19 @@ impl Packet {
         (self.src, self.dst, self.proto)
     }
 
+    /// Where the transport checksum lies: TCP's and UDP's 16 bits, SCTP's CRC32c.
     pub fn l4_checksum_at(&self) -> Range<usize> {
-        let at = self.l4 + if self.proto == IPPROTO_TCP { 16 } else { 6 };
-        at..at + 2
+        let (at, len) = match self.proto {
+            IPPROTO_TCP => (16, 2),
+            IPPROTO_SCTP => (SCTP_CRC_AT.start, SCTP_CRC_AT.len()),
+            _ => (6, 2),
+        };
+        self.l4 + at..self.l4 + at + len
+    }
+
+    /// The transport packet: what SCTP's CRC32c covers (Ethernet padding left out).
+    pub fn l4_bytes<'a>(&self, frame: &'a [u8]) -> &'a [u8] {
+        &frame[self.l4..self.end]
     }
 
     /// Where `side`'s address lies in the frame.
@@ -111,6 +126,11 @@ impl Packet {
             IPPROTO_SCTP => frame[self.l4 + 12] == SCTP_INIT,
             _ => false,
         }
+    }
+
+    /// An SCTP ABORT or SHUTDOWN COMPLETE (the first chunk): it ends the association.
+    pub fn closes(&self, frame: &[u8]) -> bool {
+        self.proto == IPPROTO_SCTP && [SCTP_ABORT, SCTP_SHUTDOWN_COMPLETE].contains(&frame[self.l4 + 12])
     }
 }
 

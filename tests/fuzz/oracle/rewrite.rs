@@ -1,7 +1,7 @@
 //! Translated packets: what may change, and how the checksums must follow.
 use std::ops::Range;
 
-use lb_common::IPPROTO_UDP;
+use lb_common::{IPPROTO_SCTP, IPPROTO_UDP};
 
 use super::{
     Run,
@@ -73,13 +73,17 @@ fn changed_outside(input: &[u8], output: &[u8], rewritten: &[Range<usize>]) -> O
 
 /// A checksum that was right must be right, one that was wrong must stay exactly as wrong (the
 /// receiver still drops the packet), and a UDP checksum of 0 must stay 0 (none over IPv4; over
-/// IPv6 forwarded as it is, RFC 6936 §5). A UDP checksum must not become 0.
+/// IPv6 forwarded as it is, RFC 6936 §5). A UDP checksum must not become 0. SCTP's CRC32c:
+/// see [`check_sctp_crc`].
 fn check_checksums(packet: &Packet, input: &[u8], output: &[u8]) -> Result<(), String> {
     if let Some(header) = packet.header_checksum_at().map(|_| ETH_LEN..packet.l4)
         && checksum::fold(checksum::add(0, &input[header.clone()]))
             != checksum::fold(checksum::add(0, &output[header]))
     {
         return Err("IPv4 header checksum not updated to match".into());
+    }
+    if packet.proto == IPPROTO_SCTP {
+        return check_sctp_crc(packet, input, output);
     }
     let at = packet.l4_checksum_at();
     let udp = packet.proto == IPPROTO_UDP;
@@ -115,4 +119,29 @@ fn l4_sum(packet: &Packet, frame: &[u8]) -> u16 {
         len as u16,
     );
     checksum::fold(checksum::add(pseudo, &l4[..len]))
+}
+
+/// SCTP's CRC32c covers the SCTP packet alone, not the addresses. A CRC is affine in its
+/// message, so how far the field is from the right CRC (their XOR) says how right or wrong it
+/// is: a translation must keep that distance (0 for a right CRC), whatever it did to the ports.
+/// A zero field (left to offload) stays zero.
+fn check_sctp_crc(packet: &Packet, input: &[u8], output: &[u8]) -> Result<(), String> {
+    let at = packet.l4_checksum_at();
+    if input[at.clone()] == [0; 4] {
+        if output[at] != [0; 4] {
+            return Err("an SCTP checksum of 0 was changed".into());
+        }
+        return Ok(());
+    }
+    let error = |frame: &[u8]| {
+        let field = u32::from_le_bytes(frame[at.clone()].try_into().unwrap());
+        field ^ u32::from_le_bytes(checksum::sctp_crc(packet.l4_bytes(frame)))
+    };
+    let (before, after) = (error(input), error(output));
+    if before != after {
+        return Err(format!(
+            "SCTP checksum off by {after:#010x} from the right CRC32c, {before:#010x} before"
+        ));
+    }
+    Ok(())
 }
