@@ -10,6 +10,7 @@ use crate::{
     datapath::{self, PacketKind},
     e2e::{self, Setup},
     plots::{self, Plot, Series},
+    services::Family,
     stats::{self, short},
     traffic::Workload,
 };
@@ -85,12 +86,13 @@ fn ratio(value: f64) -> String {
 
 fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) -> anyhow::Result<()> {
     let counts = distinct(results.rows.iter().map(|r| r.services));
-    let row = |services: usize, kind: PacketKind| {
+    let row_in = |family: Family, services: usize, kind: PacketKind| {
         results
             .rows
             .iter()
-            .find(|r| r.services == services && r.packet == kind)
+            .find(|r| r.family == family && r.services == services && r.packet == kind)
     };
+    let row = |services: usize, kind: PacketKind| row_in(Family::Ipv4, services, kind);
     let _ = write!(
         md,
         "\n## 1. Datapath cost per packet\n\n\
@@ -101,7 +103,7 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
          mean over `repeat` = {} runs. New flows: {} SYNs per round from sources never seen before, \
          one run each (a conntrack miss happens once per flow); the median is shown. A single run \
          carries about {} ns of timer overhead that a repeated one spreads out. The goal is flat: at \
-         most ×{FLAT} of 1 service.\n\n\
+         most ×{FLAT} of 1 service. These are IPv4 packets; IPv6 follows.\n\n\
          ![ns per packet](datapath.svg)\n\n",
         results.rounds,
         results.repeat,
@@ -147,25 +149,79 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
         }
         md.push('\n');
     }
-    let series = PacketKind::ALL
+    datapath_ipv6(md, results, &counts);
+    for (family, file) in [(Family::Ipv4, "datapath.svg"), (Family::Ipv6, "datapath-ipv6.svg")] {
+        let series = PacketKind::ALL
+            .iter()
+            .map(|&kind| Series {
+                name: kind.label().into(),
+                points: counts
+                    .iter()
+                    .filter_map(|&c| row_in(family, c, kind).map(|r| (c as f64, r.ns_per_packet)))
+                    .collect(),
+            })
+            .collect();
+        let title = format!(
+            "from_pod (TC) and nodeport (XDP), {} ns per packet (BPF_PROG_TEST_RUN)",
+            family.label()
+        );
+        plots::draw(
+            &out.join(file),
+            &Plot {
+                title: &title,
+                y_label: "ns per packet",
+                log_y: false,
+                series,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The IPv6 table: the same packets to the IPv6 twins of the same services, in the same rounds.
+fn datapath_ipv6(md: &mut String, results: &datapath::Results, counts: &[usize]) {
+    let rows: Vec<&datapath::Row> = results.rows.iter().filter(|r| r.family == Family::Ipv6).collect();
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str(
+        "\n### IPv6\n\n\
+         The same packets over IPv6 (40-byte header, 16-byte addresses) to the IPv6 twins of the \
+         same services: every datapath above holds its N services in both families, in the twin \
+         maps the same programs dispatch to on the EtherType, and each round measures both \
+         families back to back (alternating which goes first). In brackets: the ratio to the same \
+         IPv4 packet in the same rounds. What serving IPv6 costs IPv4 packets (the EtherType \
+         dispatch) is not measured: there is no IPv4-only build to compare to.\n\n\
+         ![IPv6 ns per packet](datapath-ipv6.svg)\n\n| services |",
+    );
+    for kind in PacketKind::ALL {
+        let _ = write!(md, " {} |", kind.label());
+    }
+    md.push_str("\n|---:|");
+    md.push_str(&"---:|".repeat(PacketKind::ALL.len()));
+    md.push('\n');
+    for &count in counts {
+        let _ = write!(md, "| {count} |");
+        for kind in PacketKind::ALL {
+            match rows.iter().find(|r| r.services == count && r.packet == kind) {
+                Some(r) => {
+                    let to_ipv4 = r.ratio_to_ipv4.unwrap_or(f64::NAN);
+                    let _ = write!(md, " {} ns ({}) |", short(r.ns_per_packet), ratio(to_ipv4));
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        md.push('\n');
+    }
+    let worst = rows
         .iter()
-        .map(|&kind| Series {
-            name: kind.label().into(),
-            points: counts
-                .iter()
-                .filter_map(|&c| row(c, kind).map(|r| (c as f64, r.ns_per_packet)))
-                .collect(),
-        })
-        .collect();
-    plots::draw(
-        &out.join("datapath.svg"),
-        &Plot {
-            title: "from_pod (TC) and nodeport (XDP), ns per packet (BPF_PROG_TEST_RUN)",
-            y_label: "ns per packet",
-            log_y: false,
-            series,
-        },
-    )
+        .map(|r| r.ratio_to_one_service)
+        .fold(f64::NAN, f64::max);
+    let _ = writeln!(
+        md,
+        "\nWith many services, the worst IPv6 row is ×{worst:.2} of the smallest count (same \
+         rounds, same packet)."
+    );
 }
 
 fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::Result<()> {
@@ -184,7 +240,11 @@ fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::R
          {} client thread (2 cores: one for the client, one for the rest) and one server thread per \
          pod and protocol. TCP: a connection per transaction, 16 bytes each way, the client closes \
          (like netperf TCP_CRR; the client may reuse TIME_WAIT ports). UDP: one connected socket, \
-         16 bytes each way, one datagram in flight (like netperf UDP_RR).\n",
+         16 bytes each way, one datagram in flight (like netperf UDP_RR). Pods are dual-stack, \
+         and Switchboard's services get the IPv6 twin of every ClusterIP once their IPv4 \
+         programming has been timed: the direct and Switchboard labs are also sampled over IPv6, \
+         in the same rounds, with ratios within the family and to the same lab's IPv4 rate (÷ \
+         IPv4). kube-proxy's IPv6 rule sets (ip6tables, nft `ip6`) are not generated.\n",
         results.backend_pods,
         results.endpoints,
         results.rounds,
@@ -199,7 +259,7 @@ fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::R
         };
         let _ = write!(
             md,
-            "\n### {} ({})\n\n![{}]({file})\n\n| services | setup | {} | ÷ direct | ÷ Switchboard | failed |\n|---:|---|---:|---:|---:|---:|\n",
+            "\n### {} ({})\n\n![{}]({file})\n\n| services | setup | {} | ÷ direct | ÷ Switchboard | ÷ IPv4 | failed |\n|---:|---|---:|---:|---:|---:|---:|\n",
             workload.label(),
             workload.unit(),
             workload.unit(),
@@ -209,26 +269,27 @@ fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::R
             for row in rows.iter().filter(|r| r.services == count) {
                 let _ = writeln!(
                     md,
-                    "| {count} | {} | {:.0} | {} | {} | {} |",
-                    row.setup.label(),
+                    "| {count} | {} | {:.0} | {} | {} | {} | {} |",
+                    setup_label(row),
                     row.rate_per_s,
                     ratio(row.ratio_to_direct),
                     ratio(row.ratio_to_switchboard),
+                    ratio(row.ratio_to_ipv4.unwrap_or(f64::NAN)),
                     row.failed_transactions
                 );
             }
         }
-        let series = Setup::ALL
-            .iter()
-            .map(|&setup| Series {
-                name: setup.label().into(),
-                points: rows
-                    .iter()
-                    .filter(|r| r.setup == setup)
-                    .map(|r| (r.services as f64, r.rate_per_s))
-                    .collect(),
-            })
-            .collect();
+        let mut series: Vec<Series> = Vec::new();
+        for row in &rows {
+            let name = setup_label(row);
+            match series.iter_mut().find(|s| s.name == name) {
+                Some(line) => line.points.push((row.services as f64, row.rate_per_s)),
+                None => series.push(Series {
+                    name,
+                    points: vec![(row.services as f64, row.rate_per_s)],
+                }),
+            }
+        }
         plots::draw(
             &out.join(file),
             &Plot {
@@ -343,8 +404,9 @@ fn losses_section(md: &mut String, results: &Results) {
         for row in &datapath.rows {
             if row.ratio_to_one_service > FLAT {
                 losses.push(format!(
-                    "Datapath, {}: {} ns per packet with {} services, ×{:.2} of the smallest count \
+                    "Datapath, {} {}: {} ns per packet with {} services, ×{:.2} of the smallest count \
                      (the goal is at most ×{FLAT}).",
+                    row.family.label(),
                     row.packet.label(),
                     short(row.ns_per_packet),
                     row.services,
@@ -358,12 +420,20 @@ fn losses_section(md: &mut String, results: &Results) {
             e2e.rows
                 .iter()
                 .find(|r| {
-                    r.services == row.services && r.workload == row.workload && r.setup == Setup::Direct
+                    r.services == row.services
+                        && r.workload == row.workload
+                        && r.family == row.family
+                        && r.setup == Setup::Direct
                 })
                 .map_or(f64::NAN, |r| r.rate_per_s)
         };
         for row in &e2e.rows {
-            let what = format!("{} with {}", row.workload.label(), services(row.services));
+            let what = format!(
+                "{} over {} with {}",
+                row.workload.label(),
+                row.family.label(),
+                services(row.services)
+            );
             match row.setup {
                 Setup::Switchboard => {
                     if row.ratio_to_direct < 1.0 - TIE {
@@ -463,6 +533,14 @@ fn losses_section(md: &mut String, results: &Results) {
     }
     for loss in losses {
         let _ = writeln!(md, "* {loss}");
+    }
+}
+
+/// "Switchboard", "Switchboard IPv6": a setup over IPv4 goes by its name alone.
+fn setup_label(row: &e2e::Row) -> String {
+    match row.family {
+        Family::Ipv4 => row.setup.label().into(),
+        family => format!("{} {}", row.setup.label(), family.label()),
     }
 }
 
