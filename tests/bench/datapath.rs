@@ -172,8 +172,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
     }
 
     // samples[instance][family][kind][round]
-    let mut samples =
-        vec![vec![vec![Vec::new(); PacketKind::ALL.len()]; Family::ALL.len()]; instances.len()];
+    let mut samples = vec![vec![vec![Vec::new(); PacketKind::ALL.len()]; Family::ALL.len()]; instances.len()];
     let mut overhead = Vec::new();
     let mut next_flow = 0u32;
     let indexes: Vec<usize> = (0..instances.len()).collect();
@@ -292,11 +291,17 @@ impl Instance {
             // Two runs set up both directions of the ping-pong flow.
             let packet = tcp_packet(family, ping_client(hook), PING, false);
             self.test_run(hook, &packet, 2)?;
-            let before = self.maps.stat(Stat::NewFlows)?;
+            let flows = self.maps.stat(Stat::NewFlows)?;
+            let packets = self.maps.stat(Stat::ServicePackets)?;
             self.test_run(hook, &packet, 100)?;
             ensure!(
-                self.maps.stat(Stat::NewFlows)? == before,
+                self.maps.stat(Stat::NewFlows)? == flows,
                 "the {} established-flow packet created flows at {hook:?}: it is not measuring an established flow",
+                family.label()
+            );
+            ensure!(
+                self.maps.stat(Stat::ServicePackets)? == packets + 100,
+                "the {} established-flow packet did not reach its service at {hook:?}",
                 family.label()
             );
             let packets = self.maps.stat(Stat::ServicePackets)?;

@@ -135,22 +135,12 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
         md.push('\n');
     }
     md.push_str("\nIn brackets: the ratio to the smallest count, measured in the same rounds.\n");
-    if let Some(&smallest) = counts.first() {
-        md.push_str("\nXDP against TC on the same packets and services (same rounds):");
-        for kind in PacketKind::ALL.into_iter().filter(|k| k.tc_twin() != *k) {
-            if let (Some(xdp), Some(tc)) = (row(smallest, kind), row(smallest, kind.tc_twin())) {
-                let _ = write!(
-                    md,
-                    " {} ×{:.2};",
-                    kind.tc_twin().label(),
-                    stats::paired_ratio(&xdp.samples_ns, &tc.samples_ns)
-                );
-            }
-        }
-        md.push('\n');
-    }
+    xdp_against_tc(md, results, Family::Ipv4, &counts);
     datapath_ipv6(md, results, &counts);
-    for (family, file) in [(Family::Ipv4, "datapath.svg"), (Family::Ipv6, "datapath-ipv6.svg")] {
+    for (family, file) in [
+        (Family::Ipv4, "datapath.svg"),
+        (Family::Ipv6, "datapath-ipv6.svg"),
+    ] {
         let series = PacketKind::ALL
             .iter()
             .map(|&kind| Series {
@@ -176,6 +166,36 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
         )?;
     }
     Ok(())
+}
+
+/// The ratio of `nodeport` (XDP) to `from_pod` (TC) on the same packets of `family`, with the
+/// smallest count programmed.
+fn xdp_against_tc(md: &mut String, results: &datapath::Results, family: Family, counts: &[usize]) {
+    let Some(&smallest) = counts.first() else {
+        return;
+    };
+    let row = |kind: PacketKind| {
+        results
+            .rows
+            .iter()
+            .find(|r| r.family == family && r.services == smallest && r.packet == kind)
+    };
+    let _ = write!(
+        md,
+        "\nXDP against TC on the same {} packets and services (same rounds):",
+        family.label()
+    );
+    for kind in PacketKind::ALL.into_iter().filter(|k| k.tc_twin() != *k) {
+        if let (Some(xdp), Some(tc)) = (row(kind), row(kind.tc_twin())) {
+            let _ = write!(
+                md,
+                " {} ×{:.2};",
+                kind.tc_twin().label(),
+                stats::paired_ratio(&xdp.samples_ns, &tc.samples_ns)
+            );
+        }
+    }
+    md.push('\n');
 }
 
 /// The IPv6 table: the same packets to the IPv6 twins of the same services, in the same rounds.
@@ -213,6 +233,7 @@ fn datapath_ipv6(md: &mut String, results: &datapath::Results, counts: &[usize])
         }
         md.push('\n');
     }
+    xdp_against_tc(md, results, Family::Ipv6, counts);
     let worst = rows
         .iter()
         .map(|r| r.ratio_to_one_service)

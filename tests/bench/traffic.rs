@@ -90,7 +90,11 @@ impl Servers {
         // One UDP socket per address: a reply from a wildcard socket would leave from the pod's
         // primary address, not the one the request was sent to, and match no NAT state.
         let twins = addresses.iter().map(|&address| IpAddr::from(ipv6_of(address)));
-        for address in addresses.iter().map(|&address| IpAddr::from(address)).chain(twins) {
+        for address in addresses
+            .iter()
+            .map(|&address| IpAddr::from(address))
+            .chain(twins)
+        {
             let socket = ns.run(move || UdpSocket::bind(SocketAddr::new(address, udp_port)))??;
             socket.set_read_timeout(Some(SERVER_POLL))?;
             let udp_stop = stop.clone();
