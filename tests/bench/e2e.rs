@@ -11,6 +11,9 @@
 //! | nftables | kube-proxy's nftables rules loaded with `nft -f` |
 //!
 //! Each setup carries the measured service plus `N - 1` filler services (10 endpoints each).
+//! Pods are dual-stack, so direct and Switchboard are measured over IPv6 too, in the same rounds:
+//! Switchboard's services get the IPv6 twin of every ClusterIP once their IPv4 programming has
+//! been timed. kube-proxy's rules are generated for IPv4 only.
 use std::{
     net::{Ipv4Addr, SocketAddr},
     process::Command,

@@ -9,6 +9,7 @@ use crate::{
     control_plane::{self, Loader},
     datapath::{self, PacketKind},
     e2e::{self, Setup},
+    losses,
     plots::{self, Plot, Series},
     services::Family,
     stats::{self, short},
@@ -16,9 +17,9 @@ use crate::{
 };
 
 /// Within this much of 1, a ratio is a tie: the machines are noisy.
-const TIE: f64 = 0.03;
+pub const TIE: f64 = 0.03;
 /// The datapath's goal: at most 5 % slower with many services than with one.
-const FLAT: f64 = 1.05;
+pub const FLAT: f64 = 1.05;
 
 pub fn write(out: &Path, results: &Results) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(results)?;
@@ -35,7 +36,7 @@ pub fn write(out: &Path, results: &Results) -> anyhow::Result<()> {
         control_plane_section(&mut md, out, control_plane)?;
     }
     maglev_section(&mut md, &results.maglev);
-    losses_section(&mut md, results);
+    losses::section(&mut md, results);
     if !results.errors.is_empty() {
         md.push_str("\n## Sections that failed\n\n");
         for error in &results.errors {
@@ -418,145 +419,6 @@ fn control_plane_section(
     )
 }
 
-/// Every comparison Switchboard did not win, stated from the numbers.
-fn losses_section(md: &mut String, results: &Results) {
-    let mut losses = Vec::new();
-    if let Some(datapath) = &results.datapath {
-        for row in &datapath.rows {
-            if row.ratio_to_one_service > FLAT {
-                losses.push(format!(
-                    "Datapath, {} {}: {} ns per packet with {} services, ×{:.2} of the smallest count \
-                     (the goal is at most ×{FLAT}).",
-                    row.family.label(),
-                    row.packet.label(),
-                    short(row.ns_per_packet),
-                    row.services,
-                    row.ratio_to_one_service
-                ));
-            }
-        }
-    }
-    if let Some(e2e) = &results.e2e {
-        let direct_rate = |row: &e2e::Row| {
-            e2e.rows
-                .iter()
-                .find(|r| {
-                    r.services == row.services
-                        && r.workload == row.workload
-                        && r.family == row.family
-                        && r.setup == Setup::Direct
-                })
-                .map_or(f64::NAN, |r| r.rate_per_s)
-        };
-        for row in &e2e.rows {
-            let what = format!(
-                "{} over {} with {}",
-                row.workload.label(),
-                row.family.label(),
-                services(row.services)
-            );
-            match row.setup {
-                Setup::Switchboard => {
-                    if row.ratio_to_direct < 1.0 - TIE {
-                        losses.push(format!(
-                            "End to end, {what}: Switchboard reaches ×{:.2} of the direct path \
-                             (medians {:.0} vs {:.0} {}).",
-                            row.ratio_to_direct,
-                            row.rate_per_s,
-                            direct_rate(row),
-                            row.workload.unit()
-                        ));
-                    }
-                    if row.failed_transactions > 0 {
-                        losses.push(format!(
-                            "End to end, {what}: {} transactions through Switchboard failed.",
-                            row.failed_transactions
-                        ));
-                    }
-                }
-                Setup::Direct => {}
-                _ => {
-                    if row.ratio_to_switchboard > 1.0 + TIE {
-                        losses.push(format!(
-                            "End to end, {what}: {} is faster than Switchboard, ×{:.2} ({:.0} {}).",
-                            row.setup.label(),
-                            row.ratio_to_switchboard,
-                            row.rate_per_s,
-                            row.workload.unit()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if let Some(control_plane) = &results.control_plane {
-        let switchboard = |services: usize| {
-            control_plane
-                .full_sync
-                .iter()
-                .find(|r| r.services == services && r.loader == Loader::Switchboard)
-        };
-        for row in control_plane
-            .full_sync
-            .iter()
-            .filter(|r| r.loader != Loader::Switchboard)
-        {
-            let Some(ours) = switchboard(row.services) else {
-                continue;
-            };
-            if row.ratio_to_switchboard < 1.0 - TIE {
-                losses.push(format!(
-                    "Control plane, {} services from nothing: {} takes {} s, Switchboard {} s \
-                     (×{:.2} of Switchboard's time).",
-                    row.services,
-                    row.loader.label(),
-                    short(row.seconds),
-                    short(ours.seconds),
-                    row.ratio_to_switchboard
-                ));
-            }
-            if row.peak_rss_mib < ours.peak_rss_mib * (1.0 - TIE) {
-                losses.push(format!(
-                    "Memory, {} services: Switchboard's process peaks at {} MiB, {} at {} MiB (the \
-                     tool only, not kube-proxy).",
-                    row.services,
-                    short(ours.peak_rss_mib),
-                    row.loader.label(),
-                    short(row.peak_rss_mib)
-                ));
-            }
-        }
-        let changes = &control_plane.endpoint_changes;
-        if let (Some(first), Some(last)) = (changes.first(), changes.last())
-            && last.services > first.services
-            && last.p50_ms > first.p50_ms * 2.0
-        {
-            losses.push(format!(
-                "Endpoint changes: one change takes {} ms (p50) with {} services but {} ms with {} \
-                 (×{:.1}): the reconciler's cost per change grows with the number of services \
-                 instead of with the size of the change.",
-                short(first.p50_ms),
-                first.services,
-                short(last.p50_ms),
-                last.services,
-                last.p50_ms / first.p50_ms
-            ));
-        }
-    }
-    md.push_str("\n## Where Switchboard loses\n\n");
-    let _ = writeln!(
-        md,
-        "Every comparison in this run that Switchboard did not win, ties (within {:.0} %) left out:\n",
-        TIE * 100.0
-    );
-    if losses.is_empty() {
-        md.push_str("* Nothing: in this run Switchboard won or tied every comparison.\n");
-    }
-    for loss in losses {
-        let _ = writeln!(md, "* {loss}");
-    }
-}
-
 /// "Switchboard", "Switchboard IPv6": a setup over IPv4 goes by its name alone.
 fn setup_label(row: &e2e::Row) -> String {
     match row.family {
@@ -566,7 +428,7 @@ fn setup_label(row: &e2e::Row) -> String {
 }
 
 /// "1 service", "1000 services".
-fn services(count: usize) -> String {
+pub fn services(count: usize) -> String {
     if count == 1 {
         "1 service".into()
     } else {
