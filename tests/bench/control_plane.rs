@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     kube_proxy_rules, process,
     scratch::{PIN_OWNER, PinDir, unique_prefix},
-    services::{self, CIDRS, ENDPOINTS_PER_SERVICE},
+    services::{self, CIDRS, ENDPOINTS_PER_SERVICE, Family},
     stats,
 };
 
@@ -267,7 +267,7 @@ pub fn child(count: usize, changes: usize, budget: Duration) -> anyhow::Result<(
     let mut maps = datapath.maps()?;
     let mut reconciler = Reconciler::new(maps.read_programmed()?);
     let ports: Vec<_> = (0..count).map(services::filler).collect();
-    let mut desired: BTreeMap<FrontendKey, DesiredService> = services::desired(&ports);
+    let mut desired: BTreeMap<FrontendKey, DesiredService> = services::desired(&ports, &[Family::Ipv4]);
     drop(ports);
 
     let started = Instant::now();

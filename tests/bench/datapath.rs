@@ -16,7 +16,12 @@
 //!   its own BPF_PROG_TEST_RUN with repeat = 1. Those timings include the kernel's per-run timer
 //!   reads; the report gives that floor (a non-service packet run the same way) beside them.
 //! * a non-service packet: to a pod address, which misses the service map and passes.
-use std::net::Ipv4Addr;
+//!
+//! Every packet is measured twice in each round, as IPv4 and as IPv6 (the same addresses'
+//! [`ipv6_of`](lb_userspace::lab::ipv6_of) twins): each instance carries its N services in both
+//! families, in the twin maps the same programs dispatch to on the EtherType. What serving IPv6
+//! costs the IPv4 path (that branch) is not measured: there is no IPv4-only build to compare to.
+use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context as _, bail, ensure};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
@@ -31,7 +36,7 @@ use serde::Serialize;
 use crate::{
     kube_proxy_rules::{Protocol, ServicePort},
     scratch::{PIN_OWNER, PinDir},
-    services::{self, ENDPOINTS_PER_SERVICE},
+    services::{self, ENDPOINTS_PER_SERVICE, Family},
     stats,
 };
 
@@ -116,10 +121,15 @@ enum Hook {
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub services: usize,
+    pub family: Family,
     pub packet: PacketKind,
     pub ns_per_packet: f64,
-    /// Median over rounds of (this count's time / 1 service's time in the same round).
+    /// Median over rounds of (this count's time / 1 service's time in the same round), within
+    /// the family.
     pub ratio_to_one_service: f64,
+    /// IPv6 rows: median over rounds of (this time / the same IPv4 packet's time in the same
+    /// round and instance).
+    pub ratio_to_ipv4: Option<f64>,
     pub samples_ns: Vec<f64>,
 }
 
@@ -144,10 +154,11 @@ struct Instance {
 
 pub fn run(settings: &Settings) -> anyhow::Result<Results> {
     let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
+    // Services and slots are counted over both families; backends have a map per family.
     let capacity = Capacity {
-        services: (largest + 16) as u32,
+        services: (2 * largest + 16) as u32,
         backends: (largest * ENDPOINTS_PER_SERVICE + 64) as u32,
-        backend_slots: (largest * ENDPOINTS_PER_SERVICE + 64) as u32,
+        backend_slots: (2 * largest * ENDPOINTS_PER_SERVICE + 64) as u32,
         ..Capacity::default()
     };
     let mut instances = Vec::new();
@@ -160,33 +171,23 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
         );
     }
 
-    // samples[instance][kind][round]
-    let mut samples = vec![vec![Vec::new(); PacketKind::ALL.len()]; instances.len()];
+    // samples[instance][family][kind][round]
+    let mut samples = vec![vec![vec![Vec::new(); PacketKind::ALL.len()]; Family::ALL.len()]; instances.len()];
     let mut overhead = Vec::new();
     let mut next_flow = 0u32;
     let indexes: Vec<usize> = (0..instances.len()).collect();
     for round in 0..settings.rounds {
         for i in stats::rotated(&indexes, round) {
             let instance = &mut instances[i];
-            for (k, kind) in PacketKind::ALL.iter().enumerate() {
-                let hook = kind.hook();
-                let ns = match kind {
-                    PacketKind::Established | PacketKind::XdpEstablished => {
-                        instance.established(hook, settings.repeat)?
-                    }
-                    PacketKind::NewFlow | PacketKind::XdpNewFlow => {
-                        let ns = instance.new_flows(hook, next_flow, settings.new_flows)?;
-                        next_flow += settings.new_flows as u32;
-                        ns
-                    }
-                    PacketKind::NonService | PacketKind::XdpNonService => {
-                        instance.non_service(hook, settings.repeat)?
-                    }
-                };
-                samples[i][k].push(ns);
+            // The families alternate which goes first, like everything else compared.
+            for f in stats::rotated(&[0, 1], round) {
+                for (k, &kind) in PacketKind::ALL.iter().enumerate() {
+                    let ns = instance.measure(Family::ALL[f], kind, settings, &mut next_flow)?;
+                    samples[i][f][k].push(ns);
+                }
             }
             let non_service = PacketKind::ALL.iter().position(|k| *k == PacketKind::NonService);
-            let repeated = samples[i][non_service.expect("a kind of ALL")][round];
+            let repeated = samples[i][0][non_service.expect("a kind of ALL")][round];
             overhead.push(instance.non_service_single_runs(settings.new_flows)? - repeated);
         }
     }
@@ -197,23 +198,31 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
         .expect("the first count is loaded");
     let mut rows = Vec::new();
     for (i, instance) in instances.iter().enumerate() {
-        for (k, kind) in PacketKind::ALL.iter().enumerate() {
-            let ns = stats::median(&samples[i][k]);
-            let ratio = stats::paired_ratio(&samples[i][k], &samples[baseline][k]);
-            eprintln!(
-                "[datapath] {:>6} services, {:<27} {:>7.1} ns/packet  ×{ratio:.3} of {} service(s)",
-                instance.services,
-                kind.label(),
-                ns,
-                settings.service_counts[0],
-            );
-            rows.push(Row {
-                services: instance.services,
-                packet: *kind,
-                ns_per_packet: ns,
-                ratio_to_one_service: ratio,
-                samples_ns: samples[i][k].clone(),
-            });
+        for (f, &family) in Family::ALL.iter().enumerate() {
+            for (k, kind) in PacketKind::ALL.iter().enumerate() {
+                let ns = stats::median(&samples[i][f][k]);
+                let ratio = stats::paired_ratio(&samples[i][f][k], &samples[baseline][f][k]);
+                let ratio_to_ipv4 = (family != Family::Ipv4)
+                    .then(|| stats::paired_ratio(&samples[i][f][k], &samples[i][0][k]));
+                eprintln!(
+                    "[datapath] {:>6} services, {} {:<27} {:>7.1} ns/packet  ×{ratio:.3} of {} service(s){}",
+                    instance.services,
+                    family.label(),
+                    kind.label(),
+                    ns,
+                    settings.service_counts[0],
+                    ratio_to_ipv4.map_or(String::new(), |r| format!("  ×{r:.3} of IPv4")),
+                );
+                rows.push(Row {
+                    services: instance.services,
+                    family,
+                    packet: *kind,
+                    ns_per_packet: ns,
+                    ratio_to_one_service: ratio,
+                    ratio_to_ipv4,
+                    samples_ns: samples[i][f][k].clone(),
+                });
+            }
         }
     }
     Ok(Results {
@@ -256,6 +265,7 @@ impl Instance {
         let mut maps = datapath.maps()?;
         let all = services::with_fillers(&measured(), services.saturating_sub(1));
         write_services(&mut maps, &all)?;
+        drop(all);
         tc_program(&mut datapath)?
             .load()
             .context("the kernel refused from_pod")?;
@@ -274,37 +284,73 @@ impl Instance {
 
     /// Makes sure each packet takes the path it is named for, by the datapath's own counters.
     fn check_paths(&mut self) -> anyhow::Result<()> {
-        for hook in [Hook::Tc, Hook::Xdp] {
+        for (family, hook) in Family::ALL
+            .into_iter()
+            .flat_map(|family| [(family, Hook::Tc), (family, Hook::Xdp)])
+        {
             // Two runs set up both directions of the ping-pong flow.
-            let packet = tcp_packet(ping_client(hook), PING, false);
+            let packet = tcp_packet(family, ping_client(hook), PING, false);
             self.test_run(hook, &packet, 2)?;
-            let before = self.maps.stat(Stat::NewFlows)?;
+            let flows = self.maps.stat(Stat::NewFlows)?;
+            let packets = self.maps.stat(Stat::ServicePackets)?;
             self.test_run(hook, &packet, 100)?;
             ensure!(
-                self.maps.stat(Stat::NewFlows)? == before,
-                "the established-flow packet created flows at {hook:?}: it is not measuring an established flow"
+                self.maps.stat(Stat::NewFlows)? == flows,
+                "the {} established-flow packet created flows at {hook:?}: it is not measuring an established flow",
+                family.label()
+            );
+            ensure!(
+                self.maps.stat(Stat::ServicePackets)? == packets + 100,
+                "the {} established-flow packet did not reach its service at {hook:?}",
+                family.label()
             );
             let packets = self.maps.stat(Stat::ServicePackets)?;
-            self.test_run(hook, &tcp_packet((CLIENT, 40000), POD, false), 100)?;
+            self.test_run(hook, &tcp_packet(family, (CLIENT, 40000), POD, false), 100)?;
             ensure!(
                 self.maps.stat(Stat::ServicePackets)? == packets,
-                "the non-service packet was treated as a service packet at {hook:?}"
+                "the {} non-service packet was treated as a service packet at {hook:?}",
+                family.label()
             );
         }
         Ok(())
     }
 
-    fn established(&mut self, hook: Hook, repeat: u32) -> anyhow::Result<f64> {
-        self.test_run(hook, &tcp_packet(ping_client(hook), PING, false), repeat)
+    /// One sample of `kind` in `family`; new flows take their sources from `next_flow` on.
+    fn measure(
+        &mut self,
+        family: Family,
+        kind: PacketKind,
+        settings: &Settings,
+        next_flow: &mut u32,
+    ) -> anyhow::Result<f64> {
+        let hook = kind.hook();
+        match kind {
+            PacketKind::Established | PacketKind::XdpEstablished => {
+                self.established(family, hook, settings.repeat)
+            }
+            PacketKind::NewFlow | PacketKind::XdpNewFlow => {
+                let ns = self.new_flows(family, hook, *next_flow, settings.new_flows)?;
+                *next_flow += settings.new_flows as u32;
+                Ok(ns)
+            }
+            PacketKind::NonService | PacketKind::XdpNonService => {
+                self.non_service(family, hook, settings.repeat)
+            }
+        }
     }
 
-    fn non_service(&mut self, hook: Hook, repeat: u32) -> anyhow::Result<f64> {
-        self.test_run(hook, &tcp_packet((CLIENT, 40000), POD, false), repeat)
+    fn established(&mut self, family: Family, hook: Hook, repeat: u32) -> anyhow::Result<f64> {
+        self.test_run(hook, &tcp_packet(family, ping_client(hook), PING, false), repeat)
     }
 
-    /// The median time of `count` runs of one non-service packet each: the repeat = 1 floor.
+    fn non_service(&mut self, family: Family, hook: Hook, repeat: u32) -> anyhow::Result<f64> {
+        self.test_run(hook, &tcp_packet(family, (CLIENT, 40000), POD, false), repeat)
+    }
+
+    /// The median time of `count` runs of one IPv4 non-service packet each: the repeat = 1
+    /// floor.
     fn non_service_single_runs(&mut self, count: usize) -> anyhow::Result<f64> {
-        let packet = tcp_packet((CLIENT, 40000), POD, false);
+        let packet = tcp_packet(Family::Ipv4, (CLIENT, 40000), POD, false);
         let times: Vec<f64> = (0..count)
             .map(|_| self.test_run(Hook::Tc, &packet, 1))
             .collect::<Result<_, _>>()?;
@@ -312,13 +358,14 @@ impl Instance {
     }
 
     /// The median time of `count` SYNs, each from a source never used before.
-    fn new_flows(&mut self, hook: Hook, first: u32, count: usize) -> anyhow::Result<f64> {
+    fn new_flows(&mut self, family: Family, hook: Hook, first: u32, count: usize) -> anyhow::Result<f64> {
         let before = self.maps.stat(Stat::NewFlows)?;
         let mut times = Vec::with_capacity(count);
         for flow in first..first + count as u32 {
             // 10.200.0.0/16 × 1000 ports: unique for 65M flows.
             let source = Ipv4Addr::from(u32::from_be_bytes([10, 200, 0, 0]) + flow / 1000);
-            let packet = tcp_packet((source, 20000 + (flow % 1000) as u16), (NEW_FLOW_VIP, 80), true);
+            let source = (source, 20000 + (flow % 1000) as u16);
+            let packet = tcp_packet(family, source, (NEW_FLOW_VIP, 80), true);
             times.push(self.test_run(hook, &packet, 1)?);
         }
         let created = self.maps.stat(Stat::NewFlows)? - before;
@@ -376,45 +423,61 @@ fn xdp_program(datapath: &mut Datapath) -> anyhow::Result<&mut Xdp> {
         .try_into()?)
 }
 
-/// Writes `ports` with sequential ids in the reconciler's order (backends, slots, service).
+/// Writes `ports` in both families with sequential ids in the reconciler's order (backends,
+/// slots, service).
 fn write_services(maps: &mut ServiceMaps, ports: &[ServicePort]) -> anyhow::Result<()> {
     let mut next_backend = 1u32;
-    for (index, port) in ports.iter().enumerate() {
-        let service_id = index as u32 + 1;
-        for (slot, (ip, backend_port)) in port.endpoints.iter().enumerate() {
-            let backend = BackendEntry {
-                addr: (*ip, *backend_port).into(),
-                proto: IPPROTO_TCP,
-                flags: 0,
-                service_id,
-            };
-            maps.put_backend(next_backend, &backend)?;
-            maps.put_slot(
-                SlotKey {
-                    service_id,
-                    slot: slot as u32,
-                },
-                next_backend,
-            )?;
-            next_backend += 1;
+    let mut service_id = 0u32;
+    for family in Family::ALL {
+        for port in ports {
+            service_id += 1;
+            write_service(maps, port, family, service_id, &mut next_backend)?;
         }
-        let key = services::service_key(port);
-        let info = ServiceInfo {
-            id: service_id,
-            backend_count: port.endpoints.len() as u32,
-            // Random backend choice, the default.
-            ..ServiceInfo::default()
-        };
-        maps.put_service(key, info)?;
     }
     Ok(())
 }
 
-/// An Ethernet/IPv4/TCP packet: a SYN, or an ACK carrying 64 bytes.
-fn tcp_packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
-    let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
-        .ipv4(src.0.octets(), dst.0.octets(), 64)
-        .tcp(src.1, dst.1, 1000, 64240);
+fn write_service(
+    maps: &mut ServiceMaps,
+    port: &ServicePort,
+    family: Family,
+    service_id: u32,
+    next_backend: &mut u32,
+) -> anyhow::Result<()> {
+    for (slot, (ip, backend_port)) in port.endpoints.iter().enumerate() {
+        let backend = BackendEntry {
+            addr: (family.address(*ip), *backend_port).into(),
+            proto: IPPROTO_TCP,
+            flags: 0,
+            service_id,
+        };
+        maps.put_backend(*next_backend, &backend)?;
+        let slot = SlotKey {
+            service_id,
+            slot: slot as u32,
+        };
+        maps.put_slot(slot, *next_backend)?;
+        *next_backend += 1;
+    }
+    let info = ServiceInfo {
+        id: service_id,
+        backend_count: port.endpoints.len() as u32,
+        // Random backend choice, the default.
+        ..ServiceInfo::default()
+    };
+    maps.put_service(services::service_key(port, family), info)?;
+    Ok(())
+}
+
+/// An Ethernet/IP/TCP packet in `family`: a SYN, or an ACK carrying 64 bytes.
+fn tcp_packet(family: Family, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), syn: bool) -> Vec<u8> {
+    let ethernet = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]);
+    let ip = match (family.address(src.0), family.address(dst.0)) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ethernet.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ethernet.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!("both addresses are in one family"),
+    };
+    let builder = ip.tcp(src.1, dst.1, 1000, 64240);
     let (builder, payload): (_, &[u8]) = if syn {
         (builder.syn(), &[])
     } else {

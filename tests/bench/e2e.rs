@@ -11,8 +11,11 @@
 //! | nftables | kube-proxy's nftables rules loaded with `nft -f` |
 //!
 //! Each setup carries the measured service plus `N - 1` filler services (10 endpoints each).
+//! Pods are dual-stack, so direct and Switchboard are measured over IPv6 too, in the same rounds:
+//! Switchboard's services get the IPv6 twin of every ClusterIP once their IPv4 programming has
+//! been timed. kube-proxy's rules are generated for IPv4 only.
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     process::Command,
     time::{Duration, Instant},
 };
@@ -20,7 +23,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use lb_userspace::{
     datapath::{Capacity, Datapath, attach::Attacher, maps::ServiceMaps},
-    lab::Lab,
+    lab::{Lab, ipv6_of},
     reconcile::Reconciler,
 };
 use serde::Serialize;
@@ -29,7 +32,7 @@ use crate::{
     kube_proxy_rules::{self, Protocol, ServicePort},
     process,
     scratch::{PIN_OWNER, PinDir, unique_prefix},
-    services::{self, CIDRS, ENDPOINTS_PER_SERVICE},
+    services::{self, CIDRS, ENDPOINTS_PER_SERVICE, Family},
     stats,
     traffic::{self, Sample, Servers, Workload},
 };
@@ -100,11 +103,14 @@ pub struct Row {
     pub services: usize,
     pub workload: Workload,
     pub setup: Setup,
+    pub family: Family,
     /// Median over rounds.
     pub rate_per_s: f64,
-    /// Medians over rounds of the per-round ratios.
+    /// Medians over rounds of the per-round ratios, to the other setup in the same family.
     pub ratio_to_direct: f64,
     pub ratio_to_switchboard: f64,
+    /// IPv6 rows: to the same setup's IPv4 rate, per round.
+    pub ratio_to_ipv4: Option<f64>,
     pub failed_transactions: u64,
     pub samples_per_s: Vec<f64>,
 }
@@ -121,19 +127,42 @@ pub struct Results {
     pub rows: Vec<Row>,
 }
 
+/// A setup measured in an address family: the five setups over IPv4, and over IPv6 those that
+/// serve it here (kube-proxy's rule generator writes IPv4 rules only).
+#[derive(Clone, Copy)]
+struct Path {
+    node: usize,
+    family: Family,
+}
+
+const IPV6_SETUPS: [Setup; 2] = [Setup::Direct, Setup::Switchboard];
+
+fn paths() -> Vec<Path> {
+    let ipv4 = (0..Setup::ALL.len()).map(|node| Path {
+        node,
+        family: Family::Ipv4,
+    });
+    let ipv6 = IPV6_SETUPS.iter().map(|&setup| Path {
+        node: index_of(setup),
+        family: Family::Ipv6,
+    });
+    ipv4.chain(ipv6).collect()
+}
+
 pub fn run(settings: &Settings) -> anyhow::Result<Results> {
     let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
     let mut nodes = Setup::ALL
         .iter()
         .map(|&setup| Node::build(setup, largest))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let paths = paths();
     let mut programming_seconds = Vec::new();
     let mut rows = Vec::new();
     for &count in &settings.service_counts {
         let ports = services::with_fillers(&measured(), count.saturating_sub(1));
         for node in &mut nodes {
             let started = Instant::now();
-            node.program(&ports)
+            node.program(&ports, &[Family::Ipv4])
                 .with_context(|| format!("programming {} with {count} services", node.setup.label()))?;
             let seconds = started.elapsed().as_secs_f64();
             eprintln!(
@@ -142,18 +171,25 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
             );
             programming_seconds.push((node.setup, count, seconds));
         }
-        for node in &nodes {
+        // Switchboard's services become dual-stack: the diff adds their IPv6 frontends. Kept out
+        // of the timing above, which is compared with IPv4-only rule sets.
+        let switchboard = &mut nodes[index_of(Setup::Switchboard)];
+        switchboard
+            .program(&ports, &Family::ALL)
+            .with_context(|| format!("programming the IPv6 twins of {count} services"))?;
+        for path in &paths {
             for workload in Workload::ALL {
-                node.warm_up(workload, settings.warmup)?;
+                nodes[path.node].warm_up(workload, path.family, settings.warmup)?;
             }
         }
-        // samples[workload][setup] over rounds, setups interleaved in rotating order.
-        let mut samples = vec![vec![Vec::<Sample>::new(); nodes.len()]; Workload::ALL.len()];
-        let order: Vec<usize> = (0..nodes.len()).collect();
+        // samples[workload][path] over rounds, paths interleaved in rotating order.
+        let mut samples = vec![vec![Vec::<Sample>::new(); paths.len()]; Workload::ALL.len()];
+        let order: Vec<usize> = (0..paths.len()).collect();
         for round in 0..settings.rounds {
             for (w, &workload) in Workload::ALL.iter().enumerate() {
-                for n in stats::rotated(&order, round + w) {
-                    samples[w][n].push(nodes[n].sample(workload, settings.sample)?);
+                for p in stats::rotated(&order, round + w) {
+                    let Path { node, family } = paths[p];
+                    samples[w][p].push(nodes[node].sample(workload, family, settings.sample)?);
                 }
             }
         }
@@ -162,37 +198,30 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
                 .iter()
                 .map(|s| s.iter().map(Sample::rate).collect())
                 .collect();
-            for (n, node) in nodes.iter().enumerate() {
+            let rates_of = |setup: Setup, family: Family| {
+                paths
+                    .iter()
+                    .position(|p| nodes[p.node].setup == setup && p.family == family)
+                    .map(|p| rates[p].as_slice())
+            };
+            for (p, path) in paths.iter().enumerate() {
+                let setup = nodes[path.node].setup;
+                let ratio_to = |other: Setup, family: Family| {
+                    rates_of(other, family).map_or(f64::NAN, |other| stats::paired_ratio(&rates[p], other))
+                };
                 let row = Row {
                     services: count,
                     workload,
-                    setup: node.setup,
-                    rate_per_s: stats::median(&rates[n]),
-                    ratio_to_direct: stats::paired_ratio(&rates[n], &rates[index_of(Setup::Direct)]),
-                    ratio_to_switchboard: stats::paired_ratio(
-                        &rates[n],
-                        &rates[index_of(Setup::Switchboard)],
-                    ),
-                    failed_transactions: samples[w][n].iter().map(|s| s.failed).sum(),
-                    samples_per_s: rates[n].clone(),
+                    setup,
+                    family: path.family,
+                    rate_per_s: stats::median(&rates[p]),
+                    ratio_to_direct: ratio_to(Setup::Direct, path.family),
+                    ratio_to_switchboard: ratio_to(Setup::Switchboard, path.family),
+                    ratio_to_ipv4: (path.family != Family::Ipv4).then(|| ratio_to(setup, Family::Ipv4)),
+                    failed_transactions: samples[w][p].iter().map(|s| s.failed).sum(),
+                    samples_per_s: rates[p].clone(),
                 };
-                eprintln!(
-                    "[e2e] {count:>6} services  {:<5} {:<22} {:>8.0} {}  ×{:.3} of direct  ×{:.3} of Switchboard{}",
-                    match workload {
-                        Workload::TcpCrr => "TCP",
-                        Workload::UdpRr => "UDP",
-                    },
-                    node.setup.label(),
-                    row.rate_per_s,
-                    workload.unit(),
-                    row.ratio_to_direct,
-                    row.ratio_to_switchboard,
-                    if row.failed_transactions > 0 {
-                        format!("  ({} failed)", row.failed_transactions)
-                    } else {
-                        String::new()
-                    }
-                );
+                print_row(&row);
                 rows.push(row);
             }
         }
@@ -206,6 +235,30 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
         programming_seconds,
         rows,
     })
+}
+
+fn print_row(row: &Row) {
+    eprintln!(
+        "[e2e] {:>6} services  {:<5} {} {:<22} {:>8.0} {}  ×{:.3} of direct  ×{:.3} of Switchboard{}{}",
+        row.services,
+        match row.workload {
+            Workload::TcpCrr => "TCP",
+            Workload::UdpRr => "UDP",
+        },
+        row.family.label(),
+        row.setup.label(),
+        row.rate_per_s,
+        row.workload.unit(),
+        row.ratio_to_direct,
+        row.ratio_to_switchboard,
+        row.ratio_to_ipv4
+            .map_or(String::new(), |r| format!("  ×{r:.3} of IPv4")),
+        if row.failed_transactions > 0 {
+            format!("  ({} failed)", row.failed_transactions)
+        } else {
+            String::new()
+        }
+    );
 }
 
 fn index_of(setup: Setup) -> usize {
@@ -261,11 +314,15 @@ impl Node {
             let name = format!("backend-{b}");
             let host_interface = lab.add_pod(&name, addresses[0])?.host_interface.clone();
             let pod = lab.pod(&name);
-            // The pod's other endpoint addresses, as if it were several pods.
+            // The pod's other endpoint addresses in both families, as if it were several pods.
             for address in &addresses[1..] {
-                let address = format!("{address}/32");
-                pod.ns.ip(&["addr", "add", &address, "dev", "eth0"])?;
-                lab.node.ip(&["route", "add", &address, "dev", &host_interface])?;
+                let (ipv4, ipv6) = (format!("{address}/32"), format!("{}/128", ipv6_of(*address)));
+                pod.ns.ip(&["addr", "add", &ipv4, "dev", "eth0"])?;
+                // No duplicate address detection, so the address works at once.
+                pod.ns.ip(&["addr", "add", &ipv6, "dev", "eth0", "nodad"])?;
+                for address in [&ipv4, &ipv6] {
+                    lab.node.ip(&["route", "add", address, "dev", &host_interface])?;
+                }
             }
             servers.push(Servers::start(
                 &pod.ns,
@@ -286,12 +343,14 @@ impl Node {
         })
     }
 
-    /// Makes the node serve exactly `ports`.
-    fn program(&mut self, ports: &[ServicePort]) -> anyhow::Result<()> {
+    /// Makes the node serve exactly `ports`, in `families` where it can (the kube-proxy rule
+    /// sets are IPv4).
+    fn program(&mut self, ports: &[ServicePort], families: &[Family]) -> anyhow::Result<()> {
         let (program, args, rules): (&str, &[&str], String) = match self.setup {
             Setup::Direct => return Ok(()),
             Setup::Switchboard => {
-                return self.agent.as_mut().expect("started with the node").apply(ports);
+                let agent = self.agent.as_mut().expect("started with the node");
+                return agent.apply(ports, families);
             }
             Setup::IptablesNft => (
                 "iptables-nft-restore",
@@ -317,32 +376,34 @@ impl Node {
 
     /// Runs `workload` until a transaction has gone through (neighbours resolved, rules and
     /// maps in effect), then for `duration` more, unmeasured.
-    fn warm_up(&self, workload: Workload, duration: Duration) -> anyhow::Result<()> {
+    fn warm_up(&self, workload: Workload, family: Family, duration: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + WARM_UP_LIMIT;
         loop {
-            let sample = self.sample(workload, Duration::from_millis(50))?;
+            let sample = self.sample(workload, family, Duration::from_millis(50))?;
             if sample.completed > 0 {
                 break;
             }
             ensure!(
                 Instant::now() < deadline,
-                "{}: not one {} transaction completed in {WARM_UP_LIMIT:?}",
+                "{} over {}: not one {} transaction completed in {WARM_UP_LIMIT:?}",
                 self.setup.label(),
+                family.label(),
                 workload.label()
             );
         }
-        self.sample(workload, duration).map(drop)
+        self.sample(workload, family, duration).map(drop)
     }
 
-    fn sample(&self, workload: Workload, duration: Duration) -> anyhow::Result<Sample> {
-        let targets: Vec<SocketAddrV4> = match (self.setup, workload) {
+    fn sample(&self, workload: Workload, family: Family, duration: Duration) -> anyhow::Result<Sample> {
+        let at = |ip, port| SocketAddr::new(family.address(ip), port);
+        let targets: Vec<SocketAddr> = match (self.setup, workload) {
             (Setup::Direct, Workload::TcpCrr) => endpoints()
                 .into_iter()
-                .map(|ip| SocketAddrV4::new(ip, TCP_TARGET_PORT))
+                .map(|ip| at(ip, TCP_TARGET_PORT))
                 .collect(),
-            (Setup::Direct, Workload::UdpRr) => vec![SocketAddrV4::new(endpoints()[0], UDP_TARGET_PORT)],
-            (_, Workload::TcpCrr) => vec![SocketAddrV4::new(CLUSTER_IP, TCP_PORT)],
-            (_, Workload::UdpRr) => vec![SocketAddrV4::new(CLUSTER_IP, UDP_PORT)],
+            (Setup::Direct, Workload::UdpRr) => vec![at(endpoints()[0], UDP_TARGET_PORT)],
+            (_, Workload::TcpCrr) => vec![at(CLUSTER_IP, TCP_PORT)],
+            (_, Workload::UdpRr) => vec![at(CLUSTER_IP, UDP_PORT)],
         };
         traffic::run(&self.lab.pod("client").ns, workload, &targets, duration)
     }
@@ -362,14 +423,15 @@ impl Agent {
     fn start(lab: &Lab, largest: usize) -> anyhow::Result<Self> {
         let pins = PinDir::new(PIN_OWNER, "e2e");
         let default = Capacity::default();
+        // Services and slots are counted over both families; backends have a map per family.
         let capacity = Capacity {
-            services: default.services.max(largest as u32 + 16),
+            services: default.services.max(2 * largest as u32 + 16),
             backends: default
                 .backends
                 .max((largest * ENDPOINTS_PER_SERVICE) as u32 + 64),
             backend_slots: default
                 .backend_slots
-                .max((largest * ENDPOINTS_PER_SERVICE) as u32 + 64),
+                .max((2 * largest * ENDPOINTS_PER_SERVICE) as u32 + 64),
             ..default
         };
         let mut datapath = Datapath::load_with_capacity(pins.path(), capacity)?;
@@ -399,8 +461,9 @@ impl Agent {
         })
     }
 
-    fn apply(&mut self, ports: &[ServicePort]) -> anyhow::Result<()> {
-        let report = self.reconciler.apply(&services::desired(ports), &mut self.maps);
+    fn apply(&mut self, ports: &[ServicePort], families: &[Family]) -> anyhow::Result<()> {
+        let desired = services::desired(ports, families);
+        let report = self.reconciler.apply(&desired, &mut self.maps);
         ensure!(report.failed.is_empty(), "map writes failed: {:?}", report.failed);
         Ok(())
     }

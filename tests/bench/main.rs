@@ -13,6 +13,7 @@ mod control_plane;
 mod datapath;
 mod e2e;
 mod kube_proxy_rules;
+mod losses;
 mod machine;
 mod maglev;
 mod plots;

@@ -23,8 +23,18 @@ pub struct Plot<'a> {
 
 const SIZE: (u32, u32) = (760, 440);
 
-/// The same colour for the same setup in every plot.
+/// The same colour for the same setup in every plot; its IPv6 line in a lighter shade.
 fn colour(name: &str) -> RGBColor {
+    let RGBColor(r, g, b) = setup_colour(name);
+    if name.contains("IPv6") {
+        let lighter = |c: u8| c + (255 - c) / 2;
+        RGBColor(lighter(r), lighter(g), lighter(b))
+    } else {
+        RGBColor(r, g, b)
+    }
+}
+
+fn setup_colour(name: &str) -> RGBColor {
     let lower = name.to_lowercase();
     if lower.starts_with("switchboard") {
         RGBColor(31, 119, 180)

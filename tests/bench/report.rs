@@ -9,15 +9,17 @@ use crate::{
     control_plane::{self, Loader},
     datapath::{self, PacketKind},
     e2e::{self, Setup},
+    losses,
     plots::{self, Plot, Series},
+    services::Family,
     stats::{self, short},
     traffic::Workload,
 };
 
 /// Within this much of 1, a ratio is a tie: the machines are noisy.
-const TIE: f64 = 0.03;
+pub const TIE: f64 = 0.03;
 /// The datapath's goal: at most 5 % slower with many services than with one.
-const FLAT: f64 = 1.05;
+pub const FLAT: f64 = 1.05;
 
 pub fn write(out: &Path, results: &Results) -> anyhow::Result<()> {
     let json = serde_json::to_string_pretty(results)?;
@@ -34,7 +36,7 @@ pub fn write(out: &Path, results: &Results) -> anyhow::Result<()> {
         control_plane_section(&mut md, out, control_plane)?;
     }
     maglev_section(&mut md, &results.maglev);
-    losses_section(&mut md, results);
+    losses::section(&mut md, results);
     if !results.errors.is_empty() {
         md.push_str("\n## Sections that failed\n\n");
         for error in &results.errors {
@@ -85,12 +87,13 @@ fn ratio(value: f64) -> String {
 
 fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) -> anyhow::Result<()> {
     let counts = distinct(results.rows.iter().map(|r| r.services));
-    let row = |services: usize, kind: PacketKind| {
+    let row_in = |family: Family, services: usize, kind: PacketKind| {
         results
             .rows
             .iter()
-            .find(|r| r.services == services && r.packet == kind)
+            .find(|r| r.family == family && r.services == services && r.packet == kind)
     };
+    let row = |services: usize, kind: PacketKind| row_in(Family::Ipv4, services, kind);
     let _ = write!(
         md,
         "\n## 1. Datapath cost per packet\n\n\
@@ -101,7 +104,7 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
          mean over `repeat` = {} runs. New flows: {} SYNs per round from sources never seen before, \
          one run each (a conntrack miss happens once per flow); the median is shown. A single run \
          carries about {} ns of timer overhead that a repeated one spreads out. The goal is flat: at \
-         most ×{FLAT} of 1 service.\n\n\
+         most ×{FLAT} of 1 service. These are IPv4 packets; IPv6 follows.\n\n\
          ![ns per packet](datapath.svg)\n\n",
         results.rounds,
         results.repeat,
@@ -133,39 +136,114 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
         md.push('\n');
     }
     md.push_str("\nIn brackets: the ratio to the smallest count, measured in the same rounds.\n");
-    if let Some(&smallest) = counts.first() {
-        md.push_str("\nXDP against TC on the same packets and services (same rounds):");
-        for kind in PacketKind::ALL.into_iter().filter(|k| k.tc_twin() != *k) {
-            if let (Some(xdp), Some(tc)) = (row(smallest, kind), row(smallest, kind.tc_twin())) {
-                let _ = write!(
-                    md,
-                    " {} ×{:.2};",
-                    kind.tc_twin().label(),
-                    stats::paired_ratio(&xdp.samples_ns, &tc.samples_ns)
-                );
+    xdp_against_tc(md, results, Family::Ipv4, &counts);
+    datapath_ipv6(md, results, &counts);
+    for (family, file) in [
+        (Family::Ipv4, "datapath.svg"),
+        (Family::Ipv6, "datapath-ipv6.svg"),
+    ] {
+        let series = PacketKind::ALL
+            .iter()
+            .map(|&kind| Series {
+                name: kind.label().into(),
+                points: counts
+                    .iter()
+                    .filter_map(|&c| row_in(family, c, kind).map(|r| (c as f64, r.ns_per_packet)))
+                    .collect(),
+            })
+            .collect();
+        let title = format!(
+            "from_pod (TC) and nodeport (XDP), {} ns per packet (BPF_PROG_TEST_RUN)",
+            family.label()
+        );
+        plots::draw(
+            &out.join(file),
+            &Plot {
+                title: &title,
+                y_label: "ns per packet",
+                log_y: false,
+                series,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// The ratio of `nodeport` (XDP) to `from_pod` (TC) on the same packets of `family`, with the
+/// smallest count programmed.
+fn xdp_against_tc(md: &mut String, results: &datapath::Results, family: Family, counts: &[usize]) {
+    let Some(&smallest) = counts.first() else {
+        return;
+    };
+    let row = |kind: PacketKind| {
+        results
+            .rows
+            .iter()
+            .find(|r| r.family == family && r.services == smallest && r.packet == kind)
+    };
+    let _ = write!(
+        md,
+        "\nXDP against TC on the same {} packets and services (same rounds):",
+        family.label()
+    );
+    for kind in PacketKind::ALL.into_iter().filter(|k| k.tc_twin() != *k) {
+        if let (Some(xdp), Some(tc)) = (row(kind), row(kind.tc_twin())) {
+            let _ = write!(
+                md,
+                " {} ×{:.2};",
+                kind.tc_twin().label(),
+                stats::paired_ratio(&xdp.samples_ns, &tc.samples_ns)
+            );
+        }
+    }
+    md.push('\n');
+}
+
+/// The IPv6 table: the same packets to the IPv6 twins of the same services, in the same rounds.
+fn datapath_ipv6(md: &mut String, results: &datapath::Results, counts: &[usize]) {
+    let rows: Vec<&datapath::Row> = results.rows.iter().filter(|r| r.family == Family::Ipv6).collect();
+    if rows.is_empty() {
+        return;
+    }
+    md.push_str(
+        "\n### IPv6\n\n\
+         The same packets over IPv6 (40-byte header, 16-byte addresses) to the IPv6 twins of the \
+         same services: every datapath above holds its N services in both families, in the twin \
+         maps the same programs dispatch to on the EtherType, and each round measures both \
+         families back to back (alternating which goes first). In brackets: the ratio to the same \
+         IPv4 packet in the same rounds. What serving IPv6 costs IPv4 packets (the EtherType \
+         dispatch) is not measured: there is no IPv4-only build to compare to.\n\n\
+         ![IPv6 ns per packet](datapath-ipv6.svg)\n\n| services |",
+    );
+    for kind in PacketKind::ALL {
+        let _ = write!(md, " {} |", kind.label());
+    }
+    md.push_str("\n|---:|");
+    md.push_str(&"---:|".repeat(PacketKind::ALL.len()));
+    md.push('\n');
+    for &count in counts {
+        let _ = write!(md, "| {count} |");
+        for kind in PacketKind::ALL {
+            match rows.iter().find(|r| r.services == count && r.packet == kind) {
+                Some(r) => {
+                    let to_ipv4 = r.ratio_to_ipv4.unwrap_or(f64::NAN);
+                    let _ = write!(md, " {} ns ({}) |", short(r.ns_per_packet), ratio(to_ipv4));
+                }
+                None => md.push_str(" – |"),
             }
         }
         md.push('\n');
     }
-    let series = PacketKind::ALL
+    xdp_against_tc(md, results, Family::Ipv6, counts);
+    let worst = rows
         .iter()
-        .map(|&kind| Series {
-            name: kind.label().into(),
-            points: counts
-                .iter()
-                .filter_map(|&c| row(c, kind).map(|r| (c as f64, r.ns_per_packet)))
-                .collect(),
-        })
-        .collect();
-    plots::draw(
-        &out.join("datapath.svg"),
-        &Plot {
-            title: "from_pod (TC) and nodeport (XDP), ns per packet (BPF_PROG_TEST_RUN)",
-            y_label: "ns per packet",
-            log_y: false,
-            series,
-        },
-    )
+        .map(|r| r.ratio_to_one_service)
+        .fold(f64::NAN, f64::max);
+    let _ = writeln!(
+        md,
+        "\nWith many services, the worst IPv6 row is ×{worst:.2} of the smallest count (same \
+         rounds, same packet)."
+    );
 }
 
 fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::Result<()> {
@@ -184,7 +262,11 @@ fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::R
          {} client thread (2 cores: one for the client, one for the rest) and one server thread per \
          pod and protocol. TCP: a connection per transaction, 16 bytes each way, the client closes \
          (like netperf TCP_CRR; the client may reuse TIME_WAIT ports). UDP: one connected socket, \
-         16 bytes each way, one datagram in flight (like netperf UDP_RR).\n",
+         16 bytes each way, one datagram in flight (like netperf UDP_RR). Pods are dual-stack, \
+         and Switchboard's services get the IPv6 twin of every ClusterIP once their IPv4 \
+         programming has been timed: the direct and Switchboard labs are also sampled over IPv6, \
+         in the same rounds, with ratios within the family and to the same lab's IPv4 rate (÷ \
+         IPv4). kube-proxy's IPv6 rule sets (ip6tables, nft `ip6`) are not generated.\n",
         results.backend_pods,
         results.endpoints,
         results.rounds,
@@ -199,7 +281,7 @@ fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::R
         };
         let _ = write!(
             md,
-            "\n### {} ({})\n\n![{}]({file})\n\n| services | setup | {} | ÷ direct | ÷ Switchboard | failed |\n|---:|---|---:|---:|---:|---:|\n",
+            "\n### {} ({})\n\n![{}]({file})\n\n| services | setup | {} | ÷ direct | ÷ Switchboard | ÷ IPv4 | failed |\n|---:|---|---:|---:|---:|---:|---:|\n",
             workload.label(),
             workload.unit(),
             workload.unit(),
@@ -209,26 +291,27 @@ fn e2e_section(md: &mut String, out: &Path, results: &e2e::Results) -> anyhow::R
             for row in rows.iter().filter(|r| r.services == count) {
                 let _ = writeln!(
                     md,
-                    "| {count} | {} | {:.0} | {} | {} | {} |",
-                    row.setup.label(),
+                    "| {count} | {} | {:.0} | {} | {} | {} | {} |",
+                    setup_label(row),
                     row.rate_per_s,
                     ratio(row.ratio_to_direct),
                     ratio(row.ratio_to_switchboard),
+                    ratio(row.ratio_to_ipv4.unwrap_or(f64::NAN)),
                     row.failed_transactions
                 );
             }
         }
-        let series = Setup::ALL
-            .iter()
-            .map(|&setup| Series {
-                name: setup.label().into(),
-                points: rows
-                    .iter()
-                    .filter(|r| r.setup == setup)
-                    .map(|r| (r.services as f64, r.rate_per_s))
-                    .collect(),
-            })
-            .collect();
+        let mut series: Vec<Series> = Vec::new();
+        for row in &rows {
+            let name = setup_label(row);
+            match series.iter_mut().find(|s| s.name == name) {
+                Some(line) => line.points.push((row.services as f64, row.rate_per_s)),
+                None => series.push(Series {
+                    name,
+                    points: vec![(row.services as f64, row.rate_per_s)],
+                }),
+            }
+        }
         plots::draw(
             &out.join(file),
             &Plot {
@@ -336,138 +419,16 @@ fn control_plane_section(
     )
 }
 
-/// Every comparison Switchboard did not win, stated from the numbers.
-fn losses_section(md: &mut String, results: &Results) {
-    let mut losses = Vec::new();
-    if let Some(datapath) = &results.datapath {
-        for row in &datapath.rows {
-            if row.ratio_to_one_service > FLAT {
-                losses.push(format!(
-                    "Datapath, {}: {} ns per packet with {} services, ×{:.2} of the smallest count \
-                     (the goal is at most ×{FLAT}).",
-                    row.packet.label(),
-                    short(row.ns_per_packet),
-                    row.services,
-                    row.ratio_to_one_service
-                ));
-            }
-        }
-    }
-    if let Some(e2e) = &results.e2e {
-        let direct_rate = |row: &e2e::Row| {
-            e2e.rows
-                .iter()
-                .find(|r| {
-                    r.services == row.services && r.workload == row.workload && r.setup == Setup::Direct
-                })
-                .map_or(f64::NAN, |r| r.rate_per_s)
-        };
-        for row in &e2e.rows {
-            let what = format!("{} with {}", row.workload.label(), services(row.services));
-            match row.setup {
-                Setup::Switchboard => {
-                    if row.ratio_to_direct < 1.0 - TIE {
-                        losses.push(format!(
-                            "End to end, {what}: Switchboard reaches ×{:.2} of the direct path \
-                             (medians {:.0} vs {:.0} {}).",
-                            row.ratio_to_direct,
-                            row.rate_per_s,
-                            direct_rate(row),
-                            row.workload.unit()
-                        ));
-                    }
-                    if row.failed_transactions > 0 {
-                        losses.push(format!(
-                            "End to end, {what}: {} transactions through Switchboard failed.",
-                            row.failed_transactions
-                        ));
-                    }
-                }
-                Setup::Direct => {}
-                _ => {
-                    if row.ratio_to_switchboard > 1.0 + TIE {
-                        losses.push(format!(
-                            "End to end, {what}: {} is faster than Switchboard, ×{:.2} ({:.0} {}).",
-                            row.setup.label(),
-                            row.ratio_to_switchboard,
-                            row.rate_per_s,
-                            row.workload.unit()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    if let Some(control_plane) = &results.control_plane {
-        let switchboard = |services: usize| {
-            control_plane
-                .full_sync
-                .iter()
-                .find(|r| r.services == services && r.loader == Loader::Switchboard)
-        };
-        for row in control_plane
-            .full_sync
-            .iter()
-            .filter(|r| r.loader != Loader::Switchboard)
-        {
-            let Some(ours) = switchboard(row.services) else {
-                continue;
-            };
-            if row.ratio_to_switchboard < 1.0 - TIE {
-                losses.push(format!(
-                    "Control plane, {} services from nothing: {} takes {} s, Switchboard {} s \
-                     (×{:.2} of Switchboard's time).",
-                    row.services,
-                    row.loader.label(),
-                    short(row.seconds),
-                    short(ours.seconds),
-                    row.ratio_to_switchboard
-                ));
-            }
-            if row.peak_rss_mib < ours.peak_rss_mib * (1.0 - TIE) {
-                losses.push(format!(
-                    "Memory, {} services: Switchboard's process peaks at {} MiB, {} at {} MiB (the \
-                     tool only, not kube-proxy).",
-                    row.services,
-                    short(ours.peak_rss_mib),
-                    row.loader.label(),
-                    short(row.peak_rss_mib)
-                ));
-            }
-        }
-        let changes = &control_plane.endpoint_changes;
-        if let (Some(first), Some(last)) = (changes.first(), changes.last())
-            && last.services > first.services
-            && last.p50_ms > first.p50_ms * 2.0
-        {
-            losses.push(format!(
-                "Endpoint changes: one change takes {} ms (p50) with {} services but {} ms with {} \
-                 (×{:.1}): the reconciler's cost per change grows with the number of services \
-                 instead of with the size of the change.",
-                short(first.p50_ms),
-                first.services,
-                short(last.p50_ms),
-                last.services,
-                last.p50_ms / first.p50_ms
-            ));
-        }
-    }
-    md.push_str("\n## Where Switchboard loses\n\n");
-    let _ = writeln!(
-        md,
-        "Every comparison in this run that Switchboard did not win, ties (within {:.0} %) left out:\n",
-        TIE * 100.0
-    );
-    if losses.is_empty() {
-        md.push_str("* Nothing: in this run Switchboard won or tied every comparison.\n");
-    }
-    for loss in losses {
-        let _ = writeln!(md, "* {loss}");
+/// "Switchboard", "Switchboard IPv6": a setup over IPv4 goes by its name alone.
+fn setup_label(row: &e2e::Row) -> String {
+    match row.family {
+        Family::Ipv4 => row.setup.label().into(),
+        family => format!("{} {}", row.setup.label(), family.label()),
     }
 }
 
 /// "1 service", "1000 services".
-fn services(count: usize) -> String {
+pub fn services(count: usize) -> String {
     if count == 1 {
         "1 service".into()
     } else {

@@ -1,10 +1,19 @@
 //! The services every setup is programmed with, generated rather than read from manifests so that
 //! 100k of them cost nothing to describe: filler services that only take up room in the tables,
-//! and the measured services whose endpoints are real pods.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+//! and the measured services whose endpoints are real pods. They are written with IPv4
+//! addresses; a [`Family`] turns each into its IPv6 twin ([`ipv6_of`]), so both families carry
+//! the same services.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use lb_common::{IPPROTO_TCP, IPPROTO_UDP};
-use lb_userspace::reconcile::{DesiredService, FrontendKey};
+use lb_userspace::{
+    lab::ipv6_of,
+    reconcile::{DesiredService, FrontendKey},
+};
+use serde::Serialize;
 
 use crate::kube_proxy_rules::{ClusterCidrs, Protocol, ServicePort};
 
@@ -50,9 +59,36 @@ pub fn with_fillers(measured: &[ServicePort], fillers: usize) -> Vec<ServicePort
     all
 }
 
-pub fn service_key(port: &ServicePort) -> FrontendKey {
+/// The address family packets and services are measured in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Self::Ipv4, Self::Ipv6];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        }
+    }
+
+    /// `ip` in this family: itself, or its IPv6 twin.
+    pub fn address(self, ip: Ipv4Addr) -> IpAddr {
+        match self {
+            Self::Ipv4 => ip.into(),
+            Self::Ipv6 => ipv6_of(ip).into(),
+        }
+    }
+}
+
+pub fn service_key(port: &ServicePort, family: Family) -> FrontendKey {
     FrontendKey {
-        addr: port.cluster_ip.into(),
+        addr: family.address(port.cluster_ip),
         port: port.port,
         proto: match port.protocol {
             Protocol::Tcp => IPPROTO_TCP,
@@ -61,22 +97,28 @@ pub fn service_key(port: &ServicePort) -> FrontendKey {
     }
 }
 
-/// What Switchboard's planner would produce for these service ports: the reconciler's input.
-pub fn desired(ports: &[ServicePort]) -> BTreeMap<FrontendKey, DesiredService> {
-    ports
+/// What Switchboard's planner would produce for these service ports in `families` (a dual-stack
+/// Service is a frontend in each): the reconciler's input.
+pub fn desired(ports: &[ServicePort], families: &[Family]) -> BTreeMap<FrontendKey, DesiredService> {
+    families
         .iter()
-        .map(|port| {
+        .flat_map(|&family| ports.iter().map(move |port| (family, port)))
+        .map(|(family, port)| {
             let service = DesiredService {
                 name: format!("{}/{}:{}", port.namespace, port.name, port.port),
                 cluster_ip: true,
-                backends: port.endpoints.iter().map(|&endpoint| endpoint.into()).collect(),
+                backends: port
+                    .endpoints
+                    .iter()
+                    .map(|&(ip, target)| (family.address(ip), target).into())
+                    .collect(),
                 draining: Vec::new(),
                 // Random backend choice, like kube-proxy's.
                 maglev: None,
                 affinity_timeout: None,
                 external: None,
             };
-            (service_key(port), service)
+            (service_key(port, family), service)
         })
         .collect()
 }

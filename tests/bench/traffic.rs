@@ -10,7 +10,7 @@
 //! and far too slow here, so these block in the kernel with short timeouts instead.
 use std::{
     io::{ErrorKind, Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use lb_userspace::lab::NetNs;
+use lb_userspace::lab::{NetNs, ipv6_of};
 use nix::sys::{socket::setsockopt, socket::sockopt::ReceiveTimeout, time::TimeVal};
 use serde::Serialize;
 
@@ -69,8 +69,8 @@ impl Sample {
     }
 }
 
-/// A TCP server and UDP servers in one pod, answering on each of `addresses` (the pod's). Stopped
-/// and joined on drop.
+/// A TCP server and UDP servers in one pod, answering on each of `addresses` (the pod's) and
+/// their IPv6 twins ([`ipv6_of`]). Stopped and joined on drop.
 pub struct Servers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -80,7 +80,8 @@ impl Servers {
     pub fn start(ns: &NetNs, addresses: &[Ipv4Addr], tcp_port: u16, udp_port: u16) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        let listener = ns.run(move || TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port)))??;
+        // `[::]` takes IPv4 connections too (net.ipv6.bindv6only is 0 in a new namespace).
+        let listener = ns.run(move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, tcp_port)))??;
         // accept(2) honours SO_RCVTIMEO, so a blocked accept wakes up to check `stop`.
         let poll = TimeVal::new(0, SERVER_POLL.as_micros() as libc::suseconds_t);
         setsockopt(&listener, ReceiveTimeout, &poll).context("SO_RCVTIMEO on the listener")?;
@@ -88,8 +89,13 @@ impl Servers {
         threads.push(std::thread::spawn(move || serve_tcp(&listener, &tcp_stop)));
         // One UDP socket per address: a reply from a wildcard socket would leave from the pod's
         // primary address, not the one the request was sent to, and match no NAT state.
-        for &address in addresses {
-            let socket = ns.run(move || UdpSocket::bind((address, udp_port)))??;
+        let twins = addresses.iter().map(|&address| IpAddr::from(ipv6_of(address)));
+        for address in addresses
+            .iter()
+            .map(|&address| IpAddr::from(address))
+            .chain(twins)
+        {
+            let socket = ns.run(move || UdpSocket::bind(SocketAddr::new(address, udp_port)))??;
             socket.set_read_timeout(Some(SERVER_POLL))?;
             let udp_stop = stop.clone();
             threads.push(std::thread::spawn(move || serve_udp(&socket, &udp_stop)));
@@ -145,7 +151,7 @@ fn serve_udp(socket: &UdpSocket, stop: &AtomicBool) {
 pub fn run(
     client: &NetNs,
     workload: Workload,
-    targets: &[SocketAddrV4],
+    targets: &[SocketAddr],
     duration: Duration,
 ) -> anyhow::Result<Sample> {
     let targets = targets.to_vec();
@@ -155,12 +161,12 @@ pub fn run(
     })
 }
 
-fn tcp_crr(targets: &[SocketAddrV4], duration: Duration) -> Sample {
+fn tcp_crr(targets: &[SocketAddr], duration: Duration) -> Sample {
     let started = Instant::now();
     let mut sample = Sample::default();
     let mut next = 0;
     while started.elapsed() < duration {
-        let target = SocketAddr::V4(targets[next % targets.len()]);
+        let target = targets[next % targets.len()];
         next += 1;
         match one_connection(target) {
             Ok(()) => sample.completed += 1,
@@ -179,8 +185,11 @@ fn one_connection(target: SocketAddr) -> std::io::Result<()> {
     stream.read_exact(&mut answer)
 }
 
-fn udp_rr(target: SocketAddrV4, duration: Duration) -> anyhow::Result<Sample> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+fn udp_rr(target: SocketAddr, duration: Duration) -> anyhow::Result<Sample> {
+    let socket = match target {
+        SocketAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
+        SocketAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?,
+    };
     // Connected: only answers from the address dialled are accepted, so a reply that was not
     // translated back to the ClusterIP counts as lost.
     socket.connect(target)?;
