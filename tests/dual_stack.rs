@@ -303,14 +303,7 @@ fn assert_tcp_refused_at_once(client: &lab::NetNs, target: SocketAddr) {
 /// A datagram from `client`'s connected UDP socket to `target` is answered with an ICMPv6 port
 /// unreachable, which the socket reports as "connection refused".
 fn assert_udp_refused(client: &lab::NetNs, target: SocketAddr) {
-    let socket = client
-        .run(|| UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)))
-        .unwrap()
-        .unwrap();
-    socket.connect(target).unwrap();
-    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-    socket.send(b"anyone?").unwrap();
-    let error = socket.recv(&mut [0u8; 64]).expect_err("no pod answers");
+    let error = servers::udp_request_error(client, target, TIMEOUT).unwrap();
     assert_eq!(
         error.kind(),
         std::io::ErrorKind::ConnectionRefused,

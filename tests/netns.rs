@@ -324,15 +324,7 @@ fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
 /// A datagram from the client's connected UDP socket to `target` is answered with an ICMP port
 /// unreachable, which the socket reports as "connection refused".
 fn assert_udp_refused(cluster: &Cluster, target: (Ipv4Addr, u16)) {
-    let socket = cluster
-        .client()
-        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
-        .unwrap()
-        .unwrap();
-    socket.connect(target).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    socket.send(b"anyone?").unwrap();
-    let error = socket.recv(&mut [0u8; 64]).expect_err("no pod answers");
+    let error = servers::udp_request_error(cluster.client(), target.into(), TIMEOUT).unwrap();
     assert_eq!(
         error.kind(),
         std::io::ErrorKind::ConnectionRefused,

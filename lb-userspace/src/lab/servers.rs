@@ -220,12 +220,7 @@ pub fn udp_request(
     timeout: Duration,
 ) -> anyhow::Result<Reply> {
     let addr = addr.into();
-    let any: IpAddr = if addr.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
-    let socket = ns.run(move || UdpSocket::bind((any, 0)))??;
+    let socket = udp_socket(ns, addr)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"who are you?", (addr, port))?;
     let mut buffer = [0u8; 256];
@@ -237,4 +232,31 @@ pub fn udp_request(
         bail!("empty UDP answer from {from}");
     }
     Ok(Reply { pod, from })
+}
+
+/// One datagram to `target` from a connected socket in `ns`, expecting no answer: the error the
+/// socket reports instead (`ConnectionRefused` once an ICMP port unreachable came back).
+pub fn udp_request_error(
+    ns: &NetNs,
+    target: SocketAddr,
+    timeout: Duration,
+) -> anyhow::Result<std::io::Error> {
+    let socket = udp_socket(ns, target.ip())?;
+    socket.connect(target)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send(b"anyone?")?;
+    match socket.recv(&mut [0u8; 64]) {
+        Ok(n) => bail!("{target} answered with {n} bytes"),
+        Err(error) => Ok(error),
+    }
+}
+
+/// A UDP socket in `ns` on an ephemeral port, of the family of `peer`.
+fn udp_socket(ns: &NetNs, peer: IpAddr) -> anyhow::Result<UdpSocket> {
+    let any: IpAddr = if peer.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    Ok(ns.run(move || UdpSocket::bind((any, 0)))??)
 }
