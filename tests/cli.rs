@@ -174,16 +174,24 @@ fn explain_names_the_selector_key_that_failed_and_the_near_misses() {
     );
 }
 
-/// The README's first command: the demo answers from the ClusterIP and from localhost on the
+/// The README's first command: the demo answers from both ClusterIPs and from localhost on the
 /// NodePort, and leaves no namespace or pin behind.
 #[test]
-fn the_demo_answers_on_the_cluster_ip_and_on_localhost_and_cleans_up() {
+fn the_demo_answers_on_both_cluster_ips_and_on_localhost_and_cleans_up() {
     assert!(nix::unistd::geteuid().is_root(), "the demo needs root, as CI has");
     let (ok, stdout, stderr) = switchboard(&["demo", "--requests", "3"]);
     assert!(ok, "the demo succeeds: {stdout}\n{stderr}");
+    for cluster_ip in ["10.96.0.10", "fd00:10:96::10"] {
+        assert!(
+            stdout.contains(&format!(
+                "3 requests to the ClusterIP {cluster_ip} were answered by"
+            )),
+            "{stdout}"
+        );
+    }
     assert!(
-        stdout.contains("3 requests to the ClusterIP were answered by"),
-        "{stdout}"
+        stdout.contains("(reply from [fd00:10:96::10]:80)"),
+        "answers come from the IPv6 ClusterIP: {stdout}"
     );
     assert!(
         stdout.contains("3 requests from the node to localhost:30007 were answered by"),

@@ -21,7 +21,7 @@ enum Task {
     Setup,
     /// Build the eBPF object (target/bpfel-unknown-none/release/lb-ebpf).
     BuildEbpf,
-    /// Run the demo: three web pods behind a ClusterIP in network namespaces (needs root).
+    /// Run the demo: three web pods behind a dual-stack Service in network namespaces (needs root).
     Demo {
         /// Extra arguments for `switchboard demo`, e.g. `-- --hold`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -1,10 +1,11 @@
-//! `switchboard demo`: the classic scenario on network-namespace pods. Three `app=web` pods
-//! answer `{"pod":"<name>"}` on port 3000, Service `web` maps 10.96.0.10:80 (and NodePort 30007)
-//! to them, a client pod asks the ClusterIP six times and the node itself asks
-//! `localhost:30007`. Everything is removed afterwards, also on Ctrl-C.
+//! `switchboard demo`: the classic scenario on network-namespace pods. Three dual-stack `app=web`
+//! pods answer `{"pod":"<name>"}` on port 3000, the dual-stack Service `web` maps 10.96.0.10:80,
+//! [fd00:10:96::10]:80 (and NodePort 30007) to them, a client pod asks each ClusterIP six
+//! times and the node itself asks `localhost:30007`. Everything is removed afterwards, also on
+//! Ctrl-C.
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     process::{Child, Command, ExitCode},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
@@ -113,6 +114,7 @@ fn demo(args: &Args, manifest_dir: &std::path::Path) -> anyhow::Result<()> {
         .iter()
         .map(|(name, _)| servers::http_server(&lab.pod(name).ns, name, TARGET_PORT))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let cluster_ip6 = lab::ipv6_of(CLUSTER_IP);
     let service = format!(
         "apiVersion: v1
 kind: Service
@@ -120,6 +122,9 @@ metadata: {{name: web, namespace: default}}
 spec:
   type: NodePort
   clusterIP: {CLUSTER_IP}
+  clusterIPs: [\"{CLUSTER_IP}\", \"{cluster_ip6}\"]
+  ipFamilies: [IPv4, IPv6]
+  ipFamilyPolicy: RequireDualStack
   selector: {{app: web}}
   ports:
   - {{name: http, protocol: TCP, port: {SERVICE_PORT}, targetPort: {TARGET_PORT}, nodePort: {NODE_PORT}}}
@@ -128,7 +133,7 @@ spec:
     std::fs::write(manifest_dir.join("service.yaml"), &service)?;
     std::fs::write(manifest_dir.join("pods.yaml"), pod_yaml.join("---\n"))?;
     println!(
-        "Service web (NodePort): {CLUSTER_IP}:{SERVICE_PORT} and <node>:{NODE_PORT} → app=web pods, targetPort {TARGET_PORT}\n"
+        "Service web (NodePort, dual-stack): {CLUSTER_IP}:{SERVICE_PORT}, [{cluster_ip6}]:{SERVICE_PORT} and <node>:{NODE_PORT} → app=web pods, targetPort {TARGET_PORT}\n"
     );
 
     println!("Starting the agent in the node namespace:");
@@ -148,37 +153,22 @@ spec:
     let client = &lab.pod(CLIENT.0).ns;
     wait_until_serving(client)?;
     println!();
-    let mut answered_by = BTreeSet::new();
-    for i in 1..=args.requests {
-        interrupted()?;
-        let reply = servers::http_get(client, CLUSTER_IP, SERVICE_PORT, Duration::from_secs(2))
-            .with_context(|| format!("request {i}"))?;
+    for cluster_ip in [IpAddr::from(CLUSTER_IP), cluster_ip6.into()] {
+        let target = SocketAddr::new(cluster_ip, SERVICE_PORT);
+        let answered_by = ask(client, "client", &target.to_string(), target, args.requests)?;
         println!(
-            "  client → http://{CLUSTER_IP}:{SERVICE_PORT}/  ←  {{\"pod\":\"{}\"}}   (reply from {})",
-            reply.pod, reply.from
+            "\n{} requests to the ClusterIP {cluster_ip} were answered by {} different pods: {}.\n",
+            args.requests,
+            answered_by.len(),
+            answered_by.into_iter().collect::<Vec<_>>().join(", ")
         );
-        answered_by.insert(reply.pod);
     }
-    println!(
-        "\n{} requests to the ClusterIP were answered by {} different pods: {}.\n",
-        args.requests,
-        answered_by.len(),
-        answered_by.into_iter().collect::<Vec<_>>().join(", ")
-    );
     // The node's own processes reach the NodePort on localhost through the socket hooks.
-    let mut answered_by = BTreeSet::new();
-    for i in 1..=args.requests {
-        interrupted()?;
-        let reply = servers::http_get(&lab.node, Ipv4Addr::LOCALHOST, NODE_PORT, Duration::from_secs(2))
-            .with_context(|| format!("request {i} to localhost:{NODE_PORT} from the node"))?;
-        println!(
-            "  node   → http://localhost:{NODE_PORT}/  ←  {{\"pod\":\"{}\"}}   (reply from {})",
-            reply.pod, reply.from
-        );
-        answered_by.insert(reply.pod);
-    }
+    let localhost = SocketAddr::from((Ipv4Addr::LOCALHOST, NODE_PORT));
+    let shown = format!("localhost:{NODE_PORT}");
+    let answered_by = ask(&lab.node, "node  ", &shown, localhost, args.requests)?;
     println!(
-        "\n{} requests from the node to localhost:{NODE_PORT} were answered by {} different pods.",
+        "\n{} requests from the node to {shown} were answered by {} different pods.",
         args.requests,
         answered_by.len(),
     );
@@ -192,6 +182,29 @@ spec:
     }
     println!("\nCleaning up: stopping the agent, deleting the namespaces and the pinned maps.");
     Ok(())
+}
+
+/// `requests` GETs from `ns` (`who`) to `target` (`shown` as), each printed with its answer; the
+/// pods that answered.
+fn ask(
+    ns: &lab::NetNs,
+    who: &str,
+    shown: &str,
+    target: SocketAddr,
+    requests: usize,
+) -> anyhow::Result<BTreeSet<String>> {
+    let mut answered_by = BTreeSet::new();
+    for i in 1..=requests {
+        interrupted()?;
+        let reply = servers::http_get(ns, target.ip(), target.port(), Duration::from_secs(2))
+            .with_context(|| format!("request {i} to {shown} from the {}", who.trim()))?;
+        println!(
+            "  {who} → http://{shown}/  ←  {{\"pod\":\"{}\"}}   (reply from {})",
+            reply.pod, reply.from
+        );
+        answered_by.insert(reply.pod);
+    }
+    Ok(answered_by)
 }
 
 /// Waits until the agent has programmed the service (a request succeeds), for at most 20 s.
