@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::Path,
     process::{Child, Stdio},
     time::{Duration, Instant},
@@ -303,7 +303,8 @@ fn assert_tcp_refused_at_once(client: &lab::NetNs, target: SocketAddr) {
 /// A datagram from `client`'s connected UDP socket to `target` is answered with an ICMPv6 port
 /// unreachable, which the socket reports as "connection refused".
 fn assert_udp_refused(client: &lab::NetNs, target: SocketAddr) {
-    let error = servers::udp_request_error(client, target, TIMEOUT).unwrap();
+    let flow = servers::UdpFlow::connect(client, target, TIMEOUT).unwrap();
+    let error = flow.ask().expect_err("no pod answers");
     assert_eq!(
         error.kind(),
         std::io::ErrorKind::ConnectionRefused,
@@ -502,19 +503,8 @@ fn an_ipv6_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
     let mut cluster = Cluster::start_on_slices("d6q");
     write_slice(cluster.manifests.path(), "web6", &ready6());
     cluster.wait_for_backends(WEB, 3);
-    let socket = cluster
-        .client()
-        .run(|| UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)))
-        .unwrap()
-        .unwrap();
-    socket.connect((WEB, 53)).unwrap();
-    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let ask = || {
-        socket.send(b"who?").unwrap();
-        let mut answer = [0u8; 64];
-        let n = socket.recv(&mut answer).expect("every query is answered");
-        String::from_utf8_lossy(&answer[..n]).into_owned()
-    };
+    let flow = servers::UdpFlow::connect(cluster.client(), SocketAddr::from((WEB, 53)), TIMEOUT).unwrap();
+    let ask = || flow.ask().expect("every query is answered");
     let old = ask();
     let old_index = PODS.iter().position(|(name, _)| *name == old).unwrap();
     let with_old_terminating = PODS.map(|(name, ip)| {

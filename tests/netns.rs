@@ -324,7 +324,8 @@ fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
 /// A datagram from the client's connected UDP socket to `target` is answered with an ICMP port
 /// unreachable, which the socket reports as "connection refused".
 fn assert_udp_refused(cluster: &Cluster, target: (Ipv4Addr, u16)) {
-    let error = servers::udp_request_error(cluster.client(), target.into(), TIMEOUT).unwrap();
+    let flow = servers::UdpFlow::connect(cluster.client(), target.into(), TIMEOUT).unwrap();
+    let error = flow.ask().expect_err("no pod answers");
     assert_eq!(
         error.kind(),
         std::io::ErrorKind::ConnectionRefused,
@@ -731,19 +732,8 @@ fn a_terminating_pod_keeps_its_connection_while_new_ones_go_to_ready_pods() {
 #[test]
 fn a_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
     let mut cluster = Cluster::start_on_slices("nq");
-    let socket = cluster
-        .client()
-        .run(|| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
-        .unwrap()
-        .unwrap();
-    socket.connect((WEB, 53)).unwrap();
-    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let ask = || {
-        socket.send(b"who?").unwrap();
-        let mut answer = [0u8; 64];
-        let n = socket.recv(&mut answer).expect("every query is answered");
-        String::from_utf8_lossy(&answer[..n]).into_owned()
-    };
+    let flow = servers::UdpFlow::connect(cluster.client(), SocketAddr::from((WEB, 53)), TIMEOUT).unwrap();
+    let ask = || flow.ask().expect("every query is answered");
     let old = ask();
 
     write_web_slice(cluster.manifests.path(), &slice_with_terminating(&old));

@@ -234,20 +234,25 @@ pub fn udp_request(
     Ok(Reply { pod, from })
 }
 
-/// One datagram to `target` from a connected socket in `ns`, expecting no answer: the error the
-/// socket reports instead (`ConnectionRefused` once an ICMP port unreachable came back).
-pub fn udp_request_error(
-    ns: &NetNs,
-    target: SocketAddr,
-    timeout: Duration,
-) -> anyhow::Result<std::io::Error> {
-    let socket = udp_socket(ns, target.ip())?;
-    socket.connect(target)?;
-    socket.set_read_timeout(Some(timeout))?;
-    socket.send(b"anyone?")?;
-    match socket.recv(&mut [0u8; 64]) {
-        Ok(n) => bail!("{target} answered with {n} bytes"),
-        Err(error) => Ok(error),
+/// A connected UDP socket in a pod: one flow, kept across requests as a DNS client keeps its
+/// socket.
+pub struct UdpFlow(UdpSocket);
+
+impl UdpFlow {
+    pub fn connect(ns: &NetNs, target: SocketAddr, timeout: Duration) -> anyhow::Result<Self> {
+        let socket = udp_socket(ns, target.ip())?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(timeout))?;
+        Ok(Self(socket))
+    }
+
+    /// One datagram and its answer (the pod's name), or the error the socket reports instead
+    /// (`ConnectionRefused` once an ICMP port unreachable came back).
+    pub fn ask(&self) -> std::io::Result<String> {
+        self.0.send(b"who are you?")?;
+        let mut answer = [0u8; 256];
+        let n = self.0.recv(&mut answer)?;
+        Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
     }
 }
 
