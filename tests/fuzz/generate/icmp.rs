@@ -119,8 +119,8 @@ impl Generator {
     }
 
     /// How much of the IP packet `quoted` the error holds: the IP header and 8 bytes or as much
-    /// as fits, or about a TCP header, and now and then less than the header and 8 bytes (cut
-    /// short).
+    /// as fits, or about a TCP header; now and then less than the header and 8 bytes (cut
+    /// short), or all of it.
     fn quote_len(&mut self, quoted: &[u8]) -> usize {
         let header_len = match self.family {
             Family::Ipv4 => usize::from(quoted[0] & 0x0f) * 4,
@@ -136,6 +136,9 @@ impl Generator {
             // Around the end of a TCP header, whose checksum is updated only when all of it is
             // quoted.
             8..11 => header_len + 8 + self.rng.below(16),
+            // The whole packet, more than the RFCs have an error quote: nothing in the rule
+            // limits the quote.
+            19 => quoted.len(),
             _ => fits,
         };
         len.min(quoted.len())
