@@ -198,7 +198,8 @@ pub fn check_translation(error: &IcmpError, run: &Run, frontend: Endpoint) -> Re
     if backend_reports {
         expected[error.src_addr_at(ETH_LEN)].copy_from_slice(frontend_addr);
     }
-    let mut checksums = vec![error.icmp + 2..error.icmp + 4];
+    let mut checksums = Vec::with_capacity(4);
+    checksums.push(error.icmp + 2..error.icmp + 4);
     if error.family == Family::Ipv4 {
         checksums.extend([ETH_LEN + 10..ETH_LEN + 12, error.quoted + 10..error.quoted + 12]);
     }
