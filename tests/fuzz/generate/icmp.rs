@@ -3,12 +3,12 @@
 //! time exceeded and now and then another error, from a router on the path or from the backend
 //! itself. Translated when the flow is tracked; some must pass untouched all the same: a wrong
 //! checksum, a quote cut short of the transport header's first 8 bytes, a tuple no flow has,
-//! IPv6 extension headers in the quote, or a mutation.
+//! IPv6 extension headers, a later fragment or the other family in the quote, or a mutation.
 use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 use super::{
     Generator, Program,
-    frames::{ETH_LEN, l4_checksum, write_ip},
+    frames::{ETH_LEN, fix_ipv4_checksum, l4_checksum, write_ip},
     mutate::mutate,
 };
 use crate::{
@@ -50,10 +50,24 @@ impl Generator {
         if self.rng.percent(30) {
             self.between_headers(&mut quoted);
         }
+        if self.family == Family::Ipv4 && self.rng.percent(5) {
+            // A fragment's: the first one's quote is translated, a later one's (no ports) not.
+            let offset = if self.rng.percent(50) {
+                0
+            } else {
+                1 + self.rng.below(0x1fff) as u16
+            };
+            quoted[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&(0x2000 | offset).to_be_bytes());
+            fix_ipv4_checksum(&mut quoted);
+        }
         let quoted = &mut quoted[ETH_LEN..];
         if self.family == Family::Ipv4 && self.rng.percent(5) {
             // A wrong quoted header checksum, which the translation keeps as wrong.
             quoted[10] ^= 1 << self.rng.below(8);
+        }
+        if self.rng.percent(2) {
+            // The other family's version: not a packet this error can be about.
+            quoted[0] = quoted[0] & 0x0f | if self.family == Family::Ipv4 { 0x60 } else { 0x40 };
         }
         let Kind {
             kind,
