@@ -26,7 +26,8 @@ const ICMP_ERRORS: [u8; 3] = [3, 11, 12];
 const ICMPV6_ERRORS: [u8; 4] = [1, 2, 3, 4];
 /// What an error must quote of the transport header: the ports (RFC 792).
 const QUOTED_L4_MIN: usize = 8;
-/// A quoted TCP checksum is updated only when the quote holds the whole fixed TCP header.
+/// A quoted TCP checksum is updated only when the quote holds the whole fixed TCP header, as
+/// netfilter's `tcp_manip_pkt` does (not merely the checksum field, 18 bytes).
 const TCP_HEADER_LEN: usize = 20;
 
 /// A translatable error's layout in the frame, and the quoted packet's tuple.
