@@ -20,6 +20,9 @@ const ICMP_HEADER_LEN: usize = 8;
 /// The quoted transport header's first bytes, which every error carries (RFC 792, RFC 4443):
 /// the ports, and UDP's checksum.
 const QUOTED_L4_LEN: usize = 8;
+/// A quoted TCP checksum is followed only when the quote holds the whole fixed header, as
+/// netfilter does.
+const TCP_HEADER_LEN: usize = 20;
 
 /// Translates the packet if it is an ICMP error quoting the DNATed packet of a tracked flow.
 /// `None`: it is not one (or could not be read), and is left as it came.
@@ -28,6 +31,7 @@ pub fn translate_error<A: Family>(ctx: &TcContext) -> Option<()> {
     let network = A::parse_network(ctx)?;
     let icmp = network.l4_off;
     // Plain headers, and nothing after the IP packet: the checksum is summed to the frame's end.
+    // A message of IPv6's minimum MTU or more (SUM_MAX) is no error a router or host sends.
     if network.proto != A::ICMP
         || icmp != EthHdr::LEN + A::HEADER_LEN
         || network.end != ctx.len() as usize
@@ -69,7 +73,7 @@ pub fn translate_error<A: Family>(ctx: &TcContext) -> Option<()> {
 
 /// The quoted packet's destination becomes the frontend, its IPv4 header checksum and its
 /// transport checksum (where the quote holds it) following, as in the packet itself had it been
-/// translated: UDP's unless 0, TCP's if quoted; SCTP's CRC covers no address, and its port
+/// translated: UDP's unless 0, TCP's if its whole header is quoted; SCTP's CRC covers no address, and its port
 /// change is not followed (a quote is rarely the whole packet it would need).
 #[inline(always)]
 fn rewrite_quote<A: Family>(
@@ -90,7 +94,7 @@ fn rewrite_quote<A: Family>(
     }
     let l4_checksum = match quoted.proto {
         IPPROTO_UDP => Some((header + 6, true)),
-        IPPROTO_TCP if header + 18 <= end => Some((header + 16, false)),
+        IPPROTO_TCP if header + TCP_HEADER_LEN <= end => Some((header + 16, false)),
         _ => None,
     };
     if let Some((at, udp)) = l4_checksum {

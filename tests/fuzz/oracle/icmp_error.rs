@@ -4,7 +4,9 @@
 //! is a whole, untagged IPv4 (no options, not a fragment) or IPv6 (ICMPv6 right after the fixed
 //! header) packet carrying a destination unreachable, packet too big, time exceeded or parameter
 //! problem with a right checksum, that quotes a TCP, UDP or SCTP packet of its own family, the
-//! quoted IP header and 8 bytes at least, whose reply tuple is a tracked flow's. Then the quoted
+//! quoted IP header and 8 bytes at least, whose reply tuple is a tracked flow's; the message is
+//! shorter than 1280 bytes (an error quotes at most what keeps it within IPv6's minimum MTU,
+//! RFC 4443, and IPv4 routers quote less, RFC 1812). Then the quoted
 //! destination becomes the frontend, and so does the outer source when it is the backend itself.
 use std::ops::Range;
 
@@ -29,6 +31,8 @@ const QUOTED_L4_MIN: usize = 8;
 /// A quoted TCP checksum is updated only when the quote holds the whole fixed TCP header, as
 /// netfilter's `tcp_manip_pkt` does (not merely the checksum field, 18 bytes).
 const TCP_HEADER_LEN: usize = 20;
+/// Longer ICMP messages are no error a router or host sends, and are left as they are.
+const MESSAGE_MAX: usize = 1279;
 
 /// A translatable error's layout in the frame, and the quoted packet's tuple.
 pub struct IcmpError {
@@ -110,7 +114,7 @@ pub fn parse(frame: &[u8]) -> Option<IcmpError> {
     };
     let icmp = ETH_LEN + header_len;
     let message = &frame[icmp..];
-    if !whole || message.len() < ICMP_HEADER_LEN || !is_error(family, message[0]) {
+    if !whole || !(ICMP_HEADER_LEN..=MESSAGE_MAX).contains(&message.len()) || !is_error(family, message[0]) {
         return None;
     }
     if icmp_sum(family, frame, icmp) != 0xffff {
