@@ -56,6 +56,11 @@ trait Net: Family {
     fn quoted(datagram: &[u8]) -> &[u8];
     /// This family's conntrack entries.
     fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)>;
+    /// An ICMP error from `from` to `to` quoting `quote` (an IP packet, as far as it goes): a
+    /// port unreachable, or "fragmentation needed" (IPv4) or "packet too big" (IPv6).
+    fn icmp_error(from: Self, to: Self, quote: &[u8], port_unreachable: bool) -> Vec<u8>;
+    /// An ICMP error's (source, destination) and quote, after asserting its checksum.
+    fn icmp_error_parts(frame: &[u8]) -> ((Self, Self), Vec<u8>);
 }
 
 impl Net for Ipv4 {
@@ -101,6 +106,39 @@ impl Net for Ipv4 {
 
     fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)> {
         lb.maps.conntrack.iter().map(Result::unwrap).collect()
+    }
+
+    fn icmp_error(from: Self, to: Self, quote: &[u8], port_unreachable: bool) -> Vec<u8> {
+        use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+        let kind = if port_unreachable {
+            DestUnreachableHeader::Port
+        } else {
+            DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 }
+        };
+        let mut packet = Vec::new();
+        PacketBuilder::ethernet2(GATEWAY_MAC, CLIENT_MAC)
+            .ipv4(from, to, 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(kind))
+            .write(&mut packet, quote)
+            .unwrap();
+        packet
+    }
+
+    fn icmp_error_parts(frame: &[u8]) -> ((Self, Self), Vec<u8>) {
+        let headers = PacketHeaders::from_ethernet_slice(frame).unwrap();
+        let (Some(NetHeaders::Ipv4(ip, _)), Some(TransportHeader::Icmpv4(icmp))) =
+            (&headers.net, &headers.transport)
+        else {
+            panic!("not ICMP: {headers:?}")
+        };
+        assert_eq!(ip.header_checksum, ip.calc_header_checksum());
+        let quote = headers.payload.slice();
+        assert_eq!(
+            icmp.checksum,
+            icmp.icmp_type.calc_checksum(quote),
+            "ICMP checksum"
+        );
+        ((ip.source, ip.destination), quote.to_vec())
     }
 }
 
@@ -150,6 +188,38 @@ impl Net for Ipv6 {
     fn conntrack(lb: &Loaded) -> Vec<(CtKey<Self>, CtEntry<Self>)> {
         lb.maps.conntrack6.iter().map(Result::unwrap).collect()
     }
+
+    fn icmp_error(from: Self, to: Self, quote: &[u8], port_unreachable: bool) -> Vec<u8> {
+        use etherparse::{Icmpv6Type, icmpv6::DestUnreachableCode};
+        let kind = if port_unreachable {
+            Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Port)
+        } else {
+            Icmpv6Type::PacketTooBig { mtu: 1280 }
+        };
+        let mut packet = Vec::new();
+        PacketBuilder::ethernet2(GATEWAY_MAC, CLIENT_MAC)
+            .ipv6(from, to, 64)
+            .icmpv6(kind)
+            .write(&mut packet, quote)
+            .unwrap();
+        packet
+    }
+
+    fn icmp_error_parts(frame: &[u8]) -> ((Self, Self), Vec<u8>) {
+        let headers = PacketHeaders::from_ethernet_slice(frame).unwrap();
+        let (Some(NetHeaders::Ipv6(ip, _)), Some(TransportHeader::Icmpv6(icmp))) =
+            (&headers.net, &headers.transport)
+        else {
+            panic!("not ICMPv6: {headers:?}")
+        };
+        let quote = headers.payload.slice();
+        let expected = icmp
+            .icmp_type
+            .calc_checksum(ip.source, ip.destination, quote)
+            .unwrap();
+        assert_eq!(icmp.checksum, expected, "ICMPv6 checksum, over the pseudo-header");
+        ((ip.source, ip.destination), quote.to_vec())
+    }
 }
 
 for_each_family!(
@@ -169,6 +239,7 @@ for_each_family!(
     fin_or_rst_from_either_side_marks_a_flow_closing,
     refusals_beyond_the_rate_limit_are_dropped,
     a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back,
+    an_icmp_error_about_a_flow_reaches_the_client_about_its_frontend,
 );
 
 /// What the reconciler is given for a ClusterIP frontend with `backends`.
@@ -1235,4 +1306,50 @@ fn a_port_unreachable_quotes_a_long_datagram_up_to_1280_bytes() {
     let (addresses, quote) = Ipv6::port_unreachable(&out);
     assert_eq!(addresses, (Ipv6::CLUSTER_IP, Ipv6::CLIENT));
     assert_eq!(quote, &query[14..14 + 1232]);
+}
+
+/// A router's "packet too big" (or "fragmentation needed") about a DNATed datagram, and the
+/// backend's own port unreachable, reach the client quoting the datagram as the client sent it,
+/// to the frontend: its socket can match them. Errors about no tracked flow, or with a wrong
+/// checksum, pass as they came.
+fn an_icmp_error_about_a_flow_reaches_the_client_about_its_frontend<A: Net>() {
+    let mut lb = loaded::<A>("icmp-error");
+    let client = (A::CLIENT, 33000);
+    let sent = udp(client, (A::CLUSTER_IP, 53), b"query");
+    let (_, dnated) = run(&mut lb, program_names::FROM_POD, &sent);
+    let (_, backend) = addresses_with_valid_checksums::<A>(&dnated);
+    let router = A::pod(1);
+    // What an error quotes: the IPv4 header and 8 bytes, the whole IPv6 packet.
+    let quote_len = if A::MIN_FRAME == 14 + 20 {
+        28
+    } else {
+        dnated.len() - 14
+    };
+    for (from, port_unreachable) in [(router, false), (backend.0, true)] {
+        let error = A::icmp_error(from, A::CLIENT, &dnated[14..14 + quote_len], port_unreachable);
+        let (verdict, out) = run(&mut lb, program_names::TO_POD, &error);
+        assert_eq!(verdict, TC_ACT_OK);
+        let ((source, destination), quote) = A::icmp_error_parts(&out);
+        let reporter = if from == backend.0 { A::CLUSTER_IP } else { from };
+        assert_eq!(
+            (source, destination),
+            (reporter, A::CLIENT),
+            "the backend reports as the frontend"
+        );
+        assert_eq!(
+            quote,
+            sent[14..14 + quote_len],
+            "the quote is the datagram as the client sent it, checksums included"
+        );
+    }
+
+    let untracked = udp((A::CLIENT, 33001), backend, b"query");
+    let error = A::icmp_error(router, A::CLIENT, &untracked[14..14 + quote_len], false);
+    let mut wrong_checksum = A::icmp_error(router, A::CLIENT, &dnated[14..14 + quote_len], false);
+    let icmp_checksum_at = A::MIN_FRAME + 2;
+    wrong_checksum[icmp_checksum_at] ^= 0x40;
+    for (what, error) in [("untracked", error), ("wrong checksum", wrong_checksum)] {
+        let (verdict, out) = run(&mut lb, program_names::TO_POD, &error);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &error), "{what}: passed as it came");
+    }
 }

@@ -498,6 +498,23 @@ fn the_node_reaches_ipv6_cluster_ips_and_ipv4_ones_through_mapped_addresses() {
 
 /// The kube-proxy stale-conntrack failure, over IPv6: a DNS-like client always sending from the
 /// same socket keeps getting answers while its backend terminates, is replaced and stops.
+/// An IPv6 UDP client whose pod's port closed hears "connection refused": the pod's ICMPv6
+/// port unreachable reaches its socket translated back to the ClusterIP.
+#[test]
+fn an_ipv6_udp_client_hears_connection_refused_when_its_pods_port_closes() {
+    let mut cluster = Cluster::start("d6i");
+    let flow = servers::UdpFlow::connect(cluster.client(), SocketAddr::from((WEB, 53)), TIMEOUT).unwrap();
+    let pod = flow.ask().expect("answered");
+    let index = PODS.iter().position(|(name, _)| *name == pod).unwrap();
+    drop(cluster.udp.remove(index));
+    // The server's socket closes within its poll interval.
+    std::thread::sleep(Duration::from_millis(200));
+    let error = flow
+        .ask()
+        .expect_err("nothing listens on the pod's port any more");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+}
+
 #[test]
 fn an_ipv6_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
     let mut cluster = Cluster::start_on_slices("d6q");

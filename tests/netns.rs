@@ -770,6 +770,23 @@ fn a_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
     }
 }
 
+/// A UDP client whose pod's port closed (the pod still an endpoint) hears "connection
+/// refused": the pod's ICMP port unreachable quotes the datagram as DNATed, and reaches the
+/// client's socket only translated back to the ClusterIP it is connected to.
+#[test]
+fn a_udp_client_hears_connection_refused_when_its_pods_port_closes() {
+    let mut cluster = Cluster::start("ni");
+    let flow = servers::UdpFlow::connect(cluster.client(), SocketAddr::from((WEB, 53)), TIMEOUT).unwrap();
+    let pod = flow.ask().expect("answered");
+    drop(cluster.udp.remove(pod_index(&pod)));
+    // The server's socket closes within its poll interval.
+    std::thread::sleep(Duration::from_millis(200));
+    let error = flow
+        .ask()
+        .expect_err("nothing listens on the pod's port any more");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
+}
+
 /// The agent forgets finished connections: with short timeouts, the flows of 20 closed HTTP
 /// connections leave the conntrack map and are counted as collected.
 #[test]

@@ -186,6 +186,23 @@ pub fn reply<A: Family>(flow: &Flow<A>) -> Option<CtEntry<A>> {
     Some(unsafe { *entry })
 }
 
+/// The entry restoring the frontend of the flow whose backend `backend` answers `client`,
+/// without counting a packet of the flow (an ICMP error about it is none).
+#[inline(always)]
+pub fn frontend_of<A: Family>(backend: (A, u16), client: (A, u16), proto: u8) -> Option<CtEntry<A>> {
+    let key = CtKey {
+        src_addr: backend.0,
+        dst_addr: client.0,
+        src_port: backend.1,
+        dst_port: client.1,
+        proto,
+        direction: ct_direction::REPLY,
+        pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    unsafe { A::conntrack().get(key).copied() }
+}
+
 #[inline(always)]
 fn keyed<A: Family>(flow: &Flow<A>, direction: u8) -> CtKey<A> {
     CtKey {

@@ -19,7 +19,7 @@ use crate::{
         SB_NODE_ADDRS6, SB_SERVICES, SB_SERVICES6, SB_SNAT_ADDRS, SB_SNAT_ADDRS6, SB_SOCK_REVNAT,
         SB_SOCK_REVNAT6, SB_SOURCE_RANGES, SB_SOURCE_RANGES6, Services, SnatAddrs, SockRevNat, SourceRanges,
     },
-    packet::{self, Network},
+    packet::{self, Network, Quoted},
 };
 
 pub trait Family: Address + Into<IpAddr> {
@@ -44,6 +44,11 @@ pub trait Family: Address + Into<IpAddr> {
 
     /// The network header of a frame of this family, if it is whole and not a fragment.
     fn parse_network(ctx: &impl Packet) -> Option<Network<Self>>;
+    /// The header of the packet an ICMP error quotes at `at`.
+    fn parse_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Self>>;
+    /// Whether an ICMP (ICMPv6) message of type `kind` is an error quoting a packet:
+    /// destination unreachable, time exceeded, parameter problem, and IPv6's packet too big.
+    fn is_icmp_error(kind: u8) -> bool;
     /// The header of a reply from `src` to `dst` carrying `payload_len` bytes of `proto`.
     fn reply_header(src: Self, dst: Self, proto: u8, payload_len: u16) -> Self::Header;
     /// What an ICMP checksum over `len` bytes from `src` to `dst` starts from: ICMPv6 covers a
@@ -88,6 +93,16 @@ impl Family for Ipv4 {
     }
 
     #[inline(always)]
+    fn parse_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Self>> {
+        packet::ipv4_quoted(ctx, at)
+    }
+
+    #[inline(always)]
+    fn is_icmp_error(kind: u8) -> bool {
+        matches!(kind, 3 | 11 | 12)
+    }
+
+    #[inline(always)]
     fn reply_header(src: Self, dst: Self, proto: u8, payload_len: u16) -> Self::Header {
         ipv4_header(src, dst, proto, payload_len)
     }
@@ -124,6 +139,16 @@ impl Family for Ipv6 {
     #[inline(always)]
     fn parse_network(ctx: &impl Packet) -> Option<Network<Self>> {
         packet::ipv6_network(ctx)
+    }
+
+    #[inline(always)]
+    fn parse_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Self>> {
+        packet::ipv6_quoted(ctx, at)
+    }
+
+    #[inline(always)]
+    fn is_icmp_error(kind: u8) -> bool {
+        matches!(kind, 1..=4)
     }
 
     #[inline(always)]

@@ -4,11 +4,13 @@
 #![no_std]
 #![no_main]
 
+mod checksum;
 mod conntrack;
 mod context;
 mod external;
 mod family;
 mod hairpin;
+mod icmp;
 mod log;
 mod maps;
 mod nat;

@@ -212,6 +212,47 @@ fn sctp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
     })
 }
 
+/// The packet an ICMP error quotes: its addresses, transport protocol and where its transport
+/// header starts (the quote may end anywhere after that).
+pub struct Quoted<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
+    pub proto: u8,
+    pub l4_off: usize,
+}
+
+/// A quoted IPv4 header at `at` (IHL honoured), unless it quotes a fragment other than the first.
+#[inline(always)]
+pub fn ipv4_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Ipv4>> {
+    let ip: Ipv4Hdr = ctx.load(at)?;
+    let ihl = usize::from(ip.ihl());
+    if ip.version() != 4 || ihl < Ipv4Hdr::LEN || ip.frag_offset() != 0 {
+        return None;
+    }
+    Some(Quoted {
+        src_addr: ip.src_addr,
+        dst_addr: ip.dst_addr,
+        proto: ip.proto,
+        l4_off: at + ihl,
+    })
+}
+
+/// A quoted IPv6 header at `at`; its transport header right after it (a sender's extension
+/// headers are not walked in a quote).
+#[inline(always)]
+pub fn ipv6_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Ipv6>> {
+    let Aligned(ip) = ctx.load_aligned::<Ipv6Hdr>(at)?;
+    if ip.version() != 6 {
+        return None;
+    }
+    Some(Quoted {
+        src_addr: ip.src_addr,
+        dst_addr: ip.dst_addr,
+        proto: ip.next_hdr,
+        l4_off: at + Ipv6Hdr::LEN,
+    })
+}
+
 /// An IPv4 header (IHL honoured), unless the packet is a fragment or cut shorter than its total
 /// length.
 #[inline(always)]

@@ -12,7 +12,7 @@ use lb_common::Stat;
 use crate::{
     conntrack::{self, Forward},
     family::Family,
-    hairpin, log,
+    hairpin, icmp, log,
     maps::{self, count},
     nat, packet, reject, service,
 };
@@ -65,19 +65,30 @@ pub fn from_pod<A: Family>(ctx: &TcContext) -> i32 {
 }
 
 /// A packet delivered to the pod: a reply from a backend gets the frontend the client dialled
-/// as its source again.
-#[inline(never)]
+/// as its source again, and so does the packet an ICMP error about the flow quotes.
+#[inline(always)]
 pub fn to_pod<A: Family>(ctx: &TcContext) -> i32 {
-    let Some(flow) = packet::parse::<A>(ctx) else {
-        return TC_ACT_OK;
-    };
+    // Called one after the other, not one from the other: each has a stack frame of its own
+    // within the verifier's limit. An ICMP error goes on whether translated or not.
+    reply::<A>(ctx).unwrap_or_else(|| {
+        let _ = icmp::translate_error::<A>(ctx);
+        TC_ACT_OK
+    })
+}
+
+/// The verdict on a TCP, UDP or SCTP packet; `None` for any other.
+#[inline(never)]
+fn reply<A: Family>(ctx: &TcContext) -> Option<i32> {
+    let flow = packet::parse::<A>(ctx)?;
     let Some(frontend) = conntrack::reply(&flow) else {
-        return TC_ACT_OK;
+        return Some(TC_ACT_OK);
     };
     count(Stat::ReplyPackets);
     maps::count_service_reply(frontend.service_id, ctx.len());
-    match nat::rewrite_source(ctx, &flow, frontend.nat_addr, frontend.nat_port) {
-        Ok(()) => TC_ACT_OK,
-        Err(_) => TC_ACT_SHOT,
-    }
+    Some(
+        match nat::rewrite_source(ctx, &flow, frontend.nat_addr, frontend.nat_port) {
+            Ok(()) => TC_ACT_OK,
+            Err(_) => TC_ACT_SHOT,
+        },
+    )
 }

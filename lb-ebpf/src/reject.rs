@@ -11,10 +11,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail},
     programs::TcContext,
 };
-use lb_common::{IPPROTO_TCP, Stat, checksum_add, icmp_error_header, tcp_reset as reset_segment};
+use lb_common::{IPPROTO_TCP, Stat, icmp_error_header, tcp_reset as reset_segment};
 use network_types::{eth::EthHdr, tcp::TcpHdr};
 
 use crate::{
+    checksum::sum_from,
     family::Family,
     maps::{SB_REJECT_LIMIT, SB_REJECT_TOKENS, count},
     packet::Flow,
@@ -114,63 +115,6 @@ fn port_unreachable<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> Option<i32> {
     ctx.store(EthHdr::LEN, &ip, 0).ok()?;
     ctx.store(EthHdr::LEN + A::HEADER_LEN, &icmp, 0).ok()?;
     Some(back_to_the_pod(ctx))
-}
-
-/// The unfolded Internet checksum sum of the packet's bytes from `offset` to its end, which lies
-/// at most `QUOTE_MAX` bytes further (the caller cut it there). Every read has a fixed size, as
-/// the verifier wants: whole chunks, then the rest in pieces of 32, 16, 8, 4, 2 and 1 bytes (so
-/// only the last piece can be odd, as the checksum's pairing of bytes requires).
-#[inline(always)]
-fn sum_from(ctx: &TcContext, offset: usize) -> Option<u32> {
-    const CHUNK: usize = 64;
-    // Enough chunks for the longest quote (IPv6's).
-    const CHUNKS: usize = <lb_common::Ipv6 as Family>::QUOTE_MAX / CHUNK;
-    let mut piece = Piece {
-        sum: 0,
-        offset,
-        left: (ctx.len() as usize).saturating_sub(offset),
-    };
-    for _ in 0..CHUNKS {
-        if piece.left < CHUNK {
-            break;
-        }
-        piece.add::<CHUNK>(ctx)?;
-    }
-    piece.add_if_left::<32>(ctx)?;
-    piece.add_if_left::<16>(ctx)?;
-    piece.add_if_left::<8>(ctx)?;
-    piece.add_if_left::<4>(ctx)?;
-    piece.add_if_left::<2>(ctx)?;
-    piece.add_if_left::<1>(ctx)?;
-    (piece.left == 0).then_some(piece.sum)
-}
-
-/// [`sum_from`]'s progress: the sum so far, where it goes on, and how many bytes are left.
-struct Piece {
-    sum: u32,
-    offset: usize,
-    left: usize,
-}
-
-impl Piece {
-    /// Adds the next `N` bytes.
-    #[inline(always)]
-    fn add<const N: usize>(&mut self, ctx: &TcContext) -> Option<()> {
-        let bytes: [u8; N] = ctx.load(self.offset).ok()?;
-        self.sum = checksum_add(self.sum, &bytes);
-        self.offset += N;
-        self.left -= N;
-        Some(())
-    }
-
-    /// Adds the next `N` bytes if the rest, shorter than `2 * N`, holds them.
-    #[inline(always)]
-    fn add_if_left<const N: usize>(&mut self, ctx: &TcContext) -> Option<()> {
-        if self.left & N == 0 {
-            return Some(());
-        }
-        self.add::<N>(ctx)
-    }
 }
 
 /// The reply's Ethernet header: the MAC addresses swapped as the host would have set them.

@@ -387,6 +387,11 @@ impl Report {
             count(Outcome::LocalDropped),
             count(Outcome::Untouched),
         );
+        let _ = writeln!(
+            out,
+            "    ICMP errors translated back to their client: {}",
+            count(Outcome::IcmpErrorTranslated),
+        );
         self.summarize_sctp(out, family.expect("an IP family"));
         let unseen: Vec<String> = Outcome::ALL
             .iter()

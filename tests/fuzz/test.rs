@@ -23,7 +23,8 @@ fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
     println!("{}", report.summary());
     assert_eq!(report.failures, 0, "{}", report.summary());
     // Every outcome (untouched, DNAT, reverse NAT, hairpin, SNAT, SNAT reply, RST, port
-    // unreachable, dropped, source-range drop, eTP Local drop, left to TC) in each family.
+    // unreachable, dropped, source-range drop, eTP Local drop, left to TC, ICMP error
+    // translated) in each family.
     let unseen: Vec<(&str, Outcome)> = Family::ALL
         .iter()
         .flat_map(|&family| Outcome::ALL.iter().map(move |&outcome| (family, outcome)))

@@ -3,6 +3,7 @@
 //! on the seed alone, never on the datapath's answers, so a seed replays the same inputs.
 mod flows;
 mod frames;
+mod icmp;
 mod mutate;
 mod other;
 mod sctp;
@@ -180,11 +181,12 @@ impl Generator {
             66..68 => self.ipv4_mapped(frame),
             68..70 => self.arp(frame),
             70..75 => self.garbage(frame),
-            75..99 => {
+            75..95 => {
                 let program = self.service_packet(frame);
                 mutate::mutate(&mut self.rng, frame);
                 program
             }
+            95..99 => self.flow_icmp_error(frame),
             // A sweep yields a packet per byte: rare, and over frames of up to 160 bytes, so
             // that sweeps are about a fifth of all packets.
             _ if self.rng.percent(70) => self.service_packet(frame),

@@ -2,12 +2,13 @@
 //! the flows it has seen, never from the datapath's own code: `parse` says what is service
 //! traffic (everything else must come out byte-identical, from every program), `rewrite` how a
 //! translated packet may differ from its input, `refusal` how a connection to a frontend without
-//! endpoints is refused, `associations` what the conntrack entries of SCTP flows must say at
-//! the end. The rules are the same for IPv4 and IPv6; the families' flows never meet.
+//! endpoints is refused, `icmp_error` how an ICMP error about a tracked flow is translated back
+//! to its client, `associations` what the conntrack entries of SCTP flows must say at the end. The rules are the same for IPv4 and IPv6; the families' flows never meet.
 //!
 //! The programs share their maps, as on a node: a flow a pod started is the same flow when its
 //! packets show up on the external interface, and the other way round.
 mod associations;
+mod icmp_error;
 mod parse;
 mod refusal;
 mod rewrite;
@@ -64,10 +65,13 @@ pub enum Outcome {
     LocalDropped,
     /// A connection to be refused, passed on untouched by XDP for TC to refuse.
     LeftToTc,
+    /// An ICMP (ICMPv6) error about a tracked flow's packet, translated back for its client
+    /// (`to_pod`).
+    IcmpErrorTranslated,
 }
 
 impl Outcome {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Untouched,
         Self::Dnat,
         Self::ReverseNat,
@@ -80,6 +84,7 @@ impl Outcome {
         Self::SourceRangeDropped,
         Self::LocalDropped,
         Self::LeftToTc,
+        Self::IcmpErrorTranslated,
     ];
 
     /// The translations.
@@ -163,6 +168,12 @@ impl Model {
             verdict,
             output,
         };
+        if program == Program::ToPod
+            && let Some(error) = icmp_error::parse(input)
+            && let Some(frontend) = self.reply.get(&error.reply_tuple())
+        {
+            return icmp_error::check_translation(&error, &run, *frontend);
+        }
         let Some(packet) = parse(input) else {
             return run.untouched();
         };
