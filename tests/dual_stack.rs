@@ -300,18 +300,6 @@ fn assert_tcp_refused_at_once(client: &lab::NetNs, target: SocketAddr) {
     );
 }
 
-/// A datagram from `client`'s connected UDP socket to `target` is answered with an ICMPv6 port
-/// unreachable, which the socket reports as "connection refused".
-fn assert_udp_refused(client: &lab::NetNs, target: SocketAddr) {
-    let flow = servers::UdpFlow::connect(client, target, TIMEOUT).unwrap();
-    let error = flow.ask().expect_err("no pod answers");
-    assert_eq!(
-        error.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "{target}: {error}"
-    );
-}
-
 #[test]
 fn tcp_connections_to_an_ipv6_cluster_ip_reach_every_pod_with_the_client_address() {
     let cluster = Cluster::start("d6t");
@@ -403,7 +391,7 @@ fn each_cluster_ip_of_a_dual_stack_service_balances_over_its_own_family() {
 fn an_ipv6_service_without_endpoints_refuses_at_once() {
     let cluster = Cluster::start("d6n");
     assert_tcp_refused_at_once(cluster.client(), (NOBODY, 80).into());
-    assert_udp_refused(cluster.client(), (NOBODY, 53).into());
+    common::assert_udp_refused(cluster.client(), (NOBODY, 53).into());
     let answered: usize = cluster
         .http
         .iter()
@@ -420,7 +408,7 @@ fn an_ipv6_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
     let cluster = Cluster::start("d6p");
     assert_tcp_refused_at_once(cluster.client(), (WEB, 81).into());
     // 80 is the Service's port for TCP only.
-    assert_udp_refused(cluster.client(), (WEB, 80).into());
+    common::assert_udp_refused(cluster.client(), (WEB, 80).into());
     http_gets(cluster.client(), WEB, 80, 1);
     udp_requests(cluster.client(), WEB, 53, 1);
 }

@@ -311,7 +311,7 @@ fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
         "refused within 100 ms, took {elapsed:?}"
     );
     // A connected UDP socket hears of the ICMP port unreachable: refused too.
-    assert_udp_refused(&cluster, (NOBODY, 53));
+    common::assert_udp_refused(cluster.client(), (NOBODY, 53).into());
     let answered: usize = cluster
         .http
         .iter()
@@ -319,18 +319,6 @@ fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
         .map(servers::Server::answered)
         .sum();
     assert_eq!(answered, 0, "no pod answered");
-}
-
-/// A datagram from the client's connected UDP socket to `target` is answered with an ICMP port
-/// unreachable, which the socket reports as "connection refused".
-fn assert_udp_refused(cluster: &Cluster, target: (Ipv4Addr, u16)) {
-    let flow = servers::UdpFlow::connect(cluster.client(), target.into(), TIMEOUT).unwrap();
-    let error = flow.ask().expect_err("no pod answers");
-    assert_eq!(
-        error.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "{target:?}: {error}"
-    );
 }
 
 #[test]
@@ -840,7 +828,7 @@ fn a_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
         started.elapsed()
     );
     // 80 is the Service's port for TCP only.
-    assert_udp_refused(&cluster, (WEB, 80));
+    common::assert_udp_refused(cluster.client(), (WEB, 80).into());
     servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("port 80/TCP still works");
 }
 

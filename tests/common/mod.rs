@@ -49,6 +49,19 @@ pub mod verdict {
     pub const XDP_PASS: u32 = 2;
 }
 
+/// A datagram from a connected UDP socket in `client` to `target` is answered with an ICMP
+/// (ICMPv6) port unreachable, which the socket reports as "connection refused".
+pub fn assert_udp_refused(client: &lb_userspace::lab::NetNs, target: SocketAddr) {
+    let timeout = std::time::Duration::from_secs(2);
+    let flow = lb_userspace::lab::servers::UdpFlow::connect(client, target, timeout).unwrap();
+    let error = flow.ask().expect_err("no pod answers");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{target}: {error}"
+    );
+}
+
 /// Fails loudly instead of skipping: CI runs as root, and a skipped datapath test proves nothing.
 pub fn require_root() {
     assert!(
