@@ -72,9 +72,9 @@ pub fn translate_error<A: Family>(ctx: &TcContext) -> Option<()> {
 }
 
 /// The quoted packet's destination becomes the frontend, its IPv4 header checksum and its
-/// transport checksum (where the quote holds it) following, as in the packet itself had it been
-/// translated: UDP's unless 0, TCP's if its whole header is quoted; SCTP's CRC covers no address, and its port
-/// change is not followed (a quote is rarely the whole packet it would need).
+/// transport checksum following as they would in the packet itself: UDP's unless 0, TCP's if
+/// its whole header is quoted. SCTP's CRC covers no address, and its port change is not
+/// followed (a quote is rarely the whole packet the CRC needs).
 #[inline(always)]
 fn rewrite_quote<A: Family>(
     ctx: &TcContext,
