@@ -5,10 +5,10 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::{PinDir, agent, require_root};
@@ -280,26 +280,6 @@ fn udp_requests(
         .collect()
 }
 
-/// A TCP connection from `client` to `target` is refused (a RST), at once rather than by a
-/// timeout.
-fn assert_tcp_refused_at_once(client: &lab::NetNs, target: SocketAddr) {
-    let started = Instant::now();
-    let result = client
-        .run(move || TcpStream::connect_timeout(&target, TIMEOUT))
-        .unwrap();
-    let elapsed = started.elapsed();
-    let error = result.expect_err("nothing may accept this connection");
-    assert_eq!(
-        error.kind(),
-        std::io::ErrorKind::ConnectionRefused,
-        "{target}: {error}"
-    );
-    assert!(
-        elapsed < Duration::from_millis(100),
-        "{target} refused within 100 ms, took {elapsed:?}"
-    );
-}
-
 #[test]
 fn tcp_connections_to_an_ipv6_cluster_ip_reach_every_pod_with_the_client_address() {
     let cluster = Cluster::start("d6t");
@@ -390,7 +370,7 @@ fn each_cluster_ip_of_a_dual_stack_service_balances_over_its_own_family() {
 #[test]
 fn an_ipv6_service_without_endpoints_refuses_at_once() {
     let cluster = Cluster::start("d6n");
-    assert_tcp_refused_at_once(cluster.client(), (NOBODY, 80).into());
+    common::assert_tcp_refused_at_once(cluster.client(), (NOBODY, 80).into());
     common::assert_udp_refused(cluster.client(), (NOBODY, 53).into());
     let answered: usize = cluster
         .http
@@ -406,7 +386,7 @@ fn an_ipv6_service_without_endpoints_refuses_at_once() {
 #[test]
 fn an_ipv6_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
     let cluster = Cluster::start("d6p");
-    assert_tcp_refused_at_once(cluster.client(), (WEB, 81).into());
+    common::assert_tcp_refused_at_once(cluster.client(), (WEB, 81).into());
     // 80 is the Service's port for TCP only.
     common::assert_udp_refused(cluster.client(), (WEB, 80).into());
     http_gets(cluster.client(), WEB, 80, 1);

@@ -296,20 +296,7 @@ fn a_backend_removed_from_the_manifests_gets_no_new_connection() {
 #[test]
 fn a_service_whose_selector_matches_no_pod_refuses_at_once() {
     let cluster = Cluster::start("nn");
-    // Refused at once, as by a closed port: not a timeout.
-    let target = SocketAddr::from((NOBODY, 80));
-    let started = Instant::now();
-    let tcp = cluster
-        .client()
-        .run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
-        .unwrap();
-    let elapsed = started.elapsed();
-    let error = tcp.expect_err("a TCP connection to a service without endpoints must fail");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
-    assert!(
-        elapsed < Duration::from_millis(100),
-        "refused within 100 ms, took {elapsed:?}"
-    );
+    common::assert_tcp_refused_at_once(cluster.client(), (NOBODY, 80).into());
     // A connected UDP socket hears of the ICMP port unreachable: refused too.
     common::assert_udp_refused(cluster.client(), (NOBODY, 53).into());
     let answered: usize = cluster
@@ -814,19 +801,7 @@ fn closed_connections_are_garbage_collected_from_conntrack() {
 #[test]
 fn a_cluster_ip_on_a_port_its_service_does_not_define_refuses_at_once() {
     let cluster = Cluster::start("np");
-    let target = SocketAddr::from((WEB, 81));
-    let started = Instant::now();
-    let error = cluster
-        .client()
-        .run(move || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)))
-        .unwrap()
-        .expect_err("nothing serves port 81 of the ClusterIP");
-    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
-    assert!(
-        started.elapsed() < Duration::from_millis(100),
-        "refused within 100 ms, took {:?}",
-        started.elapsed()
-    );
+    common::assert_tcp_refused_at_once(cluster.client(), (WEB, 81).into());
     // 80 is the Service's port for TCP only.
     common::assert_udp_refused(cluster.client(), (WEB, 80).into());
     servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("port 80/TCP still works");

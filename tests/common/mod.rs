@@ -49,6 +49,26 @@ pub mod verdict {
     pub const XDP_PASS: u32 = 2;
 }
 
+/// A TCP connection from `client` to `target` is refused within 100 ms, as by a closed port: not
+/// a timeout.
+pub fn assert_tcp_refused_at_once(client: &lb_userspace::lab::NetNs, target: SocketAddr) {
+    let started = std::time::Instant::now();
+    let result = client
+        .run(move || std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)))
+        .unwrap();
+    let elapsed = started.elapsed();
+    let error = result.expect_err("nothing may accept this connection");
+    assert_eq!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{target}: {error}"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_millis(100),
+        "{target} refused within 100 ms, took {elapsed:?}"
+    );
+}
+
 /// A datagram from a connected UDP socket in `client` to `target` is answered with an ICMP
 /// (ICMPv6) port unreachable, which the socket reports as "connection refused".
 pub fn assert_udp_refused(client: &lb_userspace::lab::NetNs, target: SocketAddr) {
