@@ -171,16 +171,7 @@ fn reply_of<A: Family>(flow: &Flow<A>, backend: &Backend<A>, forward: CtEntry<A>
 /// The frontend to restore as the source of a backend's reply, if `flow` is one.
 #[inline(always)]
 pub fn reply<A: Family>(flow: &Flow<A>) -> Option<CtEntry<A>> {
-    let key = CtKey {
-        src_addr: flow.src_addr,
-        dst_addr: flow.dst_addr,
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-        proto: flow.proto,
-        direction: ct_direction::REPLY,
-        pad: [0; 2],
-    };
-    let entry = A::conntrack().get_ptr_mut(key)?;
+    let entry = A::conntrack().get_ptr_mut(keyed(flow, ct_direction::REPLY))?;
     seen(entry, flow);
     // SAFETY: the pointer comes from a successful lookup; copied out at once.
     Some(unsafe { *entry })
