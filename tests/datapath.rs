@@ -7,6 +7,7 @@
 #[macro_use]
 mod common;
 
+use lb_userspace::datapath::load_program;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
@@ -271,7 +272,7 @@ fn loaded<A: Net>(tag: &str) -> Loaded {
     let mut loaded = Loaded::new(tag);
     loaded.apply(&web_and_dns(&A::BACKENDS, &A::DNS_BACKENDS));
     for name in [program_names::FROM_POD, program_names::TO_POD] {
-        loaded.tc(name).load().unwrap();
+        load_program(|| loaded.tc(name).load()).unwrap();
     }
     loaded
 }
@@ -480,7 +481,7 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow<A: 
             maglev,
             None,
         );
-        node.tc(program_names::FROM_POD).load().unwrap();
+        load_program(|| node.tc(program_names::FROM_POD).load()).unwrap();
     }
     let mut chosen = BTreeSet::new();
     for port in 0..200u16 {
@@ -506,7 +507,7 @@ fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow<A: 
         maglev,
         None,
     );
-    fresh.tc(program_names::FROM_POD).load().unwrap();
+    load_program(|| fresh.tc(program_names::FROM_POD).load()).unwrap();
     assert_eq!(
         backend_of::<A>(&mut fresh, &flow),
         before,
@@ -520,7 +521,7 @@ fn with_client_ip_affinity_a_client_sticks_to_its_backend<A: Net>() {
     let mut lb = Loaded::new("affinity");
     let web = frontend(A::CLUSTER_IP, 80, IPPROTO_TCP);
     lb.program_all(&[(web, &A::BACKENDS)], None, Some(10_800));
-    lb.tc(program_names::FROM_POD).load().unwrap();
+    load_program(|| lb.tc(program_names::FROM_POD).load()).unwrap();
     let backend_for = |lb: &mut Loaded, client: A, port: u16| {
         backend_of::<A>(lb, &tcp_syn((client, port), (A::CLUSTER_IP, 80)))
     };
@@ -575,7 +576,7 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one<A: Net>() {
         },
     )]);
     lb.apply(&desired);
-    lb.tc(program_names::FROM_POD).load().unwrap();
+    load_program(|| lb.tc(program_names::FROM_POD).load()).unwrap();
     let established = (A::CLIENT, 40100);
     let old = backend_of::<A>(&mut lb, &tcp_syn(established, (A::CLUSTER_IP, 80)));
 
@@ -886,7 +887,7 @@ fn a_pod_reaching_itself_through_its_service_is_masqueraded_and_bounced_back<A: 
         None,
         None,
     );
-    lb.tc(program_names::FROM_POD).load().unwrap();
+    load_program(|| lb.tc(program_names::FROM_POD).load()).unwrap();
     let client = (A::CLIENT, 40200);
     let hairpin = (A::HAIRPIN, client.1);
 
@@ -1030,7 +1031,7 @@ fn affinity_expires_after_its_timeout() {
         None,
         Some(1),
     );
-    lb.tc(program_names::FROM_POD).load().unwrap();
+    load_program(|| lb.tc(program_names::FROM_POD).load()).unwrap();
     let mut choices = BTreeSet::new();
     // Each round waits out the 1 s timeout, so each first connection is balanced anew.
     for round in 0..6u16 {
@@ -1131,7 +1132,7 @@ fn a_full_conntrack_map_evicts_old_flows_and_keeps_balancing_new_ones() {
     let mut lb = Loaded::with_capacity("ctfull", capacity);
     lb.program(&[(frontend(Ipv4::CLUSTER_IP, 80, IPPROTO_TCP), &Ipv4::BACKENDS)]);
     for name in [program_names::FROM_POD, program_names::TO_POD] {
-        lb.tc(name).load().unwrap();
+        load_program(|| lb.tc(name).load()).unwrap();
     }
     let mut chosen = BTreeSet::new();
     for port in 0..200u16 {
@@ -1239,7 +1240,7 @@ fn ipv6_packets_that_are_not_ours_pass_byte_identical() {
     both.extend(web_and_dns(&Ipv4::BACKENDS, &Ipv4::DNS_BACKENDS));
     lb.apply(&both);
     for name in [program_names::FROM_POD, program_names::TO_POD] {
-        lb.tc(name).load().unwrap();
+        load_program(|| lb.tc(name).load()).unwrap();
     }
     let (client, web) = ((Ipv6::CLIENT, 40400), (Ipv6::CLUSTER_IP, 80));
     let syn = tcp_syn(client, web);

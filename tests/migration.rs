@@ -4,6 +4,7 @@
 //! it. And both address families' maps, programmed and read back by a reloaded datapath.
 mod common;
 
+use lb_userspace::datapath::load_program;
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::CString,
@@ -289,7 +290,7 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
         .unwrap()
         .try_into()
         .unwrap();
-    program.load().unwrap();
+    load_program(|| program.load()).unwrap();
     for (port, backend) in [(40_000, BACKENDS[1]), (40_001, BACKENDS[0])] {
         let packet = packets::tcp_data((CLIENT, port), (FRONTEND.addr, FRONTEND.port), b"GET /");
         let mut out = vec![0u8; packet.len() + 64];

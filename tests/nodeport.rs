@@ -5,6 +5,7 @@
 #[macro_use]
 mod common;
 
+use lb_userspace::datapath::load_program;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{
@@ -107,9 +108,9 @@ fn loaded<A: Net>(tag: &str, services: &[(ServiceKey<A>, DesiredService)]) -> Lo
     loaded.maps.set_node_addrs(&BTreeSet::from([A::NODE])).unwrap();
     let snat = BTreeMap::from([(LOOPBACK_INDEX, A::NODE)]);
     loaded.maps.set_snat_addrs(&snat).unwrap();
-    loaded.xdp(program_names::NODEPORT_XDP).load().unwrap();
+    load_program(|| loaded.xdp(program_names::NODEPORT_XDP).load()).unwrap();
     for name in [program_names::NODEPORT_TC, program_names::NODEPORT_EGRESS] {
-        loaded.tc(name).load().unwrap();
+        load_program(|| loaded.tc(name).load()).unwrap();
     }
     loaded
 }

@@ -4,6 +4,7 @@
 #[macro_use]
 mod common;
 
+use lb_userspace::datapath::load_program;
 use std::{
     collections::{BTreeMap, BTreeSet},
     mem::MaybeUninit,
@@ -110,7 +111,7 @@ fn loaded<A: Net>(tag: &str) -> Loaded {
     let mut loaded = Loaded::new(tag);
     loaded.apply(&services(&A::POD_ADDRS));
     for name in [program_names::FROM_POD, program_names::TO_POD] {
-        loaded.tc(name).load().unwrap();
+        load_program(|| loaded.tc(name).load()).unwrap();
     }
     loaded
 }

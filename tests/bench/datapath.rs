@@ -21,6 +21,7 @@
 //! [`ipv6_of`](lb_userspace::lab::ipv6_of) twins): each instance carries its N services in both
 //! families, in the twin maps the same programs dispatch to on the EtherType. What serving IPv6
 //! costs the IPv4 path (that branch) is not measured: there is no IPv4-only build to compare to.
+use lb_userspace::datapath::load_program;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context as _, bail, ensure};
@@ -266,12 +267,10 @@ impl Instance {
         let all = services::with_fillers(&measured(), services.saturating_sub(1));
         write_services(&mut maps, &all)?;
         drop(all);
-        tc_program(&mut datapath)?
-            .load()
-            .context("the kernel refused from_pod")?;
-        xdp_program(&mut datapath)?
-            .load()
-            .context("the kernel refused nodeport")?;
+        let from_pod = tc_program(&mut datapath)?;
+        load_program(|| from_pod.load()).context("the kernel refused from_pod")?;
+        let nodeport = xdp_program(&mut datapath)?;
+        load_program(|| nodeport.load()).context("the kernel refused nodeport")?;
         let mut instance = Self {
             services,
             datapath,

@@ -1,6 +1,7 @@
 //! The loop: generate an input, run it through the loaded program with BPF_PROG_TEST_RUN, check
 //! the verdict and the output against the oracle. The five programs share one set of maps, as on
 //! a node.
+use lb_userspace::datapath::load_program;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -48,11 +49,13 @@ pub fn run(packets: u64, seed: u64) -> Report {
     let mut loaded = Loaded::new("fuzz");
     program_services(&mut loaded);
     for program in Program::ALL {
-        if program.is_xdp() {
-            xdp(&mut loaded).load()
-        } else {
-            classifier(&mut loaded, program).load()
-        }
+        load_program(|| {
+            if program.is_xdp() {
+                xdp(&mut loaded).load()
+            } else {
+                classifier(&mut loaded, program).load()
+            }
+        })
         .expect("the program loads");
     }
     let mut report = Report {

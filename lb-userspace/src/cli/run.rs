@@ -356,9 +356,8 @@ fn sync(
         tracing::warn!("{notice}");
     }
     *notices = current;
-    let desired = reconcile::plan(model, options);
     let started = std::time::Instant::now();
-    let report = reconciler.apply(&desired, maps);
+    let report = reconciler.sync_all(&model.by_service(), options, maps);
     let elapsed = started.elapsed();
     for (service, error) in &report.failed {
         tracing::error!("cannot program {service}: {error}; its previous state stays in effect");
@@ -381,7 +380,7 @@ fn sync(
         .frontends_without_endpoints
         .set(model.frontends.iter().filter(|f| f.backends.is_empty()).count() as i64);
     tracing::info!(
-        frontends = desired.len(),
+        frontends = model.frontends.len(),
         writes = report.writes,
         deletes = report.deletes,
         failed = report.failed.len(),

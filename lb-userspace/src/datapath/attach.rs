@@ -101,8 +101,14 @@ impl Attacher {
         for hook in &hooks {
             let name = hook.program();
             let loaded = match hook {
-                Hook::Tc(..) => tc_program(ebpf, name)?.load(),
-                Hook::Xdp(..) => xdp_program(ebpf, name)?.load(),
+                Hook::Tc(..) => {
+                    let program = tc_program(ebpf, name)?;
+                    super::load_program(|| program.load())
+                }
+                Hook::Xdp(..) => {
+                    let program = xdp_program(ebpf, name)?;
+                    super::load_program(|| program.load())
+                }
             };
             loaded.with_context(|| format!("the kernel refused program {name}"))?;
         }

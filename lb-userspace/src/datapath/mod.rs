@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
+    programs::ProgramError,
 };
 use lb_common::{RejectLimit, capacity, map_names};
 
@@ -122,5 +123,83 @@ impl Datapath {
 
     pub fn maps(&self) -> anyhow::Result<maps::ServiceMaps> {
         maps::ServiceMaps::open(&self.pin_dir).context("cannot open the pinned maps")
+    }
+}
+
+/// Runs `load` (a program's `load()`) again while the kernel answers EAGAIN: the verifier gives
+/// up when a signal arrives for the thread (a child process exiting, a timer), and a program
+/// that takes a second to verify meets one now and then. libbpf retries the same way.
+pub fn load_program(load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    retry_interrupted(
+        load,
+        |error| matches!(error, ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EAGAIN)),
+    )
+}
+
+/// `op`, tried up to 5 times while it fails with an error `interrupted` says is worth another try.
+fn retry_interrupted<E>(
+    mut op: impl FnMut() -> Result<(), E>,
+    interrupted: impl Fn(&E) -> bool,
+) -> Result<(), E> {
+    const ATTEMPTS: usize = 5;
+    let mut attempt = 1;
+    loop {
+        match op() {
+            Err(error) if interrupted(&error) && attempt < ATTEMPTS => {
+                tracing::debug!(attempt, "the verifier was interrupted; loading again");
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::retry_interrupted;
+
+    fn eagain(error: &io::Error) -> bool {
+        error.raw_os_error() == Some(libc::EAGAIN)
+    }
+
+    #[test]
+    fn an_interrupted_load_is_tried_again_and_other_errors_are_not() {
+        let mut calls = 0;
+        let result = retry_interrupted(
+            || {
+                calls += 1;
+                if calls < 3 {
+                    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                } else {
+                    Ok(())
+                }
+            },
+            eagain,
+        );
+        assert!(result.is_ok());
+        assert_eq!(calls, 3, "two interruptions, then the load");
+
+        let mut calls = 0;
+        let result = retry_interrupted(
+            || {
+                calls += 1;
+                Err(io::Error::from_raw_os_error(libc::EACCES))
+            },
+            eagain,
+        );
+        assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EACCES));
+        assert_eq!(calls, 1, "a refusal is final");
+
+        let mut calls = 0;
+        let _ = retry_interrupted(
+            || {
+                calls += 1;
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            },
+            eagain,
+        );
+        assert_eq!(calls, 5, "at most five attempts");
     }
 }

@@ -44,8 +44,7 @@ impl SocketHooks {
                 .program_mut(name)
                 .with_context(|| format!("program {name} is missing from the datapath object"))?
                 .try_into()?;
-            program
-                .load()
+            super::load_program(|| program.load())
                 .with_context(|| format!("the kernel refused program {name}"))?;
             // A bpf_link takes no attach flags (the kernel refuses them) and is always one of
             // many: other programs on the cgroup keep running.

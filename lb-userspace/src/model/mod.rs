@@ -378,6 +378,18 @@ pub fn compute(input: &Input<'_>) -> Model {
 }
 
 impl Model {
+    /// The frontends grouped by Service, as the reconciler takes them.
+    pub fn by_service(&self) -> BTreeMap<ServiceName, Vec<Frontend>> {
+        let mut services: BTreeMap<ServiceName, Vec<Frontend>> = BTreeMap::new();
+        for frontend in &self.frontends {
+            services
+                .entry(frontend.service.clone())
+                .or_default()
+                .push(frontend.clone());
+        }
+        services
+    }
+
     fn warn(&mut self, service: &ServiceName, message: &str) {
         self.warnings.push(Warning {
             object: format!("Service {service}"),

@@ -14,8 +14,13 @@ use lb_common::{BackendId, ServiceInfo, SlotKey, backend_flags, map_names, servi
 pub use self::{
     entries::{BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, Programmed, SourceRange},
     maglev::is_prime,
-    plan::{DesiredService, External, PlanOptions, plan},
+    plan::{DesiredService, External, PlanOptions, plan, plan_frontends},
 };
+use crate::model::{Frontend, ServiceName};
+
+/// Each Service's frontends as the model computes them: the unit the agent hands the
+/// reconciler. A Service with no frontends (gone, or no longer proxied) is removed.
+pub type ServiceFrontends = BTreeMap<ServiceName, Vec<Frontend>>;
 
 /// What one [`Reconciler::apply`] did.
 #[derive(Debug, Default)]
@@ -28,6 +33,10 @@ pub struct Report {
 
 pub struct Reconciler {
     programmed: Programmed,
+    /// Every Service's desired frontends, as last given to [`Reconciler::sync_all`] and
+    /// [`Reconciler::sync_changed`].
+    desired: BTreeMap<FrontendKey, DesiredService>,
+    frontends_of: HashMap<ServiceName, Vec<FrontendKey>>,
     /// What each frontend was last programmed from, successfully: an unchanged frontend costs a
     /// comparison, so one endpoint change does not revisit every service.
     applied: HashMap<FrontendKey, DesiredService>,
@@ -57,6 +66,8 @@ impl Reconciler {
             .wrapping_add(1);
         Self {
             programmed,
+            desired: BTreeMap::new(),
+            frontends_of: HashMap::new(),
             applied: HashMap::new(),
             orphans_possible: true,
             next_service_id,
@@ -66,6 +77,44 @@ impl Reconciler {
 
     pub fn programmed(&self) -> &Programmed {
         &self.programmed
+    }
+
+    /// Makes the maps hold exactly `services` (the first sync, or a full resync): whatever no
+    /// Service claims is removed.
+    pub fn sync_all(
+        &mut self,
+        services: &ServiceFrontends,
+        options: &PlanOptions,
+        maps: &mut impl MapWriter,
+    ) -> Report {
+        self.desired.clear();
+        self.frontends_of.clear();
+        self.sync_changed(services, options, maps)
+    }
+
+    /// Applies the Services that changed since the last sync, each with all its frontends (none:
+    /// removed); the others stay as they are.
+    pub fn sync_changed(
+        &mut self,
+        changed: &ServiceFrontends,
+        options: &PlanOptions,
+        maps: &mut impl MapWriter,
+    ) -> Report {
+        for (name, frontends) in changed {
+            for key in self.frontends_of.remove(name).unwrap_or_default() {
+                self.desired.remove(&key);
+            }
+            let planned = plan_frontends(frontends, options);
+            if !planned.is_empty() {
+                self.frontends_of
+                    .insert(name.clone(), planned.keys().copied().collect());
+            }
+            self.desired.extend(planned);
+        }
+        let desired = std::mem::take(&mut self.desired);
+        let report = self.apply(&desired, maps);
+        self.desired = desired;
+        report
     }
 
     /// Makes the maps hold `desired`. Per service: backends, then slots, then the service entry;

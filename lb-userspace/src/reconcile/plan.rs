@@ -60,8 +60,15 @@ impl Default for PlanOptions {
 /// keyed with its family's unspecified address: the datapath matches it on any of the node's
 /// addresses of that family.
 pub fn plan(model: &Model, options: &PlanOptions) -> BTreeMap<FrontendKey, DesiredService> {
-    model
-        .frontends
+    plan_frontends(&model.frontends, options)
+}
+
+/// The map contents for `frontends` (of one Service, or of all).
+pub fn plan_frontends(
+    frontends: &[Frontend],
+    options: &PlanOptions,
+) -> BTreeMap<FrontendKey, DesiredService> {
+    frontends
         .iter()
         .map(|frontend| {
             let name = match frontend.kind {

@@ -1766,3 +1766,65 @@ fn ipv4_maglev_tables_are_unchanged_and_ipv6_ones_are_built_alike() {
         );
     }
 }
+
+#[test]
+fn sync_changed_touches_only_the_services_it_is_given_and_removes_an_empty_one() {
+    let options = PlanOptions {
+        default_algorithm: crate::model::LbAlgorithm::Random,
+        ..PlanOptions::default()
+    };
+    let web = frontend(
+        "shop/web",
+        FrontendKind::ClusterIp,
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        &["10.0.0.1:80"],
+    );
+    let db = frontend(
+        "shop/db",
+        FrontendKind::ClusterIp,
+        "10.96.0.11",
+        80,
+        Protocol::Tcp,
+        &["10.0.0.2:80"],
+    );
+    let all: ServiceFrontends = [
+        (web.service.clone(), vec![web.clone()]),
+        (db.service.clone(), vec![db.clone()]),
+    ]
+    .into();
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let report = reconciler.sync_all(&all, &options, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(maps.state.services.len(), 2);
+    maps.take_ops();
+
+    let web2 = frontend(
+        "shop/web",
+        FrontendKind::ClusterIp,
+        "10.96.0.10",
+        80,
+        Protocol::Tcp,
+        &["10.0.0.3:80"],
+    );
+    let changed: ServiceFrontends = [(web.service.clone(), vec![web2])].into();
+    reconciler.sync_changed(&changed, &options, &mut maps);
+    let ops = maps.take_ops();
+    assert!(
+        ops.iter().all(|op| *op != Op::PutService(key(11, 80))),
+        "db was not given, so it is not rewritten: {ops:?}"
+    );
+    assert_eq!(
+        service_info(&maps.state, key(11, 80)).backend_count,
+        1,
+        "db stays"
+    );
+    assert!(backend_ids(&maps.state, key(10, 80)).contains_key(&"10.0.0.3:80".parse().unwrap()));
+
+    let removed: ServiceFrontends = [(db.service.clone(), Vec::new())].into();
+    reconciler.sync_changed(&removed, &options, &mut maps);
+    assert!(maps.state.services.contains_key(&key(10, 80)), "web stays");
+    assert!(!maps.state.services.contains_key(&key(11, 80)), "db is removed");
+}
