@@ -198,6 +198,12 @@ pub mod config {
     pub const NETNS_COOKIE: u32 = 0;
     /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
     pub const LOG_LEVEL: u32 = 1;
+    /// The next backend id the agent gives out, and the next service id: kept here, not
+    /// derived from the ids in the maps, so that an id is never handed out twice (until the
+    /// counter wraps), not even by an agent restarted after the entry that had it was deleted.
+    /// A conntrack entry may still name it, and would follow it to whatever got it next.
+    pub const NEXT_BACKEND_ID: u32 = 2;
+    pub const NEXT_SERVICE_ID: u32 = 3;
     pub const LEN: u32 = 8;
 }
 

@@ -24,7 +24,7 @@ use lb_common::{
 };
 
 use crate::reconcile::{
-    BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, Programmed, SourceRange,
+    BackendEntry, FrontendKey, IdKind, MaglevInput, MapError, MapWriter, NextIds, Programmed, SourceRange,
 };
 
 pub struct ServiceMaps {
@@ -175,6 +175,11 @@ impl ServiceMaps {
         cluster_ips.extend(entries(&self.cluster_ips6, |key, frontends| {
             (key.addr.into(), frontends)
         })?);
+        let next_id = |index| -> anyhow::Result<u32> { Ok(self.config.get(&index, 0)? as u32) };
+        let next_ids = NextIds {
+            service: next_id(config::NEXT_SERVICE_ID)?,
+            backend: next_id(config::NEXT_BACKEND_ID)?,
+        };
         Ok(Programmed {
             services,
             slots,
@@ -182,6 +187,7 @@ impl ServiceMaps {
             maglev,
             source_ranges,
             cluster_ips,
+            next_ids,
         })
     }
 
@@ -465,6 +471,16 @@ impl MapWriter for ServiceMaps {
                 if error.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(error) => tracing::warn!(service_id, "cannot reset the service's counters: {error}"),
         }
+    }
+
+    fn put_next_id(&mut self, kind: IdKind, next: u32) -> Result<(), MapError> {
+        let index = match kind {
+            IdKind::Service => config::NEXT_SERVICE_ID,
+            IdKind::Backend => config::NEXT_BACKEND_ID,
+        };
+        self.config
+            .set(index, u64::from(next), 0)
+            .map_err(failed(map_names::CONFIG))
     }
 
     fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {

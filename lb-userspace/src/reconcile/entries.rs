@@ -10,6 +10,7 @@ use std::{
 
 use lb_common::{Address, BackendId, ServiceInfo, ServiceKey, SlotKey};
 
+use super::IdKind;
 use crate::model::{self, Frontend, Protocol};
 
 /// A frontend as the maps key it: address (of either family), port and IP protocol number.
@@ -126,6 +127,8 @@ pub trait MapWriter {
     /// or freed, so counts never carry over from a previous owner. Best effort: counters are
     /// not worth failing a service for.
     fn forget_service_stats(&mut self, _service_id: u32) {}
+    /// Keeps `next` as the high-water mark of `kind`'s ids (see [`super::ids`]).
+    fn put_next_id(&mut self, kind: IdKind, next: u32) -> Result<(), MapError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +150,15 @@ pub struct Programmed {
     pub source_ranges: BTreeSet<SourceRange>,
     /// ClusterIPs → how many frontends each has.
     pub cluster_ips: BTreeMap<IpAddr, u32>,
+    /// The ids' high-water marks (0: none kept).
+    pub next_ids: NextIds,
+}
+
+/// Past every service and backend id handed out since the counters last wrapped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextIds {
+    pub service: u32,
+    pub backend: u32,
 }
 
 /// What a Maglev table is a function of: its size and the service's backends (ids, sorted).

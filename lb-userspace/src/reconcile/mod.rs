@@ -1,6 +1,7 @@
 //! From the model to map contents: [`plan`] says what the maps should hold, [`Reconciler`] writes
 //! only the difference, in an order that never shows a packet a half-written service.
 mod entries;
+mod ids;
 pub mod maglev;
 mod plan;
 
@@ -9,10 +10,14 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
+use self::ids::IdCounter;
 use lb_common::{BackendId, ServiceInfo, SlotKey, backend_flags, map_names, service_flags};
 
 pub use self::{
-    entries::{BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, Programmed, SourceRange},
+    entries::{
+        BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, NextIds, Programmed, SourceRange,
+    },
+    ids::IdKind,
     maglev::is_prime,
     plan::{DesiredService, External, PlanOptions, plan, plan_frontends},
 };
@@ -42,36 +47,32 @@ pub struct Reconciler {
     applied: HashMap<FrontendKey, DesiredService>,
     /// Whether entries of no service may exist: at start (recovered maps) and after a failure.
     orphans_possible: bool,
-    next_service_id: u32,
-    next_backend_id: u32,
+    service_ids: IdCounter,
+    backend_ids: IdCounter,
 }
 
 impl Reconciler {
     /// Starts from what the maps already hold, so ids stay stable across agent restarts and
     /// unchanged entries are not rewritten.
     pub fn new(programmed: Programmed) -> Self {
-        let next_service_id = programmed
-            .services
-            .values()
-            .map(|s| s.id)
-            .max()
-            .unwrap_or(0)
-            .wrapping_add(1);
-        let next_backend_id = programmed
-            .backends
-            .keys()
-            .copied()
-            .max()
-            .unwrap_or(0)
-            .wrapping_add(1);
+        let service_ids = IdCounter::new(
+            IdKind::Service,
+            programmed.next_ids.service,
+            programmed.services.values().map(|s| s.id).max(),
+        );
+        let backend_ids = IdCounter::new(
+            IdKind::Backend,
+            programmed.next_ids.backend,
+            programmed.backends.keys().copied().max(),
+        );
         Self {
             programmed,
             desired: BTreeMap::new(),
             frontends_of: HashMap::new(),
             applied: HashMap::new(),
             orphans_possible: true,
-            next_service_id,
-            next_backend_id,
+            service_ids,
+            backend_ids,
         }
     }
 
@@ -276,7 +277,12 @@ impl Reconciler {
         let service_id = match old {
             Some(info) => info.id,
             None => {
-                let id = next_free(&mut self.next_service_id, |id| index.service_ids.contains(&id));
+                let id = self
+                    .service_ids
+                    .allocate(|id| index.service_ids.contains(&id), &mut |kind, next| {
+                        maps.put_next_id(kind, next)
+                    })?;
+                self.programmed.next_ids.service = self.service_ids.reserved_until();
                 maps.forget_service_stats(id);
                 id
             }
@@ -411,7 +417,7 @@ impl Reconciler {
         };
         let id = match known.get(&addr) {
             Some(&id) => id,
-            None => self.allocate_backend_id(),
+            None => self.allocate_backend_id(maps)?,
         };
         if self.programmed.backends.get(&id) != Some(&backend) {
             maps.put_backend(id, &backend)?;
@@ -569,9 +575,15 @@ impl Reconciler {
 
     /// Ids count up and wrap, skipping 0 and ids in use, so a just-freed id is not handed out
     /// again while conntrack entries may still name it.
-    fn allocate_backend_id(&mut self) -> BackendId {
+    fn allocate_backend_id(&mut self, maps: &mut impl MapWriter) -> Result<BackendId, MapError> {
         let backends = &self.programmed.backends;
-        next_free(&mut self.next_backend_id, |id| backends.contains_key(&id))
+        let id = self
+            .backend_ids
+            .allocate(|id| backends.contains_key(&id), &mut |kind, next| {
+                maps.put_next_id(kind, next)
+            })?;
+        self.programmed.next_ids.backend = self.backend_ids.reserved_until();
+        Ok(id)
     }
 }
 
@@ -635,16 +647,6 @@ impl Index {
 
     fn backends_of(&self, service_id: u32) -> &[BackendId] {
         self.backends.get(&service_id).map_or(&[], Vec::as_slice)
-    }
-}
-
-fn next_free(next: &mut u32, in_use: impl Fn(u32) -> bool) -> u32 {
-    loop {
-        let id = *next;
-        *next = next.wrapping_add(1);
-        if id != 0 && !in_use(id) {
-            return id;
-        }
     }
 }
 

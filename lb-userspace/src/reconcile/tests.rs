@@ -161,6 +161,14 @@ impl MapWriter for Recorder {
         Ok(())
     }
 
+    fn put_next_id(&mut self, kind: IdKind, next: u32) -> Result<(), MapError> {
+        match kind {
+            IdKind::Service => self.state.next_ids.service = next,
+            IdKind::Backend => self.state.next_ids.backend = next,
+        }
+        Ok(())
+    }
+
     fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
         self.ops.push(Op::PutClusterIp(addr));
         self.state.cluster_ips.insert(addr, frontends);
@@ -767,7 +775,10 @@ fn ids_freed_by_a_removed_service_are_not_handed_out_again_at_once() {
     apply(&mut reconciler, &desired(&[]), &mut maps);
     assert_eq!(
         reconciler.programmed(),
-        &Programmed::default(),
+        &Programmed {
+            next_ids: reconciler.programmed().next_ids,
+            ..Programmed::default()
+        },
         "everything was removed"
     );
 
@@ -1561,7 +1572,14 @@ fn an_ipv6_service_is_written_and_removed_in_the_same_order() {
         Some(&Op::DeleteClusterIp(web.addr)),
         "its ClusterIP last"
     );
-    assert_eq!(maps.state, Programmed::default(), "nothing is left");
+    assert_eq!(
+        maps.state,
+        Programmed {
+            next_ids: maps.state.next_ids,
+            ..Programmed::default()
+        },
+        "nothing is left"
+    );
 }
 
 /// A dual-stack Service's frontends share one space of service ids and one of backend ids:
