@@ -32,7 +32,7 @@ use lb_common::{
 };
 use lb_userspace::{
     datapath::conntrack_gc,
-    reconcile::{DesiredService, FrontendKey, Reconciler},
+    reconcile::{DesiredService, FrontendKey, MaglevSize, Reconciler},
 };
 
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 20];
@@ -470,7 +470,8 @@ fn truncated_packets_pass_byte_identical_at_every_length<A: Net>() {
 /// Maglev: the backend is a function of the flow alone, so two separately loaded datapaths fed
 /// the same backends (two nodes) pick the same backend for every flow, with no shared state.
 fn two_datapaths_with_the_same_backends_pick_the_same_backend_for_every_flow<A: Net>() {
-    let maglev = Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE);
+    // What `auto` gives three backends.
+    let maglev = Some(1021);
     let mut nodes = [Loaded::new("maglev-a"), Loaded::new("maglev-b")];
     for (node, backends) in nodes
         .iter_mut()
@@ -571,7 +572,7 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_one<A: Net>() {
     let mut desired = BTreeMap::from([(
         web,
         DesiredService {
-            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            maglev: Some(MaglevSize::Scaled),
             affinity_timeout: Some(10_800),
             ..cluster_ip(&A::BACKENDS)
         },
@@ -1051,7 +1052,7 @@ fn bpftool_prints_the_pinned_maps_with_field_names() {
         web["formatted"]["key"]["addr"],
         serde_json::json!(Ipv4::CLUSTER_IP)
     );
-    assert_eq!(web["formatted"]["value"]["backend_count"], 3);
+    assert_eq!(web["formatted"]["value"]["backends"]["count"], 3);
 }
 
 #[test]

@@ -260,7 +260,6 @@ pub fn child(count: usize, changes: usize, budget: Duration) -> anyhow::Result<(
     let capacity = Capacity {
         services: default.services.max(count as u32 + 16),
         backends: default.backends.max(needed),
-        backend_slots: default.backend_slots.max(needed),
         ..default
     };
     let datapath = Datapath::load_with_capacity(pins.path(), capacity)?;

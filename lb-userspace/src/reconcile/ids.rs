@@ -17,7 +17,8 @@ pub enum IdKind {
     Backend,
 }
 
-/// One counter: ids count up from 1 and wrap, skipping 0 and ids in use.
+/// One counter: ids count up from 1 and wrap, skipping 0, and ids in use once wrapped (before,
+/// every id ahead is unused, and no lookup is needed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdCounter {
     kind: IdKind,
@@ -25,6 +26,8 @@ pub struct IdCounter {
     /// Every id below this (since the last wrap) may have been given out: a restarted agent
     /// starts here.
     reserved_until: u32,
+    /// Whether ids ahead may be in use.
+    wrapped: bool,
 }
 
 impl IdCounter {
@@ -39,6 +42,7 @@ impl IdCounter {
             kind,
             next,
             reserved_until: next,
+            wrapped: highest_in_maps.is_some_and(|id| id >= next),
         }
     }
 
@@ -47,7 +51,7 @@ impl IdCounter {
         self.reserved_until
     }
 
-    /// A new id, neither 0 nor `in_use`. Reserves the next block first when the id is past the
+    /// A new id, neither 0 nor, once the counter wrapped, `in_use`. Reserves the next block first when the id is past the
     /// reserved one, so that no id is used before a restart would skip it.
     pub fn allocate(
         &mut self,
@@ -62,7 +66,10 @@ impl IdCounter {
                 self.reserved_until = until;
             }
             self.next = id.wrapping_add(1);
-            if id != 0 && !in_use(id) {
+            if self.next == 0 {
+                self.wrapped = true;
+            }
+            if id != 0 && !(self.wrapped && in_use(id)) {
                 return Ok(id);
             }
         }
