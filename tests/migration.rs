@@ -689,7 +689,7 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
     let mut maps = reloaded.maps().unwrap();
     let programmed = maps.read_programmed().unwrap();
     assert_eq!(
-        &programmed,
+        programmed,
         loaded.reconciler.programmed(),
         "both families are read back"
     );

@@ -344,23 +344,6 @@ where
     Key::new(32 + u32::from(range.prefix_len), data)
 }
 
-fn insert<K: Pod, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: K,
-    value: V,
-    name: &'static str,
-) -> Result<(), MapError> {
-    map.insert(key, value, 0).map_err(failed(name))
-}
-
-fn remove<K: Pod, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: K,
-    name: &'static str,
-) -> Result<(), MapError> {
-    map.remove(&key).map_err(failed(name))
-}
-
 /// The file descriptor of a map.
 fn fd<K: Pod, V>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
     map.map().fd().as_fd()
@@ -499,9 +482,10 @@ impl MapWriter for ServiceMaps {
 
     fn put_tables(
         &mut self,
-        tables: &mut dyn Iterator<Item = (u32, Vec<BackendId>)>,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
     ) -> Result<(), MapError> {
-        self.tables.write(tables)
+        self.tables.write(blocks, fill)
     }
 
     fn grow_tables(&mut self, positions: u32) -> Result<(), MapError> {
@@ -554,35 +538,35 @@ impl MapWriter for ServiceMaps {
             .map_err(failed(map_names::CONFIG))
     }
 
-    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
-        match addr {
-            IpAddr::V4(addr) => insert(
-                &mut self.cluster_ips,
-                ClusterIpKey { addr: addr.octets() },
-                frontends,
-                map_names::CLUSTER_IPS,
-            ),
-            IpAddr::V6(addr) => insert(
-                &mut self.cluster_ips6,
-                ClusterIpKey { addr: addr.octets() },
-                frontends,
-                map_names::CLUSTER_IPS6,
-            ),
-        }
+    fn put_cluster_ips(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), BatchError> {
+        by_family(
+            entries,
+            |&(addr, frontends)| match addr {
+                IpAddr::V4(addr) => Some((ClusterIpKey { addr: addr.octets() }, frontends)),
+                IpAddr::V6(_) => None,
+            },
+            |&(addr, frontends)| match addr {
+                IpAddr::V6(addr) => Some((ClusterIpKey { addr: addr.octets() }, frontends)),
+                IpAddr::V4(_) => None,
+            },
+            update(fd(&self.cluster_ips), map_names::CLUSTER_IPS),
+            update(fd(&self.cluster_ips6), map_names::CLUSTER_IPS6),
+        )
     }
 
-    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError> {
-        match addr {
-            IpAddr::V4(addr) => remove(
-                &mut self.cluster_ips,
-                ClusterIpKey { addr: addr.octets() },
-                map_names::CLUSTER_IPS,
-            ),
-            IpAddr::V6(addr) => remove(
-                &mut self.cluster_ips6,
-                ClusterIpKey { addr: addr.octets() },
-                map_names::CLUSTER_IPS6,
-            ),
-        }
+    fn delete_cluster_ips(&mut self, addrs: &[IpAddr]) -> Result<(), BatchError> {
+        by_family(
+            addrs,
+            |addr| match addr {
+                IpAddr::V4(addr) => Some((ClusterIpKey { addr: addr.octets() }, 0u32)),
+                IpAddr::V6(_) => None,
+            },
+            |addr| match addr {
+                IpAddr::V6(addr) => Some((ClusterIpKey { addr: addr.octets() }, 0u32)),
+                IpAddr::V4(_) => None,
+            },
+            delete(fd(&self.cluster_ips), map_names::CLUSTER_IPS),
+            delete(fd(&self.cluster_ips6), map_names::CLUSTER_IPS6),
+        )
     }
 }

@@ -452,7 +452,11 @@ fn carry_services(pin_dir: &Path, name: &str, old: &MapData, sizes: (usize, usiz
     if next > tables.capacity() {
         tables.grow(next.next_multiple_of(1024))?;
     }
-    tables.write(&mut blocks.into_iter())?;
+    let positions: Vec<(u32, u32)> = blocks
+        .iter()
+        .map(|(start, ids)| (*start, ids.len() as u32))
+        .collect();
+    tables.write(&positions, &|index, to| to.copy_from_slice(&blocks[index].1))?;
     let mut carried = 0;
     for (key, info) in &converted {
         // SAFETY: ServiceInfo is repr(C) without implicit padding.

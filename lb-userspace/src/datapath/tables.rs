@@ -64,11 +64,16 @@ impl TableSpaceMap {
         }
     }
 
-    /// Writes each (position, ids) into the space, which must hold them. Tables in the order of
-    /// their positions share a mapping of up to [`WINDOW`] bytes.
-    pub fn write(&mut self, tables: &mut dyn Iterator<Item = (u32, Vec<BackendId>)>) -> Result<(), MapError> {
-        let mut tables = tables.filter(|(_, ids)| !ids.is_empty()).peekable();
-        if tables.peek().is_none() {
+    /// Writes a table at each (position, length), which the space must hold: `fill(i, table)`
+    /// writes the `i`th in place. Tables near each other share a mapping of up to [`WINDOW`]
+    /// bytes; a table alone is mapped alone (a mapping costs a page-table entry per page).
+    pub fn write(
+        &mut self,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
+    ) -> Result<(), MapError> {
+        let mut order: Vec<usize> = (0..blocks.len()).filter(|&i| blocks[i].1 > 0).collect();
+        if order.is_empty() {
             return Ok(());
         }
         let Some(space) = &self.space else {
@@ -78,28 +83,57 @@ impl TableSpaceMap {
             });
         };
         let size = space.len() as usize * size_of::<TablePair>();
-        let mut mapping: Option<Mapping> = None;
-        for (start, ids) in tables {
-            let (from, to) = (start as usize * POSITION, (start as usize + ids.len()) * POSITION);
-            if to > size {
-                return Err(MapError {
-                    map: map_names::BACKEND_TABLES,
-                    message: format!("a table ends past the space's {size} bytes"),
-                });
-            }
-            let inside = mapping
-                .as_ref()
-                .is_some_and(|m| m.offset <= from && to <= m.offset + m.len);
-            if !inside {
-                drop(mapping.take());
-                let offset = from / PAGE * PAGE;
-                let end = (offset + WINDOW).max(to.next_multiple_of(PAGE)).min(size);
-                mapping = Some(Mapping::new(space, (offset, end), true)?);
-            }
-            let mapping = mapping.as_ref().expect("mapped above");
-            mapping.write(from - mapping.offset, &ids);
+        order.sort_unstable_by_key(|&i| blocks[i].0);
+        let ranges: Vec<(usize, usize)> = order
+            .iter()
+            .map(|&i| {
+                let (start, len) = blocks[i];
+                (
+                    start as usize * POSITION,
+                    (start as usize + len as usize) * POSITION,
+                )
+            })
+            .collect();
+        if ranges.last().is_some_and(|&(_, end)| end > size) {
+            return Err(MapError {
+                map: map_names::BACKEND_TABLES,
+                message: format!("a table ends past the space's {size} bytes"),
+            });
         }
-        Ok(())
+        // Building Maglev tables is most of the work: spread over the CPUs, each writing tables
+        // of its own (disjoint positions).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        for_each_window(&ranges, size, |window, inside| {
+            let mapping = Mapping::new(space, window, true)?;
+            let mut tables: Vec<(usize, &mut [BackendId])> = inside
+                .into_iter()
+                .map(|index| {
+                    let (from, to) = ranges[index];
+                    (
+                        order[index],
+                        mapping.positions(from - window.0, (to - from) / POSITION),
+                    )
+                })
+                .collect();
+            let chunk = tables.len().div_ceil(threads).max(256);
+            if tables.len() <= chunk {
+                // A few tables (one Service's change): no thread is worth starting.
+                for (index, to) in tables {
+                    fill(index, to);
+                }
+                return Ok(());
+            }
+            std::thread::scope(|scope| {
+                for part in tables.chunks_mut(chunk) {
+                    scope.spawn(move || {
+                        for (index, to) in part {
+                            fill(*index, to);
+                        }
+                    });
+                }
+            });
+            Ok(())
+        })
     }
 
     /// The `len` ids at each (position, len).
@@ -202,8 +236,6 @@ fn for_each_window(
 /// A shared mapping of bytes `window` of an array's values.
 struct Mapping {
     base: NonNull<libc::c_void>,
-    /// Where in the values it starts, and its length, in bytes.
-    offset: usize,
     len: usize,
 }
 
@@ -232,23 +264,19 @@ impl Mapping {
             )
         }
         .map_err(mapping_failed)?;
-        Ok(Self {
-            base,
-            offset: window.0,
-            len: len.get(),
-        })
+        Ok(Self { base, len: len.get() })
     }
 
-    fn write(&self, offset: usize, ids: &[BackendId]) {
-        assert!(offset + ids.len() * POSITION <= self.len);
-        // SAFETY: within the mapping (asserted), which is writable; unaligned-safe copy.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                ids.as_ptr().cast::<u8>(),
-                self.base.as_ptr().cast::<u8>().add(offset),
-                ids.len() * POSITION,
-            );
-        }
+    /// The `len` positions at byte `offset` of a writable mapping.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the mapping's memory is not Rust-owned; one slice at a time"
+    )]
+    fn positions(&self, offset: usize, len: usize) -> &mut [BackendId] {
+        assert!(offset + len * POSITION <= self.len && offset.is_multiple_of(POSITION));
+        // SAFETY: within the mapping (asserted) and aligned (the mapping is page-aligned, the
+        // offset a multiple of a position); the caller writes through one slice at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.base.as_ptr().cast::<u8>().add(offset).cast(), len) }
     }
 
     fn read(&self, offset: usize, len: usize) -> Vec<BackendId> {

@@ -114,16 +114,19 @@ pub trait MapWriter {
     fn delete_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError>;
     fn put_services(&mut self, entries: &[(FrontendKey, ServiceInfo)]) -> Result<(), BatchError>;
     fn delete_services(&mut self, keys: &[FrontendKey]) -> Result<(), BatchError>;
-    /// Writes each table (position, backend ids) at its position of the table space; given one
-    /// at a time, in the order of their positions, so that a pass over many Services never holds
-    /// all their tables at once.
-    fn put_tables(&mut self, tables: &mut dyn Iterator<Item = (u32, Vec<BackendId>)>)
-    -> Result<(), MapError>;
+    /// Writes a table at each (position, length) of the table space (in the order of their
+    /// positions): `fill(i, table)` writes the `i`th in place (maybe on several threads), so a
+    /// pass over many Services never holds all their tables at once.
+    fn put_tables(
+        &mut self,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
+    ) -> Result<(), MapError>;
     /// Makes the table space hold `positions`, its contents kept.
     fn grow_tables(&mut self, positions: u32) -> Result<(), MapError>;
-    /// Marks `addr` as a ClusterIP with `frontends` frontends.
-    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError>;
-    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError>;
+    /// Marks each address as a ClusterIP with that many frontends.
+    fn put_cluster_ips(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), BatchError>;
+    fn delete_cluster_ips(&mut self, addrs: &[IpAddr]) -> Result<(), BatchError>;
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     /// Keeps `next` as the high-water mark of `kind`'s ids (see [`super::ids`]).

@@ -17,12 +17,14 @@ mod stage;
 mod tables;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet},
     hash::{DefaultHasher, Hash as _, Hasher as _},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
-use lb_common::{BackendId, map_names};
+use foldhash::{HashMap, HashMapExt as _};
+use lb_common::{BackendId, ServiceInfo, map_names};
 
 pub use self::{
     entries::{BackendEntry, BatchError, FrontendKey, MapError, MapWriter, NextIds, Programmed, SourceRange},
@@ -56,17 +58,17 @@ pub struct Report {
 }
 
 pub struct Reconciler {
-    /// What the maps hold.
-    programmed: Programmed,
+    /// What the maps hold but for backend entries and tables, which `sets` hold.
+    held: Held,
     sets: HashMap<u32, Set>,
-    groups: HashMap<String, Group>,
+    groups: HashMap<Arc<str>, Group>,
     /// The group each programmed (or wanted) frontend belongs to.
-    owners: HashMap<FrontendKey, String>,
+    owners: HashMap<FrontendKey, Arc<str>>,
     /// Each ClusterIP's frontends, as the groups want them.
     cluster_ips: HashMap<IpAddr, u32>,
     /// Groups whose last pass failed, with what they wanted (`None`: removed): tried again on
     /// every pass.
-    retry: BTreeMap<String, Option<Desired>>,
+    retry: BTreeMap<Arc<str>, Option<Desired>>,
     /// Whether the maps may hold entries no group claims (found at start-up): removed by the
     /// next full pass.
     unclaimed: bool,
@@ -75,19 +77,46 @@ pub struct Reconciler {
     backend_ids: IdCounter,
 }
 
-/// A backend set as the maps hold it.
+/// The maps' frontends, source ranges, ClusterIPs and the like, as programmed.
+#[derive(Clone, Debug, Default)]
+struct Held {
+    services: BTreeMap<FrontendKey, ServiceInfo>,
+    source_ranges: BTreeSet<SourceRange>,
+    cluster_ips: BTreeMap<IpAddr, u32>,
+    next_ids: NextIds,
+    table_capacity: u32,
+}
+
+/// A backend set as the maps hold it: its backend entries, and its tables.
 #[derive(Clone, Debug, Default)]
 struct Set {
     /// The group whose frontends use it (`None`: found at start-up, not claimed yet).
-    owner: Option<String>,
+    owner: Option<Arc<str>>,
     proto: u8,
     /// Every backend entry it owns (live, draining, or stale and not yet deleted).
-    entries: Vec<(SocketAddr, BackendId)>,
+    members: Vec<Member>,
+    /// The ids its current table starts with, in slot order.
+    live: Vec<BackendId>,
     /// The table its frontends are to point at, with its Maglev size; `None`: no live backend.
     current: Option<(Block, u32)>,
     /// Every table it holds, the current one included: an older one stays until no frontend
     /// can point at it.
     blocks: Vec<Block>,
+}
+
+/// A backend entry of a set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Member {
+    addr: SocketAddr,
+    id: BackendId,
+    /// `lb_common::backend_flags`.
+    flags: u8,
+}
+
+impl Set {
+    fn member(&self, id: BackendId) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
 }
 
 /// What a group's last successful pass programmed.
@@ -105,8 +134,17 @@ impl Reconciler {
     /// Starts from what the maps already hold, so ids stay stable across agent restarts and
     /// unchanged entries are not rewritten.
     pub fn new(programmed: Programmed) -> Self {
+        let Programmed {
+            services,
+            backends,
+            tables,
+            table_capacity,
+            source_ranges,
+            cluster_ips,
+            next_ids,
+        } = programmed;
         let mut sets: HashMap<u32, Set> = HashMap::new();
-        for info in programmed.services.values() {
+        for info in services.values() {
             for set in [info.backends, info.outside] {
                 if set.id == 0 {
                     continue;
@@ -120,6 +158,8 @@ impl Reconciler {
                     && !held.blocks.contains(&block)
                 {
                     held.blocks.push(block);
+                    held.live = tables.get(&set.table).cloned().unwrap_or_default();
+                    held.live.truncate(set.count as usize);
                 }
                 let current = block.map(|block| (block, set.maglev_size));
                 // Frontends that disagree (an update interrupted half-way): the next pass
@@ -127,30 +167,32 @@ impl Reconciler {
                 held.current = if held.blocks.len() <= 1 { current } else { None };
             }
         }
-        for (&id, backend) in &programmed.backends {
+        let highest_backend = backends.keys().copied().max();
+        for (id, backend) in backends {
             let set = sets.entry(backend.set_id).or_default();
             set.proto = backend.proto;
-            set.entries.push((backend.addr, id));
+            set.members.push(Member {
+                addr: backend.addr,
+                id,
+                flags: backend.flags,
+            });
         }
         let used = sets.values().flat_map(|set| set.blocks.iter().copied());
-        let space = TableSpace::new(programmed.table_capacity, used);
+        let space = TableSpace::new(table_capacity, used);
         let service_ids = IdCounter::new(
             IdKind::Service,
-            programmed.next_ids.service,
-            programmed
-                .services
-                .values()
-                .map(|s| s.id)
-                .chain(sets.keys().copied())
-                .max(),
+            next_ids.service,
+            services.values().map(|s| s.id).chain(sets.keys().copied()).max(),
         );
-        let backend_ids = IdCounter::new(
-            IdKind::Backend,
-            programmed.next_ids.backend,
-            programmed.backends.keys().copied().max(),
-        );
+        let backend_ids = IdCounter::new(IdKind::Backend, next_ids.backend, highest_backend);
         Self {
-            programmed,
+            held: Held {
+                services,
+                source_ranges,
+                cluster_ips,
+                next_ids,
+                table_capacity,
+            },
             sets,
             groups: HashMap::new(),
             owners: HashMap::new(),
@@ -163,8 +205,39 @@ impl Reconciler {
         }
     }
 
-    pub fn programmed(&self) -> &Programmed {
-        &self.programmed
+    /// What the maps hold, as [`crate::datapath::maps::ServiceMaps::read_programmed`] would read
+    /// it back. Built on each call: for tests and diagnostics, not for every pass.
+    pub fn programmed(&self) -> Programmed {
+        let mut backends = std::collections::HashMap::new();
+        let mut tables = std::collections::HashMap::new();
+        for (&set_id, set) in &self.sets {
+            for member in &set.members {
+                let entry = BackendEntry {
+                    addr: member.addr,
+                    proto: set.proto,
+                    flags: member.flags,
+                    set_id,
+                };
+                backends.insert(member.id, entry);
+            }
+            if let Some((block, _)) = set.current {
+                tables.insert(block.start, set.live.clone());
+            }
+        }
+        Programmed {
+            services: self.held.services.clone(),
+            backends,
+            tables,
+            table_capacity: self.held.table_capacity,
+            source_ranges: self.held.source_ranges.clone(),
+            cluster_ips: self.held.cluster_ips.clone(),
+            next_ids: self.held.next_ids,
+        }
+    }
+
+    /// How many frontends the maps hold.
+    pub fn frontends(&self) -> usize {
+        self.held.services.len()
     }
 
     /// Makes the maps hold exactly `services` (the first sync, or a full resync): whatever no
@@ -175,11 +248,11 @@ impl Reconciler {
         options: &PlanOptions,
         maps: &mut impl MapWriter,
     ) -> Report {
-        let mut work: BTreeMap<String, Option<Desired>> =
+        let mut work: BTreeMap<Arc<str>, Option<Desired>> =
             self.groups.keys().map(|name| (name.clone(), None)).collect();
         for (name, frontends) in services {
             let desired = plan_frontends(frontends, options);
-            work.insert(name.to_string(), (!desired.is_empty()).then_some(desired));
+            work.insert(name.to_string().into(), (!desired.is_empty()).then_some(desired));
         }
         self.sync(work, true, maps)
     }
@@ -196,7 +269,7 @@ impl Reconciler {
             .iter()
             .map(|(name, frontends)| {
                 let desired = plan_frontends(frontends, options);
-                (name.to_string(), (!desired.is_empty()).then_some(desired))
+                (name.to_string().into(), (!desired.is_empty()).then_some(desired))
             })
             .collect();
         self.sync(work, false, maps)
@@ -205,10 +278,10 @@ impl Reconciler {
     /// Makes the maps hold exactly `desired`, for callers that plan frontends themselves (tests,
     /// benchmarks): frontends of the same name form a group, whose equal backend sets are shared.
     pub fn apply(&mut self, desired: &Desired, maps: &mut impl MapWriter) -> Report {
-        let mut work: BTreeMap<String, Option<Desired>> =
+        let mut work: BTreeMap<Arc<str>, Option<Desired>> =
             self.groups.keys().map(|name| (name.clone(), None)).collect();
         for (key, service) in desired {
-            work.entry(service.name.clone())
+            work.entry(service.name.as_str().into())
                 .or_insert_with(|| Some(Desired::new()))
                 .get_or_insert_with(Desired::new)
                 .insert(*key, service.clone());
@@ -220,7 +293,7 @@ impl Reconciler {
     /// failed before. `full`: `work` names every group, and what none claims goes.
     fn sync(
         &mut self,
-        mut work: BTreeMap<String, Option<Desired>>,
+        mut work: BTreeMap<Arc<str>, Option<Desired>>,
         full: bool,
         maps: &mut impl MapWriter,
     ) -> Report {
@@ -252,6 +325,7 @@ impl Reconciler {
             let plan = desired.as_ref().map(GroupPlan::new);
             self.stage(&name, plan, digest, desired, &mut pass, maps);
         }
+        self.place_tables(&mut pass, maps);
         let mut report = self.write(pass, maps);
         if full && self.unclaimed {
             self.unclaimed = !self.sweep(maps, &mut report);

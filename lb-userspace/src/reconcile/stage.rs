@@ -8,19 +8,24 @@
 //! 4. for each group whose writes all succeeded: what its frontends no longer point at (old
 //!    tables, backends that left, source ranges); then ClusterIPs no frontend has.
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use lb_common::{BackendId, BackendSet, ServiceInfo, backend_flags, map_names};
 
 use super::{
-    BackendEntry, Desired, FrontendKey, Group, MapError, MapWriter, Reconciler, Report, SourceRange,
+    BackendEntry, Desired, FrontendKey, Group, MapError, MapWriter, Member, Reconciler, Report, SourceRange,
     check_families, maglev,
     plan::{DesiredSet, GroupPlan, PlannedFrontend},
     services_map,
     tables::Block,
 };
+
+/// A backend entry to delete: (group, set, id).
+type Stale = (usize, u32, BackendId);
 
 /// What a pass will write, in phase order, each item tagged with its group (an index into
 /// `groups`).
@@ -46,7 +51,7 @@ pub(super) struct Pass {
 
 /// A group as staged.
 struct Staged {
-    name: String,
+    name: Arc<str>,
     desired: Option<Desired>,
     /// What the group will be once written; `None`: removed.
     group: Option<Group>,
@@ -59,29 +64,31 @@ struct Staged {
 }
 
 /// A new table for a set: its live backends' ids, then the Maglev table over their addresses
-/// (built when written).
+/// (built when written). Placed once every group is staged, so the space grows at most once.
 struct TableWrite {
     set: u32,
-    block: Block,
+    block: Option<Block>,
     maglev_size: u32,
     live: Vec<BackendId>,
     addrs: Vec<SocketAddr>,
 }
 
 impl TableWrite {
-    fn contents(&self) -> Vec<BackendId> {
-        let mut contents = Vec::with_capacity(self.block.len as usize);
-        contents.extend_from_slice(&self.live);
+    fn len(&self) -> u32 {
+        self.live.len() as u32 + self.maglev_size
+    }
+
+    /// Writes the table into `to` (of [`Self::len`] positions).
+    fn fill(&self, to: &mut [BackendId]) {
+        let (ids, table) = to.split_at_mut(self.live.len());
+        ids.copy_from_slice(&self.live);
         if self.maglev_size > 0 {
             let identities: Vec<Vec<u8>> = self.addrs.iter().map(|addr| maglev::identity(*addr)).collect();
             let weighted: Vec<(&[u8], u32)> = identities.iter().map(|i| (i.as_slice(), 1)).collect();
-            contents.extend(
-                maglev::table(&weighted, self.maglev_size)
-                    .into_iter()
-                    .map(|index| self.live[index]),
-            );
+            for (position, index) in table.iter_mut().zip(maglev::table(&weighted, self.maglev_size)) {
+                *position = self.live[index];
+            }
         }
-        contents
     }
 }
 
@@ -90,13 +97,23 @@ struct FrontendPut {
     key: FrontendKey,
     name: String,
     info: ServiceInfo,
+    /// The new tables (indexes into `Pass::tables`) of its set of clients in the cluster, and of
+    /// its set of outside clients, whose positions `info` takes once they are placed.
+    tables: [Option<usize>; 2],
+}
+
+/// A set as its frontends are to point at it: its reference, and its new table if it has one.
+#[derive(Clone, Copy)]
+struct SetRef {
+    set: BackendSet,
+    table: Option<usize>,
 }
 
 impl Reconciler {
     /// Stages group `name` as `plan` wants it (`None`: removed).
     pub(super) fn stage(
         &mut self,
-        name: &str,
+        name: &Arc<str>,
         plan: Option<GroupPlan>,
         digest: u64,
         desired: Option<Desired>,
@@ -112,7 +129,7 @@ impl Reconciler {
             }
         }
         let mut staged = Staged {
-            name: name.to_owned(),
+            name: name.clone(),
             desired,
             group: None,
             old_sets: old.sets.clone(),
@@ -149,13 +166,13 @@ impl Reconciler {
                 staged.failed.push((frontend.name.clone(), error));
                 continue;
             }
-            self.owners.insert(frontend.key, name.to_owned());
+            self.owners.insert(frontend.key, name.clone());
             claimed.push(frontend);
         }
 
         // Each wanted set, matched to one the group (or its frontends, after a restart) holds.
         let matched = self.match_sets(name, &old, &plan, &claimed);
-        let mut refs: Vec<Option<BackendSet>> = vec![None; plan.sets.len()];
+        let mut refs: Vec<Option<SetRef>> = vec![None; plan.sets.len()];
         let mut sets = Vec::new();
         let wanted: BTreeSet<usize> = claimed.iter().flat_map(|f| [f.backends, f.outside]).collect();
         for index_of_set in wanted {
@@ -163,9 +180,9 @@ impl Reconciler {
             let id = match matched[index_of_set] {
                 Some(id) => Ok(id),
                 None => {
-                    let (programmed, sets) = (&self.programmed, &self.sets);
+                    let (held, sets) = (&self.held, &self.sets);
                     self.service_ids.allocate(
-                        |id| sets.contains_key(&id) || programmed.services.values().any(|s| s.id == id),
+                        |id| sets.contains_key(&id) || held.services.values().any(|s| s.id == id),
                         &mut |kind, next| maps.put_next_id(kind, next),
                     )
                 }
@@ -186,7 +203,7 @@ impl Reconciler {
                 }
             }
         }
-        self.programmed.next_ids.backend = self.backend_ids.reserved_until();
+        self.held.next_ids.backend = self.backend_ids.reserved_until();
 
         let mut frontends = Vec::with_capacity(claimed.len());
         let mut cluster_ips = Vec::new();
@@ -198,13 +215,13 @@ impl Reconciler {
             let (Some(backends), Some(outside)) = (refs[frontend.backends], refs[frontend.outside]) else {
                 continue;
             };
-            let old_info = self.programmed.services.get(&frontend.key).copied();
+            let old_info = self.held.services.get(&frontend.key).copied();
             let id = match old_info {
                 Some(info) => info.id,
                 None => {
-                    let (programmed, sets) = (&self.programmed, &self.sets);
+                    let (held, sets) = (&self.held, &self.sets);
                     let id = self.service_ids.allocate(
-                        |id| sets.contains_key(&id) || programmed.services.values().any(|s| s.id == id),
+                        |id| sets.contains_key(&id) || held.services.values().any(|s| s.id == id),
                         &mut |kind, next| maps.put_next_id(kind, next),
                     );
                     // Never handed out before (until the counter wraps): no counters to forget.
@@ -227,7 +244,7 @@ impl Reconciler {
                 })
                 .collect();
             for range in &ranges {
-                if !self.programmed.source_ranges.contains(range) {
+                if !self.held.source_ranges.contains(range) {
                     pass.range_puts.push((index, *range));
                 }
             }
@@ -238,19 +255,21 @@ impl Reconciler {
                 id,
                 flags: frontend.flags,
                 affinity_timeout_s: frontend.affinity_timeout_s,
-                backends,
-                outside,
+                backends: backends.set,
+                outside: outside.set,
             };
-            if old_info != Some(info) {
+            let tables = [backends.table, outside.table];
+            if tables.iter().any(Option::is_some) || old_info != Some(info) {
                 pass.frontend_puts.push(FrontendPut {
                     group: index,
                     key: frontend.key,
                     name: frontend.name.clone(),
                     info,
+                    tables,
                 });
             }
         }
-        self.programmed.next_ids.service = self.service_ids.reserved_until();
+        self.held.next_ids.service = self.service_ids.reserved_until();
         for key in &old.frontends {
             if !frontends.contains(key) {
                 pass.frontend_deletes.push((index, *key));
@@ -282,7 +301,7 @@ impl Reconciler {
     ) -> Vec<Option<u32>> {
         let mut candidates: Vec<u32> = old.sets.clone();
         for frontend in claimed {
-            if let Some(info) = self.programmed.services.get(&frontend.key) {
+            if let Some(info) = self.held.services.get(&frontend.key) {
                 for id in [info.backends.id, info.outside.id] {
                     let free = self
                         .sets
@@ -306,7 +325,7 @@ impl Reconciler {
             }
         }
         for frontend in claimed {
-            let Some(info) = self.programmed.services.get(&frontend.key) else {
+            let Some(info) = self.held.services.get(&frontend.key) else {
                 continue;
             };
             for (index, id) in [
@@ -331,34 +350,25 @@ impl Reconciler {
         let Some(set) = self.sets.get(&id) else {
             return false;
         };
-        if set.proto != want.proto || set.entries.len() != want.live.len() + want.draining.len() {
+        if set.proto != want.proto || set.members.len() != want.live.len() + want.draining.len() {
             return false;
         }
-        let live_ok = match set.current {
-            None => want.live.is_empty(),
-            Some((block, maglev_size)) => {
-                maglev_size == want.maglev_size
-                    && self.programmed.tables.get(&block.start).is_some_and(|ids| {
-                        ids.len() == want.live.len()
-                            && ids.iter().zip(&want.live).all(|(id, addr)| {
-                                self.programmed
-                                    .backends
-                                    .get(id)
-                                    .is_some_and(|b| b.addr == *addr && b.flags == 0)
-                            })
-                    })
-            }
-        };
+        let live_ok =
+            match set.current {
+                None => want.live.is_empty(),
+                Some((_, maglev_size)) => {
+                    maglev_size == want.maglev_size
+                        && set.live.len() == want.live.len()
+                        && set.live.iter().zip(&want.live).all(|(id, addr)| {
+                            set.member(*id).is_some_and(|m| m.addr == *addr && m.flags == 0)
+                        })
+                }
+            };
         live_ok
             && want.draining.iter().all(|addr| {
-                set.entries.iter().any(|(held, id)| {
-                    held == addr
-                        && self
-                            .programmed
-                            .backends
-                            .get(id)
-                            .is_some_and(|b| b.flags == backend_flags::DRAINING)
-                })
+                set.members
+                    .iter()
+                    .any(|m| m.addr == *addr && m.flags == backend_flags::DRAINING)
             })
     }
 
@@ -368,17 +378,24 @@ impl Reconciler {
     fn stage_set(
         &mut self,
         group: usize,
-        name: &str,
+        name: &Arc<str>,
         id: u32,
         want: &DesiredSet,
         staged: &mut Staged,
         pass: &mut Pass,
         maps: &mut impl MapWriter,
-    ) -> Result<BackendSet, MapError> {
+    ) -> Result<SetRef, MapError> {
         let set = self.sets.entry(id).or_default();
-        set.owner = Some(name.to_owned());
+        if set.owner.as_ref() != Some(name) {
+            set.owner = Some(name.clone());
+        }
         set.proto = want.proto;
-        let held: HashMap<SocketAddr, BackendId> = set.entries.iter().map(|&(addr, id)| (addr, id)).collect();
+        // A new set has no member; a small one is searched as it is.
+        let large = set.members.len() > 16;
+        let held: HashMap<SocketAddr, Member> = match large {
+            true => set.members.iter().map(|m| (m.addr, *m)).collect(),
+            false => HashMap::new(),
+        };
         let mut live = Vec::with_capacity(want.live.len());
         for (addr, flags) in want
             .live
@@ -386,14 +403,19 @@ impl Reconciler {
             .map(|addr| (addr, 0))
             .chain(want.draining.iter().map(|addr| (addr, backend_flags::DRAINING)))
         {
-            let backend_id = match held.get(addr) {
-                Some(&backend_id) => backend_id,
+            let set = &self.sets[&id];
+            let found = match large {
+                true => held.get(addr).copied(),
+                false => set.members.iter().find(|m| m.addr == *addr).copied(),
+            };
+            let backend_id = match found {
+                Some(member) => member.id,
                 None => {
-                    let backends = &self.programmed.backends;
-                    self.backend_ids
-                        .allocate(|id| backends.contains_key(&id), &mut |kind, next| {
-                            maps.put_next_id(kind, next)
-                        })?
+                    let sets = &self.sets;
+                    self.backend_ids.allocate(
+                        |id| sets.values().any(|set| set.member(id).is_some()),
+                        &mut |kind, next| maps.put_next_id(kind, next),
+                    )?
                 }
             };
             let entry = BackendEntry {
@@ -402,10 +424,10 @@ impl Reconciler {
                 flags,
                 set_id: id,
             };
-            match self.programmed.backends.get(&backend_id) {
-                Some(programmed) if *programmed == entry => {}
+            match found {
+                Some(member) if member.flags == flags => {}
                 // Out of the new table before it is marked: no new flow picks it meanwhile.
-                Some(programmed) if flags == backend_flags::DRAINING && programmed.flags == 0 => {
+                Some(member) if flags == backend_flags::DRAINING && member.flags == 0 => {
                     pass.demotions.push((group, id, (backend_id, entry)));
                 }
                 _ => pass.backend_puts.push((group, id, (backend_id, entry))),
@@ -416,54 +438,93 @@ impl Reconciler {
         }
         let set = &self.sets[&id];
         staged.stale_entries.extend(
-            set.entries
+            set.members
                 .iter()
-                .filter(|(addr, _)| !want.addrs().any(|wanted| wanted == addr))
-                .map(|&(_, backend_id)| (id, backend_id)),
+                .filter(|m| !want.addrs().any(|wanted| *wanted == m.addr))
+                .map(|m| (id, m.id)),
         );
         if live.is_empty() {
             self.sets.get_mut(&id).expect("staged above").current = None;
-            return Ok(BackendSet {
-                id,
-                ..BackendSet::default()
+            return Ok(SetRef {
+                set: BackendSet {
+                    id,
+                    ..BackendSet::default()
+                },
+                table: None,
             });
         }
-        let reference = |block: Block| BackendSet {
-            id,
-            count: live.len() as u32,
-            table: block.start,
-            maglev_size: want.maglev_size,
+        let mut set_ref = SetRef {
+            set: BackendSet {
+                id,
+                count: live.len() as u32,
+                table: 0,
+                maglev_size: want.maglev_size,
+            },
+            table: None,
         };
         if let Some((block, maglev_size)) = set.current
             && maglev_size == want.maglev_size
-            && self.programmed.tables.get(&block.start) == Some(&live)
+            && set.live == live
         {
-            return Ok(reference(block));
+            set_ref.set.table = block.start;
+            return Ok(set_ref);
         }
-        let len = live.len() as u32 + want.maglev_size;
-        let block = match self.space.allocate(len) {
-            Some(block) => block,
-            None => {
-                let capacity = self.space.grown_capacity(len);
-                maps.grow_tables(capacity)?;
-                pass.grew += 1;
-                self.space.grew(capacity);
-                self.programmed.table_capacity = capacity;
-                self.space.allocate(len).ok_or_else(|| MapError {
-                    map: map_names::BACKEND_TABLES,
-                    message: format!("no room for {len} positions after growing to {capacity}"),
-                })?
-            }
-        };
-        let reference = reference(block);
+        set_ref.table = Some(pass.tables.len());
         pass.tables.push(TableWrite {
             set: id,
-            block,
+            block: None,
             maglev_size: want.maglev_size,
             live,
             addrs: want.live.clone(),
         });
-        Ok(reference)
+        Ok(set_ref)
+    }
+
+    /// Gives every new table of `pass` its positions, growing the space once if they do not fit,
+    /// and points the frontends at them.
+    pub(super) fn place_tables(&mut self, pass: &mut Pass, maps: &mut impl MapWriter) {
+        let mut remaining: u64 = pass.tables.iter().map(|t| u64::from(t.len())).sum();
+        for index in 0..pass.tables.len() {
+            let len = pass.tables[index].len();
+            let mut block = self.space.allocate(len);
+            if block.is_none() {
+                let capacity = self
+                    .space
+                    .grown_capacity(remaining.min(u64::from(u32::MAX)) as u32);
+                match maps.grow_tables(capacity) {
+                    Ok(()) => {
+                        pass.grew += 1;
+                        self.space.grew(capacity);
+                        self.held.table_capacity = capacity;
+                        block = self.space.allocate(len);
+                    }
+                    Err(error) => {
+                        pass.broken.insert(pass.tables[index].set, error);
+                    }
+                }
+            }
+            remaining -= u64::from(len);
+            match block {
+                Some(block) => pass.tables[index].block = Some(block),
+                None => {
+                    let table = &pass.tables[index];
+                    pass.broken.entry(table.set).or_insert_with(|| MapError {
+                        map: map_names::BACKEND_TABLES,
+                        message: format!("no room for {len} positions"),
+                    });
+                }
+            }
+        }
+        for put in &mut pass.frontend_puts {
+            for (set, table) in [
+                (&mut put.info.backends, put.tables[0]),
+                (&mut put.info.outside, put.tables[1]),
+            ] {
+                if let Some(block) = table.and_then(|index| pass.tables[index].block) {
+                    set.table = block.start;
+                }
+            }
+        }
     }
 
     /// The source ranges programmed for frontend `id`.
@@ -473,7 +534,7 @@ impl Reconciler {
             addr: IpAddr::from([0u8; 4]),
             prefix_len: 0,
         };
-        self.programmed
+        self.held
             .source_ranges
             .range(first..)
             .take_while(move |r| r.service_id == id)
@@ -512,31 +573,32 @@ impl Reconciler {
                 }
             },
         );
-        pass.tables.retain(|table| {
-            let broken = pass.broken.contains_key(&table.set);
-            if broken {
-                self.space.release(table.block);
-            }
-            !broken
-        });
-        pass.tables.sort_unstable_by_key(|table| table.block.start);
-        let mut tables = pass
-            .tables
-            .iter()
-            .map(|table| (table.block.start, table.contents()));
-        match maps.put_tables(&mut tables) {
+        let mut tables: Vec<(Block, TableWrite)> = std::mem::take(&mut pass.tables)
+            .into_iter()
+            .filter_map(|table| {
+                let block = table.block?;
+                if pass.broken.contains_key(&table.set) {
+                    self.space.release(block);
+                    return None;
+                }
+                Some((block, table))
+            })
+            .collect();
+        tables.sort_unstable_by_key(|(block, _)| block.start);
+        let blocks: Vec<(u32, u32)> = tables.iter().map(|(block, _)| (block.start, block.len)).collect();
+        match maps.put_tables(&blocks, &|index, to| tables[index].1.fill(to)) {
             Ok(()) => {
-                for table in std::mem::take(&mut pass.tables) {
+                for (block, table) in tables {
                     report.writes += 1;
                     let set = self.sets.get_mut(&table.set).expect("staged");
-                    set.current = Some((table.block, table.maglev_size));
-                    set.blocks.push(table.block);
-                    self.programmed.tables.insert(table.block.start, table.live);
+                    set.current = Some((block, table.maglev_size));
+                    set.blocks.push(block);
+                    set.live = table.live;
                 }
             }
             Err(error) => {
-                for table in &pass.tables {
-                    self.space.release(table.block);
+                for (block, table) in tables {
+                    self.space.release(block);
                     pass.broken.insert(table.set, error.clone());
                 }
             }
@@ -545,9 +607,9 @@ impl Reconciler {
             match maps.put_source_range(*range) {
                 Ok(()) => {
                     report.writes += 1;
-                    self.programmed.source_ranges.insert(*range);
+                    self.held.source_ranges.insert(*range);
                 }
-                Err(error) => failed[*group].push((pass.groups[*group].name.clone(), error)),
+                Err(error) => failed[*group].push((pass.groups[*group].name.to_string(), error)),
             }
         }
 
@@ -573,7 +635,7 @@ impl Reconciler {
                 match result {
                     Ok(()) => {
                         report.writes += 1;
-                        self.programmed.services.insert(put.key, put.info);
+                        self.held.services.insert(put.key, put.info);
                     }
                     Err(error) => failed[put.group].push((put.name.clone(), error)),
                 }
@@ -601,9 +663,9 @@ impl Reconciler {
         );
         // A frontend another group took in this pass is that group's now.
         pass.frontend_deletes
-            .retain(|(_, key)| !self.owners.contains_key(key) && self.programmed.services.contains_key(key));
+            .retain(|(_, key)| !self.owners.contains_key(key) && self.held.services.contains_key(key));
         self.delete_frontends(&pass.frontend_deletes, maps, &mut report, |group, error| {
-            failed[group].push((pass.groups[group].name.clone(), error));
+            failed[group].push((pass.groups[group].name.to_string(), error));
         });
 
         // 4. What the frontends of each group that fully succeeded no longer point at.
@@ -612,7 +674,7 @@ impl Reconciler {
         // A write that is no frontend's own failed: the group reports it unless a frontend does.
         for (group, error) in std::mem::take(&mut pass.broken_groups) {
             if failed[group].is_empty() {
-                failed[group].push((pass.groups[group].name.clone(), error));
+                failed[group].push((pass.groups[group].name.to_string(), error));
             }
         }
         for (index, staged) in pass.groups.iter().enumerate() {
@@ -625,21 +687,21 @@ impl Reconciler {
             }
             for &set in staged.old_sets.iter().filter(|set| !kept.contains(set)) {
                 if let Some(held) = self.sets.get(&set) {
-                    stale_backends.extend(held.entries.iter().map(|&(_, id)| (index, set, id)));
+                    stale_backends.extend(held.members.iter().map(|m| (index, set, m.id)));
                 }
             }
             stale_ranges.extend(staged.stale_ranges.iter().map(|range| (index, *range)));
         }
         self.delete_backends(&stale_backends, maps, &mut report, |group, error| {
-            failed[group].push((pass.groups[group].name.clone(), error));
+            failed[group].push((pass.groups[group].name.to_string(), error));
         });
         for (group, range) in stale_ranges {
             match maps.delete_source_range(range) {
                 Ok(()) => {
                     report.deletes += 1;
-                    self.programmed.source_ranges.remove(&range);
+                    self.held.source_ranges.remove(&range);
                 }
-                Err(error) => failed[group].push((pass.groups[group].name.clone(), error)),
+                Err(error) => failed[group].push((pass.groups[group].name.to_string(), error)),
             }
         }
         for (index, staged) in pass.groups.iter().enumerate() {
@@ -678,7 +740,7 @@ impl Reconciler {
                     .map(|g| g.frontends.clone())
                     .unwrap_or_default()
                     .into_iter()
-                    .filter(|key| self.programmed.services.contains_key(key))
+                    .filter(|key| self.held.services.contains_key(key))
                     .collect();
                 for key in &group.frontends {
                     self.owners.insert(*key, staged.name.clone());
@@ -693,8 +755,15 @@ impl Reconciler {
 
     /// Records a backend entry as written: a new one of `set`, or one whose flags changed.
     fn commit_backend(&mut self, set: u32, id: BackendId, entry: BackendEntry) {
-        if self.programmed.backends.insert(id, entry).is_none() {
-            self.sets.entry(set).or_default().entries.push((entry.addr, id));
+        let members = &mut self.sets.entry(set).or_default().members;
+        let member = Member {
+            addr: entry.addr,
+            id,
+            flags: entry.flags,
+        };
+        match members.iter_mut().rev().find(|m| m.id == id) {
+            Some(held) => *held = member,
+            None => members.push(member),
         }
     }
 
@@ -706,15 +775,20 @@ impl Reconciler {
         report: &mut Report,
         mut failed: impl FnMut(usize, MapError),
     ) {
-        let stale: Vec<(usize, u32, BackendId)> = stale
+        let (stale, entries): (Vec<Stale>, Vec<(BackendId, BackendEntry)>) = stale
             .iter()
-            .filter(|(_, _, id)| self.programmed.backends.contains_key(id))
-            .copied()
-            .collect();
-        let entries: Vec<(BackendId, BackendEntry)> = stale
-            .iter()
-            .map(|(_, _, id)| (*id, self.programmed.backends[id]))
-            .collect();
+            .filter_map(|&(group, set, id)| {
+                let held = self.sets.get(&set)?;
+                let member = held.member(id)?;
+                let entry = BackendEntry {
+                    addr: member.addr,
+                    proto: held.proto,
+                    flags: member.flags,
+                    set_id: set,
+                };
+                Some(((group, set, id), (id, entry)))
+            })
+            .unzip();
         for_each_batch(
             &entries,
             |batch| maps.delete_backends(batch),
@@ -723,9 +797,8 @@ impl Reconciler {
                 match result {
                     Ok(()) => {
                         report.deletes += 1;
-                        self.programmed.backends.remove(&id);
                         if let Some(held) = self.sets.get_mut(&set) {
-                            held.entries.retain(|&(_, held_id)| held_id != id);
+                            held.members.retain(|m| m.id != id);
                         }
                     }
                     Err(error) => failed(group, error),
@@ -750,7 +823,7 @@ impl Reconciler {
             |index, result| match result {
                 Ok(()) => {
                     report.deletes += 1;
-                    if let Some(info) = self.programmed.services.remove(&plain[index]) {
+                    if let Some(info) = self.held.services.remove(&plain[index]) {
                         freed.push((keys[index].0, info.id));
                     }
                 }
@@ -764,7 +837,7 @@ impl Reconciler {
                 match maps.delete_source_range(range) {
                     Ok(()) => {
                         report.deletes += 1;
-                        self.programmed.source_ranges.remove(&range);
+                        self.held.source_ranges.remove(&range);
                     }
                     Err(error) => failed(group, error),
                 }
@@ -785,29 +858,39 @@ impl Reconciler {
         let current = set.current.map(|(block, _)| block);
         let (kept, stale): (Vec<Block>, Vec<Block>) = set.blocks.iter().partition(|b| Some(**b) == current);
         set.blocks = kept;
-        if dropped && set.entries.is_empty() {
+        if dropped {
+            set.live.clear();
+        }
+        if dropped && set.members.is_empty() {
             self.sets.remove(&id);
         }
         for block in stale {
-            self.programmed.tables.remove(&block.start);
             self.space.release(block);
         }
     }
 
     /// Writes the ClusterIPs among `addrs` that are wanted with a count the map does not hold.
     fn put_cluster_ips(&mut self, addrs: &BTreeSet<IpAddr>, maps: &mut impl MapWriter, report: &mut Report) {
-        for addr in addrs {
-            let wanted = self.cluster_ips.get(addr).copied().unwrap_or(0);
-            if wanted > 0 && self.programmed.cluster_ips.get(addr) != Some(&wanted) {
-                match maps.put_cluster_ip(*addr, wanted) {
-                    Ok(()) => {
-                        report.writes += 1;
-                        self.programmed.cluster_ips.insert(*addr, wanted);
-                    }
-                    Err(error) => report.failed.push((format!("ClusterIP {addr}"), error)),
+        let puts: Vec<(IpAddr, u32)> = addrs
+            .iter()
+            .filter_map(|addr| {
+                let wanted = self.cluster_ips.get(addr).copied().unwrap_or(0);
+                (wanted > 0 && self.held.cluster_ips.get(addr) != Some(&wanted)).then_some((*addr, wanted))
+            })
+            .collect();
+        for_each_batch(
+            &puts,
+            |batch| maps.put_cluster_ips(batch),
+            |index, result| match result {
+                Ok(()) => {
+                    report.writes += 1;
+                    self.held.cluster_ips.insert(puts[index].0, puts[index].1);
                 }
-            }
-        }
+                Err(error) => report
+                    .failed
+                    .push((format!("ClusterIP {}", puts[index].0), error)),
+            },
+        );
     }
 
     /// Deletes the ClusterIPs among `addrs` no frontend has any more.
@@ -817,21 +900,29 @@ impl Reconciler {
         maps: &mut impl MapWriter,
         report: &mut Report,
     ) {
+        let mut gone = Vec::new();
         for addr in addrs {
             if self.cluster_ips.get(addr).copied().unwrap_or(0) > 0 {
                 continue;
             }
             self.cluster_ips.remove(addr);
-            if self.programmed.cluster_ips.contains_key(addr) {
-                match maps.delete_cluster_ip(*addr) {
-                    Ok(()) => {
-                        report.deletes += 1;
-                        self.programmed.cluster_ips.remove(addr);
-                    }
-                    Err(error) => report.failed.push((format!("removed ClusterIP {addr}"), error)),
-                }
+            if self.held.cluster_ips.contains_key(addr) {
+                gone.push(*addr);
             }
         }
+        for_each_batch(
+            &gone,
+            |batch| maps.delete_cluster_ips(batch),
+            |index, result| match result {
+                Ok(()) => {
+                    report.deletes += 1;
+                    self.held.cluster_ips.remove(&gone[index]);
+                }
+                Err(error) => report
+                    .failed
+                    .push((format!("removed ClusterIP {}", gone[index]), error)),
+            },
+        );
     }
 
     /// Removes what no group claims: entries found at start-up that the first full pass did not
@@ -839,7 +930,7 @@ impl Reconciler {
     pub(super) fn sweep(&mut self, maps: &mut impl MapWriter, report: &mut Report) -> bool {
         let failures = report.failed.len();
         let orphans: Vec<(usize, FrontendKey)> = self
-            .programmed
+            .held
             .services
             .keys()
             .filter(|key| !self.owners.contains_key(key))
@@ -848,7 +939,7 @@ impl Reconciler {
         let mut errors = Vec::new();
         self.delete_frontends(&orphans, maps, report, |_, error| errors.push(error));
         let pointed: HashSet<u32> = self
-            .programmed
+            .held
             .services
             .values()
             .flat_map(|info| [info.backends.id, info.outside.id])
@@ -862,15 +953,15 @@ impl Reconciler {
         let mut stale: Vec<(usize, u32, BackendId)> = Vec::new();
         for id in &unowned {
             let set = &self.sets[id];
-            stale.extend(set.entries.iter().map(|&(_, backend)| (0, *id, backend)));
+            stale.extend(set.members.iter().map(|m| (0, *id, m.id)));
         }
         self.delete_backends(&stale, maps, report, |_, error| errors.push(error));
         for id in unowned {
             self.release_tables(id, true);
         }
-        let ids: HashSet<u32> = self.programmed.services.values().map(|info| info.id).collect();
+        let ids: HashSet<u32> = self.held.services.values().map(|info| info.id).collect();
         let ranges: Vec<SourceRange> = self
-            .programmed
+            .held
             .source_ranges
             .iter()
             .filter(|range| !ids.contains(&range.service_id))
@@ -880,13 +971,13 @@ impl Reconciler {
             match maps.delete_source_range(range) {
                 Ok(()) => {
                     report.deletes += 1;
-                    self.programmed.source_ranges.remove(&range);
+                    self.held.source_ranges.remove(&range);
                 }
                 Err(error) => errors.push(error),
             }
         }
         let addrs: BTreeSet<IpAddr> = self
-            .programmed
+            .held
             .cluster_ips
             .keys()
             .chain(self.cluster_ips.keys())

@@ -98,11 +98,12 @@ impl TableSpace {
         }
     }
 
-    /// The capacity to grow to so that `len` more positions fit: a quarter more than what is
-    /// then in use, so that growing (a copy of the whole space) stays rare.
+    /// The capacity to grow to so that `len` more positions fit: an eighth more than what is
+    /// then in use, so that growing (a copy of the whole space) stays rare while changed tables
+    /// rest before reuse.
     pub fn grown_capacity(&self, len: u32) -> u32 {
         let needed = self.used + u64::from(len);
-        let wanted = (needed + needed / 4).max(u64::from(self.capacity) + u64::from(len));
+        let wanted = (needed + needed / 8).max(u64::from(self.capacity) + u64::from(len));
         // Whole pages of positions (1024 per 4 KiB page): the kernel maps the space by page.
         wanted.next_multiple_of(1024).min(u64::from(!1023u32)) as u32
     }

@@ -165,12 +165,13 @@ impl MapWriter for Recorder {
 
     fn put_tables(
         &mut self,
-        tables: &mut dyn Iterator<Item = (u32, Vec<BackendId>)>,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
     ) -> Result<(), MapError> {
-        for (start, ids) in tables {
-            let start = start as usize;
-            assert!(start + ids.len() <= self.space.len(), "the space holds it");
-            self.space[start..start + ids.len()].copy_from_slice(&ids);
+        for (index, &(start, len)) in blocks.iter().enumerate() {
+            let (start, len) = (start as usize, len as usize);
+            assert!(start + len <= self.space.len(), "the space holds it");
+            fill(index, &mut self.space[start..start + len]);
             self.ops.push(Op::PutTable(start as u32));
         }
         Ok(())
@@ -182,17 +183,26 @@ impl MapWriter for Recorder {
         Ok(())
     }
 
-    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
-        self.cluster_ips.insert(addr, frontends);
-        self.ops.push(Op::PutClusterIp(addr));
+    fn put_cluster_ips(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for &(addr, frontends) in entries {
+            self.cluster_ips.insert(addr, frontends);
+            self.ops.push(Op::PutClusterIp(addr));
+        }
         Ok(())
     }
 
-    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError> {
-        self.cluster_ips
-            .remove(&addr)
-            .ok_or_else(|| missing(map_names::CLUSTER_IPS))?;
-        self.ops.push(Op::DeleteClusterIp(addr));
+    fn delete_cluster_ips(&mut self, addrs: &[IpAddr]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for (index, addr) in addrs.iter().enumerate() {
+            if self.cluster_ips.remove(addr).is_none() {
+                return Err(BatchError {
+                    index,
+                    error: missing(map_names::CLUSTER_IPS),
+                });
+            }
+            self.ops.push(Op::DeleteClusterIp(*addr));
+        }
         Ok(())
     }
 
