@@ -11,75 +11,28 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{
-    Endpoint, EndpointsFrom, Input, Protocol, SERVICE_NAME_LABEL, ServiceName, by_namespace,
-    selector::Selector,
-};
+use super::{Endpoint, EndpointsFrom, Objects, Protocol, ServiceName, selector::Selector};
 
-/// The inputs indexed for per-Service lookups.
-pub(super) struct EndpointSource<'a> {
+/// Every serving endpoint of one Service port in one address family, before [`usable`] picks
+/// the ready ones.
+pub(super) fn candidates(
+    objects: &impl Objects,
     endpoints_from: EndpointsFrom,
-    pods: BTreeMap<String, Vec<&'a Pod>>,
-    /// Slices by (namespace, service name), from their `kubernetes.io/service-name` label;
-    /// slices without it belong to no Service.
-    slices: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,
-}
-
-impl<'a> EndpointSource<'a> {
-    pub(super) fn new(input: &Input<'a>) -> Self {
-        let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-        for slice in input.endpoint_slices {
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            else {
-                continue;
-            };
-            let namespace = slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            slices
-                .entry((namespace, service.clone()))
-                .or_default()
-                .push(slice);
+    service: &Service,
+    name: &ServiceName,
+    port: &ServicePort,
+    protocol: Protocol,
+    ipv4: bool,
+) -> Vec<Endpoint> {
+    let selector = service.spec.as_ref().and_then(|s| s.selector.as_ref());
+    // Pods are only consulted through a selector; a Service without one has its endpoints
+    // written for it as EndpointSlices.
+    match selector.filter(|s| endpoints_from == EndpointsFrom::Pods && !s.is_empty()) {
+        Some(selector) => {
+            let pods = objects.pods(&name.namespace, selector);
+            from_pods(&Selector::from_map(selector), &pods, port, protocol, ipv4)
         }
-        Self {
-            endpoints_from: input.endpoints_from,
-            pods: by_namespace(input.pods, |p| p.metadata.namespace.as_deref()),
-            slices,
-        }
-    }
-
-    /// Every serving endpoint of one Service port in one address family, before [`usable`]
-    /// picks the ready ones.
-    pub(super) fn candidates(
-        &self,
-        service: &Service,
-        name: &ServiceName,
-        port: &ServicePort,
-        protocol: Protocol,
-        ipv4: bool,
-    ) -> Vec<Endpoint> {
-        let selector = service
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.as_ref())
-            .map(Selector::from_map)
-            .unwrap_or_default();
-        // Pods are only consulted through a selector; a Service without one has its endpoints
-        // written for it as EndpointSlices.
-        if self.endpoints_from == EndpointsFrom::Pods && !selector.is_empty() {
-            let pods = self.pods.get(&name.namespace).map_or(&[][..], Vec::as_slice);
-            from_pods(&selector, pods, port, protocol, ipv4)
-        } else {
-            let key = (name.namespace.clone(), name.name.clone());
-            let slices = self.slices.get(&key).map_or(&[][..], Vec::as_slice);
-            from_slices(slices, port, protocol, ipv4)
-        }
+        None => from_slices(&objects.endpoint_slices(name), port, protocol, ipv4),
     }
 }
 
@@ -193,8 +146,8 @@ fn from_pods(
     }
     let mut endpoints = Vec::new();
     for pod in pods {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.matches(&labels) {
+        let no_labels = BTreeMap::new();
+        if !selector.matches(pod.metadata.labels.as_ref().unwrap_or(&no_labels)) {
             continue;
         }
         let Some(state) = pod_state(pod) else {

@@ -8,8 +8,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-/// The Node label holding its zone, which topology hints refer to.
-pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+pub use crate::model::ZONE_LABEL;
 
 /// Everything a source currently knows. A source publishes one only when it is complete (for
 /// the Kubernetes source: after the first full list of every watched kind).
