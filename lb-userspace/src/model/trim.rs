@@ -196,7 +196,7 @@ endpoints:
             (service.clone(), pod.clone(), slice.clone());
         super::service(&mut trimmed_service);
         super::pod(&mut trimmed_pod);
-        super::endpoint_slice(&mut trimmed_slice);
+        endpoint_slice(&mut trimmed_slice);
         assert!(trimmed_service.metadata.managed_fields.is_none());
         assert_eq!(
             trimmed_service.metadata.annotations.as_ref().map(|a| a.len()),
@@ -207,7 +207,12 @@ endpoints:
             super::super::EndpointsFrom::Pods,
             super::super::EndpointsFrom::Slices,
         ] {
-            let before = compute(&[service.clone()], &[pod.clone()], &[slice.clone()], from);
+            let before = compute(
+                std::slice::from_ref(&service),
+                std::slice::from_ref(&pod),
+                std::slice::from_ref(&slice),
+                from,
+            );
             let after = compute(
                 &[trimmed_service.clone()],
                 &[trimmed_pod.clone()],

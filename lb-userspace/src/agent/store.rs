@@ -1,0 +1,314 @@
+//! The objects the agent knows, indexed the way the model asks for them (EndpointSlices by
+//! Service, Pods by namespace and label), and which Services each change touches.
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use crate::{
+    model::{self, EndpointsFrom, Objects, ServiceName, ZONE_LABEL},
+    source::{Change, Kind, Object},
+};
+
+/// `namespace/name` of any object.
+type Name = ServiceName;
+
+/// The Services whose frontends a batch of changes may have changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub services: BTreeSet<ServiceName>,
+    /// Something every Service reads changed (this node's zone).
+    pub all: bool,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && !self.all
+    }
+}
+
+pub struct Store {
+    endpoints_from: EndpointsFrom,
+    node_name: Option<String>,
+    services: HashMap<ServiceName, Service>,
+    /// Service names by namespace, for the Services a Pod may be selected by.
+    services_in: HashMap<String, BTreeSet<String>>,
+    slices: HashMap<Name, EndpointSlice>,
+    /// Slice names (in the Service's namespace) by the Service they belong to.
+    slices_of: HashMap<ServiceName, BTreeSet<String>>,
+    pods: HashMap<Name, Pod>,
+    /// Pod names by (namespace, label key, label value).
+    pods_labelled: HashMap<(String, String, String), HashSet<String>>,
+    node: Option<Node>,
+    listed: BTreeSet<Kind>,
+}
+
+fn name_of(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Name {
+    Name {
+        namespace: metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+impl Store {
+    /// Pods are kept only when endpoints come from them; of Nodes, only `node_name`'s.
+    pub fn new(endpoints_from: EndpointsFrom, node_name: Option<String>) -> Self {
+        Self {
+            endpoints_from,
+            node_name,
+            services: HashMap::new(),
+            services_in: HashMap::new(),
+            slices: HashMap::new(),
+            slices_of: HashMap::new(),
+            pods: HashMap::new(),
+            pods_labelled: HashMap::new(),
+            node: None,
+            listed: BTreeSet::new(),
+        }
+    }
+
+    /// Whether each of `kinds` has been listed at least once.
+    pub fn has_listed(&self, kinds: &[Kind]) -> bool {
+        kinds.iter().all(|kind| self.listed.contains(kind))
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceName, &Service)> {
+        self.services.iter()
+    }
+
+    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.services.get(name)
+    }
+
+    /// This node's zone, from its Node's label.
+    pub fn zone(&self) -> Option<&str> {
+        self.node
+            .as_ref()?
+            .metadata
+            .labels
+            .as_ref()?
+            .get(ZONE_LABEL)
+            .map(String::as_str)
+    }
+
+    /// Applies `change`, adding the Services it touches to `touched`.
+    pub fn apply(&mut self, change: Change, touched: &mut Touched) {
+        match change {
+            Change::Applied(object) => self.put(object, touched),
+            Change::Deleted(object) => self.remove(&object, touched),
+            Change::Listed(kind, objects) => {
+                self.listed.insert(kind);
+                let listed: HashSet<Name> = objects.iter().map(|o| name_of(metadata(o))).collect();
+                for gone in self
+                    .names(kind)
+                    .filter(|n| !listed.contains(n))
+                    .collect::<Vec<_>>()
+                {
+                    self.remove_named(kind, &gone, touched);
+                }
+                for object in objects {
+                    self.put(object, touched);
+                }
+            }
+        }
+    }
+
+    fn names(&self, kind: Kind) -> Box<dyn Iterator<Item = Name> + '_> {
+        match kind {
+            Kind::Service => Box::new(self.services.keys().cloned()),
+            Kind::EndpointSlice => Box::new(self.slices.keys().cloned()),
+            Kind::Pod => Box::new(self.pods.keys().cloned()),
+            Kind::Node => Box::new(self.node.iter().map(|n| name_of(&n.metadata))),
+        }
+    }
+
+    fn put(&mut self, object: Object, touched: &mut Touched) {
+        let name = name_of(metadata(&object));
+        match object {
+            Object::Service(service) => {
+                if self.services.get(&name) != Some(&service) {
+                    self.services_in
+                        .entry(name.namespace.clone())
+                        .or_default()
+                        .insert(name.name.clone());
+                    self.services.insert(name.clone(), service);
+                    touched.services.insert(name);
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                if self.slices.get(&name) == Some(&slice) {
+                    return;
+                }
+                if let Some(old) = self.slices.remove(&name) {
+                    self.unindex_slice(&name, &old, touched);
+                }
+                if let Some(service) = model::slice_service(&slice) {
+                    self.slices_of
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(name.name.clone());
+                    touched.services.insert(service);
+                }
+                self.slices.insert(name, slice);
+            }
+            Object::Pod(pod) => {
+                if self.endpoints_from != EndpointsFrom::Pods || self.pods.get(&name) == Some(&pod) {
+                    return;
+                }
+                if let Some(old) = self.pods.remove(&name) {
+                    self.touch_selecting(&name.namespace, old.metadata.labels.as_ref(), touched);
+                    self.unindex_pod(&name, &old);
+                }
+                self.touch_selecting(&name.namespace, pod.metadata.labels.as_ref(), touched);
+                self.index_pod(&name, &pod);
+                self.pods.insert(name, pod);
+            }
+            Object::Node(node) => {
+                if self.node_name.is_none() || node.metadata.name != self.node_name {
+                    return;
+                }
+                let zone_before = self.zone().map(str::to_owned);
+                self.node = Some(node);
+                touched.all |= self.zone().map(str::to_owned) != zone_before;
+            }
+        }
+    }
+
+    fn remove(&mut self, object: &Object, touched: &mut Touched) {
+        self.remove_named(object.kind(), &name_of(metadata(object)), touched);
+    }
+
+    fn remove_named(&mut self, kind: Kind, name: &Name, touched: &mut Touched) {
+        match kind {
+            Kind::Service => {
+                if self.services.remove(name).is_some() {
+                    if let Some(names) = self.services_in.get_mut(&name.namespace) {
+                        names.remove(&name.name);
+                    }
+                    touched.services.insert(name.clone());
+                }
+            }
+            Kind::EndpointSlice => {
+                if let Some(old) = self.slices.remove(name) {
+                    self.unindex_slice(name, &old, touched);
+                }
+            }
+            Kind::Pod => {
+                if let Some(old) = self.pods.remove(name) {
+                    self.touch_selecting(&name.namespace, old.metadata.labels.as_ref(), touched);
+                    self.unindex_pod(name, &old);
+                }
+            }
+            Kind::Node => {
+                if self.node.as_ref().is_some_and(|n| name_of(&n.metadata) == *name) {
+                    let had_zone = self.zone().is_some();
+                    self.node = None;
+                    touched.all |= had_zone;
+                }
+            }
+        }
+    }
+
+    fn unindex_slice(&mut self, name: &Name, old: &EndpointSlice, touched: &mut Touched) {
+        let Some(service) = model::slice_service(old) else {
+            return;
+        };
+        if let Some(slices) = self.slices_of.get_mut(&service) {
+            slices.remove(&name.name);
+            if slices.is_empty() {
+                self.slices_of.remove(&service);
+            }
+        }
+        touched.services.insert(service);
+    }
+
+    /// Touches the Services of `namespace` whose selector matches `labels`.
+    fn touch_selecting(
+        &self,
+        namespace: &str,
+        labels: Option<&BTreeMap<String, String>>,
+        touched: &mut Touched,
+    ) {
+        for name in self.services_in.get(namespace).into_iter().flatten() {
+            let service = ServiceName {
+                namespace: namespace.to_owned(),
+                name: name.clone(),
+            };
+            if self
+                .services
+                .get(&service)
+                .is_some_and(|s| model::selects(s, labels))
+            {
+                touched.services.insert(service);
+            }
+        }
+    }
+
+    fn index_pod(&mut self, name: &Name, pod: &Pod) {
+        for (key, value) in pod.metadata.labels.iter().flatten() {
+            self.pods_labelled
+                .entry((name.namespace.clone(), key.clone(), value.clone()))
+                .or_default()
+                .insert(name.name.clone());
+        }
+    }
+
+    fn unindex_pod(&mut self, name: &Name, pod: &Pod) {
+        for (key, value) in pod.metadata.labels.iter().flatten() {
+            let label = (name.namespace.clone(), key.clone(), value.clone());
+            if let Some(pods) = self.pods_labelled.get_mut(&label) {
+                pods.remove(&name.name);
+                if pods.is_empty() {
+                    self.pods_labelled.remove(&label);
+                }
+            }
+        }
+    }
+}
+
+fn metadata(object: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+    match object {
+        Object::Service(o) => &o.metadata,
+        Object::EndpointSlice(o) => &o.metadata,
+        Object::Pod(o) => &o.metadata,
+        Object::Node(o) => &o.metadata,
+    }
+}
+
+impl Objects for Store {
+    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&EndpointSlice> {
+        let names = self.slices_of.get(service).into_iter().flatten();
+        names
+            .filter_map(|name| {
+                self.slices.get(&Name {
+                    namespace: service.namespace.clone(),
+                    name: name.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn pods(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&Pod> {
+        // The pods carrying the selector's rarest label; the model matches the rest.
+        let candidates = selector
+            .iter()
+            .map(|(key, value)| {
+                self.pods_labelled
+                    .get(&(namespace.to_owned(), key.clone(), value.clone()))
+            })
+            .min_by_key(|pods| pods.map_or(0, HashSet::len))
+            .flatten();
+        candidates
+            .into_iter()
+            .flatten()
+            .filter_map(|name| {
+                self.pods.get(&Name {
+                    namespace: namespace.to_owned(),
+                    name: name.clone(),
+                })
+            })
+            .collect()
+    }
+}
