@@ -312,3 +312,173 @@ impl Objects for Store {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Context, Input};
+
+    fn service(namespace: &str, name: &str, selector: &str) -> Object {
+        Object::Service(
+            serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: {name}, namespace: {namespace}}}\n\
+                 spec: {{clusterIP: 10.96.0.10, selector: {selector}, ports: [{{port: 80}}]}}"
+            ))
+            .unwrap(),
+        )
+    }
+
+    fn pod(namespace: &str, name: &str, labels: &str, ip: &str) -> Object {
+        Object::Pod(
+            serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: {name}, namespace: {namespace}, labels: {labels}}}\n\
+                 status: {{phase: Running, podIP: {ip}, conditions: [{{type: Ready, status: 'True'}}]}}"
+            ))
+            .unwrap(),
+        )
+    }
+
+    fn slice(name: &str, service: &str, ip: &str) -> Object {
+        Object::EndpointSlice(
+            serde_yaml_ng::from_str(&format!(
+                "metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [{ip}]}}]"
+            ))
+            .unwrap(),
+        )
+    }
+
+    fn touched(store: &mut Store, change: Change) -> Vec<String> {
+        let mut touched = Touched::default();
+        store.apply(change, &mut touched);
+        touched.services.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn a_pod_touches_the_services_of_its_namespace_selecting_its_old_or_new_labels() {
+        let mut store = Store::new(EndpointsFrom::Pods, None);
+        for object in [
+            service("default", "web", "{app: web}"),
+            service("default", "api", "{app: api}"),
+            service("other", "web", "{app: web}"),
+        ] {
+            store.apply(Change::Applied(object), &mut Touched::default());
+        }
+        let web = pod("default", "p", "{app: web}", "10.0.0.1");
+        assert_eq!(touched(&mut store, Change::Applied(web.clone())), ["default/web"]);
+        assert!(
+            touched(&mut store, Change::Applied(web)).is_empty(),
+            "no change, nothing touched"
+        );
+        assert_eq!(
+            touched(
+                &mut store,
+                Change::Applied(pod("default", "p", "{app: api}", "10.0.0.1"))
+            ),
+            ["default/api", "default/web"],
+            "relabelled: the Service it left and the one it joined"
+        );
+        assert_eq!(
+            touched(
+                &mut store,
+                Change::Deleted(pod("default", "p", "{app: api}", "10.0.0.1"))
+            ),
+            ["default/api"]
+        );
+    }
+
+    #[test]
+    fn a_slice_touches_its_service_and_a_list_removes_what_it_lacks() {
+        let mut store = Store::new(EndpointsFrom::Slices, None);
+        let list = vec![
+            slice("web-1", "web", "10.0.0.1"),
+            slice("api-1", "api", "10.0.0.2"),
+        ];
+        assert_eq!(
+            touched(&mut store, Change::Listed(Kind::EndpointSlice, list)),
+            ["default/api", "default/web"]
+        );
+        assert!(store.has_listed(&[Kind::EndpointSlice]) && !store.has_listed(&[Kind::Service]));
+        assert_eq!(
+            touched(&mut store, Change::Applied(slice("web-1", "api", "10.0.0.1"))),
+            ["default/api", "default/web"],
+            "a slice moved to another Service touches both"
+        );
+        assert_eq!(
+            touched(
+                &mut store,
+                Change::Listed(Kind::EndpointSlice, vec![slice("web-1", "api", "10.0.0.1")])
+            ),
+            ["default/api"],
+            "a re-list without api-1 removes it; web-1 is unchanged"
+        );
+        assert!(
+            store
+                .endpoint_slices(&ServiceName {
+                    namespace: "default".into(),
+                    name: "web".into()
+                })
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .endpoint_slices(&ServiceName {
+                    namespace: "default".into(),
+                    name: "api".into()
+                })
+                .len(),
+            1
+        );
+    }
+
+    /// After any sequence of changes, each Service computed from the store's indexes is what
+    /// the model computes from the same objects as plain lists.
+    #[test]
+    fn the_store_computes_what_the_model_computes_from_lists() {
+        let mut store = Store::new(EndpointsFrom::Pods, None);
+        let changes = [
+            Change::Listed(
+                Kind::Service,
+                vec![service("default", "web", "{app: web, tier: a}")],
+            ),
+            Change::Listed(
+                Kind::Pod,
+                vec![pod("default", "w1", "{app: web, tier: a}", "10.0.0.1")],
+            ),
+            Change::Applied(pod("default", "w2", "{app: web, tier: a, x: y}", "10.0.0.2")),
+            Change::Applied(pod("default", "w3", "{app: web}", "10.0.0.3")),
+            Change::Applied(pod("other", "w4", "{app: web, tier: a}", "10.0.0.4")),
+            Change::Applied(service("default", "api", "{tier: a}")),
+            Change::Deleted(pod("default", "w1", "{app: web, tier: a}", "10.0.0.1")),
+        ];
+        for change in changes {
+            store.apply(change, &mut Touched::default());
+        }
+        let services: Vec<Service> = store.services.values().cloned().collect();
+        let pods: Vec<Pod> = store.pods.values().cloned().collect();
+        let input = Input {
+            services: &services,
+            pods: &pods,
+            endpoints_from: EndpointsFrom::Pods,
+            ..Input::default()
+        };
+        let expected = model::compute(&input);
+        let context = Context {
+            endpoints_from: EndpointsFrom::Pods,
+            ..Context::default()
+        };
+        let mut names: Vec<&ServiceName> = store.services.keys().collect();
+        names.sort();
+        let computed: Vec<_> = names
+            .into_iter()
+            .flat_map(|name| model::compute_service(&store.services[name], &store, &context).frontends)
+            .collect();
+        assert_eq!(computed, expected.frontends);
+        let backends: Vec<usize> = computed.iter().map(|f| f.backends.len()).collect();
+        assert_eq!(
+            backends,
+            [1, 1],
+            "api selects w2; web selects w2 (w3 lacks tier, w4 is elsewhere)"
+        );
+    }
+}

@@ -67,12 +67,24 @@ fn key_of(object: &Object) -> ObjectKey {
 }
 
 /// When a file last changed, as far as the directory says: a file whose stamp is the same is
-/// not read again.
+/// not read again, unless it changed within [`RACY`] of being read (timestamps are coarser than
+/// writes: two writes of the same length within a few milliseconds leave the same stamp).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
     modified: Option<std::time::SystemTime>,
     len: u64,
     inode: u64,
+}
+
+const RACY: Duration = Duration::from_secs(2);
+
+/// Whether a file read at `read_at` with stamp `then` still has it now, and changed long enough
+/// before that read for the stamp to tell.
+fn unchanged(then: Option<&(Stamp, std::time::SystemTime)>, now: Option<Stamp>) -> bool {
+    let (Some((then, read_at)), Some(now)) = (then, now) else {
+        return false;
+    };
+    *then == now && then.modified.is_some_and(|modified| modified + RACY < *read_at)
 }
 
 fn stamp(path: &Path) -> Option<Stamp> {
@@ -96,7 +108,7 @@ pub struct ManifestDir {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, FileObjects>,
     /// The stamp of each file when its last good contents were read.
-    stamps: BTreeMap<PathBuf, Stamp>,
+    stamps: BTreeMap<PathBuf, (Stamp, std::time::SystemTime)>,
     /// How many files hold each object (the same object in two files is one object).
     holders: HashMap<ObjectKey, u32>,
     /// Whether [`ManifestDir::changes`] has sent the first full lists.
@@ -194,9 +206,10 @@ impl ManifestDir {
         }
         for file in files {
             let now = stamp(&file);
-            if now.is_some() && self.stamps.get(&file) == now.as_ref() {
+            if unchanged(self.stamps.get(&file), now) {
                 continue;
             }
+            let read_at = std::time::SystemTime::now();
             match read_file(&file) {
                 Ok(objects) => {
                     let before = self
@@ -205,7 +218,7 @@ impl ManifestDir {
                         .unwrap_or_default();
                     changed.push(self.count(before, objects));
                     if let Some(now) = now {
-                        self.stamps.insert(file, now);
+                        self.stamps.insert(file, (now, read_at));
                     }
                 }
                 Err(error) => errors.push(error),
