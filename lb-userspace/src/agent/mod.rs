@@ -162,17 +162,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
                     zone: settings.zone.as_deref().or_else(|| store.zone()),
                 };
                 programming.sync(&store, touched, &context);
-                health.update_applied();
                 if !in_sync {
                     in_sync = true;
                     tracing::info!(since_start_ms = started.elapsed().as_millis() as u64, "every Service programmed");
                     say_serving(&attached, in_sync, started);
+                }
+                // Healthy once serving: programs attached and maps in sync.
+                if attached.is_some() {
+                    health.update_applied();
                 }
             }
             verified = &mut verifying, if attached.is_none() => {
                 let datapath = verified.context("loading the programs panicked")??;
                 attached = Some(Attached::attach(datapath, &settings.hooks, links_changed.clone(), programming.maps())?);
                 say_serving(&attached, in_sync, started);
+                if in_sync {
+                    health.update_applied();
+                }
             }
             () = links_changed.notified(), if attached.is_some() => {
                 if let Some(attached) = &mut attached {
