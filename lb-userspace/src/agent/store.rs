@@ -100,7 +100,7 @@ impl Store {
             Change::Deleted(object) => self.remove(&object, touched),
             Change::Listed(kind, objects) => {
                 self.listed.insert(kind);
-                let listed: HashSet<Name> = objects.iter().map(|o| name_of(metadata(o))).collect();
+                let listed: HashSet<Name> = objects.iter().map(|o| name_of(o.metadata())).collect();
                 for gone in self
                     .names(kind)
                     .filter(|n| !listed.contains(n))
@@ -125,7 +125,7 @@ impl Store {
     }
 
     fn put(&mut self, object: Object, touched: &mut Touched) {
-        let name = name_of(metadata(&object));
+        let name = name_of(object.metadata());
         match object {
             Object::Service(service) => {
                 if self.services.get(&name) != Some(&service) {
@@ -177,7 +177,7 @@ impl Store {
     }
 
     fn remove(&mut self, object: &Object, touched: &mut Touched) {
-        self.remove_named(object.kind(), &name_of(metadata(object)), touched);
+        self.remove_named(object.kind(), &name_of(object.metadata()), touched);
     }
 
     fn remove_named(&mut self, kind: Kind, name: &Name, touched: &mut Touched) {
@@ -265,15 +265,6 @@ impl Store {
                 }
             }
         }
-    }
-}
-
-fn metadata(object: &Object) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-    match object {
-        Object::Service(o) => &o.metadata,
-        Object::EndpointSlice(o) => &o.metadata,
-        Object::Pod(o) => &o.metadata,
-        Object::Node(o) => &o.metadata,
     }
 }
 

@@ -53,12 +53,7 @@ type FileObjects = Vec<Object>;
 type ObjectKey = (Kind, String, String);
 
 fn key_of(object: &Object) -> ObjectKey {
-    let metadata = match object {
-        Object::Service(o) => &o.metadata,
-        Object::EndpointSlice(o) => &o.metadata,
-        Object::Pod(o) => &o.metadata,
-        Object::Node(o) => &o.metadata,
-    };
+    let metadata = object.metadata();
     (
         object.kind(),
         metadata.namespace.clone().unwrap_or_else(|| "default".into()),

@@ -3,9 +3,12 @@
 pub mod kube;
 pub mod manifests;
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Node, Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use tokio::sync::mpsc;
 
@@ -68,6 +71,15 @@ impl Object {
             Self::EndpointSlice(_) => Kind::EndpointSlice,
             Self::Pod(_) => Kind::Pod,
             Self::Node(_) => Kind::Node,
+        }
+    }
+
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Pod(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
         }
     }
 }
