@@ -46,7 +46,7 @@ use serde::Serialize;
     about = "Switchboard against kube-proxy (iptables, nftables) and the direct path"
 )]
 struct Args {
-    /// Fewer rounds, shorter samples and smaller sizes: under 3 minutes.
+    /// Fewer rounds, shorter samples and smaller sizes: about 5 minutes.
     #[arg(long, conflicts_with = "smoke")]
     quick: bool,
     /// Tiny sizes, to check the bench still works (CI): under 30 seconds.
@@ -65,6 +65,9 @@ struct Args {
     /// Maglev]; the report says when it is not the default.
     #[arg(long, value_name = "ALGORITHM")]
     control_plane_lb_algorithm: Option<String>,
+    /// Services counts for the control-plane section instead of the mode's, e.g. `100000`.
+    #[arg(long, value_delimiter = ',', value_name = "N,…")]
+    control_plane_services: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -201,6 +204,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut settings = Settings::for_mode(mode);
     settings.control_plane.lb_algorithm = args.control_plane_lb_algorithm.clone();
+    if !args.control_plane_services.is_empty() {
+        settings.control_plane.service_counts = args.control_plane_services.clone();
+    }
     let wanted = |section| args.only.is_empty() || args.only.contains(&section);
     let started = Instant::now();
     eprintln!("bench: {mode:?} run, results into {}", out.display());
