@@ -2,13 +2,10 @@
 //! Service, Pods by namespace and label), and which Services each change touches.
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 
 use crate::{
-    model::{self, EndpointsFrom, Objects, ServiceName, ZONE_LABEL},
+    model::{self, EndpointsFrom, Objects, ServiceName, Slice, ZONE_LABEL, slice::Names},
     source::{Change, Kind, Object},
 };
 
@@ -35,7 +32,10 @@ pub struct Store {
     services: HashMap<ServiceName, Service>,
     /// Service names by namespace, for the Services a Pod may be selected by.
     services_in: HashMap<String, BTreeSet<String>>,
-    slices: HashMap<Name, EndpointSlice>,
+    /// EndpointSlices as the model reads them, by their own name.
+    slices: HashMap<Name, Slice>,
+    /// Node and zone names the slices share.
+    names: Names,
     /// Slice names (in the Service's namespace) by the Service they belong to.
     slices_of: HashMap<ServiceName, BTreeSet<String>>,
     pods: HashMap<Name, Pod>,
@@ -61,6 +61,7 @@ impl Store {
             services: HashMap::new(),
             services_in: HashMap::new(),
             slices: HashMap::new(),
+            names: Names::default(),
             slices_of: HashMap::new(),
             pods: HashMap::new(),
             pods_labelled: HashMap::new(),
@@ -138,19 +139,21 @@ impl Store {
                 }
             }
             Object::EndpointSlice(slice) => {
+                let Some(slice) = Slice::new(&slice, &mut self.names) else {
+                    // Of no Service (or of FQDNs): nothing the model reads.
+                    return self.remove_named(Kind::EndpointSlice, &name, touched);
+                };
                 if self.slices.get(&name) == Some(&slice) {
                     return;
                 }
                 if let Some(old) = self.slices.remove(&name) {
                     self.unindex_slice(&name, &old, touched);
                 }
-                if let Some(service) = model::slice_service(&slice) {
-                    self.slices_of
-                        .entry(service.clone())
-                        .or_default()
-                        .insert(name.name.clone());
-                    touched.services.insert(service);
-                }
+                self.slices_of
+                    .entry(slice.service.clone())
+                    .or_default()
+                    .insert(name.name.clone());
+                touched.services.insert(slice.service.clone());
                 self.slices.insert(name, slice);
             }
             Object::Pod(pod) => {
@@ -211,17 +214,14 @@ impl Store {
         }
     }
 
-    fn unindex_slice(&mut self, name: &Name, old: &EndpointSlice, touched: &mut Touched) {
-        let Some(service) = model::slice_service(old) else {
-            return;
-        };
-        if let Some(slices) = self.slices_of.get_mut(&service) {
+    fn unindex_slice(&mut self, name: &Name, old: &Slice, touched: &mut Touched) {
+        if let Some(slices) = self.slices_of.get_mut(&old.service) {
             slices.remove(&name.name);
             if slices.is_empty() {
-                self.slices_of.remove(&service);
+                self.slices_of.remove(&old.service);
             }
         }
-        touched.services.insert(service);
+        touched.services.insert(old.service.clone());
     }
 
     /// Touches the Services of `namespace` whose selector matches `labels`.
@@ -269,7 +269,7 @@ impl Store {
 }
 
 impl Objects for Store {
-    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&EndpointSlice> {
+    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&Slice> {
         let names = self.slices_of.get(service).into_iter().flatten();
         names
             .filter_map(|name| {

@@ -4,14 +4,11 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Pod, Service, ServicePort},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Pod, Service, ServicePort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{Endpoint, EndpointsFrom, Objects, Protocol, ServiceName, selector::Selector};
+use super::{Endpoint, EndpointsFrom, Objects, Protocol, ServiceName, selector::Selector, slice::Slice};
 
 /// Every serving endpoint of one Service port in one address family, before [`usable`] picks
 /// the ready ones.
@@ -63,62 +60,42 @@ pub(super) fn draining(mut serving: Vec<Endpoint>, backends: &[Endpoint]) -> Vec
 /// Serving endpoints from EndpointSlices. Missing `ready`/`serving` mean true, missing
 /// `terminating` false; only the first address of an endpoint counts; an address listed by two
 /// slices counts once, preferring the non-terminating entry.
-fn from_slices(
-    slices: &[&EndpointSlice],
-    port: &ServicePort,
-    protocol: Protocol,
-    ipv4: bool,
-) -> Vec<Endpoint> {
-    let family = if ipv4 { "IPv4" } else { "IPv6" };
+fn from_slices(slices: &[&Slice], port: &ServicePort, protocol: Protocol, ipv4: bool) -> Vec<Endpoint> {
     let mut by_address: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| s.address_type == family) {
-        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
-                && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
-        }) else {
-            continue;
-        };
-        let Some(number) = slice_port
-            .port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
+    for slice in slices.iter().filter(|s| s.ipv4 == ipv4) {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| *p.name == *port.name.as_deref().unwrap_or_default() && p.protocol == Some(protocol))
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().flatten() {
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            let ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(true);
-            let terminating = conditions.terminating.unwrap_or(false);
-            let usable = if terminating { serving } else { ready };
-            let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
+        let Some(number) = slice_port.port.filter(|p| *p != 0) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let usable = if endpoint.terminating {
+                endpoint.serving
+            } else {
+                endpoint.ready
             };
+            let address = endpoint.address;
             if !usable || address.is_ipv4() != ipv4 {
                 continue;
             }
-            let hints = endpoint.hints.as_ref();
+            let names = |names: &[std::sync::Arc<str>]| names.iter().map(|n| n.to_string()).collect();
             let candidate = Endpoint {
                 address,
                 port: number,
                 pod: endpoint
-                    .target_ref
-                    .as_ref()
-                    .and_then(|r| r.name.clone())
-                    .unwrap_or_else(|| address.to_string()),
-                node_name: endpoint.node_name.clone(),
-                zone: endpoint.zone.clone(),
-                terminating,
-                zone_hints: hints
-                    .iter()
-                    .flat_map(|h| h.for_zones.iter().flatten())
-                    .map(|z| z.name.clone())
-                    .collect(),
-                node_hints: hints
-                    .iter()
-                    .flat_map(|h| h.for_nodes.iter().flatten())
-                    .map(|n| n.name.clone())
-                    .collect(),
+                    .pod
+                    .as_deref()
+                    .map_or_else(|| address.to_string(), str::to_owned),
+                node_name: endpoint.node_name.as_deref().map(str::to_owned),
+                zone: endpoint.zone.as_deref().map(str::to_owned),
+                terminating: endpoint.terminating,
+                zone_hints: names(&endpoint.zone_hints),
+                node_hints: names(&endpoint.node_hints),
             };
             by_address
                 .entry((address, number))

@@ -6,6 +6,7 @@
 mod endpoints;
 pub mod explain;
 pub mod selector;
+pub mod slice;
 mod topology;
 pub mod trim;
 mod validate;
@@ -21,7 +22,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-pub use self::validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service};
+pub use self::{
+    slice::Slice,
+    validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service},
+};
 
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -282,7 +286,7 @@ pub struct Context<'a> {
 /// agent's store, or [`compute`]'s index over an [`Input`]).
 pub trait Objects {
     /// The EndpointSlices labelled `kubernetes.io/service-name` for `service`.
-    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&EndpointSlice>;
+    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&Slice>;
     /// Pods of `namespace` that may match the equality `selector` (never empty): at least every
     /// one that does; the model matches them again.
     fn pods(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&Pod>;
@@ -438,7 +442,7 @@ pub fn compute_service(service: &Service, objects: &impl Objects, context: &Cont
 /// [`Objects`] over the slices of an [`Input`]: slices by Service, pods by namespace.
 struct InputIndex<'a> {
     pods: BTreeMap<&'a str, Vec<&'a Pod>>,
-    slices: BTreeMap<ServiceName, Vec<&'a EndpointSlice>>,
+    slices: BTreeMap<ServiceName, Vec<Slice>>,
 }
 
 impl<'a> InputIndex<'a> {
@@ -451,9 +455,10 @@ impl<'a> InputIndex<'a> {
             let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
             index.pods.entry(namespace).or_default().push(pod);
         }
+        let mut names = slice::Names::default();
         for slice in input.endpoint_slices {
-            if let Some(service) = slice_service(slice) {
-                index.slices.entry(service).or_default().push(slice);
+            if let Some(slice) = Slice::new(slice, &mut names) {
+                index.slices.entry(slice.service.clone()).or_default().push(slice);
             }
         }
         index
@@ -461,8 +466,11 @@ impl<'a> InputIndex<'a> {
 }
 
 impl Objects for InputIndex<'_> {
-    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&EndpointSlice> {
-        self.slices.get(service).cloned().unwrap_or_default()
+    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&Slice> {
+        self.slices
+            .get(service)
+            .map(|s| s.iter().collect())
+            .unwrap_or_default()
     }
 
     fn pods(&self, namespace: &str, _selector: &BTreeMap<String, String>) -> Vec<&Pod> {
