@@ -173,8 +173,27 @@ impl Agent {
         let mut child = command.spawn().context("cannot start switchboard")?;
         let stderr = child.stderr.take().expect("piped");
         let (sender, lines) = mpsc::channel();
+        // With SWITCHBOARD_BENCH_AGENT_LOG=FILE, each line is also written there with the
+        // seconds since the start and the agent's resident memory then: where time and memory go.
+        let mut trace = std::env::var_os("SWITCHBOARD_BENCH_AGENT_LOG").and_then(|path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .ok()
+        });
+        let pid = child.id();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(trace) = &mut trace {
+                    use std::io::Write as _;
+                    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    let rss = status
+                        .lines()
+                        .find(|l| l.starts_with("VmRSS:"))
+                        .unwrap_or_default();
+                    let _ = writeln!(trace, "{:.3} {rss} {line}", started.elapsed().as_secs_f64());
+                }
                 let Ok(event) = serde_json::from_str::<Value>(&line) else {
                     continue;
                 };

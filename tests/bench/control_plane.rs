@@ -34,6 +34,8 @@ pub struct Settings {
     pub kube_proxy_every_round_up_to: usize,
     /// `--lb-algorithm` for the agent; `None`: its default (Maglev).
     pub lb_algorithm: Option<String>,
+    /// Only the agent, none of kube-proxy's tools.
+    pub agent_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -141,7 +143,11 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
                         runs.push(run);
                         sample
                     }),
-                    _ if round > 0 && count > settings.kube_proxy_every_round_up_to => continue,
+                    _ if settings.agent_only
+                        || (round > 0 && count > settings.kube_proxy_every_round_up_to) =>
+                    {
+                        continue;
+                    }
                     _ => {
                         let input = if loader == Loader::NftFile {
                             nft.path()

@@ -65,6 +65,9 @@ struct Args {
     /// Maglev]; the report says when it is not the default.
     #[arg(long, value_name = "ALGORITHM")]
     control_plane_lb_algorithm: Option<String>,
+    /// The control-plane section without kube-proxy's tools: the agent alone.
+    #[arg(long)]
+    control_plane_agent_only: bool,
     /// Services counts for the control-plane section instead of the mode's, e.g. `100000`.
     #[arg(long, value_delimiter = ',', value_name = "N,…")]
     control_plane_services: Vec<usize>,
@@ -116,6 +119,7 @@ impl Settings {
                     tool_timeout: Duration::from_secs(600),
                     kube_proxy_every_round_up_to: 10_000,
                     lb_algorithm: None,
+                    agent_only: false,
                 },
             },
             Mode::Quick => Self {
@@ -141,6 +145,7 @@ impl Settings {
                     tool_timeout: Duration::from_secs(120),
                     kube_proxy_every_round_up_to: 10_000,
                     lb_algorithm: None,
+                    agent_only: false,
                 },
             },
             Mode::Smoke => Self {
@@ -164,6 +169,7 @@ impl Settings {
                     tool_timeout: Duration::from_secs(30),
                     kube_proxy_every_round_up_to: usize::MAX,
                     lb_algorithm: None,
+                    agent_only: false,
                 },
             },
         }
@@ -204,6 +210,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut settings = Settings::for_mode(mode);
     settings.control_plane.lb_algorithm = args.control_plane_lb_algorithm.clone();
+    settings.control_plane.agent_only = args.control_plane_agent_only;
     if !args.control_plane_services.is_empty() {
         settings.control_plane.service_counts = args.control_plane_services.clone();
     }

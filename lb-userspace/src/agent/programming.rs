@@ -7,6 +7,8 @@ use std::{
     time::Instant,
 };
 
+use k8s_openapi::api::core::v1::Service;
+
 use super::store::{Store, Touched};
 use crate::{
     datapath::maps::ServiceMaps,
@@ -80,7 +82,7 @@ impl Programming {
         }
         let started = Instant::now();
         let names: Vec<ServiceName> = if everything {
-            let mut names: BTreeSet<ServiceName> = store.services().map(|(n, _)| n.clone()).collect();
+            let mut names: BTreeSet<ServiceName> = store.service_names().cloned().collect();
             // Programmed before and gone since: their entry is empty, and removes them.
             names.extend(self.counts.keys().cloned());
             names.into_iter().collect()
@@ -89,11 +91,12 @@ impl Programming {
         };
         let mut changed = ServiceFrontends::new();
         for name in names {
-            let model = match store.service(&name) {
+            let service = store.service(&name);
+            let model = match &service {
                 Some(service) => model::compute_service(service, store, context),
                 None => Model::default(),
             };
-            self.notice(store, &name, &model);
+            self.notice(service.as_ref(), &name, &model);
             self.count(&name, &model);
             changed.insert(name, model.frontends);
         }
@@ -116,7 +119,7 @@ impl Programming {
 
     /// Says each notice about `name` that was not said while it stood: in the log, and the
     /// model's warnings as Events on the Service.
-    fn notice(&mut self, store: &Store, name: &ServiceName, model: &Model) {
+    fn notice(&mut self, service: Option<&Service>, name: &ServiceName, model: &Model) {
         let warnings = model.warnings.iter().map(ToString::to_string);
         let without_endpoints = model
             .frontends
@@ -128,7 +131,7 @@ impl Programming {
         for notice in current.difference(&said) {
             tracing::warn!("{notice}");
         }
-        if let (Some(events), Some(service)) = (&self.events, store.service(name)) {
+        if let (Some(events), Some(service)) = (&self.events, service) {
             for warning in model.warnings.iter().filter(|w| !said.contains(&w.to_string())) {
                 events.warn(service, &warning.message);
             }

@@ -492,10 +492,13 @@ pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceName> {
     })
 }
 
-/// Whether `service` takes Pods with these labels as endpoints when endpoints come from Pods:
-/// it has a selector, and the labels match it.
-pub fn selects(service: &Service, labels: Option<&BTreeMap<String, String>>) -> bool {
-    let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+/// Whether a Service with this `spec.selector` takes Pods with these labels as endpoints when
+/// endpoints come from Pods: it has a selector, and the labels match it.
+pub fn selects(
+    selector: Option<&BTreeMap<String, String>>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let Some(selector) = selector else {
         return false;
     };
     let no_labels = BTreeMap::new();
