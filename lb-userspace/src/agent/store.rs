@@ -115,18 +115,12 @@ impl Store {
         match change {
             Change::Applied(object) => self.put(object, touched),
             Change::Deleted(object) => self.remove(&object, touched),
-            Change::Listed(kind, objects) => {
+            Change::Listed(kind, names) => {
                 self.listed.insert(kind);
-                let listed: HashSet<Name> = objects.iter().map(|o| name_of(o.metadata())).collect();
-                for gone in self
-                    .names(kind)
-                    .filter(|n| !listed.contains(n))
-                    .collect::<Vec<_>>()
-                {
-                    self.remove_named(kind, &gone, touched);
-                }
-                for object in objects {
-                    self.put(object, touched);
+                let listed: HashSet<Name> = names.into_iter().collect();
+                let gone: Vec<Name> = self.names(kind).filter(|n| !listed.contains(n)).collect();
+                for name in gone {
+                    self.remove_named(kind, &name, touched);
                 }
             }
         }
@@ -361,6 +355,17 @@ mod tests {
         )
     }
 
+    /// A list as a source sends it: each object, then their names.
+    fn listed(store: &mut Store, kind: Kind, objects: Vec<Object>) -> Vec<String> {
+        let mut touched = Touched::default();
+        let names = objects.iter().map(Object::name).collect();
+        for object in objects {
+            store.apply(Change::Applied(object), &mut touched);
+        }
+        store.apply(Change::Listed(kind, names), &mut touched);
+        touched.services.iter().map(ToString::to_string).collect()
+    }
+
     fn touched(store: &mut Store, change: Change) -> Vec<String> {
         let mut touched = Touched::default();
         store.apply(change, &mut touched);
@@ -408,7 +413,7 @@ mod tests {
             slice("api-1", "api", "10.0.0.2"),
         ];
         assert_eq!(
-            touched(&mut store, Change::Listed(Kind::EndpointSlice, list)),
+            listed(&mut store, Kind::EndpointSlice, list),
             ["default/api", "default/web"]
         );
         assert!(store.has_listed(&[Kind::EndpointSlice]) && !store.has_listed(&[Kind::Service]));
@@ -418,9 +423,10 @@ mod tests {
             "a slice moved to another Service touches both"
         );
         assert_eq!(
-            touched(
+            listed(
                 &mut store,
-                Change::Listed(Kind::EndpointSlice, vec![slice("web-1", "api", "10.0.0.1")])
+                Kind::EndpointSlice,
+                vec![slice("web-1", "api", "10.0.0.1")]
             ),
             ["default/api"],
             "a re-list without api-1 removes it; web-1 is unchanged"
@@ -449,15 +455,17 @@ mod tests {
     #[test]
     fn the_store_computes_what_the_model_computes_from_lists() {
         let mut store = Store::new(EndpointsFrom::Pods, None);
+        listed(
+            &mut store,
+            Kind::Service,
+            vec![service("default", "web", "{app: web, tier: a}")],
+        );
+        listed(
+            &mut store,
+            Kind::Pod,
+            vec![pod("default", "w1", "{app: web, tier: a}", "10.0.0.1")],
+        );
         let changes = [
-            Change::Listed(
-                Kind::Service,
-                vec![service("default", "web", "{app: web, tier: a}")],
-            ),
-            Change::Listed(
-                Kind::Pod,
-                vec![pod("default", "w1", "{app: web, tier: a}", "10.0.0.1")],
-            ),
             Change::Applied(pod("default", "w2", "{app: web, tier: a, x: y}", "10.0.0.2")),
             Change::Applied(pod("default", "w3", "{app: web}", "10.0.0.3")),
             Change::Applied(pod("other", "w4", "{app: web, tier: a}", "10.0.0.4")),

@@ -3,8 +3,8 @@
 //!
 //! A watcher re-lists by itself after a dropped watch or a 410 Gone, and retries with backoff
 //! while the API server is away; the agent keeps the last known state meanwhile, so the
-//! programmed maps keep serving. Each list reaches the agent whole, as one [`Change::Listed`];
-//! every event after it as the one object it changed. Objects are trimmed to what the model
+//! programmed maps keep serving. A list reaches the agent object by object, then as the names
+//! it held ([`Change::Listed`]); every event after it as the one object it changed. Objects are trimmed to what the model
 //! reads as they arrive (managedFields, other annotations, a Pod's containers).
 use std::{fmt::Debug, sync::Arc};
 
@@ -21,7 +21,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{Change, Changes, Kind, Object};
+use super::{Change, Changes, Kind, Object, ObjectName};
 use crate::model::{EndpointsFrom, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, trim};
 use crate::observe::metrics::AgentMetrics;
 
@@ -171,8 +171,8 @@ where
     let kind = K::kind(&());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        // A (re)list in progress: its objects, sent together once it is complete.
-        let mut listing: Option<Vec<Object>> = None;
+        // A (re)list in progress: the names of its objects, each sent as it arrives.
+        let mut listing: Option<Vec<ObjectName>> = None;
         while let Some(event) = stream.next().await {
             let change = match event {
                 Ok(watcher::Event::Apply(o)) => Change::Applied(object(o)),
@@ -182,13 +182,14 @@ where
                     continue;
                 }
                 Ok(watcher::Event::InitApply(o)) => {
-                    listing.get_or_insert_default().push(object(o));
-                    continue;
+                    let o = object(o);
+                    listing.get_or_insert_default().push(o.name());
+                    Change::Applied(o)
                 }
                 Ok(watcher::Event::InitDone) => {
-                    let objects = listing.take().unwrap_or_default();
-                    tracing::info!(%kind, objects = objects.len(), "listed");
-                    Change::Listed(listed, objects)
+                    let names = listing.take().unwrap_or_default();
+                    tracing::info!(%kind, objects = names.len(), "listed");
+                    Change::Listed(listed, names)
                 }
                 // The watcher retries with backoff (re-listing when its resourceVersion expired);
                 // the agent keeps the last state meanwhile.

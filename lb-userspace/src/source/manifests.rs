@@ -18,7 +18,7 @@ use k8s_openapi::api::{
 use notify::{RecursiveMode, Watcher as _};
 use serde::de::DeserializeOwned;
 
-use super::{Change, Changes, Kind, Object, Snapshot};
+use super::{Change, Changes, Kind, Object, ObjectName, Snapshot};
 use crate::model::{self, FieldError};
 use crate::observe::metrics::AgentMetrics;
 
@@ -142,21 +142,22 @@ impl ManifestDir {
     }
 
     /// Re-reads the files that changed and says what that changed, trimmed to what the model
-    /// reads: the first time every kind's full list, after that the objects deleted, then those
-    /// applied (an object that moved between files is applied, not deleted).
+    /// reads: the first time every object, then each kind's list of names; after that the
+    /// objects deleted, then those applied (an object that moved between files is applied, not
+    /// deleted).
     pub fn changes(&mut self) -> std::io::Result<(Vec<Change>, Vec<FileError>)> {
         let (changed, errors) = self.refresh()?;
         if !self.listed {
             self.listed = true;
             self.holders.retain(|_, count| *count > 0);
-            let mut lists: BTreeMap<Kind, Vec<Object>> = Kind::ALL.iter().map(|k| (*k, Vec::new())).collect();
+            let mut lists: BTreeMap<Kind, Vec<ObjectName>> =
+                Kind::ALL.iter().map(|k| (*k, Vec::new())).collect();
+            let mut changes = Vec::new();
             for object in self.last_good.values().flatten() {
-                lists.entry(object.kind()).or_default().push(trimmed(object));
+                lists.entry(object.kind()).or_default().push(object.name());
+                changes.push(Change::Applied(trimmed(object)));
             }
-            let changes = lists
-                .into_iter()
-                .map(|(kind, objects)| Change::Listed(kind, objects))
-                .collect();
+            changes.extend(lists.into_iter().map(|(kind, names)| Change::Listed(kind, names)));
             return Ok((changes, errors));
         }
         let mut changes = Vec::new();
@@ -442,13 +443,10 @@ fn publish(manifests: &mut ManifestDir, changes: &Changes, metrics: &AgentMetric
         tracing::error!("{error}; its last good contents stay in effect");
         metrics.source_error("manifests");
     }
-    let objects: usize = changed
+    let objects = changed
         .iter()
-        .map(|change| match change {
-            Change::Listed(_, objects) => objects.len(),
-            Change::Applied(_) | Change::Deleted(_) => 1,
-        })
-        .sum();
+        .filter(|change| !matches!(change, Change::Listed(..)))
+        .count();
     tracing::info!(objects, "read manifests from {}", manifests.dir().display());
     Ok(changed.into_iter().all(|change| changes.send(change).is_ok()))
 }

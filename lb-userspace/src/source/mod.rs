@@ -74,6 +74,14 @@ impl Object {
         }
     }
 
+    pub fn name(&self) -> ObjectName {
+        let metadata = self.metadata();
+        ObjectName {
+            namespace: metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            name: metadata.name.clone().unwrap_or_default(),
+        }
+    }
+
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
             Self::Service(o) => &o.metadata,
@@ -84,6 +92,9 @@ impl Object {
     }
 }
 
+/// `namespace/name` of any object.
+pub type ObjectName = crate::model::ServiceName;
+
 /// What a source tells the agent.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
@@ -91,10 +102,11 @@ pub enum Change {
     Applied(Object),
     /// An object was removed.
     Deleted(Object),
-    /// Every object of this kind the source holds now (a first list, or a re-list after the
-    /// watch lost track): the agent's objects of that kind missing from it are gone. Nothing is
-    /// programmed before every kind a source watches has been listed once.
-    Listed(Kind, Vec<Object>),
+    /// A list of this kind is complete (the first, or a re-list after the watch lost track): its
+    /// objects came as `Applied` one by one, and these are their names; the agent's objects of
+    /// that kind missing from it are gone. Nothing is programmed before every kind a source
+    /// watches has been listed once. A list is never held whole, so it costs no copy of the world.
+    Listed(Kind, Vec<ObjectName>),
 }
 
 /// Where a source sends its changes; each message is applied before the agent programs.

@@ -479,6 +479,9 @@ fn changes_are_the_first_lists_then_what_each_file_changed() {
     assert_eq!(
         names_of(&changes),
         [
+            "applied Pod a",
+            "applied Pod b",
+            "applied Service web",
             "listed Service 1",
             "listed EndpointSlice 0",
             "listed Pod 2",
