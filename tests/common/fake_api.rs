@@ -178,6 +178,9 @@ fn accept_loop(listener: TcpListener, state: Arc<(Mutex<State>, Condvar)>) {
 
 /// One connection: requests are answered in turn until a watch ends it or the client closes.
 fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<()> {
+    // As Go's net package does for the real API server: a watch event goes out at once, not
+    // after Nagle's algorithm waited for the previous one's ACK.
+    stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
     loop {
