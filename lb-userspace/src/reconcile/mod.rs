@@ -144,12 +144,14 @@ impl Reconciler {
             next_ids,
         } = programmed;
         let mut sets: HashMap<u32, Set> = HashMap::new();
-        for info in services.values() {
+        for (key, info) in &services {
             for set in [info.backends, info.outside] {
                 if set.id == 0 {
                     continue;
                 }
                 let held = sets.entry(set.id).or_default();
+                // A set's protocol is its frontends'; an empty set has no backend entry to say it.
+                held.proto = key.proto;
                 let block = (set.count > 0).then_some(Block {
                     start: set.table,
                     len: set.count + set.maglev_size,

@@ -529,6 +529,8 @@ fn a_restarted_reconciler_writes_nothing_for_the_state_it_finds_and_keeps_ids() 
             },
         ),
         (api, cluster_ip("default/api", &[3])),
+        // No endpoints: an empty set, which the maps know only from its frontend.
+        (key(13, 53), cluster_ip("default/nobody", &[])),
     ]);
     let mut maps = Recorder::default();
     let mut first = Reconciler::new(Programmed::default());
