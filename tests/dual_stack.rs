@@ -480,7 +480,7 @@ fn an_ipv6_udp_client_hears_connection_refused_when_its_pods_port_closes() {
     // The server's socket is closed once the drop returns.
     drop(cluster.udp.remove(index));
     let error = flow
-        .ask()
+        .ask_retrying(3)
         .expect_err("nothing listens on the pod's port any more");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
 }

@@ -260,6 +260,27 @@ impl UdpFlow {
         let n = self.0.recv(&mut answer)?;
         Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
     }
+
+    /// [`ask`](Self::ask), asked again while nothing came back, up to `attempts` times, as a
+    /// client retries a query: an ICMP error is best effort (rate-limited by its sender, never
+    /// retransmitted), so one datagram may go unanswered by both the pod and its kernel.
+    pub fn ask_retrying(&self, attempts: usize) -> std::io::Result<String> {
+        let mut outcome = self.ask();
+        for _ in 1..attempts {
+            match &outcome {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    outcome = self.ask();
+                }
+                _ => break,
+            }
+        }
+        outcome
+    }
 }
 
 /// A UDP socket in `ns` on an ephemeral port, of the family of `peer`.
