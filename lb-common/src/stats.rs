@@ -26,10 +26,13 @@ pub enum Stat {
     RejectRateLimited = 8,
     /// Packets to a ClusterIP on a port its Service does not define: refused like [`Stat::NoBackend`].
     UndefinedPort = 9,
+    /// Later fragments whose datagram's first fragment was not seen (it came after them, or was
+    /// forgotten): passed untouched, their ports unknown.
+    FragmentWithoutFirst = 10,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -41,6 +44,7 @@ impl Stat {
         Stat::SnatFailed,
         Stat::RejectRateLimited,
         Stat::UndefinedPort,
+        Stat::FragmentWithoutFirst,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -61,6 +65,9 @@ impl Stat {
             Stat::UndefinedPort => {
                 "Packets to a ClusterIP on a port its Service does not define (refused with a RST or ICMP port unreachable, or dropped)"
             }
+            Stat::FragmentWithoutFirst => {
+                "Later fragments whose first fragment was not seen, passed untranslated (their datagram is lost)"
+            }
         }
     }
 
@@ -76,6 +83,7 @@ impl Stat {
             Stat::SnatFailed => "snat_failures",
             Stat::RejectRateLimited => "rate_limited_rejects",
             Stat::UndefinedPort => "undefined_port_drops",
+            Stat::FragmentWithoutFirst => "fragments_without_first",
         }
     }
 }

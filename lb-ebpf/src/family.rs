@@ -14,10 +14,11 @@ use network_types::{
 use crate::{
     context::Packet,
     maps::{
-        Affinity, Backends, ClusterIps, Conntrack, NodeAddrs, SB_AFFINITY, SB_AFFINITY6, SB_BACKENDS,
-        SB_BACKENDS6, SB_CLUSTER_IPS, SB_CLUSTER_IPS6, SB_CONNTRACK, SB_CONNTRACK6, SB_NODE_ADDRS,
-        SB_NODE_ADDRS6, SB_SERVICES, SB_SERVICES6, SB_SNAT_ADDRS, SB_SNAT_ADDRS6, SB_SOCK_REVNAT,
-        SB_SOCK_REVNAT6, SB_SOURCE_RANGES, SB_SOURCE_RANGES6, Services, SnatAddrs, SockRevNat, SourceRanges,
+        Affinity, Backends, ClusterIps, Conntrack, Fragments, NodeAddrs, SB_AFFINITY, SB_AFFINITY6,
+        SB_BACKENDS, SB_BACKENDS6, SB_CLUSTER_IPS, SB_CLUSTER_IPS6, SB_CONNTRACK, SB_CONNTRACK6,
+        SB_FRAGMENTS, SB_FRAGMENTS6, SB_NODE_ADDRS, SB_NODE_ADDRS6, SB_SERVICES, SB_SERVICES6, SB_SNAT_ADDRS,
+        SB_SNAT_ADDRS6, SB_SOCK_REVNAT, SB_SOCK_REVNAT6, SB_SOURCE_RANGES, SB_SOURCE_RANGES6, Services,
+        SnatAddrs, SockRevNat, SourceRanges,
     },
     packet::{self, Network, Quoted},
 };
@@ -42,7 +43,7 @@ pub trait Family: Address + Into<IpAddr> {
     /// A reply's header, as built by [`Family::reply_header`].
     type Header: Copy;
 
-    /// The network header of a frame of this family, if it is whole and not a fragment.
+    /// The network header of a frame of this family, if it is whole (it may be a fragment).
     fn parse_network(ctx: &impl Packet) -> Option<Network<Self>>;
     /// The header of the packet an ICMP error quotes at `at`.
     fn parse_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Self>>;
@@ -64,6 +65,7 @@ pub trait Family: Address + Into<IpAddr> {
     fn snat_addrs() -> &'static SnatAddrs<Self>;
     fn source_ranges() -> &'static SourceRanges<Self>;
     fn sock_revnat() -> &'static SockRevNat<Self>;
+    fn fragments() -> &'static Fragments<Self>;
 }
 
 /// The accessors of a family's twin maps.
@@ -122,6 +124,7 @@ impl Family for Ipv4 {
         snat_addrs: SnatAddrs = SB_SNAT_ADDRS,
         source_ranges: SourceRanges = SB_SOURCE_RANGES,
         sock_revnat: SockRevNat = SB_SOCK_REVNAT,
+        fragments: Fragments = SB_FRAGMENTS,
     }
 }
 
@@ -171,5 +174,6 @@ impl Family for Ipv6 {
         snat_addrs: SnatAddrs = SB_SNAT_ADDRS6,
         source_ranges: SourceRanges = SB_SOURCE_RANGES6,
         sock_revnat: SockRevNat = SB_SOCK_REVNAT6,
+        fragments: Fragments = SB_FRAGMENTS6,
     }
 }

@@ -9,6 +9,7 @@ mod conntrack;
 mod context;
 mod external;
 mod family;
+mod fragment;
 mod hairpin;
 mod icmp;
 mod log;

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    Ipv4, Ipv6, MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats,
-    SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
+    FragmentKey, FragmentPorts, Ipv4, Ipv6, MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo,
+    ServiceKey, ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
@@ -24,6 +24,7 @@ pub type NodeAddrs<A> = HashMap<A, u32, { capacity::NODE_ADDRS as usize }>;
 pub type SnatAddrs<A> = HashMap<u32, A, { capacity::SNAT_ADDRS as usize }>;
 pub type SourceRanges<A> = LpmTrie<SourceRangeKey<A>, u8, { capacity::SOURCE_RANGES as usize }>;
 pub type SockRevNat<A> = LruHashMap<SockRevKey<A>, SockRevEntry<A>, { capacity::SOCK_REVNAT as usize }>;
+pub type Fragments<A> = LruHashMap<FragmentKey<A>, FragmentPorts, { capacity::FRAGMENTS as usize }>;
 
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
@@ -107,6 +108,13 @@ pub static SB_SOURCE_RANGES6: SourceRanges<Ipv6> = LpmTrie::new();
 pub static SB_SOCK_REVNAT: SockRevNat<Ipv4> = LruHashMap::new();
 #[btf_map]
 pub static SB_SOCK_REVNAT6: SockRevNat<Ipv6> = LruHashMap::new();
+
+/// A fragmented datagram (addresses, protocol, fragment id) → the ports its first fragment
+/// carries, for its later fragments (see `fragment`). LRU: datagrams come and go without telling.
+#[btf_map]
+pub static SB_FRAGMENTS: Fragments<Ipv4> = LruHashMap::new();
+#[btf_map]
+pub static SB_FRAGMENTS6: Fragments<Ipv6> = LruHashMap::new();
 
 /// Settings the agent writes, indexed by `lb_common::config`.
 #[btf_map]

@@ -18,8 +18,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, MapInfo, lpm_trie::Key};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, Ipv4, Ipv6, ServiceInfo,
-    ServiceKey, ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, map_names,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, FragmentKey, FragmentPorts,
+    Ipv4, Ipv6, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey,
+    Stat, capacity, map_names,
 };
 
 use super::{Capacity, raw};
@@ -200,6 +201,17 @@ fn layouts(capacity: Capacity) -> [Layout; map_names::ALL.len()] {
             map_names::CLUSTER_IPS6,
             size_of::<ClusterIpKey<Ipv6>>(),
             size_of::<u32>(),
+        ),
+        // Datagrams in flight for a few milliseconds: a replacement starts empty.
+        plain(
+            map_names::FRAGMENTS,
+            size_of::<FragmentKey>(),
+            size_of::<FragmentPorts>(),
+        ),
+        plain(
+            map_names::FRAGMENTS6,
+            size_of::<FragmentKey<Ipv6>>(),
+            size_of::<FragmentPorts>(),
         ),
     ]
 }

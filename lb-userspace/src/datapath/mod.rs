@@ -37,6 +37,8 @@ pub struct Capacity {
     pub backends: u32,
     pub backend_slots: u32,
     pub conntrack: u32,
+    /// Fragmented datagrams in flight whose later fragments are still to come.
+    pub fragments: u32,
 }
 
 impl Default for Capacity {
@@ -46,6 +48,7 @@ impl Default for Capacity {
             backends: capacity::BACKENDS,
             backend_slots: capacity::BACKEND_SLOTS,
             conntrack: capacity::CONNTRACK,
+            fragments: capacity::FRAGMENTS,
         }
     }
 }
@@ -89,6 +92,8 @@ impl Datapath {
             .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
             .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
             .map_max_entries(map_names::CONNTRACK6, capacity.conntrack)
+            .map_max_entries(map_names::FRAGMENTS, capacity.fragments)
+            .map_max_entries(map_names::FRAGMENTS6, capacity.fragments)
             .map_max_entries(map_names::SERVICE_STATS, capacity.services);
         let ebpf = loader.load(object).map_err(|error| {
             anyhow::Error::new(error).context(
