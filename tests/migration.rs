@@ -21,7 +21,7 @@ use aya::{
 use common::{Loaded, PinDir, packets, require_root};
 use lb_common::{
     Backend, BackendId, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, Ipv6, ServiceInfo, ServiceKey, SlotKey,
-    SourceRangeKey, backend_flags, capacity, ct_direction, map_names, program_names, service_flags,
+    SourceRangeKey, Stat, backend_flags, capacity, ct_direction, map_names, program_names, service_flags,
 };
 use lb_userspace::{
     datapath::{Datapath, bpffs},
@@ -311,6 +311,33 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
         (2, 0),
         "both flows were established ones"
     );
+}
+
+/// The counters array of an earlier build, with fewer counters (the ten before the fragment and
+/// source-check ones), is recreated with every counter: reused as it was, the datapath would
+/// count the new ones past its end, that is not at all. Counters restart from zero.
+#[test]
+fn a_counters_map_of_an_earlier_build_is_recreated_with_every_counter() {
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    require_root();
+    let pins = PinDir::new("sbtest", "migrate-stats");
+    bpffs::prepare_pin_dir(pins.path()).unwrap();
+    let earlier = Stat::FragmentWithoutFirst as u32;
+    pin_old_map(
+        &pins.path().join(map_names::STATS),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        earlier,
+        &[],
+    );
+    let datapath = Datapath::load(pins.path()).expect("the datapath loads over the old counters");
+    let info = MapInfo::from_pin(pins.path().join(map_names::STATS)).unwrap();
+    assert_eq!(info.max_entries(), Stat::COUNT, "every counter has its slot");
+    let maps = datapath.maps().unwrap();
+    for stat in Stat::ALL {
+        assert_eq!(maps.stat(stat).unwrap(), 0, "{stat:?} reads, from zero");
+    }
 }
 
 /// An IPv6 conntrack map of another capacity (an earlier `--conntrack-capacity`) is carried into

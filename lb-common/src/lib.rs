@@ -204,6 +204,10 @@ pub mod config {
     pub const NETNS_COOKIE: u32 = 0;
     /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
     pub const LOG_LEVEL: u32 = 1;
+    /// Non-zero: `from_pod` drops a pod's packets that would open, close or create a service
+    /// flow from a source that does not route back out of the pod's interface (see
+    /// `switchboard run --source-check`). Zero (a datapath loaded without the agent): no check.
+    pub const SOURCE_CHECK: u32 = 2;
     pub const LEN: u32 = 8;
 }
 

@@ -29,10 +29,13 @@ pub enum Stat {
     /// Later fragments whose datagram's first fragment was not seen (it came after them, or was
     /// forgotten): passed untouched, their ports unknown.
     FragmentWithoutFirst = 10,
+    /// Packets from a pod whose source address does not route back out of the pod's interface,
+    /// dropped before they could open, close or create a service flow (`--source-check`).
+    SpoofedSource = 11,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -45,6 +48,7 @@ impl Stat {
         Stat::RejectRateLimited,
         Stat::UndefinedPort,
         Stat::FragmentWithoutFirst,
+        Stat::SpoofedSource,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -68,6 +72,9 @@ impl Stat {
             Stat::FragmentWithoutFirst => {
                 "Later fragments whose first fragment was not seen, passed untranslated (their datagram is lost)"
             }
+            Stat::SpoofedSource => {
+                "Pod packets that would open, close or create a service flow from a source not routed back to their interface, dropped"
+            }
         }
     }
 
@@ -84,6 +91,7 @@ impl Stat {
             Stat::RejectRateLimited => "rate_limited_rejects",
             Stat::UndefinedPort => "undefined_port_drops",
             Stat::FragmentWithoutFirst => "fragments_without_first",
+            Stat::SpoofedSource => "spoofed_source_drops",
         }
     }
 }

@@ -26,6 +26,8 @@ use crate::{
 pub trait Family: Address + Into<IpAddr> {
     /// The EtherType, as `EthHdr::ether_type` holds it.
     const ETHER_TYPE: u16;
+    /// The address family number (AF_INET, AF_INET6), as `bpf_fib_lookup` takes it.
+    const ADDRESS_FAMILY: u8;
     /// The fixed header's length (IPv4 without options, IPv6 without extension headers).
     const HEADER_LEN: usize;
     /// Where the addresses lie in a frame.
@@ -80,6 +82,7 @@ macro_rules! twin_maps {
 
 impl Family for Ipv4 {
     const ETHER_TYPE: u16 = network_types::eth::EtherType::Ipv4 as u16;
+    const ADDRESS_FAMILY: u8 = 2;
     const HEADER_LEN: usize = Ipv4Hdr::LEN;
     const SRC_OFF: usize = EthHdr::LEN + 12;
     const DST_OFF: usize = EthHdr::LEN + 16;
@@ -130,6 +133,7 @@ impl Family for Ipv4 {
 
 impl Family for Ipv6 {
     const ETHER_TYPE: u16 = network_types::eth::EtherType::Ipv6 as u16;
+    const ADDRESS_FAMILY: u8 = 10;
     const HEADER_LEN: usize = Ipv6Hdr::LEN;
     const SRC_OFF: usize = EthHdr::LEN + 8;
     const DST_OFF: usize = EthHdr::LEN + 24;

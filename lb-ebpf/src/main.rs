@@ -20,6 +20,7 @@ mod pod;
 mod reject;
 mod service;
 mod sock;
+mod source_check;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},

@@ -12,6 +12,8 @@ use lb_common::{
     ServiceKey, ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
 };
 
+use crate::source_check::VerifiedSource;
+
 const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 
 // The twin maps' types: one generic type per map, over the address of its family.
@@ -115,6 +117,13 @@ pub static SB_SOCK_REVNAT6: SockRevNat<Ipv6> = LruHashMap::new();
 pub static SB_FRAGMENTS: Fragments<Ipv4> = LruHashMap::new();
 #[btf_map]
 pub static SB_FRAGMENTS6: Fragments<Ipv6> = LruHashMap::new();
+
+/// Each CPU's sources lately found to route back out of their pod interface (slot: interface
+/// index modulo the slots): see `source_check`.
+#[btf_map]
+pub static SB_VERIFIED_SOURCES: PerCpuArray<VerifiedSource, { VERIFIED_SOURCE_SLOTS as usize }> =
+    PerCpuArray::new();
+pub const VERIFIED_SOURCE_SLOTS: u32 = 64;
 
 /// Settings the agent writes, indexed by `lb_common::config`.
 #[btf_map]

@@ -92,6 +92,7 @@ pub struct Flow<A> {
     pub l4_csum_off: usize,
     /// Offset just past the IP packet.
     pub end: usize,
+    /// What of its datagram the packet holds.
     pub piece: Piece,
 }
 
@@ -166,7 +167,7 @@ pub fn parse<A: Family>(ctx: &impl Packet) -> Option<Flow<A>> {
     let piece = match network.fragment {
         None => Piece::Whole,
         // An SCTP packet's CRC32c covers all of it, so no fragment of one can have a port
-        // rewritten; SCTP keeps its packets within the path MTU itself (RFC 9260 §8.3).
+        // rewritten; SCTP cuts its messages to fit the path MTU itself (RFC 9260 §6.9).
         Some(_) if network.proto == IPPROTO_SCTP => return None,
         Some(fragment) if fragment.first => Piece::First,
         Some(fragment) => return later_fragment(&network, fragment),

@@ -233,6 +233,8 @@ fn check_counters(loaded: &Loaded, model: &Model, report: &mut Report) {
             model.counts.fragments_without_first,
         ),
         ("conntrack_insert_failures", stat(Stat::CtInsertFailed), 0),
+        // The source check is off: no agent switched it on.
+        ("spoofed_source_drops", stat(Stat::SpoofedSource), 0),
         // Backends never go away here, no port runs out, no refusal is rate-limited.
         ("rebalanced_flows", stat(Stat::Rebalanced), 0),
         ("snat_failures", stat(Stat::SnatFailed), 0),

@@ -115,8 +115,22 @@ pub struct Args {
     /// Replies each CPU may send at once above --reject-rate.
     #[arg(long, env = "SWITCHBOARD_REJECT_BURST", default_value_t = 200)]
     pub reject_burst: u32,
+    /// Drop a pod's packets that would open, close or create a service flow from a source
+    /// address that does not route back out of the pod's interface (a reverse-path check
+    /// through the kernel's FIB), so that no pod can take over or close another's flows by
+    /// spoofing its address. `off` for pods that legitimately send from addresses routed
+    /// elsewhere (counted as spoofed_source_drops otherwise).
+    #[arg(long, env = "SWITCHBOARD_SOURCE_CHECK", value_enum, default_value_t = Switch::On)]
+    pub source_check: Switch,
     #[command(flatten)]
     pub pin_dir: PinDir,
+}
+
+/// A feature switched on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// Interfaces are re-listed this often even without a netlink event, as a safety net.
@@ -185,6 +199,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
     let mut maps = datapath.maps()?;
+    // Before attaching, so that no pod's packet meets the datapath without the check.
+    maps.set_source_check(args.source_check == Switch::On)?;
     observe::datapath_log::forward(&mut datapath.ebpf)?;
     let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(
