@@ -395,7 +395,8 @@ const NODE_OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x70, 0, 0, 0, 0, 0, 0x1);
 const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x70, 0, 0, 0, 0, 0, 0x100);
 /// What each side sends: more than two 1500-byte fragments' worth.
 const E2E_LONG: usize = 3200;
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an answer that should come at once may take on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A node with one DNS pod answering on 5353 (both families), a client pod, an outside client on
 /// a link to the node's external interface, the Service `dns` (ClusterIP and NodePort), and the
@@ -451,6 +452,7 @@ impl Cluster {
             Stdio::inherit(),
             &["--external-interfaces", &external],
         );
+        agent::wait_until_attached(&lab, pins.path(), Some(&external));
         let cluster = Self {
             agent,
             _server: server,

@@ -183,6 +183,13 @@ fn a_dual_stack_service_is_programmed_in_both_families() {
     assert_eq!(agent.backends(WEB), Some(2), "the IPv4 frontend is untouched");
 }
 
+/// Whether the agent has started a watch of `collection`.
+fn watching(api: &FakeApi, collection: &str) -> bool {
+    api.requests()
+        .iter()
+        .any(|r| r.contains(&format!("{collection}?")) && r.contains("watch=true"))
+}
+
 #[test]
 fn nothing_is_programmed_before_every_kind_is_listed() {
     let api = FakeApi::start();
@@ -191,9 +198,16 @@ fn nothing_is_programmed_before_every_kind_is_listed() {
     api.hold_lists("/apis/discovery.k8s.io/v1/endpointslices");
     let agent = Agent::start(&api, "kh");
     // Services are listed, EndpointSlices are not: programming web now would give it no
-    // endpoints and reject its traffic, so nothing may be programmed yet.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while Instant::now() < deadline {
+    // endpoints and reject its traffic, so nothing may be programmed yet. The Services watch
+    // starts once their list is in the agent's hands; the slices' list is held meanwhile.
+    let requested = |what: &str| api.requests().iter().any(|r| r.contains(what));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !(watching(&api, "/api/v1/services") && requested("/apis/discovery.k8s.io/v1/endpointslices?")) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not list Services and ask for EndpointSlices: {:?}",
+            api.requests()
+        );
         assert_eq!(
             agent.backends(WEB),
             None,
@@ -201,10 +215,15 @@ fn nothing_is_programmed_before_every_kind_is_listed() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        api.requests().iter().any(|r| r.contains("/api/v1/services")),
-        "the agent did list Services"
-    );
+    // And for a while after the Services list was handed over.
+    for _ in 0..20 {
+        assert_eq!(
+            agent.backends(WEB),
+            None,
+            "programmed before the EndpointSlices were listed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     api.release();
     agent.wait_for(WEB, Some(1), "once every kind is listed");
 }
@@ -244,9 +263,12 @@ fn an_api_server_that_is_down_leaves_the_maps_serving_and_is_caught_up_with() {
     let mut agent = Agent::start(&api, "kd");
     agent.wait_for(WEB, Some(3), "after the initial list");
 
+    let requests_before = api.requests().len();
     api.set_down(true);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
+    // Until the agent has met the outage twice (its watches were cut, and a retry failed).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while api.requests().len() < requests_before + 2 {
+        assert!(Instant::now() < deadline, "the agent never tried the API again");
         assert_eq!(
             agent.backends(WEB),
             Some(3),

@@ -30,7 +30,8 @@ const PODS: [(&str, Ipv4Addr); 3] = [
     ("web-2", Ipv4Addr::new(10, 244, 1, 12)),
 ];
 const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 1, 20));
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an answer that should come at once may take on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A lab with three `app=web` pods serving HTTP on 3000 and UDP on 5353, a client pod, Service
 /// `web` (10.96.0.10: 80/TCP → 3000, 53/UDP → 5353), Service `nobody` whose selector matches no
@@ -117,6 +118,7 @@ impl Cluster {
             pins,
             lab,
         };
+        agent::wait_until_attached(&cluster.lab, cluster.pins.path(), None);
         cluster.wait_for_backends(3);
         cluster
     }
@@ -336,7 +338,7 @@ fn a_pod_added_after_the_agent_started_is_balanced_to_and_from() {
     cluster.wait_for_backends(4);
     // The agent attaches to the new pod's interface when netlink announces it: the pod can use
     // the service itself…
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let late_ns = &cluster.lab.pod(late.0).ns;
     while let Err(error) = servers::http_get(late_ns, WEB, 80, Duration::from_millis(500)) {
         assert!(
@@ -378,6 +380,11 @@ impl Load {
         self.ok.load(Ordering::SeqCst)
     }
 
+    /// Waits until more than `than` connections have succeeded.
+    fn wait_for_more(&self, what: &str, than: usize) {
+        agent::wait_until(what, || self.ok() > than);
+    }
+
     /// No connection failed `across` what happened, and the client kept connecting.
     fn assert_unbroken(&self, across: &str) {
         assert_eq!(
@@ -400,16 +407,11 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
     let first_sync = std::thread::scope(|scope| {
         let client = &cluster.lab.pod(CLIENT.0).ns;
         scope.spawn(|| load.run(client));
-        std::thread::sleep(Duration::from_millis(300));
+        load.wait_for_more("the load to get going", 0);
         // kill -9: no cleanup at all. The pinned links and maps keep the datapath serving.
         cluster.agent.kill().unwrap();
         cluster.agent.wait().unwrap();
-        let served_at_kill = load.ok();
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(
-            load.ok() > served_at_kill,
-            "connections kept succeeding with no agent running"
-        );
+        load.wait_for_more("connections with no agent running", load.ok());
 
         cluster.agent = agent::spawn(
             &cluster.lab,
@@ -423,7 +425,12 @@ fn an_agent_killed_and_restarted_under_load_loses_no_connection_and_rewrites_not
             .iter()
             .find(|event| event["fields"]["message"] == "maps in sync")
             .expect("the restarted agent synced");
-        std::thread::sleep(Duration::from_millis(300));
+        // Its programs replace the old ones once verified; connections go on across the swap.
+        events
+            .iter()
+            .find(|event| event["fields"]["message"] == "serving")
+            .expect("the restarted agent serves");
+        load.wait_for_more("connections after the swap", load.ok());
         load.stop();
         first_sync
     });
@@ -468,8 +475,8 @@ fn metric(body: &str, name: &str) -> u64 {
 #[test]
 fn metrics_count_the_connections_made_and_health_is_reported() {
     let cluster = Cluster::start("nm");
-    let (status, body) = scrape(&cluster, "/healthz");
-    assert_eq!(status, 200, "healthy once programmed: {body}");
+    // Healthy once serving: the programs attached (the socket hooks last) and the maps in sync.
+    agent::wait_until("a healthy /healthz", || scrape(&cluster, "/healthz").0 == 200);
     let (_, before) = scrape(&cluster, "/metrics");
     let flows_before = metric(&before, "switchboard_datapath_new_flows_total");
     for _ in 0..25 {
@@ -544,7 +551,7 @@ fn keep_datapath_serves_after_the_agent_exits_and_uninstall_detaches_it() {
     );
     assert!(!cluster.pins.path().exists(), "the pins are gone");
     // bpffs drops a removed pin's reference after an RCU grace period: detaching is not instant.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while let Ok(reply) = servers::http_get(cluster.client(), WEB, 80, Duration::from_millis(300)) {
         assert!(
             Instant::now() < deadline,
@@ -736,10 +743,9 @@ fn a_udp_client_keeps_getting_answers_while_its_backend_is_replaced() {
             .filter_map(Result::ok)
             .all(|(_, backend)| backend.addr != old_ip)
     });
-    drop(cluster.udp.remove(pod_index(&old)));
-    // The old pod's socket closes within its poll interval: a query sent there now would be
+    // The old pod's socket is closed once the drop returns: a query sent there now would be
     // refused, not answered.
-    std::thread::sleep(Duration::from_millis(200));
+    drop(cluster.udp.remove(pod_index(&old)));
     for _ in 0..10 {
         assert_ne!(ask(), old, "the client moved to a live pod");
     }
@@ -753,11 +759,10 @@ fn a_udp_client_hears_connection_refused_when_its_pods_port_closes() {
     let mut cluster = Cluster::start("ni");
     let flow = servers::UdpFlow::connect(cluster.client(), SocketAddr::from((WEB, 53)), TIMEOUT).unwrap();
     let pod = flow.ask().expect("answered");
+    // The server's socket is closed once the drop returns.
     drop(cluster.udp.remove(pod_index(&pod)));
-    // The server's socket closes within its poll interval.
-    std::thread::sleep(Duration::from_millis(200));
     let error = flow
-        .ask()
+        .ask_retrying(3)
         .expect_err("nothing listens on the pod's port any more");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionRefused, "{error}");
 }
@@ -781,7 +786,7 @@ fn closed_connections_are_garbage_collected_from_conntrack() {
     let (_, body) = scrape(&cluster, "/metrics");
     assert!(metric(&body, "switchboard_conntrack_flows") >= 20, "{body}");
     let collected = "switchboard_conntrack_gc_collected_total{reason=\"tcp_closed\"}";
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let (_, body) = scrape(&cluster, "/metrics");
         if metric(&body, collected) >= 20 && metric(&body, "switchboard_conntrack_flows") == 0 {
@@ -923,19 +928,6 @@ fn per_service_metrics_count_each_frontends_connections() {
 }
 
 /// The program each pinned link under `pins` runs, by pin name (`<ifindex>-<program>`).
-fn linked_programs(pins: &Path) -> BTreeMap<String, u32> {
-    use aya::programs::links::{FdLink, PinnedLink};
-    std::fs::read_dir(pins.join("links"))
-        .unwrap()
-        .map(|entry| {
-            let entry = entry.unwrap();
-            let link = FdLink::from(PinnedLink::from_pin(entry.path()).unwrap());
-            let name = entry.file_name().into_string().unwrap();
-            (name, link.info().unwrap().program_id())
-        })
-        .collect()
-}
-
 /// An upgrade: the agent is replaced by one loading a rebuilt datapath object (`--bpf-object`)
 /// while a client keeps connecting. No connection fails, the pinned links now run the new
 /// programs, and those use the same pinned maps (so conntrack and counters carry over).
@@ -946,7 +938,7 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
     let build = tempfile::tempdir().unwrap();
     let object = build.path().join("lb-ebpf.o");
     std::fs::write(&object, lb_userspace::datapath::OBJECT).unwrap();
-    let before = linked_programs(cluster.pins.path());
+    let before = agent::linked_programs(cluster.pins.path());
     let pod_links = before
         .keys()
         .filter(|link| link.ends_with("from_pod") || link.ends_with("to_pod"))
@@ -970,7 +962,7 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
     std::thread::scope(|scope| {
         let client = &cluster.lab.pod(CLIENT.0).ns;
         scope.spawn(|| load.run(client));
-        std::thread::sleep(Duration::from_millis(300));
+        load.wait_for_more("the load to get going", 0);
         // The old version goes as a DaemonSet rollout stops it; its links stay pinned.
         cluster.agent.kill().unwrap();
         cluster.agent.wait().unwrap();
@@ -987,17 +979,17 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
             let message = &event["fields"]["message"];
             from_file |= message.as_str().is_some_and(|m| m.contains("object file"))
                 && event["fields"]["object"] == object.display().to_string();
-            if message == "maps in sync" {
+            if message == "serving" {
                 break;
             }
         }
         assert!(from_file, "the new agent said it loaded {}", object.display());
-        std::thread::sleep(Duration::from_millis(300));
+        load.wait_for_more("connections after the upgrade", load.ok());
         load.stop();
     });
     load.assert_unbroken("across the upgrade");
 
-    let after = linked_programs(cluster.pins.path());
+    let after = agent::linked_programs(cluster.pins.path());
     assert_eq!(
         after.keys().collect::<Vec<_>>(),
         before.keys().collect::<Vec<_>>(),
@@ -1033,7 +1025,7 @@ fn a_rebuilt_datapath_object_replaces_the_running_programs_without_failing_a_con
         }
     }
     // Nothing holds the old programs any more: the kernel frees them (after an RCU grace period).
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     while aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .any(|info| before.values().any(|id| *id == info.id()))
@@ -1086,11 +1078,10 @@ fn switching_datapath_logging_on_makes_a_connection_print_its_backend() {
             .find(|event| event["target"].as_str().is_some_and(|t| t.starts_with("lb_ebpf")))
             .expect("the agent prints a datapath line")
     };
+    // Serving: its own programs swapped in, whose log lines it reads.
     assert!(
-        events
-            .iter()
-            .any(|event| event["fields"]["message"] == "maps in sync"),
-        "the agent synced"
+        events.iter().any(|event| event["fields"]["message"] == "serving"),
+        "the agent serves"
     );
     let other_frontend = || servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).unwrap();
     for _ in 0..5 {
@@ -1141,14 +1132,15 @@ fn a_removed_manifest_directory_keeps_the_programmed_state_and_is_caught_up_when
     std::fs::rename(dir, &away).unwrap();
     // Edited while the agent cannot see it: nothing changes until the directory is back.
     write_pods(&away, &PODS[..2]);
+    // For 1.5 s, which the agent spends looking for the directory (every second), and for at
+    // least 5 rounds however slow the machine.
     let until = Instant::now() + Duration::from_millis(1500);
     let mut answered = 0;
-    while Instant::now() < until {
+    while answered < 5 || Instant::now() < until {
         servers::http_get(cluster.client(), WEB, 80, TIMEOUT).expect("TCP served without manifests");
         servers::udp_request(cluster.client(), WEB, 53, TIMEOUT).expect("UDP served without manifests");
         answered += 1;
     }
-    assert!(answered >= 5, "only {answered} rounds in 1.5 s");
     cluster.wait_for_backends(3);
 
     std::fs::rename(&away, dir).unwrap();

@@ -339,7 +339,8 @@ const PODS: [(&str, Ipv4Addr); 3] = [
 const CLIENT: (&str, Ipv4Addr) = ("client", Ipv4Addr::new(10, 244, 3, 20));
 const SIG: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 10);
 const NOBODY: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 11);
-const TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an answer that should come at once may take on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Three `app=sig` pods answering SCTP on 3869 and 2905 over raw sockets, a client pod, the
 /// dual-stack Service `sig` (3868/SCTP → 3869, 2905/SCTP), Service `nobody` selecting no pod,
@@ -405,6 +406,7 @@ impl Cluster {
             Stdio::inherit(),
             &[],
         ));
+        agent::wait_until_attached(&lab, pins.path(), None);
         let cluster = Self {
             _agent: agent,
             _responders: responders,

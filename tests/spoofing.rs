@@ -28,7 +28,8 @@ const LINES: u16 = 7000;
 const SERVER: (&str, Ipv4Addr) = ("web-0", Ipv4Addr::new(10, 244, 5, 10));
 const VICTIM: (&str, Ipv4Addr) = ("victim", Ipv4Addr::new(10, 244, 5, 20));
 const ATTACKER: (&str, Ipv4Addr) = ("attacker", Ipv4Addr::new(10, 244, 5, 30));
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an answer that should come at once may take on a loaded machine.
+const TIMEOUT: Duration = Duration::from_secs(10);
 const IPPROTO_RAW: i32 = 255;
 
 struct Cluster {
@@ -72,6 +73,7 @@ impl Cluster {
         agent::write_manifest(manifests.path(), "services.yaml", &services.join("---\n"));
         let pins = PinDir::new("sbtest", tag);
         let agent = agent::spawn(&lab, manifests.path(), pins.path(), Stdio::inherit(), &[]);
+        agent::wait_until_attached(&lab, pins.path(), None);
         let cluster = Self {
             agent,
             _server: server,

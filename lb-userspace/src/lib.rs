@@ -2,6 +2,7 @@
 //!
 //! Data flows `source` → `model` → `reconcile` → `datapath`; `observe` serves metrics and health;
 //! `cli` wires them into commands and `lab` builds network-namespace pods for the demo and tests.
+pub mod agent;
 pub mod cli;
 pub mod datapath;
 pub mod lab;

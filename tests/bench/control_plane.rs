@@ -1,46 +1,41 @@
 //! Control plane: how long it takes to program N services × 10 endpoints from nothing, how long one
-//! endpoint change takes to reach the maps, and the memory it takes — Switchboard's reconciler
-//! writing BPF maps against `iptables-restore` and `nft -f` loading kube-proxy's equivalent rule
-//! sets.
+//! endpoint change takes to reach the maps, and the memory it takes — the Switchboard agent against
+//! `iptables-restore` and `nft -f` loading kube-proxy's equivalent rule sets.
 //!
-//! Switchboard runs as a child process of the bench (this same binary with
-//! `--control-plane-child N`), so its peak RSS is that of a process holding the desired state, the
-//! reconciler and the maps for N services, not the bench's. Each child starts from a fresh pin
-//! directory; each kube-proxy tool loads into an emptied scratch namespace. Its input starts at
-//! the planned desired state (the reconciler's input): reading manifests and computing the model
-//! are not part of either side's number.
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    path::Path,
-    process::Command,
-    time::{Duration, Instant},
-};
+//! Switchboard is the agent itself with its default settings (Maglev), fed by an in-process
+//! Kubernetes API server (see [`agent_run`]): from its start to every Service in the maps, its
+//! memory, the kernel's memory for its maps, endpoint changes from the API to the kernel, and a
+//! restart. Each kube-proxy tool loads its rule file into an emptied scratch namespace: the time
+//! and memory of the tool alone, with the rules already generated (kube-proxy's own list/watch and
+//! rule generation are not in its number).
+use std::{path::Path, process::Command, time::Duration};
 
-use anyhow::{Context as _, ensure};
-use lb_userspace::{
-    datapath::{Capacity, Datapath},
-    lab::NetNs,
-    reconcile::{DesiredService, FrontendKey, Reconciler},
-};
-use serde::{Deserialize, Serialize};
+use lb_userspace::lab::NetNs;
+use serde::Serialize;
 
 use crate::{
+    agent_run::{self, AgentRun},
     kube_proxy_rules, process,
-    scratch::{PIN_OWNER, PinDir, unique_prefix},
-    services::{self, CIDRS, ENDPOINTS_PER_SERVICE, Family},
+    scratch::unique_prefix,
+    services::{CIDRS, ENDPOINTS_PER_SERVICE},
     stats,
 };
 
 pub struct Settings {
     pub service_counts: Vec<usize>,
     pub rounds: usize,
-    /// Endpoint changes per Switchboard child, at most…
+    /// Endpoint changes per agent run, at most…
     pub changes: usize,
     /// …and for at most this long (at least three are always made).
     pub change_budget: Duration,
-    /// A tool still loading after this long is stopped and its run recorded as failed.
+    /// A run still loading after this long is stopped and recorded as failed.
     pub tool_timeout: Duration,
+    /// Above this many services the kube-proxy tools run once, not every round (minutes each).
+    pub kube_proxy_every_round_up_to: usize,
+    /// `--lb-algorithm` for the agent; `None`: its default (Maglev).
+    pub lb_algorithm: Option<String>,
+    /// Only the agent, none of kube-proxy's tools.
+    pub agent_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -62,7 +57,7 @@ impl Loader {
 
     pub fn label(self) -> &'static str {
         match self {
-            Self::Switchboard => "Switchboard (reconciler → BPF maps)",
+            Self::Switchboard => "Switchboard agent (API → model → BPF maps)",
             Self::IptablesNftRestore => "iptables-nft-restore",
             Self::IptablesLegacyRestore => "iptables-legacy-restore",
             Self::NftFile => "nft -f",
@@ -85,29 +80,35 @@ pub struct FullSyncRow {
     pub failures: Vec<String>,
 }
 
+/// The agent's own numbers at one size, medians over rounds.
 #[derive(Debug, Serialize)]
-pub struct ChangeRow {
+pub struct AgentRow {
     pub services: usize,
+    pub sync_seconds: f64,
+    pub serving_seconds: f64,
+    pub restart_sync_seconds: f64,
+    pub restart_serving_seconds: f64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+    pub kernel_map_mib: f64,
     pub changes: usize,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub max_ms: f64,
+    pub change_p50_ms: f64,
+    pub change_p99_ms: f64,
+    pub change_max_ms: f64,
+    /// The most Services a run could not program (maps full).
+    pub failed_services: u64,
+    pub runs: Vec<AgentRun>,
+    pub failures: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Results {
     pub rounds: usize,
     pub endpoints_per_service: usize,
+    /// The agent's `--lb-algorithm`, when not its default.
+    pub lb_algorithm: Option<String>,
     pub full_sync: Vec<FullSyncRow>,
-    pub endpoint_changes: Vec<ChangeRow>,
-}
-
-/// What a Switchboard child reports on its standard output, as one JSON line.
-#[derive(Debug, Serialize, Deserialize)]
-struct ChildReport {
-    full_sync_seconds: f64,
-    change_seconds: Vec<f64>,
-    vm_hwm_kib: u64,
+    pub agent: Vec<AgentRow>,
 }
 
 pub fn run(settings: &Settings) -> anyhow::Result<Results> {
@@ -116,26 +117,37 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
         .map(|_| NetNs::create(&unique_prefix('c')))
         .collect::<anyhow::Result<_>>()?;
     let mut full_sync = Vec::new();
-    let mut endpoint_changes = Vec::new();
+    let mut agent = Vec::new();
     for &count in &settings.service_counts {
-        let ports: Vec<_> = (0..count).map(services::filler).collect();
+        let ports = agent_run::ports(count);
         let iptables = process::temp_file_with(&kube_proxy_rules::iptables_restore(&ports, CIDRS))?;
         let nft = process::temp_file_with(&kube_proxy_rules::nft_script(&ports, CIDRS))?;
-        drop(ports);
+        let options = agent_run::Options {
+            changes: settings.changes.div_ceil(settings.rounds.max(1)),
+            change_budget: settings.change_budget / settings.rounds.max(1) as u32,
+            timeout: settings.tool_timeout,
+            lb_algorithm: settings.lb_algorithm.as_deref(),
+        };
 
-        // [loader][round]: (seconds, peak RSS in MiB), NaN for a failed run.
+        // [loader][round]: (seconds, peak RSS in MiB), NaN for a failed or skipped run.
         let mut samples = vec![Vec::<(f64, f64)>::new(); Loader::ALL.len()];
         let mut failures = vec![Vec::<String>::new(); Loader::ALL.len()];
-        let mut change_seconds = Vec::new();
+        let mut runs = Vec::new();
         let order: Vec<usize> = (0..Loader::ALL.len()).collect();
         for round in 0..settings.rounds {
             for l in stats::rotated(&order, round) {
                 let loader = Loader::ALL[l];
                 let outcome = match loader {
-                    Loader::Switchboard => switchboard_child(count, settings).map(|report| {
-                        change_seconds.extend_from_slice(&report.change_seconds);
-                        (report.full_sync_seconds, report.vm_hwm_kib as f64 / 1024.0)
+                    Loader::Switchboard => agent_run::measure(&ports, &options).map(|run| {
+                        let sample = (run.sync_seconds, run.peak_rss_mib);
+                        runs.push(run);
+                        sample
                     }),
+                    _ if settings.agent_only
+                        || (round > 0 && count > settings.kube_proxy_every_round_up_to) =>
+                    {
+                        continue;
+                    }
                     _ => {
                         let input = if loader == Loader::NftFile {
                             nft.path()
@@ -148,7 +160,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
                 match outcome {
                     Ok(sample) => {
                         eprintln!(
-                            "[control plane] {count:>6} services  {:<36} {:>8.3} s  peak RSS {:>7.1} MiB",
+                            "[control plane] {count:>6} services  {:<44} {:>8.3} s  peak RSS {:>7.1} MiB",
                             loader.label(),
                             sample.0,
                             sample.1
@@ -169,35 +181,70 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
         let seconds = |l: usize| -> Vec<f64> { samples[l].iter().map(|s| s.0).collect() };
         for (l, &loader) in Loader::ALL.iter().enumerate() {
             let rss: Vec<f64> = samples[l].iter().map(|s| s.1).collect();
+            let mut switchboard = seconds(0);
+            switchboard.truncate(samples[l].len());
             full_sync.push(FullSyncRow {
                 services: count,
                 loader,
                 seconds: stats::median(&seconds(l)),
-                ratio_to_switchboard: stats::paired_ratio(&seconds(l), &seconds(0)),
+                ratio_to_switchboard: stats::paired_ratio(&seconds(l), &switchboard),
                 peak_rss_mib: stats::median(&rss),
                 samples_seconds: seconds(l),
                 failures: std::mem::take(&mut failures[l]),
             });
         }
-        let change = ChangeRow {
-            services: count,
-            changes: change_seconds.len(),
-            p50_ms: stats::percentile(&change_seconds, 50.0) * 1e3,
-            p99_ms: stats::percentile(&change_seconds, 99.0) * 1e3,
-            max_ms: stats::percentile(&change_seconds, 100.0) * 1e3,
-        };
-        eprintln!(
-            "[control plane] {count:>6} services  one endpoint change → maps: p50 {:.3} ms, p99 {:.3} ms over {} changes",
-            change.p50_ms, change.p99_ms, change.changes
+        let row = agent_row(
+            count,
+            runs,
+            full_sync
+                .iter()
+                .find(|r| r.services == count && r.loader == Loader::Switchboard),
         );
-        endpoint_changes.push(change);
+        eprintln!(
+            "[control plane] {count:>6} services  agent: serving after {:.3} s, restart in sync {:.3} s, \
+             one endpoint change API → maps p50 {:.3} ms p99 {:.3} ms, RSS {:.0} MiB, kernel maps {:.0} MiB",
+            row.serving_seconds,
+            row.restart_sync_seconds,
+            row.change_p50_ms,
+            row.change_p99_ms,
+            row.rss_mib,
+            row.kernel_map_mib
+        );
+        agent.push(row);
     }
     Ok(Results {
         rounds: settings.rounds,
         endpoints_per_service: ENDPOINTS_PER_SERVICE,
+        lb_algorithm: settings.lb_algorithm.clone(),
         full_sync,
-        endpoint_changes,
+        agent,
     })
+}
+
+/// Medians of the agent's runs at one size.
+fn agent_row(services: usize, runs: Vec<AgentRun>, sync: Option<&FullSyncRow>) -> AgentRow {
+    let median = |f: fn(&AgentRun) -> f64| stats::median(&runs.iter().map(f).collect::<Vec<_>>());
+    let changes: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.change_seconds.iter().copied())
+        .collect();
+    AgentRow {
+        services,
+        sync_seconds: median(|r| r.sync_seconds),
+        serving_seconds: median(|r| r.serving_seconds),
+        restart_sync_seconds: median(|r| r.restart_sync_seconds),
+        restart_serving_seconds: median(|r| r.restart_serving_seconds),
+        rss_mib: median(|r| r.rss_mib),
+        peak_rss_mib: median(|r| r.peak_rss_mib),
+        kernel_map_mib: median(|r| r.kernel_map_mib),
+        changes: changes.len(),
+        change_p50_ms: stats::percentile(&changes, 50.0) * 1e3,
+        change_p99_ms: stats::percentile(&changes, 99.0) * 1e3,
+        change_max_ms: stats::percentile(&changes, 100.0) * 1e3,
+        failures: sync.map(|s| s.failures.clone()).unwrap_or_default(),
+        failed_services: runs.iter().map(|r| r.failed_services).max().unwrap_or(0),
+        runs,
+    }
 }
 
 /// Empties `ns`, then loads `input` with `loader` there: (wall seconds, peak RSS MiB).
@@ -224,97 +271,4 @@ fn load_rules(ns: &NetNs, loader: Loader, input: &Path, timeout: Duration) -> an
     std::thread::sleep(Duration::from_millis(200));
     let finished = process::run(Some(ns), Command::new(program).args(args), Some(input), timeout)?;
     Ok((finished.wall.as_secs_f64(), finished.max_rss_kib as f64 / 1024.0))
-}
-
-fn switchboard_child(count: usize, settings: &Settings) -> anyhow::Result<ChildReport> {
-    let exe = std::env::current_exe().context("cannot find the bench binary")?;
-    let budget_ms = (settings.change_budget.as_millis() as usize / settings.rounds.max(1)).to_string();
-    let changes = settings.changes.div_ceil(settings.rounds.max(1)).to_string();
-    let finished = process::run(
-        None,
-        Command::new(exe).args([
-            "--control-plane-child",
-            &count.to_string(),
-            "--child-changes",
-            &changes,
-            "--child-change-budget-ms",
-            &budget_ms,
-        ]),
-        None,
-        settings.tool_timeout + settings.change_budget,
-    )?;
-    let line = finished
-        .stdout
-        .lines()
-        .last()
-        .context("the Switchboard child printed nothing")?;
-    serde_json::from_str(line).with_context(|| format!("cannot read the child's report {line:?}"))
-}
-
-/// The child's side: programs `count` services into a fresh datapath, then makes `changes`
-/// single-endpoint changes (within `budget`), and prints a [`ChildReport`].
-pub fn child(count: usize, changes: usize, budget: Duration) -> anyhow::Result<()> {
-    let pins = PinDir::new(PIN_OWNER, "cp");
-    let needed = (count * ENDPOINTS_PER_SERVICE) as u32 + 64;
-    let default = Capacity::default();
-    let capacity = Capacity {
-        services: default.services.max(count as u32 + 16),
-        backends: default.backends.max(needed),
-        backend_slots: default.backend_slots.max(needed),
-        ..default
-    };
-    let datapath = Datapath::load_with_capacity(pins.path(), capacity)?;
-    let mut maps = datapath.maps()?;
-    let mut reconciler = Reconciler::new(maps.read_programmed()?);
-    let ports: Vec<_> = (0..count).map(services::filler).collect();
-    let mut desired: BTreeMap<FrontendKey, DesiredService> = services::desired(&ports, &[Family::Ipv4]);
-    drop(ports);
-
-    let started = Instant::now();
-    let report = reconciler.apply(&desired, &mut maps);
-    let full_sync_seconds = started.elapsed().as_secs_f64();
-    ensure!(report.failed.is_empty(), "map writes failed: {:?}", report.failed);
-
-    let keys: Vec<FrontendKey> = desired.keys().copied().collect();
-    let mut change_seconds = Vec::new();
-    let changes_started = Instant::now();
-    for k in 0..changes {
-        if k >= 3 && changes_started.elapsed() > budget {
-            break;
-        }
-        // A different service each time; one endpoint replaced by a pod never seen before.
-        let service = desired
-            .get_mut(&keys[(k * 7919) % keys.len()])
-            .expect("a key of the map");
-        let slot = k % service.backends.len();
-        service.backends[slot] = (
-            Ipv4Addr::from(u32::from_be_bytes([10, 64, 0, 0]) + k as u32),
-            8080,
-        )
-            .into();
-        let started = Instant::now();
-        let report = reconciler.apply(&desired, &mut maps);
-        change_seconds.push(started.elapsed().as_secs_f64());
-        ensure!(
-            report.failed.is_empty() && report.writes > 0,
-            "the endpoint change was not written: {report:?}"
-        );
-    }
-    let report = ChildReport {
-        full_sync_seconds,
-        change_seconds,
-        vm_hwm_kib: vm_hwm_kib()?,
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
-}
-
-/// This process's peak resident set size so far.
-fn vm_hwm_kib() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/self/status")
 }

@@ -118,20 +118,20 @@ pub fn section(md: &mut String, results: &Results) {
                 ));
             }
         }
-        let changes = &control_plane.endpoint_changes;
+        let changes = &control_plane.agent;
         if let (Some(first), Some(last)) = (changes.first(), changes.last())
             && last.services > first.services
-            && last.p50_ms > first.p50_ms * 2.0
+            && last.change_p50_ms > first.change_p50_ms * 2.0
         {
             losses.push(format!(
                 "Endpoint changes: one change takes {} ms (p50) with {} services but {} ms with {} \
-                 (×{:.1}): the reconciler's cost per change grows with the number of services \
+                 (×{:.1}): the agent's cost per change grows with the number of services \
                  instead of with the size of the change.",
-                short(first.p50_ms),
+                short(first.change_p50_ms),
                 first.services,
-                short(last.p50_ms),
+                short(last.change_p50_ms),
                 last.services,
-                last.p50_ms / first.p50_ms
+                last.change_p50_ms / first.change_p50_ms
             ));
         }
     }

@@ -9,9 +9,16 @@
 //!
 //! Needs root. Rules are only ever loaded into network namespaces the bench creates, and traffic
 //! only goes to addresses inside them.
+mod agent_run;
 mod control_plane;
 mod datapath;
 mod e2e;
+#[path = "../common/fake_api.rs"]
+#[expect(
+    dead_code,
+    reason = "the tests' API server: the bench uses what serves objects, not the faults"
+)]
+mod fake_api;
 mod kube_proxy_rules;
 mod losses;
 mod machine;
@@ -39,7 +46,7 @@ use serde::Serialize;
     about = "Switchboard against kube-proxy (iptables, nftables) and the direct path"
 )]
 struct Args {
-    /// Fewer rounds, shorter samples and smaller sizes: under 3 minutes.
+    /// Fewer rounds, shorter samples and smaller sizes: about 5 minutes.
     #[arg(long, conflicts_with = "smoke")]
     quick: bool,
     /// Tiny sizes, to check the bench still works (CI): under 30 seconds.
@@ -54,13 +61,16 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-    /// Internal: be the Switchboard control-plane child for this many services.
-    #[arg(long, hide = true)]
-    control_plane_child: Option<usize>,
-    #[arg(long, hide = true, default_value_t = 0)]
-    child_changes: usize,
-    #[arg(long, hide = true, default_value_t = 0)]
-    child_change_budget_ms: u64,
+    /// The agent's --lb-algorithm in the control-plane section [default: the agent's own,
+    /// Maglev]; the report says when it is not the default.
+    #[arg(long, value_name = "ALGORITHM")]
+    control_plane_lb_algorithm: Option<String>,
+    /// The control-plane section without kube-proxy's tools: the agent alone.
+    #[arg(long)]
+    control_plane_agent_only: bool,
+    /// Services counts for the control-plane section instead of the mode's, e.g. `100000`.
+    #[arg(long, value_delimiter = ',', value_name = "N,…")]
+    control_plane_services: Vec<usize>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -102,11 +112,14 @@ impl Settings {
                     warmup: Duration::from_millis(500),
                 },
                 control_plane: control_plane::Settings {
-                    service_counts: vec![1_000, 10_000, 50_000],
+                    service_counts: vec![1_000, 10_000, 50_000, 100_000],
                     rounds: 3,
-                    changes: 200,
-                    change_budget: Duration::from_secs(120),
+                    changes: 300,
+                    change_budget: Duration::from_secs(60),
                     tool_timeout: Duration::from_secs(600),
+                    kube_proxy_every_round_up_to: 10_000,
+                    lb_algorithm: None,
+                    agent_only: false,
                 },
             },
             Mode::Quick => Self {
@@ -123,12 +136,16 @@ impl Settings {
                     sample: Duration::from_millis(500),
                     warmup: Duration::from_millis(200),
                 },
+                // The goals' size (10k) once each: kube-proxy's tools take tens of seconds there.
                 control_plane: control_plane::Settings {
-                    service_counts: vec![1_000, 3_000],
-                    rounds: 2,
+                    service_counts: vec![1_000, 10_000],
+                    rounds: 1,
                     changes: 100,
-                    change_budget: Duration::from_secs(8),
-                    tool_timeout: Duration::from_secs(60),
+                    change_budget: Duration::from_secs(10),
+                    tool_timeout: Duration::from_secs(120),
+                    kube_proxy_every_round_up_to: 10_000,
+                    lb_algorithm: None,
+                    agent_only: false,
                 },
             },
             Mode::Smoke => Self {
@@ -150,6 +167,9 @@ impl Settings {
                     changes: 20,
                     change_budget: Duration::from_secs(2),
                     tool_timeout: Duration::from_secs(30),
+                    kube_proxy_every_round_up_to: usize::MAX,
+                    lb_algorithm: None,
+                    agent_only: false,
                 },
             },
         }
@@ -176,13 +196,6 @@ fn main() {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if let Some(count) = args.control_plane_child {
-        return control_plane::child(
-            count,
-            args.child_changes,
-            Duration::from_millis(args.child_change_budget_ms),
-        );
-    }
     if !nix::unistd::geteuid().is_root() {
         bail!(
             "the bench loads eBPF programs and builds network namespaces: run it as root (`cargo xtask bench`)"
@@ -195,7 +208,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let out = args.out.unwrap_or_else(|| workspace_root().join("bench"));
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let settings = Settings::for_mode(mode);
+    let mut settings = Settings::for_mode(mode);
+    settings.control_plane.lb_algorithm = args.control_plane_lb_algorithm.clone();
+    settings.control_plane.agent_only = args.control_plane_agent_only;
+    if !args.control_plane_services.is_empty() {
+        settings.control_plane.service_counts = args.control_plane_services.clone();
+    }
     let wanted = |section| args.only.is_empty() || args.only.contains(&section);
     let started = Instant::now();
     eprintln!("bench: {mode:?} run, results into {}", out.display());

@@ -1,4 +1,4 @@
-//! Running a tool (iptables-restore, nft, the bench's own child) inside a namespace, with its wall
+//! Running a tool (iptables-restore, nft, the agent is started by agent_run) inside a namespace, with its wall
 //! time and peak memory, and a deadline after which it is killed.
 use std::{
     fs::File,
@@ -16,7 +16,6 @@ pub struct Finished {
     pub wall: Duration,
     /// Peak resident set size (`ru_maxrss` from wait4(2)), in KiB.
     pub max_rss_kib: u64,
-    pub stdout: String,
 }
 
 /// How often the child is polled: the resolution of `wall`.
@@ -30,10 +29,9 @@ pub fn run(
     stdin: Option<&Path>,
     timeout: Duration,
 ) -> anyhow::Result<Finished> {
-    let stdout = tempfile::tempfile()?;
     let stderr = tempfile::tempfile()?;
     command
-        .stdout(stdout.try_clone()?)
+        .stdout(Stdio::null())
         .stderr(stderr.try_clone()?)
         .stdin(match stdin {
             Some(path) => {
@@ -86,7 +84,6 @@ pub fn run(
     Ok(Finished {
         wall,
         max_rss_kib: usage.ru_maxrss as u64,
-        stdout: read(stdout),
     })
 }
 

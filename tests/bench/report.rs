@@ -354,17 +354,27 @@ fn control_plane_section(
     out: &Path,
     results: &control_plane::Results,
 ) -> anyhow::Result<()> {
+    let algorithm = match &results.lb_algorithm {
+        None => "its default settings (Maglev)".to_owned(),
+        Some(algorithm) => format!("`--lb-algorithm {algorithm}` (not the default)"),
+    };
     let _ = write!(
         md,
         "\n## 3. Control plane\n\n\
-         Programming N services × {} endpoints from nothing: Switchboard's reconciler writing its BPF \
-         maps (in a child process of its own, from the planned desired state) against \
-         `iptables-restore` and `nft -f` loading the equivalent kube-proxy rule sets into an \
-         emptied scratch namespace; {} rounds in rotating order. Peak RSS is that of the process \
-         doing the programming: for the kube-proxy modes it is the loading tool's, not kube-proxy's \
-         own (a Go daemon that also holds the cluster state).\n\n\
+         N Services × {} endpoints, each loader starting from nothing; {} round(s) in rotating order \
+         (kube-proxy's tools once above 10,000 Services).\n\n\
+         - **Switchboard agent**: `switchboard run` with {algorithm}, no interface to attach to, \
+         fed by the tests' in-process Kubernetes API server with the Services and EndpointSlices \
+         as the API sends them (managedFields, the last-applied annotation, owner references; \
+         lists paged by 500). *Time to sync* runs from starting the process to its log saying \
+         every Service is in the maps: connecting, listing, decoding, trimming, the model, the \
+         plan and every map write. Its peak RSS is the agent's own.\n\
+         - **iptables-nft-restore / iptables-legacy-restore / nft -f**: the tool loading the rule \
+         set kube-proxy would write (already generated) into an emptied scratch namespace: the \
+         time and peak RSS of the tool alone, not kube-proxy's list/watch, rule generation or \
+         its own memory (a Go daemon that also holds the cluster state).\n\n\
          ![full sync](control-plane.svg)\n\n\
-         | services | loader | seconds | ÷ Switchboard | peak RSS |\n|---:|---|---:|---:|---:|\n",
+         | services | loader | time to sync | ÷ Switchboard | peak RSS |\n|---:|---|---:|---:|---:|\n",
         results.endpoints_per_service, results.rounds,
     );
     for row in &results.full_sync {
@@ -375,7 +385,7 @@ fn control_plane_section(
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {}{failed} | {} | {} MiB |",
+            "| {} | {} | {} s{failed} | {} | {} MiB |",
             row.services,
             row.loader.label(),
             short(row.seconds),
@@ -384,19 +394,38 @@ fn control_plane_section(
         );
     }
     md.push_str(
-        "\nOne endpoint change (a different service each time, one endpoint replaced), timed from \
-         handing the reconciler the new desired state to its return, the maps written:\n\n\
-         | services | changes | p50 | p99 | max |\n|---:|---:|---:|---:|---:|\n",
+        "\nThe agent's own numbers (medians over rounds). *Serving*: from the start until its \
+         programs are verified and attached as well (the kernel verifies them while the maps are \
+         written). *Restart*: the agent killed with SIGKILL and started again on its pinned maps \
+         (the old programs keep serving meanwhile): until the maps are in sync, and until its own \
+         programs are swapped in. *One endpoint change*: a different Service each time loses an \
+         endpoint or gets it back, timed from the API server's watch event to the kernel's \
+         services map showing the new count (the watch, the agent, the map write, and a 0.1 ms \
+         poll). *RSS*: the agent's resident memory once in sync, and its peak. *Kernel maps*: \
+         the memory the kernel charges (memlock) for every BPF map the agent created, inner \
+         Maglev tables included.\n\n\
+         | services | time to sync | serving | restart: in sync | restart: serving | one change p50 | p99 | RSS | peak RSS | kernel maps |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
-    for row in &results.endpoint_changes {
+    for row in &results.agent {
+        let failed = match (row.failures.first(), row.failed_services) {
+            (Some(failure), _) => format!(" (failed: {failure})"),
+            (None, 0) => String::new(),
+            (None, services) => format!(" ({services} Services not programmed: a map was full)"),
+        };
         let _ = writeln!(
             md,
-            "| {} | {} | {} ms | {} ms | {} ms |",
+            "| {} | {} s{failed} | {} s | {} s | {} s | {} ms | {} ms | {} MiB | {} MiB | {} MiB |",
             row.services,
-            row.changes,
-            short(row.p50_ms),
-            short(row.p99_ms),
-            short(row.max_ms)
+            short(row.sync_seconds),
+            short(row.serving_seconds),
+            short(row.restart_sync_seconds),
+            short(row.restart_serving_seconds),
+            short(row.change_p50_ms),
+            short(row.change_p99_ms),
+            short(row.rss_mib),
+            short(row.peak_rss_mib),
+            short(row.kernel_map_mib),
         );
     }
     let series = Loader::ALL

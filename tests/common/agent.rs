@@ -1,5 +1,6 @@
 //! The real `switchboard` agent in a lab's node namespace, fed from a manifest directory.
 use std::{
+    collections::BTreeMap,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -29,6 +30,35 @@ pub fn spawn(lab: &Lab, manifests: &Path, pins: &Path, logs: Stdio, extra: &[&st
     lab.node.spawn(&mut command).unwrap()
 }
 
+/// Waits until the agent serves: its programs attached to every pod interface of the lab (and
+/// to the `external` interface, if given). The agent programs the maps while the kernel verifies
+/// its programs, so maps in sync do not mean that yet.
+pub fn wait_until_attached(lab: &Lab, pins: &Path, external: Option<&str>) {
+    let pattern = glob::Pattern::new(&lab.interface_pattern()).unwrap();
+    let external = external.map(str::to_owned);
+    let wanted = move || {
+        let interfaces = nix::net::if_::if_nameindex().unwrap();
+        interfaces
+            .iter()
+            .filter_map(|i| {
+                let name = i.name().to_str().ok()?;
+                if pattern.matches(name) {
+                    Some(format!("{}-{}", i.index(), lb_common::program_names::FROM_POD))
+                } else if external.as_deref() == Some(name) {
+                    Some(format!("{}-{}", i.index(), lb_common::program_names::NODEPORT_TC))
+                } else {
+                    None
+                }
+            })
+            .collect::<Vec<String>>()
+    };
+    let links = pins.join("links");
+    wait_until("the programs attached to every interface", || {
+        let wanted = lab.node.run(wanted.clone()).unwrap();
+        !wanted.is_empty() && wanted.iter().all(|pin| links.join(pin).exists())
+    });
+}
+
 /// Writes `contents` to `dir/name` through a rename, as kubectl-style tools do, so the agent
 /// never reads half a file.
 pub fn write_manifest(dir: &Path, name: &str, contents: &str) {
@@ -37,11 +67,35 @@ pub fn write_manifest(dir: &Path, name: &str, contents: &str) {
     std::fs::rename(staging, dir.join(name)).unwrap();
 }
 
-/// Waits up to 20 s for `done`, polling; panics naming `what` if it never is.
+/// Waits up to 40 s for `done`, polling; panics naming `what` if it never is.
 pub fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(40);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The program behind each link pinned under `pins/links`, by pin name.
+pub fn linked_programs(pins: &Path) -> BTreeMap<String, u32> {
+    use aya::programs::links::{FdLink, PinnedLink};
+    std::fs::read_dir(pins.join("links"))
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let link = FdLink::from(PinnedLink::from_pin(entry.path()).unwrap());
+            let name = entry.file_name().into_string().unwrap();
+            (name, link.info().unwrap().program_id())
+        })
+        .collect()
+}
+
+/// Waits until every link pinned under `pins` runs another program than in `before`: a new
+/// agent has swapped its programs in.
+pub fn wait_for_new_programs(pins: &Path, before: &BTreeMap<String, u32>) {
+    wait_until("the new agent's programs in every pinned link", || {
+        before
+            .iter()
+            .all(|(link, program)| linked_programs(pins).get(link).is_some_and(|now| now != program))
+    });
 }

@@ -1,6 +1,8 @@
 //! An in-process Kubernetes API server speaking the list/watch wire protocol over plain HTTP/1.1,
 //! with real JSON objects: enough for kube-rs watchers, and controllable by the test (cut the
-//! watches, expire resource versions, go down and come back).
+//! watches, expire resource versions, go down and come back). Lists are paged as the API server
+//! pages them (`limit` and `continue`); objects are kept serialized, once, so a benchmark can
+//! serve 100,000 Services and their EndpointSlices.
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Write as _},
@@ -21,10 +23,10 @@ const COLLECTIONS: [(&str, &str); 3] = [
 #[derive(Default)]
 struct State {
     resource_version: u64,
-    /// (collection, namespace/name) → object.
-    objects: BTreeMap<(String, String), Value>,
-    /// Watch events: (resourceVersion, collection, type, object).
-    events: Vec<(u64, String, &'static str, Value)>,
+    /// (collection, namespace/name) → object, as JSON.
+    objects: BTreeMap<(String, String), Arc<str>>,
+    /// Watch events in resourceVersion order: (resourceVersion, collection, type, object).
+    events: Vec<(u64, String, &'static str, Arc<str>)>,
     /// Bumped to make every open watch end (a cut connection).
     generation: u64,
     /// Watches started after this many events are answered with 410 Gone.
@@ -77,6 +79,7 @@ impl FakeApi {
             } else {
                 "ADDED"
             };
+            let object: Arc<str> = object.to_string().into();
             state.objects.insert(key, object.clone());
             let rv = state.resource_version;
             state.events.push((rv, collection, kind, object));
@@ -86,11 +89,12 @@ impl FakeApi {
     pub fn delete(&self, object: &Value) {
         self.change(|state| {
             let key = (collection_of(object), object_key(object));
-            if let Some(mut old) = state.objects.remove(&key) {
+            if let Some(old) = state.objects.remove(&key) {
                 state.resource_version += 1;
+                let mut old: Value = serde_json::from_str(&old).unwrap();
                 old["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
                 let rv = state.resource_version;
-                state.events.push((rv, key.0, "DELETED", old));
+                state.events.push((rv, key.0, "DELETED", old.to_string().into()));
             }
         });
     }
@@ -106,9 +110,10 @@ impl FakeApi {
         self.change(|state| {
             state.resource_version += 1;
             object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            state
-                .objects
-                .insert((collection_of(&object), object_key(&object)), object);
+            state.objects.insert(
+                (collection_of(&object), object_key(&object)),
+                object.to_string().into(),
+            );
             state.expired_below = state.resource_version;
             state.generation += 1;
         });
@@ -173,6 +178,9 @@ fn accept_loop(listener: TcpListener, state: Arc<(Mutex<State>, Condvar)>) {
 
 /// One connection: requests are answered in turn until a watch ends it or the client closes.
 fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) -> std::io::Result<()> {
+    // As Go's net package does for the real API server: a watch event goes out at once, not
+    // after Nagle's algorithm waited for the previous one's ACK.
+    stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut stream = stream;
     loop {
@@ -232,22 +240,58 @@ fn serve(stream: TcpStream, state: &Arc<(Mutex<State>, Condvar)>) -> std::io::Re
             return watch(stream, state, collection, since);
         }
         wait_while_held(state, collection);
-        let guard = state.0.lock().unwrap();
-        let items: Vec<&Value> = guard
-            .objects
-            .iter()
-            .filter(|((c, _), _)| c == collection)
-            .map(|(_, o)| o)
-            .collect();
-        let list = json!({
-            "kind": list_kind,
-            "apiVersion": "v1",
-            "metadata": {"resourceVersion": guard.resource_version.to_string()},
-            "items": items,
-        });
-        drop(guard);
-        respond(&mut stream, 200, &list)?;
+        let list = list_page(&state.0.lock().unwrap(), collection, list_kind, &params);
+        respond_text(&mut stream, 200, &list)?;
     }
+}
+
+/// One page of `collection`: `limit` objects (all without it) after the `continue` token's key.
+/// The token carries the first page's resourceVersion, and the last key sent, in hex.
+fn list_page(state: &State, collection: &str, list_kind: &str, params: &BTreeMap<&str, &str>) -> String {
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(usize::MAX);
+    let (resource_version, after) = match params.get("continue").and_then(|t| t.split_once('-')) {
+        Some((rv, key)) => (rv.parse().unwrap_or(state.resource_version), unhex(key)),
+        None => (state.resource_version, String::new()),
+    };
+    let start = (collection.to_owned(), after.clone());
+    let mut items = state
+        .objects
+        .range(start..)
+        .take_while(|((c, _), _)| c == collection)
+        .filter(|((_, key), _)| after.is_empty() || *key != after)
+        .peekable();
+    let mut page = Vec::new();
+    let mut last = None;
+    while page.len() < limit {
+        let Some(((_, key), object)) = items.next() else {
+            break;
+        };
+        page.push(object.as_ref());
+        last = Some(key);
+    }
+    let more = items.peek().is_some();
+    let token = match (more, last) {
+        (true, Some(key)) => format!(",\"continue\":\"{resource_version}-{}\"", hex(key)),
+        _ => String::new(),
+    };
+    format!(
+        "{{\"kind\":\"{list_kind}\",\"apiVersion\":\"v1\",\"metadata\":{{\"resourceVersion\":\"{resource_version}\"{token}}},\"items\":[{}]}}",
+        page.join(",")
+    )
+}
+
+fn hex(text: &str) -> String {
+    text.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> String {
+    let bytes: Vec<u8> = (0..text.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 fn wait_while_held(state: &Arc<(Mutex<State>, Condvar)>, collection: &str) {
@@ -259,7 +303,10 @@ fn wait_while_held(state: &Arc<(Mutex<State>, Condvar)>, collection: &str) {
 }
 
 fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
-    let body = body.to_string();
+    respond_text(stream, code, &body.to_string())
+}
+
+fn respond_text(stream: &mut TcpStream, code: u16, body: &str) -> std::io::Result<()> {
     write!(
         stream,
         "HTTP/1.1 {code} OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -292,17 +339,18 @@ fn watch(
     let mut sent = since;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let pending: Vec<(u64, Value)> = guard
-            .events
+        let first = guard.events.partition_point(|(rv, ..)| *rv <= sent);
+        let pending: Vec<(u64, String)> = guard.events[first..]
             .iter()
-            .filter(|(rv, c, _, _)| *rv > sent && c == collection)
-            .map(|(rv, _, kind, object)| (*rv, json!({"type": kind, "object": object})))
+            .filter(|(_, c, _, _)| c == collection)
+            .map(|(rv, _, kind, object)| (*rv, format!("{{\"type\":\"{kind}\",\"object\":{object}}}")))
             .collect();
+        let last = guard.events.last().map_or(sent, |(rv, ..)| *rv);
         drop(guard);
-        for (rv, event) in pending {
-            chunk(&mut stream, &event)?;
-            sent = rv;
+        for (_, event) in pending {
+            chunk_text(&mut stream, &event)?;
         }
+        sent = sent.max(last);
         guard = lock.lock().unwrap();
         if guard.generation != generation || guard.down || Instant::now() > deadline {
             // Cut: the connection ends without the terminating chunk.
@@ -313,6 +361,10 @@ fn watch(
 }
 
 fn chunk(stream: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+    chunk_text(stream, &event.to_string())
+}
+
+fn chunk_text(stream: &mut TcpStream, event: &str) -> std::io::Result<()> {
     let line = format!("{event}\n");
     write!(stream, "{:x}\r\n{line}\r\n", line.len())
 }

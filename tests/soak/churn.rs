@@ -106,6 +106,7 @@ impl<'a> Churn<'a> {
                     .all(|frontend| lab::backend_count(maps, frontend) == Some(2))
             })
         })?;
+        churn.cluster.wait_until_serving()?;
         churn.tally = Tally::default();
         Ok(churn)
     }

@@ -168,6 +168,25 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits until the agent says it serves: its programs attached (the kernel verifies them
+    /// while the maps are programmed, so maps in sync do not mean that yet).
+    pub fn wait_until_serving(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + PROGRAMMED_WITHIN;
+        let serving = || {
+            std::fs::read_to_string(&self.agent_log)
+                .unwrap_or_default()
+                .lines()
+                .any(|line| line.contains("lb_userspace::agent: serving"))
+        };
+        while !serving() {
+            if Instant::now() > deadline {
+                bail!("the agent did not serve within {PROGRAMMED_WITHIN:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Both families' entries.
     pub fn occupancy(&self) -> anyhow::Result<Occupancy> {
         let maps = self.maps()?;

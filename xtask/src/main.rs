@@ -62,7 +62,7 @@ enum Task {
     /// Benchmark against kube-proxy's iptables and nftables modes and the direct path; writes
     /// bench/REPORT.md, bench/results.json and plots (needs root).
     Bench {
-        /// Extra arguments for the bench, e.g. `-- --quick` (under 3 minutes) or `-- --smoke`.
+        /// Extra arguments for the bench, e.g. `-- --quick` (about 5 minutes) or `-- --smoke`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -1,42 +1,14 @@
-//! `switchboard run`: the agent.
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    sync::Arc,
-    time::Duration,
-};
+//! `switchboard run`: the agent's flags, handed to [`crate::agent::run`].
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
-use lb_common::{RejectLimit, Stat, map_names};
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{Notify, watch},
-};
+use lb_common::RejectLimit;
 
 use super::{PinDir, source::SourceArgs};
 use crate::{
-    datapath::{
-        Capacity, Datapath, addresses,
-        attach::{self, Attacher, XdpChoice},
-        conntrack_gc::{self, Timeouts},
-        maps::{self, ServiceMaps},
-        socket::SocketHooks,
-    },
-    model::{self, LbAlgorithm},
-    observe::{
-        self,
-        events::Events,
-        health::Health,
-        health_check::HealthChecks,
-        metrics::{AgentMetrics, ReasonLabel, ServiceLabel},
-        server::Observed,
-    },
-    reconcile::{self, FrontendKey, PlanOptions, Reconciler},
-    source::{
-        self, Snapshot,
-        manifests::{self, ManifestDir},
-    },
+    agent::{self, Settings, Source, interfaces::Hooks},
+    datapath::{Capacity, attach::XdpChoice, conntrack_gc::Timeouts},
+    model::LbAlgorithm,
+    reconcile::{self, PlanOptions},
 };
 
 #[derive(clap::Args, Debug)]
@@ -133,442 +105,56 @@ pub enum Switch {
     Off,
 }
 
-/// Interfaces are re-listed this often even without a netlink event, as a safety net.
-const RESCAN_INTERVAL: Duration = Duration::from_secs(5);
-
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run(args))?;
+    runtime.block_on(agent::run(args.settings()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    // First: a SIGTERM that comes while the datapath is loading (a rollout deleting a pod that is
-    // still starting) waits for the main loop, which exits cleanly, instead of killing the agent
-    // halfway.
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    if let Some(dir) = &args.source.manifests
-        && !dir.is_dir()
-    {
-        anyhow::bail!("--manifests {}: not a directory", dir.display());
-    }
-    let endpoints_from = args.source.endpoints_from();
-    // Connect and listen before touching the kernel, so a bad configuration fails fast and
-    // changes nothing.
-    let client = match &args.source.manifests {
-        Some(_) => None,
-        None => Some(args.source.connection.client().await?),
-    };
-    // In a cluster, warnings about a Service also become Events on it.
-    let events = client.as_ref().map(|client| {
-        let instance = args
-            .source
-            .node_name
-            .clone()
-            .or_else(|| {
-                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
-                Some(host.trim().to_owned())
-            })
-            .unwrap_or_else(|| "switchboard".into());
-        Events::start(client.clone(), instance)
-    });
-    let metrics = Arc::new(AgentMetrics::default());
-    let health = Arc::new(Health::default());
-    let registry = observe::metrics::registry(&metrics, args.pin_dir.pin_dir.clone());
-    observe::server::serve(
-        args.metrics_address,
-        Observed {
-            registry,
-            health: health.clone(),
-        },
-    )
-    .await?;
-
-    let capacity = Capacity {
-        services: args.services_capacity,
-        conntrack: args.conntrack_capacity,
-        ..Capacity::default()
-    };
-    let mut datapath = match &args.bpf_object {
-        Some(object) => Datapath::load_file(object, &args.pin_dir.pin_dir, capacity)?,
-        None => Datapath::load_with_capacity(&args.pin_dir.pin_dir, capacity)?,
-    };
-    datapath.set_reject_limit(RejectLimit::per_second(args.reject_rate, args.reject_burst))?;
-    let mut maps = datapath.maps()?;
-    // Before attaching, so that no pod's packet meets the datapath without the check.
-    maps.set_source_check(args.source_check == Switch::On)?;
-    observe::datapath_log::forward(&mut datapath.ebpf)?;
-    let mut reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
-    tracing::info!(
-        services = reconciler.programmed().services.len(),
-        "recovered the programmed state from the pinned maps"
-    );
-    let mut attacher = Attacher::new(&mut datapath.ebpf, &args.interfaces, &args.pin_dir.pin_dir)?;
-    let mut external = match &args.external_interfaces {
-        Some(pattern) => Some(Attacher::external(
-            &mut datapath.ebpf,
-            pattern,
-            &args.pin_dir.pin_dir,
-            args.xdp_mode,
-        )?),
-        None => None,
-    };
-    let sockets = match args.host_cgroup.as_deref() {
-        Some("off") => None,
-        Some(path) => Some(SocketHooks::attach(
-            &mut datapath.ebpf,
-            Some(Path::new(path)),
-            &args.pin_dir.pin_dir,
-        )?),
-        None => match SocketHooks::attach(&mut datapath.ebpf, None, &args.pin_dir.pin_dir) {
-            Ok(hooks) => Some(hooks),
-            Err(error) => {
-                tracing::warn!("{error:#}; processes of the node itself will not reach services");
-                None
-            }
-        },
-    };
-    let timeouts = Timeouts {
-        tcp: args.conntrack_tcp_timeout,
-        tcp_closing: args.conntrack_tcp_closing_timeout,
-        udp: args.conntrack_udp_timeout,
-    };
-    tokio::spawn(collect_conntrack(
-        args.pin_dir.pin_dir.clone(),
-        args.conntrack_gc_interval,
-        timeouts,
-        metrics.clone(),
-    ));
-    let links_changed = Arc::new(Notify::new());
-    attach::watch_links(links_changed.clone())?;
-    sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?;
-    datapath.finish_migrations()?;
-
-    let options = PlanOptions {
-        default_algorithm: args.lb_algorithm,
-        maglev_table_size: args.maglev_table_size,
-    };
-    let (snapshots_tx, mut snapshots) = watch::channel(Snapshot::default());
-    let source = match (&args.source.manifests, client) {
-        (Some(dir), _) => tokio::spawn(manifests::watch(
-            ManifestDir::new(dir),
-            snapshots_tx,
-            metrics.clone(),
-        )),
-        (None, Some(client)) => tokio::spawn(source::kube::watch(
-            client,
-            endpoints_from,
-            args.source.node_name.clone(),
-            snapshots_tx,
-            metrics.clone(),
-        )),
-        (None, None) => unreachable!("a client is made whenever there is no manifest directory"),
-    };
-    let mut rescan = tokio::time::interval(RESCAN_INTERVAL);
-    let mut notices = BTreeSet::new();
-    let mut health_checks = HealthChecks::default();
-    loop {
-        tokio::select! {
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    // The source ended; its error says why. The datapath stays attached.
-                    return source.await?.context("the source stopped");
-                }
-                health.update_received();
-                let snapshot = snapshots.borrow_and_update().clone();
-                let model = model::compute(&args.source.input(&snapshot));
-                if let Some(events) = &events {
-                    publish_events(events, &model, &snapshot.services, &notices);
-                }
-                sync(&model, &options, &mut reconciler, &mut maps, &metrics, &mut notices);
-                health_checks.update(&model);
-                health.update_applied();
-            }
-            () = links_changed.notified() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
-            _ = rescan.tick() => sync_interfaces(&mut datapath.ebpf, &mut attacher, external.as_mut(), &mut maps)?,
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
-        }
-    }
-    let interfaces = attacher.interfaces().len() + external.as_ref().map_or(0, |e| e.interfaces().len());
-    if args.keep_datapath {
-        tracing::info!(
-            interfaces,
-            "exiting; the datapath stays attached and keeps serving"
-        );
-    } else {
-        attacher.detach_all();
-        if let Some(external) = &mut external {
-            external.detach_all();
-        }
-        if let Some(sockets) = sockets {
-            sockets.detach();
-        }
-        tracing::info!(
-            interfaces,
-            "detached; maps stay pinned in {}",
-            args.pin_dir.pin_dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// Attaches to interfaces that appeared, and writes the node's addresses (which NodePorts answer
-/// on, and which external flows leaving for other nodes take as source).
-fn sync_interfaces(
-    ebpf: &mut aya::Ebpf,
-    pods: &mut Attacher,
-    external: Option<&mut Attacher>,
-    maps: &mut ServiceMaps,
-) -> anyhow::Result<()> {
-    pods.sync(ebpf)?;
-    let external_indexes = match external {
-        Some(external) => {
-            external.sync(ebpf)?;
-            external.attached().map(|(index, _)| index).collect()
-        }
-        None => Vec::new(),
-    };
-    if let Err(error) = addresses::program(maps, external_indexes) {
-        tracing::error!("{error:#}");
-    }
-    Ok(())
-}
-
-/// One pass of source → model → plan → maps.
-fn sync(
-    model: &model::Model,
-    options: &PlanOptions,
-    reconciler: &mut Reconciler,
-    maps: &mut ServiceMaps,
-    metrics: &AgentMetrics,
-    notices: &mut BTreeSet<String>,
-) {
-    let names = model
-        .frontends
-        .iter()
-        .map(|f| (FrontendKey::of(f), f.service.to_string()))
-        .collect();
-    *metrics.service_names.write().unwrap_or_else(|e| e.into_inner()) = names;
-    let current: BTreeSet<String> = model
-        .warnings
-        .iter()
-        .map(ToString::to_string)
-        .chain(model.frontends.iter().filter(|f| f.backends.is_empty()).map(|f| {
-            let what = if f.kind.is_external() && f.policy.external_local {
-                "has no endpoint on this node (externalTrafficPolicy Local); traffic to it is dropped"
-            } else {
-                "has no endpoints; connections to it are refused"
-            };
-            format!("Service {} {} {what}", f.service, f.dialled())
-        }))
-        .collect();
-    // Said once when it appears, not on every pass.
-    for notice in current.difference(notices) {
-        tracing::warn!("{notice}");
-    }
-    *notices = current;
-    let started = std::time::Instant::now();
-    let report = reconciler.sync_all(&model.by_service(), options, maps);
-    let elapsed = started.elapsed();
-    for (service, error) in &report.failed {
-        tracing::error!("cannot program {service}: {error}; its previous state stays in effect");
-        metrics
-            .programming_failures
-            .get_or_create(&ServiceLabel {
-                service: service.clone(),
-            })
-            .inc();
-    }
-    metrics.syncs.inc();
-    metrics.sync_duration.observe(elapsed.as_secs_f64());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    metrics.last_sync_timestamp.set(now.as_secs_f64());
-    metrics.frontends.set(model.frontends.len() as i64);
-    metrics.model_warnings.set(model.warnings.len() as i64);
-    metrics
-        .frontends_without_endpoints
-        .set(model.frontends.iter().filter(|f| f.backends.is_empty()).count() as i64);
-    tracing::info!(
-        frontends = model.frontends.len(),
-        writes = report.writes,
-        deletes = report.deletes,
-        failed = report.failed.len(),
-        elapsed_us = elapsed.as_micros() as u64,
-        "maps in sync"
-    );
-}
-
-/// A Warning Event on each Service the model has a warning about that was not among the
-/// `notices` of the previous pass: once per appearance, not on every pass.
-fn publish_events(
-    events: &Events,
-    model: &model::Model,
-    services: &[k8s_openapi::api::core::v1::Service],
-    notices: &BTreeSet<String>,
-) {
-    for warning in model
-        .warnings
-        .iter()
-        .filter(|w| !notices.contains(&w.to_string()))
-    {
-        if let Some(service) = services.iter().find(|s| is_object(s, &warning.object)) {
-            events.warn(service, &warning.message);
-        }
-    }
-}
-
-/// Whether `object`, as a model warning names it (`Service namespace/name`), is `service`.
-fn is_object(service: &k8s_openapi::api::core::v1::Service, object: &str) -> bool {
-    let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
-    let name = service.metadata.name.as_deref().unwrap_or_default();
-    object.strip_prefix("Service ") == Some(&format!("{namespace}/{name}"))
-}
-
-/// Deletes finished flows and stale affinity entries every `interval`, off the async threads (a
-/// full map is a quarter million lookups), and says once per pass when the conntrack map is full.
-async fn collect_conntrack(
-    pin_dir: PathBuf,
-    interval: Duration,
-    timeouts: Timeouts,
-    metrics: Arc<AgentMetrics>,
-) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut insert_failures = None;
-    // (entries left after the previous pass, new flows counted then)
-    let mut previous: Option<(usize, u64)> = None;
-    loop {
-        ticks.tick().await;
-        let pin_dir = pin_dir.clone();
-        let pass = tokio::task::spawn_blocking(move || gc_pass(&pin_dir, &timeouts)).await;
-        let pass = match pass {
-            Ok(Ok(pass)) => pass,
-            Ok(Err(error)) => {
-                tracing::warn!("conntrack garbage collection failed: {error:#}");
-                continue;
-            }
-            Err(error) => {
-                tracing::warn!("conntrack garbage collection panicked: {error}");
-                continue;
-            }
+impl Args {
+    fn settings(self) -> Settings {
+        let endpoints_from = self.source.endpoints_from();
+        let source = match self.source.manifests {
+            Some(dir) => Source::Manifests(dir),
+            None => Source::Kubernetes(self.source.connection),
         };
-        for (reason, flows) in &pass.collected {
-            metrics
-                .conntrack_collected
-                .get_or_create(&ReasonLabel {
-                    reason: reason.as_str(),
-                })
-                .inc_by(*flows);
-        }
-        metrics.affinity_collected.inc_by(pass.affinity_collected);
-        let total: u64 = pass.collected.values().sum();
-        if total > 0 || pass.affinity_collected > 0 {
-            tracing::debug!(
-                flows = total,
-                affinity = pass.affinity_collected,
-                "conntrack garbage collected"
-            );
-        }
-        // Once per pass, whatever the packet rate: a full map is a condition, not an event. New
-        // flows are counted for both families together, so the maps are judged together too:
-        // more new flows than room in both means one of them evicted.
-        let entries: usize = pass.conntrack.iter().map(|map| map.entries).sum();
-        let capacity: u32 = pass.conntrack.iter().map(|map| map.capacity).sum();
-        let overflowed = previous.is_some_and(|(left, flows)| {
-            conntrack_gc::overflowed(left, pass.new_flows.saturating_sub(flows), capacity)
-        });
-        let left = entries.saturating_sub(pass.collected.values().sum::<u64>() as usize * 2);
-        previous = Some((left, pass.new_flows));
-        if overflowed
-            || pass
-                .conntrack
-                .iter()
-                .any(|map| conntrack_gc::is_full(map.entries, map.capacity))
-        {
-            metrics.conntrack_full.inc();
-            let occupancy: Vec<String> = pass
-                .conntrack
-                .iter()
-                .map(|map| format!("{} {}/{}", map.name, map.entries, map.capacity))
-                .collect();
-            tracing::warn!(
-                occupancy = occupancy.join(", "),
-                "the conntrack map is full: its oldest flows are evicted to make room (raise --conntrack-capacity)"
-            );
-        }
-        let refused = pass
-            .insert_failures
-            .saturating_sub(insert_failures.unwrap_or(pass.insert_failures));
-        insert_failures = Some(pass.insert_failures);
-        if refused > 0 {
-            tracing::warn!(
-                flows = refused,
-                "the conntrack map refused new flows since the last pass; they were balanced without state"
-            );
+        Settings {
+            source,
+            endpoints_from,
+            node_name: self.source.node_name,
+            zone: self.source.zone,
+            hooks: Hooks {
+                pods: self.interfaces,
+                external: self.external_interfaces,
+                xdp_mode: self.xdp_mode,
+                host_cgroup: self.host_cgroup,
+            },
+            keep_datapath: self.keep_datapath,
+            metrics_address: self.metrics_address,
+            plan: PlanOptions {
+                default_algorithm: self.lb_algorithm,
+                maglev_table_size: self.maglev_table_size,
+            },
+            bpf_object: self.bpf_object,
+            conntrack_gc_interval: self.conntrack_gc_interval,
+            timeouts: Timeouts {
+                tcp: self.conntrack_tcp_timeout,
+                tcp_closing: self.conntrack_tcp_closing_timeout,
+                udp: self.conntrack_udp_timeout,
+            },
+            capacity: Capacity {
+                services: self.services_capacity,
+                conntrack: self.conntrack_capacity,
+                ..Capacity::default()
+            },
+            reject_limit: RejectLimit::per_second(self.reject_rate, self.reject_burst),
+            source_check: self.source_check == Switch::On,
+            pin_dir: self.pin_dir.pin_dir,
         }
     }
-}
-
-/// What one garbage collection pass did and saw.
-struct GcPass {
-    collected: conntrack_gc::Collected,
-    affinity_collected: u64,
-    /// Each family's conntrack map, before collecting.
-    conntrack: [ConntrackOccupancy; 2],
-    /// The datapath's count of refused conntrack inserts so far.
-    insert_failures: u64,
-    /// The datapath's count of new flows so far (both families).
-    new_flows: u64,
-}
-
-struct ConntrackOccupancy {
-    name: &'static str,
-    entries: usize,
-    capacity: u32,
-}
-
-impl ConntrackOccupancy {
-    fn of<K: aya::Pod, V: aya::Pod>(
-        name: &'static str,
-        map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
-    ) -> anyhow::Result<Self> {
-        Ok(Self {
-            name,
-            entries: map.keys().filter_map(Result::ok).count(),
-            capacity: maps::capacity(map)?,
-        })
-    }
-}
-
-fn gc_pass(pin_dir: &Path, timeouts: &Timeouts) -> anyhow::Result<GcPass> {
-    let mut maps = ServiceMaps::open(pin_dir)?;
-    let now = conntrack_gc::monotonic_now_ns();
-    // Occupancy before collecting: what the datapath had to live with since the last pass.
-    let conntrack = [
-        ConntrackOccupancy::of(map_names::CONNTRACK, &maps.conntrack)?,
-        ConntrackOccupancy::of(map_names::CONNTRACK6, &maps.conntrack6)?,
-    ];
-    let mut collected = conntrack_gc::collect(&mut maps.conntrack, now, timeouts);
-    for (reason, flows) in conntrack_gc::collect(&mut maps.conntrack6, now, timeouts) {
-        *collected.entry(reason).or_default() += flows;
-    }
-    let affinity_timeouts = conntrack_gc::affinity_timeouts(maps.services()?.values());
-    let affinity_collected = conntrack_gc::collect_affinity(&mut maps.affinity, &affinity_timeouts, now)
-        + conntrack_gc::collect_affinity(&mut maps.affinity6, &affinity_timeouts, now);
-    Ok(GcPass {
-        collected,
-        affinity_collected,
-        conntrack,
-        insert_failures: maps.stat(Stat::CtInsertFailed)?,
-        new_flows: maps.stat(Stat::NewFlows)?,
-    })
 }
 
 /// `10s`, `5m`, `24h` or plain seconds.

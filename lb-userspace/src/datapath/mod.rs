@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::ProgramError,
+    programs::{Program, ProgramError},
 };
 use lb_common::{RejectLimit, capacity, map_names};
 
@@ -126,19 +126,72 @@ impl Datapath {
         Ok(())
     }
 
+    /// Has the kernel verify and load the programs `names`, all at once, one thread each: the
+    /// verifier takes seconds per program and runs on as many cores as it is given. Loading is
+    /// independent of the maps' contents, so the agent programs the maps meanwhile; attaching a
+    /// program loaded here does not load it again.
+    pub fn load_programs(&mut self, names: &[&str]) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let programs: Vec<(&str, &mut Program)> = self
+            .ebpf
+            .programs_mut()
+            .filter(|(name, _)| names.contains(name))
+            .collect();
+        anyhow::ensure!(
+            programs.len() == names.len(),
+            "the datapath object lacks one of the programs {names:?}"
+        );
+        std::thread::scope(|scope| {
+            let loads: Vec<_> = programs
+                .into_iter()
+                .map(|(name, program)| {
+                    let load = scope.spawn(move || load_any(program));
+                    (name, load)
+                })
+                .collect();
+            for (name, load) in loads {
+                load.join()
+                    .map_err(|_| anyhow::anyhow!("loading program {name} panicked"))?
+                    .with_context(|| format!("the kernel refused program {name}"))?;
+            }
+            anyhow::Ok(())
+        })?;
+        tracing::info!(
+            programs = names.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "programs verified and loaded"
+        );
+        Ok(())
+    }
+
     pub fn maps(&self) -> anyhow::Result<maps::ServiceMaps> {
         maps::ServiceMaps::open(&self.pin_dir).context("cannot open the pinned maps")
+    }
+}
+
+/// Loads a program of any kind the datapath has.
+fn load_any(program: &mut Program) -> Result<(), ProgramError> {
+    match program {
+        Program::SchedClassifier(program) => load_program(|| program.load()),
+        Program::Xdp(program) => load_program(|| program.load()),
+        Program::CgroupSockAddr(program) => load_program(|| program.load()),
+        _ => Err(ProgramError::UnexpectedProgramType),
     }
 }
 
 /// Runs `load` (a program's `load()`) again while the kernel answers EAGAIN: the verifier gives
 /// up when a signal arrives for the thread (a child process exiting, a timer), and a program
 /// that takes a second to verify meets one now and then. libbpf retries the same way.
+/// A program already loaded (by [`Datapath::load_programs`]) is not loaded again.
 pub fn load_program(load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
-    retry_interrupted(
+    let loaded = retry_interrupted(
         load,
         |error| matches!(error, ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EAGAIN)),
-    )
+    );
+    match loaded {
+        Err(ProgramError::AlreadyLoaded) => Ok(()),
+        other => other,
+    }
 }
 
 /// `op`, tried up to 5 times while it fails with an error `interrupted` says is worth another try.

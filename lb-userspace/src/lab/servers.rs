@@ -17,12 +17,14 @@ use anyhow::{Context as _, bail};
 use super::NetNs;
 
 /// A server running in a pod; counts the requests it answered and remembers the client
-/// addresses it saw. Stops when dropped.
+/// addresses it saw. Stops when dropped: once the drop returns, its port is closed.
 pub struct Server {
     pub pod: String,
     answered: Arc<AtomicUsize>,
     clients: Arc<Mutex<BTreeSet<IpAddr>>>,
     stop: Arc<AtomicBool>,
+    /// The loop owning the socket.
+    serving: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
@@ -32,6 +34,7 @@ impl Server {
             answered: Arc::default(),
             clients: Arc::default(),
             stop: Arc::default(),
+            serving: None,
         }
     }
 
@@ -55,6 +58,9 @@ fn remember(clients: &Mutex<BTreeSet<IpAddr>>, peer: SocketAddr) {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Some(serving) = self.serving.take() {
+            let _ = serving.join();
+        }
     }
 }
 
@@ -87,10 +93,10 @@ fn tcp_server(
 ) -> anyhow::Result<Server> {
     let listener = ns.run(move || TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??;
     listener.set_nonblocking(true)?;
-    let server = Server::new(pod);
+    let mut server = Server::new(pod);
     let (answered, stop, answer) = (server.answered.clone(), server.stop.clone(), Arc::new(answer));
     let clients = server.clients.clone();
-    std::thread::spawn(move || {
+    server.serving = Some(std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             match listener.accept() {
                 Ok((stream, peer)) => {
@@ -104,7 +110,7 @@ fn tcp_server(
                 Err(_) => std::thread::sleep(POLL),
             }
         }
-    });
+    }));
     Ok(server)
 }
 
@@ -151,10 +157,10 @@ fn udp_responder(
 ) -> anyhow::Result<Server> {
     let socket = ns.run(move || UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)))??;
     socket.set_read_timeout(Some(POLL))?;
-    let server = Server::new(pod);
+    let mut server = Server::new(pod);
     let (answered, stop, name) = (server.answered.clone(), server.stop.clone(), pod.to_owned());
     let clients = server.clients.clone();
-    std::thread::spawn(move || {
+    server.serving = Some(std::thread::spawn(move || {
         let mut buffer = [0u8; 1500];
         while !stop.load(Ordering::SeqCst) {
             if let Ok((_, peer)) = socket.recv_from(&mut buffer) {
@@ -163,7 +169,7 @@ fn udp_responder(
                 let _ = socket.send_to(answer(&name, peer).as_bytes(), peer);
             }
         }
-    });
+    }));
     Ok(server)
 }
 
@@ -253,6 +259,27 @@ impl UdpFlow {
         let mut answer = [0u8; 256];
         let n = self.0.recv(&mut answer)?;
         Ok(String::from_utf8_lossy(&answer[..n]).into_owned())
+    }
+
+    /// [`ask`](Self::ask), asked again while nothing came back, up to `attempts` times, as a
+    /// client retries a query: an ICMP error is best effort (rate-limited by its sender, never
+    /// retransmitted), so one datagram may go unanswered by both the pod and its kernel.
+    pub fn ask_retrying(&self, attempts: usize) -> std::io::Result<String> {
+        let mut outcome = self.ask();
+        for _ in 1..attempts {
+            match &outcome {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    outcome = self.ask();
+                }
+                _ => break,
+            }
+        }
+        outcome
     }
 }
 

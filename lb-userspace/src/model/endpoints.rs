@@ -4,82 +4,32 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::{
-    api::{
-        core::v1::{Pod, Service, ServicePort},
-        discovery::v1::EndpointSlice,
-    },
+    api::core::v1::{Pod, Service, ServicePort},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{
-    Endpoint, EndpointsFrom, Input, Protocol, SERVICE_NAME_LABEL, ServiceName, by_namespace,
-    selector::Selector,
-};
+use super::{Endpoint, EndpointsFrom, Objects, Protocol, ServiceName, selector::Selector, slice::Slice};
 
-/// The inputs indexed for per-Service lookups.
-pub(super) struct EndpointSource<'a> {
+/// Every serving endpoint of one Service port in one address family, before [`usable`] picks
+/// the ready ones.
+pub(super) fn candidates(
+    objects: &impl Objects,
     endpoints_from: EndpointsFrom,
-    pods: BTreeMap<String, Vec<&'a Pod>>,
-    /// Slices by (namespace, service name), from their `kubernetes.io/service-name` label;
-    /// slices without it belong to no Service.
-    slices: BTreeMap<(String, String), Vec<&'a EndpointSlice>>,
-}
-
-impl<'a> EndpointSource<'a> {
-    pub(super) fn new(input: &Input<'a>) -> Self {
-        let mut slices: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
-        for slice in input.endpoint_slices {
-            let Some(service) = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-            else {
-                continue;
-            };
-            let namespace = slice
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            slices
-                .entry((namespace, service.clone()))
-                .or_default()
-                .push(slice);
+    service: &Service,
+    name: &ServiceName,
+    port: &ServicePort,
+    protocol: Protocol,
+    ipv4: bool,
+) -> Vec<Endpoint> {
+    let selector = service.spec.as_ref().and_then(|s| s.selector.as_ref());
+    // Pods are only consulted through a selector; a Service without one has its endpoints
+    // written for it as EndpointSlices.
+    match selector.filter(|s| endpoints_from == EndpointsFrom::Pods && !s.is_empty()) {
+        Some(selector) => {
+            let pods = objects.pods(&name.namespace, selector);
+            from_pods(&Selector::from_map(selector), &pods, port, protocol, ipv4)
         }
-        Self {
-            endpoints_from: input.endpoints_from,
-            pods: by_namespace(input.pods, |p| p.metadata.namespace.as_deref()),
-            slices,
-        }
-    }
-
-    /// Every serving endpoint of one Service port in one address family, before [`usable`]
-    /// picks the ready ones.
-    pub(super) fn candidates(
-        &self,
-        service: &Service,
-        name: &ServiceName,
-        port: &ServicePort,
-        protocol: Protocol,
-        ipv4: bool,
-    ) -> Vec<Endpoint> {
-        let selector = service
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.as_ref())
-            .map(Selector::from_map)
-            .unwrap_or_default();
-        // Pods are only consulted through a selector; a Service without one has its endpoints
-        // written for it as EndpointSlices.
-        if self.endpoints_from == EndpointsFrom::Pods && !selector.is_empty() {
-            let pods = self.pods.get(&name.namespace).map_or(&[][..], Vec::as_slice);
-            from_pods(&selector, pods, port, protocol, ipv4)
-        } else {
-            let key = (name.namespace.clone(), name.name.clone());
-            let slices = self.slices.get(&key).map_or(&[][..], Vec::as_slice);
-            from_slices(slices, port, protocol, ipv4)
-        }
+        None => from_slices(&objects.endpoint_slices(name), port, protocol, ipv4),
     }
 }
 
@@ -110,62 +60,42 @@ pub(super) fn draining(mut serving: Vec<Endpoint>, backends: &[Endpoint]) -> Vec
 /// Serving endpoints from EndpointSlices. Missing `ready`/`serving` mean true, missing
 /// `terminating` false; only the first address of an endpoint counts; an address listed by two
 /// slices counts once, preferring the non-terminating entry.
-fn from_slices(
-    slices: &[&EndpointSlice],
-    port: &ServicePort,
-    protocol: Protocol,
-    ipv4: bool,
-) -> Vec<Endpoint> {
-    let family = if ipv4 { "IPv4" } else { "IPv6" };
+fn from_slices(slices: &[&Slice], port: &ServicePort, protocol: Protocol, ipv4: bool) -> Vec<Endpoint> {
     let mut by_address: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| s.address_type == family) {
-        let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or_default() == port.name.as_deref().unwrap_or_default()
-                && Protocol::from_k8s(p.protocol.as_deref()) == Some(protocol)
-        }) else {
-            continue;
-        };
-        let Some(number) = slice_port
-            .port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
+    for slice in slices.iter().filter(|s| s.ipv4 == ipv4) {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .find(|p| *p.name == *port.name.as_deref().unwrap_or_default() && p.protocol == Some(protocol))
         else {
             continue;
         };
-        for endpoint in slice.endpoints.iter().flatten() {
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            let ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(true);
-            let terminating = conditions.terminating.unwrap_or(false);
-            let usable = if terminating { serving } else { ready };
-            let Some(address) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
+        let Some(number) = slice_port.port.filter(|p| *p != 0) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let usable = if endpoint.terminating {
+                endpoint.serving
+            } else {
+                endpoint.ready
             };
+            let address = endpoint.address;
             if !usable || address.is_ipv4() != ipv4 {
                 continue;
             }
-            let hints = endpoint.hints.as_ref();
+            let names = |names: &[std::sync::Arc<str>]| names.iter().map(|n| n.to_string()).collect();
             let candidate = Endpoint {
                 address,
                 port: number,
                 pod: endpoint
-                    .target_ref
-                    .as_ref()
-                    .and_then(|r| r.name.clone())
-                    .unwrap_or_else(|| address.to_string()),
-                node_name: endpoint.node_name.clone(),
-                zone: endpoint.zone.clone(),
-                terminating,
-                zone_hints: hints
-                    .iter()
-                    .flat_map(|h| h.for_zones.iter().flatten())
-                    .map(|z| z.name.clone())
-                    .collect(),
-                node_hints: hints
-                    .iter()
-                    .flat_map(|h| h.for_nodes.iter().flatten())
-                    .map(|n| n.name.clone())
-                    .collect(),
+                    .pod
+                    .as_deref()
+                    .map_or_else(|| address.to_string(), str::to_owned),
+                node_name: endpoint.node_name.as_deref().map(str::to_owned),
+                zone: endpoint.zone.as_deref().map(str::to_owned),
+                terminating: endpoint.terminating,
+                zone_hints: names(&endpoint.zone_hints),
+                node_hints: names(&endpoint.node_hints),
             };
             by_address
                 .entry((address, number))
@@ -193,8 +123,8 @@ fn from_pods(
     }
     let mut endpoints = Vec::new();
     for pod in pods {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        if !selector.matches(&labels) {
+        let no_labels = BTreeMap::new();
+        if !selector.matches(pod.metadata.labels.as_ref().unwrap_or(&no_labels)) {
             continue;
         }
         let Some(state) = pod_state(pod) else {

@@ -6,7 +6,9 @@
 mod endpoints;
 pub mod explain;
 pub mod selector;
+pub mod slice;
 mod topology;
+pub mod trim;
 mod validate;
 
 use std::{
@@ -20,13 +22,17 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use self::endpoints::EndpointSource;
-pub use self::validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service};
+pub use self::{
+    slice::Slice,
+    validate::{FieldError, validate_endpoint_slice, validate_pod, validate_service},
+};
 
 /// Services carrying this label belong to another proxy.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services carrying this label are headless whatever their spec says.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label holding its zone, which topology hints refer to.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Session affinity timeout when `sessionAffinityConfig` does not give one (3 hours).
@@ -242,7 +248,7 @@ pub enum EndpointsFrom {
     Pods,
 }
 
-/// Everything the model reads.
+/// Everything the model reads, as plain lists (the one-shot commands and the tests).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Input<'a> {
     pub services: &'a [Service],
@@ -253,6 +259,37 @@ pub struct Input<'a> {
     pub node_name: Option<&'a str>,
     /// This node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
     pub zone: Option<&'a str>,
+}
+
+impl Input<'_> {
+    /// What the model knows of this node and the agent's settings.
+    pub fn context(&self) -> Context<'_> {
+        Context {
+            endpoints_from: self.endpoints_from,
+            node_name: self.node_name,
+            zone: self.zone,
+        }
+    }
+}
+
+/// The settings and node identity every Service's computation shares.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Context<'a> {
+    pub endpoints_from: EndpointsFrom,
+    /// This node's name, for traffic policies `Local`; without it no endpoint is local.
+    pub node_name: Option<&'a str>,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
+    pub zone: Option<&'a str>,
+}
+
+/// What the model reads besides a Service itself, indexed by whoever holds the objects (the
+/// agent's store, or [`compute`]'s index over an [`Input`]).
+pub trait Objects {
+    /// The EndpointSlices labelled `kubernetes.io/service-name` for `service`.
+    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&Slice>;
+    /// Pods of `namespace` that may match the equality `selector` (never empty): at least every
+    /// one that does; the model matches them again.
+    fn pods(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<&Pod>;
 }
 
 /// Computes every frontend from Services and the Pods their selectors match.
@@ -269,112 +306,203 @@ pub fn build(services: &[Service], pods: &[Pod]) -> Model {
 
 /// Computes every frontend of every proxied Service with its endpoints.
 pub fn compute(input: &Input<'_>) -> Model {
+    let objects = InputIndex::new(input);
+    let context = input.context();
     let mut model = Model::default();
-    let source = EndpointSource::new(input);
     for service in input.services {
-        let Some(name) = service_name(service) else {
-            continue;
-        };
-        if let Some(reason) = skip_reason(service) {
-            tracing::debug!(service = %name, reason, "not proxied");
-            continue;
-        }
-        // What an API server already refused, a manifest source already reported; this catches
-        // the rest (an older API server, a hand-made object) before it reaches the maps.
-        let errors = validate_service(service);
-        if !errors.is_empty() {
-            for error in errors {
-                model.warn(&name, &format!("{error}; the Service is not programmed"));
-            }
-            continue;
-        }
-        let spec = service.spec.as_ref().expect("skip_reason checks the spec");
-        let cluster_ips = parsed_ips(cluster_ip_texts(spec));
-        if cluster_ips.is_empty() {
-            model.warn(
-                &name,
-                "has no spec.clusterIP; without an API server to allocate one, set it in the manifest",
-            );
-            continue;
-        }
-        let policy = policy(spec);
-        let algorithm = match service
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
-        {
-            None => None,
-            Some(value) => {
-                match value.as_str() {
-                    "maglev" => Some(LbAlgorithm::Maglev),
-                    "random" => Some(LbAlgorithm::Random),
-                    other => {
-                        model.warn(&name, &format!("{LB_ALGORITHM_ANNOTATION}: {other:?} is not maglev or random; using the default"));
-                        None
-                    }
-                }
-            }
-        };
-        for range in &policy.source_ranges {
-            if parse_cidr(range).is_none() {
-                model.warn(
-                    &name,
-                    &format!("loadBalancerSourceRanges: {range:?} is not a CIDR; it admits no client"),
-                );
-            }
-        }
-        if (policy.internal_local || policy.external_local) && input.node_name.is_none() {
-            model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
-        }
-        for port in spec.ports.iter().flatten() {
-            // Validation has refused a protocol Kubernetes does not define.
-            let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
-                continue;
-            };
-            let Ok(port_number) = u16::try_from(port.port) else {
-                continue;
-            };
-            for (kind, address, frontend_port) in
-                frontend_addresses(service, spec, &cluster_ips, port, port_number)
-            {
-                let serving = source.candidates(service, &name, port, protocol, address.is_ipv4());
-                let mut candidates = serving.clone();
-                // Traffic policy Local: only this node's endpoints, and none (so the traffic is
-                // dropped) when it has none.
-                let local = if kind.is_external() {
-                    policy.external_local
-                } else {
-                    policy.internal_local
-                };
-                if local {
-                    candidates
-                        .retain(|e| input.node_name.is_some() && e.node_name.as_deref() == input.node_name);
-                } else {
-                    candidates = topology::filter(candidates, input.node_name, input.zone);
-                }
-                let backends = endpoints::usable(candidates);
-                let draining = endpoints::draining(serving, &backends);
-                model.frontends.push(Frontend {
-                    service: name.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    kind,
-                    address,
-                    port: frontend_port,
-                    protocol,
-                    backends,
-                    draining,
-                    policy: policy.clone(),
-                    algorithm,
-                });
-            }
-        }
+        let one = compute_service(service, &objects, &context);
+        model.frontends.extend(one.frontends);
+        model.warnings.extend(one.warnings);
     }
     model.frontends.sort_by(|a, b| {
         (&a.service, a.kind, a.address, a.port, a.protocol)
             .cmp(&(&b.service, b.kind, b.address, b.port, b.protocol))
     });
     model
+}
+
+/// The frontends of one Service (none when it is not proxied or not valid) and the warnings
+/// about it, from its EndpointSlices or Pods as `objects` holds them.
+pub fn compute_service(service: &Service, objects: &impl Objects, context: &Context<'_>) -> Model {
+    let mut model = Model::default();
+    let Some(name) = service_name(service) else {
+        return model;
+    };
+    if let Some(reason) = skip_reason(service) {
+        tracing::debug!(service = %name, reason, "not proxied");
+        return model;
+    }
+    // What an API server already refused, a manifest source already reported; this catches
+    // the rest (an older API server, a hand-made object) before it reaches the maps.
+    let errors = validate_service(service);
+    if !errors.is_empty() {
+        for error in errors {
+            model.warn(&name, &format!("{error}; the Service is not programmed"));
+        }
+        return model;
+    }
+    let spec = service.spec.as_ref().expect("skip_reason checks the spec");
+    let cluster_ips = parsed_ips(cluster_ip_texts(spec));
+    if cluster_ips.is_empty() {
+        model.warn(
+            &name,
+            "has no spec.clusterIP; without an API server to allocate one, set it in the manifest",
+        );
+        return model;
+    }
+    let policy = policy(spec);
+    let algorithm = match service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION))
+    {
+        None => None,
+        Some(value) => match value.as_str() {
+            "maglev" => Some(LbAlgorithm::Maglev),
+            "random" => Some(LbAlgorithm::Random),
+            other => {
+                model.warn(
+                    &name,
+                    &format!(
+                        "{LB_ALGORITHM_ANNOTATION}: {other:?} is not maglev or random; using the default"
+                    ),
+                );
+                None
+            }
+        },
+    };
+    for range in &policy.source_ranges {
+        if parse_cidr(range).is_none() {
+            model.warn(
+                &name,
+                &format!("loadBalancerSourceRanges: {range:?} is not a CIDR; it admits no client"),
+            );
+        }
+    }
+    if (policy.internal_local || policy.external_local) && context.node_name.is_none() {
+        model.warn(&name, "has a traffic policy Local but this node's name is unknown (--node-name): no endpoint counts as local");
+    }
+    for port in spec.ports.iter().flatten() {
+        // Validation has refused a protocol Kubernetes does not define.
+        let Some(protocol) = Protocol::from_k8s(port.protocol.as_deref()) else {
+            continue;
+        };
+        let Ok(port_number) = u16::try_from(port.port) else {
+            continue;
+        };
+        for (kind, address, frontend_port) in
+            frontend_addresses(service, spec, &cluster_ips, port, port_number)
+        {
+            let serving = endpoints::candidates(
+                objects,
+                context.endpoints_from,
+                service,
+                &name,
+                port,
+                protocol,
+                address.is_ipv4(),
+            );
+            let mut candidates = serving.clone();
+            // Traffic policy Local: only this node's endpoints, and none (so the traffic is
+            // dropped) when it has none.
+            let local = if kind.is_external() {
+                policy.external_local
+            } else {
+                policy.internal_local
+            };
+            if local {
+                candidates
+                    .retain(|e| context.node_name.is_some() && e.node_name.as_deref() == context.node_name);
+            } else {
+                candidates = topology::filter(candidates, context.node_name, context.zone);
+            }
+            let backends = endpoints::usable(candidates);
+            let draining = endpoints::draining(serving, &backends);
+            model.frontends.push(Frontend {
+                service: name.clone(),
+                port_name: port.name.clone().unwrap_or_default(),
+                kind,
+                address,
+                port: frontend_port,
+                protocol,
+                backends,
+                draining,
+                policy: policy.clone(),
+                algorithm,
+            });
+        }
+    }
+    model.frontends.sort_by(|a, b| {
+        (a.kind, a.address, a.port, a.protocol).cmp(&(b.kind, b.address, b.port, b.protocol))
+    });
+    model
+}
+
+/// [`Objects`] over the slices of an [`Input`]: slices by Service, pods by namespace.
+struct InputIndex<'a> {
+    pods: BTreeMap<&'a str, Vec<&'a Pod>>,
+    slices: BTreeMap<ServiceName, Vec<Slice>>,
+}
+
+impl<'a> InputIndex<'a> {
+    fn new(input: &Input<'a>) -> Self {
+        let mut index = Self {
+            pods: BTreeMap::new(),
+            slices: BTreeMap::new(),
+        };
+        for pod in input.pods {
+            let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+            index.pods.entry(namespace).or_default().push(pod);
+        }
+        let mut names = slice::Names::default();
+        for slice in input.endpoint_slices {
+            if let Some(slice) = Slice::new(slice, &mut names) {
+                index.slices.entry(slice.service.clone()).or_default().push(slice);
+            }
+        }
+        index
+    }
+}
+
+impl Objects for InputIndex<'_> {
+    fn endpoint_slices(&self, service: &ServiceName) -> Vec<&Slice> {
+        self.slices
+            .get(service)
+            .map(|s| s.iter().collect())
+            .unwrap_or_default()
+    }
+
+    fn pods(&self, namespace: &str, _selector: &BTreeMap<String, String>) -> Vec<&Pod> {
+        self.pods.get(namespace).cloned().unwrap_or_default()
+    }
+}
+
+/// The Service an EndpointSlice belongs to, by its `kubernetes.io/service-name` label; slices
+/// without it belong to none.
+pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceName> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some(ServiceName {
+        namespace: slice
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: name.clone(),
+    })
+}
+
+/// Whether a Service with this `spec.selector` takes Pods with these labels as endpoints when
+/// endpoints come from Pods: it has a selector, and the labels match it.
+pub fn selects(
+    selector: Option<&BTreeMap<String, String>>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> bool {
+    let Some(selector) = selector else {
+        return false;
+    };
+    let no_labels = BTreeMap::new();
+    !selector.is_empty() && selector::Selector::from_map(selector).matches(labels.unwrap_or(&no_labels))
 }
 
 impl Model {
@@ -398,7 +526,7 @@ impl Model {
     }
 }
 
-fn service_name(service: &Service) -> Option<ServiceName> {
+pub fn service_name(service: &Service) -> Option<ServiceName> {
     Some(ServiceName {
         namespace: service
             .metadata
@@ -527,18 +655,6 @@ fn policy(spec: &ServiceSpec) -> Policy {
         source_ranges: spec.load_balancer_source_ranges.clone().unwrap_or_default(),
         health_check_node_port: spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()),
     }
-}
-
-/// Groups objects by namespace (absent means `default`).
-fn by_namespace<T>(objects: &[T], namespace: impl Fn(&T) -> Option<&str>) -> BTreeMap<String, Vec<&T>> {
-    let mut groups: BTreeMap<String, Vec<&T>> = BTreeMap::new();
-    for object in objects {
-        groups
-            .entry(namespace(object).unwrap_or("default").to_owned())
-            .or_default()
-            .push(object);
-    }
-    groups
 }
 
 #[cfg(test)]

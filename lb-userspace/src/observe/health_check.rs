@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode};
 
-use crate::model::{Model, ServiceName};
+use crate::model::{Frontend, ServiceName};
 
 struct Served {
     service: ServiceName,
@@ -31,26 +31,24 @@ impl Drop for Served {
 #[derive(Default)]
 pub struct HealthChecks {
     served: BTreeMap<u16, Served>,
+    /// Each Service with a health check port: the port and its local endpoints.
+    wanted: BTreeMap<ServiceName, (u16, usize)>,
 }
 
 impl HealthChecks {
-    /// Serves each health check port of `model` (on every node address), counting the
-    /// Service's local endpoints; stops serving ports no Service uses any more.
-    pub fn update(&mut self, model: &Model) {
-        let mut wanted: BTreeMap<u16, (ServiceName, usize)> = BTreeMap::new();
-        for frontend in model.frontends.iter().filter(|f| f.kind.is_external()) {
-            let Some(port) = frontend
-                .policy
-                .health_check_node_port
-                .filter(|_| frontend.policy.external_local)
-            else {
-                continue;
+    /// Takes the frontends of each Service that changed (none: it is gone). Serves each health
+    /// check port (on every node address), counting the Service's local endpoints; stops
+    /// serving ports no Service uses any more. Two Services claiming one port: the first by name.
+    pub fn update<'a>(&mut self, changed: impl IntoIterator<Item = (&'a ServiceName, &'a [Frontend])>) {
+        for (service, frontends) in changed {
+            match health_check(frontends) {
+                Some(wanted) => self.wanted.insert(service.clone(), wanted),
+                None => self.wanted.remove(service),
             };
-            let mut local: Vec<_> = frontend.backends.iter().map(|b| b.address).collect();
-            local.sort();
-            local.dedup();
-            let entry = wanted.entry(port).or_insert((frontend.service.clone(), 0));
-            entry.1 = entry.1.max(local.len());
+        }
+        let mut wanted: BTreeMap<u16, (ServiceName, usize)> = BTreeMap::new();
+        for (service, (port, count)) in &self.wanted {
+            wanted.entry(*port).or_insert((service.clone(), *count));
         }
         self.served.retain(|port, served| {
             let keep = wanted
@@ -81,6 +79,26 @@ impl HealthChecks {
     pub fn ports(&self) -> Vec<u16> {
         self.served.keys().copied().collect()
     }
+}
+
+/// The health check port of a Service's frontends and its local endpoints, if it has one.
+fn health_check(frontends: &[Frontend]) -> Option<(u16, usize)> {
+    let mut wanted: Option<(u16, usize)> = None;
+    for frontend in frontends.iter().filter(|f| f.kind.is_external()) {
+        let Some(port) = frontend
+            .policy
+            .health_check_node_port
+            .filter(|_| frontend.policy.external_local)
+        else {
+            continue;
+        };
+        let mut local: Vec<_> = frontend.backends.iter().map(|b| b.address).collect();
+        local.sort();
+        local.dedup();
+        let entry = wanted.get_or_insert((port, 0));
+        entry.1 = entry.1.max(local.len());
+    }
+    wanted
 }
 
 fn serve(port: u16, service: &ServiceName, count: usize) -> std::io::Result<Served> {

@@ -2,10 +2,11 @@
 //! `--node-name`) this node's Node, watched from the Kubernetes API with kube-rs reflectors.
 //!
 //! A watcher re-lists by itself after a dropped watch or a 410 Gone, and retries with backoff
-//! while the API server is away; the reflector stores keep the last known state meanwhile, so
-//! the programmed maps keep serving. Nothing is published before every store has had its first
-//! full list.
-use std::{fmt::Debug, sync::Arc, time::Duration};
+//! while the API server is away; the agent keeps the last known state meanwhile, so the
+//! programmed maps keep serving. A list reaches the agent object by object, then as the names
+//! it held ([`Change::Listed`]); every event after it as the one object it changed. Objects are trimmed to what the model
+//! reads as they arrive (managedFields, other annotations, a Pod's containers).
+use std::{fmt::Debug, sync::Arc};
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -16,13 +17,12 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, Config, Resource,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, watch};
 
-use super::Snapshot;
-use crate::model::{EndpointsFrom, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
+use super::{Change, Changes, Kind, Object, ObjectName};
+use crate::model::{EndpointsFrom, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, trim};
 use crate::observe::metrics::AgentMetrics;
 
 /// How the agent reaches the API server. The API server must not be addressed through a
@@ -68,102 +68,140 @@ impl Connection {
     }
 }
 
-/// How long to let a burst of events settle before publishing a snapshot.
-const COALESCE: Duration = Duration::from_millis(50);
+/// Objects per list request, as kubectl and kube-proxy's informers page: the API server never
+/// sends a 100,000-object list as one body.
+const PAGE_SIZE: u32 = 500;
 
-/// Watches the API and publishes a snapshot after the first full list of every kind, then after
-/// every burst of changes. Returns only if the watches end, which they do not by themselves.
+/// The kinds [`watch`] lists: Services and EndpointSlices, Pods when endpoints come from them,
+/// this node's Node when its name is known.
+pub fn kinds(endpoints_from: EndpointsFrom, node_name: Option<&str>) -> Vec<Kind> {
+    let mut kinds = vec![Kind::Service, Kind::EndpointSlice];
+    if endpoints_from == EndpointsFrom::Pods {
+        kinds.push(Kind::Pod);
+    }
+    if node_name.is_some() {
+        kinds.push(Kind::Node);
+    }
+    kinds
+}
+
+/// Watches the API and sends each kind's full list (the first, and any re-list), then every
+/// object applied or deleted, trimmed to what the model reads. Returns only if the watches
+/// end, which they do not by themselves, or when the agent stops listening.
 pub async fn watch(
     client: Client,
     endpoints_from: EndpointsFrom,
     node_name: Option<String>,
-    snapshots: watch::Sender<Snapshot>,
+    changes: Changes,
     metrics: Arc<AgentMetrics>,
 ) -> anyhow::Result<()> {
-    let changed = Arc::new(Notify::new());
     // As kube-proxy does: objects for other proxies or headless Services are filtered by the API
     // server already (the model checks again).
-    let services = reflect::<Service>(
-        &client,
-        watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
-        &changed,
-        &metrics,
-    );
-    let slices = reflect::<EndpointSlice>(
-        &client,
-        watcher::Config::default().labels(&format!(
-            "{SERVICE_NAME_LABEL},!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
-        )),
-        &changed,
-        &metrics,
-    );
-    let pods = (endpoints_from == EndpointsFrom::Pods)
-        .then(|| reflect::<Pod>(&client, watcher::Config::default(), &changed, &metrics));
+    let mut watches = vec![
+        forward::<Service>(
+            &client,
+            watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
+            Kind::Service,
+            |mut service| {
+                trim::service(&mut service);
+                Object::Service(service)
+            },
+            &changes,
+            &metrics,
+        ),
+        forward::<EndpointSlice>(
+            &client,
+            watcher::Config::default().labels(&format!(
+                "{SERVICE_NAME_LABEL},!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
+            )),
+            Kind::EndpointSlice,
+            |mut slice| {
+                trim::endpoint_slice(&mut slice);
+                Object::EndpointSlice(slice)
+            },
+            &changes,
+            &metrics,
+        ),
+    ];
+    if endpoints_from == EndpointsFrom::Pods {
+        watches.push(forward::<Pod>(
+            &client,
+            watcher::Config::default(),
+            Kind::Pod,
+            |mut pod| {
+                trim::pod(&mut pod);
+                Object::Pod(pod)
+            },
+            &changes,
+            &metrics,
+        ));
+    }
     // Only this node's Node, for its zone label.
-    let nodes = node_name.map(|name| {
-        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        reflect::<Node>(&client, config, &changed, &metrics)
-    });
-
-    services.wait_until_ready().await?;
-    slices.wait_until_ready().await?;
-    if let Some(pods) = &pods {
-        pods.wait_until_ready().await?;
+    if let Some(name) = node_name {
+        watches.push(forward::<Node>(
+            &client,
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+            Kind::Node,
+            |mut node| {
+                trim::node(&mut node);
+                Object::Node(node)
+            },
+            &changes,
+            &metrics,
+        ));
     }
-    if let Some(nodes) = &nodes {
-        nodes.wait_until_ready().await?;
-    }
-    tracing::info!("first full list of every watched kind received");
-    loop {
-        let snapshot = Snapshot {
-            services: owned(&services),
-            endpoint_slices: owned(&slices),
-            pods: pods.as_ref().map(owned).unwrap_or_default(),
-            nodes: nodes.as_ref().map(owned).unwrap_or_default(),
-        };
-        snapshots.send_replace(snapshot);
-        changed.notified().await;
-        tokio::time::sleep(COALESCE).await;
-    }
+    let (first, ..) = futures::future::select_all(watches).await;
+    first.context("a watch task failed")
 }
 
-/// Starts a reflector for `K` and returns its store; every event wakes `changed`.
-fn reflect<K>(
+/// Watches `K` and forwards its events as [`Change`]s until the agent stops listening.
+fn forward<K>(
     client: &Client,
     config: watcher::Config,
-    changed: &Arc<Notify>,
+    listed: Kind,
+    object: fn(K) -> Object,
+    changes: &Changes,
     metrics: &Arc<AgentMetrics>,
-) -> reflector::Store<K>
+) -> tokio::task::JoinHandle<()>
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
-    let (store, writer) = reflector::store();
-    let stream = reflector(
-        writer,
-        watcher(Api::<K>::all(client.clone()), config).default_backoff(),
-    );
-    let (changed, metrics) = (changed.clone(), metrics.clone());
+    let stream = watcher(Api::<K>::all(client.clone()), config.page_size(PAGE_SIZE)).default_backoff();
+    let (changes, metrics) = (changes.clone(), metrics.clone());
     let kind = K::kind(&());
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        // A (re)list in progress: the names of its objects, each sent as it arrives.
+        let mut listing: Option<Vec<ObjectName>> = None;
         while let Some(event) = stream.next().await {
-            match event {
-                Ok(_) => changed.notify_one(),
+            let change = match event {
+                Ok(watcher::Event::Apply(o)) => Change::Applied(object(o)),
+                Ok(watcher::Event::Delete(o)) => Change::Deleted(object(o)),
+                Ok(watcher::Event::Init) => {
+                    listing = Some(Vec::new());
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    let o = object(o);
+                    listing.get_or_insert_default().push(o.name());
+                    Change::Applied(o)
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let names = listing.take().unwrap_or_default();
+                    tracing::info!(%kind, objects = names.len(), "listed");
+                    Change::Listed(listed, names)
+                }
                 // The watcher retries with backoff (re-listing when its resourceVersion expired);
-                // the store keeps serving the last state meanwhile.
+                // the agent keeps the last state meanwhile.
                 Err(error) => {
                     tracing::warn!(%kind, "watch failed, retrying: {error}");
                     metrics.source_error("kubernetes");
+                    continue;
                 }
+            };
+            if changes.send(change).is_err() {
+                return;
             }
         }
-    });
-    store
-}
-
-fn owned<K>(store: &reflector::Store<K>) -> Vec<K>
-where
-    K: Resource<DynamicType = ()> + Clone + 'static,
-{
-    store.state().iter().map(|object| (**object).clone()).collect()
+    })
 }

@@ -4,7 +4,7 @@
 //! A file that fails to parse or validate is reported by file, document and field, and the
 //! objects it last held intact keep being served: a half-saved edit never drops a service.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -12,14 +12,13 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use notify::{RecursiveMode, Watcher as _};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
 
-use super::Snapshot;
+use super::{Change, Changes, Kind, Object, ObjectName, Snapshot};
 use crate::model::{self, FieldError};
 use crate::observe::metrics::AgentMetrics;
 
@@ -47,18 +46,68 @@ impl fmt::Display for FileError {
     }
 }
 
-#[derive(Clone, Debug, Default)]
-struct FileObjects {
-    services: Vec<Service>,
-    pods: Vec<Pod>,
-    endpoint_slices: Vec<EndpointSlice>,
-    nodes: Vec<Node>,
+/// The objects of one file, in file order.
+type FileObjects = Vec<Object>;
+
+/// What identifies an object: kind, namespace, name.
+type ObjectKey = (Kind, String, String);
+
+fn key_of(object: &Object) -> ObjectKey {
+    let metadata = object.metadata();
+    (
+        object.kind(),
+        metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// When a file last changed, as far as the directory says: a file whose stamp is the same is
+/// not read again, unless it changed within [`RACY`] of being read (timestamps are coarser than
+/// writes: two writes of the same length within a few milliseconds leave the same stamp).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+const RACY: Duration = Duration::from_secs(2);
+
+/// Whether a file read at `read_at` with stamp `then` still has it now, and changed long enough
+/// before that read for the stamp to tell.
+fn unchanged(then: Option<&(Stamp, std::time::SystemTime)>, now: Option<Stamp>) -> bool {
+    let (Some((then, read_at)), Some(now)) = (then, now) else {
+        return false;
+    };
+    *then == now && then.modified.is_some_and(|modified| modified + RACY < *read_at)
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: metadata.modified().ok(),
+        len: metadata.len(),
+        inode: metadata.ino(),
+    })
+}
+
+/// A file whose objects changed: what it held before and what it holds now.
+struct Changed {
+    before: FileObjects,
+    after: FileObjects,
 }
 
 /// The directory and the last good contents of each of its files.
 pub struct ManifestDir {
     dir: PathBuf,
     last_good: BTreeMap<PathBuf, FileObjects>,
+    /// The stamp of each file when its last good contents were read.
+    stamps: BTreeMap<PathBuf, (Stamp, std::time::SystemTime)>,
+    /// How many files hold each object (the same object in two files is one object).
+    holders: HashMap<ObjectKey, u32>,
+    /// Whether [`ManifestDir::changes`] has sent the first full lists.
+    listed: bool,
 }
 
 impl ManifestDir {
@@ -66,6 +115,9 @@ impl ManifestDir {
         Self {
             dir: dir.into(),
             last_good: BTreeMap::new(),
+            stamps: BTreeMap::new(),
+            holders: HashMap::new(),
+            listed: false,
         }
     }
 
@@ -73,30 +125,128 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Re-reads every file. Returns what to serve and the errors found this time.
+    /// Re-reads the files that changed. Returns everything to serve and the errors found this
+    /// time.
     pub fn read(&mut self) -> std::io::Result<(Snapshot, Vec<FileError>)> {
+        let (_, errors) = self.refresh()?;
+        let mut snapshot = Snapshot::default();
+        for object in self.last_good.values().flatten() {
+            match object.clone() {
+                Object::Service(o) => snapshot.services.push(o),
+                Object::EndpointSlice(o) => snapshot.endpoint_slices.push(o),
+                Object::Pod(o) => snapshot.pods.push(o),
+                Object::Node(o) => snapshot.nodes.push(o),
+            }
+        }
+        Ok((snapshot, errors))
+    }
+
+    /// Re-reads the files that changed and says what that changed, trimmed to what the model
+    /// reads: the first time every object, then each kind's list of names; after that the
+    /// objects deleted, then those applied (an object that moved between files is applied, not
+    /// deleted).
+    pub fn changes(&mut self) -> std::io::Result<(Vec<Change>, Vec<FileError>)> {
+        let (changed, errors) = self.refresh()?;
+        if !self.listed {
+            self.listed = true;
+            self.holders.retain(|_, count| *count > 0);
+            let mut lists: BTreeMap<Kind, Vec<ObjectName>> =
+                Kind::ALL.iter().map(|k| (*k, Vec::new())).collect();
+            let mut changes = Vec::new();
+            for object in self.last_good.values().flatten() {
+                lists.entry(object.kind()).or_default().push(object.name());
+                changes.push(Change::Applied(trimmed(object)));
+            }
+            changes.extend(lists.into_iter().map(|(kind, names)| Change::Listed(kind, names)));
+            return Ok((changes, errors));
+        }
+        let mut changes = Vec::new();
+        for file in &changed {
+            for object in &file.before {
+                // Gone from every file now: the count reached zero (and is removed, so an object
+                // in a changed file twice is deleted once).
+                let key = key_of(object);
+                if self.holders.get(&key) == Some(&0) {
+                    self.holders.remove(&key);
+                    changes.push(Change::Deleted(trimmed(object)));
+                }
+            }
+        }
+        for file in &changed {
+            let before: HashMap<ObjectKey, &Object> = file.before.iter().map(|o| (key_of(o), o)).collect();
+            for object in &file.after {
+                if before.get(&key_of(object)) != Some(&object) {
+                    changes.push(Change::Applied(trimmed(object)));
+                }
+            }
+        }
+        Ok((changes, errors))
+    }
+
+    /// Reads the files whose stamp changed (and those that failed last time), keeping the last
+    /// good contents of a file that fails; forgets the files that are gone.
+    fn refresh(&mut self) -> std::io::Result<(Vec<Changed>, Vec<FileError>)> {
         let mut errors = Vec::new();
+        let mut changed = Vec::new();
         let files = manifest_files(&self.dir)?;
-        self.last_good.retain(|path, _| files.contains(path));
+        let gone: Vec<PathBuf> = self
+            .last_good
+            .keys()
+            .filter(|p| !files.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            self.stamps.remove(&path);
+            let before = self.last_good.remove(&path).unwrap_or_default();
+            changed.push(self.count(before, Vec::new()));
+        }
         for file in files {
+            let now = stamp(&file);
+            if unchanged(self.stamps.get(&file), now) {
+                continue;
+            }
+            let read_at = std::time::SystemTime::now();
             match read_file(&file) {
                 Ok(objects) => {
-                    self.last_good.insert(file, objects);
+                    let before = self
+                        .last_good
+                        .insert(file.clone(), objects.clone())
+                        .unwrap_or_default();
+                    changed.push(self.count(before, objects));
+                    if let Some(now) = now {
+                        self.stamps.insert(file, (now, read_at));
+                    }
                 }
                 Err(error) => errors.push(error),
             }
         }
-        let mut snapshot = Snapshot::default();
-        for objects in self.last_good.values() {
-            snapshot.services.extend(objects.services.iter().cloned());
-            snapshot.pods.extend(objects.pods.iter().cloned());
-            snapshot
-                .endpoint_slices
-                .extend(objects.endpoint_slices.iter().cloned());
-            snapshot.nodes.extend(objects.nodes.iter().cloned());
-        }
-        Ok((snapshot, errors))
+        Ok((changed, errors))
     }
+
+    /// Counts the holders of a file's objects after it changed from `before` to `after`.
+    fn count(&mut self, before: FileObjects, after: FileObjects) -> Changed {
+        for object in &before {
+            if let Some(count) = self.holders.get_mut(&key_of(object)) {
+                *count = count.saturating_sub(1);
+            }
+        }
+        for object in &after {
+            *self.holders.entry(key_of(object)).or_default() += 1;
+        }
+        Changed { before, after }
+    }
+}
+
+/// A copy of `object` without what the model never reads.
+fn trimmed(object: &Object) -> Object {
+    let mut object = object.clone();
+    match &mut object {
+        Object::Service(o) => model::trim::service(o),
+        Object::EndpointSlice(o) => model::trim::endpoint_slice(o),
+        Object::Pod(o) => model::trim::pod(o),
+        Object::Node(o) => model::trim::node(o),
+    }
+    object
 }
 
 /// `*.yaml`, `*.yml` and `*.json` directly in `dir` (like `kubectl apply -f DIR`), skipping
@@ -123,7 +273,7 @@ fn read_file(file: &Path) -> Result<FileObjects, FileError> {
         message,
     };
     let text = std::fs::read_to_string(file).map_err(|e| error(None, None, e.to_string()))?;
-    let mut objects = FileObjects::default();
+    let mut objects = FileObjects::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
         let position = Some(index + 1);
         let value: serde_yaml_ng::Value = serde::Deserialize::deserialize(document)
@@ -142,20 +292,20 @@ fn read_file(file: &Path) -> Result<FileObjects, FileError> {
             "Service" => {
                 let service: Service = typed(value).map_err(fail)?;
                 first_error(model::validate_service(&service)).map_err(fail)?;
-                objects.services.push(service);
+                objects.push(Object::Service(service));
             }
             "Pod" => {
                 let pod: Pod = typed(value).map_err(fail)?;
                 first_error(model::validate_pod(&pod)).map_err(fail)?;
-                objects.pods.push(pod);
+                objects.push(Object::Pod(pod));
             }
             "EndpointSlice" => {
                 let slice: EndpointSlice = typed(value).map_err(fail)?;
                 first_error(model::validate_endpoint_slice(&slice)).map_err(fail)?;
-                objects.endpoint_slices.push(slice);
+                objects.push(Object::EndpointSlice(slice));
             }
             // For this node's zone label (topology hints).
-            "Node" => objects.nodes.push(typed(value).map_err(fail)?),
+            "Node" => objects.push(Object::Node(typed(value).map_err(fail)?)),
             "" => {
                 return Err(error(position, None, "kind: is required".into()));
             }
@@ -199,13 +349,13 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// How often a directory that went away is looked for again.
 const RETRY: Duration = Duration::from_secs(1);
 
-/// Reads `dir` now, then again whenever a file in it changes, publishing each snapshot. Errors
+/// Reads `dir` now, then again whenever a file in it changes, sending what changed. Errors
 /// are logged with file and field; the previous good state of a broken file keeps being served.
 /// A directory that is removed or replaced keeps the last state programmed until it is back
 /// (looked for every second), then is read and watched again.
 pub async fn watch(
     mut manifests: ManifestDir,
-    snapshots: watch::Sender<Snapshot>,
+    changes: Changes,
     metrics: Arc<AgentMetrics>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
@@ -246,7 +396,11 @@ pub async fn watch(
             });
         }
         // Read after (re)watching, so no change falls between the two.
-        let read = publish(&mut manifests, &snapshots, &metrics);
+        let read = match publish(&mut manifests, &changes, &metrics) {
+            Ok(false) => return Ok(()),
+            Ok(true) => Ok(()),
+            Err(error) => Err(error),
+        };
         match (&read, available) {
             (Err(error), true) => {
                 tracing::error!(
@@ -282,24 +436,19 @@ fn identity(dir: &Path) -> Option<(u64, u64)> {
         .map(|m| (m.dev(), m.ino()))
 }
 
-fn publish(
-    manifests: &mut ManifestDir,
-    snapshots: &watch::Sender<Snapshot>,
-    metrics: &AgentMetrics,
-) -> std::io::Result<()> {
-    let (snapshot, errors) = manifests.read()?;
+/// Sends what changed in the directory; `false` once the agent stopped listening.
+fn publish(manifests: &mut ManifestDir, changes: &Changes, metrics: &AgentMetrics) -> std::io::Result<bool> {
+    let (changed, errors) = manifests.changes()?;
     for error in &errors {
         tracing::error!("{error}; its last good contents stay in effect");
         metrics.source_error("manifests");
     }
-    tracing::info!(
-        services = snapshot.services.len(),
-        pods = snapshot.pods.len(),
-        "read manifests from {}",
-        manifests.dir().display()
-    );
-    snapshots.send_replace(snapshot);
-    Ok(())
+    let objects = changed
+        .iter()
+        .filter(|change| !matches!(change, Change::Listed(..)))
+        .count();
+    tracing::info!(objects, "read manifests from {}", manifests.dir().display());
+    Ok(changed.into_iter().all(|change| changes.send(change).is_ok()))
 }
 
 #[cfg(test)]

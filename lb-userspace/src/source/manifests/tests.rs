@@ -446,3 +446,61 @@ fn a_missing_directory_is_an_io_error() {
         "a directory that does not exist cannot be read"
     );
 }
+
+fn names_of(changes: &[Change]) -> Vec<String> {
+    changes
+        .iter()
+        .map(|change| {
+            let (what, object) = match change {
+                Change::Applied(object) => ("applied", object),
+                Change::Deleted(object) => ("deleted", object),
+                Change::Listed(kind, objects) => return format!("listed {kind:?} {}", objects.len()),
+            };
+            let (kind, _, name) = key_of(object);
+            format!("{what} {kind:?} {name}")
+        })
+        .collect()
+}
+
+/// After the first full lists, a re-read says only what changed: a changed object, a removed
+/// file's objects, nothing for an object that moved to another file.
+#[test]
+fn changes_are_the_first_lists_then_what_each_file_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "web.yaml", WEB_SERVICE);
+    write(
+        dir.path(),
+        "pods.yaml",
+        &format!("{}---\n{}", pod_yaml("a", "10.0.0.1"), pod_yaml("b", "10.0.0.2")),
+    );
+    let mut manifests = ManifestDir::new(dir.path());
+    let (changes, errors) = manifests.changes().unwrap();
+    assert!(errors.is_empty());
+    assert_eq!(
+        names_of(&changes),
+        [
+            "applied Pod a",
+            "applied Pod b",
+            "applied Service web",
+            "listed Service 1",
+            "listed EndpointSlice 0",
+            "listed Pod 2",
+            "listed Node 0"
+        ]
+    );
+    assert!(manifests.changes().unwrap().0.is_empty(), "nothing changed");
+
+    write(
+        dir.path(),
+        "pods.yaml",
+        &format!("{}---\n{}", pod_yaml("a", "10.0.0.1"), pod_yaml("b", "10.0.0.3")),
+    );
+    assert_eq!(names_of(&manifests.changes().unwrap().0), ["applied Pod b"]);
+
+    // Pod a moves to a file of its own, then pods.yaml goes.
+    write(dir.path(), "a.yaml", &pod_yaml("a", "10.0.0.1"));
+    write(dir.path(), "pods.yaml", &pod_yaml("b", "10.0.0.3"));
+    assert_eq!(names_of(&manifests.changes().unwrap().0), ["applied Pod a"]);
+    std::fs::remove_file(dir.path().join("pods.yaml")).unwrap();
+    assert_eq!(names_of(&manifests.changes().unwrap().0), ["deleted Pod b"]);
+}
