@@ -86,20 +86,21 @@ impl Attached {
         Ok(attached)
     }
 
-    /// Attaches to interfaces that appeared, and writes the node's addresses (which NodePorts
-    /// answer on, and which external flows leaving for other nodes take as source).
+    /// Writes the node's addresses (which NodePorts answer on, and which external flows leaving
+    /// for other nodes take as source), then attaches to interfaces that appeared: a program
+    /// never runs before the addresses it checks are there.
     pub fn sync(&mut self, maps: &mut ServiceMaps) -> anyhow::Result<()> {
-        let ebpf = &mut self.datapath.ebpf;
-        self.pods.sync(ebpf)?;
-        let external_indexes = match &mut self.external {
-            Some(external) => {
-                external.sync(ebpf)?;
-                external.attached().map(|(index, _)| index).collect()
-            }
+        let external_indexes = match &self.external {
+            Some(external) => external.matching()?.into_keys().collect(),
             None => Vec::new(),
         };
         if let Err(error) = addresses::program(maps, external_indexes) {
             tracing::error!("{error:#}");
+        }
+        let ebpf = &mut self.datapath.ebpf;
+        self.pods.sync(ebpf)?;
+        if let Some(external) = &mut self.external {
+            external.sync(ebpf)?;
         }
         Ok(())
     }

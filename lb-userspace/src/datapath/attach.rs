@@ -123,11 +123,6 @@ impl Attacher {
         })
     }
 
-    /// Index and name of every interface the programs are attached to.
-    pub fn attached(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.attached.iter().map(|(index, a)| (*index, a.name.as_str()))
-    }
-
     /// Names of the interfaces the programs are attached to.
     pub fn interfaces(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.attached.values().map(|a| a.name.as_str()).collect();
@@ -135,15 +130,21 @@ impl Attacher {
         names
     }
 
-    /// Attaches to matching interfaces that appeared (taking over links a previous agent pinned)
-    /// and forgets those that went away. Interfaces are read in this process's network namespace.
-    pub fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
-        let present: HashMap<u32, String> = if_nameindex()
+    /// Index → name of every interface of this network namespace that the pattern matches,
+    /// attached or not.
+    pub fn matching(&self) -> anyhow::Result<HashMap<u32, String>> {
+        Ok(if_nameindex()
             .context("cannot list network interfaces")?
             .iter()
             .filter_map(|i| Some((i.index(), i.name().to_str().ok()?.to_owned())))
             .filter(|(_, name)| self.pattern.matches(name))
-            .collect();
+            .collect())
+    }
+
+    /// Attaches to matching interfaces that appeared (taking over links a previous agent pinned)
+    /// and forgets those that went away. Interfaces are read in this process's network namespace.
+    pub fn sync(&mut self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        let present = self.matching()?;
         self.attached.retain(|index, attached| {
             let keep = present.get(index) == Some(&attached.name);
             if !keep {
