@@ -170,7 +170,8 @@ impl Cluster {
             };
             frontends.iter().all(|&(addr, port, proto)| {
                 let key = FrontendKey { addr, port, proto };
-                maps.service(&key).is_some_and(|info| info.backend_count == count)
+                maps.service(&key)
+                    .is_some_and(|info| info.backends.count == count)
             })
         });
     }

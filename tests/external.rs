@@ -24,6 +24,9 @@ const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 3);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 100);
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 7);
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 8);
+/// `solo`'s LoadBalancer IP, routed to node B (which has no `solo` pod).
+const SOLO_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 9);
+const SOLO_NODE_PORT: u16 = 30_081;
 const POD_A: (&str, Ipv4Addr) = ("web-a", Ipv4Addr::new(10, 244, 1, 10));
 const POD_B: (&str, Ipv4Addr) = ("web-b", Ipv4Addr::new(10, 244, 2, 10));
 /// `web`: externalTrafficPolicy Cluster, HTTP on NodePort 30080 and the LB and external IPs.
@@ -60,12 +63,15 @@ apiVersion: v1
 kind: Service
 metadata: {name: solo, namespace: default}
 spec:
-  type: NodePort
+  type: LoadBalancer
   clusterIP: 10.96.0.12
   externalTrafficPolicy: Local
   healthCheckNodePort: 32001
   selector: {side: a}
   ports: [{name: http, protocol: TCP, port: 80, targetPort: 3000, nodePort: 30081}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.168.60.9}]
 ";
 /// `solo`'s health check port: only node A has a `solo` pod.
 const SOLO_HEALTH_CHECK: u16 = 32_001;
@@ -104,9 +110,9 @@ impl Cluster {
         lan.ip(&["link", "set", "br0", "up"]).unwrap();
         let client = NetNs::create(&format!("{tag}{id}-cli")).unwrap();
         plug(&lan, &client, "eth0", &format!("{tag}{id}c"), CLIENT);
-        for via_a in [LB_IP, EXTERNAL_IP] {
+        for (vip, node) in [(LB_IP, NODE_A), (EXTERNAL_IP, NODE_A), (SOLO_LB_IP, NODE_B)] {
             client
-                .ip(&["route", "add", &format!("{via_a}/32"), "via", &NODE_A.to_string()])
+                .ip(&["route", "add", &format!("{vip}/32"), "via", &node.to_string()])
                 .unwrap();
         }
 
@@ -237,7 +243,7 @@ impl Node {
             let programmed = ServiceMaps::open(self.pins.path())
                 .ok()
                 .and_then(|maps| maps.services.get(&key, 0).ok())
-                .map(|info| info.backend_count);
+                .map(|info| info.backends.count);
             if programmed == Some(count) {
                 return;
             }
@@ -311,6 +317,42 @@ fn health_check_node_port_says_which_node_has_local_endpoints() {
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["localEndpoints"], count, "{node}: {body}");
         assert_eq!(body["service"]["name"], "solo");
+    }
+}
+
+/// externalTrafficPolicy Local restricts only clients from outside the node, as kube-proxy
+/// does: on node B, which has no `solo` pod, a pod and the node itself reach solo's NodePort and
+/// LoadBalancer IP (served by node A's pod), while an outside client sending there is dropped.
+#[test]
+fn external_traffic_policy_local_restricts_only_clients_from_outside() {
+    let cluster = Cluster::start("xp");
+    let node_b = &cluster.nodes[1];
+    // Pods and the node use every endpoint: node A's.
+    node_b.wait_for_frontend(SOLO_LB_IP.octets(), 80, IPPROTO_TCP, 1);
+    let pod_b = &node_b.lab.pods[0];
+    assert_eq!(pod_b.name, POD_B.0);
+    for (addr, port) in [(NODE_B, SOLO_NODE_PORT), (SOLO_LB_IP, 80)] {
+        for (client, who) in [
+            (&pod_b.ns, "a pod of node B"),
+            (&node_b.lab.node, "node B itself"),
+        ] {
+            let reply = servers::http_get(client, addr, port, TIMEOUT)
+                .unwrap_or_else(|e| panic!("{who} to {addr}:{port}: {e:#}"));
+            assert_eq!(
+                reply.pod, POD_A.0,
+                "{who} to {addr}:{port} reaches the other node's pod"
+            );
+            assert_eq!(
+                reply.from,
+                (addr, port).into(),
+                "the answer comes from the frontend"
+            );
+        }
+        let outside = servers::http_get(&cluster.client, addr, port, Duration::from_millis(500));
+        assert!(
+            outside.is_err(),
+            "an outside client at {addr}:{port} (node B) is dropped: {outside:?}"
+        );
     }
 }
 

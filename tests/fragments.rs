@@ -165,6 +165,7 @@ fn service<A: Net>(backends: &[Endpoint<A>], external: bool) -> DesiredService {
         external: external.then_some(External {
             local: false,
             source_ranges: None,
+            in_cluster: None,
         }),
         ..DesiredService::default()
     }
@@ -475,11 +476,11 @@ impl Cluster {
             };
             let count4 = |addr: [u8; 4], port| {
                 let key = frontend(addr, port, IPPROTO_UDP);
-                maps.services.get(&key, 0).map(|info| info.backend_count).ok()
+                maps.services.get(&key, 0).map(|info| info.backends.count).ok()
             };
             let count6 = |addr: [u8; 16], port| {
                 let key = frontend(addr, port, IPPROTO_UDP);
-                maps.services6.get(&key, 0).map(|info| info.backend_count).ok()
+                maps.services6.get(&key, 0).map(|info| info.backends.count).ok()
             };
             [
                 count4(CLUSTER_IP.octets(), DNS),

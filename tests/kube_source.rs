@@ -81,7 +81,7 @@ impl Agent {
             proto: IPPROTO_TCP,
         };
         let maps = ServiceMaps::open(self.pins.path()).ok()?;
-        maps.service(&key).map(|info| info.backend_count)
+        maps.service(&key).map(|info| info.backends.count)
     }
 
     fn wait_for(&self, cluster_ip: impl Into<IpAddr> + Copy, expected: Option<u32>, what: &str) {

@@ -20,12 +20,13 @@ use aya::{
 };
 use common::{Loaded, PinDir, packets, require_root};
 use lb_common::{
-    Backend, BackendId, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, Ipv6, ServiceInfo, ServiceKey, SlotKey,
-    SourceRangeKey, Stat, backend_flags, capacity, ct_direction, map_names, program_names, service_flags,
+    Backend, BackendId, BackendSet, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, Ipv6, ServiceKey,
+    SourceRangeKey, Stat, backend_flags, capacity, ct_direction, flow_hash, map_names, program_names,
+    service_flags,
 };
 use lb_userspace::{
-    datapath::{Datapath, bpffs},
-    reconcile::{DesiredService, External, FrontendKey, Reconciler},
+    datapath::{Datapath, bpffs, migrate},
+    reconcile::{DesiredService, External, FrontendKey, MaglevSize, Reconciler, maglev},
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
@@ -72,6 +73,11 @@ fn pin_old_map(
         assert_eq!((key.len(), value.len()), (key_size as usize, value_size as usize));
         put(fd, key, value);
     }
+    pin(path, fd);
+}
+
+/// Pins map `fd` at `path` and closes it: the pin holds the map.
+fn pin(path: &Path, fd: u32) {
     #[repr(C)]
     struct Pin {
         pathname: u64,
@@ -87,7 +93,7 @@ fn pin_old_map(
             file_flags: 0,
         },
     );
-    // SAFETY: the fd was just created here and is not used again; the pin holds the map.
+    // SAFETY: the fd was created by the caller and is not used again.
     unsafe { libc::close(fd as i32) };
 }
 
@@ -165,16 +171,76 @@ fn flow(port: u16, id: u32) -> [(CtKey, CtEntry); 2] {
     [(forward, entry), (reply, back)]
 }
 
-/// The first release's `ServiceInfo`: id, backend count, flags (12 bytes).
-fn service_v1(id: u32, backend_count: u32) -> Vec<u8> {
-    [id, backend_count, 0]
+/// A `ServiceInfo` of the layout before backend sets (20 bytes): id, backend count, flags
+/// (bit 1: Maglev), Maglev table size, affinity timeout.
+fn service_before_sets(id: u32, backend_count: u32, maglev_size: u32) -> Vec<u8> {
+    let flags = u32::from(maglev_size > 0);
+    [id, backend_count, flags, maglev_size, 0]
         .iter()
         .flat_map(|w| w.to_ne_bytes())
         .collect()
 }
 
+/// The Maglev table an earlier build wrote for [`BACKENDS`] (ids 1 and 2), `size` positions.
+fn old_maglev_table(size: u32) -> Vec<BackendId> {
+    let identities: Vec<Vec<u8>> = BACKENDS
+        .iter()
+        .map(|&(addr, port)| maglev::identity(SocketAddr::from((addr, port))))
+        .collect();
+    let weighted: Vec<(&[u8], u32)> = identities.iter().map(|i| (i.as_slice(), 1)).collect();
+    maglev::table(&weighted, size)
+        .into_iter()
+        .map(|index| index as BackendId + 1)
+        .collect()
+}
+
+/// `SB_MAGLEV` as the builds before backend sets pinned it: service id → an array of its own.
+fn pin_old_maglev(path: &Path, service_id: u32, table: &[BackendId]) {
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    const BPF_MAP_TYPE_HASH_OF_MAPS: u32 = 13;
+    const INNER_MAP_AND_MMAPABLE: u32 = (1 << 12) | (1 << 10);
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+        inner_map_fd: u32,
+    }
+    let inner = bpf(
+        BPF_MAP_CREATE,
+        &Create {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 4,
+            max_entries: table.len() as u32,
+            map_flags: INNER_MAP_AND_MMAPABLE,
+            inner_map_fd: 0,
+        },
+    ) as u32;
+    for (position, id) in table.iter().enumerate() {
+        put(inner, &(position as u32).to_ne_bytes(), &id.to_ne_bytes());
+    }
+    let outer = bpf(
+        BPF_MAP_CREATE,
+        &Create {
+            map_type: BPF_MAP_TYPE_HASH_OF_MAPS,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1024,
+            map_flags: 0,
+            inner_map_fd: inner,
+        },
+    ) as u32;
+    put(outer, &service_id.to_ne_bytes(), &inner.to_ne_bytes());
+    pin(path, outer);
+    // SAFETY: created here and not used again; the outer map holds the inner one.
+    unsafe { libc::close(inner as i32) };
+}
+
 #[test]
-fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
+fn services_of_the_layout_before_backend_sets_keep_their_ids_flows_and_tables() {
     require_root();
     let pins = PinDir::new("sbtest", "migrate");
     bpffs::prepare_pin_dir(pins.path()).unwrap();
@@ -182,16 +248,68 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
         port: 443,
         ..FRONTEND
     };
+    const MAGLEV_SIZE: u32 = 251;
     pin_old_map(
         &pins.path().join(map_names::SERVICES),
         BPF_MAP_TYPE_HASH,
         8,
-        12,
-        capacity::SERVICES,
+        20,
+        65_536,
         &[
-            (&bytes(&FRONTEND), &service_v1(SERVICE_ID, 2)),
-            (&bytes(&other), &service_v1(8, 0)),
+            (
+                &bytes(&FRONTEND),
+                &service_before_sets(SERVICE_ID, 2, MAGLEV_SIZE),
+            ),
+            (&bytes(&other), &service_before_sets(8, 0, 0)),
         ],
+    );
+    let slots: Vec<(Vec<u8>, Vec<u8>)> = (0..2u32)
+        .map(|slot| {
+            let key = [SERVICE_ID, slot].iter().flat_map(|w| w.to_ne_bytes()).collect();
+            (key, (slot + 1).to_ne_bytes().to_vec())
+        })
+        .collect();
+    let slots: Vec<(&[u8], &[u8])> = slots.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect();
+    pin_old_map(
+        &pins.path().join(migrate::retired::BACKEND_SLOTS),
+        BPF_MAP_TYPE_HASH,
+        8,
+        4,
+        262_144,
+        &slots,
+    );
+    // The backends' entries have the layout they had: their owner is the service's id.
+    let backends: Vec<(Vec<u8>, Vec<u8>)> = BACKENDS
+        .iter()
+        .enumerate()
+        .map(|(index, &(addr, port))| {
+            let backend = Backend {
+                addr,
+                port,
+                proto: IPPROTO_TCP,
+                flags: 0,
+                set_id: SERVICE_ID,
+            };
+            ((index as u32 + 1).to_ne_bytes().to_vec(), bytes(&backend))
+        })
+        .collect();
+    let backends: Vec<(&[u8], &[u8])> = backends
+        .iter()
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    pin_old_map(
+        &pins.path().join(map_names::BACKENDS),
+        BPF_MAP_TYPE_HASH,
+        4,
+        12,
+        262_144,
+        &backends,
+    );
+    let old_table = old_maglev_table(MAGLEV_SIZE);
+    pin_old_maglev(
+        &pins.path().join(migrate::retired::MAGLEV),
+        SERVICE_ID,
+        &old_table,
     );
     // A conntrack map of an earlier capacity, holding a live flow on the second backend.
     let flows: Vec<(Vec<u8>, Vec<u8>)> = flow(40_000, 2)
@@ -219,19 +337,27 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
 
     let mut datapath = Datapath::load(pins.path()).expect("the datapath loads over the old maps");
     let mut maps = datapath.maps().unwrap();
-    let services: Vec<(ServiceKey, ServiceInfo)> = maps.services.iter().map(Result::unwrap).collect();
+    let services = maps.services().unwrap();
     assert_eq!(services.len(), 2, "{services:?}");
-    assert!(
-        services.contains(&(
-            FRONTEND,
-            ServiceInfo {
+    let info = services[&FrontendKey::from(FRONTEND)];
+    assert_eq!(
+        (info.id, info.flags, info.backends, info.outside),
+        (
+            SERVICE_ID,
+            0,
+            BackendSet {
                 id: SERVICE_ID,
-                backend_count: 2,
-                ..ServiceInfo::default()
-            }
-        )),
-        "the service entry, with the fields added since zeroed: {services:?}"
+                count: 2,
+                table: info.backends.table,
+                maglev_size: MAGLEV_SIZE,
+            },
+            info.backends
+        ),
+        "the frontend keeps its id; its set is named by the id its backends' entries name"
     );
+    let programmed = maps.read_programmed().unwrap();
+    assert_eq!(programmed.live_backends(&info.backends), [1, 2], "its slots");
+    assert_eq!(services[&FrontendKey::from(other)].backends.count, 0);
     let info = MapInfo::from_pin(pins.path().join(map_names::CONNTRACK)).unwrap();
     assert_eq!(info.max_entries(), capacity::CONNTRACK, "the new capacity");
     for (key, entry) in flow(40_000, 2) {
@@ -241,6 +367,13 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
             "the flow was carried"
         );
     }
+    let backends_info = MapInfo::from_pin(pins.path().join(map_names::BACKENDS)).unwrap();
+    assert_eq!(
+        (backends_info.max_entries(), backends_info.map_flags()),
+        (capacity::BACKENDS, 1),
+        "a larger backends map, not preallocated, its entries carried"
+    );
+    assert_eq!(maps.backends().unwrap().len(), 2);
     let affinity = MapInfo::from_pin(pins.path().join(map_names::AFFINITY)).unwrap();
     assert_eq!(affinity.value_size(), 16, "an unknown layout is replaced");
     assert_eq!(maps.affinity.keys().count(), 0);
@@ -262,28 +395,12 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
     let left: Vec<String> = std::fs::read_dir(pins.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|name| name.ends_with("-old"))
+        .filter(|name| name.ends_with("-old") || migrate::retired::ALL.contains(&name.as_str()))
         .collect();
     assert!(left.is_empty(), "old maps unpinned: {left:?}");
 
-    // The new datapath serves the carried flows: each packet goes to its flow's backend, and
-    // no new flow is counted.
-    for (id, (addr, port)) in BACKENDS.iter().enumerate() {
-        let id = id as u32 + 1;
-        let backend = Backend {
-            addr: *addr,
-            port: *port,
-            proto: IPPROTO_TCP,
-            flags: 0,
-            service_id: SERVICE_ID,
-        };
-        maps.backends.insert(id, backend, 0).unwrap();
-        let slot = SlotKey {
-            service_id: SERVICE_ID,
-            slot: id - 1,
-        };
-        maps.slots.insert(slot, id, 0).unwrap();
-    }
+    // The new datapath serves the carried flows (each packet to its flow's backend, no new flow
+    // counted), and a new flow where the old Maglev table sent it.
     let program: &mut SchedClassifier = datapath
         .ebpf
         .program_mut(program_names::FROM_POD)
@@ -291,8 +408,7 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
         .try_into()
         .unwrap();
     load_program(|| program.load()).unwrap();
-    for (port, backend) in [(40_000, BACKENDS[1]), (40_001, BACKENDS[0])] {
-        let packet = packets::tcp_data((CLIENT, port), (FRONTEND.addr, FRONTEND.port), b"GET /");
+    let send = |packet: Vec<u8>| {
         let mut out = vec![0u8; packet.len() + 64];
         let result = program
             .test_run(TestRunOptions {
@@ -302,14 +418,54 @@ fn maps_of_an_earlier_layout_or_capacity_are_carried_into_the_new_datapath() {
             })
             .unwrap();
         out.truncate(result.data_size_out as usize);
-        let (_, destination) = packets::addresses_with_valid_checksums(&out);
-        assert_eq!(destination, backend, "the flow from port {port} kept its backend");
+        packets::addresses_with_valid_checksums(&out).1
+    };
+    for (port, backend) in [(40_000, BACKENDS[1]), (40_001, BACKENDS[0])] {
+        let packet = packets::tcp_data((CLIENT, port), (FRONTEND.addr, FRONTEND.port), b"GET /");
+        assert_eq!(
+            send(packet),
+            backend,
+            "the flow from port {port} kept its backend"
+        );
     }
     let stats = maps.service_stats().unwrap()[&SERVICE_ID];
     assert_eq!(
         (stats.packets, stats.new_flows),
         (2, 0),
         "both flows were established ones"
+    );
+    for port in 41_000..41_020 {
+        let hash = flow_hash(CLIENT, FRONTEND.addr, port, FRONTEND.port, IPPROTO_TCP);
+        let expected = BACKENDS[old_table[(hash % MAGLEV_SIZE) as usize] as usize - 1];
+        let packet = packets::tcp_syn((CLIENT, port), (FRONTEND.addr, FRONTEND.port));
+        assert_eq!(
+            send(packet),
+            expected,
+            "a new flow from port {port} goes where it went"
+        );
+    }
+
+    // The agent's first pass finds the same backends under the same ids: nothing to write.
+    let desired = BTreeMap::from([(
+        FrontendKey::from(FRONTEND),
+        DesiredService {
+            name: "test/web:80".into(),
+            cluster_ip: true,
+            backends: BACKENDS.iter().map(|&b| SocketAddr::from(b)).collect(),
+            maglev: Some(MaglevSize::Fixed(MAGLEV_SIZE)),
+            ..DesiredService::default()
+        },
+    )]);
+    let mut reconciler = Reconciler::new(maps.read_programmed().unwrap());
+    let report = reconciler.apply(&desired, &mut maps);
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(
+        report.writes, 1,
+        "only its ClusterIP, which the old maps did not hold: {report:?}"
+    );
+    assert_eq!(
+        maps.services().unwrap()[&FrontendKey::from(FRONTEND)],
+        services[&FrontendKey::from(FRONTEND)]
     );
 }
 
@@ -410,7 +566,7 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
         cluster_ip: true,
         backends: backends.iter().map(|b| socket(b)).collect(),
         draining: draining.iter().map(|b| socket(b)).collect(),
-        maglev: Some(251),
+        maglev: Some(MaglevSize::Fixed(251)),
         ..DesiredService::default()
     };
     let (web4, web6, lb6) = (
@@ -438,6 +594,7 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
                 external: Some(External {
                     local: false,
                     source_ranges: Some(vec![("2001:db8::".parse().unwrap(), 32)]),
+                    ..External::default()
                 }),
                 ..DesiredService::default()
             },
@@ -458,8 +615,8 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
         .expect("the IPv6 ClusterIP frontend is in SB_SERVICES6");
     let lb_info6 = maps.services6.get(&service6("2001:db8:7::7"), 0).unwrap();
     assert_eq!(
-        (info6.backend_count, info6.flags, info6.maglev_table_size),
-        (2, service_flags::MAGLEV, 251)
+        (info6.backends.count, info6.flags, info6.backends.maglev_size),
+        (2, 0, 251)
     );
     assert_eq!(
         lb_info6.flags & (service_flags::EXTERNAL_SNAT | service_flags::SOURCE_RANGES),
@@ -480,8 +637,15 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
         1,
         "SB_SERVICES holds the IPv4 frontend alone"
     );
-    let ids = [info4.id, info6.id, lb_info6.id];
-    assert_eq!(BTreeSet::from(ids).len(), 3, "one service id space: {ids:?}");
+    let ids = [
+        info4.id,
+        info6.id,
+        lb_info6.id,
+        info4.backends.id,
+        info6.backends.id,
+        lb_info6.backends.id,
+    ];
+    assert_eq!(BTreeSet::from(ids).len(), 6, "one service id space: {ids:?}");
 
     let backends4: BTreeMap<BackendId, Backend> = maps.backends.iter().map(Result::unwrap).collect();
     let backends6: BTreeMap<BackendId, Backend<Ipv6>> = maps.backends6.iter().map(Result::unwrap).collect();
@@ -501,26 +665,21 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
         .map(|b| b.addr.into())
         .collect();
     assert_eq!(draining, ["fd00:244::12".parse::<Ipv6Addr>().unwrap()]);
-    for slot in 0..2 {
-        let id = maps
-            .slots
-            .get(
-                &SlotKey {
-                    service_id: info6.id,
-                    slot,
-                },
-                0,
-            )
-            .expect("the IPv6 frontend's slots are in the shared slots map");
-        let backend = backends6[&id];
+    let programmed = maps.read_programmed().unwrap();
+    for id in programmed.live_backends(&info6.backends) {
+        let backend = backends6[id];
         assert_eq!(
-            (backend.service_id, backend.port, backend.flags),
-            (info6.id, 3000, 0)
+            (backend.set_id, backend.port, backend.flags),
+            (info6.backends.id, 3000, 0),
+            "the IPv6 frontend's backends, in the table space shared by both families"
         );
     }
-    assert!(
-        maps.maglev.get(&info6.id, 0).is_ok(),
-        "its Maglev table is in the shared SB_MAGLEV"
+    assert_eq!(programmed.live_backends(&info6.backends).len(), 2);
+    assert_eq!(
+        programmed.tables.len(),
+        3,
+        "a table for each family's ClusterIP set, one for the LoadBalancer's: {:?}",
+        programmed.tables
     );
     assert_eq!(
         maps.cluster_ips6
@@ -557,7 +716,7 @@ fn a_dual_stack_service_is_in_each_familys_maps_and_read_back_after_a_reload() {
     let mut maps = reloaded.maps().unwrap();
     let programmed = maps.read_programmed().unwrap();
     assert_eq!(
-        &programmed,
+        programmed,
         loaded.reconciler.programmed(),
         "both families are read back"
     );

@@ -152,7 +152,7 @@ impl Cluster {
                         .services
                         .get(&key, 0)
                         .ok()
-                        .map(|info| info.backend_count)
+                        .map(|info| info.backends.count)
                 })
                 .collect();
             if programmed.iter().all(|p| *p == Some(count)) {

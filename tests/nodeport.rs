@@ -18,7 +18,7 @@ use common::{
     verdict::{TC_ACT_OK, TC_ACT_REDIRECT, XDP_DROP, XDP_PASS},
 };
 use lb_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, ServiceKey, Stat, program_names};
-use lb_userspace::reconcile::{DesiredService, External, FrontendKey, Reconciler};
+use lb_userspace::reconcile::{DesiredService, External, FrontendKey, MaglevSize, Reconciler};
 
 const NODE_PORT: u16 = 30_080;
 /// BPF_PROG_TEST_RUN runs TC programs on the loopback device (index 1), so that is where the
@@ -87,7 +87,11 @@ fn service<A: Net>(
     DesiredService {
         name: "test/web".into(),
         backends: backends.iter().map(|&backend| backend.into()).collect(),
-        external: Some(External { local, source_ranges }),
+        external: Some(External {
+            local,
+            source_ranges,
+            ..External::default()
+        }),
         ..DesiredService::default()
     }
 }
@@ -299,7 +303,7 @@ fn a_restarted_agent_reads_external_frontends_back_and_rewrites_nothing() {
         ),
     ];
     let services = services.map(|(key, service)| {
-        let maglev = Some(31);
+        let maglev = Some(MaglevSize::Fixed(31));
         (key, DesiredService { maglev, ..service })
     });
     let loaded = loaded("np-restart", &services);

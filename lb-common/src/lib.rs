@@ -7,7 +7,7 @@
 //! IPv4 and IPv6 have twin maps (`SB_SERVICES` and `SB_SERVICES6`, …) whose keys and values are
 //! the same generic types over the [`Address`] they hold, so the datapath's logic is written once
 //! for both families and an IPv4-only node pays nothing for IPv6 entries. Service ids, backend
-//! ids, slots, Maglev tables and counters are one space shared by both families.
+//! set and backend ids, backend tables and counters are one space shared by both families.
 #![no_std]
 
 mod checksum;
@@ -85,13 +85,14 @@ pub const IPPROTO_SCTP: u8 = 132;
 pub mod map_names {
     pub const SERVICES: &str = "SB_SERVICES";
     pub const SERVICES6: &str = "SB_SERVICES6";
-    pub const BACKEND_SLOTS: &str = "SB_BACKEND_SLOTS";
     pub const BACKENDS: &str = "SB_BACKENDS";
     pub const BACKENDS6: &str = "SB_BACKENDS6";
     pub const CONNTRACK: &str = "SB_CONNTRACK";
     pub const CONNTRACK6: &str = "SB_CONNTRACK6";
     pub const STATS: &str = "SB_STATS";
-    pub const MAGLEV: &str = "SB_MAGLEV";
+    /// Every backend set's table: its backends' ids, then its Maglev table (an array of maps
+    /// holding one growable array, see `lb_common::TablePair`).
+    pub const BACKEND_TABLES: &str = "SB_BACKEND_TABLES";
     pub const AFFINITY: &str = "SB_AFFINITY";
     pub const AFFINITY6: &str = "SB_AFFINITY6";
     pub const NODE_ADDRS: &str = "SB_NODE_ADDRS";
@@ -113,16 +114,15 @@ pub mod map_names {
     /// Per-CPU token buckets of that limit (not pinned).
     pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
     /// The maps pinned under their names.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         SERVICES6,
-        BACKEND_SLOTS,
         BACKENDS,
         BACKENDS6,
         CONNTRACK,
         CONNTRACK6,
         STATS,
-        MAGLEV,
+        BACKEND_TABLES,
         AFFINITY,
         AFFINITY6,
         NODE_ADDRS,
@@ -204,19 +204,27 @@ pub mod config {
     pub const NETNS_COOKIE: u32 = 0;
     /// The most verbose [`crate::log_level`] the datapath logs at; 0 (the default) logs nothing.
     pub const LOG_LEVEL: u32 = 1;
+    /// The next backend id the agent gives out, and the next service id: kept here, not
+    /// derived from the ids in the maps, so that an id is never handed out twice (until the
+    /// counter wraps), not even by an agent restarted after the entry that had it was deleted.
+    /// A conntrack entry may still name it, and would follow it to whatever got it next.
+    pub const NEXT_BACKEND_ID: u32 = 2;
+    pub const NEXT_SERVICE_ID: u32 = 3;
     /// Non-zero: `from_pod` drops a pod's packets that would open, close or create a service
     /// flow from a source that does not route back out of the pod's interface (see
     /// `switchboard run --source-check`). Zero (a datapath loaded without the agent): no check.
-    pub const SOURCE_CHECK: u32 = 2;
+    pub const SOURCE_CHECK: u32 = 4;
     pub const LEN: u32 = 8;
 }
 
-/// Default map capacities, the same for each family's twin; the agent may override them at load
-/// time.
+/// Default map capacities, the same for each family's twin; the agent overrides them at load
+/// time from its flags.
 pub mod capacity {
-    pub const SERVICES: u32 = 65_536;
-    pub const BACKENDS: u32 = 262_144;
-    pub const BACKEND_SLOTS: u32 = 262_144;
+    /// Frontends, and ClusterIPs. Not preallocated: an entry costs memory once it is used, the
+    /// capacity only a hash bucket (16 bytes) per entry.
+    pub const SERVICES: u32 = 262_144;
+    /// Backend entries (an endpoint of a backend set), per family; not preallocated either.
+    pub const BACKENDS: u32 = 4 * SERVICES;
     pub const CONNTRACK: u32 = 262_144;
     pub const AFFINITY: u32 = 65_536;
     pub const NODE_ADDRS: u32 = 256;
@@ -254,7 +262,7 @@ mod pod_impls {
         FragmentKey,
     );
     unsafe impl aya::Pod for ServiceInfo {}
-    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for BackendSet {}
     unsafe impl aya::Pod for AffinityEntry {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for RejectLimit {}
@@ -273,11 +281,11 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 8);
         assert_eq!(size_of::<ServiceKey<Ipv6>>(), 20);
-        assert_eq!(size_of::<ServiceInfo>(), 20);
+        assert_eq!(size_of::<BackendSet>(), 16);
+        assert_eq!(size_of::<ServiceInfo>(), 12 + 2 * 16);
         assert_eq!(size_of::<AffinityKey>(), 8);
         assert_eq!(size_of::<AffinityKey<Ipv6>>(), 20);
         assert_eq!(size_of::<AffinityEntry>(), 16);
-        assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<Backend>(), 12);
         assert_eq!(size_of::<Backend<Ipv6>>(), 24);
         assert_eq!(size_of::<CtKey>(), 16);

@@ -1,15 +1,14 @@
 //! Frontends, their backends and the per-service policy maps.
 use crate::{Address, Ipv4};
 
-/// Maglev lookup table size unless configured otherwise: a prime, so every backend's permutation
-/// visits every position; 100× the backend count keeps each backend within a few percent of its
-/// share.
-pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+/// Flags of the backend table space ([`crate::map_names::BACKEND_TABLES`]'s inner array):
+/// BPF_F_INNER_MAP (its size may differ from the template's, so it can grow) | BPF_F_MMAPABLE
+/// (the agent writes tables through a shared mapping, not a syscall per position).
+pub const BACKEND_TABLES_FLAGS: u32 = (1 << 12) | (1 << 10);
 
-/// Flags of every Maglev table (inner map): BPF_F_INNER_MAP (sizes may differ from the
-/// template's) | BPF_F_MMAPABLE (filled through one mapping). The kernel requires the same flags
-/// on every inner map.
-pub const MAGLEV_TABLE_FLAGS: u32 = (1 << 12) | (1 << 10);
+/// An element of the backend table space: two positions. Array elements are laid out 8 bytes
+/// apart whatever their size, so a `u32` element would waste half the space; a pair fills it.
+pub type TablePair = [BackendId; 2];
 
 /// A service frontend as a packet addresses it: destination address, port and protocol.
 #[repr(C)]
@@ -21,30 +20,55 @@ pub struct ServiceKey<A: Address = Ipv4> {
     pub pad: u8,
 }
 
-/// What the datapath knows of a frontend. Written last on add and first on delete, so a packet
-/// that finds it also finds `backend_count` valid slots.
+/// What the datapath knows of a frontend. Written after its backends and tables on add and
+/// deleted before them, so a packet that finds it also finds every backend it points at.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
-    /// Stable id, chosen by the agent; keys the slots and is recorded in conntrack. One id space
-    /// for both families.
+    /// Stable id of the frontend, chosen by the agent: recorded in conntrack, and the key of its
+    /// counters, source ranges and session affinity. One id space for both families.
     pub id: u32,
-    /// Slots `0..backend_count` in [`crate::map_names::BACKEND_SLOTS`] are valid. Zero: no
-    /// endpoints.
-    pub backend_count: u32,
     /// [`service_flags`].
     pub flags: u32,
-    /// With [`service_flags::MAGLEV`]: the size of the service's table in
-    /// [`crate::map_names::MAGLEV`].
-    pub maglev_table_size: u32,
     /// With [`service_flags::AFFINITY`]: how long a client sticks to its backend after its last
     /// new connection, in seconds.
     pub affinity_timeout_s: u32,
+    /// The backends new flows from pods and from the node itself are balanced over.
+    pub backends: BackendSet,
+    /// The backends new flows from outside the node are balanced over: `backends`, except on an
+    /// external frontend with `externalTrafficPolicy: Local`, where they are this node's only
+    /// (kube-proxy restricts only outside clients to local endpoints).
+    pub outside: BackendSet,
+}
+
+impl ServiceInfo {
+    /// This frontend as clients from outside the node see it: balanced over [`Self::outside`].
+    #[inline(always)]
+    pub fn for_outside_clients(&mut self) {
+        self.backends = self.outside;
+    }
+}
+
+/// A set of backends with its table, shared by every frontend of a Service whose new flows go to
+/// the same endpoints (its ClusterIP, NodePort, LoadBalancer and external IPs, say).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSet {
+    /// The set's id: its backends' entries name it as their owner ([`Backend::set_id`]).
+    pub id: u32,
+    /// How many backends take new flows: positions `table .. table + count` of
+    /// [`crate::map_names::BACKEND_TABLES`] hold their ids (the slots random choice picks from).
+    /// Zero: none, and new flows are refused.
+    pub count: u32,
+    /// Where the set's table starts in [`crate::map_names::BACKEND_TABLES`].
+    pub table: u32,
+    /// Maglev: the size of the lookup table that follows the ids, at `table + count`. Zero:
+    /// random choice among the ids.
+    pub maglev_size: u32,
 }
 
 pub mod service_flags {
-    /// Choose backends by Maglev consistent hashing of the flow instead of at random.
-    pub const MAGLEV: u32 = 1;
+    /// Bit 1 (Maglev) is retired: a backend set says so with its table size.
     /// `sessionAffinity: ClientIP`: a client's new connections go to the backend its previous
     /// ones went to, while that one serves and the timeout has not run out.
     pub const AFFINITY: u32 = 2;
@@ -79,20 +103,13 @@ pub struct SourceRangeKey<A: Address = Ipv4> {
     pub addr: A,
 }
 
-/// One slot of a service's backend set: `(service id, slot index)`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SlotKey {
-    pub service_id: u32,
-    pub slot: u32,
-}
-
 /// A backend id, the value of a slot and the key of [`crate::map_names::BACKENDS`] (or of its
 /// IPv6 twin, for a service of that family: one id space for both).
 pub type BackendId = u32;
 
-/// A backend of one service. Ids are per service, so removing an endpoint from a service removes
-/// its id, and a conntrack entry that still names it is re-balanced instead of black-holed.
+/// A backend of one backend set. Ids are per set and never handed out twice (until the counter
+/// wraps), so removing an endpoint from a set removes its id, and a conntrack entry that still
+/// names it is re-balanced instead of black-holed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend<A: Address = Ipv4> {
@@ -101,8 +118,9 @@ pub struct Backend<A: Address = Ipv4> {
     pub proto: u8,
     /// [`backend_flags`].
     pub flags: u8,
-    /// The service this backend belongs to; guards against a recycled id.
-    pub service_id: u32,
+    /// The [`BackendSet`] this backend belongs to: a flow whose backend left its set finds
+    /// another owner, or none.
+    pub set_id: u32,
 }
 
 pub mod backend_flags {

@@ -51,7 +51,7 @@ pub fn forward<A: Family>(flow: &Flow<A>, service: &ServiceInfo) -> Forward<A> {
                 port: recorded.nat_port,
                 proto: flow.proto,
                 flags: backend_flags::DRAINING,
-                service_id: service.id,
+                set_id: service.backends.id,
             })
         });
         if let Some(backend) = backend {

@@ -85,7 +85,7 @@ fn ingress<A: Family>(ctx: &impl Packet, flow: &Flow<A>) -> Verdict {
         // Counted as a reply at egress, where its source becomes the frontend.
         return done(nat::rewrite_destination(ctx, flow, client_addr, client_port));
     }
-    let Some(service) = service::lookup_frontend(flow) else {
+    let Some(service) = service::lookup_frontend_from_outside(flow) else {
         return Verdict::Pass;
     };
     let backend = match conntrack::forward(flow, &service) {

@@ -3,25 +3,29 @@
 //! IPv6 twin named with a `6`, of the same generic type over `Ipv6`.
 use aya_ebpf::{
     bindings::{BPF_F_INNER_MAP, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    btf_maps::{Array, HashMap, HashOfMaps, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, DEFAULT_MAGLEV_TABLE_SIZE,
-    FragmentKey, FragmentPorts, Ipv4, Ipv6, MAGLEV_TABLE_FLAGS, RejectBucket, RejectLimit, ServiceInfo,
-    ServiceKey, ServiceStats, SlotKey, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity, config,
+    AffinityEntry, AffinityKey, BACKEND_TABLES_FLAGS, Backend, BackendId, ClusterIpKey, CtEntry, CtKey,
+    FragmentKey, FragmentPorts, Ipv4, Ipv6, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats,
+    SockRevEntry, SockRevKey, SourceRangeKey, Stat, TablePair, capacity, config,
 };
 
 use crate::source_check::VerifiedSource;
 
-const _: () = assert!(MAGLEV_TABLE_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
+const _: () = assert!(BACKEND_TABLES_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
+
+/// The maps the agent fills with Services are not preallocated: their memory follows the
+/// cluster's size, and their capacity (a flag) costs a hash bucket per entry.
+const GROWING: usize = BPF_F_NO_PREALLOC as usize;
 
 // The twin maps' types: one generic type per map, over the address of its family.
-pub type Services<A> = HashMap<ServiceKey<A>, ServiceInfo, { capacity::SERVICES as usize }>;
-pub type Backends<A> = HashMap<BackendId, Backend<A>, { capacity::BACKENDS as usize }>;
+pub type Services<A> = HashMap<ServiceKey<A>, ServiceInfo, { capacity::SERVICES as usize }, GROWING>;
+pub type Backends<A> = HashMap<BackendId, Backend<A>, { capacity::BACKENDS as usize }, GROWING>;
 pub type Conntrack<A> = LruHashMap<CtKey<A>, CtEntry<A>, { capacity::CONNTRACK as usize }>;
 pub type Affinity<A> = LruHashMap<AffinityKey<A>, AffinityEntry, { capacity::AFFINITY as usize }>;
-pub type ClusterIps<A> = HashMap<ClusterIpKey<A>, u32, { capacity::SERVICES as usize }>;
+pub type ClusterIps<A> = HashMap<ClusterIpKey<A>, u32, { capacity::SERVICES as usize }, GROWING>;
 pub type NodeAddrs<A> = HashMap<A, u32, { capacity::NODE_ADDRS as usize }>;
 pub type SnatAddrs<A> = HashMap<u32, A, { capacity::SNAT_ADDRS as usize }>;
 pub type SourceRanges<A> = LpmTrie<SourceRangeKey<A>, u8, { capacity::SOURCE_RANGES as usize }>;
@@ -34,12 +38,7 @@ pub static SB_SERVICES: Services<Ipv4> = HashMap::new();
 #[btf_map]
 pub static SB_SERVICES6: Services<Ipv6> = HashMap::new();
 
-/// (service id, slot) → backend id; slots `0..backend_count` are valid.
-#[btf_map]
-pub static SB_BACKEND_SLOTS: HashMap<SlotKey, BackendId, { capacity::BACKEND_SLOTS as usize }> =
-    HashMap::new();
-
-/// Backend id → address, port and owning service.
+/// Backend id → address, port and owning backend set.
 #[btf_map]
 pub static SB_BACKENDS: Backends<Ipv4> = HashMap::new();
 #[btf_map]
@@ -52,16 +51,22 @@ pub static SB_CONNTRACK: Conntrack<Ipv4> = LruHashMap::new();
 #[btf_map]
 pub static SB_CONNTRACK6: Conntrack<Ipv6> = LruHashMap::new();
 
-/// Service id → its Maglev lookup table (table position → backend id). The agent writes a new
-/// table whole and then swaps it in, so a packet always sees a complete one. BPF_F_INNER_MAP lets
-/// tables of another size than this template be inserted; BPF_F_MMAPABLE lets the agent fill a
-/// table with one copy instead of a syscall per position.
+/// Every backend set's table, at the position its `BackendSet` says: the ids of its backends
+/// (the slots of random choice), then its Maglev table (hash position → backend id). One flat
+/// array of position pairs, held in slot 0 of an array of maps so the agent can swap in a larger
+/// one as the cluster grows (BPF_F_INNER_MAP: of another size than this template). The agent
+/// writes a changed table to free positions and then points the frontends at it, so a packet
+/// always sees a complete one; BPF_F_MMAPABLE lets it write them through a shared mapping.
 #[btf_map]
-pub static SB_MAGLEV: HashOfMaps<
-    u32,
-    Array<BackendId, { DEFAULT_MAGLEV_TABLE_SIZE as usize }, { MAGLEV_TABLE_FLAGS as usize }>,
-    { capacity::SERVICES as usize },
-> = HashOfMaps::new();
+pub static SB_BACKEND_TABLES: ArrayOfMaps<Array<TablePair, 1, { BACKEND_TABLES_FLAGS as usize }>, 1> =
+    ArrayOfMaps::new();
+
+/// The backend id at `position` of the table space, if it has one.
+#[inline(always)]
+pub fn table_entry(position: u32) -> Option<BackendId> {
+    let pair = SB_BACKEND_TABLES.get_value(0, &(position >> 1))?;
+    Some(pair[(position & 1) as usize])
+}
 
 /// (service id, client address) → the backend the client sticks to, for services with session
 /// affinity. LRU: a forgotten client just gets a backend chosen anew.

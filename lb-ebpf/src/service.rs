@@ -4,15 +4,11 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, ServiceInfo, ServiceKey, SlotKey,
-    SourceRangeKey, backend_flags, service_flags,
+    AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, ServiceInfo, ServiceKey, SourceRangeKey,
+    backend_flags, service_flags,
 };
 
-use crate::{
-    family::Family,
-    maps::{SB_BACKEND_SLOTS, SB_MAGLEV},
-    packet::Flow,
-};
+use crate::{family::Family, maps::table_entry, packet::Flow};
 
 /// Whether `addr` is a ClusterIP: a packet to it that matched no frontend is for a port its
 /// Service does not define.
@@ -36,7 +32,8 @@ pub fn is_node_addr<A: Family>(addr: A) -> bool {
 }
 
 /// The service whose frontend `flow` is addressed to: a ClusterIP, LoadBalancer IP or
-/// externalIP with its port, or a NodePort on any of this node's addresses.
+/// externalIP with its port, or a NodePort on any of this node's addresses; balanced over the
+/// backends of clients in the cluster (pods, the node itself).
 #[inline(always)]
 pub fn lookup_frontend<A: Family>(flow: &Flow<A>) -> Option<ServiceInfo> {
     // NodePorts are keyed with the unspecified address (0.0.0.0, ::): a packet to it must not
@@ -60,6 +57,15 @@ pub fn lookup_frontend<A: Family>(flow: &Flow<A>) -> Option<ServiceInfo> {
     lookup(&frontend)
 }
 
+/// [`lookup_frontend`] for a client from outside the node: balanced over its own backends
+/// (this node's only, with `externalTrafficPolicy: Local`).
+#[inline(always)]
+pub fn lookup_frontend_from_outside<A: Family>(flow: &Flow<A>) -> Option<ServiceInfo> {
+    let mut service = lookup_frontend(flow)?;
+    service.for_outside_clients();
+    Some(service)
+}
+
 /// Whether a LoadBalancer frontend with source ranges admits a new flow from `client`.
 #[inline(always)]
 pub fn source_allowed<A: Family>(service: &ServiceInfo, client: A) -> bool {
@@ -75,23 +81,23 @@ pub fn source_allowed<A: Family>(service: &ServiceInfo, client: A) -> bool {
     A::source_ranges().get(&key).is_some()
 }
 
-/// The backend behind `id` if it still belongs to `service` (draining or not). Ids are per
-/// service and recycled only after wrapping, so the owner check catches a flow whose backend was
-/// removed.
+/// The backend behind `id` if it still belongs to `service`'s backend set (draining or not).
+/// Ids are per set and recycled only after wrapping, so the owner check catches a flow whose
+/// backend was removed.
 #[inline(always)]
 pub fn backend<A: Family>(service: &ServiceInfo, id: BackendId) -> Option<Backend<A>> {
     // SAFETY: copied out at once.
     let backend = unsafe { A::backends().get(id).copied() }?;
-    (backend.service_id == service.id).then_some(backend)
+    (backend.set_id == service.backends.id).then_some(backend)
 }
 
 /// The backend for a new flow. With session affinity, the one the client had, if it still
 /// takes new flows and the timeout has not run out (each new connection restarts the timeout).
-/// Otherwise by Maglev consistent hashing of the 5-tuple when the service has a table (every
-/// node picks the same one), else at random among the service's slots.
+/// Otherwise by Maglev consistent hashing of the 5-tuple when the set has a Maglev table (every
+/// node picks the same one), else at random among the set's backends.
 #[inline(always)]
 pub fn choose_backend<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendId, Backend<A>)> {
-    if service.backend_count == 0 {
+    if service.backends.count == 0 {
         return None;
     }
     if service.flags & service_flags::AFFINITY == 0 {
@@ -125,11 +131,12 @@ pub fn choose_backend<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Optio
     Some(chosen)
 }
 
-/// Maglev when the service has a table, else random. Random rather than round-robin: a shared
+/// Maglev when the set has a table, else random. Random rather than round-robin: a shared
 /// cursor would race across CPUs and cost an atomic per flow.
 #[inline(always)]
 fn balance<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendId, Backend<A>)> {
-    if service.flags & service_flags::MAGLEV != 0
+    let set = &service.backends;
+    if set.maglev_size != 0
         && let Some(chosen) = maglev(service, flow)
     {
         return Some(chosen);
@@ -137,20 +144,16 @@ fn balance<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendI
     // checked: a division the compiler cannot prove safe would leave a panic path, which the
     // verifier refuses.
     // SAFETY: a plain helper call without arguments.
-    let slot = unsafe { bpf_get_prandom_u32() }.checked_rem(service.backend_count)?;
-    let key = SlotKey {
-        service_id: service.id,
-        slot,
-    };
-    // SAFETY: copied out at once.
-    let id = unsafe { SB_BACKEND_SLOTS.get(key).copied() }?;
+    let slot = unsafe { bpf_get_prandom_u32() }.checked_rem(set.count)?;
+    let id = table_entry(set.table.wrapping_add(slot))?;
     Some((id, backend(service, id)?))
 }
 
 #[inline(always)]
 fn maglev<A: Family>(service: &ServiceInfo, flow: &Flow<A>) -> Option<(BackendId, Backend<A>)> {
-    let position = flow.hash().checked_rem(service.maglev_table_size)?;
-    // SAFETY: copied out at once; tables are replaced whole, never written in place.
-    let id = unsafe { SB_MAGLEV.get_value(&service.id, &position).copied() }?;
+    let set = &service.backends;
+    let position = flow.hash().checked_rem(set.maglev_size)?;
+    // Tables are written whole before a frontend points at them, and never written in place.
+    let id = table_entry(set.table.wrapping_add(set.count).wrapping_add(position))?;
     Some((id, backend(service, id)?))
 }

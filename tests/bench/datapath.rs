@@ -32,11 +32,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{Context as _, bail, ensure};
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use etherparse::PacketBuilder;
-use lb_common::{IPPROTO_TCP, ServiceInfo, SlotKey, Stat, program_names};
+use lb_common::{Stat, program_names};
 use lb_userspace::{
     datapath::{Capacity, Datapath, maps::ServiceMaps},
     lab::NetNs,
-    reconcile::{BackendEntry, MapWriter as _},
+    reconcile::Reconciler,
 };
 use serde::Serialize;
 
@@ -204,11 +204,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
 /// The section, in the bench's node namespace, `from_pod` running on interface `ifindex`.
 fn measure(settings: &Settings, ifindex: u32) -> anyhow::Result<Results> {
     let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
-    // Services and slots are counted over both families; backends have a map per family.
+    // Each family has a map of services and one of backends.
     let capacity = Capacity {
-        services: (2 * largest + 16) as u32,
+        services: (largest + 16) as u32,
         backends: (largest * ENDPOINTS_PER_SERVICE + 64) as u32,
-        backend_slots: (2 * largest * ENDPOINTS_PER_SERVICE + 64) as u32,
         ..Capacity::default()
     };
     let mut instances = Vec::new();
@@ -306,9 +305,8 @@ fn measured() -> Vec<ServicePort> {
 }
 
 impl Instance {
-    /// A datapath with the measured frontends and `services - 1` fillers, written straight into
-    /// the maps: this section is about per-packet cost, and programming 100k services through
-    /// the reconciler is what the control-plane section measures.
+    /// A datapath with the measured frontends and `services - 1` fillers (what programming
+    /// them costs is the control-plane section's business).
     fn new(services: usize, capacity: Capacity, ifindex: u32) -> anyhow::Result<Self> {
         let pins = PinDir::new(PIN_OWNER, &format!("dp{services}"));
         let mut datapath = Datapath::load_with_capacity(pins.path(), capacity)?;
@@ -508,49 +506,15 @@ fn xdp_program(datapath: &mut Datapath) -> anyhow::Result<&mut Xdp> {
         .try_into()?)
 }
 
-/// Writes `ports` in both families with sequential ids in the reconciler's order (backends,
-/// slots, service).
+/// Programs `ports` in both families through the reconciler, random backend choice.
 fn write_services(maps: &mut ServiceMaps, ports: &[ServicePort]) -> anyhow::Result<()> {
-    let mut next_backend = 1u32;
-    let mut service_id = 0u32;
-    for family in Family::ALL {
-        for port in ports {
-            service_id += 1;
-            write_service(maps, port, family, service_id, &mut next_backend)?;
-        }
-    }
-    Ok(())
-}
-
-fn write_service(
-    maps: &mut ServiceMaps,
-    port: &ServicePort,
-    family: Family,
-    service_id: u32,
-    next_backend: &mut u32,
-) -> anyhow::Result<()> {
-    for (slot, (ip, backend_port)) in port.endpoints.iter().enumerate() {
-        let backend = BackendEntry {
-            addr: (family.address(*ip), *backend_port).into(),
-            proto: IPPROTO_TCP,
-            flags: 0,
-            service_id,
-        };
-        maps.put_backend(*next_backend, &backend)?;
-        let slot = SlotKey {
-            service_id,
-            slot: slot as u32,
-        };
-        maps.put_slot(slot, *next_backend)?;
-        *next_backend += 1;
-    }
-    let info = ServiceInfo {
-        id: service_id,
-        backend_count: port.endpoints.len() as u32,
-        // Random backend choice, the default.
-        ..ServiceInfo::default()
-    };
-    maps.put_service(services::service_key(port, family), info)?;
+    let mut reconciler = Reconciler::new(maps.read_programmed()?);
+    let report = reconciler.apply(&services::desired(ports, &Family::ALL), maps);
+    anyhow::ensure!(
+        report.failed.is_empty(),
+        "cannot program the services: {:?}",
+        report.failed
+    );
     Ok(())
 }
 

@@ -423,15 +423,12 @@ impl Agent {
     fn start(lab: &Lab, largest: usize) -> anyhow::Result<Self> {
         let pins = PinDir::new(PIN_OWNER, "e2e");
         let default = Capacity::default();
-        // Services and slots are counted over both families; backends have a map per family.
+        // Each family has a map of services and one of backends.
         let capacity = Capacity {
-            services: default.services.max(2 * largest as u32 + 16),
+            services: default.services.max(largest as u32 + 16),
             backends: default
                 .backends
                 .max((largest * ENDPOINTS_PER_SERVICE) as u32 + 64),
-            backend_slots: default
-                .backend_slots
-                .max((2 * largest * ENDPOINTS_PER_SERVICE) as u32 + 64),
             ..default
         };
         let mut datapath = Datapath::load_with_capacity(pins.path(), capacity)?;

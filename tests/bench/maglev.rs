@@ -2,7 +2,6 @@
 //! how many positions (flows) move when one backend goes, and what a table costs to build.
 use std::time::Instant;
 
-use lb_common::DEFAULT_MAGLEV_TABLE_SIZE;
 use lb_userspace::reconcile::maglev;
 use serde::Serialize;
 
@@ -25,7 +24,7 @@ pub struct Row {
 }
 
 pub fn run(backend_counts: &[usize]) -> Results {
-    let size = DEFAULT_MAGLEV_TABLE_SIZE;
+    let size = 16_381;
     let rows = backend_counts
         .iter()
         .map(|&n| {

@@ -37,7 +37,7 @@ use lb_common::{Address, ServiceKey};
 pub use lb_userspace::lab::PinDir;
 use lb_userspace::{
     datapath::{Capacity, Datapath, maps::ServiceMaps},
-    reconcile::{DesiredService, FrontendKey, Reconciler},
+    reconcile::{DesiredService, FrontendKey, MaglevSize, Reconciler},
 };
 
 /// The verdicts BPF_PROG_TEST_RUN returns, as the programs give them.
@@ -152,7 +152,7 @@ impl Loaded {
                     cluster_ip: true,
                     backends: backends.iter().map(|&b| SocketAddr::from(b)).collect(),
                     draining: Vec::new(),
-                    maglev,
+                    maglev: maglev.map(MaglevSize::Fixed),
                     affinity_timeout,
                     external: None,
                 };

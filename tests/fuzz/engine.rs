@@ -13,7 +13,7 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use lb_common::{Address, CtEntry, CtKey, IPPROTO_SCTP, Ipv4, Ipv6, Stat, ct_direction, ct_flags};
 use lb_userspace::{
     datapath::Capacity,
-    reconcile::{DesiredService, External, FrontendKey},
+    reconcile::{DesiredService, External, FrontendKey, MaglevSize},
 };
 
 use crate::{
@@ -263,7 +263,7 @@ fn program_services(loaded: &mut Loaded) {
             let desired = DesiredService {
                 name: format!("fuzz/{key}"),
                 backends: service.backends.iter().map(|&b| b.into()).collect(),
-                maglev: service.maglev.then_some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+                maglev: service.maglev.then_some(MaglevSize::Fixed(16_381)),
                 affinity_timeout: service.affinity.then_some(10_800),
                 cluster_ip: service.kind == Kind::ClusterIp,
                 external: match &service.kind {
@@ -271,6 +271,7 @@ fn program_services(loaded: &mut Loaded) {
                     Kind::External { local, source_ranges } => Some(External {
                         local: *local,
                         source_ranges: source_ranges.clone(),
+                        ..External::default()
                     }),
                 },
                 ..DesiredService::default()

@@ -246,7 +246,7 @@ pub fn has_backend(maps: &ServiceMaps, ip: Ipv4Addr) -> bool {
 
 /// How many backends `frontend` has in `maps`, if it is there.
 pub fn backend_count(maps: &ServiceMaps, frontend: Frontend) -> Option<u32> {
-    maps.service(&frontend.key()).map(|info| info.backend_count)
+    maps.service(&frontend.key()).map(|info| info.backends.count)
 }
 
 /// The IPv6 twin of a pod's IPv4 endpoint.

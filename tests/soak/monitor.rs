@@ -198,8 +198,8 @@ pub fn describe(info: Option<ServiceInfo>) -> String {
     let Some(info) = info else {
         return "absent (no frontend)".to_owned();
     };
-    let mut text = format!("id {}, {} backends", info.id, info.backend_count);
-    if info.flags & lb_common::service_flags::MAGLEV != 0 {
+    let mut text = format!("id {}, {} backends", info.id, info.backends.count);
+    if info.backends.maglev_size != 0 {
         text.push_str(", maglev");
     } else {
         text.push_str(", random");

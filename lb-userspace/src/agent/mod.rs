@@ -120,7 +120,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     maps.set_source_check(settings.source_check)?;
     let reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(
-        frontends = reconciler.programmed().services.len(),
+        frontends = reconciler.frontends(),
         "recovered the programmed state from the pinned maps"
     );
     let programs = settings.hooks.programs();

@@ -293,20 +293,22 @@ pub fn endpoints(model: &Model) -> Vec<EndpointRow> {
 #[derive(Serialize)]
 pub struct BackendRow {
     pub id: u32,
-    pub service_id: u32,
-    pub frontend: String,
+    /// The backend set it belongs to, shared by the frontends listed.
+    pub set: u32,
+    pub frontends: String,
     pub backend: String,
+    /// Its position among the set's backends new flows go to; none while draining.
     pub slot: Option<u32>,
 }
 
 impl Row for BackendRow {
-    const HEADER: &'static [&'static str] = &["ID", "SERVICE ID", "FRONTEND", "BACKEND", "SLOT"];
+    const HEADER: &'static [&'static str] = &["ID", "SET", "FRONTENDS", "BACKEND", "SLOT"];
 
     fn cells(&self) -> Vec<String> {
         vec![
             self.id.to_string(),
-            self.service_id.to_string(),
-            self.frontend.clone(),
+            self.set.to_string(),
+            self.frontends.clone(),
             self.backend.clone(),
             self.slot.map_or_else(|| "-".into(), |s| s.to_string()),
         ]
@@ -315,26 +317,34 @@ impl Row for BackendRow {
 
 fn backends(maps: &ServiceMaps) -> anyhow::Result<Vec<BackendRow>> {
     let programmed = maps.read_programmed()?;
-    let frontends: BTreeMap<u32, String> = programmed
-        .services
-        .iter()
-        .map(|(key, info)| (info.id, key.to_string()))
-        .collect();
-    let slots: BTreeMap<u32, u32> = programmed.slots.iter().map(|(key, id)| (*id, key.slot)).collect();
-    Ok(programmed
+    let mut frontends: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+    for (key, info) in &programmed.services {
+        for set in [info.backends, info.outside] {
+            let listed = frontends.entry(set.id).or_default();
+            if !listed.contains(&key.to_string()) {
+                listed.push(key.to_string());
+            }
+            for (slot, id) in programmed.live_backends(&set).iter().enumerate() {
+                slots.insert(*id, slot as u32);
+            }
+        }
+    }
+    let mut rows: Vec<BackendRow> = programmed
         .backends
         .iter()
         .map(|(id, b)| BackendRow {
             id: *id,
-            service_id: b.service_id,
-            frontend: frontends
-                .get(&b.service_id)
-                .cloned()
-                .unwrap_or_else(|| "?".into()),
+            set: b.set_id,
+            frontends: frontends
+                .get(&b.set_id)
+                .map_or_else(|| "?".into(), |listed| listed.join(",")),
             backend: b.addr.to_string(),
             slot: slots.get(id).copied(),
         })
-        .collect())
+        .collect();
+    rows.sort_by_key(|row| row.id);
+    Ok(rows)
 }
 
 #[derive(Serialize)]

@@ -8,7 +8,7 @@ use crate::{
     agent::{self, Settings, Source, interfaces::Hooks},
     datapath::{Capacity, attach::XdpChoice, conntrack_gc::Timeouts},
     model::LbAlgorithm,
-    reconcile::{self, PlanOptions},
+    reconcile::{self, MaglevSize, PlanOptions},
 };
 
 #[derive(clap::Args, Debug)]
@@ -45,10 +45,13 @@ pub struct Args {
     /// Backend selection for Services without the `switchboard.io/lb-algorithm` annotation.
     #[arg(long, env = "SWITCHBOARD_LB_ALGORITHM", value_enum, default_value_t = LbAlgorithm::Maglev)]
     pub lb_algorithm: LbAlgorithm,
-    /// Positions in each Maglev table: a prime, ideally over 100 × a Service's backends. Each
-    /// table takes 4 bytes per position (64 KiB at the default).
-    #[arg(long, env = "SWITCHBOARD_MAGLEV_TABLE_SIZE", default_value_t = lb_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = prime)]
-    pub maglev_table_size: u32,
+    /// Positions in each Maglev table. `auto`: scaled to the Service's backends, the smallest of
+    /// 1021, 2039, 4093, … 1048573 (primes, each about twice the last) with 100 positions per
+    /// backend, so each backend owns its share within about 1% (1021 up to 10 backends: 4 KiB).
+    /// A prime: that size for every table, whatever its backends. A table takes 4 bytes per
+    /// position, once per Service port and family (its frontends share it).
+    #[arg(long, env = "SWITCHBOARD_MAGLEV_TABLE_SIZE", default_value = "auto", value_parser = maglev_size)]
+    pub maglev_table_size: MaglevSize,
     /// Load the datapath from this eBPF object (built from the same sources, e.g. by `cargo
     /// xtask build-ebpf`) instead of the one built into the binary. Its programs replace the
     /// running ones atomically and reuse the pinned maps, like any agent upgrade.
@@ -74,11 +77,19 @@ pub struct Args {
     /// uninstall` first to change it.
     #[arg(long, env = "SWITCHBOARD_CONNTRACK_CAPACITY", default_value_t = lb_common::capacity::CONNTRACK, value_parser = clap::value_parser!(u32).range(1..))]
     pub conntrack_capacity: u32,
-    /// Frontends (ClusterIP, NodePort, … × port × protocol) the services map holds. Frontends
-    /// beyond it are not programmed: logged by Service and counted in
-    /// switchboard_programming_failures_total. A pinned map keeps its size, as above.
+    /// Frontends (ClusterIP, NodePort, … × port × protocol) each family's services map holds,
+    /// and ClusterIPs. Frontends beyond it are not programmed: logged by name and counted in
+    /// switchboard_programming_failures_total. Memory follows the entries in use (about 120
+    /// bytes each); the capacity itself costs 16 bytes per entry.
     #[arg(long, env = "SWITCHBOARD_SERVICES_CAPACITY", default_value_t = lb_common::capacity::SERVICES, value_parser = clap::value_parser!(u32).range(1..))]
     pub services_capacity: u32,
+    /// Backend entries each family's backends map holds: every endpoint once per backend set it
+    /// is in (a Service port's frontends share one set; an eTP=Local one has a second for
+    /// outside clients). Default: 4 × --services-capacity (1048576). Beyond it, Services are not
+    /// programmed and are reported as above. Memory follows the entries in use (about 80 bytes
+    /// each); the capacity costs 16 bytes per entry.
+    #[arg(long, env = "SWITCHBOARD_BACKENDS_CAPACITY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub backends_capacity: Option<u32>,
     /// RST / ICMP unreachable replies (connections refused for want of an endpoint or port)
     /// each CPU may send per second; beyond it, and a burst of --reject-burst, the packets are
     /// dropped. 0: no limit.
@@ -147,6 +158,9 @@ impl Args {
             },
             capacity: Capacity {
                 services: self.services_capacity,
+                backends: self
+                    .backends_capacity
+                    .unwrap_or(self.services_capacity.saturating_mul(4)),
                 conntrack: self.conntrack_capacity,
                 ..Capacity::default()
             },
@@ -177,11 +191,17 @@ fn duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
-fn prime(text: &str) -> Result<u32, String> {
-    let size: u32 = text.parse().map_err(|e| format!("{e}"))?;
+/// `auto`, or a prime.
+fn maglev_size(text: &str) -> Result<MaglevSize, String> {
+    if text == "auto" {
+        return Ok(MaglevSize::Scaled);
+    }
+    let size: u32 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is neither auto nor a number: {e}"))?;
     if reconcile::is_prime(size) && size > 2 {
-        Ok(size)
+        Ok(MaglevSize::Fixed(size))
     } else {
-        Err(format!("{size} is not a prime (try 16381, 4093 or 65537)"))
+        Err(format!("{size} is not a prime (try auto, 16381, 4093 or 65537)"))
     }
 }

@@ -31,28 +31,28 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     );
     for (key, info) in &programmed.services {
         let frontend = key.to_string();
-        let backends: Vec<String> = (0..info.backend_count)
-            .filter_map(|slot| {
-                programmed.slots.get(&lb_common::SlotKey {
-                    service_id: info.id,
-                    slot,
-                })
-            })
-            .filter_map(|id| programmed.backends.get(id))
-            .map(|b| b.addr.to_string())
-            .collect();
-        let backends = match (
-            backends.is_empty(),
-            info.flags & service_flags::EXTERNAL_LOCAL != 0,
-        ) {
-            (true, true) => "NO LOCAL ENDPOINTS (external traffic dropped)".to_owned(),
-            (true, false) => "NO ENDPOINTS (connections refused)".to_owned(),
-            (false, _) => backends.join(", "),
+        let listed = |set| -> Vec<String> {
+            programmed
+                .live_backends(set)
+                .iter()
+                .filter_map(|id| programmed.backends.get(id))
+                .map(|b| b.addr.to_string())
+                .collect()
         };
-        let mut algorithm = if info.flags & service_flags::MAGLEV != 0 {
-            format!("maglev/{}", info.maglev_table_size)
-        } else {
-            "random".to_owned()
+        let mut backends = match listed(&info.backends) {
+            none if none.is_empty() => "NO ENDPOINTS (connections refused)".to_owned(),
+            some => some.join(", "),
+        };
+        // externalTrafficPolicy Local: clients from outside have this node's endpoints only.
+        if info.outside != info.backends {
+            backends += &match listed(&info.outside) {
+                none if none.is_empty() => "; from outside: NO LOCAL ENDPOINTS (dropped)".to_owned(),
+                some => format!("; from outside: {}", some.join(", ")),
+            };
+        }
+        let mut algorithm = match info.backends.maglev_size {
+            0 => "random".to_owned(),
+            size => format!("maglev/{size}"),
         };
         if info.flags & service_flags::AFFINITY != 0 {
             algorithm += &format!("+affinity/{}s", info.affinity_timeout_s);
@@ -71,7 +71,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         println!(
             "{frontend:<width$} {:>4} {algorithm:<16} {:>9} {:>6} {:>10} {:>12} {:>9}  {backends}",
             info.id,
-            info.backend_count,
+            info.backends.count,
             flows.get(&info.id).copied().unwrap_or(0),
             counted.packets,
             counted.bytes,

@@ -3,9 +3,9 @@
 //! `lb_common::map_names`; the reconciler's family-neutral entries go to the twin of their
 //! address's family.
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    mem::size_of,
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
+    net::IpAddr,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -13,24 +13,23 @@ use anyhow::Context as _;
 use aya::{
     Pod,
     maps::{
-        Array, HashMap, HashOfMaps, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap,
+        Array, HashMap, IterableMap, Map, MapData, PerCpuArray, PerCpuHashMap,
         lpm_trie::{Key, LpmTrie},
     },
 };
 use lb_common::{
     Address, AffinityEntry, AffinityKey, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, Ipv4, Ipv6,
-    MAGLEV_TABLE_FLAGS, ServiceInfo, ServiceKey, ServiceStats, SlotKey, SourceRangeKey, Stat, config,
-    ct_direction, map_names, service_flags,
+    ServiceInfo, ServiceKey, ServiceStats, SourceRangeKey, Stat, config, ct_direction, map_names,
 };
 
+use super::{raw, tables::TableSpaceMap};
 use crate::reconcile::{
-    BackendEntry, FrontendKey, MaglevInput, MapError, MapWriter, Programmed, SourceRange,
+    BackendEntry, BatchError, FrontendKey, IdKind, MapError, MapWriter, NextIds, Programmed, SourceRange,
 };
 
 pub struct ServiceMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceInfo>,
     pub services6: HashMap<MapData, ServiceKey<Ipv6>, ServiceInfo>,
-    pub slots: HashMap<MapData, SlotKey, BackendId>,
     pub backends: HashMap<MapData, BackendId, Backend>,
     pub backends6: HashMap<MapData, BackendId, Backend<Ipv6>>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
@@ -38,7 +37,7 @@ pub struct ServiceMaps {
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
     pub affinity6: HashMap<MapData, AffinityKey<Ipv6>, AffinityEntry>,
     pub stats: PerCpuArray<MapData, u64>,
-    pub maglev: HashOfMaps<MapData, u32, Array<MapData, BackendId>>,
+    pub tables: TableSpaceMap,
     pub node_addrs: HashMap<MapData, Ipv4, u32>,
     pub node_addrs6: HashMap<MapData, Ipv6, u32>,
     pub snat_addrs: HashMap<MapData, u32, Ipv4>,
@@ -91,6 +90,7 @@ fn open(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
         aya::maps::MapType::PerCpuArray => Map::PerCpuArray(data),
         aya::maps::MapType::LruHash => Map::LruHashMap(data),
         aya::maps::MapType::HashOfMaps => Map::HashOfMaps(data),
+        aya::maps::MapType::ArrayOfMaps => Map::ArrayOfMaps(data),
         aya::maps::MapType::LpmTrie => Map::LpmTrie(data),
         aya::maps::MapType::PerCpuHash => Map::PerCpuHashMap(data),
         aya::maps::MapType::Array => Map::Array(data),
@@ -104,7 +104,6 @@ impl ServiceMaps {
         Ok(Self {
             services: open(pin_dir, map_names::SERVICES)?.try_into()?,
             services6: open(pin_dir, map_names::SERVICES6)?.try_into()?,
-            slots: open(pin_dir, map_names::BACKEND_SLOTS)?.try_into()?,
             backends: open(pin_dir, map_names::BACKENDS)?.try_into()?,
             backends6: open(pin_dir, map_names::BACKENDS6)?.try_into()?,
             conntrack: open(pin_dir, map_names::CONNTRACK)?.try_into()?,
@@ -112,7 +111,7 @@ impl ServiceMaps {
             affinity: open(pin_dir, map_names::AFFINITY)?.try_into()?,
             affinity6: open(pin_dir, map_names::AFFINITY6)?.try_into()?,
             stats: open(pin_dir, map_names::STATS)?.try_into()?,
-            maglev: open(pin_dir, map_names::MAGLEV)?.try_into()?,
+            tables: TableSpaceMap::new(open(pin_dir, map_names::BACKEND_TABLES)?.try_into()?)?,
             node_addrs: open(pin_dir, map_names::NODE_ADDRS)?.try_into()?,
             node_addrs6: open(pin_dir, map_names::NODE_ADDRS6)?.try_into()?,
             snat_addrs: open(pin_dir, map_names::SNAT_ADDRS)?.try_into()?,
@@ -127,9 +126,16 @@ impl ServiceMaps {
     }
 
     /// The frontends of both families, as the kernel holds them now.
-    pub fn services(&self) -> Result<BTreeMap<FrontendKey, ServiceInfo>, aya::maps::MapError> {
-        let mut services = entries(&self.services, |key, info| (key.into(), info))?;
-        services.extend(entries(&self.services6, |key, info| (key.into(), info))?);
+    pub fn services(&self) -> anyhow::Result<BTreeMap<FrontendKey, ServiceInfo>> {
+        let mut services: BTreeMap<FrontendKey, ServiceInfo> = raw::lookup_batch(fd(&self.services))?
+            .into_iter()
+            .map(|(key, info): (ServiceKey, ServiceInfo)| (key.into(), info))
+            .collect();
+        services.extend(
+            raw::lookup_batch(fd(&self.services6))?
+                .into_iter()
+                .map(|(key, info): (ServiceKey<Ipv6>, ServiceInfo)| (key.into(), info)),
+        );
         Ok(services)
     }
 
@@ -141,47 +147,53 @@ impl ServiceMaps {
         }
     }
 
+    /// The backends of both families, by id.
+    pub fn backends(&self) -> anyhow::Result<StdHashMap<BackendId, BackendEntry>> {
+        let mut backends: StdHashMap<BackendId, BackendEntry> = raw::lookup_batch(fd(&self.backends))?
+            .into_iter()
+            .map(|(id, backend): (BackendId, Backend)| (id, backend.into()))
+            .collect();
+        backends.extend(
+            raw::lookup_batch(fd(&self.backends6))?
+                .into_iter()
+                .map(|(id, backend): (BackendId, Backend<Ipv6>)| (id, backend.into())),
+        );
+        Ok(backends)
+    }
+
     /// Everything the reconciler manages, in both families' maps, as the kernel holds it now.
     pub fn read_programmed(&self) -> anyhow::Result<Programmed> {
         let services = self.services()?;
-        let slots: BTreeMap<SlotKey, BackendId> = self.slots.iter().collect::<Result<_, _>>()?;
-        // A table in place was written whole from the service's backends and size (tables are
-        // swapped in complete), so its input is known without reading its positions back. A
-        // table of no service, or of one no longer using Maglev, gets an input that matches
-        // nothing: the reconciler replaces or removes it.
-        let mut maglev = BTreeMap::new();
-        for service_id in self.maglev.keys() {
-            let service_id = service_id?;
-            let info = services
-                .values()
-                .find(|i| i.id == service_id && i.flags & service_flags::MAGLEV != 0);
-            let input = info.map_or_else(MaglevInput::default, |info| {
-                let mut backends: Vec<BackendId> = (0..info.backend_count)
-                    .filter_map(|slot| slots.get(&SlotKey { service_id, slot }).copied())
-                    .collect();
-                backends.sort_unstable();
-                MaglevInput {
-                    size: info.maglev_table_size,
-                    backends,
-                }
-            });
-            maglev.insert(service_id, input);
+        // The ids at the start of every table a frontend points at.
+        let mut counts: StdHashMap<u32, u32> = StdHashMap::new();
+        for set in services.values().flat_map(|info| [info.backends, info.outside]) {
+            if set.count > 0 {
+                let count = counts.entry(set.table).or_default();
+                *count = (*count).max(set.count);
+            }
         }
-        let mut backends = entries(&self.backends, |id, backend| (id, backend.into()))?;
-        backends.extend(entries(&self.backends6, |id, backend| (id, backend.into()))?);
+        let blocks: Vec<(u32, u32)> = counts.into_iter().collect();
+        let ids = self.tables.read(&blocks)?;
+        let tables = blocks.iter().map(|(start, _)| *start).zip(ids).collect();
         let mut source_ranges = read_source_ranges(&self.source_ranges)?;
         source_ranges.extend(read_source_ranges(&self.source_ranges6)?);
         let mut cluster_ips = entries(&self.cluster_ips, |key, frontends| (key.addr.into(), frontends))?;
         cluster_ips.extend(entries(&self.cluster_ips6, |key, frontends| {
             (key.addr.into(), frontends)
         })?);
+        let next_id = |index| -> anyhow::Result<u32> { Ok(self.config.get(&index, 0)? as u32) };
+        let next_ids = NextIds {
+            service: next_id(config::NEXT_SERVICE_ID)?,
+            backend: next_id(config::NEXT_BACKEND_ID)?,
+        };
         Ok(Programmed {
             services,
-            slots,
-            backends,
-            maglev,
+            backends: self.backends()?,
+            tables,
+            table_capacity: self.tables.capacity(),
             source_ranges,
             cluster_ips,
+            next_ids,
         })
     }
 
@@ -295,13 +307,14 @@ fn failed(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> MapError {
 }
 
 /// Every entry of `map`, converted.
-fn entries<K: Pod, V: Pod, T: Ord, U>(
+fn entries<K: Pod + Default, V: Pod + Default, T: Ord, U>(
     map: &HashMap<MapData, K, V>,
     convert: impl Fn(K, V) -> (T, U),
-) -> Result<BTreeMap<T, U>, aya::maps::MapError> {
-    map.iter()
-        .map(|entry| entry.map(|(k, v)| convert(k, v)))
-        .collect()
+) -> std::io::Result<BTreeMap<T, U>> {
+    Ok(raw::lookup_batch(fd(map))?
+        .into_iter()
+        .map(|(k, v)| convert(k, v))
+        .collect())
 }
 
 /// The ranges of a family's trie, as the reconciler keeps them.
@@ -336,104 +349,152 @@ where
     Key::new(32 + u32::from(range.prefix_len), data)
 }
 
-fn insert<K: Pod, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: K,
-    value: V,
-    name: &'static str,
-) -> Result<(), MapError> {
-    map.insert(key, value, 0).map_err(failed(name))
+/// The file descriptor of a map.
+fn fd<K: Pod, V>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
+    map.map().fd().as_fd()
 }
 
-fn remove<K: Pod, V: Pod>(
-    map: &mut HashMap<MapData, K, V>,
-    key: K,
+/// Writes `entries` into `A`'s map by `write_batch`, converted by `convert`, for runs of one
+/// family at a time (`family` of each entry says which).
+fn by_family<T, K4: Pod, V4: Pod, K6: Pod, V6: Pod>(
+    entries: &[T],
+    ipv4: impl Fn(&T) -> Option<(K4, V4)>,
+    ipv6: impl Fn(&T) -> Option<(K6, V6)>,
+    mut write4: impl FnMut(&[K4], &[V4]) -> Result<(), (usize, MapError)>,
+    mut write6: impl FnMut(&[K6], &[V6]) -> Result<(), (usize, MapError)>,
+) -> Result<(), BatchError> {
+    let mut at = 0;
+    while at < entries.len() {
+        let run4: Vec<(K4, V4)> = entries[at..].iter().map_while(&ipv4).collect();
+        if !run4.is_empty() {
+            let (keys, values): (Vec<K4>, Vec<V4>) = run4.into_iter().unzip();
+            write4(&keys, &values).map_err(|(index, error)| BatchError {
+                index: at + index,
+                error,
+            })?;
+            at += keys.len();
+            continue;
+        }
+        let run6: Vec<(K6, V6)> = entries[at..].iter().map_while(&ipv6).collect();
+        let (keys, values): (Vec<K6>, Vec<V6>) = run6.into_iter().unzip();
+        write6(&keys, &values).map_err(|(index, error)| BatchError {
+            index: at + index,
+            error,
+        })?;
+        at += keys.len().max(1);
+    }
+    Ok(())
+}
+
+/// A batch update into `map`, named `name` in errors.
+fn update<'a, K: Pod, V: Pod>(
+    map: BorrowedFd<'a>,
     name: &'static str,
-) -> Result<(), MapError> {
-    map.remove(&key).map_err(failed(name))
+) -> impl FnMut(&[K], &[V]) -> Result<(), (usize, MapError)> + 'a {
+    move |keys, values| {
+        raw::update_batch(map, keys, values).map_err(|(done, error)| (done, io_failed(name, &error)))
+    }
+}
+
+/// A batch delete from `map` (values ignored), named `name` in errors.
+fn delete<'a, K: Pod, V>(
+    map: BorrowedFd<'a>,
+    name: &'static str,
+) -> impl FnMut(&[K], &[V]) -> Result<(), (usize, MapError)> + 'a {
+    move |keys, _| raw::delete_batch(map, keys).map_err(|(done, error)| (done, io_failed(name, &error)))
+}
+
+fn io_failed(map: &'static str, error: &std::io::Error) -> MapError {
+    let message = match error.raw_os_error() {
+        // What a hash map answers when every entry is taken.
+        Some(libc::E2BIG) => "the map is full".to_owned(),
+        _ => error.to_string(),
+    };
+    MapError { map, message }
+}
+
+fn ipv4_backend((id, backend): &(BackendId, BackendEntry)) -> Option<(BackendId, Backend)> {
+    match backend.addr.ip() {
+        IpAddr::V4(addr) => Some((*id, backend.with_addr(addr.octets()))),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn ipv6_backend((id, backend): &(BackendId, BackendEntry)) -> Option<(BackendId, Backend<Ipv6>)> {
+    match backend.addr.ip() {
+        IpAddr::V6(addr) => Some((*id, backend.with_addr(addr.octets()))),
+        IpAddr::V4(_) => None,
+    }
+}
+
+fn ipv4_service((key, info): &(FrontendKey, ServiceInfo)) -> Option<(ServiceKey, ServiceInfo)> {
+    match key.addr {
+        IpAddr::V4(addr) => Some((key.service_key(addr.octets()), *info)),
+        IpAddr::V6(_) => None,
+    }
+}
+
+fn ipv6_service((key, info): &(FrontendKey, ServiceInfo)) -> Option<(ServiceKey<Ipv6>, ServiceInfo)> {
+    match key.addr {
+        IpAddr::V6(addr) => Some((key.service_key(addr.octets()), *info)),
+        IpAddr::V4(_) => None,
+    }
 }
 
 /// Each write of an entry with an address goes to its family's twin map.
 impl MapWriter for ServiceMaps {
-    fn put_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
-        match backend.addr.ip() {
-            IpAddr::V4(addr) => insert(
-                &mut self.backends,
-                id,
-                backend.with_addr(addr.octets()),
-                map_names::BACKENDS,
-            ),
-            IpAddr::V6(addr) => insert(
-                &mut self.backends6,
-                id,
-                backend.with_addr(addr.octets()),
-                map_names::BACKENDS6,
-            ),
-        }
+    fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError> {
+        by_family(
+            entries,
+            ipv4_backend,
+            ipv6_backend,
+            update(fd(&self.backends), map_names::BACKENDS),
+            update(fd(&self.backends6), map_names::BACKENDS6),
+        )
     }
 
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError> {
-        insert(&mut self.slots, key, id, map_names::BACKEND_SLOTS)
+    fn delete_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError> {
+        by_family(
+            entries,
+            ipv4_backend,
+            ipv6_backend,
+            delete(fd(&self.backends), map_names::BACKENDS),
+            delete(fd(&self.backends6), map_names::BACKENDS6),
+        )
     }
 
-    fn put_service(&mut self, key: FrontendKey, info: ServiceInfo) -> Result<(), MapError> {
-        match key.addr {
-            IpAddr::V4(addr) => insert(
-                &mut self.services,
-                key.service_key(addr.octets()),
-                info,
-                map_names::SERVICES,
-            ),
-            IpAddr::V6(addr) => insert(
-                &mut self.services6,
-                key.service_key(addr.octets()),
-                info,
-                map_names::SERVICES6,
-            ),
-        }
+    fn put_services(&mut self, entries: &[(FrontendKey, ServiceInfo)]) -> Result<(), BatchError> {
+        by_family(
+            entries,
+            ipv4_service,
+            ipv6_service,
+            update(fd(&self.services), map_names::SERVICES),
+            update(fd(&self.services6), map_names::SERVICES6),
+        )
     }
 
-    fn delete_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
-        match backend.addr {
-            SocketAddr::V4(_) => remove(&mut self.backends, id, map_names::BACKENDS),
-            SocketAddr::V6(_) => remove(&mut self.backends6, id, map_names::BACKENDS6),
-        }
+    fn delete_services(&mut self, keys: &[FrontendKey]) -> Result<(), BatchError> {
+        let keyed: Vec<(FrontendKey, ServiceInfo)> =
+            keys.iter().map(|key| (*key, ServiceInfo::default())).collect();
+        by_family(
+            &keyed,
+            ipv4_service,
+            ipv6_service,
+            delete(fd(&self.services), map_names::SERVICES),
+            delete(fd(&self.services6), map_names::SERVICES6),
+        )
     }
 
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError> {
-        remove(&mut self.slots, key, map_names::BACKEND_SLOTS)
+    fn put_tables(
+        &mut self,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
+    ) -> Result<(), MapError> {
+        self.tables.write(blocks, fill)
     }
 
-    fn delete_service(&mut self, key: FrontendKey) -> Result<(), MapError> {
-        match key.addr {
-            IpAddr::V4(addr) => remove(
-                &mut self.services,
-                key.service_key(addr.octets()),
-                map_names::SERVICES,
-            ),
-            IpAddr::V6(addr) => remove(
-                &mut self.services6,
-                key.service_key(addr.octets()),
-                map_names::SERVICES6,
-            ),
-        }
-    }
-
-    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError> {
-        let inner = Array::<MapData, BackendId>::create(table.len() as u32, MAGLEV_TABLE_FLAGS)
-            .map_err(failed(map_names::MAGLEV))?;
-        fill_mmapped(&inner, table).map_err(|error| MapError {
-            map: map_names::MAGLEV,
-            message: format!("cannot fill a new table: {error}"),
-        })?;
-        // One update swaps the whole table: a packet sees the old table or the new one.
-        self.maglev
-            .insert(service_id, &inner, 0)
-            .map_err(failed(map_names::MAGLEV))
-    }
-
-    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
-        self.maglev.remove(&service_id).map_err(failed(map_names::MAGLEV))
+    fn grow_tables(&mut self, positions: u32) -> Result<(), MapError> {
+        self.tables.grow(positions)
     }
 
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
@@ -472,71 +533,45 @@ impl MapWriter for ServiceMaps {
         }
     }
 
-    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
-        match addr {
-            IpAddr::V4(addr) => insert(
-                &mut self.cluster_ips,
-                ClusterIpKey { addr: addr.octets() },
-                frontends,
-                map_names::CLUSTER_IPS,
-            ),
-            IpAddr::V6(addr) => insert(
-                &mut self.cluster_ips6,
-                ClusterIpKey { addr: addr.octets() },
-                frontends,
-                map_names::CLUSTER_IPS6,
-            ),
-        }
+    fn put_next_id(&mut self, kind: IdKind, next: u32) -> Result<(), MapError> {
+        let index = match kind {
+            IdKind::Service => config::NEXT_SERVICE_ID,
+            IdKind::Backend => config::NEXT_BACKEND_ID,
+        };
+        self.config
+            .set(index, u64::from(next), 0)
+            .map_err(failed(map_names::CONFIG))
     }
 
-    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError> {
-        match addr {
-            IpAddr::V4(addr) => remove(
-                &mut self.cluster_ips,
-                ClusterIpKey { addr: addr.octets() },
-                map_names::CLUSTER_IPS,
-            ),
-            IpAddr::V6(addr) => remove(
-                &mut self.cluster_ips6,
-                ClusterIpKey { addr: addr.octets() },
-                map_names::CLUSTER_IPS6,
-            ),
-        }
+    fn put_cluster_ips(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), BatchError> {
+        by_family(
+            entries,
+            |&(addr, frontends)| match addr {
+                IpAddr::V4(addr) => Some((ClusterIpKey { addr: addr.octets() }, frontends)),
+                IpAddr::V6(_) => None,
+            },
+            |&(addr, frontends)| match addr {
+                IpAddr::V6(addr) => Some((ClusterIpKey { addr: addr.octets() }, frontends)),
+                IpAddr::V4(_) => None,
+            },
+            update(fd(&self.cluster_ips), map_names::CLUSTER_IPS),
+            update(fd(&self.cluster_ips6), map_names::CLUSTER_IPS6),
+        )
     }
-}
 
-/// Copies `table` into a fresh BPF_F_MMAPABLE array through a shared mapping: one pass instead
-/// of a syscall per position.
-fn fill_mmapped(array: &Array<MapData, BackendId>, table: &[BackendId]) -> nix::Result<()> {
-    use std::{num::NonZeroUsize, os::fd::AsFd as _};
-
-    use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-
-    // The kernel lays array elements out 8-byte aligned, whatever the value size.
-    const STRIDE: usize = size_of::<BackendId>().next_multiple_of(8);
-    const PAGE: usize = 4096;
-    let Some(length) = NonZeroUsize::new((table.len() * STRIDE).next_multiple_of(PAGE)) else {
-        return Ok(());
-    };
-    let fd = IterableMap::map(array).fd().as_fd();
-    // SAFETY: a fresh shared mapping of the array's values, written within its length, unmapped
-    // below and never aliased.
-    unsafe {
-        let base = mmap(
-            None,
-            length,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            fd,
-            0,
-        )?;
-        let bytes = base.as_ptr().cast::<u8>();
-        for (position, id) in table.iter().enumerate() {
-            bytes
-                .add(position * STRIDE)
-                .cast::<BackendId>()
-                .write_unaligned(*id);
-        }
-        munmap(base, length.get())
+    fn delete_cluster_ips(&mut self, addrs: &[IpAddr]) -> Result<(), BatchError> {
+        by_family(
+            addrs,
+            |addr| match addr {
+                IpAddr::V4(addr) => Some((ClusterIpKey { addr: addr.octets() }, 0u32)),
+                IpAddr::V6(_) => None,
+            },
+            |addr| match addr {
+                IpAddr::V6(addr) => Some((ClusterIpKey { addr: addr.octets() }, 0u32)),
+                IpAddr::V4(_) => None,
+            },
+            delete(fd(&self.cluster_ips), map_names::CLUSTER_IPS),
+            delete(fd(&self.cluster_ips6), map_names::CLUSTER_IPS6),
+        )
     }
 }

@@ -5,9 +5,11 @@ pub mod attach;
 pub mod bpffs;
 pub mod conntrack_gc;
 pub mod maps;
+pub mod memory;
 pub mod migrate;
 mod raw;
 pub mod socket;
+mod tables;
 
 use std::path::{Path, PathBuf};
 
@@ -29,13 +31,15 @@ pub struct Datapath {
     pub pin_dir: PathBuf,
 }
 
-/// How many entries each map holds, and its IPv6 twin alike. A pinned map keeps the size it
-/// was created with.
+/// How many entries each map holds, and its IPv6 twin alike. A pinned map of another capacity
+/// is replaced by one of this capacity, its entries carried over (see [`migrate`]). The backend
+/// tables have no capacity: their space grows with the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
+    /// Frontends, and ClusterIPs.
     pub services: u32,
+    /// Backend entries: an endpoint in each backend set it belongs to.
     pub backends: u32,
-    pub backend_slots: u32,
     pub conntrack: u32,
     /// Fragmented datagrams in flight whose later fragments are still to come.
     pub fragments: u32,
@@ -46,7 +50,6 @@ impl Default for Capacity {
         Self {
             services: capacity::SERVICES,
             backends: capacity::BACKENDS,
-            backend_slots: capacity::BACKEND_SLOTS,
             conntrack: capacity::CONNTRACK,
             fragments: capacity::FRAGMENTS,
         }
@@ -89,7 +92,8 @@ impl Datapath {
             .map_max_entries(map_names::SERVICES6, capacity.services)
             .map_max_entries(map_names::BACKENDS, capacity.backends)
             .map_max_entries(map_names::BACKENDS6, capacity.backends)
-            .map_max_entries(map_names::BACKEND_SLOTS, capacity.backend_slots)
+            .map_max_entries(map_names::CLUSTER_IPS, capacity.services)
+            .map_max_entries(map_names::CLUSTER_IPS6, capacity.services)
             .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
             .map_max_entries(map_names::CONNTRACK6, capacity.conntrack)
             .map_max_entries(map_names::FRAGMENTS, capacity.fragments)

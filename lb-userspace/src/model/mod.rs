@@ -162,12 +162,18 @@ pub struct Frontend {
     pub port: u16,
     pub protocol: Protocol,
     /// Endpoints new connections may go to, sorted by address and port. Empty: the service has
-    /// no endpoints and connections to it fail.
+    /// no endpoints and connections to it fail. On an external frontend, those of clients from
+    /// outside the node (see `in_cluster`).
     pub backends: Vec<Endpoint>,
     /// Serving endpoints that are not in `backends` (terminating while a ready one exists, or
     /// left out by a traffic policy or topology hints): they keep the connections they have but
     /// get no new one.
     pub draining: Vec<Endpoint>,
+    /// On an external frontend with `externalTrafficPolicy: Local`, the endpoints of clients in
+    /// the cluster (pods, and the node's own processes): the cluster-wide ones, as kube-proxy
+    /// sends them (the policy restricts only clients from outside to this node's endpoints).
+    /// `None`: `backends` serve every client.
+    pub in_cluster: Option<Endpoints>,
     pub policy: Policy,
     /// The Service's `switchboard.io/lb-algorithm` annotation; `None`: the agent's default.
     pub algorithm: Option<LbAlgorithm>,
@@ -178,6 +184,13 @@ impl Frontend {
     pub fn dialled(&self) -> String {
         dialled(self.address, self.port, self.protocol)
     }
+}
+
+/// The endpoints new connections go to, and the ones draining, of one kind of client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub backends: Vec<Endpoint>,
+    pub draining: Vec<Endpoint>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -411,6 +424,15 @@ pub fn compute_service(service: &Service, objects: &impl Objects, context: &Cont
             } else {
                 policy.internal_local
             };
+            // Clients in the cluster reaching an external frontend of a Service with
+            // externalTrafficPolicy Local get the cluster-wide endpoints (kube-proxy's
+            // "short-circuit pod traffic" and "local traffic").
+            let in_cluster = (kind.is_external() && local).then(|| {
+                let backends =
+                    endpoints::usable(topology::filter(serving.clone(), context.node_name, context.zone));
+                let draining = endpoints::draining(serving.clone(), &backends);
+                Endpoints { backends, draining }
+            });
             if local {
                 candidates
                     .retain(|e| context.node_name.is_some() && e.node_name.as_deref() == context.node_name);
@@ -428,6 +450,7 @@ pub fn compute_service(service: &Service, objects: &impl Objects, context: &Cont
                 protocol,
                 backends,
                 draining,
+                in_cluster,
                 policy: policy.clone(),
                 algorithm,
             });

@@ -1,15 +1,16 @@
 //! The reconciler's view of the maps, the same for both address families: the entries it
 //! programs, what the maps hold ([`Programmed`]) and the writes it makes ([`MapWriter`]). Which
-//! family's twin map an entry goes to follows from its address; ids, slots and Maglev tables
-//! are one space shared by both families.
+//! family's twin map an entry goes to follows from its address; ids and backend tables are one
+//! space shared by both families.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{Address, BackendId, ServiceInfo, ServiceKey, SlotKey};
+use lb_common::{Address, BackendId, ServiceInfo, ServiceKey};
 
+use super::IdKind;
 use crate::model::{self, Frontend, Protocol};
 
 /// A frontend as the maps key it: address (of either family), port and IP protocol number.
@@ -62,14 +63,14 @@ impl fmt::Display for FrontendKey {
     }
 }
 
-/// A backend of one service, of either family: the value of its family's backends map.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A backend of one backend set, of either family: the value of its family's backends map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct BackendEntry {
     pub addr: SocketAddr,
     pub proto: u8,
     /// `lb_common::backend_flags`.
     pub flags: u8,
-    pub service_id: u32,
+    pub set_id: u32,
 }
 
 impl BackendEntry {
@@ -80,7 +81,7 @@ impl BackendEntry {
             port: self.addr.port(),
             proto: self.proto,
             flags: self.flags,
-            service_id: self.service_id,
+            set_id: self.set_id,
         }
     }
 }
@@ -91,7 +92,7 @@ impl<A: Address + Into<IpAddr>> From<lb_common::Backend<A>> for BackendEntry {
             addr: SocketAddr::new(backend.addr.into(), backend.port),
             proto: backend.proto,
             flags: backend.flags,
-            service_id: backend.service_id,
+            set_id: backend.set_id,
         }
     }
 }
@@ -104,55 +105,83 @@ pub struct SourceRange {
     pub prefix_len: u8,
 }
 
-/// The writes the reconciler makes. Implemented over the pinned BPF maps by the datapath, and by
-/// a recorder in tests. An entry with an address goes to its family's twin map.
+/// The writes the reconciler makes, in batches. Implemented over the pinned BPF maps by the
+/// datapath, and by a recorder in tests. An entry with an address goes to its family's twin map.
+/// A batch is written in order and stops at the first entry that fails, which it names.
 pub trait MapWriter {
-    fn put_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError>;
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError>;
-    fn put_service(&mut self, key: FrontendKey, info: ServiceInfo) -> Result<(), MapError>;
-    /// Deletes `id`, programmed as `backend` (whose address tells the map).
-    fn delete_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError>;
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError>;
-    fn delete_service(&mut self, key: FrontendKey) -> Result<(), MapError>;
-    /// Writes a complete Maglev table for `service_id` and swaps it in for the old one.
-    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError>;
-    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError>;
-    /// Marks `addr` as a ClusterIP with `frontends` frontends.
-    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError>;
-    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError>;
+    fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError>;
+    /// Deletes each id, programmed as its entry (whose address tells the map).
+    fn delete_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError>;
+    fn put_services(&mut self, entries: &[(FrontendKey, ServiceInfo)]) -> Result<(), BatchError>;
+    fn delete_services(&mut self, keys: &[FrontendKey]) -> Result<(), BatchError>;
+    /// Writes a table at each (position, length) of the table space (in the order of their
+    /// positions): `fill(i, table)` writes the `i`th in place (maybe on several threads), so a
+    /// pass over many Services never holds all their tables at once.
+    fn put_tables(
+        &mut self,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
+    ) -> Result<(), MapError>;
+    /// Makes the table space hold `positions`, its contents kept.
+    fn grow_tables(&mut self, positions: u32) -> Result<(), MapError>;
+    /// Marks each address as a ClusterIP with that many frontends.
+    fn put_cluster_ips(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), BatchError>;
+    fn delete_cluster_ips(&mut self, addrs: &[IpAddr]) -> Result<(), BatchError>;
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
     fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError>;
+    /// Keeps `next` as the high-water mark of `kind`'s ids (see [`super::ids`]).
+    fn put_next_id(&mut self, kind: IdKind, next: u32) -> Result<(), MapError>;
     /// Drops the traffic counters kept under a service id that is being given to a new frontend
     /// or freed, so counts never carry over from a previous owner. Best effort: counters are
     /// not worth failing a service for.
     fn forget_service_stats(&mut self, _service_id: u32) {}
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{map}: {message}")]
 pub struct MapError {
     pub map: &'static str,
     pub message: String,
 }
 
+/// The entry of a batch that failed (the ones before it were written), and why.
+#[derive(Debug)]
+pub struct BatchError {
+    pub index: usize,
+    pub error: MapError,
+}
+
 /// What the maps of both families hold, as read back from the pinned maps at start-up and kept
 /// in step since.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
+    /// The frontends.
     pub services: BTreeMap<FrontendKey, ServiceInfo>,
-    pub slots: BTreeMap<SlotKey, BackendId>,
-    pub backends: BTreeMap<BackendId, BackendEntry>,
-    /// Services with a Maglev table, and what it was built from.
-    pub maglev: BTreeMap<u32, MaglevInput>,
+    pub backends: HashMap<BackendId, BackendEntry>,
+    /// The ids at the start of each table frontends point at (`count` of them), by position.
+    pub tables: HashMap<u32, Vec<BackendId>>,
+    /// Positions the table space holds.
+    pub table_capacity: u32,
     pub source_ranges: BTreeSet<SourceRange>,
     /// ClusterIPs → how many frontends each has.
     pub cluster_ips: BTreeMap<IpAddr, u32>,
+    /// The ids' high-water marks (0: none kept).
+    pub next_ids: NextIds,
 }
 
-/// What a Maglev table is a function of: its size and the service's backends (ids, sorted).
-/// Equal inputs give equal tables, so comparing inputs tells whether to rebuild.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MaglevInput {
-    pub size: u32,
-    pub backends: Vec<BackendId>,
+impl Programmed {
+    /// The backends new flows of `set` go to, in slot order (as far as the maps hold them).
+    pub fn live_backends(&self, set: &lb_common::BackendSet) -> &[BackendId] {
+        match self.tables.get(&set.table) {
+            Some(ids) if set.count > 0 => &ids[..ids.len().min(set.count as usize)],
+            _ => &[],
+        }
+    }
+}
+
+/// Past every service and backend id handed out since the counters last wrapped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextIds {
+    pub service: u32,
+    pub backend: u32,
 }

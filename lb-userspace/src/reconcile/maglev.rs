@@ -18,46 +18,79 @@ pub fn identity(backend: SocketAddr) -> Vec<u8> {
     identity
 }
 
+/// Table sizes when scaled to the backends: primes, each about twice the last. The first serves
+/// up to 10 backends, so scaling a Deployment within the usual 1–10 replicas never changes a
+/// table's size (which would move most flows that have no conntrack entry, since every position
+/// is recomputed); beyond it the size doubles about as often as the backends do.
+pub const TABLE_SIZES: [u32; 11] = [
+    1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071, 262_139, 524_287, 1_048_573,
+];
+
+/// Positions per backend a scaled table has at least (Eisenbud et al. use M ≥ 100·N): each
+/// backend then owns its share within about 1%, and removing one moves few other positions.
+pub const POSITIONS_PER_BACKEND: usize = 100;
+
+/// The smallest of [`TABLE_SIZES`] with [`POSITIONS_PER_BACKEND`] positions per backend (the
+/// largest, for more backends than that serves).
+pub fn scaled_size(backends: usize) -> u32 {
+    let wanted = backends.saturating_mul(POSITIONS_PER_BACKEND);
+    TABLE_SIZES
+        .into_iter()
+        .find(|&size| size as usize >= wanted)
+        .unwrap_or(TABLE_SIZES[TABLE_SIZES.len() - 1])
+}
+
 /// Builds a table of `size` positions (a prime, larger than the number of backends) over
 /// `backends` given as (identity, weight). Returns, per position, the index into `backends` of
 /// the backend owning it. The input order does not matter; a backend of weight 0 owns nothing.
 pub fn table(backends: &[(&[u8], u32)], size: u32) -> Vec<usize> {
-    let size = size as usize;
+    const FREE: u32 = u32::MAX;
+    let size64 = u64::from(size);
     // Sorted by identity, so two nodes listing the same backends differently agree.
     let mut order: Vec<usize> = (0..backends.len()).filter(|&i| backends[i].1 > 0).collect();
     order.sort_by_key(|&i| backends[i].0);
-    let mut table = vec![usize::MAX; size];
     if order.is_empty() || size == 0 {
         return Vec::new();
     }
-    let permutations: Vec<(u64, u64)> = order
+    // Each backend walks offset, offset + skip, offset + 2·skip, … (mod size): its next
+    // candidate position and its step, advanced by addition rather than recomputed by a
+    // division per step.
+    let mut walks: Vec<(u32, u32)> = order
         .iter()
         .map(|&i| {
             let identity = backends[i].0;
-            let offset = hash(identity, OFFSET_SEED) % size as u64;
-            let skip = hash(identity, SKIP_SEED) % (size as u64 - 1) + 1;
-            (offset, skip)
+            let offset = hash(identity, OFFSET_SEED) % size64;
+            let skip = hash(identity, SKIP_SEED) % (size64 - 1) + 1;
+            (offset as u32, skip as u32)
         })
         .collect();
-    let mut next = vec![0u64; order.len()];
+    let mut table = vec![FREE; size as usize];
     let mut filled = 0;
     loop {
         for (turn, &backend) in order.iter().enumerate() {
             for _ in 0..backends[backend].1 {
-                let (offset, skip) = permutations[turn];
-                let mut position = ((offset + next[turn] * skip) % size as u64) as usize;
-                while table[position] != usize::MAX {
-                    next[turn] += 1;
-                    position = ((offset + next[turn] * skip) % size as u64) as usize;
+                let (position, skip) = &mut walks[turn];
+                while table[*position as usize] != FREE {
+                    *position = step(*position, *skip, size);
                 }
-                table[position] = backend;
-                next[turn] += 1;
+                table[*position as usize] = turn as u32;
+                *position = step(*position, *skip, size);
                 filled += 1;
                 if filled == size {
-                    return table;
+                    return table.into_iter().map(|turn| order[turn as usize]).collect();
                 }
             }
         }
+    }
+}
+
+/// `(position + skip) mod size`, for `position, skip < size`.
+fn step(position: u32, skip: u32, size: u32) -> u32 {
+    let next = u64::from(position) + u64::from(skip);
+    if next >= u64::from(size) {
+        (next - u64::from(size)) as u32
+    } else {
+        next as u32
     }
 }
 
@@ -87,7 +120,7 @@ pub fn is_prime(n: u32) -> bool {
 mod tests {
     use super::*;
 
-    const M: u32 = lb_common::DEFAULT_MAGLEV_TABLE_SIZE;
+    const M: u32 = 16_381;
 
     fn identities(n: usize) -> Vec<Vec<u8>> {
         (0..n)
@@ -204,5 +237,58 @@ mod tests {
         assert!(table(&[], M).is_empty());
         assert!(is_prime(M) && is_prime(65_537) && is_prime(2));
         assert!(!is_prime(16_383) && !is_prime(1) && !is_prime(0));
+    }
+
+    #[test]
+    fn scaled_sizes_are_primes_with_100_positions_per_backend() {
+        assert!(TABLE_SIZES.iter().all(|&size| is_prime(size)));
+        assert!(TABLE_SIZES.windows(2).all(|pair| pair[1] > pair[0]));
+        for (backends, size) in [(0, 1_021), (1, 1_021), (10, 1_021), (11, 2_039), (100, 16_381)] {
+            assert_eq!(scaled_size(backends), size, "{backends} backends");
+        }
+        assert_eq!(scaled_size(1_000_000), 1_048_573, "the largest beyond");
+    }
+
+    /// The table every earlier build made (a division per step): nodes running different builds
+    /// must agree.
+    #[test]
+    fn tables_are_those_of_the_division_per_step_walk() {
+        fn by_division(backends: &[(&[u8], u32)], size: u32) -> Vec<usize> {
+            let size = size as usize;
+            let mut order: Vec<usize> = (0..backends.len()).collect();
+            order.sort_by_key(|&i| backends[i].0);
+            let permutations: Vec<(u64, u64)> = order
+                .iter()
+                .map(|&i| {
+                    let offset = hash(backends[i].0, OFFSET_SEED) % size as u64;
+                    let skip = hash(backends[i].0, SKIP_SEED) % (size as u64 - 1) + 1;
+                    (offset, skip)
+                })
+                .collect();
+            let mut table = vec![usize::MAX; size];
+            let mut next = vec![0u64; order.len()];
+            let mut filled = 0;
+            loop {
+                for (turn, &backend) in order.iter().enumerate() {
+                    let (offset, skip) = permutations[turn];
+                    let mut position = ((offset + next[turn] * skip) % size as u64) as usize;
+                    while table[position] != usize::MAX {
+                        next[turn] += 1;
+                        position = ((offset + next[turn] * skip) % size as u64) as usize;
+                    }
+                    table[position] = backend;
+                    next[turn] += 1;
+                    filled += 1;
+                    if filled == size {
+                        return table;
+                    }
+                }
+            }
+        }
+        for (n, size) in [(1, 1_021), (3, 1_021), (10, 1_021), (37, 4_093), (100, M)] {
+            let ids = identities(n);
+            let backends: Vec<(&[u8], u32)> = ids.iter().map(|id| (id.as_slice(), 1)).collect();
+            assert_eq!(table(&backends, size), by_division(&backends, size), "N={n}");
+        }
     }
 }

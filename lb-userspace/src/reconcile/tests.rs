@@ -1,24 +1,23 @@
 //! The reconciler against a recording [`MapWriter`], and [`plan`] on hand-built models.
 use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
 };
 
-use lb_common::{IPPROTO_TCP, IPPROTO_UDP, map_names};
+use lb_common::{BackendSet, IPPROTO_TCP, IPPROTO_UDP, ServiceInfo, backend_flags, map_names, service_flags};
 
 use super::*;
-use crate::model::{Endpoint, Frontend, FrontendKind, Model, Policy, Protocol, ServiceName};
+use crate::model::{Endpoint, Endpoints, Frontend, FrontendKind, Model, Policy, Protocol, ServiceName};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
     PutBackend(BackendId),
-    PutSlot(SlotKey),
-    PutService(FrontendKey),
     DeleteBackend(BackendId),
-    DeleteSlot(SlotKey),
+    PutService(FrontendKey),
     DeleteService(FrontendKey),
-    PutMaglev(u32),
-    DeleteMaglev(u32),
+    /// A table written at this position.
+    PutTable(u32),
+    GrowTables(u32),
     PutSourceRange(SourceRange),
     DeleteSourceRange(SourceRange),
     PutClusterIp(IpAddr),
@@ -26,28 +25,69 @@ enum Op {
 }
 
 /// Maps in memory, recording every write in order. Deleting an absent key fails as it does on a
-/// BPF hash map (ENOENT); `backend_capacity` makes the backend map refuse new keys when full.
+/// BPF hash map (ENOENT); a capacity makes a map refuse new keys when full (E2BIG).
 #[derive(Debug, Default)]
 struct Recorder {
-    state: Programmed,
+    services: BTreeMap<FrontendKey, ServiceInfo>,
+    backends: BTreeMap<BackendId, BackendEntry>,
+    space: Vec<BackendId>,
+    ranges: BTreeSet<SourceRange>,
+    cluster_ips: BTreeMap<IpAddr, u32>,
+    next_ids: NextIds,
     ops: Vec<Op>,
+    /// Batch calls made.
+    calls: usize,
     backend_capacity: Option<usize>,
-    /// Makes every slot delete fail, as a kernel refusal would.
-    refuse_slot_deletes: bool,
-    /// The Maglev tables written, by service id.
-    tables: BTreeMap<u32, Vec<BackendId>>,
+    service_capacity: Option<usize>,
 }
 
 impl Recorder {
-    fn with_backend_capacity(capacity: usize) -> Self {
-        Self {
-            backend_capacity: Some(capacity),
-            ..Self::default()
+    fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// What a restarted agent reads back.
+    fn programmed(&self) -> Programmed {
+        let tables = self
+            .services
+            .values()
+            .flat_map(|info| [info.backends, info.outside])
+            .filter(|set| set.count > 0)
+            .map(|set| {
+                let start = set.table as usize;
+                (set.table, self.space[start..start + set.count as usize].to_vec())
+            })
+            .collect();
+        Programmed {
+            services: self.services.clone(),
+            backends: self.backends.iter().map(|(id, b)| (*id, *b)).collect(),
+            tables,
+            table_capacity: self.space.len() as u32,
+            source_ranges: self.ranges.clone(),
+            cluster_ips: self.cluster_ips.clone(),
+            next_ids: self.next_ids,
         }
     }
 
-    fn take_ops(&mut self) -> Vec<Op> {
-        std::mem::take(&mut self.ops)
+    /// The table `set` points at: its backends' ids, then its Maglev table.
+    fn table(&self, set: &BackendSet) -> &[BackendId] {
+        let start = set.table as usize;
+        &self.space[start..start + (set.count + set.maglev_size) as usize]
+    }
+
+    /// The addresses a frontend's set balances over, in slot order.
+    fn live(&self, set: &BackendSet) -> Vec<SocketAddr> {
+        self.table(set)[..set.count as usize]
+            .iter()
+            .map(|id| self.backends[id].addr)
+            .collect()
+    }
+}
+
+fn full(map: &'static str) -> MapError {
+    MapError {
+        map,
+        message: "the map is full".into(),
     }
 }
 
@@ -59,137 +99,134 @@ fn missing(map: &'static str) -> MapError {
 }
 
 impl MapWriter for Recorder {
-    fn put_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
-        if let Some(capacity) = self.backend_capacity
-            && !self.state.backends.contains_key(&id)
-            && self.state.backends.len() >= capacity
-        {
-            return Err(MapError {
-                map: map_names::BACKENDS,
-                message: "map is full (E2BIG)".into(),
-            });
+    fn put_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for (index, (id, backend)) in entries.iter().enumerate() {
+            let full_now = self
+                .backend_capacity
+                .is_some_and(|cap| self.backends.len() >= cap && !self.backends.contains_key(id));
+            if full_now {
+                return Err(BatchError {
+                    index,
+                    error: full(map_names::BACKENDS),
+                });
+            }
+            self.backends.insert(*id, *backend);
+            self.ops.push(Op::PutBackend(*id));
         }
-        self.ops.push(Op::PutBackend(id));
-        self.state.backends.insert(id, *backend);
         Ok(())
     }
 
-    fn put_slot(&mut self, key: SlotKey, id: BackendId) -> Result<(), MapError> {
-        self.ops.push(Op::PutSlot(key));
-        self.state.slots.insert(key, id);
-        Ok(())
-    }
-
-    fn put_service(&mut self, key: FrontendKey, info: ServiceInfo) -> Result<(), MapError> {
-        self.ops.push(Op::PutService(key));
-        self.state.services.insert(key, info);
-        Ok(())
-    }
-
-    fn delete_backend(&mut self, id: BackendId, backend: &BackendEntry) -> Result<(), MapError> {
-        if self.state.backends.get(&id) != Some(backend) {
-            return Err(missing(map_names::BACKENDS));
+    fn delete_backends(&mut self, entries: &[(BackendId, BackendEntry)]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for (index, (id, _)) in entries.iter().enumerate() {
+            if self.backends.remove(id).is_none() {
+                return Err(BatchError {
+                    index,
+                    error: missing(map_names::BACKENDS),
+                });
+            }
+            self.ops.push(Op::DeleteBackend(*id));
         }
-        self.state.backends.remove(&id);
-        self.ops.push(Op::DeleteBackend(id));
         Ok(())
     }
 
-    fn delete_slot(&mut self, key: SlotKey) -> Result<(), MapError> {
-        if self.refuse_slot_deletes {
-            return Err(MapError {
-                map: map_names::BACKEND_SLOTS,
-                message: "refused (EPERM)".into(),
-            });
+    fn put_services(&mut self, entries: &[(FrontendKey, ServiceInfo)]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for (index, (key, info)) in entries.iter().enumerate() {
+            let full_now = self
+                .service_capacity
+                .is_some_and(|cap| self.services.len() >= cap && !self.services.contains_key(key));
+            if full_now {
+                return Err(BatchError {
+                    index,
+                    error: full(map_names::SERVICES),
+                });
+            }
+            self.services.insert(*key, *info);
+            self.ops.push(Op::PutService(*key));
         }
-        self.state
-            .slots
-            .remove(&key)
-            .ok_or_else(|| missing(map_names::BACKEND_SLOTS))?;
-        self.ops.push(Op::DeleteSlot(key));
         Ok(())
     }
 
-    fn delete_service(&mut self, key: FrontendKey) -> Result<(), MapError> {
-        self.state
-            .services
-            .remove(&key)
-            .ok_or_else(|| missing(map_names::SERVICES))?;
-        self.ops.push(Op::DeleteService(key));
+    fn delete_services(&mut self, keys: &[FrontendKey]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for (index, key) in keys.iter().enumerate() {
+            if self.services.remove(key).is_none() {
+                return Err(BatchError {
+                    index,
+                    error: missing(map_names::SERVICES),
+                });
+            }
+            self.ops.push(Op::DeleteService(*key));
+        }
         Ok(())
     }
 
-    /// Keeps the table itself, and as state what it was built from as far as a table shows it:
-    /// its size and the backends in it.
-    fn put_maglev(&mut self, service_id: u32, table: &[BackendId]) -> Result<(), MapError> {
-        let mut backends = table.to_vec();
-        backends.sort_unstable();
-        backends.dedup();
-        self.ops.push(Op::PutMaglev(service_id));
-        self.tables.insert(service_id, table.to_vec());
-        self.state.maglev.insert(
-            service_id,
-            MaglevInput {
-                size: table.len() as u32,
-                backends,
-            },
-        );
+    fn put_tables(
+        &mut self,
+        blocks: &[(u32, u32)],
+        fill: &(dyn Fn(usize, &mut [BackendId]) + Sync),
+    ) -> Result<(), MapError> {
+        for (index, &(start, len)) in blocks.iter().enumerate() {
+            let (start, len) = (start as usize, len as usize);
+            assert!(start + len <= self.space.len(), "the space holds it");
+            fill(index, &mut self.space[start..start + len]);
+            self.ops.push(Op::PutTable(start as u32));
+        }
         Ok(())
     }
 
-    fn delete_maglev(&mut self, service_id: u32) -> Result<(), MapError> {
-        self.state
-            .maglev
-            .remove(&service_id)
-            .ok_or_else(|| missing(map_names::MAGLEV))?;
-        self.tables.remove(&service_id);
-        self.ops.push(Op::DeleteMaglev(service_id));
+    fn grow_tables(&mut self, positions: u32) -> Result<(), MapError> {
+        self.space.resize(positions as usize, 0);
+        self.ops.push(Op::GrowTables(positions));
+        Ok(())
+    }
+
+    fn put_cluster_ips(&mut self, entries: &[(IpAddr, u32)]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for &(addr, frontends) in entries {
+            self.cluster_ips.insert(addr, frontends);
+            self.ops.push(Op::PutClusterIp(addr));
+        }
+        Ok(())
+    }
+
+    fn delete_cluster_ips(&mut self, addrs: &[IpAddr]) -> Result<(), BatchError> {
+        self.calls += 1;
+        for (index, addr) in addrs.iter().enumerate() {
+            if self.cluster_ips.remove(addr).is_none() {
+                return Err(BatchError {
+                    index,
+                    error: missing(map_names::CLUSTER_IPS),
+                });
+            }
+            self.ops.push(Op::DeleteClusterIp(*addr));
+        }
         Ok(())
     }
 
     fn put_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
+        self.ranges.insert(range);
         self.ops.push(Op::PutSourceRange(range));
-        self.state.source_ranges.insert(range);
         Ok(())
     }
 
     fn delete_source_range(&mut self, range: SourceRange) -> Result<(), MapError> {
-        if !self.state.source_ranges.remove(&range) {
+        if !self.ranges.remove(&range) {
             return Err(missing(map_names::SOURCE_RANGES));
         }
         self.ops.push(Op::DeleteSourceRange(range));
         Ok(())
     }
 
-    fn put_cluster_ip(&mut self, addr: IpAddr, frontends: u32) -> Result<(), MapError> {
-        self.ops.push(Op::PutClusterIp(addr));
-        self.state.cluster_ips.insert(addr, frontends);
+    fn put_next_id(&mut self, kind: IdKind, next: u32) -> Result<(), MapError> {
+        match kind {
+            IdKind::Service => self.next_ids.service = next,
+            IdKind::Backend => self.next_ids.backend = next,
+        }
         Ok(())
     }
-
-    fn delete_cluster_ip(&mut self, addr: IpAddr) -> Result<(), MapError> {
-        self.state
-            .cluster_ips
-            .remove(&addr)
-            .ok_or_else(|| missing(map_names::CLUSTER_IPS))?;
-        self.ops.push(Op::DeleteClusterIp(addr));
-        Ok(())
-    }
-}
-
-/// Applies and checks that the reconciler's idea of the maps is what the maps hold.
-fn apply(
-    reconciler: &mut Reconciler,
-    desired: &BTreeMap<FrontendKey, DesiredService>,
-    maps: &mut Recorder,
-) -> Report {
-    let report = reconciler.apply(desired, maps);
-    assert_eq!(
-        &maps.state,
-        reconciler.programmed(),
-        "after apply, the maps should hold exactly what the reconciler believes they hold"
-    );
-    report
 }
 
 fn key(last_octet: u8, port: u16) -> FrontendKey {
@@ -200,683 +237,769 @@ fn key(last_octet: u8, port: u16) -> FrontendKey {
     }
 }
 
+fn node_port(port: u16) -> FrontendKey {
+    FrontendKey {
+        addr: [0, 0, 0, 0].into(),
+        port,
+        proto: IPPROTO_TCP,
+    }
+}
+
 fn backend(last_octet: u8) -> SocketAddr {
     ([10, 0, 0, last_octet], 8080).into()
 }
 
-fn desired(services: &[(FrontendKey, &str, Vec<SocketAddr>)]) -> BTreeMap<FrontendKey, DesiredService> {
-    services
-        .iter()
-        .map(|(key, name, backends)| {
-            (
-                *key,
-                DesiredService {
-                    name: (*name).to_owned(),
-                    cluster_ip: true,
-                    backends: backends.clone(),
-                    draining: Vec::new(),
-                    maglev: None,
-                    affinity_timeout: None,
-                    external: None,
-                },
-            )
-        })
-        .collect()
+fn backends(last_octets: &[u8]) -> Vec<SocketAddr> {
+    last_octets.iter().map(|&o| backend(o)).collect()
+}
+
+/// A ClusterIP frontend of `name`, random choice.
+fn cluster_ip(name: &str, last_octets: &[u8]) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        cluster_ip: true,
+        backends: backends(last_octets),
+        ..DesiredService::default()
+    }
+}
+
+/// An external frontend of `name` (a NodePort or LoadBalancer IP).
+fn external(name: &str, last_octets: &[u8]) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        backends: backends(last_octets),
+        external: Some(External::default()),
+        ..DesiredService::default()
+    }
 }
 
 fn position(ops: &[Op], op: Op) -> usize {
     ops.iter()
         .position(|o| *o == op)
-        .unwrap_or_else(|| panic!("{op:?} should have been written; ops were {ops:?}"))
+        .unwrap_or_else(|| panic!("{op:?} not in {ops:?}"))
 }
 
-fn service_info(programmed: &Programmed, key: FrontendKey) -> ServiceInfo {
-    *programmed
-        .services
-        .get(&key)
-        .unwrap_or_else(|| panic!("{key:?} should be programmed"))
-}
-
-/// The backend id behind each address of a service, read through its slots.
-fn backend_ids(programmed: &Programmed, key: FrontendKey) -> BTreeMap<SocketAddr, BackendId> {
-    let info = service_info(programmed, key);
-    (0..info.backend_count)
-        .map(|slot| {
-            let slot_key = SlotKey {
-                service_id: info.id,
-                slot,
-            };
-            let id = *programmed
-                .slots
-                .get(&slot_key)
-                .unwrap_or_else(|| panic!("slot {slot_key:?} should be programmed"));
-            let backend = programmed
-                .backends
-                .get(&id)
-                .unwrap_or_else(|| panic!("backend {id} named by {slot_key:?} should be programmed"));
-            assert_eq!(
-                backend.service_id, info.id,
-                "backend {id} should belong to service {}",
-                info.id
-            );
-            (backend.addr, id)
-        })
-        .collect()
+fn ok(report: &Report) {
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
 }
 
 #[test]
-fn add_writes_backends_then_slots_then_the_service_entry() {
-    let (web, api) = (key(10, 80), key(11, 443));
-    let want = desired(&[
-        (web, "default/web:80", vec![backend(1), backend(2), backend(3)]),
-        (api, "default/api:443", vec![backend(4)]),
-    ]);
+fn a_service_is_written_backends_then_table_then_entry_and_removed_the_other_way() {
+    let web = key(10, 80);
     let mut maps = Recorder::default();
     let mut reconciler = Reconciler::new(Programmed::default());
-    let report = apply(&mut reconciler, &want, &mut maps);
-    assert!(
-        report.failed.is_empty(),
-        "nothing should fail: {:?}",
-        report.failed
+    let report = reconciler.apply(
+        &Desired::from([(web, cluster_ip("default/web", &[1, 2]))]),
+        &mut maps,
     );
-    assert_eq!(
-        report.writes,
-        3 + 3 + 1 + 1 + 1 + 1 + 2,
-        "backends, slots and entries of both services, and their ClusterIPs"
-    );
-    assert_eq!(report.deletes, 0);
-
+    ok(&report);
     let ops = maps.take_ops();
-    for key in [web, api] {
-        let info = service_info(reconciler.programmed(), key);
-        let ids = backend_ids(reconciler.programmed(), key);
-        let service_at = position(&ops, Op::PutService(key));
-        let slots: Vec<usize> = (0..info.backend_count)
-            .map(|slot| {
-                position(
-                    &ops,
-                    Op::PutSlot(SlotKey {
-                        service_id: info.id,
-                        slot,
-                    }),
-                )
-            })
-            .collect();
-        let backends: Vec<usize> = ids
-            .values()
-            .map(|id| position(&ops, Op::PutBackend(*id)))
-            .collect();
-        let last_backend = *backends.iter().max().expect("the service has backends");
-        let (first_slot, last_slot) = (*slots.iter().min().unwrap(), *slots.iter().max().unwrap());
-        assert!(
-            last_backend < first_slot,
-            "{key:?}: every backend before any slot: {ops:?}"
-        );
-        assert!(
-            last_slot < service_at,
-            "{key:?}: every slot before the service entry: {ops:?}"
-        );
+    let info = maps.services[&web];
+    assert_ne!(info.id, 0);
+    assert_ne!(info.backends.id, 0, "a backend set");
+    assert_eq!(info.backends, info.outside, "one set for every client");
+    assert_eq!(info.backends.count, 2);
+    assert_eq!(maps.live(&info.backends), backends(&[1, 2]), "slot order");
+    let table = position(&ops, Op::PutTable(info.backends.table));
+    for id in &maps.table(&info.backends)[..2] {
+        assert!(position(&ops, Op::PutBackend(*id)) < table, "{ops:?}");
+        assert_eq!(maps.backends[id].set_id, info.backends.id);
     }
-    let web_ids = backend_ids(reconciler.programmed(), web);
-    assert_eq!(
-        web_ids.keys().copied().collect::<Vec<_>>(),
-        vec![backend(1), backend(2), backend(3)]
-    );
-    let web_info = service_info(reconciler.programmed(), web);
-    assert_eq!(web_info.backend_count, 3);
-    assert_ne!(
-        web_info.id,
-        service_info(reconciler.programmed(), api).id,
-        "each frontend gets its own service id"
-    );
-    let proto = reconciler
-        .programmed()
-        .backends
-        .values()
-        .map(|b| b.proto)
-        .collect::<Vec<_>>();
-    assert!(
-        proto.iter().all(|p| *p == IPPROTO_TCP),
-        "backends carry the frontend's protocol"
-    );
-}
+    assert!(table < position(&ops, Op::PutService(web)), "{ops:?}");
+    assert!(position(&ops, Op::PutClusterIp(web.addr)) < position(&ops, Op::PutService(web)));
+    assert_eq!(report.writes, ops.len(), "{ops:?}");
 
-#[test]
-fn service_without_backends_gets_an_entry_with_zero_count() {
-    let web = key(10, 80);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let report = apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![])]),
-        &mut maps,
-    );
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(
-        maps.take_ops(),
-        vec![Op::PutClusterIp(web.addr), Op::PutService(web)]
-    );
-    assert_eq!(service_info(&maps.state, web).backend_count, 0);
-}
-
-/// A backend that starts terminating keeps its id and entry (so its flows still resolve) but
-/// leaves the slots, and is flagged only once the slots no longer name it; when it goes away
-/// for good, it is deleted.
-#[test]
-fn a_backend_that_starts_draining_keeps_its_id_and_leaves_the_slots_first() {
-    let web = key(10, 80);
-    let mut want = desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(&mut reconciler, &want, &mut maps);
-    let before = backend_ids(reconciler.programmed(), web);
-    maps.take_ops();
-
-    let service = want.get_mut(&web).unwrap();
-    service.backends = vec![backend(1), backend(2)];
-    service.draining = vec![backend(3)];
-    let report = apply(&mut reconciler, &want, &mut maps);
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    let report = reconciler.apply(&Desired::new(), &mut maps);
+    ok(&report);
     let ops = maps.take_ops();
-    let draining_id = before[&backend(3)];
-    let drained = reconciler.programmed().backends[&draining_id];
-    assert_eq!(drained.flags, backend_flags::DRAINING);
-    assert_eq!(drained.addr, backend(3));
-    assert_eq!(
-        service_info(reconciler.programmed(), web).backend_count,
-        2,
-        "only ready backends are in slots"
-    );
-    assert!(
-        !reconciler
-            .programmed()
-            .slots
-            .values()
-            .any(|id| *id == draining_id),
-        "no slot names the draining backend"
-    );
-    assert!(
-        !ops.contains(&Op::DeleteBackend(draining_id)),
-        "its entry stays: {ops:?}"
-    );
-    let flagged_at = position(&ops, Op::PutBackend(draining_id));
-    let service_at = position(&ops, Op::PutService(web));
-    assert!(
-        service_at < flagged_at,
-        "flagged after the service stopped counting it: {ops:?}"
-    );
-
-    // Unchanged: nothing written. Ready again: back in a slot under the same id.
-    assert_eq!(apply(&mut reconciler, &want, &mut maps).writes, 0);
-    let service = want.get_mut(&web).unwrap();
-    service.backends = vec![backend(1), backend(2), backend(3)];
-    service.draining = vec![];
-    apply(&mut reconciler, &want, &mut maps);
-    assert_eq!(backend_ids(reconciler.programmed(), web), before);
-    assert_eq!(reconciler.programmed().backends[&draining_id].flags, 0);
-
-    // Gone from the endpoints: deleted.
-    want.get_mut(&web).unwrap().backends = vec![backend(1), backend(2)];
-    maps.take_ops();
-    apply(&mut reconciler, &want, &mut maps);
-    assert!(maps.take_ops().contains(&Op::DeleteBackend(draining_id)));
-}
-
-/// Each ClusterIP is marked before its frontends are written, and unmarked only after the last
-/// of them is gone.
-#[test]
-fn cluster_ips_are_marked_before_their_frontends_and_unmarked_after() {
-    let (web_http, web_https) = (key(10, 80), key(10, 443));
-    let mut want = desired(&[
-        (web_http, "default/web:80", vec![backend(1)]),
-        (web_https, "default/web:443", vec![backend(1)]),
-    ]);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(&mut reconciler, &want, &mut maps);
-    let ops = maps.take_ops();
-    let marked = position(&ops, Op::PutClusterIp(web_http.addr));
-    assert!(marked < position(&ops, Op::PutService(web_http)), "{ops:?}");
-    assert_eq!(reconciler.programmed().cluster_ips, [(web_http.addr, 2)].into());
-
-    want.remove(&web_https);
-    apply(&mut reconciler, &want, &mut maps);
-    assert_eq!(reconciler.programmed().cluster_ips, [(web_http.addr, 1)].into());
-    want.clear();
-    apply(&mut reconciler, &want, &mut maps);
-    let ops = maps.take_ops();
-    assert!(
-        position(&ops, Op::DeleteService(web_http)) < position(&ops, Op::DeleteClusterIp(web_http.addr)),
-        "{ops:?}"
-    );
-    assert!(reconciler.programmed().cluster_ips.is_empty());
-}
-
-#[test]
-fn applying_the_same_desired_state_twice_writes_nothing_the_second_time() {
-    let want = desired(&[
-        (key(10, 80), "default/web:80", vec![backend(1), backend(2)]),
-        (key(11, 53), "default/dns:53", vec![backend(3)]),
-        (key(12, 80), "default/empty:80", vec![]),
-    ]);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(&mut reconciler, &want, &mut maps);
-    let before = reconciler.programmed().clone();
-    maps.take_ops();
-
-    let report = apply(&mut reconciler, &want, &mut maps);
-    assert_eq!(
-        (report.writes, report.deletes),
-        (0, 0),
-        "an unchanged state needs no writes"
-    );
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(maps.take_ops(), vec![], "no map operation at all");
-    assert_eq!(reconciler.programmed(), &before);
-}
-
-#[test]
-fn removing_one_backend_updates_the_entry_before_deleting_the_slot_then_the_backend() {
-    let web = key(10, 80);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]),
-        &mut maps,
-    );
-    let old_ids = backend_ids(reconciler.programmed(), web);
-    let service_id = service_info(reconciler.programmed(), web).id;
-    maps.take_ops();
-
-    let report = apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![backend(1), backend(3)])]),
-        &mut maps,
-    );
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let ops = maps.take_ops();
-    let info = service_info(reconciler.programmed(), web);
-    assert_eq!(info.backend_count, 2);
-    assert_eq!(info.id, service_id, "the service keeps its id");
-    let updated = position(&ops, Op::PutService(web));
-    let slot_deleted = position(&ops, Op::DeleteSlot(SlotKey { service_id, slot: 2 }));
-    let backend_deleted = position(&ops, Op::DeleteBackend(old_ids[&backend(2)]));
-    assert!(
-        updated < slot_deleted && slot_deleted < backend_deleted,
-        "entry (count 2), then stale slot, then backend: {ops:?}"
-    );
-    assert!(
-        !ops.iter().any(|op| matches!(op, Op::PutBackend(_))),
-        "surviving backends are not rewritten: {ops:?}"
-    );
-    let new_ids = backend_ids(reconciler.programmed(), web);
-    assert_eq!(
-        new_ids[&backend(1)],
-        old_ids[&backend(1)],
-        "10.0.0.1 keeps its id"
-    );
-    assert_eq!(
-        new_ids[&backend(3)],
-        old_ids[&backend(3)],
-        "10.0.0.3 keeps its id"
-    );
-    assert!(
-        !reconciler
-            .programmed()
-            .backends
-            .contains_key(&old_ids[&backend(2)]),
-        "the removed backend's entry is gone"
-    );
-    assert_eq!(reconciler.programmed().slots.len(), 2, "no stale slot is left");
-}
-
-#[test]
-fn adding_a_backend_keeps_the_existing_ids() {
-    let web = key(10, 80);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![backend(1), backend(3)])]),
-        &mut maps,
-    );
-    let old_ids = backend_ids(reconciler.programmed(), web);
-    maps.take_ops();
-
-    apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]),
-        &mut maps,
-    );
-    let ops = maps.take_ops();
-    let new_ids = backend_ids(reconciler.programmed(), web);
-    assert_eq!(new_ids[&backend(1)], old_ids[&backend(1)]);
-    assert_eq!(new_ids[&backend(3)], old_ids[&backend(3)]);
-    let added = new_ids[&backend(2)];
-    assert!(
-        !old_ids.values().any(|id| *id == added),
-        "the new backend gets a fresh id"
-    );
-    assert!(
-        position(&ops, Op::PutBackend(added)) < position(&ops, Op::PutService(web)),
-        "the new backend is written before the entry that makes it reachable: {ops:?}"
-    );
-    assert_eq!(service_info(reconciler.programmed(), web).backend_count, 3);
-}
-
-#[test]
-fn removing_a_service_deletes_its_entry_then_slots_then_backends() {
-    let (web, api) = (key(10, 80), key(11, 443));
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(
-        &mut reconciler,
-        &desired(&[
-            (web, "default/web:80", vec![backend(1), backend(2)]),
-            (api, "default/api:443", vec![backend(3)]),
-        ]),
-        &mut maps,
-    );
-    let web_info = service_info(reconciler.programmed(), web);
-    let web_ids = backend_ids(reconciler.programmed(), web);
-    let api_before = backend_ids(reconciler.programmed(), api);
-    maps.take_ops();
-
-    let report = apply(
-        &mut reconciler,
-        &desired(&[(api, "default/api:443", vec![backend(3)])]),
-        &mut maps,
-    );
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(
-        (report.writes, report.deletes),
-        (0, 1 + 2 + 2 + 1),
-        "entry, slots, backends, ClusterIP"
-    );
-    let ops = maps.take_ops();
-    assert_eq!(ops[0], Op::DeleteService(web), "the entry goes first: {ops:?}");
-    let slots: Vec<usize> = (0..2)
-        .map(|slot| {
-            position(
-                &ops,
-                Op::DeleteSlot(SlotKey {
-                    service_id: web_info.id,
-                    slot,
-                }),
-            )
-        })
-        .collect();
-    let backends: Vec<usize> = web_ids
-        .values()
-        .map(|id| position(&ops, Op::DeleteBackend(*id)))
-        .collect();
-    assert!(
-        slots.iter().max() < backends.iter().min(),
-        "slots are deleted before backends: {ops:?}"
-    );
+    assert_eq!(ops[0], Op::DeleteService(web), "the entry first: {ops:?}");
     assert_eq!(
         ops.last(),
         Some(&Op::DeleteClusterIp(web.addr)),
-        "its ClusterIP last: {ops:?}"
+        "its ClusterIP last"
     );
-    assert_eq!(ops.len(), 6, "nothing of default/api is touched: {ops:?}");
-    assert_eq!(backend_ids(reconciler.programmed(), api), api_before);
-    assert_eq!(reconciler.programmed().services.len(), 1);
-    assert_eq!(reconciler.programmed().backends.len(), 1);
-    assert_eq!(reconciler.programmed().slots.len(), 1);
+    assert!(maps.backends.is_empty() && maps.services.is_empty(), "{ops:?}");
 }
 
 #[test]
-fn restarted_reconciler_writes_nothing_for_the_state_it_finds_and_keeps_ids() {
-    let (web, api) = (key(10, 80), key(11, 443));
-    let want = desired(&[
-        (web, "default/web:80", vec![backend(1), backend(2)]),
-        (api, "default/api:443", vec![backend(3)]),
+fn frontends_of_a_service_with_the_same_backends_share_one_set_and_one_table() {
+    let (web, web_np, web_lb) = (key(10, 80), node_port(30080), key(200, 80));
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let maglev = Some(MaglevSize::Scaled);
+    let desired = Desired::from([
+        (
+            web,
+            DesiredService {
+                maglev,
+                ..cluster_ip("default/web", &[1, 2, 3])
+            },
+        ),
+        (
+            web_np,
+            DesiredService {
+                maglev,
+                ..external("default/web", &[1, 2, 3])
+            },
+        ),
+        (
+            web_lb,
+            DesiredService {
+                maglev,
+                ..external("default/web", &[1, 2, 3])
+            },
+        ),
+    ]);
+    ok(&reconciler.apply(&desired, &mut maps));
+    let ops = maps.take_ops();
+    let sets: BTreeSet<BackendSet> = maps.services.values().map(|info| info.backends).collect();
+    assert_eq!(sets.len(), 1, "one set: {:?}", maps.services);
+    assert_eq!(maps.backends.len(), 3, "one entry per endpoint");
+    let tables = ops.iter().filter(|op| matches!(op, Op::PutTable(_))).count();
+    assert_eq!(tables, 1, "one table: {ops:?}");
+    let set = *sets.first().unwrap();
+    assert_eq!(
+        set.maglev_size, 1021,
+        "scaled: 100 positions per backend at least"
+    );
+    assert_eq!(maps.table(&set).len(), 3 + 1021);
+    let flags: Vec<u32> = [web, web_np, web_lb]
+        .iter()
+        .map(|k| maps.services[k].flags)
+        .collect();
+    assert_eq!(
+        flags,
+        [0, service_flags::EXTERNAL_SNAT, service_flags::EXTERNAL_SNAT]
+    );
+    let ids: BTreeSet<u32> = maps.services.values().map(|info| info.id).collect();
+    assert_eq!(
+        ids.len(),
+        3,
+        "each frontend has an id of its own (counters, conntrack)"
+    );
+}
+
+#[test]
+fn an_external_frontend_with_policy_local_has_local_backends_for_outside_clients_only() {
+    let (web, web_np) = (key(10, 80), node_port(30080));
+    let local = DesiredService {
+        external: Some(External {
+            local: true,
+            in_cluster: Some(BackendAddrs {
+                backends: backends(&[1, 2, 3]),
+                draining: Vec::new(),
+            }),
+            ..External::default()
+        }),
+        ..external("default/web", &[2])
+    };
+    let desired = Desired::from([(web, cluster_ip("default/web", &[1, 2, 3])), (web_np, local)]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.apply(&desired, &mut maps));
+    let (cluster, np) = (maps.services[&web], maps.services[&web_np]);
+    assert_eq!(
+        np.backends, cluster.backends,
+        "pods and the node: the ClusterIP's set"
+    );
+    assert_ne!(np.outside, np.backends);
+    assert_eq!(
+        maps.live(&np.outside),
+        backends(&[2]),
+        "outside clients: this node's"
+    );
+    assert_eq!(np.flags, service_flags::EXTERNAL_LOCAL);
+    assert_eq!(
+        maps.backends.len(),
+        4,
+        "three in the cluster set, one in the local one"
+    );
+}
+
+#[test]
+fn applying_the_same_state_twice_writes_nothing_the_second_time() {
+    let desired = Desired::from([
+        (key(10, 80), cluster_ip("default/web", &[1, 2])),
+        (key(11, 53), cluster_ip("default/dns", &[3])),
+    ]);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.apply(&desired, &mut maps));
+    maps.take_ops();
+    maps.calls = 0;
+    let report = reconciler.apply(&desired, &mut maps);
+    assert_eq!((report.writes, report.deletes), (0, 0));
+    assert_eq!(maps.take_ops(), []);
+    assert_eq!(maps.calls, 0, "not even an empty batch");
+}
+
+#[test]
+fn removing_a_backend_points_the_frontends_at_a_new_table_before_deleting_it() {
+    let (web, web_np) = (key(10, 80), node_port(30080));
+    let desired = |last: &[u8]| {
+        Desired::from([
+            (web, cluster_ip("default/web", last)),
+            (web_np, external("default/web", last)),
+        ])
+    };
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.apply(&desired(&[1, 2, 3]), &mut maps));
+    let before = maps.services[&web].backends;
+    let ids: Vec<BackendId> = maps.table(&before)[..3].to_vec();
+    maps.take_ops();
+
+    ok(&reconciler.apply(&desired(&[1, 3]), &mut maps));
+    let ops = maps.take_ops();
+    let after = maps.services[&web].backends;
+    assert_eq!(after.id, before.id, "the same set");
+    assert_ne!(after.table, before.table, "a new table, at other positions");
+    assert_eq!(
+        maps.table(&after)[..2],
+        [ids[0], ids[2]],
+        "the others keep their ids"
+    );
+    let table = position(&ops, Op::PutTable(after.table));
+    let deleted = position(&ops, Op::DeleteBackend(ids[1]));
+    for frontend in [web, web_np] {
+        let put = position(&ops, Op::PutService(frontend));
+        assert!(
+            table < put && put < deleted,
+            "table, frontends, then the backend: {ops:?}"
+        );
+    }
+    assert!(!ops.iter().any(|op| matches!(op, Op::PutBackend(_))), "{ops:?}");
+}
+
+#[test]
+fn a_draining_backend_keeps_its_id_and_is_marked_after_the_frontends_leave_its_table() {
+    let web = key(10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.apply(
+        &Desired::from([(web, cluster_ip("default/web", &[1, 2]))]),
+        &mut maps,
+    ));
+    let ids = maps.table(&maps.services[&web].backends)[..2].to_vec();
+    maps.take_ops();
+    let draining = DesiredService {
+        draining: backends(&[2]),
+        ..cluster_ip("default/web", &[1])
+    };
+    ok(&reconciler.apply(&Desired::from([(web, draining)]), &mut maps));
+    let ops = maps.take_ops();
+    assert_eq!(maps.backends[&ids[1]].flags, backend_flags::DRAINING);
+    assert!(
+        position(&ops, Op::PutService(web)) < position(&ops, Op::PutBackend(ids[1])),
+        "{ops:?}"
+    );
+    assert_eq!(maps.services[&web].backends.count, 1);
+
+    // Ready again: back under its id, in a table written after it is unmarked.
+    ok(&reconciler.apply(
+        &Desired::from([(web, cluster_ip("default/web", &[1, 2]))]),
+        &mut maps,
+    ));
+    let ops = maps.take_ops();
+    let set = maps.services[&web].backends;
+    assert_eq!(maps.table(&set)[..2], ids);
+    assert_eq!(maps.backends[&ids[1]].flags, 0);
+    assert!(position(&ops, Op::PutBackend(ids[1])) < position(&ops, Op::PutTable(set.table)));
+}
+
+#[test]
+fn a_restarted_reconciler_writes_nothing_for_the_state_it_finds_and_keeps_ids() {
+    let (web, web_np, api) = (key(10, 80), node_port(30080), key(11, 443));
+    let maglev = Some(MaglevSize::Scaled);
+    let desired = Desired::from([
+        (
+            web,
+            DesiredService {
+                maglev,
+                draining: backends(&[9]),
+                ..cluster_ip("default/web", &[1, 2])
+            },
+        ),
+        (
+            web_np,
+            DesiredService {
+                maglev,
+                draining: backends(&[9]),
+                ..external("default/web", &[1, 2])
+            },
+        ),
+        (api, cluster_ip("default/api", &[3])),
+        // No endpoints: an empty set, which the maps know only from its frontend.
+        (key(13, 53), cluster_ip("default/nobody", &[])),
     ]);
     let mut maps = Recorder::default();
     let mut first = Reconciler::new(Programmed::default());
-    apply(&mut first, &want, &mut maps);
-    let left_behind = first.programmed().clone();
+    ok(&first.apply(&desired, &mut maps));
     maps.take_ops();
+    let before = maps.programmed();
 
-    // A new agent reads the pinned maps back.
-    let mut restarted = Reconciler::new(left_behind.clone());
-    let report = apply(&mut restarted, &want, &mut maps);
-    assert_eq!(
-        (report.writes, report.deletes),
-        (0, 0),
-        "nothing changed, nothing is written"
-    );
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(maps.take_ops(), vec![]);
-    assert_eq!(restarted.programmed(), &left_behind, "ids and entries are kept");
+    let mut restarted = Reconciler::new(maps.programmed());
+    let report = restarted.apply(&desired, &mut maps);
+    ok(&report);
+    assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.ops);
+    assert_eq!(maps.programmed(), before);
 
-    // A change after the restart keeps the existing ids and allocates unused ones.
-    let grown = desired(&[
-        (web, "default/web:80", vec![backend(1), backend(2), backend(4)]),
-        (api, "default/api:443", vec![backend(3)]),
-        (key(12, 80), "default/new:80", vec![backend(5)]),
+    // A change after the restart: new ids past every id given out before.
+    let grown = Desired::from([
+        (
+            web,
+            DesiredService {
+                maglev,
+                ..cluster_ip("default/web", &[1, 2, 4])
+            },
+        ),
+        (
+            web_np,
+            DesiredService {
+                maglev,
+                ..external("default/web", &[1, 2, 4])
+            },
+        ),
+        (key(12, 80), cluster_ip("default/new", &[5])),
     ]);
-    apply(&mut restarted, &grown, &mut maps);
-    let ids = backend_ids(restarted.programmed(), web);
-    let old = backend_ids(&left_behind, web);
-    assert_eq!(ids[&backend(1)], old[&backend(1)]);
-    assert_eq!(ids[&backend(2)], old[&backend(2)]);
-    assert!(
-        !left_behind.backends.contains_key(&ids[&backend(4)]),
-        "a new backend must not take an id found in the maps"
-    );
-    let new_service = service_info(restarted.programmed(), key(12, 80));
-    assert!(
-        !left_behind.services.values().any(|s| s.id == new_service.id),
-        "a new service must not take a service id found in the maps"
-    );
-    assert_eq!(
-        service_info(restarted.programmed(), web).id,
-        service_info(&left_behind, web).id
-    );
-}
-
-#[test]
-fn new_ids_are_never_zero_nor_in_use_even_when_the_counter_wraps() {
-    // State as a previous agent left it: the highest ids are in use, so counting wraps to 0.
-    let old = key(10, 80);
-    let mut found = Programmed::default();
-    found.services.insert(
-        old,
-        ServiceInfo {
-            id: u32::MAX,
-            backend_count: 2,
-            ..ServiceInfo::default()
-        },
-    );
-    for (slot, id) in [(0, 1), (1, u32::MAX)] {
-        found.slots.insert(
-            SlotKey {
-                service_id: u32::MAX,
-                slot,
-            },
-            id,
-        );
-        found.backends.insert(
-            id,
-            BackendEntry {
-                addr: backend(slot as u8 + 1),
-                proto: IPPROTO_TCP,
-                flags: 0,
-                service_id: u32::MAX,
-            },
-        );
-    }
-    let mut maps = Recorder {
-        state: found.clone(),
-        ..Recorder::default()
-    };
-    let mut reconciler = Reconciler::new(found.clone());
-    let report = apply(
-        &mut reconciler,
-        &desired(&[
-            (old, "default/old:80", vec![backend(1), backend(2)]),
-            (
-                key(11, 80),
-                "default/new:80",
-                vec![backend(7), backend(8), backend(9)],
-            ),
-        ]),
-        &mut maps,
-    );
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let new_info = service_info(reconciler.programmed(), key(11, 80));
-    assert_ne!(new_info.id, 0, "0 is never a service id");
-    assert_ne!(new_info.id, u32::MAX, "u32::MAX is in use");
-    let new_ids: Vec<BackendId> = backend_ids(reconciler.programmed(), key(11, 80))
-        .into_values()
+    ok(&restarted.apply(&grown, &mut maps));
+    let set = maps.services[&web].backends;
+    assert_eq!(set.id, before.services[&web].backends.id, "the set keeps its id");
+    let old_ids = &before.tables[&before.services[&web].backends.table];
+    assert_eq!(maps.table(&set)[..2], old_ids[..], "the backends keep theirs");
+    let highest = before.backends.keys().max().copied().unwrap();
+    assert!(maps.table(&set)[2] > highest, "a new backend takes a new id");
+    let new = maps.services[&key(12, 80)];
+    let used: BTreeSet<u32> = before
+        .services
+        .values()
+        .flat_map(|i| [i.id, i.backends.id])
         .collect();
-    for id in &new_ids {
-        assert_ne!(*id, 0, "0 is never a backend id: {new_ids:?}");
-        assert!(
-            !found.backends.contains_key(id),
-            "backend id {id} was in use: {new_ids:?}"
-        );
-    }
-    let mut distinct = new_ids.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(distinct.len(), 3, "three distinct new ids: {new_ids:?}");
-    assert_eq!(
-        backend_ids(reconciler.programmed(), old),
-        backend_ids(&found, old),
-        "the existing service keeps its ids"
-    );
+    assert!(!used.contains(&new.id) && !used.contains(&new.backends.id));
 }
 
 #[test]
-fn ids_freed_by_a_removed_service_are_not_handed_out_again_at_once() {
-    let (web, api) = (key(10, 80), key(11, 80));
+fn ids_are_never_handed_out_twice_not_even_after_a_restart_that_finds_none() {
+    let web = key(10, 80);
     let mut maps = Recorder::default();
     let mut reconciler = Reconciler::new(Programmed::default());
-    apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![backend(1), backend(2)])]),
+    ok(&reconciler.apply(
+        &Desired::from([(web, cluster_ip("default/web", &[1, 2]))]),
         &mut maps,
-    );
-    let web_info = service_info(reconciler.programmed(), web);
-    let web_ids = backend_ids(reconciler.programmed(), web);
-    apply(&mut reconciler, &desired(&[]), &mut maps);
-    assert_eq!(
-        reconciler.programmed(),
-        &Programmed::default(),
-        "everything was removed"
-    );
+    ));
+    let first = maps.services[&web];
+    let first_ids = maps.table(&first.backends)[..2].to_vec();
+    ok(&reconciler.apply(&Desired::new(), &mut maps));
+    assert!(maps.backends.is_empty());
 
-    apply(
-        &mut reconciler,
-        &desired(&[(api, "default/api:80", vec![backend(1), backend(2)])]),
+    let mut restarted = Reconciler::new(maps.programmed());
+    ok(&restarted.apply(
+        &Desired::from([(web, cluster_ip("default/web", &[1, 2]))]),
         &mut maps,
-    );
-    let api_info = service_info(reconciler.programmed(), api);
+    ));
+    let again = maps.services[&web];
     assert_ne!(
-        api_info.id, web_info.id,
-        "conntrack may still name the removed service's id"
+        again.id, first.id,
+        "conntrack may still name the removed frontend's id"
     );
-    for id in backend_ids(reconciler.programmed(), api).values() {
+    for id in &maps.table(&again.backends)[..2] {
         assert!(
-            !web_ids.values().any(|old| old == id),
-            "backend id {id} was just freed and may still be named by conntrack"
+            !first_ids.contains(id),
+            "backend id {id} may still be named by conntrack"
         );
     }
 }
 
 #[test]
-fn a_full_backend_map_fails_only_the_service_that_does_not_fit() {
+fn a_full_backend_map_fails_only_the_service_that_does_not_fit_and_it_is_retried() {
     let (fits, too_big) = (key(10, 80), key(20, 80));
-    let mut maps = Recorder::with_backend_capacity(4);
+    let mut maps = Recorder {
+        backend_capacity: Some(3),
+        ..Recorder::default()
+    };
     let mut reconciler = Reconciler::new(Programmed::default());
-    let report = apply(
-        &mut reconciler,
-        &desired(&[
-            (fits, "default/fits:80", vec![backend(1), backend(2)]),
-            (
-                too_big,
-                "default/too-big:80",
-                vec![backend(3), backend(4), backend(5)],
-            ),
-        ]),
-        &mut maps,
-    );
-    assert_eq!(
-        report.failed.len(),
-        1,
-        "one service should fail: {:?}",
+    let services = ServiceFrontends::new();
+    let desired = Desired::from([
+        (fits, cluster_ip("default/fits:80", &[1, 2])),
+        (too_big, cluster_ip("default/too-big:80", &[3, 4, 5])),
+    ]);
+    let report = reconciler.apply(&desired, &mut maps);
+    let failed: Vec<&str> = report.failed.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(failed, ["default/too-big:80"], "{:?}", report.failed);
+    assert!(
+        report.failed[0].1.to_string().contains("the map is full"),
+        "{:?}",
         report.failed
     );
-    let (name, error) = &report.failed[0];
-    assert_eq!(name, "default/too-big:80", "the failure names the service");
+    assert!(maps.services.contains_key(&fits));
+    assert!(!maps.services.contains_key(&too_big));
+
+    // Room again: the next pass, whatever it is given, completes it.
+    maps.backend_capacity = None;
+    let report = reconciler.sync_changed(&services, &PlanOptions::default(), &mut maps);
+    ok(&report);
+    assert_eq!(maps.services[&too_big].backends.count, 3);
+    assert_eq!(maps.backends.len(), 5, "no entry left over: {:?}", maps.backends);
+}
+
+#[test]
+fn frontends_beyond_a_full_services_map_are_reported_by_name_in_key_order() {
+    let mut maps = Recorder {
+        service_capacity: Some(2),
+        ..Recorder::default()
+    };
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let desired = Desired::from([
+        (key(10, 80), cluster_ip("default/a:80", &[1])),
+        (key(11, 80), cluster_ip("default/b:80", &[2])),
+        (key(12, 80), cluster_ip("default/c:80", &[3])),
+        (key(12, 53), cluster_ip("default/c:53", &[3])),
+    ]);
+    let report = reconciler.apply(&desired, &mut maps);
+    let failed: Vec<&str> = report.failed.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(failed, ["default/c:53", "default/c:80"]);
     assert_eq!(
-        error.map,
-        map_names::BACKENDS,
-        "the failure names the map: {error}"
-    );
-    assert_eq!(
-        service_info(&maps.state, fits).backend_count,
-        2,
-        "the other service is programmed fully"
-    );
-    assert_eq!(backend_ids(&maps.state, fits).len(), 2);
-    assert!(
-        !maps.state.services.contains_key(&too_big),
-        "a service whose backends could not all be written must not be reachable"
+        maps.services.keys().copied().collect::<Vec<_>>(),
+        [key(10, 80), key(11, 80)]
     );
 }
 
 #[test]
-fn a_failed_update_leaves_the_previous_entry_in_place_and_a_later_apply_completes_it() {
-    let web = key(10, 80);
-    let mut maps = Recorder::with_backend_capacity(2);
+fn a_changed_service_costs_its_own_writes_whatever_else_is_programmed() {
+    let options = PlanOptions::default();
+    let services: ServiceFrontends = (0..1000)
+        .map(|i| {
+            let frontend = model_frontend(
+                &format!("default/svc-{i}"),
+                FrontendKind::ClusterIp,
+                &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                80,
+                &["10.0.0.1:8080", "10.0.0.2:8080"],
+            );
+            (frontend.service.clone(), vec![frontend])
+        })
+        .collect();
+    let mut maps = Recorder::default();
     let mut reconciler = Reconciler::new(Programmed::default());
-    apply(
-        &mut reconciler,
-        &desired(&[(web, "default/web:80", vec![backend(1)])]),
+    ok(&reconciler.sync_all(&services, &options, &mut maps));
+    maps.take_ops();
+    maps.calls = 0;
+    let name = ServiceName {
+        namespace: "default".into(),
+        name: "svc-500".into(),
+    };
+    let changed = ServiceFrontends::from([(
+        name.clone(),
+        vec![model_frontend(
+            "default/svc-500",
+            FrontendKind::ClusterIp,
+            "10.96.2.1",
+            80,
+            &["10.0.0.1:8080", "10.0.0.3:8080"],
+        )],
+    )]);
+    ok(&reconciler.sync_changed(&changed, &options, &mut maps));
+    let ops = maps.take_ops();
+    assert_eq!(
+        ops.len(),
+        4,
+        "a backend, a table, the frontend, a delete: {ops:?}"
+    );
+    assert!(maps.calls <= 3, "{} batches", maps.calls);
+
+    // The same again: nothing.
+    ok(&reconciler.sync_changed(&changed, &options, &mut maps));
+    assert_eq!(maps.take_ops(), []);
+    // Removed.
+    ok(&reconciler.sync_changed(&ServiceFrontends::from([(name, vec![])]), &options, &mut maps));
+    assert_eq!(maps.services.len(), 999);
+}
+
+#[test]
+fn sync_all_removes_the_services_it_is_not_given() {
+    let options = PlanOptions::default();
+    let service = |name: &str, address: &str| {
+        let frontend = model_frontend(name, FrontendKind::ClusterIp, address, 80, &["10.0.0.1:8080"]);
+        (frontend.service.clone(), vec![frontend])
+    };
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let both = ServiceFrontends::from([
+        service("default/a", "10.96.0.1"),
+        service("default/b", "10.96.0.2"),
+    ]);
+    ok(&reconciler.sync_all(&both, &options, &mut maps));
+    assert_eq!(maps.services.len(), 2);
+    ok(&reconciler.sync_all(
+        &ServiceFrontends::from([service("default/a", "10.96.0.1")]),
+        &options,
+        &mut maps,
+    ));
+    assert_eq!(
+        maps.services
+            .keys()
+            .map(|k| k.addr.to_string())
+            .collect::<Vec<_>>(),
+        ["10.96.0.1"]
+    );
+    assert_eq!(maps.backends.len(), 1);
+}
+
+#[test]
+fn a_frontend_moving_between_services_in_one_pass_is_not_deleted_after_it_was_written() {
+    let options = PlanOptions::default();
+    let frontend = |name: &str, backend: &str| {
+        model_frontend(name, FrontendKind::ClusterIp, "10.96.0.1", 80, &[backend])
+    };
+    let (a, b) = (
+        frontend("default/a", "10.0.0.1:8080"),
+        frontend("default/b", "10.0.0.2:8080"),
+    );
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.sync_all(
+        &ServiceFrontends::from([(a.service.clone(), vec![a.clone()])]),
+        &options,
+        &mut maps,
+    ));
+    let moved = ServiceFrontends::from([(a.service.clone(), vec![]), (b.service.clone(), vec![b.clone()])]);
+    ok(&reconciler.sync_changed(&moved, &options, &mut maps));
+    let info = maps.services[&key(1, 80)];
+    assert_eq!(maps.live(&info.backends), ["10.0.0.2:8080".parse().unwrap()]);
+    assert_eq!(maps.backends.len(), 1, "a's backend went");
+}
+
+#[test]
+fn orphans_left_in_the_pinned_maps_are_removed_by_the_first_full_pass() {
+    let mut maps = Recorder::default();
+    let mut old = Reconciler::new(Programmed::default());
+    ok(&old.apply(
+        &Desired::from([
+            (key(10, 80), cluster_ip("default/web", &[1])),
+            (key(11, 80), cluster_ip("default/gone", &[2, 3])),
+        ]),
+        &mut maps,
+    ));
+    // A backend entry of no set, as an interrupted run might leave.
+    maps.backends.insert(
+        999,
+        BackendEntry {
+            addr: backend(9),
+            proto: IPPROTO_TCP,
+            flags: 0,
+            set_id: 4242,
+        },
+    );
+    let mut restarted = Reconciler::new(maps.programmed());
+    ok(&restarted.apply(
+        &Desired::from([(key(10, 80), cluster_ip("default/web", &[1]))]),
+        &mut maps,
+    ));
+    assert_eq!(maps.services.keys().copied().collect::<Vec<_>>(), [key(10, 80)]);
+    assert_eq!(maps.backends.len(), 1, "{:?}", maps.backends);
+    assert_eq!(
+        maps.cluster_ips.keys().copied().collect::<Vec<_>>(),
+        [key(10, 80).addr]
+    );
+}
+
+#[test]
+fn the_table_space_grows_before_a_table_that_does_not_fit_and_keeps_the_others() {
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let maglev = Some(MaglevSize::Fixed(4093));
+    let one = Desired::from([(
+        key(10, 80),
+        DesiredService {
+            maglev,
+            ..cluster_ip("default/a", &[1, 2])
+        },
+    )]);
+    ok(&reconciler.apply(&one, &mut maps));
+    let ops = maps.take_ops();
+    assert!(
+        position(&ops, Op::GrowTables(maps.space.len() as u32)) < ops.len(),
+        "an empty space grows for the first table: {ops:?}"
+    );
+    let a = maps.table(&maps.services[&key(10, 80)].backends).to_vec();
+    let mut two = one.clone();
+    for i in 0..5 {
+        two.insert(
+            key(20 + i, 80),
+            DesiredService {
+                maglev,
+                ..cluster_ip(&format!("default/b{i}"), &[3, 4])
+            },
+        );
+    }
+    ok(&reconciler.apply(&two, &mut maps));
+    let ops = maps.take_ops();
+    let grew = ops
+        .iter()
+        .position(|op| matches!(op, Op::GrowTables(_)))
+        .expect("the space grew");
+    let first_table = ops.iter().position(|op| matches!(op, Op::PutTable(_))).unwrap();
+    assert!(grew < first_table, "{ops:?}");
+    assert_eq!(
+        maps.table(&maps.services[&key(10, 80)].backends),
+        a,
+        "kept across growth"
+    );
+    assert!(maps.space.len() % 1024 == 0);
+}
+
+#[test]
+fn maglev_tables_follow_the_backend_addresses_and_the_size_policy() {
+    let web = key(10, 80);
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let with = |size, last: &[u8]| {
+        Desired::from([(
+            web,
+            DesiredService {
+                maglev: Some(size),
+                ..cluster_ip("default/web", last)
+            },
+        )])
+    };
+    ok(&reconciler.apply(&with(MaglevSize::Fixed(251), &[1, 2, 3]), &mut maps));
+    let set = maps.services[&web].backends;
+    assert_eq!(set.maglev_size, 251);
+    let ids = maps.table(&set)[..3].to_vec();
+    let identities: Vec<Vec<u8>> = backends(&[1, 2, 3]).into_iter().map(maglev::identity).collect();
+    let weighted: Vec<(&[u8], u32)> = identities.iter().map(|i| (i.as_slice(), 1)).collect();
+    let expected: Vec<BackendId> = maglev::table(&weighted, 251)
+        .into_iter()
+        .map(|i| ids[i])
+        .collect();
+    assert_eq!(
+        maps.table(&set)[3..],
+        expected[..],
+        "the table after the ids, by address"
+    );
+
+    ok(&reconciler.apply(
+        &with(MaglevSize::Scaled, &(1..=11).collect::<Vec<u8>>()),
+        &mut maps,
+    ));
+    assert_eq!(
+        maps.services[&web].backends.maglev_size, 2039,
+        "11 backends: 2039 positions"
+    );
+    ok(&reconciler.apply(
+        &Desired::from([(web, cluster_ip("default/web", &[1]))]),
+        &mut maps,
+    ));
+    let random = maps.services[&web].backends;
+    assert_eq!(
+        (random.maglev_size, random.count),
+        (0, 1),
+        "random choice has no Maglev table"
+    );
+}
+
+#[test]
+fn source_ranges_are_written_before_their_frontend_and_removed_after_it() {
+    let lb = key(7, 80);
+    let mut service = DesiredService {
+        external: Some(External {
+            source_ranges: Some(vec![([192, 0, 2, 0].into(), 24), ([198, 51, 100, 0].into(), 24)]),
+            ..External::default()
+        }),
+        ..external("default/lb:80 (LoadBalancer)", &[1])
+    };
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.apply(&Desired::from([(lb, service.clone())]), &mut maps));
+    let ops = maps.take_ops();
+    let put_service = position(&ops, Op::PutService(lb));
+    let ranges: Vec<usize> = (0..ops.len())
+        .filter(|&i| matches!(ops[i], Op::PutSourceRange(_)))
+        .collect();
+    assert_eq!(ranges.len(), 2);
+    assert!(ranges.iter().all(|&i| i < put_service), "ranges first: {ops:?}");
+    let info = maps.services[&lb];
+    assert_eq!(
+        info.flags,
+        service_flags::SOURCE_RANGES | service_flags::EXTERNAL_SNAT
+    );
+
+    service.external.as_mut().unwrap().source_ranges = Some(vec![([192, 0, 2, 0].into(), 24)]);
+    ok(&reconciler.apply(&Desired::from([(lb, service)]), &mut maps));
+    let gone = SourceRange {
+        service_id: info.id,
+        addr: [198, 51, 100, 0].into(),
+        prefix_len: 24,
+    };
+    assert_eq!(maps.take_ops(), vec![Op::DeleteSourceRange(gone)]);
+
+    ok(&reconciler.apply(&Desired::new(), &mut maps));
+    let ops = maps.take_ops();
+    assert_eq!(ops[0], Op::DeleteService(lb), "the entry first: {ops:?}");
+    assert!(maps.ranges.is_empty(), "{ops:?}");
+}
+
+#[test]
+fn a_backend_of_the_other_family_is_refused_before_anything_is_written() {
+    let web6 = FrontendKey {
+        addr: "fd00::10".parse().unwrap(),
+        port: 80,
+        proto: IPPROTO_TCP,
+    };
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    let report = reconciler.apply(
+        &Desired::from([(web6, cluster_ip("default/web", &[1]))]),
         &mut maps,
     );
-    let before = service_info(reconciler.programmed(), web);
-
-    let grown = desired(&[(web, "default/web:80", vec![backend(1), backend(2), backend(3)])]);
-    let report = apply(&mut reconciler, &grown, &mut maps);
     assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
-    assert_eq!(report.failed[0].0, "default/web:80");
-    assert_eq!(
-        service_info(&maps.state, web),
-        before,
-        "the previous entry (one backend) stays in effect"
-    );
-    assert_eq!(backend_ids(&maps.state, web).len(), 1);
+    assert_eq!(report.failed[0].1.map, map_names::BACKENDS6);
+    assert!(maps.services.is_empty() && maps.backends.is_empty());
+}
 
-    maps.backend_capacity = None;
-    let report = apply(&mut reconciler, &grown, &mut maps);
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(service_info(&maps.state, web).backend_count, 3);
-    assert_eq!(
-        maps.state.backends.len(),
-        3,
-        "no backend entry is left over: {:?}",
-        maps.state.backends
-    );
-    assert_eq!(service_info(&maps.state, web).id, before.id);
+#[test]
+fn dual_stack_frontends_have_a_set_each_in_one_id_space() {
+    let web6 = FrontendKey {
+        addr: "fd00::10".parse().unwrap(),
+        port: 80,
+        proto: IPPROTO_TCP,
+    };
+    let six = DesiredService {
+        name: "default/web".into(),
+        cluster_ip: true,
+        backends: vec!["[fd00:244::1]:8080".parse().unwrap()],
+        ..DesiredService::default()
+    };
+    let mut maps = Recorder::default();
+    let mut reconciler = Reconciler::new(Programmed::default());
+    ok(&reconciler.apply(
+        &Desired::from([(key(10, 80), cluster_ip("default/web", &[1])), (web6, six)]),
+        &mut maps,
+    ));
+    let (v4, v6) = (maps.services[&key(10, 80)], maps.services[&web6]);
+    assert_ne!(v4.backends.id, v6.backends.id);
+    let ids = BTreeSet::from([v4.id, v6.id, v4.backends.id, v6.backends.id]);
+    assert_eq!(ids.len(), 4, "one space of service and set ids");
+    assert_eq!(maps.cluster_ips.len(), 2);
 }
 
 // --- plan ----------------------------------------------------------------------------------
 
-fn frontend(
-    name: &str,
-    kind: FrontendKind,
-    address: &str,
-    port: u16,
-    protocol: Protocol,
-    backends: &[&str],
-) -> Frontend {
+fn endpoint(text: &str) -> Endpoint {
+    let addr: SocketAddr = text.parse().expect("address:port");
+    Endpoint {
+        address: addr.ip(),
+        port: addr.port(),
+        pod: format!("pod-{text}"),
+        node_name: None,
+        zone: None,
+        terminating: false,
+        zone_hints: Vec::new(),
+        node_hints: Vec::new(),
+    }
+}
+
+fn model_frontend(name: &str, kind: FrontendKind, address: &str, port: u16, backends: &[&str]) -> Frontend {
     let (namespace, name) = name.split_once('/').expect("namespace/name");
     Frontend {
         service: ServiceName {
@@ -887,162 +1010,84 @@ fn frontend(
         kind,
         address: address.parse().expect("frontend address"),
         port,
-        protocol,
+        protocol: Protocol::Tcp,
         algorithm: None,
-        backends: backends
-            .iter()
-            .map(|b| {
-                let (address, port) = b.rsplit_once(':').expect("address:port");
-                Endpoint {
-                    address: address
-                        .trim_matches(['[', ']'])
-                        .parse::<IpAddr>()
-                        .expect("backend address"),
-                    port: port.parse().expect("backend port"),
-                    pod: format!("pod-{b}"),
-                    node_name: None,
-                    zone: None,
-                    terminating: false,
-                    zone_hints: Vec::new(),
-                    node_hints: Vec::new(),
-                }
-            })
-            .collect(),
+        backends: backends.iter().map(|b| endpoint(b)).collect(),
         draining: Vec::new(),
+        in_cluster: None,
         policy: Policy::default(),
     }
 }
 
 #[test]
-fn plan_maps_ipv4_cluster_ip_frontends_to_service_keys() {
+fn plan_maps_frontends_to_keys_with_their_backends_in_order() {
+    let mut dns = model_frontend(
+        "kube-system/dns",
+        FrontendKind::ClusterIp,
+        "10.96.0.53",
+        53,
+        &["10.0.0.53:5353"],
+    );
+    dns.protocol = Protocol::Udp;
     let model = Model {
         frontends: vec![
-            frontend(
+            model_frontend(
                 "default/web",
                 FrontendKind::ClusterIp,
                 "10.96.0.10",
                 80,
-                Protocol::Tcp,
                 &["10.0.0.2:8080", "10.0.0.1:8080"],
             ),
-            frontend(
-                "kube-system/dns",
-                FrontendKind::ClusterIp,
-                "10.96.0.53",
-                53,
-                Protocol::Udp,
-                &["10.0.0.53:5353"],
-            ),
-            frontend(
-                "default/empty",
-                FrontendKind::ClusterIp,
-                "10.96.0.11",
-                8080,
-                Protocol::Tcp,
-                &[],
-            ),
+            dns,
+            model_frontend("default/empty", FrontendKind::ClusterIp, "10.96.0.11", 8080, &[]),
         ],
         warnings: vec![],
     };
     let planned = plan(&model, &PlanOptions::default());
-    let tcp = key(10, 80);
     let udp = FrontendKey {
         proto: IPPROTO_UDP,
         ..key(53, 53)
     };
-    let empty = key(11, 8080);
-    assert_eq!(planned.keys().copied().collect::<Vec<_>>(), {
-        let mut keys = vec![tcp, udp, empty];
-        keys.sort();
-        keys
-    });
     assert_eq!(
-        planned[&tcp],
+        planned[&key(10, 80)],
         DesiredService {
             name: "default/web:80".into(),
             cluster_ip: true,
-            backends: vec![backend(2), backend(1)],
+            backends: backends(&[2, 1]),
             draining: Vec::new(),
-            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
+            maglev: Some(MaglevSize::Scaled),
             affinity_timeout: None,
             external: None,
         },
-        "backends keep the model's order"
+        "backends keep the model's order; Maglev scaled by default"
     );
+    assert_eq!(planned[&udp].name, "kube-system/dns:53");
     assert_eq!(
-        planned[&udp],
-        DesiredService {
-            name: "kube-system/dns:53".into(),
-            cluster_ip: true,
-            backends: vec![([10, 0, 0, 53], 5353).into()],
-            draining: Vec::new(),
-            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
-            affinity_timeout: None,
-            external: None,
-        }
-    );
-    assert_eq!(
-        planned[&empty].backends,
+        planned[&key(11, 8080)].backends,
         vec![],
         "a frontend without endpoints is still planned"
     );
 }
 
 #[test]
-fn plan_keys_frontends_of_both_families_and_external_ones_with_their_policy() {
+fn plan_keys_external_frontends_with_their_policy_and_in_cluster_backends() {
     let load_balancer = |address| {
-        let mut lb = frontend(
-            "default/web",
-            FrontendKind::LoadBalancer,
-            address,
-            80,
-            Protocol::Tcp,
-            &[],
-        );
+        let mut lb = model_frontend("default/web", FrontendKind::LoadBalancer, address, 80, &[]);
         lb.policy.external_local = true;
         lb.policy.source_ranges = vec!["203.0.113.9/24".into(), "2001:db8::1/32".into(), "junk".into()];
+        lb.in_cluster = Some(Endpoints {
+            backends: vec![endpoint("10.0.0.1:8080")],
+            draining: Vec::new(),
+        });
         lb
     };
     let model = Model {
         frontends: vec![
-            frontend(
-                "default/web",
-                FrontendKind::ClusterIp,
-                "10.96.0.10",
-                80,
-                Protocol::Tcp,
-                &["10.0.0.1:8080"],
-            ),
-            frontend(
-                "default/web",
-                FrontendKind::ClusterIp,
-                "fd00::10",
-                80,
-                Protocol::Tcp,
-                &["[fd00:10::1]:8080"],
-            ),
-            frontend(
+            model_frontend(
                 "default/web",
                 FrontendKind::NodePort,
                 "0.0.0.0",
                 30080,
-                Protocol::Tcp,
-                &["10.0.0.1:8080"],
-            ),
-            frontend(
-                "default/web",
-                FrontendKind::NodePort,
-                "::",
-                30080,
-                Protocol::Tcp,
-                &["[fd00:10::1]:8080"],
-            ),
-            frontend(
-                "default/web",
-                FrontendKind::ExternalIp,
-                "192.0.2.1",
-                80,
-                Protocol::Tcp,
                 &["10.0.0.1:8080"],
             ),
             load_balancer("198.51.100.7"),
@@ -1056,775 +1101,54 @@ fn plan_keys_frontends_of_both_families_and_external_ones_with_their_policy() {
         port,
         proto: IPPROTO_TCP,
     };
-    assert_eq!(planned.len(), 7, "every frontend is planned: {planned:?}");
-    let cluster_ip6 = &planned[&key("fd00::10", 80)];
-    assert_eq!(cluster_ip6.name, "default/web:80");
-    assert!(cluster_ip6.cluster_ip);
-    assert_eq!(cluster_ip6.backends, vec!["[fd00:10::1]:8080".parse().unwrap()]);
-    assert_eq!(cluster_ip6.external, None);
-    assert_eq!(planned[&key("10.96.0.10", 80)].backends, vec![backend(1)]);
-    for any in ["0.0.0.0", "::"] {
-        let node_port = &planned[&key(any, 30080)];
-        assert_eq!(node_port.name, "default/web:30080 (NodePort)");
-        assert_eq!(
-            node_port.external,
-            Some(External::default()),
-            "externalTrafficPolicy Cluster, no source ranges (they are for LoadBalancer IPs only)"
-        );
-    }
-    assert_eq!(planned[&key("192.0.2.1", 80)].external, Some(External::default()));
+    let node_port = &planned[&key("0.0.0.0", 30080)];
+    assert_eq!(node_port.name, "default/web:30080 (NodePort)");
+    assert_eq!(node_port.external, Some(External::default()));
     assert_eq!(
         planned[&key("198.51.100.7", 80)].external,
         Some(External {
             local: true,
             source_ranges: Some(vec![([203, 0, 113, 0].into(), 24)]),
-        }),
-        "IPv6 and unparsable ranges admit no IPv4 client"
-    );
-    assert_eq!(
-        planned[&key("2001:db8:7::7", 80)].external,
-        Some(External {
-            local: true,
-            source_ranges: Some(vec![("2001:db8::".parse().unwrap(), 32)]),
-        }),
-        "IPv4 and unparsable ranges admit no IPv6 client; the range is masked to its prefix"
-    );
-}
-
-#[test]
-fn source_ranges_are_written_before_their_service_and_removed_after_it() {
-    let lb = key(7, 80);
-    let mut service = DesiredService {
-        name: "default/lb:80 (LoadBalancer)".into(),
-        backends: vec![backend(1)],
-        external: Some(External {
-            local: false,
-            source_ranges: Some(vec![([192, 0, 2, 0].into(), 24), ([198, 51, 100, 0].into(), 24)]),
-        }),
-        ..DesiredService::default()
-    };
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(
-        &mut reconciler,
-        &BTreeMap::from([(lb, service.clone())]),
-        &mut maps,
-    );
-    let ops = maps.take_ops();
-    let put_service = ops.iter().position(|op| *op == Op::PutService(lb)).unwrap();
-    let ranges: Vec<usize> = ops
-        .iter()
-        .enumerate()
-        .filter(|(_, op)| matches!(op, Op::PutSourceRange(_)))
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(ranges.len(), 2);
-    assert!(ranges.iter().all(|&i| i < put_service), "ranges first: {ops:?}");
-    let info = maps.state.services[&lb];
-    assert_eq!(
-        info.flags & (service_flags::SOURCE_RANGES | service_flags::EXTERNAL_SNAT),
-        service_flags::SOURCE_RANGES | service_flags::EXTERNAL_SNAT
-    );
-
-    // One range goes: only it is deleted.
-    service.external.as_mut().unwrap().source_ranges = Some(vec![([192, 0, 2, 0].into(), 24)]);
-    apply(&mut reconciler, &BTreeMap::from([(lb, service)]), &mut maps);
-    let gone = SourceRange {
-        service_id: info.id,
-        addr: [198, 51, 100, 0].into(),
-        prefix_len: 24,
-    };
-    assert_eq!(maps.take_ops(), vec![Op::DeleteSourceRange(gone)]);
-
-    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
-    let ops = maps.take_ops();
-    assert_eq!(ops[0], Op::DeleteService(lb), "the entry first: {ops:?}");
-    assert!(maps.state.source_ranges.is_empty(), "{ops:?}");
-}
-
-#[test]
-fn plan_of_a_built_model_drives_the_reconciler() {
-    let service: k8s_openapi::api::core::v1::Service = serde_yaml_ng::from_str(
-        r#"
-metadata: {name: web, namespace: shop}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {app: web}
-  ports: [{name: http, port: 80, targetPort: 8080}]
-"#,
-    )
-    .expect("Service YAML should deserialize");
-    let pod: k8s_openapi::api::core::v1::Pod = serde_yaml_ng::from_str(
-        r#"
-metadata: {name: web-1, namespace: shop, labels: {app: web}}
-status:
-  podIP: 10.0.0.1
-  conditions: [{type: Ready, status: "True"}]
-"#,
-    )
-    .expect("Pod YAML should deserialize");
-    let planned = plan(&crate::model::build(&[service], &[pod]), &PlanOptions::default());
-    let key = key(10, 80);
-    assert_eq!(
-        planned.get(&key),
-        Some(&DesiredService {
-            name: "shop/web:80".into(),
-            cluster_ip: true,
-            backends: vec![backend(1)],
-            draining: Vec::new(),
-            maglev: Some(lb_common::DEFAULT_MAGLEV_TABLE_SIZE),
-            affinity_timeout: None,
-            external: None,
-        })
-    );
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let report = apply(&mut reconciler, &planned, &mut maps);
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(service_info(&maps.state, key).backend_count, 1);
-}
-
-#[test]
-fn a_new_service_that_fails_part_way_leaves_no_backend_behind() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::with_backend_capacity(4);
-    let services = desired(&[
-        (key(1, 80), "default/fits:80", vec![backend(1), backend(2)]),
-        (
-            key(2, 80),
-            "default/too-big:80",
-            vec![backend(3), backend(4), backend(5)],
-        ),
-    ]);
-    let report = apply(&mut reconciler, &services, &mut maps);
-    assert_eq!(report.failed.len(), 1, "too-big does not fit");
-    assert_eq!(
-        maps.state.backends.len(),
-        2,
-        "the backends too-big wrote before failing were removed: {:?}",
-        maps.state.backends
-    );
-
-    maps.backend_capacity = None;
-    apply(&mut reconciler, &services, &mut maps);
-    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
-    assert!(
-        maps.state.backends.is_empty() && maps.state.slots.is_empty(),
-        "nothing leaks: {:?}",
-        maps.state
-    );
-}
-
-#[test]
-fn orphans_left_in_the_pinned_maps_are_removed_on_the_first_apply() {
-    let mut maps = Recorder::default();
-    let orphan = BackendEntry {
-        addr: backend(1),
-        proto: IPPROTO_TCP,
-        flags: 0,
-        service_id: 42,
-    };
-    maps.state.backends.insert(7, orphan);
-    maps.state.slots.insert(
-        SlotKey {
-            service_id: 42,
-            slot: 0,
-        },
-        7,
-    );
-    let mut reconciler = Reconciler::new(maps.state.clone());
-    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
-    assert!(maps.state.backends.is_empty() && maps.state.slots.is_empty());
-}
-
-#[test]
-fn a_slot_whose_delete_failed_is_still_known_and_deleted_later() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::default();
-    apply(
-        &mut reconciler,
-        &desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2)])]),
-        &mut maps,
-    );
-    maps.refuse_slot_deletes = true;
-    let shrunk = desired(&[(key(1, 80), "default/web:80", vec![backend(1)])]);
-    let report = apply(&mut reconciler, &shrunk, &mut maps);
-    assert_eq!(report.failed.len(), 1, "the refused delete is reported");
-    maps.refuse_slot_deletes = false;
-    apply(&mut reconciler, &shrunk, &mut maps);
-    assert_eq!(
-        maps.state.slots.len(),
-        1,
-        "the stale slot was deleted on the next pass: {:?}",
-        maps.state.slots
-    );
-}
-
-fn with_maglev(
-    mut services: BTreeMap<FrontendKey, DesiredService>,
-    size: u32,
-) -> BTreeMap<FrontendKey, DesiredService> {
-    for service in services.values_mut() {
-        service.maglev = Some(size);
-    }
-    services
-}
-
-#[test]
-fn a_maglev_table_is_written_after_the_backends_and_before_the_entry_that_uses_it() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::default();
-    let services = with_maglev(
-        desired(&[(
-            key(1, 80),
-            "default/web:80",
-            vec![backend(1), backend(2), backend(3)],
-        )]),
-        251,
-    );
-    apply(&mut reconciler, &services, &mut maps);
-    let ops = maps.take_ops();
-    let info = service_info(&maps.state, key(1, 80));
-    assert_eq!((info.flags, info.maglev_table_size), (service_flags::MAGLEV, 251));
-    let table = position(&ops, Op::PutMaglev(info.id));
-    assert!(
-        ops[..table]
-            .iter()
-            .filter(|op| matches!(op, Op::PutSlot(_)))
-            .count()
-            == 3,
-        "slots first: {ops:?}"
-    );
-    assert!(
-        table < position(&ops, Op::PutService(key(1, 80))),
-        "table before the entry: {ops:?}"
-    );
-    let written = &maps.tables[&info.id];
-    assert_eq!(written.len(), 251);
-    for id in backend_ids(&maps.state, key(1, 80)).values() {
-        assert!(written.contains(id), "every backend owns positions");
-    }
-
-    assert_eq!(
-        apply(&mut reconciler, &services, &mut maps).writes,
-        0,
-        "an unchanged table is not rewritten"
-    );
-    let restarted = &mut Reconciler::new(reconciler.programmed().clone());
-    assert_eq!(
-        apply(restarted, &services, &mut maps).writes,
-        0,
-        "nor after a restart"
-    );
-}
-
-#[test]
-fn a_backend_change_swaps_in_one_new_table_that_keeps_most_positions() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::default();
-    let before: Vec<SocketAddr> = (1..=10).map(backend).collect();
-    apply(
-        &mut reconciler,
-        &with_maglev(desired(&[(key(1, 80), "default/web:80", before.clone())]), 4093),
-        &mut maps,
-    );
-    let id = service_info(&maps.state, key(1, 80)).id;
-    let old_table = maps.tables[&id].clone();
-    let removed = backend_ids(&maps.state, key(1, 80))[&backend(5)];
-    maps.take_ops();
-
-    let after: Vec<SocketAddr> = before.into_iter().filter(|b| *b != backend(5)).collect();
-    apply(
-        &mut reconciler,
-        &with_maglev(desired(&[(key(1, 80), "default/web:80", after)]), 4093),
-        &mut maps,
-    );
-    let ops = maps.take_ops();
-    assert_eq!(
-        ops.iter().filter(|op| matches!(op, Op::PutMaglev(_))).count(),
-        1,
-        "{ops:?}"
-    );
-    assert!(
-        position(&ops, Op::PutMaglev(id)) < position(&ops, Op::DeleteBackend(removed)),
-        "no table names a deleted backend: {ops:?}"
-    );
-    let new_table = &maps.tables[&id];
-    let moved = old_table
-        .iter()
-        .zip(new_table)
-        .filter(|(old, new)| **old != removed && old != new)
-        .count();
-    assert!(
-        moved as f64 / 4093.0 <= 0.11,
-        "flows of surviving backends mostly stay: {moved} positions moved"
-    );
-}
-
-#[test]
-fn switching_algorithms_orders_the_entry_and_the_table_safely() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::default();
-    let random = desired(&[(key(1, 80), "default/web:80", vec![backend(1), backend(2)])]);
-    let maglev = with_maglev(random.clone(), 251);
-    apply(&mut reconciler, &random, &mut maps);
-    let id = service_info(&maps.state, key(1, 80)).id;
-    maps.take_ops();
-
-    apply(&mut reconciler, &maglev, &mut maps);
-    let ops = maps.take_ops();
-    assert!(
-        position(&ops, Op::PutMaglev(id)) < position(&ops, Op::PutService(key(1, 80))),
-        "table first: {ops:?}"
-    );
-
-    apply(&mut reconciler, &random, &mut maps);
-    let ops = maps.take_ops();
-    assert!(
-        position(&ops, Op::PutService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)),
-        "entry first: {ops:?}"
-    );
-    assert_eq!(service_info(&maps.state, key(1, 80)).flags, 0);
-
-    apply(&mut reconciler, &maglev, &mut maps);
-    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
-    let ops = maps.take_ops();
-    assert!(
-        position(&ops, Op::DeleteService(key(1, 80))) < position(&ops, Op::DeleteMaglev(id)),
-        "{ops:?}"
-    );
-    assert!(maps.tables.is_empty());
-}
-
-#[test]
-fn session_affinity_is_a_flag_and_a_timeout_on_the_service_entry() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::default();
-    let mut services = desired(&[(key(1, 80), "default/web:80", vec![backend(1)])]);
-    services.get_mut(&key(1, 80)).unwrap().affinity_timeout = Some(60);
-    apply(&mut reconciler, &services, &mut maps);
-    let info = service_info(&maps.state, key(1, 80));
-    assert_eq!(
-        (info.flags & service_flags::AFFINITY, info.affinity_timeout_s),
-        (service_flags::AFFINITY, 60)
-    );
-
-    services.get_mut(&key(1, 80)).unwrap().affinity_timeout = None;
-    let report = apply(&mut reconciler, &services, &mut maps);
-    assert_eq!(
-        report.writes, 1,
-        "switching affinity off rewrites the entry alone"
-    );
-    assert_eq!(
-        service_info(&maps.state, key(1, 80)).flags & service_flags::AFFINITY,
-        0
-    );
-}
-
-#[test]
-fn a_restarted_reconciler_rewrites_nothing_of_external_frontends() {
-    let mut desired = BTreeMap::new();
-    desired.insert(
-        FrontendKey {
-            addr: [0; 4].into(),
-            ..key(0, 30080)
-        },
-        DesiredService {
-            name: "default/web:30080 (NodePort)".into(),
-            backends: vec![backend(1), backend(2)],
-            maglev: Some(31),
-            external: Some(External::default()),
-            ..DesiredService::default()
-        },
-    );
-    desired.insert(
-        key(7, 80),
-        DesiredService {
-            name: "default/web:80 (LoadBalancer)".into(),
-            backends: vec![backend(1)],
-            external: Some(External {
-                local: true,
-                source_ranges: Some(vec![([192, 0, 2, 0].into(), 24)]),
+            in_cluster: Some(BackendAddrs {
+                backends: backends(&[1]),
+                draining: Vec::new(),
             }),
-            ..DesiredService::default()
-        },
-    );
-    let mut maps = Recorder::default();
-    apply(&mut Reconciler::new(Programmed::default()), &desired, &mut maps);
-    maps.take_ops();
-    let mut restarted = Reconciler::new(maps.state.clone());
-    let report = apply(&mut restarted, &desired, &mut maps);
-    assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
-}
-
-#[test]
-fn an_sctp_frontend_is_planned_under_its_protocol_number() {
-    let model = Model {
-        frontends: vec![frontend(
-            "default/sig",
-            FrontendKind::ClusterIp,
-            "fd00::20",
-            3868,
-            Protocol::Sctp,
-            &["[fd00:10::1]:3868"],
-        )],
-        warnings: vec![],
-    };
-    let planned = plan(&model, &PlanOptions::default());
-    let key = FrontendKey {
-        addr: "fd00::20".parse().unwrap(),
-        port: 3868,
-        proto: lb_common::IPPROTO_SCTP,
-    };
-    assert_eq!(planned.keys().collect::<Vec<_>>(), [&key]);
-    assert_eq!(key.to_string(), "[fd00::20]:3868/SCTP");
-}
-
-// --- IPv6 and dual-stack --------------------------------------------------------------------
-
-fn key6(last: u16, port: u16) -> FrontendKey {
-    FrontendKey {
-        addr: Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, last).into(),
-        port,
-        proto: IPPROTO_TCP,
-    }
-}
-
-fn backend6(last: u16) -> SocketAddr {
-    (Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, last), 8080).into()
-}
-
-/// The same write order as IPv4: ClusterIP, backends, slots, entry on add; entry, slots,
-/// backends, ClusterIP on removal.
-#[test]
-fn an_ipv6_service_is_written_and_removed_in_the_same_order() {
-    let web = key6(0x10, 80);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let want = desired(&[(web, "default/web:80", vec![backend6(1), backend6(2)])]);
-    let report = apply(&mut reconciler, &want, &mut maps);
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    let ops = maps.take_ops();
-    let info = service_info(&maps.state, web);
-    let ids = backend_ids(&maps.state, web);
-    assert_eq!(
-        ids.keys().copied().collect::<Vec<_>>(),
-        [backend6(1), backend6(2)]
-    );
-    let marked = position(&ops, Op::PutClusterIp(web.addr));
-    let last_backend = ids
-        .values()
-        .map(|id| position(&ops, Op::PutBackend(*id)))
-        .max()
-        .unwrap();
-    let slots: Vec<usize> = (0..2)
-        .map(|slot| {
-            position(
-                &ops,
-                Op::PutSlot(SlotKey {
-                    service_id: info.id,
-                    slot,
-                }),
-            )
-        })
-        .collect();
-    let entry = position(&ops, Op::PutService(web));
-    assert!(
-        marked < last_backend && last_backend < slots[0] && slots[1] < entry,
-        "ClusterIP, backends, slots, entry: {ops:?}"
-    );
-    assert_eq!(maps.state.cluster_ips, [(web.addr, 1)].into());
-
-    apply(&mut reconciler, &BTreeMap::new(), &mut maps);
-    let ops = maps.take_ops();
-    assert_eq!(ops[0], Op::DeleteService(web), "the entry goes first: {ops:?}");
-    let last_slot = (0..2)
-        .map(|slot| {
-            position(
-                &ops,
-                Op::DeleteSlot(SlotKey {
-                    service_id: info.id,
-                    slot,
-                }),
-            )
-        })
-        .max()
-        .unwrap();
-    let first_backend = ids
-        .values()
-        .map(|id| position(&ops, Op::DeleteBackend(*id)))
-        .min()
-        .unwrap();
-    assert!(last_slot < first_backend, "slots before backends: {ops:?}");
-    assert_eq!(
-        ops.last(),
-        Some(&Op::DeleteClusterIp(web.addr)),
-        "its ClusterIP last"
-    );
-    assert_eq!(maps.state, Programmed::default(), "nothing is left");
-}
-
-/// A dual-stack Service's frontends share one space of service ids and one of backend ids:
-/// no two entries of either family get the same id, a restarted reconciler keeps them all and
-/// writes nothing, and a new frontend after the restart takes no id in use by either family.
-#[test]
-fn both_families_share_one_id_space_that_survives_a_restart() {
-    let (web4, web6, api6) = (key(10, 80), key6(0x10, 80), key6(0x11, 80));
-    let want = desired(&[
-        (web4, "default/web:80", vec![backend(1), backend(2)]),
-        (web6, "default/web:80", vec![backend6(1), backend6(2)]),
-    ]);
-    let mut maps = Recorder::default();
-    apply(&mut Reconciler::new(Programmed::default()), &want, &mut maps);
-    let found = maps.state.clone();
-    let (info4, info6) = (service_info(&found, web4), service_info(&found, web6));
-    assert_ne!(
-        info4.id, info6.id,
-        "one service id per frontend, whatever its family"
-    );
-    let (ids4, ids6) = (backend_ids(&found, web4), backend_ids(&found, web6));
-    assert!(
-        ids4.values().all(|id| !ids6.values().any(|other| other == id)),
-        "backend ids are unique across families: {ids4:?} {ids6:?}"
-    );
-    assert_eq!(
-        found.cluster_ips.len(),
-        2,
-        "one ClusterIP per family: {:?}",
-        found.cluster_ips
-    );
-
-    let mut restarted = Reconciler::new(found.clone());
-    let report = apply(&mut restarted, &want, &mut maps);
-    assert_eq!((report.writes, report.deletes), (0, 0), "{:?}", maps.take_ops());
-    let grown = desired(&[
-        (web4, "default/web:80", vec![backend(1), backend(2), backend(3)]),
-        (web6, "default/web:80", vec![backend6(1), backend6(2)]),
-        (api6, "default/api:80", vec![backend6(3)]),
-    ]);
-    apply(&mut restarted, &grown, &mut maps);
-    let api = service_info(restarted.programmed(), api6);
-    assert!(
-        ![info4.id, info6.id].contains(&api.id),
-        "a new service id is free in both families"
-    );
-    let new_ids = [
-        backend_ids(restarted.programmed(), api6)[&backend6(3)],
-        backend_ids(restarted.programmed(), web4)[&backend(3)],
-    ];
-    for id in new_ids {
-        assert!(
-            !found.backends.contains_key(&id),
-            "backend id {id} was in use by one of the families"
-        );
-    }
-    assert_eq!(
-        backend_ids(restarted.programmed(), web6),
-        ids6,
-        "IPv6 ids are kept"
-    );
-    assert_eq!(
-        backend_ids(restarted.programmed(), web4)[&backend(1)],
-        ids4[&backend(1)]
-    );
-}
-
-/// Removing a dual-stack Service's IPv6 frontend (the Service made single-stack) touches
-/// nothing of its IPv4 one.
-#[test]
-fn removing_the_ipv6_frontend_leaves_the_ipv4_one_alone() {
-    let (web4, web6) = (key(10, 80), key6(0x10, 80));
-    let mut want = desired(&[
-        (web4, "default/web:80", vec![backend(1)]),
-        (web6, "default/web:80", vec![backend6(1)]),
-    ]);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(&mut reconciler, &want, &mut maps);
-    let before4 = (service_info(&maps.state, web4), backend_ids(&maps.state, web4));
-    let id6 = backend_ids(&maps.state, web6)[&backend6(1)];
-    let info6 = service_info(&maps.state, web6);
-    maps.take_ops();
-
-    want.remove(&web6);
-    apply(&mut reconciler, &want, &mut maps);
-    assert_eq!(
-        maps.take_ops(),
-        vec![
-            Op::DeleteService(web6),
-            Op::DeleteSlot(SlotKey {
-                service_id: info6.id,
-                slot: 0
-            }),
-            Op::DeleteBackend(id6),
-            Op::DeleteClusterIp(web6.addr),
-        ]
-    );
-    assert_eq!(
-        (service_info(&maps.state, web4), backend_ids(&maps.state, web4)),
-        before4
-    );
-}
-
-/// A terminating IPv6 endpoint drains as an IPv4 one does: same id, flagged, in no slot.
-#[test]
-fn an_ipv6_backend_drains_under_its_id() {
-    let web = key6(0x10, 80);
-    let mut want = desired(&[(web, "default/web:80", vec![backend6(1), backend6(2)])]);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    apply(&mut reconciler, &want, &mut maps);
-    let id = backend_ids(&maps.state, web)[&backend6(2)];
-    let service = want.get_mut(&web).unwrap();
-    service.backends = vec![backend6(1)];
-    service.draining = vec![backend6(2)];
-    apply(&mut reconciler, &want, &mut maps);
-    let drained = maps.state.backends[&id];
-    assert_eq!(
-        (drained.addr, drained.flags),
-        (backend6(2), backend_flags::DRAINING)
-    );
-    assert!(!maps.state.slots.values().any(|slot| *slot == id), "in no slot");
-    assert_eq!(service_info(&maps.state, web).backend_count, 1);
-}
-
-/// A backend or source range of the other family could not be reached through the frontend's
-/// maps: the frontend is refused with a clear error and nothing of it is written.
-#[test]
-fn a_backend_of_the_other_family_is_refused_before_anything_is_written() {
-    let web = key6(0x10, 80);
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let want = desired(&[
-        (web, "default/web:80", vec![backend6(1), backend(1)]),
-        (key(10, 80), "default/web:80", vec![backend(1)]),
-    ]);
-    let report = apply(&mut reconciler, &want, &mut maps);
-    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
-    let (name, error) = &report.failed[0];
-    assert_eq!(name, "default/web:80");
-    assert_eq!(error.map, map_names::BACKENDS6);
-    assert_eq!(
-        error.message,
-        "10.0.0.1 is not of the address family of the frontend [fd00:96::10]:80/TCP"
-    );
-    assert!(!maps.state.services.contains_key(&web), "{:?}", maps.state);
-    assert_eq!(maps.state.backends.len(), 1, "the IPv4 frontend's backend alone");
-
-    let lb = DesiredService {
-        backends: vec![backend6(1)],
-        external: Some(External {
-            local: false,
-            source_ranges: Some(vec![([192, 0, 2, 0].into(), 24)]),
         }),
-        ..DesiredService::default()
-    };
-    let report = apply(&mut reconciler, &BTreeMap::from([(web, lb)]), &mut maps);
-    assert_eq!(report.failed.len(), 1, "{:?}", report.failed);
-    assert!(maps.state.source_ranges.is_empty());
-}
-
-/// Maglev tables of IPv4 backends are the ones earlier builds made (the identity stays the
-/// address's 4 bytes and the port): positions pinned before IPv6 was added. An IPv6 service's
-/// table is built alike from its 16-byte addresses.
-#[test]
-fn ipv4_maglev_tables_are_unchanged_and_ipv6_ones_are_built_alike() {
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let mut maps = Recorder::default();
-    let services = with_maglev(
-        desired(&[
-            (
-                key(1, 80),
-                "default/web:80",
-                vec![backend(1), backend(2), backend(3)],
-            ),
-            (
-                key6(1, 80),
-                "default/web:80",
-                vec![backend6(1), backend6(2), backend6(3)],
-            ),
-        ]),
-        lb_common::DEFAULT_MAGLEV_TABLE_SIZE,
-    );
-    apply(&mut reconciler, &services, &mut maps);
-    let owners = |key: FrontendKey| -> Vec<SocketAddr> {
-        let table = &maps.tables[&service_info(&maps.state, key).id];
-        table.iter().map(|id| maps.state.backends[id].addr).collect()
-    };
-    let pinned = [
-        1, 2, 2, 3, 1, 1, 3, 2, 3, 2, 2, 1, 1, 1, 3, 1, 2, 2, 2, 1, 3, 3, 3, 1,
-    ]
-    .map(backend);
-    assert_eq!(owners(key(1, 80))[..pinned.len()], pinned);
-    let table6 = owners(key6(1, 80));
-    for backend in [backend6(1), backend6(2), backend6(3)] {
-        let share = table6.iter().filter(|owner| **owner == backend).count();
-        let fair = lb_common::DEFAULT_MAGLEV_TABLE_SIZE as usize / 3;
-        assert!(
-            share.abs_diff(fair) * 100 <= fair * 3,
-            "{backend} owns {share} of the positions, about a third"
-        );
-    }
-}
-
-#[test]
-fn sync_changed_touches_only_the_services_it_is_given_and_removes_an_empty_one() {
-    let options = PlanOptions {
-        default_algorithm: crate::model::LbAlgorithm::Random,
-        ..PlanOptions::default()
-    };
-    let web = frontend(
-        "shop/web",
-        FrontendKind::ClusterIp,
-        "10.96.0.10",
-        80,
-        Protocol::Tcp,
-        &["10.0.0.1:80"],
-    );
-    let db = frontend(
-        "shop/db",
-        FrontendKind::ClusterIp,
-        "10.96.0.11",
-        80,
-        Protocol::Tcp,
-        &["10.0.0.2:80"],
-    );
-    let all: ServiceFrontends = [
-        (web.service.clone(), vec![web.clone()]),
-        (db.service.clone(), vec![db.clone()]),
-    ]
-    .into();
-    let mut maps = Recorder::default();
-    let mut reconciler = Reconciler::new(Programmed::default());
-    let report = reconciler.sync_all(&all, &options, &mut maps);
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(maps.state.services.len(), 2);
-    maps.take_ops();
-
-    let web2 = frontend(
-        "shop/web",
-        FrontendKind::ClusterIp,
-        "10.96.0.10",
-        80,
-        Protocol::Tcp,
-        &["10.0.0.3:80"],
-    );
-    let changed: ServiceFrontends = [(web.service.clone(), vec![web2])].into();
-    reconciler.sync_changed(&changed, &options, &mut maps);
-    let ops = maps.take_ops();
-    assert!(
-        ops.iter().all(|op| *op != Op::PutService(key(11, 80))),
-        "db was not given, so it is not rewritten: {ops:?}"
+        "IPv6 and unparsable ranges admit no IPv4 client; pods and the node use every endpoint"
     );
     assert_eq!(
-        service_info(&maps.state, key(11, 80)).backend_count,
-        1,
-        "db stays"
+        planned[&key("2001:db8:7::7", 80)]
+            .external
+            .as_ref()
+            .unwrap()
+            .source_ranges,
+        Some(vec![("2001:db8::".parse().unwrap(), 32)]),
+        "the range is masked to its prefix"
     );
-    assert!(backend_ids(&maps.state, key(10, 80)).contains_key(&"10.0.0.3:80".parse().unwrap()));
+}
 
-    let removed: ServiceFrontends = [(db.service.clone(), Vec::new())].into();
-    reconciler.sync_changed(&removed, &options, &mut maps);
-    assert!(maps.state.services.contains_key(&key(10, 80)), "web stays");
-    assert!(!maps.state.services.contains_key(&key(11, 80)), "db is removed");
+#[test]
+fn a_group_plan_shares_equal_sets_and_keeps_draining_apart_from_live() {
+    let np = DesiredService {
+        draining: backends(&[1, 3]),
+        ..external("default/web", &[1, 2])
+    };
+    let desired = Desired::from([
+        (key(10, 80), cluster_ip("default/web", &[1, 2])),
+        (node_port(30080), np),
+    ]);
+    let plan = GroupPlan::new(&desired);
+    assert_eq!(
+        plan.sets.len(),
+        2,
+        "the NodePort's draining one makes it another set: {plan:?}"
+    );
+    let node_port_set = &plan.sets[plan.frontends[0].backends];
+    assert_eq!(plan.frontends[0].key, node_port(30080), "frontends in key order");
+    assert_eq!(
+        node_port_set.draining,
+        backends(&[3]),
+        "a live backend is not also draining"
+    );
+    assert_eq!(node_port_set.maglev_size, 0, "random choice");
 }

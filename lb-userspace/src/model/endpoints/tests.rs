@@ -412,6 +412,57 @@ fn traffic_policy_local_keeps_only_this_nodes_endpoints() {
     );
 }
 
+/// kube-proxy restricts only clients from outside the node to local endpoints: pods and the
+/// node itself reaching a NodePort, LoadBalancer IP or externalIP of an eTP=Local Service get
+/// every endpoint (its "short-circuit pod traffic" and "local traffic" rules).
+#[test]
+fn clients_in_the_cluster_of_an_external_local_frontend_get_every_endpoint() {
+    let endpoints = json!([
+        {"addresses": ["10.0.0.1"], "nodeName": "node-a"},
+        {"addresses": ["10.0.0.2"], "nodeName": "node-b"},
+        {"addresses": ["10.0.0.3"], "nodeName": "node-b", "conditions": {"ready": false, "serving": true, "terminating": true}},
+    ]);
+    let svc = service(json!({
+        "type": "LoadBalancer", "clusterIP": "10.96.0.10", "selector": {"app": "web"},
+        "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+        "externalIPs": ["192.0.2.8"],
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}],
+    }));
+    let m = model(&[svc], &[web_slice("a", endpoints)]);
+    for frontend in m.frontends.iter().filter(|f| f.kind.is_external()) {
+        assert_eq!(
+            addresses(frontend),
+            ["10.0.0.1:8080"],
+            "{:?}: outside clients",
+            frontend.kind
+        );
+        let in_cluster = frontend
+            .in_cluster
+            .as_ref()
+            .expect("clients in the cluster differ");
+        let every: Vec<String> = in_cluster
+            .backends
+            .iter()
+            .map(|e| e.socket_addr().to_string())
+            .collect();
+        assert_eq!(
+            every,
+            ["10.0.0.1:8080", "10.0.0.2:8080"],
+            "{:?}: not even internalTrafficPolicy narrows them",
+            frontend.kind
+        );
+        let draining: Vec<String> = in_cluster
+            .draining
+            .iter()
+            .map(|e| e.socket_addr().to_string())
+            .collect();
+        assert_eq!(draining, ["10.0.0.3:8080"]);
+    }
+    let cluster = cluster_ip(&m);
+    assert_eq!(cluster.in_cluster, None, "a ClusterIP has one set of endpoints");
+    assert_eq!(addresses(cluster), ["10.0.0.1:8080"], "iTP Local");
+}
+
 #[test]
 fn a_local_policy_without_a_node_name_is_warned_about() {
     let svc = service(
