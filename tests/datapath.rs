@@ -1015,17 +1015,6 @@ fn ipv4_options_are_honoured() {
     );
 }
 
-#[test]
-fn ip_fragments_pass_untouched() {
-    let mut lb = loaded::<Ipv4>("fragments");
-    let mut first_fragment = udp((Ipv4::CLIENT, 40005), (Ipv4::CLUSTER_IP, 53), &[7; 64]);
-    // More Fragments set, offset 0; the IPv4 checksum is not checked by the datapath.
-    first_fragment[20] |= 0x20;
-    let (verdict, out) = run(&mut lb, program_names::FROM_POD, &first_fragment);
-    assert_eq!(verdict, TC_ACT_OK);
-    assert_eq!(out, first_fragment, "fragments are left to the kernel");
-}
-
 /// The maps carry BTF, so `bpftool map dump` prints field names: the documented way to debug.
 #[test]
 fn bpftool_prints_the_pinned_maps_with_field_names() {
@@ -1257,7 +1246,8 @@ fn ipv6_extension_headers_are_walked_and_kept() {
 }
 
 /// IPv6 packets the datapath cannot or must not translate pass byte-identical, even to a
-/// frontend: fragments, AH and ESP, a routing header with segments left (its destination is not
+/// frontend: a later fragment whose first fragment it never saw (`fragments.rs` has the rest),
+/// AH and ESP, a routing header with segments left (its destination is not
 /// the final one the checksum covers), more than four extension headers, ICMPv6, and an
 /// IPv4-mapped address (no address a packet carries).
 #[test]
@@ -1290,7 +1280,10 @@ fn ipv6_packets_that_are_not_ours_pass_byte_identical() {
     mapped[12..].copy_from_slice(&Ipv4::CLUSTER_IP);
     let five_headers = [(DESTINATION_OPTIONS, 0); 5];
     let cases: [(&str, Vec<u8>); 7] = [
-        ("a fragment", with_ipv6_extensions(&syn, &[(FRAGMENT, 0)], 0)),
+        (
+            "a later fragment without its first",
+            with_ipv6_extensions(&syn, &[(FRAGMENT, 0)], 0),
+        ),
         ("AH", with_ipv6_extensions(&syn, &[(AH, 0)], 0)),
         ("ESP", with_ipv6_extensions(&syn, &[(ESP, 0)], 0)),
         (

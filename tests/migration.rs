@@ -21,7 +21,7 @@ use aya::{
 use common::{Loaded, PinDir, packets, require_root};
 use lb_common::{
     Backend, BackendId, BackendSet, ClusterIpKey, CtEntry, CtKey, IPPROTO_TCP, Ipv6, ServiceKey,
-    SourceRangeKey, backend_flags, capacity, ct_direction, flow_hash, map_names, program_names,
+    SourceRangeKey, Stat, backend_flags, capacity, ct_direction, flow_hash, map_names, program_names,
     service_flags,
 };
 use lb_userspace::{
@@ -467,6 +467,33 @@ fn services_of_the_layout_before_backend_sets_keep_their_ids_flows_and_tables() 
         maps.services().unwrap()[&FrontendKey::from(FRONTEND)],
         services[&FrontendKey::from(FRONTEND)]
     );
+}
+
+/// The counters array of an earlier build, with fewer counters (the ten before the fragment and
+/// source-check ones), is recreated with every counter: reused as it was, the datapath would
+/// count the new ones past its end, that is not at all. Counters restart from zero.
+#[test]
+fn a_counters_map_of_an_earlier_build_is_recreated_with_every_counter() {
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    require_root();
+    let pins = PinDir::new("sbtest", "migrate-stats");
+    bpffs::prepare_pin_dir(pins.path()).unwrap();
+    let earlier = Stat::FragmentWithoutFirst as u32;
+    pin_old_map(
+        &pins.path().join(map_names::STATS),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        8,
+        earlier,
+        &[],
+    );
+    let datapath = Datapath::load(pins.path()).expect("the datapath loads over the old counters");
+    let info = MapInfo::from_pin(pins.path().join(map_names::STATS)).unwrap();
+    assert_eq!(info.max_entries(), Stat::COUNT, "every counter has its slot");
+    let maps = datapath.maps().unwrap();
+    for stat in Stat::ALL {
+        assert_eq!(maps.stat(stat).unwrap(), 0, "{stat:?} reads, from zero");
+    }
 }
 
 /// An IPv6 conntrack map of another capacity (an earlier `--conntrack-capacity`) is carried into

@@ -12,6 +12,7 @@
 
 mod checksum;
 mod conntrack;
+mod fragment;
 mod hash;
 mod reject;
 mod reply;
@@ -22,6 +23,7 @@ mod stats;
 
 pub use checksum::*;
 pub use conntrack::*;
+pub use fragment::*;
 pub use hash::*;
 pub use reject::*;
 pub use reply::*;
@@ -105,12 +107,14 @@ pub mod map_names {
     pub const CONFIG: &str = "SB_CONFIG";
     pub const CLUSTER_IPS: &str = "SB_CLUSTER_IPS";
     pub const CLUSTER_IPS6: &str = "SB_CLUSTER_IPS6";
+    pub const FRAGMENTS: &str = "SB_FRAGMENTS";
+    pub const FRAGMENTS6: &str = "SB_FRAGMENTS6";
     /// The rate limit of RST/ICMP replies (written by the agent at start; not pinned).
     pub const REJECT_LIMIT: &str = "SB_REJECT_LIMIT";
     /// Per-CPU token buckets of that limit (not pinned).
     pub const REJECT_TOKENS: &str = "SB_REJECT_TOKENS";
     /// The maps pinned under their names.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         SERVICES,
         SERVICES6,
         BACKENDS,
@@ -133,6 +137,8 @@ pub mod map_names {
         CONFIG,
         CLUSTER_IPS,
         CLUSTER_IPS6,
+        FRAGMENTS,
+        FRAGMENTS6,
     ];
 }
 
@@ -204,6 +210,10 @@ pub mod config {
     /// A conntrack entry may still name it, and would follow it to whatever got it next.
     pub const NEXT_BACKEND_ID: u32 = 2;
     pub const NEXT_SERVICE_ID: u32 = 3;
+    /// Non-zero: `from_pod` drops a pod's packets that would open, close or create a service
+    /// flow from a source that does not route back out of the pod's interface (see
+    /// `switchboard run --source-check`). Zero (a datapath loaded without the agent): no check.
+    pub const SOURCE_CHECK: u32 = 4;
     pub const LEN: u32 = 8;
 }
 
@@ -223,6 +233,8 @@ pub mod capacity {
     /// One entry per service id that saw traffic; allocated on first use, not up front.
     pub const SERVICE_STATS: u32 = SERVICES;
     pub const SOCK_REVNAT: u32 = 65_536;
+    /// Datagrams in flight whose first fragment was seen, per family (as Cilium's default).
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 #[cfg(feature = "user")]
@@ -247,6 +259,7 @@ mod pod_impls {
         SockRevKey,
         SockRevEntry,
         ClusterIpKey,
+        FragmentKey,
     );
     unsafe impl aya::Pod for ServiceInfo {}
     unsafe impl aya::Pod for BackendSet {}
@@ -254,6 +267,7 @@ mod pod_impls {
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for RejectLimit {}
     unsafe impl aya::Pod for RejectBucket {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }
 
 #[cfg(test)]
@@ -286,5 +300,8 @@ mod tests {
         assert_eq!(size_of::<SourceRangeKey>(), 8);
         assert_eq!(size_of::<SourceRangeKey<Ipv6>>(), 20);
         assert_eq!(size_of::<ClusterIpKey<Ipv6>>(), 16);
+        assert_eq!(size_of::<FragmentKey>(), 16);
+        assert_eq!(size_of::<FragmentKey<Ipv6>>(), 40);
+        assert_eq!(size_of::<FragmentPorts>(), 4);
     }
 }

@@ -26,10 +26,16 @@ pub enum Stat {
     RejectRateLimited = 8,
     /// Packets to a ClusterIP on a port its Service does not define: refused like [`Stat::NoBackend`].
     UndefinedPort = 9,
+    /// Later fragments whose datagram's first fragment was not seen (it came after them, or was
+    /// forgotten): passed untouched, their ports unknown.
+    FragmentWithoutFirst = 10,
+    /// Packets from a pod whose source address does not route back out of the pod's interface,
+    /// dropped before they could open, close or create a service flow (`--source-check`).
+    SpoofedSource = 11,
 }
 
 impl Stat {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 12;
     pub const ALL: [Stat; Self::COUNT as usize] = [
         Stat::ServicePackets,
         Stat::NewFlows,
@@ -41,6 +47,8 @@ impl Stat {
         Stat::SnatFailed,
         Stat::RejectRateLimited,
         Stat::UndefinedPort,
+        Stat::FragmentWithoutFirst,
+        Stat::SpoofedSource,
     ];
 
     pub const fn help(self) -> &'static str {
@@ -61,6 +69,12 @@ impl Stat {
             Stat::UndefinedPort => {
                 "Packets to a ClusterIP on a port its Service does not define (refused with a RST or ICMP port unreachable, or dropped)"
             }
+            Stat::FragmentWithoutFirst => {
+                "Later fragments whose first fragment was not seen, passed untranslated (their datagram is lost)"
+            }
+            Stat::SpoofedSource => {
+                "Pod packets that would open, close or create a service flow from a source not routed back to their interface, dropped"
+            }
         }
     }
 
@@ -76,6 +90,8 @@ impl Stat {
             Stat::SnatFailed => "snat_failures",
             Stat::RejectRateLimited => "rate_limited_rejects",
             Stat::UndefinedPort => "undefined_port_drops",
+            Stat::FragmentWithoutFirst => "fragments_without_first",
+            Stat::SpoofedSource => "spoofed_source_drops",
         }
     }
 }

@@ -249,6 +249,11 @@ pub fn snat_out<A: Family>(flow: &Flow<A>, ifindex: u32) -> Option<(A, u16)> {
         // SAFETY: as above.
         return Some((unsafe { (*entry).nat_addr }, port));
     }
+    // A later fragment gets no port of its own: its first fragment, which would have been
+    // given one, never left.
+    if !flow.has_transport_header() {
+        return None;
+    }
     // SAFETY: copied out at once.
     let Some(addr) = (unsafe { A::snat_addrs().get(ifindex).copied() }) else {
         count(Stat::SnatFailed);

@@ -14,10 +14,11 @@ use network_types::{
 use crate::{
     context::Packet,
     maps::{
-        Affinity, Backends, ClusterIps, Conntrack, NodeAddrs, SB_AFFINITY, SB_AFFINITY6, SB_BACKENDS,
-        SB_BACKENDS6, SB_CLUSTER_IPS, SB_CLUSTER_IPS6, SB_CONNTRACK, SB_CONNTRACK6, SB_NODE_ADDRS,
-        SB_NODE_ADDRS6, SB_SERVICES, SB_SERVICES6, SB_SNAT_ADDRS, SB_SNAT_ADDRS6, SB_SOCK_REVNAT,
-        SB_SOCK_REVNAT6, SB_SOURCE_RANGES, SB_SOURCE_RANGES6, Services, SnatAddrs, SockRevNat, SourceRanges,
+        Affinity, Backends, ClusterIps, Conntrack, Fragments, NodeAddrs, SB_AFFINITY, SB_AFFINITY6,
+        SB_BACKENDS, SB_BACKENDS6, SB_CLUSTER_IPS, SB_CLUSTER_IPS6, SB_CONNTRACK, SB_CONNTRACK6,
+        SB_FRAGMENTS, SB_FRAGMENTS6, SB_NODE_ADDRS, SB_NODE_ADDRS6, SB_SERVICES, SB_SERVICES6, SB_SNAT_ADDRS,
+        SB_SNAT_ADDRS6, SB_SOCK_REVNAT, SB_SOCK_REVNAT6, SB_SOURCE_RANGES, SB_SOURCE_RANGES6, Services,
+        SnatAddrs, SockRevNat, SourceRanges,
     },
     packet::{self, Network, Quoted},
 };
@@ -25,6 +26,8 @@ use crate::{
 pub trait Family: Address + Into<IpAddr> {
     /// The EtherType, as `EthHdr::ether_type` holds it.
     const ETHER_TYPE: u16;
+    /// The address family number (AF_INET, AF_INET6), as `bpf_fib_lookup` takes it.
+    const ADDRESS_FAMILY: u8;
     /// The fixed header's length (IPv4 without options, IPv6 without extension headers).
     const HEADER_LEN: usize;
     /// Where the addresses lie in a frame.
@@ -42,7 +45,7 @@ pub trait Family: Address + Into<IpAddr> {
     /// A reply's header, as built by [`Family::reply_header`].
     type Header: Copy;
 
-    /// The network header of a frame of this family, if it is whole and not a fragment.
+    /// The network header of a frame of this family, if it is whole (it may be a fragment).
     fn parse_network(ctx: &impl Packet) -> Option<Network<Self>>;
     /// The header of the packet an ICMP error quotes at `at`.
     fn parse_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Self>>;
@@ -64,6 +67,7 @@ pub trait Family: Address + Into<IpAddr> {
     fn snat_addrs() -> &'static SnatAddrs<Self>;
     fn source_ranges() -> &'static SourceRanges<Self>;
     fn sock_revnat() -> &'static SockRevNat<Self>;
+    fn fragments() -> &'static Fragments<Self>;
 }
 
 /// The accessors of a family's twin maps.
@@ -78,6 +82,7 @@ macro_rules! twin_maps {
 
 impl Family for Ipv4 {
     const ETHER_TYPE: u16 = network_types::eth::EtherType::Ipv4 as u16;
+    const ADDRESS_FAMILY: u8 = 2;
     const HEADER_LEN: usize = Ipv4Hdr::LEN;
     const SRC_OFF: usize = EthHdr::LEN + 12;
     const DST_OFF: usize = EthHdr::LEN + 16;
@@ -122,11 +127,13 @@ impl Family for Ipv4 {
         snat_addrs: SnatAddrs = SB_SNAT_ADDRS,
         source_ranges: SourceRanges = SB_SOURCE_RANGES,
         sock_revnat: SockRevNat = SB_SOCK_REVNAT,
+        fragments: Fragments = SB_FRAGMENTS,
     }
 }
 
 impl Family for Ipv6 {
     const ETHER_TYPE: u16 = network_types::eth::EtherType::Ipv6 as u16;
+    const ADDRESS_FAMILY: u8 = 10;
     const HEADER_LEN: usize = Ipv6Hdr::LEN;
     const SRC_OFF: usize = EthHdr::LEN + 8;
     const DST_OFF: usize = EthHdr::LEN + 24;
@@ -171,5 +178,6 @@ impl Family for Ipv6 {
         snat_addrs: SnatAddrs = SB_SNAT_ADDRS6,
         source_ranges: SourceRanges = SB_SOURCE_RANGES6,
         sock_revnat: SockRevNat = SB_SOCK_REVNAT6,
+        fragments: Fragments = SB_FRAGMENTS6,
     }
 }

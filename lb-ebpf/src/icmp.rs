@@ -30,9 +30,11 @@ const TCP_HEADER_LEN: usize = 20;
 pub fn translate_error<A: Family>(ctx: &TcContext) -> Option<()> {
     let network = A::parse_network(ctx)?;
     let icmp = network.l4_off;
-    // Plain headers, and nothing after the IP packet: the checksum is summed to the frame's end.
+    // Plain headers, no fragment, and nothing after the IP packet: the checksum is summed to the
+    // frame's end.
     // A message of IPv6's minimum MTU or more (SUM_MAX) is no error a router or host sends.
     if network.proto != A::ICMP
+        || network.fragment.is_some()
         || icmp != EthHdr::LEN + A::HEADER_LEN
         || network.end != ctx.len() as usize
         || network.end - icmp >= SUM_MAX

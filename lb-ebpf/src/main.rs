@@ -9,6 +9,7 @@ mod conntrack;
 mod context;
 mod external;
 mod family;
+mod fragment;
 mod hairpin;
 mod icmp;
 mod log;
@@ -19,6 +20,7 @@ mod pod;
 mod reject;
 mod service;
 mod sock;
+mod source_check;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, xdp_action},

@@ -7,10 +7,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_TABLES_FLAGS, Backend, BackendId, ClusterIpKey, CtEntry, CtKey, Ipv4,
-    Ipv6, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats, SockRevEntry, SockRevKey,
-    SourceRangeKey, Stat, TablePair, capacity, config,
+    AffinityEntry, AffinityKey, BACKEND_TABLES_FLAGS, Backend, BackendId, ClusterIpKey, CtEntry, CtKey,
+    FragmentKey, FragmentPorts, Ipv4, Ipv6, RejectBucket, RejectLimit, ServiceInfo, ServiceKey, ServiceStats,
+    SockRevEntry, SockRevKey, SourceRangeKey, Stat, TablePair, capacity, config,
 };
+
+use crate::source_check::VerifiedSource;
 
 const _: () = assert!(BACKEND_TABLES_FLAGS == BPF_F_INNER_MAP | BPF_F_MMAPABLE);
 
@@ -28,6 +30,7 @@ pub type NodeAddrs<A> = HashMap<A, u32, { capacity::NODE_ADDRS as usize }>;
 pub type SnatAddrs<A> = HashMap<u32, A, { capacity::SNAT_ADDRS as usize }>;
 pub type SourceRanges<A> = LpmTrie<SourceRangeKey<A>, u8, { capacity::SOURCE_RANGES as usize }>;
 pub type SockRevNat<A> = LruHashMap<SockRevKey<A>, SockRevEntry<A>, { capacity::SOCK_REVNAT as usize }>;
+pub type Fragments<A> = LruHashMap<FragmentKey<A>, FragmentPorts, { capacity::FRAGMENTS as usize }>;
 
 /// Frontend (ClusterIP:port/proto) → service.
 #[btf_map]
@@ -112,6 +115,20 @@ pub static SB_SOURCE_RANGES6: SourceRanges<Ipv6> = LpmTrie::new();
 pub static SB_SOCK_REVNAT: SockRevNat<Ipv4> = LruHashMap::new();
 #[btf_map]
 pub static SB_SOCK_REVNAT6: SockRevNat<Ipv6> = LruHashMap::new();
+
+/// A fragmented datagram (addresses, protocol, fragment id) → the ports its first fragment
+/// carries, for its later fragments (see `fragment`). LRU: datagrams come and go without telling.
+#[btf_map]
+pub static SB_FRAGMENTS: Fragments<Ipv4> = LruHashMap::new();
+#[btf_map]
+pub static SB_FRAGMENTS6: Fragments<Ipv6> = LruHashMap::new();
+
+/// Each CPU's sources lately found to route back out of their pod interface (slot: interface
+/// index modulo the slots): see `source_check`.
+#[btf_map]
+pub static SB_VERIFIED_SOURCES: PerCpuArray<VerifiedSource, { VERIFIED_SOURCE_SLOTS as usize }> =
+    PerCpuArray::new();
+pub const VERIFIED_SOURCE_SLOTS: u32 = 64;
 
 /// Settings the agent writes, indexed by `lb_common::config`.
 #[btf_map]

@@ -7,6 +7,11 @@
 //!
 //! SCTP's checksum is a CRC32c over the SCTP packet alone: an address change leaves it valid, a
 //! port change updates it (`lb_common::sctp_checksum_after_port_change`).
+//!
+//! A fragment of a longer datagram: the first one holds the transport header, whose checksum
+//! covers the whole datagram and is updated the same way. A later one holds payload only: its
+//! addresses change, and the IPv4 header checksum with them. (SCTP fragments are not
+//! translated: see `packet::parse`.)
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use lb_common::sctp_checksum_after_port_change;
 
@@ -53,11 +58,12 @@ fn rewrite_address<A: Family>(
         return Ok(());
     }
     let pseudo_hdr = u64::from(BPF_F_PSEUDO_HDR) | udp_flag(flow) | 4;
+    let l4_checksum = !flow.is_sctp() && flow.has_transport_header();
     let (old_words, new_words) = (old.as_ref().as_chunks::<4>().0, new.as_ref().as_chunks::<4>().0);
     for (from, to) in old_words.iter().zip(new_words) {
         let (from, to) = (u32::from_ne_bytes(*from), u32::from_ne_bytes(*to));
         if from != to {
-            if !flow.is_sctp() {
+            if l4_checksum {
                 ctx.l4_csum_replace(flow.l4_csum_off, from, to, pseudo_hdr)?;
             }
             if let Some(header_csum_off) = A::HEADER_CHECKSUM_OFF {
@@ -76,7 +82,7 @@ fn rewrite_port<A: Family>(
     old: u16,
     new: u16,
 ) -> Result<(), i64> {
-    if old == new {
+    if old == new || !flow.has_transport_header() {
         return Ok(());
     }
     let (from, to) = (old.to_be(), new.to_be());
@@ -96,10 +102,12 @@ fn rewrite_port<A: Family>(
     ctx.store(offset, &to)
 }
 
-/// The SCTP checksum field after a port change. A few hundred steps of bounded loops: called,
-/// not inlined, so the verifier checks one copy whatever the number of rewrite sites.
+/// The SCTP checksum field after a port change. A few hundred steps of bounded loops, in a
+/// global function: the verifier checks it once, on its own, whatever the number of paths
+/// that call it (a static function is checked anew on each).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn sctp_checksum(field: u32, port_offset: u32, len: u32, old: u16, new: u16) -> u32 {
+pub extern "C" fn sctp_checksum(field: u32, port_offset: u32, len: u32, old: u16, new: u16) -> u32 {
     let field =
         sctp_checksum_after_port_change(field.to_ne_bytes(), port_offset as usize, len as usize, old, new);
     u32::from_ne_bytes(field)

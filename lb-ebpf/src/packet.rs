@@ -1,5 +1,7 @@
 //! Parsing: just enough of Ethernet, IPv4 or IPv6 and TCP/UDP/SCTP to find a flow's 5-tuple and
 //! the offsets NAT rewrites. Whatever cannot be parsed in full is not ours and passes untouched.
+//! A fragment other than the first has no transport header: its ports are those its datagram's
+//! first fragment carried (see [`fragment`](crate::fragment)).
 use lb_common::{
     IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, SCTP_CHECKSUM_OFFSET, ct_flags, flow_hash,
 };
@@ -13,6 +15,7 @@ use network_types::{
 use crate::{
     context::{Aligned, Packet},
     family::Family,
+    fragment::{self, Fragment},
 };
 
 const IPV4_MORE_FRAGMENTS: u8 = 0b001;
@@ -22,8 +25,13 @@ const IPV4_MORE_FRAGMENTS: u8 = 0b001;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_DESTINATION_OPTIONS: u8 = 60;
-/// More extension headers than this: not ours. A fragment, AH or ESP header ends the walk too,
-/// as no transport protocol a frontend has.
+/// The fragment header (RFC 8200 §4.5): 8 bytes, its offset in 8-byte units in the top 13 bits
+/// of its third and fourth bytes, "more fragments" in the lowest, then the identification.
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_FRAGMENT_HEADER_LEN: usize = 8;
+/// More extension headers than this: not ours. AH or ESP ends the walk too, as no transport
+/// protocol a frontend has, and so does a fragment header followed by anything but a transport
+/// header (Linux puts it last).
 const IPV6_MAX_EXTENSION_HEADERS: usize = 4;
 
 /// SCTP's common header (ports, verification tag, checksum) and the chunk header after it (RFC
@@ -52,6 +60,20 @@ pub struct Network<A> {
     /// Offset just past the IP packet as its header gives its length (link-layer padding
     /// after it excluded).
     pub end: usize,
+    /// Set when the packet is a fragment of a longer datagram (an IPv6 atomic fragment, offset
+    /// 0 with no more to come, is a whole packet).
+    pub fragment: Option<Fragment>,
+}
+
+/// What of its datagram a packet holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// All of it: an unfragmented packet.
+    Whole,
+    /// The first fragment: the transport header, the rest of the datagram to follow.
+    First,
+    /// A later fragment: payload only, its ports found by its datagram.
+    Later,
 }
 
 pub struct Flow<A> {
@@ -63,12 +85,15 @@ pub struct Flow<A> {
     /// TCP header flags as on the wire (`lb_common::ct_flags::TCP_*`); for SCTP, the flags its
     /// first chunk stands for (see [`sctp`]); 0 for UDP.
     pub tcp_flags: u8,
-    /// Offset of the L4 header (IPv4 options and IPv6 extension headers honoured).
+    /// Offset of the L4 header (IPv4 options and IPv6 extension headers honoured); of the
+    /// payload in a later fragment.
     pub l4_off: usize,
-    /// Offset of the L4 checksum.
+    /// Offset of the L4 checksum (meaningless in a later fragment).
     pub l4_csum_off: usize,
     /// Offset just past the IP packet.
     pub end: usize,
+    /// What of its datagram the packet holds.
+    pub piece: Piece,
 }
 
 impl<A: Family> Flow<A> {
@@ -110,6 +135,12 @@ impl<A: Family> Flow<A> {
     pub fn has_plain_header(&self) -> bool {
         self.l4_off == EthHdr::LEN + A::HEADER_LEN
     }
+
+    /// Whether the packet holds the transport header: all but a later fragment.
+    #[inline(always)]
+    pub fn has_transport_header(&self) -> bool {
+        self.piece != Piece::Later
+    }
 }
 
 /// The transport header's ports, checksum offset and length.
@@ -120,6 +151,8 @@ struct Transport {
     /// The TCP header with its options, the whole UDP datagram as its header says, or SCTP's
     /// headers up to the first chunk's.
     len: usize,
+    /// What of it a first fragment must hold: all but UDP's payload.
+    header_len: usize,
     tcp_flags: u8,
 }
 
@@ -128,18 +161,35 @@ struct Transport {
 #[inline(always)]
 pub fn parse<A: Family>(ctx: &impl Packet) -> Option<Flow<A>> {
     let network = A::parse_network(ctx)?;
+    if !matches!(network.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return None;
+    }
+    let piece = match network.fragment {
+        None => Piece::Whole,
+        // An SCTP packet's CRC32c covers all of it, so no fragment of one can have a port
+        // rewritten; SCTP cuts its messages to fit the path MTU itself (RFC 9260 §6.9).
+        Some(_) if network.proto == IPPROTO_SCTP => return None,
+        Some(fragment) if fragment.first => Piece::First,
+        Some(fragment) => return later_fragment(&network, fragment),
+    };
     let l4_off = network.l4_off;
     let transport = match network.proto {
         IPPROTO_TCP => tcp(ctx, l4_off)?,
         IPPROTO_UDP => udp(ctx, l4_off)?,
-        IPPROTO_SCTP => sctp(ctx, l4_off)?,
-        _ => return None,
+        _ => sctp(ctx, l4_off)?,
     };
     // The TCP header with its options, the UDP datagram as long as its header says, or SCTP's
     // first chunk header must fit in the IP packet (the loads above only checked that the fixed
-    // header is in the frame).
-    if l4_off + transport.len > network.end {
+    // header is in the frame); in a first fragment, the headers.
+    let len = match piece {
+        Piece::Whole => transport.len,
+        _ => transport.header_len,
+    };
+    if l4_off + len > network.end {
         return None;
+    }
+    if let Some(fragment) = network.fragment {
+        fragment::remember(&network, fragment, transport.src_port, transport.dst_port);
     }
     Some(Flow {
         src_addr: network.src_addr,
@@ -151,6 +201,29 @@ pub fn parse<A: Family>(ctx: &impl Packet) -> Option<Flow<A>> {
         l4_off,
         l4_csum_off: transport.csum_off,
         end: network.end,
+        piece,
+    })
+}
+
+/// A later fragment of a datagram whose first fragment was seen, with that one's ports.
+#[inline(always)]
+fn later_fragment<A: Family>(network: &Network<A>, fragment: Fragment) -> Option<Flow<A>> {
+    // Its headers must fit in the packet, as a transport header must.
+    if network.l4_off > network.end {
+        return None;
+    }
+    let (src_port, dst_port) = fragment::ports(network, fragment)?;
+    Some(Flow {
+        src_addr: network.src_addr,
+        dst_addr: network.dst_addr,
+        src_port,
+        dst_port,
+        proto: network.proto,
+        tcp_flags: 0,
+        l4_off: network.l4_off,
+        l4_csum_off: network.l4_off,
+        end: network.end,
+        piece: Piece::Later,
     })
 }
 
@@ -167,6 +240,7 @@ fn tcp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
         dst_port: tcp.dest,
         csum_off: l4_off + 16,
         len,
+        header_len: len,
         tcp_flags: flags as u8,
     })
 }
@@ -186,6 +260,7 @@ fn udp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
         dst_port: udp.dst,
         csum_off: l4_off + 6,
         len,
+        header_len: UdpHdr::LEN,
         tcp_flags: 0,
     })
 }
@@ -208,6 +283,7 @@ fn sctp(ctx: &impl Packet, l4_off: usize) -> Option<Transport> {
         dst_port: [header[2], header[3]],
         csum_off: l4_off + SCTP_CHECKSUM_OFFSET,
         len: header.len(),
+        header_len: header.len(),
         tcp_flags: flags,
     })
 }
@@ -253,8 +329,7 @@ pub fn ipv6_quoted(ctx: &impl Packet, at: usize) -> Option<Quoted<Ipv6>> {
     })
 }
 
-/// An IPv4 header (IHL honoured), unless the packet is a fragment or cut shorter than its total
-/// length.
+/// An IPv4 header (IHL honoured), unless the packet is cut shorter than its total length.
 #[inline(always)]
 pub fn ipv4_network(ctx: &impl Packet) -> Option<Network<Ipv4>> {
     let ip: Ipv4Hdr = ctx.load(EthHdr::LEN)?;
@@ -262,10 +337,11 @@ pub fn ipv4_network(ctx: &impl Packet) -> Option<Network<Ipv4>> {
     if ip.version() != 4 || ihl < Ipv4Hdr::LEN {
         return None;
     }
-    // Only an unfragmented packet carries both ports; fragments pass to the kernel.
-    if ip.frag_offset() != 0 || ip.frag_flags() & IPV4_MORE_FRAGMENTS != 0 {
-        return None;
-    }
+    let offset = ip.frag_offset();
+    let fragment = (offset != 0 || ip.frag_flags() & IPV4_MORE_FRAGMENTS != 0).then_some(Fragment {
+        id: u32::from(ip.id()),
+        first: offset == 0,
+    });
     // A packet longer than its frame was cut on the way: not ours to rewrite (the kernel drops
     // it).
     let ip_len = usize::from(ip.tot_len());
@@ -278,13 +354,15 @@ pub fn ipv4_network(ctx: &impl Packet) -> Option<Network<Ipv4>> {
         proto: ip.proto,
         l4_off: EthHdr::LEN + ihl,
         end: EthHdr::LEN + ip_len,
+        fragment,
     })
 }
 
 /// An IPv6 header and the extension headers after it, unless the packet is cut shorter than its
-/// payload length says, or the walk meets a fragment header, AH, ESP, a routing header with
-/// segments left (the destination is not the final one the checksum covers) or too many
-/// extension headers: then the transport protocol is none a frontend has.
+/// payload length says, or the walk meets AH, ESP, a routing header with segments left (the
+/// destination is not the final one the checksum covers) or too many extension headers: then the
+/// transport protocol is none a frontend has. A fragment header ends the walk: what follows it is
+/// the transport header (the first fragment) or payload (a later one).
 #[inline(always)]
 pub fn ipv6_network(ctx: &impl Packet) -> Option<Network<Ipv6>> {
     let Aligned(ip) = ctx.load_aligned::<Ipv6Hdr>(EthHdr::LEN)?;
@@ -297,12 +375,29 @@ pub fn ipv6_network(ctx: &impl Packet) -> Option<Network<Ipv6>> {
     }
     let mut proto = ip.next_hdr;
     let mut l4_off = EthHdr::LEN + Ipv6Hdr::LEN;
+    let mut fragment = None;
     for _ in 0..IPV6_MAX_EXTENSION_HEADERS {
-        if !matches!(proto, IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS) {
+        if !matches!(
+            proto,
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION_OPTIONS | IPV6_FRAGMENT
+        ) {
             break;
         }
-        let [next, len, _, segments_left]: [u8; 4] = ctx.load(l4_off)?;
-        if proto == IPV6_ROUTING && segments_left != 0 {
+        let [next, len, third, fourth]: [u8; 4] = ctx.load(l4_off)?;
+        if proto == IPV6_FRAGMENT {
+            let id: [u8; 4] = ctx.load(l4_off + 4)?;
+            let offset = u16::from_be_bytes([third, fourth]) >> 3;
+            let more = fourth & 1 != 0;
+            // An atomic fragment (offset 0, no more to come) is a whole packet.
+            fragment = (offset != 0 || more).then_some(Fragment {
+                id: u32::from_be_bytes(id),
+                first: offset == 0,
+            });
+            proto = next;
+            l4_off += IPV6_FRAGMENT_HEADER_LEN;
+            break;
+        }
+        if proto == IPV6_ROUTING && fourth != 0 {
             return None;
         }
         proto = next;
@@ -314,5 +409,6 @@ pub fn ipv6_network(ctx: &impl Packet) -> Option<Network<Ipv6>> {
         proto,
         l4_off,
         end,
+        fragment,
     })
 }

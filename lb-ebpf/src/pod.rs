@@ -14,7 +14,7 @@ use crate::{
     family::Family,
     hairpin, icmp, log,
     maps::{self, count},
-    nat, packet, reject, service,
+    nat, packet, reject, service, source_check,
 };
 
 /// A packet the pod sends: one addressed to a service frontend is DNATed to the flow's backend,
@@ -24,6 +24,9 @@ pub fn from_pod<A: Family>(ctx: &TcContext) -> i32 {
     let Some(flow) = packet::parse::<A>(ctx) else {
         return TC_ACT_OK;
     };
+    if source_check::refuses_connection_change(ctx, &flow) {
+        return TC_ACT_SHOT;
+    }
     if let Some(verdict) = hairpin::reply(ctx, &flow) {
         return verdict;
     }
@@ -37,6 +40,7 @@ pub fn from_pod<A: Family>(ctx: &TcContext) -> i32 {
     };
     let backend = match conntrack::forward(&flow, &service) {
         Forward::Established(backend) => backend,
+        Forward::New if source_check::refuses_new_flow(ctx, &flow) => return TC_ACT_SHOT,
         Forward::New => match service::choose_backend(&service, &flow) {
             Some((id, backend)) => {
                 conntrack::track(&flow, &service, id, &backend);

@@ -44,10 +44,11 @@ fn within_rate() -> bool {
 
 /// Refuses the packet as a closed port would: a SYN gets a RST, a UDP datagram or an SCTP INIT a
 /// port unreachable; anything else (a mid-stream TCP segment or SCTP chunk, a packet with IPv4
-/// options or IPv6 extension headers) is dropped.
+/// options or IPv6 extension headers, a fragment other than the first, which no ICMP error may be
+/// about: RFC 1122 §3.2.2) is dropped.
 #[inline(always)]
 pub fn refuse<A: Family>(ctx: &TcContext, flow: &Flow<A>) -> i32 {
-    if !flow.has_plain_header() {
+    if !flow.has_plain_header() || !flow.has_transport_header() {
         return TC_ACT_SHOT;
     }
     tcp_reset(ctx, flow)

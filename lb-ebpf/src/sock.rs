@@ -13,7 +13,12 @@ use aya_ebpf::{
 };
 use lb_common::{Address, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv6, SockRevEntry, SockRevKey, config};
 
-use crate::{family::Family, maps::SB_CONFIG, packet::Flow, service};
+use crate::{
+    family::Family,
+    maps::SB_CONFIG,
+    packet::{Flow, Piece},
+    service,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -187,6 +192,7 @@ fn translate_destination<S: SockAddress>(ctx: &SockAddrContext) -> bool {
         l4_off: 0,
         l4_csum_off: 0,
         end: 0,
+        piece: Piece::Whole,
     };
     let Some((_, backend)) = (match service::lookup_frontend(&flow) {
         Some(service) => service::choose_backend(&service, &flow),

@@ -17,6 +17,11 @@
 //!   reads; the report gives that floor (a non-service packet run the same way) beside them.
 //! * a non-service packet: to a pod address, which misses the service map and passes.
 //!
+//! `from_pod` runs as on a node with the agent's defaults: its reverse-path check is on, and each
+//! run is given a pod interface (in a network namespace of the bench's) whose routes lead back to
+//! every client, so a packet that opens a connection includes the check's FIB lookup (a new
+//! flow's SYN does; an established flow's segments are not checked).
+//!
 //! Every packet is measured twice in each round, as IPv4 and as IPv6 (the same addresses'
 //! [`ipv6_of`](lb_userspace::lab::ipv6_of) twins): each instance carries its N services in both
 //! families, in the twin maps the same programs dispatch to on the EtherType. What serving IPv6
@@ -25,11 +30,12 @@ use lb_userspace::datapath::load_program;
 use std::net::{IpAddr, Ipv4Addr};
 
 use anyhow::{Context as _, bail, ensure};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, TestRunResult, Xdp};
 use etherparse::PacketBuilder;
 use lb_common::{Stat, program_names};
 use lb_userspace::{
     datapath::{Capacity, Datapath, maps::ServiceMaps},
+    lab::NetNs,
     reconcile::Reconciler,
 };
 use serde::Serialize;
@@ -42,6 +48,7 @@ use crate::{
 };
 
 const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const XDP_PASS: u32 = 2;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 /// Frontend for new flows: a service with ten backends.
@@ -52,6 +59,7 @@ const PONG: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 21), 8080);
 /// A pod: not a frontend.
 const POD: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 244, 0, 10), 8080);
 
+#[derive(Clone)]
 pub struct Settings {
     pub service_counts: Vec<usize>,
     pub rounds: usize,
@@ -150,10 +158,51 @@ struct Instance {
     services: usize,
     datapath: Datapath,
     maps: ServiceMaps,
+    /// The `__sk_buff` BPF_PROG_TEST_RUN gives `from_pod`: on the pod interface.
+    skb: Vec<u8>,
     _pins: PinDir,
 }
 
+/// The pod interface `from_pod` runs on: in a network namespace of its own, routing the
+/// measured clients (10.244.0.0/16, the new flows' 10.200.0.0/16, and their IPv6 twins) back out
+/// of it, with forwarding on, as a node's pod interface does.
+const POD_INTERFACE: &str = "sbbench-pod";
+/// A client no route leads back to: its SYN is dropped as spoofed.
+const NOWHERE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
 pub fn run(settings: &Settings) -> anyhow::Result<Results> {
+    let node = NetNs::create(&format!("sbbench-dp{}", std::process::id() % 100_000))?;
+    node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    node.ip(&[
+        "link",
+        "add",
+        POD_INTERFACE,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sbbench-peer",
+    ])?;
+    for interface in [POD_INTERFACE, "sbbench-peer"] {
+        node.ip(&["link", "set", interface, "up"])?;
+    }
+    // The IPv6 twins: `ipv6_of` writes a.b.c.d as fd00:a:b:c::d.
+    for prefix in [
+        "10.244.0.0/16",
+        "10.200.0.0/16",
+        "fd00:10:244::/48",
+        "fd00:10:200::/48",
+    ] {
+        node.ip(&["route", "add", prefix, "dev", POD_INTERFACE])?;
+    }
+    let ifindex = node.run(|| nix::net::if_::if_nametoindex(POD_INTERFACE))??;
+    let settings = settings.clone();
+    node.run(move || measure(&settings, ifindex))?
+}
+
+/// The section, in the bench's node namespace, `from_pod` running on interface `ifindex`.
+fn measure(settings: &Settings, ifindex: u32) -> anyhow::Result<Results> {
     let largest = settings.service_counts.iter().copied().max().unwrap_or(1);
     // Each family has a map of services and one of backends.
     let capacity = Capacity {
@@ -164,7 +213,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Results> {
     let mut instances = Vec::new();
     for &count in &settings.service_counts {
         let started = std::time::Instant::now();
-        instances.push(Instance::new(count, capacity)?);
+        instances.push(Instance::new(count, capacity, ifindex)?);
         eprintln!(
             "[datapath] {count} services programmed in {:.1} s",
             started.elapsed().as_secs_f64()
@@ -258,10 +307,12 @@ fn measured() -> Vec<ServicePort> {
 impl Instance {
     /// A datapath with the measured frontends and `services - 1` fillers (what programming
     /// them costs is the control-plane section's business).
-    fn new(services: usize, capacity: Capacity) -> anyhow::Result<Self> {
+    fn new(services: usize, capacity: Capacity, ifindex: u32) -> anyhow::Result<Self> {
         let pins = PinDir::new(PIN_OWNER, &format!("dp{services}"));
         let mut datapath = Datapath::load_with_capacity(pins.path(), capacity)?;
         let mut maps = datapath.maps()?;
+        // As the agent sets it by default.
+        maps.set_source_check(true)?;
         let all = services::with_fillers(&measured(), services.saturating_sub(1));
         write_services(&mut maps, &all)?;
         drop(all);
@@ -273,6 +324,7 @@ impl Instance {
             services,
             datapath,
             maps,
+            skb: skb_on(ifindex),
             _pins: pins,
         };
         instance.check_paths()?;
@@ -306,6 +358,17 @@ impl Instance {
             ensure!(
                 self.maps.stat(Stat::ServicePackets)? == packets,
                 "the {} non-service packet was treated as a service packet at {hook:?}",
+                family.label()
+            );
+        }
+        // The reverse-path check runs: a SYN from a client no route leads back to is dropped.
+        for family in Family::ALL {
+            let spoofed = self.maps.stat(Stat::SpoofedSource)?;
+            let syn = tcp_packet(family, (NOWHERE, 40000), (NEW_FLOW_VIP, 80), true);
+            let verdict = self.run_once(Hook::Tc, &syn, 1)?.return_value;
+            ensure!(
+                verdict == TC_ACT_SHOT && self.maps.stat(Stat::SpoofedSource)? == spoofed + 1,
+                "from_pod did not check the {} SYN's source (verdict {verdict})",
                 family.label()
             );
         }
@@ -373,18 +436,30 @@ impl Instance {
         Ok(stats::median(&times))
     }
 
-    /// Nanoseconds per run of the program at `hook` on `packet`, as the kernel timed it.
-    fn test_run(&mut self, hook: Hook, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
+    /// `repeat` runs of the program at `hook` on `packet` (TC: on the pod interface).
+    fn run_once(&mut self, hook: Hook, packet: &[u8], repeat: u32) -> anyhow::Result<TestRunResult> {
         let options = TestRunOptions {
             data_in: Some(packet),
             repeat,
             ..Default::default()
         };
-        let (result, pass) = match hook {
-            Hook::Tc => (tc_program(&mut self.datapath)?.test_run(options), TC_ACT_OK),
-            Hook::Xdp => (xdp_program(&mut self.datapath)?.test_run(options), XDP_PASS),
+        let result = match hook {
+            Hook::Tc => tc_program(&mut self.datapath)?.test_run(TestRunOptions {
+                ctx_in: Some(&self.skb),
+                ..options
+            }),
+            Hook::Xdp => xdp_program(&mut self.datapath)?.test_run(options),
         };
-        let result = result.with_context(|| format!("BPF_PROG_TEST_RUN at {hook:?} failed"))?;
+        result.with_context(|| format!("BPF_PROG_TEST_RUN at {hook:?} failed"))
+    }
+
+    /// Nanoseconds per run of the program at `hook` on `packet`, as the kernel timed it.
+    fn test_run(&mut self, hook: Hook, packet: &[u8], repeat: u32) -> anyhow::Result<f64> {
+        let pass = match hook {
+            Hook::Tc => TC_ACT_OK,
+            Hook::Xdp => XDP_PASS,
+        };
+        let result = self.run_once(hook, packet, repeat)?;
         if result.return_value != pass {
             bail!(
                 "the program at {hook:?} returned {} instead of passing the packet",
@@ -394,6 +469,17 @@ impl Instance {
         // The kernel reports the mean time per repetition.
         Ok(result.duration.as_nanos() as f64)
     }
+}
+
+/// The `struct __sk_buff` BPF_PROG_TEST_RUN builds its skb from: all zero (the kernel's
+/// defaults) but `ifindex`, the device the packet arrives on. It is the eleventh `u32` of the
+/// struct (after len, pkt_type, mark, queue_mapping, protocol, vlan_present, vlan_tci,
+/// vlan_proto, priority and ingress_ifindex); the kernel takes a prefix of the struct.
+fn skb_on(ifindex: u32) -> Vec<u8> {
+    const IFINDEX_AT: usize = 10 * 4;
+    let mut skb = vec![0; IFINDEX_AT + 4];
+    skb[IFINDEX_AT..].copy_from_slice(&ifindex.to_ne_bytes());
+    skb
 }
 
 /// The ping-pong client: one per hook, so each hook's flow is its own.

@@ -103,7 +103,10 @@ fn datapath_section(md: &mut String, out: &Path, results: &datapath::Results) ->
          in rotating order for {} rounds. Established-flow and non-service packets: the kernel's \
          mean over `repeat` = {} runs. New flows: {} SYNs per round from sources never seen before, \
          one run each (a conntrack miss happens once per flow); the median is shown. A single run \
-         carries about {} ns of timer overhead that a repeated one spreads out. The goal is flat: at \
+         carries about {} ns of timer overhead that a repeated one spreads out. `from_pod` runs on a \
+         pod interface whose routes lead back to the clients, with the agent's default reverse-path \
+         check on: a new flow's SYN includes its FIB lookup, established-flow and non-service \
+         packets are not checked. The goal is flat: at \
          most ×{FLAT} of 1 service. These are IPv4 packets; IPv6 follows.\n\n\
          ![ns per packet](datapath.svg)\n\n",
         results.rounds,

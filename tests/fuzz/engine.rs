@@ -11,12 +11,15 @@ use std::{
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use lb_common::{Address, CtEntry, CtKey, IPPROTO_SCTP, Ipv4, Ipv6, Stat, ct_direction, ct_flags};
-use lb_userspace::reconcile::{DesiredService, External, FrontendKey, MaglevSize};
+use lb_userspace::{
+    datapath::Capacity,
+    reconcile::{DesiredService, External, FrontendKey, MaglevSize},
+};
 
 use crate::{
     common::Loaded,
     generate::{Generator, Program},
-    oracle::{Direction, Model, Outcome, SctpCrc, Tuple, addr_from, family_of, sctp_of},
+    oracle::{Direction, Model, Outcome, SctpCrc, Tuple, addr_from, family_of, fragment_of, sctp_of},
     topology::{Family, Kind, NODE_ADDRS, SERVICES, SNAT_ADDR, SNAT_IFINDEX, in_family},
 };
 
@@ -36,6 +39,10 @@ pub struct Report {
     pub outcomes: BTreeMap<(Option<Family>, Outcome), u64>,
     /// The SCTP packets among them, by how their CRC32c came in.
     pub sctp: BTreeMap<(Family, Outcome, SctpCrc), u64>,
+    /// The TCP and UDP fragments among them, first ones (`true`) and later ones.
+    pub fragments: BTreeMap<(Family, bool, Outcome), u64>,
+    /// Fragmented datagrams whose first fragment went through.
+    pub datagrams: usize,
     /// Flows the datapath created (each holds two conntrack entries).
     pub flows: u64,
     /// SCTP conntrack entries checked at the end, and how many of them were closing.
@@ -44,9 +51,17 @@ pub struct Report {
     pub examples: Vec<String>,
 }
 
+/// Fragmented datagrams the maps hold: far more than a run remembers, so that none is forgotten
+/// (the model forgets none).
+const DATAGRAMS: u32 = 1 << 17;
+
 /// Runs `packets` fuzzed inputs from `seed` through a freshly loaded datapath.
 pub fn run(packets: u64, seed: u64) -> Report {
-    let mut loaded = Loaded::new("fuzz");
+    let capacity = Capacity {
+        fragments: DATAGRAMS,
+        ..Capacity::default()
+    };
+    let mut loaded = Loaded::with_capacity("fuzz", capacity);
     program_services(&mut loaded);
     for program in Program::ALL {
         load_program(|| {
@@ -66,6 +81,8 @@ pub fn run(packets: u64, seed: u64) -> Report {
         verdicts: BTreeMap::new(),
         outcomes: BTreeMap::new(),
         sctp: BTreeMap::new(),
+        fragments: BTreeMap::new(),
+        datagrams: 0,
         flows: 0,
         associations: (0, 0),
         failures: 0,
@@ -105,6 +122,9 @@ pub fn run(packets: u64, seed: u64) -> Report {
         match checked {
             Ok(outcome) => {
                 *report.outcomes.entry((family_of(&input), outcome)).or_default() += 1;
+                if let Some((family, first)) = fragment_of(&input) {
+                    *report.fragments.entry((family, first, outcome)).or_default() += 1;
+                }
                 if let Some((family, crc)) = sctp_of(&input) {
                     *report.sctp.entry((family, outcome, crc)).or_default() += 1;
                 }
@@ -119,6 +139,13 @@ pub fn run(packets: u64, seed: u64) -> Report {
     }
     report.elapsed = started.elapsed();
     report.flows = model.counts.new_flows;
+    report.datagrams = model.datagrams();
+    // Per CPU, the LRU map may evict before it is full; half of it is far from that.
+    assert!(
+        model.datagrams() < DATAGRAMS as usize / 2,
+        "{} fragmented datagrams: more than the fragment maps hold for sure",
+        model.datagrams()
+    );
     check_counters(&loaded, &model, &mut report);
     check_associations(&loaded, &model, &mut report);
     report
@@ -200,7 +227,14 @@ fn check_counters(loaded: &Loaded, model: &Model, report: &mut Report) {
             stat(Stat::SourceRangeDrops),
             model.counts.source_range_drops,
         ),
+        (
+            "fragments_without_first",
+            stat(Stat::FragmentWithoutFirst),
+            model.counts.fragments_without_first,
+        ),
         ("conntrack_insert_failures", stat(Stat::CtInsertFailed), 0),
+        // The source check is off: no agent switched it on.
+        ("spoofed_source_drops", stat(Stat::SpoofedSource), 0),
         // Backends never go away here, no port runs out, no refusal is rate-limited.
         ("rebalanced_flows", stat(Stat::Rebalanced), 0),
         ("snat_failures", stat(Stat::SnatFailed), 0),
@@ -332,6 +366,7 @@ impl Report {
             self.summarize_outcomes(&mut out, family);
         }
         let _ = writeln!(out, "  flows created: {}", self.flows);
+        let _ = writeln!(out, "  fragmented datagrams remembered: {}", self.datagrams);
         let _ = writeln!(
             out,
             "  SCTP conntrack entries checked: {} ({} closing)",
@@ -347,6 +382,14 @@ impl Report {
     /// How many inputs of `family` had `outcome`.
     pub fn count(&self, family: Option<Family>, outcome: Outcome) -> u64 {
         self.outcomes.get(&(family, outcome)).copied().unwrap_or(0)
+    }
+
+    /// How many TCP or UDP fragments of `family`, first ones or later ones, had `outcome`.
+    pub fn fragment_count(&self, family: Family, first: bool, outcome: Outcome) -> u64 {
+        self.fragments
+            .get(&(family, first, outcome))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// How many SCTP packets of `family` had one of `outcomes`, their CRC32c one of `crcs`.
@@ -396,7 +439,22 @@ impl Report {
             "    ICMP errors translated back to their client: {}",
             count(Outcome::IcmpErrorTranslated),
         );
-        self.summarize_sctp(out, family.expect("an IP family"));
+        let family = family.expect("an IP family");
+        let fragments = |first| {
+            let translated = Outcome::REWRITES
+                .iter()
+                .map(|&outcome| self.fragment_count(family, first, outcome))
+                .sum::<u64>();
+            let untouched = self.fragment_count(family, first, Outcome::Untouched);
+            format!("{translated} translated, {untouched} untouched")
+        };
+        let _ = writeln!(
+            out,
+            "    fragments: first {}; later {}",
+            fragments(true),
+            fragments(false)
+        );
+        self.summarize_sctp(out, family);
         let unseen: Vec<String> = Outcome::ALL
             .iter()
             .filter(|&&outcome| count(outcome) == 0)

@@ -55,6 +55,22 @@ fn twenty_thousand_fuzzed_packets_break_no_datapath_invariant() {
         "SCTP never seen: {unseen_sctp:?}\n{}",
         report.summary()
     );
+    // In each family, first and later fragments were translated.
+    let untranslated: Vec<String> = Family::ALL
+        .iter()
+        .flat_map(|&family| [(family, true), (family, false)])
+        .filter(|&(family, first)| {
+            Outcome::REWRITES
+                .iter()
+                .all(|&outcome| report.fragment_count(family, first, outcome) == 0)
+        })
+        .map(|(family, first)| format!("{} {}", family.name(), if first { "first" } else { "later" }))
+        .collect();
+    assert!(
+        untranslated.is_empty(),
+        "fragments never translated: {untranslated:?}\n{}",
+        report.summary()
+    );
     // Conntrack was compared with associations both open and closing.
     let (checked, closing) = report.associations;
     assert!(

@@ -170,6 +170,16 @@ impl Service {
         }
     }
 
+    /// The backend at `addr` (backends of a service have addresses of their own): what a later
+    /// fragment DNATed to `addr`, which shows no port, went to.
+    pub fn backend_at(&self, addr: IpAddr) -> Result<Endpoint, String> {
+        self.backends
+            .iter()
+            .find(|backend| backend.0 == addr)
+            .copied()
+            .ok_or_else(|| format!("sent to {addr}, no backend of {:?}", self.frontend))
+    }
+
     pub fn is_external(&self) -> bool {
         matches!(self.kind, Kind::External { .. })
     }

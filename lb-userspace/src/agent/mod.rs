@@ -70,6 +70,8 @@ pub struct Settings {
     pub timeouts: Timeouts,
     pub capacity: Capacity,
     pub reject_limit: RejectLimit,
+    /// The reverse-path check of pods' packets (`--source-check`).
+    pub source_check: bool,
     pub pin_dir: PathBuf,
 }
 
@@ -113,7 +115,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     datapath.set_reject_limit(settings.reject_limit)?;
     observe::datapath_log::forward(&mut datapath.ebpf)?;
-    let maps = datapath.maps()?;
+    let mut maps = datapath.maps()?;
+    // Before the programs are attached, so that no pod's packet meets the datapath without it.
+    maps.set_source_check(settings.source_check)?;
     let reconciler = Reconciler::new(maps.read_programmed().context("cannot read the pinned maps")?);
     tracing::info!(
         frontends = reconciler.frontends(),

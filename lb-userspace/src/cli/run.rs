@@ -98,8 +98,22 @@ pub struct Args {
     /// Replies each CPU may send at once above --reject-rate.
     #[arg(long, env = "SWITCHBOARD_REJECT_BURST", default_value_t = 200)]
     pub reject_burst: u32,
+    /// Drop a pod's packets that would open, close or create a service flow from a source
+    /// address that does not route back out of the pod's interface (a reverse-path check
+    /// through the kernel's FIB), so that no pod can take over or close another's flows by
+    /// spoofing its address. `off` for pods that legitimately send from addresses routed
+    /// elsewhere (counted as spoofed_source_drops otherwise).
+    #[arg(long, env = "SWITCHBOARD_SOURCE_CHECK", value_enum, default_value_t = Switch::On)]
+    pub source_check: Switch,
     #[command(flatten)]
     pub pin_dir: PinDir,
+}
+
+/// A feature switched on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 pub fn main(args: Args) -> anyhow::Result<ExitCode> {
@@ -148,8 +162,10 @@ impl Args {
                     .backends_capacity
                     .unwrap_or(self.services_capacity.saturating_mul(4)),
                 conntrack: self.conntrack_capacity,
+                ..Capacity::default()
             },
             reject_limit: RejectLimit::per_second(self.reject_rate, self.reject_burst),
+            source_check: self.source_check == Switch::On,
             pin_dir: self.pin_dir.pin_dir,
         }
     }

@@ -244,6 +244,11 @@ impl ServiceMaps {
         Ok(self.config.set(config::LOG_LEVEL, level, 0)?)
     }
 
+    /// Switches the reverse-path check of pods' packets (`config::SOURCE_CHECK`) on or off.
+    pub fn set_source_check(&mut self, on: bool) -> anyhow::Result<()> {
+        Ok(self.config.set(config::SOURCE_CHECK, u64::from(on), 0)?)
+    }
+
     /// Flows tracked in both families' conntrack maps (their forward entries), by service id.
     /// Entries the datapath evicts meanwhile are skipped.
     pub fn flows_by_service(&self) -> BTreeMap<u32, usize> {

@@ -24,9 +24,9 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{Array, HashOfMaps, Map, MapData, MapInfo, lpm_trie::Key};
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, BackendId, BackendSet, ClusterIpKey, CtEntry, CtKey, Ipv4, Ipv6,
-    ServiceInfo, ServiceKey, ServiceStats, SockRevEntry, SockRevKey, SourceRangeKey, Stat, capacity,
-    map_names,
+    AffinityEntry, AffinityKey, Backend, BackendId, BackendSet, ClusterIpKey, CtEntry, CtKey, FragmentKey,
+    FragmentPorts, Ipv4, Ipv6, ServiceInfo, ServiceKey, ServiceStats, SockRevEntry, SockRevKey,
+    SourceRangeKey, Stat, capacity, map_names,
 };
 
 use super::{Capacity, raw, tables::TableSpaceMap};
@@ -239,6 +239,17 @@ fn layouts(capacity: Capacity) -> [Layout; map_names::ALL.len()] {
             size_of::<u32>(),
             capacity.services,
             &[],
+        ),
+        // Datagrams in flight for a few milliseconds: a replacement starts empty.
+        plain(
+            map_names::FRAGMENTS,
+            size_of::<FragmentKey>(),
+            size_of::<FragmentPorts>(),
+        ),
+        plain(
+            map_names::FRAGMENTS6,
+            size_of::<FragmentKey<Ipv6>>(),
+            size_of::<FragmentPorts>(),
         ),
     ]
 }

@@ -41,6 +41,8 @@ pub struct Capacity {
     /// Backend entries: an endpoint in each backend set it belongs to.
     pub backends: u32,
     pub conntrack: u32,
+    /// Fragmented datagrams in flight whose later fragments are still to come.
+    pub fragments: u32,
 }
 
 impl Default for Capacity {
@@ -49,6 +51,7 @@ impl Default for Capacity {
             services: capacity::SERVICES,
             backends: capacity::BACKENDS,
             conntrack: capacity::CONNTRACK,
+            fragments: capacity::FRAGMENTS,
         }
     }
 }
@@ -93,6 +96,8 @@ impl Datapath {
             .map_max_entries(map_names::CLUSTER_IPS6, capacity.services)
             .map_max_entries(map_names::CONNTRACK, capacity.conntrack)
             .map_max_entries(map_names::CONNTRACK6, capacity.conntrack)
+            .map_max_entries(map_names::FRAGMENTS, capacity.fragments)
+            .map_max_entries(map_names::FRAGMENTS6, capacity.fragments)
             .map_max_entries(map_names::SERVICE_STATS, capacity.services);
         let ebpf = loader.load(object).map_err(|error| {
             anyhow::Error::new(error).context(

@@ -141,6 +141,9 @@ pub struct Generator {
     /// The family of the current input's addresses: each input picks one.
     family: Family,
     l4: Vec<u8>,
+    /// The last first fragment of a datagram written, and its program: its later fragments
+    /// follow now and then.
+    last_first_fragment: Option<(Vec<u8>, Program)>,
 }
 
 impl Generator {
@@ -150,6 +153,7 @@ impl Generator {
             sweep: None,
             family: Family::Ipv4,
             l4: Vec::with_capacity(2048),
+            last_first_fragment: None,
         }
     }
 

@@ -7,8 +7,9 @@ use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO
 use super::{
     Generator, Program,
     frames::{
-        ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_QINQ, ETHERTYPE_VLAN, IPV6_FRAGMENT, IPV6_NO_NEXT_HEADER, addr_at,
-        fix_ipv4_checksum, insert_ipv6_header, l4_checksum, push_ethernet, write_ip,
+        ETH_LEN, ETHERTYPE_ARP, ETHERTYPE_QINQ, ETHERTYPE_VLAN, IPV6_FIXED_END, IPV6_FRAGMENT,
+        IPV6_NO_NEXT_HEADER, addr_at, fix_ipv4_checksum, insert_ipv6_header, l4_checksum, push_ethernet,
+        write_ip,
     },
 };
 use crate::{
@@ -139,8 +140,21 @@ impl Generator {
 
     /// A service packet cut into a first fragment (More Fragments) or a later one (an offset;
     /// what would be ports is payload), and over IPv6 also an atomic fragment (offset 0, no more
-    /// fragments), which the datapath does not look into either.
+    /// fragments), a whole packet. Half the later fragments follow the last first fragment (its
+    /// addresses, protocol and identification), through the same program as a rule: the
+    /// datagram's rest, translated as it was.
     pub(super) fn fragment(&mut self, frame: &mut Vec<u8>) -> Program {
+        if self.rng.percent(50)
+            && let Some((first, program)) = self.last_first_fragment.clone()
+        {
+            self.family = if first[12..14] == [0x08, 0x00] {
+                Family::Ipv4
+            } else {
+                Family::Ipv6
+            };
+            self.later_fragment_of(&first, frame);
+            return program;
+        }
         let program = self.service_packet(frame);
         let offset = if self.rng.percent(50) {
             0
@@ -154,6 +168,7 @@ impl Generator {
         match self.family {
             Family::Ipv4 => {
                 let flags = if more { 0x2000 } else { 0 };
+                frame[18..20].copy_from_slice(&(self.rng.next_u64() as u16).to_be_bytes());
                 frame[20..22].copy_from_slice(&(flags | offset).to_be_bytes());
                 fix_ipv4_checksum(frame);
             }
@@ -164,7 +179,43 @@ impl Generator {
                 insert_ipv6_header(frame, IPV6_FRAGMENT, header);
             }
         }
+        if offset == 0 && more {
+            self.last_first_fragment = Some((frame.clone(), program));
+        }
         program
+    }
+
+    /// A later fragment of the datagram whose first fragment is `first`: its headers with an
+    /// offset, then payload.
+    fn later_fragment_of(&mut self, first: &[u8], frame: &mut Vec<u8>) {
+        let offset = 1 + self.rng.below(0x1fff) as u16;
+        let more = self.rng.percent(50);
+        let payload_len = 8 * self.rng.below(20) + self.rng.below(8);
+        match self.family {
+            Family::Ipv4 => {
+                let headers = ETH_LEN + usize::from(first[ETH_LEN] & 0x0f) * 4;
+                frame.extend_from_slice(&first[..headers]);
+                let flags = if more { 0x2000 } else { 0 };
+                frame[20..22].copy_from_slice(&(flags | offset).to_be_bytes());
+                let total = (headers - ETH_LEN + payload_len) as u16;
+                frame[16..18].copy_from_slice(&total.to_be_bytes());
+                self.l4.clear();
+                self.random_bytes(payload_len);
+                frame.extend_from_slice(&self.l4);
+                fix_ipv4_checksum(frame);
+            }
+            Family::Ipv6 => {
+                // The fragment header is the first extension header (`fragment` put it there).
+                let headers = IPV6_FIXED_END + 8;
+                frame.extend_from_slice(&first[..headers]);
+                frame[IPV6_FIXED_END + 2..IPV6_FIXED_END + 4]
+                    .copy_from_slice(&(offset << 3 | u16::from(more)).to_be_bytes());
+                frame[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&((8 + payload_len) as u16).to_be_bytes());
+                self.l4.clear();
+                self.random_bytes(payload_len);
+                frame.extend_from_slice(&self.l4);
+            }
+        }
     }
 
     /// A service packet inside an 802.1Q tag, or two (QinQ).

@@ -17,7 +17,7 @@ use std::{collections::HashMap, net::IpAddr};
 
 pub use associations::{Associations, Direction};
 use lb_common::IPPROTO_SCTP;
-use parse::{Packet, Side, parse};
+use parse::{Fragment, Packet, Side, parse};
 pub use parse::{Tuple, addr_from, family_of};
 use refusal::check_reject;
 use rewrite::{check_hairpin, check_rewrite};
@@ -112,7 +112,7 @@ impl SctpCrc {
 
 /// The family and checksum of `frame` if it is an SCTP packet the datapath reads.
 pub fn sctp_of(frame: &[u8]) -> Option<(Family, SctpCrc)> {
-    let packet = parse(frame).filter(|packet| packet.proto == IPPROTO_SCTP)?;
+    let (packet, _) = parse(frame).filter(|(packet, _)| packet.proto == IPPROTO_SCTP)?;
     let field = &frame[packet.l4_checksum_at()];
     let crc = if field == [0; 4] {
         SctpCrc::Zero
@@ -122,6 +122,13 @@ pub fn sctp_of(frame: &[u8]) -> Option<(Family, SctpCrc)> {
         SctpCrc::Wrong
     };
     Some((packet.family, crc))
+}
+
+/// The family of `frame` and whether it is the first fragment (`true`) or a later one, if it is
+/// a TCP or UDP fragment the datapath reads.
+pub fn fragment_of(frame: &[u8]) -> Option<(Family, bool)> {
+    let (packet, fragment) = parse(frame)?;
+    Some((packet.family, fragment?.first))
 }
 
 /// The flows the datapath has been seen to create, as its conntrack and affinity maps hold them,
@@ -139,6 +146,9 @@ pub struct Model {
     snat_out: HashMap<Tuple, Option<Endpoint>>,
     /// The replies of those (backend → node address and port) → the client.
     snat_in: HashMap<Tuple, Endpoint>,
+    /// Fragmented datagrams, as the first fragment of each showed them to any program (source,
+    /// destination, protocol, identification) → its ports, for the later fragments.
+    fragments: HashMap<(IpAddr, IpAddr, u8, u32), (u16, u16)>,
     pub associations: Associations,
     pub counts: Counts,
 }
@@ -151,6 +161,7 @@ pub struct Counts {
     pub undefined_port: u64,
     pub reply_packets: u64,
     pub source_range_drops: u64,
+    pub fragments_without_first: u64,
 }
 
 impl Model {
@@ -174,7 +185,10 @@ impl Model {
         {
             return icmp_error::check_translation(&error, &run, *frontend);
         }
-        let Some(packet) = parse(input) else {
+        let Some((packet, fragment)) = parse(input) else {
+            return run.untouched();
+        };
+        let Some(packet) = self.with_datagram_ports(packet, fragment) else {
             return run.untouched();
         };
         match program {
@@ -186,6 +200,33 @@ impl Model {
             Program::Nodeport | Program::NodeportTc => self.external_ingress(&run, &packet),
             Program::NodeportEgress => self.external_egress(&run, &packet),
         }
+    }
+
+    /// Every program remembers a first fragment's ports under its datagram's identity; a later
+    /// fragment gets them, and without them (its first fragment unseen) passes untouched.
+    fn with_datagram_ports(&mut self, packet: Packet, fragment: Option<Fragment>) -> Option<Packet> {
+        let Some(fragment) = fragment else {
+            return Some(packet);
+        };
+        let datagram = (packet.src.0, packet.dst.0, packet.proto, fragment.id);
+        if fragment.first {
+            self.fragments.insert(datagram, (packet.src.1, packet.dst.1));
+            return Some(packet);
+        }
+        let Some(&(src_port, dst_port)) = self.fragments.get(&datagram) else {
+            self.counts.fragments_without_first += 1;
+            return None;
+        };
+        Some(Packet {
+            src: (packet.src.0, src_port),
+            dst: (packet.dst.0, dst_port),
+            ..packet
+        })
+    }
+
+    /// Datagrams whose first fragment the model remembers.
+    pub fn datagrams(&self) -> usize {
+        self.fragments.len()
     }
 
     /// To a frontend: DNAT to a backend, or the reject path. A pod is inside every source
@@ -218,7 +259,7 @@ impl Model {
     fn reverse_nat(&mut self, run: &Run, packet: &Packet, frontend: Endpoint) -> Result<Outcome, String> {
         run.expect(run.pass())?;
         let source = check_rewrite(packet, run, Side::Source)?;
-        if source != frontend {
+        if !packet.agrees(source, frontend) {
             return Err(format!(
                 "reply's source became {source:?}, not the frontend {frontend:?}"
             ));
@@ -238,7 +279,7 @@ impl Model {
         {
             run.expect(run.pass())?;
             let destination = check_rewrite(packet, run, Side::Destination)?;
-            if destination != client {
+            if !packet.agrees(destination, client) {
                 return Err(format!(
                     "reply to a source-NATed flow sent to {destination:?}, not its client {client:?}"
                 ));
@@ -288,10 +329,14 @@ impl Model {
         let Some(given) = self.snat_out.get(&packet.tuple()).copied() else {
             return run.untouched();
         };
+        if given.is_none() && !packet.has_transport_header() {
+            // A later fragment gets no source port of its own: its first fragment never left.
+            return run.untouched();
+        }
         run.expect(TC_ACT_OK)?;
         let source = check_rewrite(packet, run, Side::Source)?;
         if let Some(given) = given {
-            if source != given {
+            if !packet.agrees(source, given) {
                 return Err(format!("source-NATed to {source:?}, earlier to {given:?}"));
             }
             return Ok(Outcome::Snat);
@@ -330,13 +375,24 @@ impl Model {
         // A pod given itself as backend is masqueraded and bounced back (`from_pod` only).
         let hairpin = run.program == Program::FromPod && run.verdict == TC_ACT_REDIRECT;
         let backend = if hairpin {
-            let backend = (packet.src.0, packet.endpoint_in(run.output, Side::Destination).1);
+            let backend = if packet.has_transport_header() {
+                (packet.src.0, packet.endpoint_in(run.output, Side::Destination).1)
+            } else {
+                service.backend_at(packet.src.0)?
+            };
             let masqueraded = (packet.family.hairpin(), packet.src.1);
             check_hairpin(packet, run, (masqueraded, backend))?;
             backend
         } else {
             run.expect(run.pass())?;
-            check_rewrite(packet, run, Side::Destination)?
+            let rewritten = check_rewrite(packet, run, Side::Destination)?;
+            if packet.has_transport_header() {
+                rewritten
+            } else {
+                // A later fragment shows its new address only: the backend's port is the one
+                // its address has among the service's backends.
+                service.backend_at(rewritten.0)?
+            }
         };
         if run.program == Program::FromPod && backend.0 == packet.src.0 && !hairpin {
             return Err(format!("{backend:?} reached itself without hairpin masquerading"));

@@ -1,7 +1,7 @@
 //! A connection to a frontend without endpoints is refused as a closed port would refuse it: a
 //! pure SYN gets a RST|ACK, a UDP datagram or SCTP INIT an ICMP (ICMPv6) port unreachable, from
 //! the frontend, sent back; anything else, a packet with IPv4 options or IPv6 extension headers
-//! included, is dropped.
+//! and a later fragment included, is dropped.
 use lb_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP};
 
 use super::{
@@ -25,7 +25,8 @@ pub fn check_reject(packet: &Packet, run: &Run) -> Result<Outcome, String> {
         IPPROTO_SCTP => packet.opens(input),
         _ => true,
     };
-    if !packet.has_plain_header() || !refused {
+    // No answer about a fragment other than the first (RFC 1122 §3.2.2).
+    if !packet.has_plain_header() || !packet.has_transport_header() || !refused {
         run.expect(TC_ACT_SHOT)?;
         return Ok(Outcome::Dropped);
     }

@@ -5,7 +5,7 @@ use lb_common::{IPPROTO_SCTP, IPPROTO_UDP};
 
 use super::{
     Run,
-    parse::{ETH_LEN, Packet, Side},
+    parse::{ETH_LEN, Packet, Side, addr_from},
 };
 use crate::{checksum, topology::Endpoint};
 
@@ -16,11 +16,10 @@ pub fn check_rewrite(packet: &Packet, run: &Run, side: Side) -> Result<Endpoint,
     if output.len() != input.len() {
         return Err(format!("length {} became {}", input.len(), output.len()));
     }
-    let mut rewritten = vec![
-        packet.addr_at(side),
-        packet.port_at(side),
-        packet.l4_checksum_at(),
-    ];
+    let mut rewritten = vec![packet.addr_at(side)];
+    if packet.has_transport_header() {
+        rewritten.extend([packet.port_at(side), packet.l4_checksum_at()]);
+    }
     rewritten.extend(packet.header_checksum_at());
     if let Some(at) = changed_outside(input, output, &rewritten) {
         return Err(format!(
@@ -28,7 +27,16 @@ pub fn check_rewrite(packet: &Packet, run: &Run, side: Side) -> Result<Endpoint,
         ));
     }
     check_checksums(packet, input, output)?;
-    Ok(packet.endpoint_in(output, side))
+    if packet.has_transport_header() {
+        Ok(packet.endpoint_in(output, side))
+    } else {
+        // A later fragment: payload after its headers, its port the datagram's.
+        let port = match side {
+            Side::Source => packet.src.1,
+            Side::Destination => packet.dst.1,
+        };
+        Ok((addr_from(&output[packet.addr_at(side)]), port))
+    }
 }
 
 /// A hairpinned packet: sent back (MACs swapped, redirected), both addresses and ports now
@@ -46,9 +54,14 @@ pub fn check_hairpin(
     if output[..6] != input[6..12] || output[6..12] != input[..6] {
         return Err("hairpin: MACs not swapped".into());
     }
-    let src = packet.endpoint_in(output, Side::Source);
-    let dst = packet.endpoint_in(output, Side::Destination);
-    if (src, dst) != (source, destination) {
+    let src = addr_from(&output[packet.addr_at(Side::Source)]);
+    let dst = addr_from(&output[packet.addr_at(Side::Destination)]);
+    let ports_agree = !packet.has_transport_header()
+        || (
+            packet.endpoint_in(output, Side::Source),
+            packet.endpoint_in(output, Side::Destination),
+        ) == (source, destination);
+    if (src, dst) != (source.0, destination.0) || !ports_agree {
         return Err(format!(
             "hairpin: {src:?} → {dst:?}, expected {source:?} → {destination:?}"
         ));
@@ -57,9 +70,10 @@ pub fn check_hairpin(
         0..12,
         packet.addr_at(Side::Source),
         packet.addr_at(Side::Destination),
-        packet.l4..packet.l4 + 4,
-        packet.l4_checksum_at(),
     ];
+    if packet.has_transport_header() {
+        rewritten.extend([packet.l4..packet.l4 + 4, packet.l4_checksum_at()]);
+    }
     rewritten.extend(packet.header_checksum_at());
     if let Some(at) = changed_outside(input, output, &rewritten) {
         return Err(format!("hairpin: byte {at} changed"));
@@ -81,6 +95,9 @@ fn check_checksums(packet: &Packet, input: &[u8], output: &[u8]) -> Result<(), S
             != checksum::fold(checksum::add(0, &output[header]))
     {
         return Err("IPv4 header checksum not updated to match".into());
+    }
+    if !packet.has_transport_header() {
+        return Ok(());
     }
     if packet.proto == IPPROTO_SCTP {
         return check_sctp_crc(packet, input, output);
@@ -104,7 +121,8 @@ fn check_checksums(packet: &Packet, input: &[u8], output: &[u8]) -> Result<(), S
 }
 
 /// The folded sum over the pseudo-header and the L4 bytes the checksum covers, checksum field
-/// included: 0xffff when the checksum is right.
+/// included: 0xffff when the checksum is right. Of a first fragment, over the bytes it holds
+/// (the rest of the datagram is the same before and after a translation).
 fn l4_sum(packet: &Packet, frame: &[u8]) -> u16 {
     let l4 = &frame[packet.l4..packet.end];
     let len = if packet.proto == IPPROTO_UDP {
@@ -118,7 +136,7 @@ fn l4_sum(packet: &Packet, frame: &[u8]) -> u16 {
         packet.proto,
         len as u16,
     );
-    checksum::fold(checksum::add(pseudo, &l4[..len]))
+    checksum::fold(checksum::add(pseudo, &l4[..len.min(l4.len())]))
 }
 
 /// SCTP's CRC32c covers the SCTP packet alone, not the addresses. A CRC is affine in its
