@@ -5,7 +5,8 @@
 //! while the API server is away; the agent keeps the last known state meanwhile, so the
 //! programmed maps keep serving. A list reaches the agent object by object, then as the names
 //! it held ([`Change::Listed`]); every event after it as the one object it changed. Objects are trimmed to what the model
-//! reads as they arrive (managedFields, other annotations, a Pod's containers).
+//! reads as they arrive (managedFields, other annotations, a Pod's containers); managedFields and
+//! the metadata trim drops are not even decoded ([`super::lean`]).
 use std::{fmt::Debug, sync::Arc};
 
 use anyhow::Context as _;
@@ -21,7 +22,7 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 
-use super::{Change, Changes, Kind, Object, ObjectName};
+use super::{Change, Changes, Kind, Object, ObjectName, lean::Lean};
 use crate::model::{EndpointsFrom, HEADLESS_LABEL, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, trim};
 use crate::observe::metrics::AgentMetrics;
 
@@ -98,24 +99,24 @@ pub async fn watch(
     // As kube-proxy does: objects for other proxies or headless Services are filtered by the API
     // server already (the model checks again).
     let mut watches = vec![
-        forward::<Service>(
+        forward::<Lean<Service>>(
             &client,
             watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")),
             Kind::Service,
-            |mut service| {
+            |Lean(mut service)| {
                 trim::service(&mut service);
                 Object::Service(service)
             },
             &changes,
             &metrics,
         ),
-        forward::<EndpointSlice>(
+        forward::<Lean<EndpointSlice>>(
             &client,
             watcher::Config::default().labels(&format!(
                 "{SERVICE_NAME_LABEL},!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
             )),
             Kind::EndpointSlice,
-            |mut slice| {
+            |Lean(mut slice)| {
                 trim::endpoint_slice(&mut slice);
                 Object::EndpointSlice(slice)
             },
@@ -124,11 +125,11 @@ pub async fn watch(
         ),
     ];
     if endpoints_from == EndpointsFrom::Pods {
-        watches.push(forward::<Pod>(
+        watches.push(forward::<Lean<Pod>>(
             &client,
             watcher::Config::default(),
             Kind::Pod,
-            |mut pod| {
+            |Lean(mut pod)| {
                 trim::pod(&mut pod);
                 Object::Pod(pod)
             },
@@ -138,11 +139,11 @@ pub async fn watch(
     }
     // Only this node's Node, for its zone label.
     if let Some(name) = node_name {
-        watches.push(forward::<Node>(
+        watches.push(forward::<Lean<Node>>(
             &client,
             watcher::Config::default().fields(&format!("metadata.name={name}")),
             Kind::Node,
-            |mut node| {
+            |Lean(mut node)| {
                 trim::node(&mut node);
                 Object::Node(node)
             },

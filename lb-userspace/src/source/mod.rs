@@ -1,6 +1,7 @@
 //! Sources of truth. Each turns its input into the same typed k8s-openapi objects and tells the
 //! agent what changed; nothing downstream knows which source is running.
 pub mod kube;
+pub mod lean;
 pub mod manifests;
 
 use k8s_openapi::{
