@@ -193,20 +193,7 @@ impl Drop for Cluster {
 /// [`NODE_OUTSIDE`] on it, the namespace [`OUTSIDE`].
 fn plug_outside(lab: &Lab, external: &str) -> lab::NetNs {
     let outside = lab::NetNs::create(&format!("{}-out", lab.prefix)).unwrap();
-    lab.node
-        .ip(&[
-            "link",
-            "add",
-            external,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            outside.name(),
-        ])
-        .unwrap();
+    lab.node.add_veth(external, &outside, "eth0").unwrap();
     // No duplicate address detection, so the addresses work at once.
     for (ns, interface, address) in [(&lab.node, external, NODE_OUTSIDE), (&outside, "eth0", OUTSIDE)] {
         ns.ip(&["addr", "add", &format!("{address}/64"), "dev", interface, "nodad"])

@@ -190,19 +190,7 @@ impl Cluster {
 
 /// A veth from `ns` (named `inside`, holding `address`/24) to the LAN bridge.
 fn plug(lan: &NetNs, ns: &NetNs, inside: &str, outside: &str, address: Ipv4Addr) {
-    lan.ip(&[
-        "link",
-        "add",
-        outside,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        inside,
-        "netns",
-        ns.name(),
-    ])
-    .unwrap();
+    lan.add_veth(outside, ns, inside).unwrap();
     lan.ip(&["link", "set", outside, "master", "br0"]).unwrap();
     lan.ip(&["link", "set", outside, "up"]).unwrap();
     ns.ip(&["addr", "add", &format!("{address}/24"), "dev", inside])

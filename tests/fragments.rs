@@ -497,20 +497,7 @@ impl Cluster {
 /// A namespace outside the node, on a link (MTU 1500) to its interface `external`.
 fn plug_outside(lab: &Lab, external: &str) -> NetNs {
     let outside = NetNs::create(&format!("{}-out", lab.prefix)).unwrap();
-    lab.node
-        .ip(&[
-            "link",
-            "add",
-            external,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            outside.name(),
-        ])
-        .unwrap();
+    lab.node.add_veth(external, &outside, "eth0").unwrap();
     let sides = [
         (&lab.node, external, NODE_OUTSIDE, NODE_OUTSIDE6),
         (&outside, "eth0", OUTSIDE, OUTSIDE6),

@@ -94,6 +94,22 @@ impl NetNs {
         ip(&full)
     }
 
+    /// A veth pair: `name` in this namespace, its peer `peer_name` in `peer`.
+    pub fn add_veth(&self, name: &str, peer: &NetNs, peer_name: &str) -> anyhow::Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_name,
+            "netns",
+            peer.name(),
+        ])
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let text = value.to_owned();
@@ -199,18 +215,7 @@ impl Lab {
         let address6 = format!("{ip6}/128");
         let gateway6 = format!("{GATEWAY6}/64");
         let gateway6_ip = GATEWAY6.to_string();
-        self.node.ip(&[
-            "link",
-            "add",
-            &host_interface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ])?;
+        self.node.add_veth(&host_interface, &ns, "eth0")?;
         self.node.ip(&["addr", "add", &gateway, "dev", &host_interface])?;
         self.node.ip(&["link", "set", &host_interface, "up"])?;
         self.node
